@@ -1,0 +1,185 @@
+//! The `invsync` command line: parses options, loads the configuration, calls the library and
+//! renders its results for people or, with `--json`, for scripts.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use invsync::config::{self, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "invsync",
+    version,
+    about = "Keeps e-invoice data in sync and safe across clouds",
+    long_about = "Keeps e-invoice data in sync and safe across clouds: CDC replication between \
+PostgreSQL databases, encrypted deduplicated backups to object storage, and verification that \
+copies hold exactly the source's rows.\n\nThe configuration is read from --config, else \
+$INVSYNC_CONFIG, else ./invsync.toml; `invsync init` writes a commented example."
+)]
+struct Cli {
+    /// Configuration file [default: $INVSYNC_CONFIG or ./invsync.toml]
+    #[arg(long, short = 'c', global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// Log filter, e.g. `info`, `debug`, `invsync=debug` (also from RUST_LOG)
+    #[arg(long, global = true, value_name = "FILTER", default_value = "info")]
+    log: String,
+
+    /// Write log lines as JSON (for log collectors)
+    #[arg(long, global = true)]
+    log_json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a commented example configuration (never overwrites a file)
+    Init {
+        /// Where to write it
+        #[arg(default_value = config::DEFAULT_CONFIG_PATH)]
+        path: PathBuf,
+    },
+    /// Inspect the configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and connect to every database and repository
+    ///
+    /// Reports each database's server version, wal_level, whether the role may replicate and
+    /// which pipeline tables are missing, and whether each repository is reachable. Exits 0
+    /// only when everything is usable.
+    Check(JsonFlag),
+}
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(flag: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(&config::resolve_path(flag))?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init { path } => {
+            config::write_example(&path)?;
+            println!(
+                "wrote {}; edit the databases, pipelines and repositories, then run `invsync config check`",
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check(flags)) => {
+            let config = load_config(cli.config.as_deref())?;
+            let report = invsync::check::check(&config).await;
+            if flags.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).context("rendering JSON")?
+                );
+            } else {
+                print_check(&report);
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn print_check(report: &invsync::check::CheckReport) {
+    println!("config {}: syntax ok", report.config);
+    for db in &report.databases {
+        let mark = if db.problems.is_empty() { "ok " } else { "BAD" };
+        let mut facts = Vec::new();
+        if let Some(v) = &db.server_version {
+            facts.push(format!("PostgreSQL {v}"));
+        }
+        if let Some(w) = &db.wal_level {
+            facts.push(format!("wal_level={w}"));
+        }
+        if let Some(r) = db.can_replicate {
+            facts.push(if r { "may replicate" } else { "no REPLICATION" }.to_string());
+        }
+        println!("{mark} database {} ({}) {}", db.name, db.url, facts.join(", "));
+        for p in &db.problems {
+            println!("    problem: {p}");
+        }
+        for n in &db.notes {
+            println!("    note: {n}");
+        }
+    }
+    for r in &report.repositories {
+        let mark = if r.problems.is_empty() { "ok " } else { "BAD" };
+        let state = if r.reachable { "reachable" } else { "unreachable" };
+        println!("{mark} repository {} ({}) {state}", r.name, r.url);
+        for p in &r.problems {
+            println!("    problem: {p}");
+        }
+    }
+    if report.ok() {
+        println!("all checks passed");
+    } else {
+        let n: usize = report.databases.iter().map(|d| d.problems.len()).sum::<usize>()
+            + report.repositories.iter().map(|r| r.problems.len()).sum::<usize>();
+        println!("{n} problem(s) found");
+    }
+}

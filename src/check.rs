@@ -1,0 +1,192 @@
+//! `invsync config check`: is everything the configuration names there and usable?
+//!
+//! Connects to every database (server version, `wal_level`, whether the role may replicate,
+//! which pipeline tables are missing) and every repository (reachable or not). Each finding is
+//! a [`Problem`] with what to do; the check passes only when there are none.
+
+use serde::Serialize;
+
+use crate::backup::store;
+use crate::config::{Config, TablePattern};
+use crate::pg::{self, ConnInfo, PgError};
+
+/// What the check found, in the shape `--json` prints.
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub config: String,
+    pub databases: Vec<DatabaseCheck>,
+    pub repositories: Vec<RepositoryCheck>,
+}
+
+impl CheckReport {
+    /// True when no database or repository has a problem.
+    pub fn ok(&self) -> bool {
+        self.databases.iter().all(|d| d.problems.is_empty())
+            && self.repositories.iter().all(|r| r.problems.is_empty())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DatabaseCheck {
+    pub name: String,
+    /// The URL with its password hidden.
+    pub url: String,
+    pub reachable: bool,
+    pub server_version: Option<String>,
+    pub wal_level: Option<String>,
+    pub can_replicate: Option<bool>,
+    /// Pipeline tables absent here (as a source: an error; as a target: created by setup).
+    pub missing_tables: Vec<String>,
+    pub problems: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RepositoryCheck {
+    pub name: String,
+    pub url: String,
+    pub reachable: bool,
+    pub problems: Vec<String>,
+}
+
+/// Checks every database and repository of `config`.
+pub async fn check(config: &Config) -> CheckReport {
+    let mut databases = Vec::new();
+    for (name, db) in &config.databases {
+        let sourced: Vec<&TablePattern> = config
+            .pipelines
+            .values()
+            .filter(|p| &p.source == name)
+            .flat_map(|p| p.tables.iter())
+            .collect();
+        let targeted: Vec<&TablePattern> = config
+            .pipelines
+            .values()
+            .filter(|p| p.targets.contains(name))
+            .flat_map(|p| p.tables.iter())
+            .collect();
+        databases.push(check_database(name, &db.conn, &sourced, &targeted).await);
+    }
+    let mut repositories = Vec::new();
+    for (name, repo) in &config.repositories {
+        let mut rc = RepositoryCheck {
+            name: name.clone(),
+            url: repo.url.to_string(),
+            reachable: false,
+            problems: Vec::new(),
+        };
+        match store::open(repo, false) {
+            Err(e) => rc.problems.push(e.to_string()),
+            Ok(loc) => {
+                use futures::StreamExt;
+                let mut listing = loc.store.list(Some(&loc.prefix));
+                match listing.next().await {
+                    Some(Err(e)) => rc.problems.push(format!(
+                        "cannot list {}: {}",
+                        loc.url,
+                        one_line(&e.to_string())
+                    )),
+                    _ => rc.reachable = true,
+                }
+            }
+        }
+        repositories.push(rc);
+    }
+    CheckReport {
+        config: config.path.display().to_string(),
+        databases,
+        repositories,
+    }
+}
+
+async fn check_database(
+    name: &str,
+    conn: &ConnInfo,
+    sourced: &[&TablePattern],
+    targeted: &[&TablePattern],
+) -> DatabaseCheck {
+    let mut dc = DatabaseCheck {
+        name: name.to_string(),
+        url: conn.to_string(),
+        reachable: false,
+        server_version: None,
+        wal_level: None,
+        can_replicate: None,
+        missing_tables: Vec::new(),
+        problems: Vec::new(),
+        notes: Vec::new(),
+    };
+    let client = match conn.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            dc.problems.push(format!("{e}; is the server running and the URL right?"));
+            return dc;
+        }
+    };
+    dc.reachable = true;
+    let facts = client
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('wal_level'), \
+                    rolreplication OR rolsuper, current_user::text \
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await;
+    let row = match facts {
+        Ok(r) => r,
+        Err(e) => {
+            dc.problems.push(PgError::query("reading server settings", conn, e).to_string());
+            return dc;
+        }
+    };
+    dc.server_version = Some(row.get(0));
+    let wal_level: String = row.get(1);
+    let can_replicate: bool = row.get(2);
+    let user: String = row.get(3);
+    dc.wal_level = Some(wal_level.clone());
+    dc.can_replicate = Some(can_replicate);
+
+    if !sourced.is_empty() {
+        if wal_level != "logical" {
+            dc.problems.push(format!(
+                "wal_level is {wal_level}, but a pipeline reads from this database; \
+                 set wal_level = logical in postgresql.conf and restart the server"
+            ));
+        }
+        if !can_replicate {
+            dc.problems.push(format!(
+                "role {user} may not replicate, but a pipeline reads from this database; \
+                 run ALTER ROLE {} REPLICATION",
+                pg::quote_ident(&user)
+            ));
+        }
+    }
+    for (patterns, is_source) in [(sourced, true), (targeted, false)] {
+        for p in patterns.iter() {
+            match pg::resolve_tables(&client, conn, std::slice::from_ref(*p)).await {
+                Ok(_) => {}
+                Err(PgError::MissingTable { table, .. }) => {
+                    if dc.missing_tables.contains(&table) {
+                        continue;
+                    }
+                    if is_source {
+                        dc.problems.push(format!(
+                            "table {table} is missing; create it or remove it from the pipeline"
+                        ));
+                    } else {
+                        dc.notes
+                            .push(format!("table {table} is missing; `invsync sync setup` creates it"));
+                    }
+                    dc.missing_tables.push(table);
+                }
+                Err(e) if is_source => dc.problems.push(e.to_string()),
+                Err(e) => dc.notes.push(e.to_string()),
+            }
+        }
+    }
+    dc
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,663 @@
+//! The `invsync.toml` configuration: parsing, `${ENV}` interpolation and validation.
+//!
+//! The key names are a contract that users and outside tests rely on. Every error names the
+//! file, the key and its line, and says what to do. Values that may hold secrets (database URLs,
+//! passphrases) are kept in types whose `Display` and `Debug` never show the secret.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::pg::ConnInfo;
+
+/// The environment variable that names the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "INVSYNC_CONFIG";
+/// The config file used when neither `--config` nor `INVSYNC_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "invsync.toml";
+
+/// Everything that can be wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (create one with `invsync init {path}` or pass --config)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+    #[error("{path} already exists; refusing to overwrite it (remove it or choose another path)")]
+    Exists { path: PathBuf },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A string that must never be printed: a passphrase or a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was read from.
+    pub path: PathBuf,
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    pub pipelines: BTreeMap<String, PipelineConfig>,
+    pub repositories: BTreeMap<String, RepositoryConfig>,
+}
+
+/// `[databases.NAME]`: a PostgreSQL database invsync reads from or writes to.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub name: String,
+    /// Connection settings; its `Display` hides the password.
+    pub conn: ConnInfo,
+}
+
+/// `[pipelines.NAME]`: CDC replication from one source database to one or more targets.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub name: String,
+    pub source: String,
+    pub targets: Vec<String>,
+    /// Table patterns: `schema.table` or `schema.*`.
+    pub tables: Vec<TablePattern>,
+}
+
+/// `[repositories.NAME]`: a backup repository in object storage.
+#[derive(Debug, Clone)]
+pub struct RepositoryConfig {
+    pub name: String,
+    /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`,
+    /// or `memory://` (for tests).
+    pub url: url::Url,
+    /// age X25519 recipients (`age1...`) that can read the repository.
+    pub recipients: Vec<String>,
+    /// age identity file, needed to read (restore, verify, prune).
+    pub identity_file: Option<PathBuf>,
+    /// Passphrase, the alternative to identities.
+    pub passphrase: Option<Secret>,
+    /// Extra options for the object store builder (`aws_endpoint`, `aws_region`, ...).
+    pub options: BTreeMap<String, String>,
+}
+
+/// A table name or a whole schema (`schema.*`) in a pipeline's `tables`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePattern {
+    pub schema: String,
+    /// `None` stands for every table of the schema.
+    pub table: Option<String>,
+}
+
+impl fmt::Display for TablePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.table {
+            Some(t) => write!(f, "{}.{}", self.schema, t),
+            None => write!(f, "{}.*", self.schema),
+        }
+    }
+}
+
+impl TablePattern {
+    /// Parses `schema.table`, `schema.*`, or a bare `table` (schema `public`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (schema, table) = match s.split_once('.') {
+            Some((schema, table)) => (schema, table),
+            None => ("public", s),
+        };
+        if schema.is_empty() || table.is_empty() || table.contains('.') {
+            return Err(format!(
+                "`{s}` is not a table name; write `schema.table` or `schema.*`"
+            ));
+        }
+        Ok(TablePattern {
+            schema: schema.to_string(),
+            table: (table != "*").then(|| table.to_string()),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    databases: BTreeMap<String, RawDatabase>,
+    #[serde(default)]
+    pipelines: BTreeMap<String, RawPipeline>,
+    #[serde(default)]
+    repositories: BTreeMap<String, RawRepository>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    source: Spanned<String>,
+    targets: Spanned<Vec<Spanned<String>>>,
+    tables: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    url: Spanned<String>,
+    #[serde(default)]
+    recipients: Vec<Spanned<String>>,
+    identity_file: Option<Spanned<String>>,
+    passphrase: Option<Spanned<String>>,
+    #[serde(default)]
+    options: BTreeMap<String, Spanned<String>>,
+}
+
+/// Where the config file is: `--config`, else `INVSYNC_CONFIG`, else `./invsync.toml`.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration at `path`, interpolating `${ENV}` from the process
+    /// environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates `text`; `env` supplies `${NAME}` values.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: parse_message(text, &e),
+        })?;
+        let cx = Context { path, text, env };
+
+        let mut databases = BTreeMap::new();
+        for (name, db) in raw.databases {
+            let key = format!("databases.{name}.url");
+            let url = cx.interpolate(&key, &db.url)?;
+            let conn = ConnInfo::parse(&url).map_err(|message| cx.invalid(&key, &db.url, message))?;
+            databases.insert(name.clone(), DatabaseConfig { name, conn });
+        }
+
+        let mut pipelines = BTreeMap::new();
+        for (name, p) in raw.pipelines {
+            let source = p.source.get_ref().clone();
+            if !databases.contains_key(&source) {
+                return Err(cx.invalid(
+                    &format!("pipelines.{name}.source"),
+                    &p.source,
+                    format!("no database named `{source}`; add [databases.{source}] or fix the name"),
+                ));
+            }
+            if p.targets.get_ref().is_empty() {
+                return Err(cx.invalid(
+                    &format!("pipelines.{name}.targets"),
+                    &p.targets,
+                    "a pipeline needs at least one target database".into(),
+                ));
+            }
+            let mut targets = Vec::new();
+            for t in p.targets.get_ref() {
+                let key = format!("pipelines.{name}.targets");
+                let target = t.get_ref().clone();
+                if !databases.contains_key(&target) {
+                    return Err(cx.invalid(
+                        &key,
+                        t,
+                        format!("no database named `{target}`; add [databases.{target}] or fix the name"),
+                    ));
+                }
+                if target == source {
+                    return Err(cx.invalid(
+                        &key,
+                        t,
+                        format!("`{target}` is also the pipeline's source; a pipeline cannot replicate into itself"),
+                    ));
+                }
+                if targets.contains(&target) {
+                    return Err(cx.invalid(&key, t, format!("`{target}` is listed twice")));
+                }
+                targets.push(target);
+            }
+            if p.tables.get_ref().is_empty() {
+                return Err(cx.invalid(
+                    &format!("pipelines.{name}.tables"),
+                    &p.tables,
+                    "list at least one table (`schema.table` or `schema.*`)".into(),
+                ));
+            }
+            let mut tables = Vec::new();
+            for t in p.tables.get_ref() {
+                let pattern = TablePattern::parse(t.get_ref())
+                    .map_err(|m| cx.invalid(&format!("pipelines.{name}.tables"), t, m))?;
+                tables.push(pattern);
+            }
+            pipelines.insert(
+                name.clone(),
+                PipelineConfig {
+                    name,
+                    source,
+                    targets,
+                    tables,
+                },
+            );
+        }
+
+        let mut repositories = BTreeMap::new();
+        for (name, r) in raw.repositories {
+            let key = format!("repositories.{name}.url");
+            let text_url = cx.interpolate(&key, &r.url)?;
+            let url = parse_repository_url(&text_url).map_err(|m| cx.invalid(&key, &r.url, m))?;
+            let mut recipients = Vec::new();
+            for rec in &r.recipients {
+                let key = format!("repositories.{name}.recipients");
+                let value = cx.interpolate(&key, rec)?;
+                if !value.starts_with("age1") {
+                    return Err(cx.invalid(
+                        &key,
+                        rec,
+                        "not an age X25519 recipient; expected `age1...` (see `age-keygen -y` or `invsync key add`)".into(),
+                    ));
+                }
+                recipients.push(value);
+            }
+            let identity_file = match &r.identity_file {
+                Some(v) => Some(PathBuf::from(
+                    cx.interpolate(&format!("repositories.{name}.identity_file"), v)?,
+                )),
+                None => None,
+            };
+            let passphrase = match &r.passphrase {
+                Some(v) => Some(Secret::new(
+                    cx.interpolate(&format!("repositories.{name}.passphrase"), v)?,
+                )),
+                None => None,
+            };
+            let mut options = BTreeMap::new();
+            for (k, v) in &r.options {
+                let value = cx.interpolate(&format!("repositories.{name}.options.{k}"), v)?;
+                options.insert(k.clone(), value);
+            }
+            repositories.insert(
+                name.clone(),
+                RepositoryConfig {
+                    name,
+                    url,
+                    recipients,
+                    identity_file,
+                    passphrase,
+                    options,
+                },
+            );
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            databases,
+            pipelines,
+            repositories,
+        })
+    }
+
+    /// The database called `name`, or an error listing the ones there are.
+    pub fn database(&self, name: &str) -> Result<&DatabaseConfig, String> {
+        self.databases
+            .get(name)
+            .ok_or_else(|| unknown("database", name, self.databases.keys(), &self.path))
+    }
+
+    /// The pipeline called `name`, or an error listing the ones there are.
+    pub fn pipeline(&self, name: &str) -> Result<&PipelineConfig, String> {
+        self.pipelines
+            .get(name)
+            .ok_or_else(|| unknown("pipeline", name, self.pipelines.keys(), &self.path))
+    }
+
+    /// The repository called `name`; with `None`, the only one configured.
+    pub fn repository(&self, name: Option<&str>) -> Result<&RepositoryConfig, String> {
+        match name {
+            Some(n) => self
+                .repositories
+                .get(n)
+                .ok_or_else(|| unknown("repository", n, self.repositories.keys(), &self.path)),
+            None => {
+                let mut all = self.repositories.values();
+                match (all.next(), all.next()) {
+                    (Some(r), None) => Ok(r),
+                    (None, _) => Err(format!(
+                        "{} has no [repositories.NAME] section; add one",
+                        self.path.display()
+                    )),
+                    (Some(_), Some(_)) => Err(format!(
+                        "{} has several repositories ({}); choose one with --repo",
+                        self.path.display(),
+                        self.repositories.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+                }
+            }
+        }
+    }
+}
+
+fn unknown<'a>(
+    kind: &str,
+    name: &str,
+    known: impl Iterator<Item = &'a String>,
+    path: &Path,
+) -> String {
+    let known: Vec<&str> = known.map(String::as_str).collect();
+    if known.is_empty() {
+        format!("unknown {kind} `{name}`: {} defines none", path.display())
+    } else {
+        format!(
+            "unknown {kind} `{name}`; {} defines: {}",
+            path.display(),
+            known.join(", ")
+        )
+    }
+}
+
+/// Accepts the URL schemes `object_store` can serve.
+fn parse_repository_url(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s).map_err(|e| {
+        format!("`{s}` is not a URL ({e}); use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix")
+    })?;
+    match url.scheme() {
+        "file" | "memory" => Ok(url),
+        "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" => {
+            if url.host_str().unwrap_or("").is_empty() {
+                Err(format!("`{s}` names no bucket; write {}://BUCKET/prefix", url.scheme()))
+            } else {
+                Ok(url)
+            }
+        }
+        other => Err(format!(
+            "unsupported scheme `{other}:`; use file://, s3://, gs:// or az://"
+        )),
+    }
+}
+
+struct Context<'a> {
+    path: &'a Path,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Context<'_> {
+    fn line_of<T>(&self, spanned: &Spanned<T>) -> usize {
+        line_at(self.text, spanned.span().start)
+    }
+
+    fn invalid<T>(&self, key: &str, at: &Spanned<T>, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line: self.line_of(at),
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    /// Replaces each `${NAME}` with the variable's value; `$${` stands for a literal `${`.
+    fn interpolate(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+        let s = value.get_ref();
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s.as_str();
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix("${") {
+                out.push_str("${");
+                rest = tail;
+            } else if let Some(tail) = after.strip_prefix('{') {
+                let Some(end) = tail.find('}') else {
+                    return Err(self.invalid(key, value, "unclosed `${`; write ${NAME}".into()));
+                };
+                let name = &tail[..end];
+                if name.is_empty()
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return Err(self.invalid(
+                        key,
+                        value,
+                        format!("`${{{name}}}` is not an environment variable name"),
+                    ));
+                }
+                match (self.env)(name) {
+                    Some(v) => out.push_str(&v),
+                    None => {
+                        return Err(self.invalid(
+                            key,
+                            value,
+                            format!("environment variable {name} is not set; export it or edit the value"),
+                        ))
+                    }
+                }
+                rest = &tail[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// toml's message spans several lines with a source excerpt; keep it to one line with the
+/// line number first. The excerpt could hold a secret, so it is dropped.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let first = e.message().lines().next().unwrap_or("invalid TOML").trim();
+    match e.span() {
+        Some(span) => format!("line {}: {first}", line_at(text, span.start)),
+        None => first.to_string(),
+    }
+}
+
+/// The commented example written by `invsync init`.
+pub const EXAMPLE: &str = r#"# invsync configuration. Values may use ${ENV_VAR}; keep secrets in the environment.
+
+# Databases invsync connects to. sslmode: disable, prefer, require, verify-ca, verify-full.
+# A unix-socket host is written as host=/var/run/postgresql in the query string.
+[databases.maindc]
+url = "postgres://invsync@127.0.0.1:5432/einvoice?sslmode=prefer"
+
+[databases.cloud_a]
+url = "${CLOUD_A_URL}"
+
+# CDC replication from a source database to one or more targets.
+[pipelines.invoices_to_cloud]
+source = "maindc"
+targets = ["cloud_a"]
+tables = ["public.invoice", "public.invoice_item"]   # "schema.*" for a whole schema
+
+# Backup repositories in object storage: file:///path, s3://bucket/prefix, gs://..., az://...
+[repositories.offsite]
+url = "file:///var/backups/invsync"
+recipients = ["age1..."]                       # age public keys that can read the backups
+identity_file = "/etc/invsync/backup.key"      # age secret key: restore, verify, prune
+# passphrase = "${INVSYNC_PASSPHRASE}"         # alternative to identities
+# options = { aws_endpoint = "http://127.0.0.1:9000", aws_region = "ap-northeast-1" }
+"#;
+
+/// Writes the example configuration to `path`; never overwrites an existing file.
+pub fn write_example(path: &Path) -> Result<(), ConfigError> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                ConfigError::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                ConfigError::Write {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+    file.write_all(EXAMPLE.as_bytes())
+        .map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text, &|name| match name {
+            "CLOUD_URL" => Some("postgres://u:s3cret@10.0.0.1/db".into()),
+            _ => None,
+        })
+    }
+
+    const GOOD: &str = r#"
+[databases.maindc]
+url = "postgres://invsync@127.0.0.1:5432/einvoice?sslmode=prefer"
+[databases.cloud_a]
+url = "${CLOUD_URL}"
+[pipelines.p]
+source = "maindc"
+targets = ["cloud_a"]
+tables = ["public.invoice", "audit.*"]
+[repositories.offsite]
+url = "file:///tmp/repo"
+recipients = ["age1abc"]
+"#;
+
+    #[test]
+    fn parses_the_contract_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.pipelines["p"].targets, vec!["cloud_a"]);
+        assert_eq!(c.pipelines["p"].tables[1], TablePattern::parse("audit.*").unwrap());
+        assert_eq!(c.pipelines["p"].tables[1].table, None);
+        assert_eq!(c.databases["cloud_a"].conn.to_string(), "postgres://u:***@10.0.0.1/db");
+        assert_eq!(c.repositories["offsite"].url.scheme(), "file");
+    }
+
+    #[test]
+    fn example_parses() {
+        let c = Config::parse(Path::new("e.toml"), EXAMPLE, &|_| {
+            Some("postgres://x@h/db".into())
+        });
+        assert!(c.is_err(), "the example's recipient placeholder must be replaced");
+        let text = EXAMPLE.replace("age1...", "age1xyz");
+        let c = Config::parse(Path::new("e.toml"), &text, &|_| Some("postgres://x@h/db".into()))
+            .unwrap();
+        assert_eq!(c.pipelines.len(), 1);
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = err(&GOOD.replace("targets = [", "tragets = [\"x\"]\ntargets = ["));
+        assert!(e.contains("line 8") && e.contains("tragets"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+
+    #[test]
+    fn unknown_database_reference() {
+        let e = err(&GOOD.replace("source = \"maindc\"", "source = \"nope\""));
+        assert!(e.contains("t.toml:7: pipelines.p.source") && e.contains("`nope`"), "{e}");
+        let e = err(&GOOD.replace("[\"cloud_a\"]", "[\"cloud_b\"]"));
+        assert!(e.contains("pipelines.p.targets") && e.contains("cloud_b"), "{e}");
+    }
+
+    #[test]
+    fn malformed_urls() {
+        let e = err(&GOOD.replace("file:///tmp/repo", "ftp://x/y"));
+        assert!(e.contains(":11: repositories.offsite.url") && e.contains("ftp"), "{e}");
+        let e = err(&GOOD.replace(
+            "postgres://invsync@127.0.0.1:5432/einvoice?sslmode=prefer",
+            "mysql://x/y",
+        ));
+        assert!(e.contains(":3: databases.maindc.url"), "{e}");
+        let e = err(&GOOD.replace("sslmode=prefer", "sslmode=sometimes"));
+        assert!(e.contains("sslmode"), "{e}");
+    }
+
+    #[test]
+    fn missing_env_var_is_named_and_secret_is_not_shown() {
+        let e = err(&GOOD.replace("${CLOUD_URL}", "${NOPE_URL}"));
+        assert!(e.contains("NOPE_URL") && e.contains(":5:"), "{e}");
+        let e = err(&GOOD.replace("sslmode=prefer", "sslmode=bogus").replace(
+            "invsync@127",
+            "invsync:hunter2@127",
+        ));
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn interpolation_escape() {
+        let c = parse(&GOOD.replace("age1abc", "age1$${X}")).unwrap();
+        assert_eq!(c.repositories["offsite"].recipients, vec!["age1${X}"]);
+    }
+
+    #[test]
+    fn table_patterns() {
+        assert_eq!(TablePattern::parse("invoice").unwrap().schema, "public");
+        assert!(TablePattern::parse("a.b.c").is_err());
+        assert!(TablePattern::parse(".x").is_err());
+    }
+}

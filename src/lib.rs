@@ -1,0 +1,8 @@
+//! invsync: keeps Taiwan's e-invoice data in sync and safe across clouds.
+//!
+//! The library holds all behaviour; `src/bin/invsync.rs` only parses options and renders output.
+
+pub mod backup;
+pub mod check;
+pub mod config;
+pub mod pg;

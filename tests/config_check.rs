@@ -1,0 +1,183 @@
+//! `invsync init` and `invsync config check` against real clusters and a real S3 server:
+//! each kind of problem is reported on one line and makes the exit status non-zero.
+
+mod support;
+
+use support::{invsync, ClusterOptions, PgCluster, S3Server};
+
+fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("invsync.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn check_json(config: &str) -> (i32, serde_json::Value, String) {
+    let (code, out, err) = invsync(&["--config", config, "config", "check", "--json"]);
+    let json = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    (code, json, out)
+}
+
+fn database<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap()
+}
+
+#[test]
+fn healthy_setup_passes_and_problems_are_named() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    let s3 = S3Server::start();
+    src.psql("einvoice", "CREATE TABLE invoice (invoice_number char(10) PRIMARY KEY)");
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    std::fs::create_dir(&repo_dir).unwrap();
+    let text = format!(
+        r#"
+[databases.maindc]
+url = "{}"
+[databases.cloud_a]
+url = "{}"
+[pipelines.p]
+source = "maindc"
+targets = ["cloud_a"]
+tables = ["public.invoice"]
+[repositories.local]
+url = "file://{}"
+[repositories.s3]
+url = "{}"
+options = {}
+"#,
+        src.url("einvoice"),
+        dst.url("einvoice"),
+        repo_dir.display(),
+        s3.url("backups"),
+        s3.options_toml()
+    );
+    let config = write_config(dir.path(), &text);
+    let (code, report, out) = check_json(&config);
+    assert_eq!(code, 0, "{out}");
+    let maindc = database(&report, "maindc");
+    assert_eq!(maindc["wal_level"], "logical");
+    assert_eq!(maindc["can_replicate"], true);
+    assert!(maindc["server_version"].as_str().unwrap().starts_with("15"));
+    // A missing table on a target is only a note: setup creates it.
+    let cloud = database(&report, "cloud_a");
+    assert_eq!(cloud["missing_tables"][0], "public.invoice");
+    assert!(cloud["problems"].as_array().unwrap().is_empty());
+    for r in report["repositories"].as_array().unwrap() {
+        assert_eq!(r["reachable"], true, "{r}");
+    }
+
+    // A missing source table.
+    let (code, report, _) = check_json(&write_config(
+        dir.path(),
+        &text.replace("public.invoice\"]", "public.invoice\", \"public.carrier\"]"),
+    ));
+    assert_eq!(code, 1);
+    let problems = database(&report, "maindc")["problems"].to_string();
+    assert!(problems.contains("public.carrier is missing"), "{problems}");
+
+    // A role without REPLICATION.
+    src.psql("einvoice", "CREATE ROLE app LOGIN");
+    let (code, report, _) = check_json(&write_config(
+        dir.path(),
+        &text.replace(&src.url("einvoice"), &src.url_as("app", "einvoice")),
+    ));
+    assert_eq!(code, 1);
+    let problems = database(&report, "maindc")["problems"].to_string();
+    assert!(problems.contains("ALTER ROLE \\\"app\\\" REPLICATION"), "{problems}");
+
+    // A database that is down, and a repository that does not exist: human output, one line each.
+    dst.stop();
+    let missing_repo = dir.path().join("nope");
+    let (code, out, _) = invsync(&[
+        "--config",
+        &write_config(
+            dir.path(),
+            &text.replace(&repo_dir.display().to_string(), &missing_repo.display().to_string()),
+        ),
+        "config",
+        "check",
+    ]);
+    assert_eq!(code, 1);
+    let down = out
+        .lines()
+        .find(|l| l.contains("problem: cannot connect"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(down.contains(&format!("127.0.0.1:{}", dst.port)), "{down}");
+    assert!(out.contains("run `invsync repo init` first"), "{out}");
+    dst.start_again();
+}
+
+#[test]
+fn wal_level_replica_is_reported() {
+    let src = PgCluster::start_with(ClusterOptions {
+        wal_level: "replica",
+        ..Default::default()
+    });
+    let dst = PgCluster::start();
+    src.psql("einvoice", "CREATE TABLE carrier (carrier_type text, carrier_id text, PRIMARY KEY (carrier_type, carrier_id))");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[databases.a]\nurl = \"{}\"\n[databases.b]\nurl = \"{}\"\n\
+             [pipelines.p]\nsource = \"a\"\ntargets = [\"b\"]\ntables = [\"public.*\"]\n",
+            src.url("einvoice"),
+            dst.url("einvoice")
+        ),
+    );
+    let (code, report, _) = check_json(&config);
+    assert_eq!(code, 1);
+    let problems = database(&report, "a")["problems"].to_string();
+    assert!(problems.contains("wal_level is replica") && problems.contains("wal_level = logical"), "{problems}");
+}
+
+#[test]
+fn config_errors_are_one_line_and_hide_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[databases.a]\nurl = \"postgres://u:hunter2@127.0.0.1:1/db?sslmode=bogus\"\n",
+    );
+    let (code, out, err) = invsync(&["--config", &config, "config", "check"]);
+    assert_ne!(code, 0);
+    assert!(out.is_empty());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("invsync.toml:2: databases.a.url") && err.contains("sslmode"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    // An unreachable database with a password: the password is never printed.
+    let config = write_config(
+        dir.path(),
+        "[databases.a]\nurl = \"postgres://u:hunter2@127.0.0.1:1/db?sslmode=disable\"\n",
+    );
+    let (code, out, err) = invsync(&["--config", &config, "config", "check", "--json"]);
+    assert_eq!(code, 1);
+    assert!(!out.contains("hunter2") && !err.contains("hunter2"), "{out}{err}");
+    assert!(out.contains("u:***@127.0.0.1:1"), "{out}");
+
+    let (code, _, err) = invsync(&["--config", "/nonexistent/invsync.toml", "config", "check"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("invsync init"), "{err}");
+}
+
+#[test]
+fn init_writes_example_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.toml");
+    let p = path.to_str().unwrap();
+    let (code, _, err) = invsync(&["init", p]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("[pipelines.invoices_to_cloud]"));
+    std::fs::write(&path, "# mine").unwrap();
+    let (code, _, err) = invsync(&["init", p]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "# mine");
+}
