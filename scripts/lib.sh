@@ -39,6 +39,11 @@ ensure_moto() {
   export INVSYNC_MOTO_SERVER
 }
 
+# Command-line tools the tests call: openssl makes TLS certificates for the sslmode tests.
+ensure_test_tools() {
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+}
+
 ensure_rust_tools() {
   if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo is missing: install a Rust toolchain (rustup) first" >&2

@@ -36,9 +36,11 @@ impl FromStr for SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-            )),
+            ))
+            }
         })
     }
 }
@@ -49,51 +51,75 @@ pub struct ConnInfo {
     config: tokio_postgres::Config,
     ssl_mode: SslMode,
     root_cert: Option<std::path::PathBuf>,
-    display: String,
+    /// `scheme://user:***@hosts`, for messages.
+    shown_authority: String,
+    /// The query string with secrets hidden, `?...` or empty.
+    shown_query: String,
 }
 
 impl fmt::Display for ConnInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.display)
+        let db = self.config.get_dbname().unwrap_or("");
+        write!(f, "{}/{db}{}", self.shown_authority, self.shown_query)
     }
 }
 
 impl fmt::Debug for ConnInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ConnInfo({})", self.display)
+        write!(f, "ConnInfo({self})")
     }
 }
 
 impl ConnInfo {
     /// Parses a `postgres://` or `postgresql://` URL. Errors never contain the password.
     pub fn parse(url_text: &str) -> Result<ConnInfo, String> {
-        let mut url = url::Url::parse(url_text).map_err(|e| {
-            format!("not a URL ({e}); write postgres://USER:PASSWORD@HOST:PORT/DATABASE")
-        })?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(format!(
-                "scheme `{}:` is not postgres://; write postgres://USER:PASSWORD@HOST:PORT/DATABASE",
-                url.scheme()
-            ));
+        const FORM: &str = "write postgres://USER:PASSWORD@HOST:PORT/DATABASE";
+        // libpq URLs allow forms the WHATWG URL parser refuses (`postgres://user@/db?host=/run`),
+        // so only the query is taken apart here; the driver parses the rest.
+        let (scheme, rest) = url_text
+            .split_once("://")
+            .ok_or_else(|| format!("not a URL; {FORM}"))?;
+        if !matches!(scheme, "postgres" | "postgresql") {
+            return Err(format!("scheme `{scheme}:` is not postgres://; {FORM}"));
         }
+        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut ssl_mode = SslMode::Prefer;
         let mut root_cert = None;
-        let mut kept: Vec<(String, String)> = Vec::new();
-        for (k, v) in url.query_pairs() {
+        let mut kept = url::form_urlencoded::Serializer::new(String::new());
+        let mut shown_query = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             match k.as_ref() {
                 "sslmode" => ssl_mode = v.parse()?,
                 "sslrootcert" => root_cert = Some(std::path::PathBuf::from(v.as_ref())),
-                _ => kept.push((k.into_owned(), v.into_owned())),
+                "password" => {
+                    kept.append_pair(&k, &v);
+                    shown_query.append_pair(&k, "***");
+                }
+                _ => {
+                    kept.append_pair(&k, &v);
+                    shown_query.append_pair(&k, &v);
+                }
             }
         }
-        if kept.is_empty() {
-            url.set_query(None);
-        } else {
-            url.query_pairs_mut().clear().extend_pairs(&kept);
+        // Keep the sslmode visible: it matters when a connection fails.
+        if query.contains("sslmode=") {
+            shown_query.append_pair("sslmode", ssl_mode_name(ssl_mode));
         }
-        let mut config = tokio_postgres::Config::from_str(url.as_str())
-            .map_err(|e| format!("invalid connection URL: {e}"))?;
+        let kept = kept.finish();
+        let driver_text = if kept.is_empty() {
+            format!("{scheme}://{location}")
+        } else {
+            format!("{scheme}://{location}?{kept}")
+        };
+        let mut config = tokio_postgres::Config::from_str(&driver_text)
+            .map_err(|e| format!("invalid connection URL ({e}); {FORM}"))?;
+        // As in libpq, a unix socket never carries TLS.
+        let all_unix = config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
         config.ssl_mode(match ssl_mode {
+            _ if all_unix => DriverSslMode::Disable,
             SslMode::Disable => DriverSslMode::Disable,
             SslMode::Prefer => DriverSslMode::Prefer,
             _ => DriverSslMode::Require,
@@ -101,22 +127,25 @@ impl ConnInfo {
         if config.get_application_name().is_none() {
             config.application_name("invsync");
         }
-        let mut shown = url.clone();
-        if shown.password().is_some() {
-            let _ = shown.set_password(Some("***"));
-        }
-        // Keep the sslmode visible: it matters when a connection fails.
-        let display = if url_text.contains("sslmode=") {
-            let sep = if shown.query().is_some() { '&' } else { '?' };
-            format!("{shown}{sep}sslmode={}", ssl_mode_name(ssl_mode))
-        } else {
-            shown.to_string()
+        let authority = location.split('/').next().unwrap_or("");
+        let shown_authority = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{hosts}"),
+                None => authority.to_string(),
+            },
+            None => authority.to_string(),
         };
+        let shown_query = shown_query.finish();
         Ok(ConnInfo {
             config,
             ssl_mode,
             root_cert,
-            display,
+            shown_authority: format!("{scheme}://{shown_authority}"),
+            shown_query: if shown_query.is_empty() {
+                String::new()
+            } else {
+                format!("?{shown_query}")
+            },
         })
     }
 
@@ -141,32 +170,28 @@ impl ConnInfo {
     pub fn with_dbname(&self, dbname: &str) -> ConnInfo {
         let mut c = self.clone();
         c.config.dbname(dbname);
-        c.display = match url::Url::parse(&self.display) {
-            Ok(mut u) => {
-                u.set_path(&format!("/{dbname}"));
-                u.to_string()
-            }
-            Err(_) => format!("{} (database {dbname})", self.display),
-        };
         c
     }
 
     /// Opens a connection. The connection task runs until the returned client is dropped.
     pub async fn connect(&self) -> Result<Client, PgError> {
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls_config()?);
-        let (client, connection) =
-            self.config
-                .connect(tls)
+        let fail = |e: tokio_postgres::Error| PgError::Connect {
+            target: self.to_string(),
+            reason: super::describe(&e),
+        };
+        // The TLS connector rejects socket paths as server names even when TLS is off.
+        if self.config.get_ssl_mode() == DriverSslMode::Disable {
+            let (client, connection) = self
+                .config
+                .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| PgError::Connect {
-                    target: self.display.clone(),
-                    reason: super::describe(&e),
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("connection closed: {}", super::describe(&e));
-            }
-        });
+                .map_err(fail)?;
+            spawn_connection(connection);
+            return Ok(client);
+        }
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls_config()?);
+        let (client, connection) = self.config.connect(tls).await.map_err(fail)?;
+        spawn_connection(connection);
         Ok(client)
     }
 
@@ -230,11 +255,24 @@ impl ConnInfo {
             return Err(PgError::Invalid(format!(
                 "sslmode={} needs trusted root certificates for {}: give sslrootcert=PATH in the URL",
                 ssl_mode_name(self.ssl_mode),
-                self.display
+                self
             )));
         }
         Ok(roots)
     }
+}
+
+/// Drives a connection until its client is dropped or the server goes away.
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("connection closed: {}", super::describe(&e));
+        }
+    });
 }
 
 fn ssl_mode_name(m: SslMode) -> &'static str {
@@ -360,11 +398,27 @@ mod tests {
 
     #[test]
     fn unix_socket_host() {
-        let c = ConnInfo::parse("postgres:///einvoice?host=/var/run/postgresql").unwrap();
-        assert!(matches!(
-            c.config().get_hosts()[0],
-            tokio_postgres::config::Host::Unix(_)
-        ));
+        for url in [
+            "postgres:///einvoice?host=/var/run/postgresql",
+            "postgres://u@/einvoice?host=/var/run/postgresql",
+            "postgres://u:pw@%2Fvar%2Frun%2Fpostgresql/einvoice",
+        ] {
+            let c = ConnInfo::parse(url).unwrap();
+            assert!(
+                matches!(
+                    c.config().get_hosts()[0],
+                    tokio_postgres::config::Host::Unix(_)
+                ),
+                "{url}"
+            );
+            assert!(!c.to_string().contains("pw"));
+        }
+    }
+
+    #[test]
+    fn password_in_query_is_hidden() {
+        let c = ConnInfo::parse("postgres://h/db?user=u&password=pw").unwrap();
+        assert_eq!(c.to_string(), "postgres://h/db?user=u&password=***");
     }
 
     #[test]

@@ -67,7 +67,7 @@ fn run(mut cmd: Command, what: &str) {
 }
 
 /// A temporary directory the server user can write.
-fn server_tempdir() -> tempfile::TempDir {
+pub fn server_tempdir() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("invsync-pg-")
         .tempdir()
@@ -202,6 +202,11 @@ impl PgCluster {
             }
         }
         unreachable!()
+    }
+
+    /// The directory holding the server's unix socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
     }
 
     pub fn data_dir(&self) -> PathBuf {
