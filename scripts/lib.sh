@@ -51,3 +51,89 @@ ensure_rust_tools() {
   fi
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 }
+
+# age-keygen, to make the demo repository's key.
+ensure_age() {
+  if ! command -v age-keygen >/dev/null 2>&1; then
+    apt_install age
+  fi
+}
+
+# /usr/bin/time, for the benchmarks' peak memory.
+ensure_time() {
+  if [ ! -x /usr/bin/time ]; then
+    apt_install time
+  fi
+}
+
+# ---- local PostgreSQL clusters for the demo and the benchmarks ----
+# A cluster lives in DIR: DIR/data, DIR/server.log, DIR/port. It listens on 127.0.0.1 only,
+# with trust authentication for the `postgres` superuser and wal_level=logical. As root, the
+# server runs as the `postgres` OS user, as PostgreSQL refuses to run as root.
+
+# Runs a command as the server's OS user.
+as_pg_user() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# Prints a TCP port on 127.0.0.1 that nobody listens on now, from 25432 up.
+free_port() {
+  local p
+  for p in $(seq 25432 26431); do
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"
+      return 0
+    fi
+  done
+  echo "no free port in 25432-26431" >&2
+  return 1
+}
+
+# cluster_start DIR [CONF_LINE...]: initdb into DIR if needed, start the server if it is not
+# running, create database `einvoice` if missing. Prints the port. Safe to run again.
+cluster_start() {
+  local dir=$1
+  shift
+  local data="$dir/data" port
+  if [ ! -f "$data/PG_VERSION" ]; then
+    mkdir -p "$dir"
+    if [ "$(id -u)" = 0 ]; then chown postgres: "$dir"; fi
+    as_pg_user "$PG_BINDIR/initdb" -D "$data" -U postgres --auth=trust -E UTF8 \
+      --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; return 1; }
+    {
+      echo "listen_addresses = '127.0.0.1'"
+      echo "unix_socket_directories = '$dir'"
+      echo "wal_level = logical"
+      echo "max_replication_slots = 16"
+      echo "max_wal_senders = 16"
+      local line
+      for line in "$@"; do echo "$line"; done
+    } | as_pg_user tee -a "$data/postgresql.conf" >/dev/null
+  fi
+  if as_pg_user "$PG_BINDIR/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    port=$(cat "$dir/port")
+  else
+    port=$(free_port)
+    as_pg_user "$PG_BINDIR/pg_ctl" -D "$data" -l "$dir/server.log" -w -t 60 \
+      -o "-p $port" start >/dev/null || { tail -20 "$dir/server.log" >&2; return 1; }
+    echo "$port" >"$dir/port"
+  fi
+  if [ -z "$(psql -X -qtA -h 127.0.0.1 -p "$port" -U postgres -d postgres \
+      -c "SELECT 1 FROM pg_database WHERE datname = 'einvoice'")" ]; then
+    psql -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE einvoice"
+  fi
+  echo "$port"
+}
+
+# cluster_stop DIR: stops the server in DIR if it runs.
+cluster_stop() {
+  local data="$1/data"
+  if [ -f "$data/PG_VERSION" ] && as_pg_user "$PG_BINDIR/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    as_pg_user "$PG_BINDIR/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+    echo "stopped the cluster in $1"
+  fi
+}

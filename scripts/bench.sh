@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The benchmarks: invsync beside its peers, on the same clusters and the same data, in one run.
+# Installs what is missing, builds release binaries, starts two fresh clusters under ./.bench/
+# (SRC filled by einvoice-gen, DST empty), then runs each section scripts/bench/*.sh in name
+# order, and stops the clusters at the end, also on failure or Ctrl-C.
+#
+#   scripts/bench.sh                 all sections
+#   INVOICES=100000 scripts/bench.sh a smaller data set (default 1000000, about 3M items)
+#   BENCH_ONLY=sync scripts/bench.sh only sections whose file name contains "sync"
+#
+# Conventions for a section (scripts/bench/<area>.sh, sourced by this script in a subshell
+# with `set -e`; a failing section is reported and the next one runs):
+# - It uses what this script exports: SRC_URL, DST_URL, SRC_PORT, DST_PORT (the two clusters,
+#   database `einvoice`, superuser `postgres`, trust auth, wal_level=logical), BENCH_DIR (scratch
+#   space; put files under "$BENCH_DIR/<area>/"), INVSYNC and EINVOICE_GEN (release binaries),
+#   INVOICES and BENCH_SEED (what SRC holds; `$EINVOICE_GEN fill --url "$DST_URL" --invoices
+#   "$INVOICES" --seed "$BENCH_SEED"` gives DST the very same rows), and the functions below.
+# - It leaves both clusters as it found them (drop its slots, subscriptions, publications and
+#   extra tables; restore DST to empty), so sections do not depend on their order.
+# - Every figure is measured beside the peer's, on the same data, in this run: three runs each,
+#   alternating invsync and peer (invsync, peer, invsync, peer, ...), so drift on this shared,
+#   noisy machine hits both alike. Report the medians with `report_row`, which also prints the
+#   ratio invsync / peer: only ratios from one run mean anything. Time every command with
+#   `timeit`, which also records its peak resident memory; report memory as rows too.
+# - Peers run with their defaults unless DESIGN.md says otherwise, and their set-up steps
+#   (creating a subscription, a restic repository) are outside the timed part unless invsync's
+#   equivalent is inside its own.
+#
+# Helpers:
+#   section TITLE                         prints a heading
+#   timeit NAME CMD...                    runs CMD under /usr/bin/time -v, its output in
+#                                         $TIMEIT_LOG; sets TIME_S (wall seconds) and RSS_MB
+#                                         (peak resident MB); returns non-zero if CMD fails
+#   median V...                           prints the median of the values
+#   report_row LABEL INVSYNC PEER [UNIT]  prints a row with both values and invsync/peer
+#   report_value LABEL VALUE [UNIT]       prints a row without a peer
+#   psql_src SQL / psql_dst SQL           runs SQL on SRC / DST, prints unaligned tuples
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+BENCH_DIR="$PWD/.bench"
+INVOICES="${INVOICES:-1000000}"
+BENCH_SEED="${BENCH_SEED:-1}"
+INVSYNC="$PWD/target/release/invsync"
+EINVOICE_GEN="$PWD/target/release/einvoice-gen"
+REPORT="$BENCH_DIR/report.txt"
+
+section() { printf '\n== %s\n' "$*" | tee -a "$REPORT"; }
+
+timeit_runs=0
+timeit() {
+  local name=$1
+  shift
+  timeit_runs=$((timeit_runs + 1))
+  local log="$BENCH_DIR/logs/$name.$BASHPID.$timeit_runs.log"
+  local tv="$BENCH_DIR/logs/$name.$BASHPID.$timeit_runs.time"
+  local start end
+  start=$(date +%s.%N)
+  if ! /usr/bin/time -v -o "$tv" "$@" >"$log" 2>&1; then
+    echo "timeit $name: command failed: $*" >&2
+    tail -20 "$log" >&2
+    return 1
+  fi
+  end=$(date +%s.%N)
+  TIME_S=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }')
+  RSS_MB=$(awk -F: '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' "$tv")
+  TIMEIT_LOG="$log"
+  printf '%s\t%s\t%s\n' "$name" "$TIME_S" "$RSS_MB" >>"$BENCH_DIR/timings.tsv"
+}
+
+median() {
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+    if (NR == 0) exit 1
+    if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+report_row() {
+  local label=$1 mine=$2 peer=$3 unit=${4:-}
+  local ratio
+  ratio=$(awk -v a="$mine" -v b="$peer" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }')
+  printf '%-44s invsync %12s %-6s peer %12s %-6s invsync/peer %s\n' \
+    "$label" "$mine" "$unit" "$peer" "$unit" "$ratio" | tee -a "$REPORT"
+}
+
+report_value() {
+  printf '%-44s %12s %s\n' "$1" "$2" "${3:-}" | tee -a "$REPORT"
+}
+
+psql_src() { psql -X -qtA -v ON_ERROR_STOP=1 "$SRC_URL" -c "$1"; }
+psql_dst() { psql -X -qtA -v ON_ERROR_STOP=1 "$DST_URL" -c "$1"; }
+
+echo "== install what is missing, build release binaries"
+ensure_postgres
+ensure_rust_tools
+ensure_time
+cargo build --release --locked --bins
+
+# Fresh clusters every run: figures must not depend on what an earlier run left.
+cluster_stop "$BENCH_DIR/src" >/dev/null
+cluster_stop "$BENCH_DIR/dst" >/dev/null
+rm -rf "$BENCH_DIR"
+mkdir -p "$BENCH_DIR/logs"
+: >"$REPORT"
+stop_clusters() {
+  cluster_stop "$BENCH_DIR/src" || true
+  cluster_stop "$BENCH_DIR/dst" || true
+}
+trap stop_clusters EXIT
+# Durable settings (fsync on), sized so that a checkpoint does not land in the middle of a
+# measurement by chance.
+CONF=("shared_buffers = 512MB" "max_wal_size = 8GB" "checkpoint_timeout = 30min"
+  "maintenance_work_mem = 256MB" "max_connections = 100")
+SRC_PORT=$(cluster_start "$BENCH_DIR/src" "${CONF[@]}")
+DST_PORT=$(cluster_start "$BENCH_DIR/dst" "${CONF[@]}")
+SRC_URL="postgres://postgres@127.0.0.1:$SRC_PORT/einvoice?sslmode=disable"
+DST_URL="postgres://postgres@127.0.0.1:$DST_PORT/einvoice?sslmode=disable"
+export SRC_URL DST_URL SRC_PORT DST_PORT BENCH_DIR INVSYNC EINVOICE_GEN INVOICES BENCH_SEED
+export -f section timeit median report_row report_value psql_src psql_dst
+export REPORT
+
+section "einvoice-gen fill: $INVOICES invoices into SRC (no peer)"
+timeit fill "$EINVOICE_GEN" fill --url "$SRC_URL" --invoices "$INVOICES" --seed "$BENCH_SEED" --json
+fill_rows=$(sed -n 's/.*"rows": \([0-9]*\).*/\1/p' "$TIMEIT_LOG")
+report_value "fill wall time" "$TIME_S" s
+report_value "fill rows (invoices, items, allowances, carriers)" "$fill_rows" rows
+report_value "fill throughput" "$(awk -v r="$fill_rows" -v t="$TIME_S" 'BEGIN { printf "%.0f", r / t }')" rows/s
+report_value "fill peak memory (einvoice-gen)" "$RSS_MB" MB
+report_value "SRC database size" "$(psql_src "SELECT pg_size_pretty(pg_database_size('einvoice'))")"
+
+failed=()
+for f in scripts/bench/*.sh; do
+  [ -e "$f" ] || continue
+  if [ -n "${BENCH_ONLY:-}" ] && [[ "$(basename "$f")" != *"$BENCH_ONLY"* ]]; then
+    continue
+  fi
+  set +e
+  (
+    set -e
+    source "$f"
+  )
+  rc=$?
+  set -e
+  if [ "$rc" != 0 ]; then
+    echo "section $f FAILED (exit $rc)" | tee -a "$REPORT"
+    failed+=("$f")
+  fi
+done
+
+printf '\n== report (also in %s)\n' "$REPORT"
+cat "$REPORT"
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "failed sections: ${failed[*]}"
+  exit 1
+fi

@@ -1,0 +1,320 @@
+//! `einvoice-gen` against real clusters: the fill is deterministic for a seed (and independent
+//! of the number of connections), its rows keep the model's invariants, and the change stream
+//! changes the tables by exactly what it reports.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use support::PgCluster;
+
+const KEYS: [(&str, &str); 4] = [
+    ("invoice", "invoice_number"),
+    ("invoice_item", "invoice_number, seq"),
+    ("allowance", "allowance_number"),
+    ("carrier", "carrier_type, carrier_id"),
+];
+
+/// Runs the real `einvoice-gen`; returns (exit code, stdout, stderr).
+fn gen(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_einvoice-gen"))
+        .args(args)
+        .env_remove("EINVOICE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run einvoice-gen");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn gen_json(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, out, err) = gen(&all);
+    assert_eq!(code, 0, "einvoice-gen {args:?} failed: {out} {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// One md5 per table over all rows in key order.
+fn fingerprints(c: &PgCluster) -> Vec<String> {
+    KEYS.iter()
+        .map(|(table, key)| {
+            c.psql(
+                "einvoice",
+                &format!(
+                    "SELECT md5(string_agg(t::text, ',' ORDER BY {key})) FROM public.{table} t"
+                ),
+            )
+        })
+        .collect()
+}
+
+fn count(c: &PgCluster, sql: &str) -> i64 {
+    let text = c.psql("einvoice", sql);
+    text.parse()
+        .unwrap_or_else(|e| panic!("{sql}: {e}: {text:?}"))
+}
+
+#[test]
+fn same_seed_gives_same_tables_and_another_seed_differs() {
+    let a = PgCluster::start();
+    let b = PgCluster::start();
+    let report = gen_json(&[
+        "fill",
+        "--url",
+        &a.url("einvoice"),
+        "--invoices",
+        "2000",
+        "--seed",
+        "7",
+        "--jobs",
+        "3",
+    ]);
+    // One connection on the other cluster: the rows must not depend on how the work was split.
+    gen_json(&[
+        "fill",
+        "--url",
+        &b.url("einvoice"),
+        "--invoices",
+        "2000",
+        "--seed",
+        "7",
+        "--jobs",
+        "1",
+    ]);
+
+    assert_eq!(report["invoices"], 2000);
+    for (field, table) in [
+        ("invoices", "invoice"),
+        ("items", "invoice_item"),
+        ("allowances", "allowance"),
+        ("carriers", "carrier"),
+    ] {
+        let n = count(&a, &format!("SELECT count(*) FROM public.{table}"));
+        assert_eq!(report[field].as_i64(), Some(n), "{field}");
+        assert!(n > 0, "{table} is empty");
+    }
+    let fa = fingerprints(&a);
+    assert_eq!(fa, fingerprints(&b), "same seed, different tables");
+
+    // A second fill must not mix seeds silently.
+    let (code, _, err) = gen(&[
+        "fill",
+        "--url",
+        &b.url("einvoice"),
+        "--invoices",
+        "2000",
+        "--seed",
+        "8",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("already hold rows") && err.contains("--replace"),
+        "{err}"
+    );
+
+    gen_json(&[
+        "fill",
+        "--url",
+        &b.url("einvoice"),
+        "--invoices",
+        "2000",
+        "--seed",
+        "8",
+        "--replace",
+    ]);
+    let fb = fingerprints(&b);
+    for (i, (table, _)) in KEYS.iter().enumerate() {
+        assert_ne!(fa[i], fb[i], "{table} is the same for seeds 7 and 8");
+    }
+}
+
+#[test]
+fn filled_rows_keep_the_model_invariants() {
+    let c = PgCluster::start();
+    gen_json(&[
+        "fill",
+        "--url",
+        &c.url("einvoice"),
+        "--invoices",
+        "3000",
+        "--seed",
+        "11",
+    ]);
+    let zero = [
+        // Numbers like AB12345678.
+        "SELECT count(*) FROM public.invoice WHERE invoice_number !~ '^[A-Z]{2}[0-9]{8}$'",
+        // Number order is time order: recent invoices sit at the recent end of the key order.
+        "SELECT count(*) FROM (SELECT created_at, lag(created_at) OVER (ORDER BY invoice_number) AS prev \
+         FROM public.invoice) x WHERE created_at < prev",
+        // Amounts add up.
+        "SELECT count(*) FROM public.invoice i WHERE sales_amount IS DISTINCT FROM \
+         (SELECT sum(amount) FROM public.invoice_item it WHERE it.invoice_number = i.invoice_number)",
+        "SELECT count(*) FROM public.invoice WHERE total_amount <> sales_amount + tax_amount \
+         OR tax_amount <> CASE tax_type WHEN 1 THEN round(sales_amount * 0.05) ELSE 0 END",
+        "SELECT count(*) FROM public.invoice_item WHERE amount <> quantity * unit_price",
+        // Allowances reference invoices and never exceed them.
+        "SELECT count(*) FROM public.allowance a LEFT JOIN public.invoice i USING (invoice_number) \
+         WHERE i.invoice_number IS NULL OR a.amount > i.sales_amount",
+        // A carrier or a donation, not both.
+        "SELECT count(*) FROM public.invoice WHERE carrier_id IS NOT NULL AND donation_code IS NOT NULL",
+        "SELECT count(*) FROM public.invoice WHERE carrier_type = '3J0002' AND carrier_id !~ '^/[0-9A-Z+.-]{7}$'",
+    ];
+    for sql in zero {
+        assert_eq!(count(&c, sql), 0, "{sql}");
+    }
+    let some = [
+        "SELECT count(*) FROM public.invoice WHERE status = 'voided'",
+        "SELECT count(*) FROM public.invoice WHERE carrier_type = 'CQ0001'",
+        "SELECT count(*) FROM public.invoice WHERE donation_code IS NOT NULL",
+        "SELECT count(*) FROM public.invoice WHERE buyer_id <> '00000000'",
+        "SELECT count(*) FROM public.invoice_item WHERE description ~ '[^\\x01-\\x7f]'",
+    ];
+    for sql in some {
+        assert!(count(&c, sql) > 0, "{sql}");
+    }
+    let avg: f64 = c
+        .psql("einvoice", "SELECT count(*)::float8 / (SELECT count(*) FROM public.invoice) FROM public.invoice_item")
+        .parse()
+        .unwrap();
+    assert!((2.7..3.3).contains(&avg), "items per invoice {avg}");
+}
+
+struct Snapshot {
+    invoices: i64,
+    items: i64,
+    voided: i64,
+    allowances: i64,
+    carriers: i64,
+}
+
+fn snapshot(c: &PgCluster) -> Snapshot {
+    Snapshot {
+        invoices: count(c, "SELECT count(*) FROM public.invoice"),
+        items: count(c, "SELECT count(*) FROM public.invoice_item"),
+        voided: count(
+            c,
+            "SELECT count(*) FROM public.invoice WHERE status = 'voided'",
+        ),
+        allowances: count(c, "SELECT count(*) FROM public.allowance"),
+        carriers: count(c, "SELECT count(*) FROM public.carrier"),
+    }
+}
+
+fn field(r: &serde_json::Value, name: &str) -> i64 {
+    r[name]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no {name} in {r}"))
+}
+
+#[test]
+fn load_changes_the_tables_by_what_it_reports() {
+    let c = PgCluster::start();
+    let url = c.url("einvoice");
+    gen_json(&["fill", "--url", &url, "--invoices", "2000", "--seed", "3"]);
+    let before = snapshot(&c);
+    let old_max = c.psql("einvoice", "SELECT max(invoice_number) FROM public.invoice");
+
+    let r = gen_json(&[
+        "load",
+        "--url",
+        &url,
+        "--rate",
+        "400",
+        "--duration",
+        "3",
+        "--seed",
+        "5",
+    ]);
+    let after = snapshot(&c);
+
+    assert_eq!(
+        after.invoices - before.invoices,
+        field(&r, "invoices_inserted")
+    );
+    assert_eq!(
+        after.items - before.items,
+        field(&r, "items_inserted") - field(&r, "items_deleted")
+    );
+    assert_eq!(after.voided - before.voided, field(&r, "invoices_voided"));
+    assert_eq!(
+        after.allowances - before.allowances,
+        field(&r, "allowances_inserted")
+    );
+    assert_eq!(
+        after.carriers - before.carriers,
+        field(&r, "carriers_registered")
+    );
+    assert_eq!(field(&r, "items_deleted"), field(&r, "invoices_amended"));
+    let parts = [
+        "invoices_inserted",
+        "items_inserted",
+        "invoices_voided",
+        "allowances_inserted",
+        "items_deleted",
+        "invoices_amended",
+        "carriers_registered",
+    ];
+    assert_eq!(
+        field(&r, "rows"),
+        parts.iter().map(|p| field(&r, p)).sum::<i64>()
+    );
+    for p in parts {
+        assert!(field(&r, p) > 0, "no {p} in a 3 s run: {r}");
+    }
+    // At 400 rows/s for 3 s; allow for a slow, shared machine but not for no pacing at all.
+    let rows = field(&r, "rows");
+    assert!((300..=1300).contains(&rows), "{rows} rows changed");
+
+    // New invoices continue the numbering; amended invoices still add up.
+    let newer = count(
+        &c,
+        &format!("SELECT count(*) FROM public.invoice WHERE invoice_number > '{old_max}'"),
+    );
+    assert_eq!(newer, field(&r, "invoices_inserted"));
+    let wrong = count(
+        &c,
+        "SELECT count(*) FROM public.invoice i WHERE sales_amount IS DISTINCT FROM \
+         (SELECT sum(amount) FROM public.invoice_item it WHERE it.invoice_number = i.invoice_number) \
+         OR total_amount <> sales_amount + tax_amount",
+    );
+    assert_eq!(wrong, 0);
+    let changed_old = count(
+        &c,
+        &format!("SELECT count(*) FROM public.invoice WHERE invoice_number <= '{old_max}' AND updated_at > created_at + interval '30 days'"),
+    );
+    assert!(
+        changed_old > 0,
+        "voids and amendments touched no filled invoice"
+    );
+}
+
+#[test]
+fn schema_is_idempotent_and_load_starts_on_an_empty_database() {
+    let c = PgCluster::start();
+    let url = c.url("einvoice");
+    for _ in 0..2 {
+        let (code, out, err) = gen(&["schema", "--url", &url]);
+        assert_eq!(code, 0, "{out} {err}");
+    }
+    let r = gen_json(&["load", "--url", &url, "--rate", "200", "--duration", "1"]);
+    assert!(field(&r, "invoices_inserted") > 0);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM public.invoice"),
+        field(&r, "invoices_inserted")
+    );
+    // The numbering starts at the first track even without a fill.
+    assert_eq!(
+        c.psql(
+            "einvoice",
+            "SELECT min(invoice_number) >= 'AB10000000' FROM public.invoice"
+        ),
+        "t"
+    );
+    let (code, _, err) = gen(&["fill", "--url", "mysql://x/y", "--invoices", "1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("postgres://"), "{err}");
+}
