@@ -88,9 +88,9 @@ pub async fn load_schema(
                CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END, \
                NULLIF(a.attidentity::text, ''), \
                CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END, \
-               pg_get_serial_sequence($1, a.attname) \
+               pg_get_serial_sequence($1::text, a.attname) \
              FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-             WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&rel],
         )
         .await
@@ -123,7 +123,7 @@ pub async fn load_schema(
     let cons = client
         .query(
             "SELECT conname::text, pg_get_constraintdef(oid), contype::text FROM pg_constraint \
-             WHERE conrelid = $1::regclass AND contype IN ('p', 'u', 'c', 'x') \
+             WHERE conrelid = $1::text::regclass AND contype IN ('p', 'u', 'c', 'x') \
              ORDER BY contype <> 'p', conname",
             &[&rel],
         )
@@ -135,14 +135,14 @@ pub async fn load_schema(
             "SELECT a.attname::text FROM pg_index i \
              JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1::regclass AND i.indisprimary ORDER BY k.ord",
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.ord",
             &[&rel],
         )
         .await
         .map_err(|e| q("reading the primary key", e))?;
     let idx = client
         .query(
-            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = $1::regclass \
+            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = $1::text::regclass \
              AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid AND c.conrelid = i.indrelid) \
              ORDER BY 1",
             &[&rel],
