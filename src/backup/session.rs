@@ -346,6 +346,9 @@ impl<'a> Writer<'a> {
 
     async fn finish(&mut self) -> Result<(), BackupError> {
         self.flush_pack().await?;
+        while !self.uploads.is_empty() {
+            self.join_one().await?;
+        }
         failpoint("backup-before-index");
         self.write_index().await
     }

@@ -28,7 +28,12 @@ struct Cli {
     config: Option<PathBuf>,
 
     /// Log filter, e.g. `info`, `debug`, `invsync=debug` (also from RUST_LOG)
-    #[arg(long, global = true, value_name = "FILTER", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILTER",
+        default_value = "info,object_store=warn"
+    )]
     log: String,
 
     /// Write log lines as JSON (for log collectors)

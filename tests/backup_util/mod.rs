@@ -90,3 +90,82 @@ pub fn make_tables(pg: &PgCluster, db: &str, rows: u32) {
 pub fn fingerprint(pg: &PgCluster, db: &str, table: &str, order: &str) -> String {
     pg.psql(db, &format!("SELECT count(*) || ':' || md5(string_agg(t::text, '|' ORDER BY {order})) FROM {table} t"))
 }
+
+/// Runs invsync with extra environment variables.
+pub fn run_env(cfg: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Files below `dir` (recursively), relative paths sorted.
+pub fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                walk(base, &e.path(), out);
+            } else {
+                out.push(
+                    e.path()
+                        .strip_prefix(base)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// `cp -a`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// The findings of `verify repo --json` as (kind, object, affects joined).
+pub fn findings(report: &str) -> Vec<(String, String, String)> {
+    let v: serde_json::Value =
+        serde_json::from_str(report).unwrap_or_else(|e| panic!("{e}: {report}"));
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["kind"].as_str().unwrap().to_string(),
+                f["object"].as_str().unwrap().to_string(),
+                f["affects"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })
+        .collect()
+}
