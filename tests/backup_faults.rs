@@ -312,7 +312,10 @@ fn interrupted_backups_leave_a_valid_repository_that_prune_cleans() {
     let out = ok(&cfg, &["verify", "repo", "--read-data", "--json"]);
     assert!(findings(&out).is_empty(), "{out}");
     let out_dir = f.dir.path().join("out");
-    ok(&cfg, &["restore", "latest", "--to-dir", out_dir.to_str().unwrap()]);
+    ok(
+        &cfg,
+        &["restore", "latest", "--to-dir", out_dir.to_str().unwrap()],
+    );
     assert_eq!(files(&out_dir).len(), 1);
 }
 
