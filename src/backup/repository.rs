@@ -470,7 +470,7 @@ impl Repository {
             })?;
             out.push(kf);
         }
-        out.sort_by(|a, b| a.created.cmp(&b.created));
+        out.sort_by_key(|k| k.created);
         Ok(out)
     }
 
