@@ -69,14 +69,16 @@ pub struct OtherLock {
 /// future), the refresher stops and the lock goes stale.
 pub struct Lock {
     name: String,
-    refresher: JoinHandle<()>,
+    refresher: Option<JoinHandle<()>>,
     /// Live locks of other jobs seen when this one was taken.
     pub others: Vec<OtherLock>,
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        self.refresher.abort();
+        if let Some(r) = &self.refresher {
+            r.abort();
+        }
     }
 }
 
@@ -132,7 +134,7 @@ impl Lock {
         };
         let mut lock = Lock {
             name,
-            refresher,
+            refresher: Some(refresher),
             others: Vec::new(),
         };
         loop {
@@ -174,8 +176,12 @@ impl Lock {
     }
 
     /// Deletes the lock. Errors are logged only: a leftover lock goes stale by itself.
-    pub async fn release(self, repo: &Repository) {
-        self.refresher.abort();
+    pub async fn release(mut self, repo: &Repository) {
+        // Wait for the refresher to stop, so no refresh can recreate the lock after the delete.
+        if let Some(r) = self.refresher.take() {
+            r.abort();
+            let _ = r.await;
+        }
         if let Err(e) = repo.delete(&self.name).await {
             tracing::warn!(lock = %self.name, "cannot delete lock: {e}");
         }

@@ -152,31 +152,24 @@ impl Repository {
     pub async fn open(cfg: &RepositoryConfig) -> Result<Repository, BackupError> {
         let label = Self::label(cfg);
         let location = store::open(cfg, false)?;
-        let mut repo = Repository {
-            name: label.clone(),
-            location,
-            config: RepoConfig {
-                format: String::new(),
-                version: 0,
-                id: String::new(),
-                recipient: String::new(),
-                chunker: ChunkerParams {
-                    min: 0,
-                    avg: 0,
-                    max: 0,
-                },
-            },
-            keys: Keyring {
-                recipient: age::x25519::Identity::generate().to_public(),
-                master: None,
-            },
+        let raw = {
+            let path = location.prefix.clone().join("config");
+            match location.store.get(&path).await {
+                Ok(r) => r.bytes().await,
+                Err(e) => Err(e),
+            }
         };
-        let raw = match repo.get("config").await {
+        let raw = match raw {
             Ok(b) => b,
-            Err(BackupError::Corrupt { .. }) => {
+            Err(object_store::Error::NotFound { .. }) => {
                 return Err(BackupError::NotInitialised { repo: label })
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(BackupError::Store {
+                    repo: label,
+                    message: e.to_string().replace('\n', " "),
+                })
+            }
         };
         let config: RepoConfig =
             serde_json::from_slice(&raw).map_err(|e| BackupError::Corrupt {
@@ -189,13 +182,21 @@ impl Repository {
                 config.format, config.version
             )));
         }
-        repo.keys.recipient = age::x25519::Recipient::from_str(&config.recipient).map_err(|e| {
+        let recipient = age::x25519::Recipient::from_str(&config.recipient).map_err(|e| {
             BackupError::Corrupt {
                 object: format!("{label}/config"),
                 reason: format!("bad repository recipient: {e}"),
             }
         })?;
-        repo.config = config;
+        let mut repo = Repository {
+            name: label.clone(),
+            location,
+            config,
+            keys: Keyring {
+                recipient,
+                master: None,
+            },
+        };
 
         let mut identities: Vec<Box<dyn age::Identity>> = Vec::new();
         if let Some(path) = &cfg.identity_file {

@@ -401,7 +401,7 @@ pub async fn restore_dir(
             hostile.join(", ")
         )));
     }
-    if paths.iter().any(|_| plan.is_empty()) {
+    if !paths.is_empty() && plan.is_empty() {
         return Err(BackupError::Invalid(format!(
             "no saved path matches {}",
             paths.join(", ")

@@ -89,30 +89,28 @@ pub async fn list(repo: &Repository) -> Result<Vec<(String, Snapshot)>, BackupEr
 /// The snapshot named by `latest`, a full id, or a unique id prefix.
 pub async fn find(repo: &Repository, which: &str) -> Result<(String, Snapshot), BackupError> {
     repo.master("reading a snapshot")?;
-    let names = repo.list_names("snapshots").await?;
-    let name = if which == "latest" {
-        let mut all = list(repo).await?;
-        return all.pop().ok_or_else(|| {
+    if which == "latest" {
+        return list(repo).await?.pop().ok_or_else(|| {
             BackupError::Invalid(format!(
                 "repository {} has no snapshots yet; run `invsync backup`",
                 repo.name
             ))
         });
-    } else {
-        let hits: Vec<&String> = names.iter().filter(|n| n.starts_with(which)).collect();
-        match hits.as_slice() {
-            [one] => (*one).clone(),
-            [] => {
-                return Err(BackupError::Invalid(format!(
-                    "no snapshot `{which}` in {}; `invsync snapshots` lists them",
-                    repo.name
-                )))
-            }
-            _ => {
-                return Err(BackupError::Invalid(format!(
-                    "snapshot id `{which}` is ambiguous; give more characters"
-                )))
-            }
+    }
+    let names = repo.list_names("snapshots").await?;
+    let hits: Vec<&String> = names.iter().filter(|n| n.starts_with(which)).collect();
+    let name = match hits.as_slice() {
+        [one] => (*one).clone(),
+        [] => {
+            return Err(BackupError::Invalid(format!(
+                "no snapshot `{which}` in {}; `invsync snapshots` lists them",
+                repo.name
+            )))
+        }
+        _ => {
+            return Err(BackupError::Invalid(format!(
+                "snapshot id `{which}` is ambiguous; give more characters"
+            )))
         }
     };
     let snap = repo

@@ -104,7 +104,7 @@ pub struct BackupArgs {
     /// when --tables or a pipeline names it]
     #[arg(long, value_name = "DB")]
     db: Option<String>,
-    /// Tables (`schema.table` or `schema.*`) [default: the tables of the pipelines reading from --db]
+    /// Tables (`schema.table` or `schema.*`) [default: the tables of the pipelines of --db]
     #[arg(long, value_name = "TABLE", num_args = 1.., value_delimiter = ',')]
     tables: Vec<String>,
     /// A configuration directory to include (repeatable)
@@ -321,7 +321,11 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                     let (label, conn) = database(&config, &arg)?;
                     let tables = if args.tables.is_empty() {
                         let mut pats: Vec<TablePattern> = Vec::new();
-                        for p in config.pipelines.values().filter(|p| p.source == arg) {
+                        for p in config
+                            .pipelines
+                            .values()
+                            .filter(|p| p.source == arg || p.targets.contains(&arg))
+                        {
                             for t in &p.tables {
                                 if !pats.contains(t) {
                                     pats.push(t.clone());
@@ -329,7 +333,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                             }
                         }
                         if pats.is_empty() {
-                            return Err(anyhow!("no pipeline reads from database {arg}; name the tables with --tables"));
+                            return Err(anyhow!("no pipeline reads from or writes to database {arg}; name the tables with --tables"));
                         }
                         pats
                     } else {
