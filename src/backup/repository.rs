@@ -283,44 +283,13 @@ impl Repository {
 
     /// Writes a new object; `Exists` if something is already there.
     pub async fn put_create(&self, rel: &str, bytes: Vec<u8>) -> Result<(), BackupError> {
-        let path = self.path(rel);
-        let opts = PutOptions::from(PutMode::Create);
-        match self
-            .location
-            .store
-            .put_opts(&path, PutPayload::from(bytes.clone()), opts)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Err(BackupError::Exists {
-                repo: format!("{}/{rel}", self.name),
-            }),
-            Err(object_store::Error::NotImplemented { .. }) => {
-                if self.exists(rel).await? {
-                    return Err(BackupError::Exists {
-                        repo: format!("{}/{rel}", self.name),
-                    });
-                }
-                self.location
-                    .store
-                    .put(&path, PutPayload::from(bytes))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| self.store_err(e))
-            }
-            Err(e) => Err(self.store_err(e)),
-        }
-    }
-
-    /// Writes or replaces a mutable object (locks only).
-    pub async fn put_overwrite(&self, rel: &str, bytes: Vec<u8>) -> Result<(), BackupError> {
-        self.location
-            .store
-            .put(&self.path(rel), PutPayload::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|e| self.store_err(e))
+        put_create_at(
+            &self.location.store,
+            &self.path(rel),
+            bytes,
+            &format!("{}/{rel}", self.name),
+        )
+        .await
     }
 
     /// An object's bytes; a missing object is `Corrupt` ("does not exist").
@@ -564,4 +533,41 @@ fn parse_recipient(r: &str, label: &str) -> Result<Reader, BackupError> {
             repo: label.to_string(),
             message: format!("`{r}` is not an age X25519 recipient: {e}"),
         })
+}
+
+/// Writes a new object at `path` (`label` names it in errors); `Exists` if something is there.
+/// Stores without conditional create get a check for existence first: racy, but only ever
+/// between writers of the same content-addressed bytes, or of `config` during `repo init`.
+pub async fn put_create_at(
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+    path: &Path,
+    bytes: Vec<u8>,
+    label: &str,
+) -> Result<(), BackupError> {
+    let store_err = |e: object_store::Error| BackupError::Store {
+        repo: label.to_string(),
+        message: e.to_string().replace('\n', " "),
+    };
+    let exists = || BackupError::Exists {
+        repo: label.to_string(),
+    };
+    let payload = PutPayload::from(bytes);
+    match store
+        .put_opts(path, payload.clone(), PutOptions::from(PutMode::Create))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. })
+        | Err(object_store::Error::Precondition { .. }) => Err(exists()),
+        Err(object_store::Error::NotImplemented { .. }) => match store.head(path).await {
+            Ok(_) => Err(exists()),
+            Err(object_store::Error::NotFound { .. }) => store
+                .put(path, payload)
+                .await
+                .map(|_| ())
+                .map_err(store_err),
+            Err(e) => Err(store_err(e)),
+        },
+        Err(e) => Err(store_err(e)),
+    }
 }

@@ -26,7 +26,7 @@ use super::dump;
 use super::index::{self, IndexFile, KIND_INDEX, PACKS_PER_INDEX};
 use super::lock::{self, Lock, LockKind};
 use super::pack::{pack_path, PackBuilder, PackEntry, TARGET_PACK_SIZE};
-use super::repository::Repository;
+use super::repository::{put_create_at, Repository};
 use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
 use super::{failpoint, BackupError};
@@ -156,7 +156,8 @@ async fn run(
         let mut out = Vec::new();
         for (abs, mut entry) in entries {
             if entry.kind == EntryKind::File {
-                entry.chunks = w.add_file(&abs, progress).await?;
+                // The size read, not the size listed: the file may change while it is read.
+                (entry.chunks, entry.size) = w.add_file(&abs, progress).await?;
                 files += 1;
             }
             out.push(entry);
@@ -252,12 +253,13 @@ impl<'a> Writer<'a> {
         &mut self,
         path: &std::path::Path,
         progress: &dyn Progress,
-    ) -> Result<Vec<BlobId>, BackupError> {
+    ) -> Result<(Vec<BlobId>, u64), BackupError> {
         let mut f = tokio::fs::File::open(path)
             .await
             .map_err(|e| BackupError::io(path.display(), e))?;
         let mut chunker = Chunker::new();
         let mut ids = Vec::new();
+        let mut size = 0u64;
         let mut buf = vec![0u8; 1 << 20];
         let label = path.display().to_string();
         loop {
@@ -269,6 +271,7 @@ impl<'a> Writer<'a> {
                 break;
             }
             self.stats.bytes_read += n as u64;
+            size += n as u64;
             progress.read(&label, n as u64);
             for c in chunker.push(&buf[..n]) {
                 ids.push(self.add(c).await?);
@@ -277,7 +280,7 @@ impl<'a> Writer<'a> {
         for c in chunker.finish() {
             ids.push(self.add(c).await?);
         }
-        Ok(ids)
+        Ok((ids, size))
     }
 
     async fn flush_pack(&mut self) -> Result<(), BackupError> {
@@ -296,18 +299,10 @@ impl<'a> Writer<'a> {
         let full = self.repo.path(&path);
         let name = self.repo.name.clone();
         self.uploads.spawn(async move {
-            let opts = object_store::PutOptions::from(object_store::PutMode::Create);
-            match store.put_opts(&full, bytes.into(), opts).await {
+            match put_create_at(&store, &full, bytes, &format!("{name}/{path}")).await {
                 // Same content, same name: the pack is there already.
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-                Err(object_store::Error::NotImplemented { .. }) => Err(BackupError::Store {
-                    repo: name,
-                    message: "the store does not support create-only writes".into(),
-                }),
-                Err(e) => Err(BackupError::Store {
-                    repo: name,
-                    message: e.to_string().replace('\n', " "),
-                }),
+                Ok(()) | Err(BackupError::Exists { .. }) => Ok(()),
+                Err(e) => Err(e),
             }
         });
         self.unindexed.push(entry);
