@@ -17,6 +17,12 @@
 //! in the pack, and the single body of other objects (or a pack's trailer) uses the all-ones
 //! nonce, which no offset can take. The associated data binds a blob to its id and an object
 //! body to its kind, so blobs cannot be swapped or objects passed off as another kind.
+//!
+//! Trust: a write-only host takes the repository recipient from the plaintext `config`.
+//! Someone who can write to the store could replace it with their own and read backups made
+//! afterwards by write-only hosts (hosts holding the master key check that the recipient
+//! matches it). Pinning the repository recipient in the host's configuration would close this;
+//! version 1 does not.
 
 use std::fmt;
 use std::str::FromStr;

@@ -14,6 +14,7 @@
 //! expression), primary key, unique / check / exclusion constraints, other indexes, and the
 //! state of the sequences its columns own. Not saved: foreign keys (restore loads tables in
 //! any order), triggers, policies, grants, user-defined types (they must exist on the target).
+//! A partitioned table is saved through its parent and restored as one plain table.
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;

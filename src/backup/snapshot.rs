@@ -1,5 +1,10 @@
 //! Snapshot manifests: what one backup holds. A manifest is the last object a backup writes,
 //! so a listed snapshot always refers to stored data; a backup that stops early leaves none.
+//!
+//! Size: each table and file lists its chunk ids inline (about 70 bytes of JSON per chunk
+//! before compression, so some 0.3 MB per GB of table data at the 256 KiB average chunk).
+//! Very large databases (many TB) would want these lists stored as blobs themselves, as
+//! restic's tree blobs are; format version 1 does not do that.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
