@@ -193,8 +193,10 @@ impl TableSchema {
     }
 
     pub fn copy_in_sql(&self) -> String {
+        // FREEZE: restore creates the table in the same transaction, so rows can be written
+        // frozen and need no later vacuum pass to set hint bits.
         format!(
-            "COPY {} ({}) FROM STDIN",
+            "COPY {} ({}) FROM STDIN WITH (FREEZE)",
             self.name.quoted(),
             self.copied_columns()
         )

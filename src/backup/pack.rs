@@ -41,7 +41,7 @@ pub struct PackEntry {
 
 /// Object path of pack `id`: `data/ab/abcd...`.
 pub fn pack_path(id: &str) -> String {
-    format!("data/{}/{id}", &id[..2.min(id.len())])
+    format!("data/{}/{id}", id.get(..2).unwrap_or(id))
 }
 
 /// Builds one pack in memory.

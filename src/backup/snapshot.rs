@@ -72,6 +72,11 @@ impl Snapshot {
     }
 }
 
+/// The first 8 characters of a snapshot id, as people see it.
+pub fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
 /// Writes a manifest; returns the snapshot id.
 pub async fn save(repo: &Repository, snap: &Snapshot) -> Result<String, BackupError> {
     repo.write_object(KIND_SNAPSHOT, "snapshots", snap).await

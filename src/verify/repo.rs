@@ -384,5 +384,5 @@ pub async fn check_repo(
 }
 
 fn short(id: &str) -> &str {
-    &id[..8.min(id.len())]
+    id.get(..8).unwrap_or(id)
 }

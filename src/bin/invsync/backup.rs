@@ -364,7 +364,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             } else {
                 println!(
                     "snapshot {} saved: {} table(s), {} row(s), {} file(s); {} read, {} new, {} stored, in {:.1}s",
-                    &s.snapshot[..8],
+                    snapshot::short(&s.snapshot),
                     s.tables,
                     s.rows,
                     s.files,
@@ -400,7 +400,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 for (id, s) in &snaps {
                     println!(
                         "{}  {}  {}  tags [{}]  lsn {}  {} read, {} stored",
-                        &id[..8],
+                        snapshot::short(id),
                         s.time.format("%Y-%m-%d %H:%M:%S"),
                         s.source.as_deref().unwrap_or("-"),
                         s.tags.join(","),
@@ -447,7 +447,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                     println!(
                         "restored {} table(s) from snapshot {}",
                         done.len(),
-                        &id[..8]
+                        snapshot::short(&id)
                     );
                 }
             } else if let Some(dir) = &args.to_dir {
@@ -462,7 +462,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                         s.symlinks,
                         human_bytes(s.bytes),
                         dir.display(),
-                        &id[..8]
+                        snapshot::short(&id)
                     );
                 }
             }
@@ -495,7 +495,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                     };
                     println!(
                         "{}  {}  {verb}",
-                        &d.id[..8],
+                        snapshot::short(&d.id),
                         d.time.format("%Y-%m-%d %H:%M:%S")
                     );
                 }
