@@ -298,6 +298,29 @@ fn interrupted_backups_leave_a_valid_repository_that_prune_cleans() {
     // A prune killed between writing the compacted index and deleting packs: still valid.
     // (The newest snapshot holds only the config tree, so all table data becomes garbage.)
     ok(&cfg, &["backup", "--config-dir", f.tree.to_str().unwrap()]);
+    let dry: serde_json::Value = serde_json::from_str(&ok(
+        &cfg,
+        &["forget", "--keep-last", "1", "--dry-run", "--json"],
+    ))
+    .unwrap();
+    let would: Vec<bool> = dry["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["keep"].as_bool().unwrap())
+        .collect();
+    assert_eq!(
+        would,
+        vec![true, false, false],
+        "newest kept, the rest would go"
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&cfg, &["snapshots", "--json"])).unwrap();
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        3,
+        "a dry run forgets nothing"
+    );
     ok(&cfg, &["forget", "--keep-last", "1"]);
     let (code, _, _) = run_env(
         &cfg,

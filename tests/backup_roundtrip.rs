@@ -325,6 +325,21 @@ fn keys_wrong_key_passphrase_and_write_only_hosts() {
     assert_ne!(code, 0);
     assert!(err.contains("only one"), "{err}");
 
+    // Without --tables, the tables of the pipelines of --db.
+    let mut with_pipeline = std::fs::read_to_string(&other_cfg).unwrap();
+    with_pipeline.push_str(&format!(
+        "\n[databases.dst]\nurl = \"{}\"\n[pipelines.p]\nsource = \"src\"\ntargets = [\"dst\"]\ntables = [\"public.tags\"]\n",
+        pg.url("r1")
+    ));
+    let pipe_cfg = dir.path().join("pipe.toml");
+    std::fs::write(&pipe_cfg, with_pipeline).unwrap();
+    ok(&pipe_cfg, &["backup", "--db", "src"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&pipe_cfg, &["snapshots", "--json"])).unwrap();
+    let last = listed.as_array().unwrap().last().unwrap();
+    assert_eq!(last["tables"].as_array().unwrap().len(), 1);
+    assert_eq!(last["tables"][0]["table"], "public.tags");
+
     // Passphrase repositories: the right one works, a wrong one is a clear error.
     let pass_url = format!("file://{}", dir.path().join("prepo").display());
     let good = write_config(
