@@ -181,4 +181,25 @@ mod tests {
         let sealed = &bad[e.offset as usize..(e.offset + e.length as u64) as usize];
         assert!(open_blob(&key, e, sealed, Some(&id_key)).is_err());
     }
+
+    #[test]
+    fn damaged_packs_are_errors_never_panics() {
+        let master = MasterKey::generate();
+        let keys = Keyring {
+            recipient: master.identity.to_public(),
+            master: Some(master),
+        };
+        let mut b = PackBuilder::new(&keys).unwrap();
+        b.add(BlobId([1; 32]), b"some data").unwrap();
+        let (bytes, _) = b.finish().unwrap();
+        // Every truncation, and a flipped byte at every position.
+        for n in 0..bytes.len() {
+            assert!(read_trailer(&keys, &bytes[..n]).is_err(), "truncated to {n}");
+        }
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x80;
+            let _ = read_trailer(&keys, &bad);
+        }
+    }
 }
