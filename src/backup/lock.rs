@@ -18,8 +18,13 @@
 //!
 //! Backups started after a prune took its lock wait, so a prune never races a backup it did
 //! not see.
+//!
+//! A backup whose lock could not be refreshed for half of [`STALE_AFTER`] (store unreachable,
+//! process suspended) may have been taken for dead: it then writes neither index nor snapshot
+//! ([`Lock::held`]), so it can never publish a snapshot whose packs a prune deleted.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -70,6 +75,8 @@ pub struct OtherLock {
 pub struct Lock {
     name: String,
     refresher: Option<JoinHandle<()>>,
+    /// (time of the last successful refresh, longest time between two of them).
+    longest_gap: Arc<Mutex<(Instant, Duration)>>,
     /// Live locks of other jobs seen when this one was taken.
     pub others: Vec<OtherLock>,
 }
@@ -115,26 +122,35 @@ impl Lock {
             },
         )?;
         repo.put_create(&name, body.clone()).await?;
+        let longest_gap = Arc::new(Mutex::new((Instant::now(), Duration::ZERO)));
         let refresher = {
             let store = repo.location.store.clone();
             let path = repo.path(&name);
+            let gap = longest_gap.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(REFRESH).await;
                     // A failed refresh is retried at the next tick; the lock only goes stale
-                    // after several misses.
-                    let _ = object_store::ObjectStoreExt::put(
+                    // after several misses, and `held` reports long gaps to the holder.
+                    let put = object_store::ObjectStoreExt::put(
                         store.as_ref(),
                         &path,
                         body.clone().into(),
                     )
                     .await;
+                    if put.is_ok() {
+                        if let Ok(mut g) = gap.lock() {
+                            g.1 = g.1.max(g.0.elapsed());
+                            g.0 = Instant::now();
+                        }
+                    }
                 }
             })
         };
         let mut lock = Lock {
             name,
             refresher: Some(refresher),
+            longest_gap,
             others: Vec::new(),
         };
         loop {
@@ -172,6 +188,17 @@ impl Lock {
                     return Ok(lock);
                 }
             }
+        }
+    }
+
+    /// Whether the lock has been kept fresh all along. A lock left unrefreshed for
+    /// [`STALE_AFTER`] may have been judged dead by a prune, which may then have deleted this
+    /// job's unindexed packs; a backup checks this before writing its index and snapshot, with
+    /// half that time as the limit so the check stays well ahead of any prune's judgement.
+    pub fn held(&self) -> bool {
+        match self.longest_gap.lock() {
+            Ok(g) => g.1.max(g.0.elapsed()) < STALE_AFTER / 2,
+            Err(_) => false,
         }
     }
 

@@ -194,7 +194,10 @@ mod tests {
         let (bytes, _) = b.finish().unwrap();
         // Every truncation, and a flipped byte at every position.
         for n in 0..bytes.len() {
-            assert!(read_trailer(&keys, &bytes[..n]).is_err(), "truncated to {n}");
+            assert!(
+                read_trailer(&keys, &bytes[..n]).is_err(),
+                "truncated to {n}"
+            );
         }
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();

@@ -119,8 +119,16 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
     if rewrite {
         // Group surviving packs by id key (write-only sessions have their own).
         let mut groups: HashMap<Option<String>, Vec<PackEntry>> = HashMap::new();
+        let stored_ids: HashSet<&str> = stored
+            .iter()
+            .map(|(rel, _)| rel.rsplit('/').next().unwrap_or(rel))
+            .collect();
         for (id, (p, key)) in indexed {
-            if !doomed.contains(id.as_str()) {
+            // An entry for a pack that is gone stays only while a snapshot needs it, so that
+            // verify keeps reporting the damage.
+            let gone_unused = !stored_ids.contains(id.as_str())
+                && !p.blobs.iter().any(|b| referenced.contains(&b.id));
+            if !doomed.contains(id.as_str()) && !gone_unused {
                 groups.entry(key).or_default().push(p);
             }
         }

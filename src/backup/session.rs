@@ -93,7 +93,7 @@ pub async fn backup(
         db = Some((client, tables));
     }
     let lock = Lock::acquire(repo, LockKind::Backup).await?;
-    let result = run(repo, opts, db.as_ref(), progress).await;
+    let result = run(repo, opts, db.as_ref(), progress, &lock).await;
     lock.release(repo).await;
     result
 }
@@ -103,9 +103,10 @@ async fn run(
     opts: &BackupOptions,
     db: Option<&(tokio_postgres::Client, Vec<TableName>)>,
     progress: &dyn Progress,
+    lock: &Lock,
 ) -> Result<BackupSummary, BackupError> {
     let started = Instant::now();
-    let mut w = Writer::new(repo).await?;
+    let mut w = Writer::new(repo, lock).await?;
     let mut tables = Vec::new();
     let mut lsn = None;
     let mut source = None;
@@ -166,6 +167,7 @@ async fn run(
     }
     w.finish().await?;
     failpoint("backup-before-snapshot");
+    check_held(repo, lock)?;
     let mut stats = w.stats.clone();
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let rows = tables.iter().map(|t| t.rows).sum();
@@ -195,6 +197,7 @@ async fn run(
 /// Stores blobs into packs, uploads packs, writes index objects.
 struct Writer<'a> {
     repo: &'a Repository,
+    lock: &'a Lock,
     session: String,
     id_key: IdKey,
     own_id_key: bool,
@@ -206,13 +209,14 @@ struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    async fn new(repo: &'a Repository) -> Result<Writer<'a>, BackupError> {
+    async fn new(repo: &'a Repository, lock: &'a Lock) -> Result<Writer<'a>, BackupError> {
         let (id_key, own_id_key, known) = match &repo.keys.master {
             Some(m) => (m.id_key.clone(), false, index::known_blobs(repo).await?),
             None => (IdKey::random(), true, HashSet::new()),
         };
         Ok(Writer {
             repo,
+            lock,
             session: uuid::Uuid::new_v4().simple().to_string(),
             id_key,
             own_id_key,
@@ -327,6 +331,7 @@ impl<'a> Writer<'a> {
         if self.unindexed.is_empty() {
             return Ok(());
         }
+        check_held(self.repo, self.lock)?;
         let file = IndexFile {
             version: 1,
             session: Some(self.session.clone()),
@@ -346,5 +351,18 @@ impl<'a> Writer<'a> {
         }
         failpoint("backup-before-index");
         self.write_index().await
+    }
+}
+
+/// Refuses to write the index or snapshot when the lock went unrefreshed for long: a prune may
+/// have taken this backup for dead and deleted its unindexed packs.
+fn check_held(repo: &Repository, lock: &Lock) -> Result<(), BackupError> {
+    if lock.held() {
+        Ok(())
+    } else {
+        Err(BackupError::Locked {
+            repo: repo.name.clone(),
+            message: "this backup could not refresh its lock for a long time (store unreachable, or the process was suspended), so a prune may have removed its data; no snapshot was written; run the backup again".into(),
+        })
     }
 }
