@@ -6,4 +6,5 @@ pub mod backup;
 pub mod check;
 pub mod config;
 pub mod pg;
+pub mod verify;
 pub mod workload;

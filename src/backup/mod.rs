@@ -1,11 +1,84 @@
 //! Backups: encrypted, compressed, deduplicated snapshots of table data and configuration
 //! trees in object storage.
+//!
+//! The repository format is described in [`repository`]. A backup ([`session`]) cuts table
+//! data ([`dump`]) and configuration trees ([`tree`]) into content-defined chunks
+//! ([`chunker`]), stores each new chunk once as an encrypted blob inside a pack ([`pack`]),
+//! records where blobs live in index objects ([`index`]) and writes the snapshot manifest
+//! ([`snapshot`]) last, so a snapshot is visible only once everything it references exists.
+//! [`restore`] reads them back; [`retention`] forgets snapshots and [`prune`] removes data no
+//! snapshot references, coordinating with running backups through [`lock`].
 
+pub mod chunker;
+pub mod crypto;
+pub mod dump;
+pub mod index;
+pub mod lock;
+pub mod pack;
+pub mod prune;
+pub mod repository;
+pub mod restore;
+pub mod retention;
+pub mod session;
+pub mod snapshot;
 pub mod store;
+pub mod tree;
 
-/// Everything that can go wrong in the backup area.
+use crate::pg::PgError;
+
+/// Everything that can go wrong in the backup area. Each message names the object or
+/// repository and says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error("repository {repo}: {message}")]
     Store { repo: String, message: String },
+    #[error("repository {repo} already exists; choose another URL or use the existing one")]
+    Exists { repo: String },
+    #[error("repository {repo} is not initialised (no `config` object); run `invsync repo init`")]
+    NotInitialised { repo: String },
+    #[error("repository {repo}: {message}")]
+    Key { repo: String, message: String },
+    #[error("repository {repo}: {action} needs to read the repository, but this host is configured as write-only (recipients only); set identity_file or passphrase")]
+    WriteOnly { repo: String, action: String },
+    #[error("object {object} is damaged: {reason}; run `invsync verify repo`")]
+    Corrupt { object: String, reason: String },
+    #[error(transparent)]
+    Db(#[from] PgError),
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("repository {repo}: {message}")]
+    Locked { repo: String, message: String },
+    #[error("cannot restore: {0}")]
+    Restore(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl BackupError {
+    pub(crate) fn io(path: impl std::fmt::Display, e: std::io::Error) -> Self {
+        BackupError::Io {
+            path: path.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// True when trying again later may help (a store or database that was unreachable, a
+    /// lock held by a running job); false for damage and misconfiguration.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackupError::Store { .. } | BackupError::Locked { .. } => true,
+            BackupError::Db(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// Crash-test hook: when the environment variable `INVSYNC_FAILPOINT` equals `name`, the
+/// process aborts here, as a power cut or `kill -9` would. Tests use it to prove that an
+/// interrupted backup or prune leaves a valid repository; it costs one env lookup per call.
+pub(crate) fn failpoint(name: &str) {
+    if std::env::var_os("INVSYNC_FAILPOINT").is_some_and(|v| v == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
 }

@@ -9,6 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use invsync::config::{self, Config};
 
+#[path = "invsync/backup.rs"]
+mod backup;
+
 #[derive(Parser)]
 #[command(
     name = "invsync",
@@ -25,7 +28,12 @@ struct Cli {
     config: Option<PathBuf>,
 
     /// Log filter, e.g. `info`, `debug`, `invsync=debug` (also from RUST_LOG)
-    #[arg(long, global = true, value_name = "FILTER", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILTER",
+        default_value = "info,object_store=warn"
+    )]
     log: String,
 
     /// Write log lines as JSON (for log collectors)
@@ -47,6 +55,11 @@ enum Command {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    #[command(flatten)]
+    Backup(backup::BackupCommand),
+    /// Verify copies and repositories
+    #[command(subcommand)]
+    Verify(backup::VerifyCommand),
 }
 
 #[derive(Subcommand)]
@@ -124,6 +137,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 path.display()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup(command) => backup::run(command, cli.config.as_deref()).await,
+        Command::Verify(backup::VerifyCommand::Repo(args)) => {
+            backup::verify_repo(args, cli.config.as_deref()).await
         }
         Command::Config(ConfigCommand::Check(flags)) => {
             let config = load_config(cli.config.as_deref())?;

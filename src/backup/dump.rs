@@ -1,0 +1,286 @@
+//! Table dumps: a consistent cut of several tables, and the schema needed to recreate them.
+//!
+//! All tables of a backup are read in one `REPEATABLE READ READ ONLY` transaction, so they
+//! show the database at one instant. Each table is read with `COPY (SELECT cols FROM t ORDER
+//! BY pk) TO STDOUT` (text format, portable across server versions); ordering by the primary
+//! key makes unchanged key ranges produce the same bytes, hence the same chunks, every day.
+//!
+//! The recorded LSN is read by the transaction's first statement, which also takes its
+//! snapshot: every transaction visible in the cut committed at or before that LSN. (A commit
+//! racing that statement may sit just below the LSN without being visible; replaying the WAL
+//! archive from this LSN must therefore be idempotent, as sync's apply is.)
+//!
+//! The schema saved per table: columns (type, NOT NULL, default, identity, generation
+//! expression), primary key, unique / check / exclusion constraints, other indexes, and the
+//! state of the sequences its columns own. Not saved: foreign keys (restore loads tables in
+//! any order), triggers, policies, grants, user-defined types (they must exist on the target).
+//! A partitioned table is saved through its parent and restored as one plain table.
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::BackupError;
+use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableName};
+
+/// What restore needs to recreate one table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TableSchema {
+    pub name: TableName,
+    pub columns: Vec<ColumnDef>,
+    pub primary_key: Vec<String>,
+    /// `(name, definition)` as `pg_get_constraintdef` writes it (primary key first).
+    pub constraints: Vec<(String, String)>,
+    /// `CREATE INDEX` statements of indexes that back no constraint.
+    pub indexes: Vec<String>,
+    pub sequences: Vec<SequenceState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ColumnDef {
+    pub name: String,
+    pub type_name: String,
+    pub not_null: bool,
+    pub default: Option<String>,
+    /// `a` (ALWAYS) or `d` (BY DEFAULT) for identity columns.
+    pub identity: Option<String>,
+    /// Expression of a `GENERATED ALWAYS AS (...) STORED` column (not dumped, recomputed).
+    pub generated: Option<String>,
+}
+
+/// A sequence owned by a column (serial or identity) and its position at the cut.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SequenceState {
+    pub column: String,
+    /// Qualified and quoted, as `pg_get_serial_sequence` returns it.
+    pub name: String,
+    pub last_value: i64,
+    pub is_called: bool,
+}
+
+/// Starts the cut on `client`; returns its LSN. End it with `COMMIT`.
+pub async fn begin_cut(client: &Client, conn: &ConnInfo) -> Result<Lsn, BackupError> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| PgError::query("starting the backup transaction", conn, e))?;
+    let row = client
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the WAL position of the cut", conn, e))?;
+    let text: String = row.get(0);
+    text.parse().map_err(|e: String| BackupError::Invalid(e))
+}
+
+/// Reads `table`'s schema inside the cut.
+pub async fn load_schema(
+    client: &Client,
+    conn: &ConnInfo,
+    table: &TableName,
+) -> Result<TableSchema, BackupError> {
+    let q = |what: &str, e| BackupError::Db(PgError::query(format!("{what} of {table}"), conn, e));
+    let rel = table.quoted();
+    let cols = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+               CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END, \
+               NULLIF(a.attidentity::text, ''), \
+               CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END, \
+               pg_get_serial_sequence($1::text, a.attname) \
+             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&rel],
+        )
+        .await
+        .map_err(|e| q("reading the columns", e))?;
+    let mut columns = Vec::new();
+    let mut sequences = Vec::new();
+    for r in &cols {
+        let name: String = r.get(0);
+        if let Some(seq) = r.get::<_, Option<String>>(6) {
+            let row = client
+                .query_one(&format!("SELECT last_value, is_called FROM {seq}"), &[])
+                .await
+                .map_err(|e| q("reading a sequence", e))?;
+            sequences.push(SequenceState {
+                column: name.clone(),
+                name: seq,
+                last_value: row.get(0),
+                is_called: row.get(1),
+            });
+        }
+        columns.push(ColumnDef {
+            name,
+            type_name: r.get(1),
+            not_null: r.get(2),
+            default: r.get(3),
+            identity: r.get(4),
+            generated: r.get(5),
+        });
+    }
+    let cons = client
+        .query(
+            "SELECT conname::text, pg_get_constraintdef(oid), contype::text FROM pg_constraint \
+             WHERE conrelid = $1::text::regclass AND contype IN ('p', 'u', 'c', 'x') \
+             ORDER BY contype <> 'p', conname",
+            &[&rel],
+        )
+        .await
+        .map_err(|e| q("reading the constraints", e))?;
+    let constraints = cons.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let pk = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.ord",
+            &[&rel],
+        )
+        .await
+        .map_err(|e| q("reading the primary key", e))?;
+    let idx = client
+        .query(
+            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = $1::text::regclass \
+             AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid AND c.conrelid = i.indrelid) \
+             ORDER BY 1",
+            &[&rel],
+        )
+        .await
+        .map_err(|e| q("reading the indexes", e))?;
+    Ok(TableSchema {
+        name: table.clone(),
+        columns,
+        primary_key: pk.iter().map(|r| r.get(0)).collect(),
+        constraints,
+        indexes: idx.iter().map(|r| r.get(0)).collect(),
+        sequences,
+    })
+}
+
+impl TableSchema {
+    /// The columns COPY carries: all but generated ones.
+    fn copied_columns(&self) -> String {
+        self.columns
+            .iter()
+            .filter(|c| c.generated.is_none())
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `COPY (SELECT ... ORDER BY pk) TO STDOUT`.
+    pub fn copy_out_sql(&self) -> String {
+        let order = if self.primary_key.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ORDER BY {}",
+                self.primary_key
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        format!(
+            "COPY (SELECT {} FROM {}{order}) TO STDOUT",
+            self.copied_columns(),
+            self.name.quoted()
+        )
+    }
+
+    pub fn copy_in_sql(&self) -> String {
+        // FREEZE: restore creates the table in the same transaction, so rows can be written
+        // frozen and need no later vacuum pass to set hint bits.
+        format!(
+            "COPY {} ({}) FROM STDIN WITH (FREEZE)",
+            self.name.quoted(),
+            self.copied_columns()
+        )
+    }
+
+    /// Statements run before loading the data: schema, owned sequences of serial columns,
+    /// the table without constraints (loading first and indexing after is faster).
+    pub fn create_statements(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(&self.name.schema)
+        )];
+        for s in &self.sequences {
+            let identity = self
+                .columns
+                .iter()
+                .any(|c| c.name == s.column && c.identity.is_some());
+            if !identity {
+                out.push(format!("CREATE SEQUENCE IF NOT EXISTS {}", s.name));
+            }
+        }
+        let cols: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| {
+                let mut d = format!("{} {}", quote_ident(&c.name), c.type_name);
+                if let Some(g) = &c.generated {
+                    d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
+                }
+                match c.identity.as_deref() {
+                    Some("a") => d.push_str(" GENERATED ALWAYS AS IDENTITY"),
+                    Some("d") => d.push_str(" GENERATED BY DEFAULT AS IDENTITY"),
+                    _ => {}
+                }
+                if let Some(def) = &c.default {
+                    d.push_str(&format!(" DEFAULT {def}"));
+                }
+                if c.not_null {
+                    d.push_str(" NOT NULL");
+                }
+                d
+            })
+            .collect();
+        out.push(format!(
+            "CREATE TABLE {} ({})",
+            self.name.quoted(),
+            cols.join(", ")
+        ));
+        out
+    }
+
+    /// Statements run after loading: constraints, indexes, sequence positions.
+    pub fn finish_statements(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, def) in &self.constraints {
+            out.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {def}",
+                self.name.quoted(),
+                quote_ident(name)
+            ));
+        }
+        out.extend(self.indexes.iter().cloned());
+        for s in &self.sequences {
+            let identity = self
+                .columns
+                .iter()
+                .any(|c| c.name == s.column && c.identity.is_some());
+            if !identity {
+                out.push(format!(
+                    "ALTER SEQUENCE {} OWNED BY {}.{}",
+                    s.name,
+                    self.name.quoted(),
+                    quote_ident(&s.column)
+                ));
+            }
+            // Looked up again: an identity column's new sequence may be named differently.
+            out.push(format!(
+                "SELECT setval(pg_get_serial_sequence({}, {}), {}, {})",
+                crate::pg::quote_literal(&self.name.quoted()),
+                crate::pg::quote_literal(&s.column),
+                s.last_value,
+                s.is_called
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,549 @@
+//! Restore: tables back into a database, configuration trees into a directory.
+//!
+//! Both first resolve every blob they will need and refuse to start if any is missing from
+//! the index or its pack is gone, naming the tables and files that cannot be restored. A
+//! database restore then runs in one transaction: either every selected table is there,
+//! complete, or (on a corrupt blob found while streaming) none is. A directory restore
+//! writes each file under a temporary name and renames it into place once complete, so a
+//! failure leaves no file that looks whole but is not; the command then fails naming it.
+//!
+//! A directory restore never writes outside its target: entry paths must be plain names,
+//! symlinks must resolve inside the target, and no existing symlink is followed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
+
+use super::crypto::BlobId;
+use super::index::{Location, Locator, PackRef};
+use super::pack::{self, pack_path};
+use super::repository::Repository;
+use super::snapshot::Snapshot;
+use super::tree::{self, EntryKind};
+use super::BackupError;
+use crate::config::TablePattern;
+use crate::pg::{ConnInfo, PgError};
+
+/// Largest single read from a pack: neighbouring blobs are fetched together up to this.
+const MAX_READ: u64 = 8 * 1024 * 1024;
+/// Reads in flight at once.
+const PARALLEL_READS: usize = 4;
+
+/// Locates `wanted` and checks their packs exist. Returns the locator, or the blobs that
+/// cannot be read with the reason.
+async fn locate(
+    repo: &Repository,
+    wanted: &HashSet<BlobId>,
+) -> Result<(Locator, BTreeMap<BlobId, String>), BackupError> {
+    let loc = Locator::load(repo, Some(wanted)).await?;
+    let mut bad = BTreeMap::new();
+    let reason_missing = if loc.unreadable.is_empty() {
+        "not in any index".to_string()
+    } else {
+        format!(
+            "not in any readable index ({} damaged)",
+            loc.unreadable
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let mut packs: BTreeMap<String, Vec<BlobId>> = BTreeMap::new();
+    for id in wanted {
+        match loc.blobs.get(id) {
+            None => {
+                bad.insert(*id, reason_missing.clone());
+            }
+            Some(l) => packs.entry(l.pack.id.clone()).or_default().push(*id),
+        }
+    }
+    let stored: HashSet<String> = repo
+        .list("data")
+        .await?
+        .into_iter()
+        .filter_map(|(n, _)| n.rsplit('/').next().map(str::to_string))
+        .collect();
+    for (p, ids) in packs {
+        if !stored.contains(&p) {
+            for id in ids {
+                bad.insert(id, format!("pack {} is missing", pack_path(&p)));
+            }
+        }
+    }
+    Ok((loc, bad))
+}
+
+/// Streams the plaintext of `ids`, in order, reading neighbouring blobs of a pack together.
+fn blob_stream<'a>(
+    repo: &'a Repository,
+    loc: &'a Locator,
+    ids: &'a [BlobId],
+) -> impl Stream<Item = Result<Vec<u8>, BackupError>> + 'a {
+    let mut groups: Vec<Vec<&'a Location>> = Vec::new();
+    for id in ids {
+        let Some(l) = loc.blobs.get(id) else {
+            // `locate` ran first; a vanished entry is reported by the read below.
+            groups.push(Vec::new());
+            continue;
+        };
+        let extend = groups
+            .last()
+            .and_then(|g| g.last())
+            .is_some_and(|last: &&Location| {
+                Arc::ptr_eq(&last.pack, &l.pack)
+                    && last.blob.offset + last.blob.length as u64 == l.blob.offset
+                    && l.blob.offset + l.blob.length as u64
+                        - groups.last().map(|g| g[0].blob.offset).unwrap_or(0)
+                        <= MAX_READ
+            });
+        if extend {
+            if let Some(g) = groups.last_mut() {
+                g.push(l);
+            }
+        } else {
+            groups.push(vec![l]);
+        }
+    }
+    futures::stream::iter(groups)
+        .map(move |g| async move { read_group(repo, &g).await })
+        .buffered(PARALLEL_READS)
+        .map_ok(|blobs| futures::stream::iter(blobs.into_iter().map(Ok)))
+        .try_flatten()
+}
+
+async fn read_group(repo: &Repository, group: &[&Location]) -> Result<Vec<Vec<u8>>, BackupError> {
+    let (Some(first), Some(last)) = (group.first(), group.last()) else {
+        return Err(BackupError::Restore(
+            "a blob vanished from the index during the restore".into(),
+        ));
+    };
+    let pack: &PackRef = &first.pack;
+    let path = pack_path(&pack.id);
+    let start = first.blob.offset;
+    let end = last.blob.offset + last.blob.length as u64;
+    let bytes: Bytes = repo.get_range(&path, start..end).await?;
+    let corrupt = |reason: String| BackupError::Corrupt {
+        object: format!("{}/{path}", repo.name),
+        reason,
+    };
+    if bytes.len() as u64 != end - start {
+        return Err(corrupt("shorter than the index says (truncated)".into()));
+    }
+    let key = repo
+        .keys
+        .unwrap_object_key(&pack.wrapped_key)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let id_key = pack
+        .id_key
+        .as_ref()
+        .or(repo.keys.master.as_ref().map(|m| &m.id_key));
+    group
+        .iter()
+        .map(|l| {
+            let s = (l.blob.offset - start) as usize;
+            let sealed = &bytes[s..s + l.blob.length as usize];
+            pack::open_blob(&key, &l.blob, sealed, id_key)
+                .map_err(|e| corrupt(format!("blob {}: {e}", l.blob.id)))
+        })
+        .collect()
+}
+
+/// What to restore into a database.
+pub struct RestoreDbOptions {
+    /// Only these tables (all with an empty list).
+    pub tables: Vec<TablePattern>,
+    /// Drop and recreate tables that exist and hold rows.
+    pub replace: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoredTable {
+    pub table: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+fn matches(p: &TablePattern, schema: &str, name: &str) -> bool {
+    p.schema == schema && p.table.as_deref().is_none_or(|t| t == name)
+}
+
+/// Restores tables of `snap` into the database at `conn`, all in one transaction.
+pub async fn restore_db(
+    repo: &Repository,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    opts: &RestoreDbOptions,
+) -> Result<Vec<RestoredTable>, BackupError> {
+    repo.master("restore")?;
+    for p in &opts.tables {
+        if !snap
+            .tables
+            .iter()
+            .any(|t| matches(p, &t.schema.name.schema, &t.schema.name.name))
+        {
+            return Err(BackupError::Invalid(format!(
+                "the snapshot holds no table {p}; it has: {}",
+                snap.tables
+                    .iter()
+                    .map(|t| t.schema.name.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let tables: Vec<_> = snap
+        .tables
+        .iter()
+        .filter(|t| {
+            opts.tables.is_empty()
+                || opts
+                    .tables
+                    .iter()
+                    .any(|p| matches(p, &t.schema.name.schema, &t.schema.name.name))
+        })
+        .collect();
+    let wanted: HashSet<BlobId> = tables
+        .iter()
+        .flat_map(|t| t.chunks.iter().copied())
+        .collect();
+    let (loc, bad) = locate(repo, &wanted).await?;
+    if !bad.is_empty() {
+        let mut lines = Vec::new();
+        for t in &tables {
+            if let Some((id, why)) = t.chunks.iter().find_map(|c| bad.get(c).map(|w| (c, w))) {
+                let n = t.chunks.iter().filter(|c| bad.contains_key(c)).count();
+                lines.push(format!(
+                    "table {} ({n} chunk(s) unreadable, e.g. {id}: {why})",
+                    t.schema.name
+                ));
+            }
+        }
+        return Err(BackupError::Restore(format!(
+            "{}; nothing was restored",
+            lines.join("; ")
+        )));
+    }
+    let client = conn.connect().await?;
+    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| q("starting the restore transaction".into(), e))?;
+    let mut refused = Vec::new();
+    for t in &tables {
+        let name = &t.schema.name;
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name.quoted()])
+            .await
+            .map_err(|e| q(format!("checking {name}"), e))?
+            .get(0);
+        if exists {
+            let nonempty: bool = client
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {})", name.quoted()),
+                    &[],
+                )
+                .await
+                .map_err(|e| q(format!("checking {name}"), e))?
+                .get(0);
+            if nonempty && !opts.replace {
+                refused.push(name.to_string());
+                continue;
+            }
+            client
+                .batch_execute(&format!("DROP TABLE {}", name.quoted()))
+                .await
+                .map_err(|e| q(format!("dropping {name} to replace it"), e))?;
+        }
+    }
+    if !refused.is_empty() {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(BackupError::Restore(format!(
+            "table(s) {} exist and are not empty; pass --replace to overwrite them; nothing was restored",
+            refused.join(", ")
+        )));
+    }
+    let mut out = Vec::new();
+    for t in &tables {
+        let name = &t.schema.name;
+        let result: Result<(), BackupError> = async {
+            for s in t.schema.create_statements() {
+                client
+                    .batch_execute(&s)
+                    .await
+                    .map_err(|e| q(format!("creating {name}"), e))?;
+            }
+            let sink = client
+                .copy_in::<_, Bytes>(&t.schema.copy_in_sql())
+                .await
+                .map_err(|e| q(format!("loading {name}"), e))?;
+            futures::pin_mut!(sink);
+            let blobs = blob_stream(repo, &loc, &t.chunks);
+            futures::pin_mut!(blobs);
+            while let Some(b) = blobs.next().await {
+                sink.send(Bytes::from(b?))
+                    .await
+                    .map_err(|e| q(format!("loading {name}"), e))?;
+            }
+            sink.as_mut()
+                .finish()
+                .await
+                .map_err(|e| q(format!("loading {name}"), e))?;
+            for s in t.schema.finish_statements() {
+                client
+                    .batch_execute(&s)
+                    .await
+                    .map_err(|e| q(format!("indexing {name}"), e))?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(BackupError::Restore(format!(
+                "table {name}: {e}; nothing was restored"
+            )));
+        }
+        out.push(RestoredTable {
+            table: name.to_string(),
+            rows: t.rows,
+            bytes: t.bytes,
+        });
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| q("committing the restore".into(), e))?;
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RestoreDirSummary {
+    pub files: usize,
+    pub dirs: usize,
+    pub symlinks: usize,
+    pub bytes: u64,
+}
+
+/// One entry to restore, with its checked destination.
+struct Planned<'a> {
+    rel: PathBuf,
+    entry: &'a tree::TreeEntry,
+}
+
+/// Restores the trees of `snap` below `target` (only entries below one of `paths`, given as
+/// absolute paths on the backed-up host, when not empty).
+pub async fn restore_dir(
+    repo: &Repository,
+    snap: &Snapshot,
+    target: &Path,
+    paths: &[String],
+) -> Result<RestoreDirSummary, BackupError> {
+    repo.master("restore")?;
+    let selected = |full: &str| {
+        paths.is_empty()
+            || paths.iter().any(|p| {
+                let p = p.trim_end_matches('/');
+                full == p
+                    || full.starts_with(&format!("{p}/"))
+                    || p.starts_with(&format!("{full}/"))
+            })
+    };
+    // Check everything before writing anything.
+    let mut plan = Vec::new();
+    let mut hostile = Vec::new();
+    for t in &snap.trees {
+        let Some(root) = tree::root_below(&t.root) else {
+            hostile.push(format!("tree root {:?}", t.root));
+            continue;
+        };
+        for e in &t.entries {
+            let full = if e.path.is_empty() {
+                t.root.clone()
+            } else {
+                format!("{}/{}", t.root.trim_end_matches('/'), e.path)
+            };
+            if !selected(&full) {
+                continue;
+            }
+            match tree::safe_relative(&e.path) {
+                Some(rel) => plan.push(Planned {
+                    rel: root.join(rel),
+                    entry: e,
+                }),
+                None => hostile.push(format!("{:?} in {}", e.path, t.root)),
+            }
+        }
+    }
+    let links: HashSet<PathBuf> = plan
+        .iter()
+        .filter(|p| p.entry.kind == EntryKind::Symlink)
+        .map(|p| p.rel.clone())
+        .collect();
+    for p in &plan {
+        if p.entry.kind == EntryKind::Symlink {
+            let target_text = p.entry.target.as_deref().unwrap_or("");
+            if !tree::link_stays_inside(&p.rel, target_text, &|q: &Path| links.contains(q)) {
+                hostile.push(format!(
+                    "symlink {} -> {target_text:?} points outside the restore directory",
+                    p.rel.display()
+                ));
+            }
+        }
+    }
+    if !hostile.is_empty() {
+        return Err(BackupError::Restore(format!(
+            "the snapshot holds unsafe paths: {}; nothing was restored",
+            hostile.join(", ")
+        )));
+    }
+    if !paths.is_empty() && plan.is_empty() {
+        return Err(BackupError::Invalid(format!(
+            "no saved path matches {}",
+            paths.join(", ")
+        )));
+    }
+    let wanted: HashSet<BlobId> = plan
+        .iter()
+        .flat_map(|p| p.entry.chunks.iter().copied())
+        .collect();
+    let (loc, bad) = locate(repo, &wanted).await?;
+    if !bad.is_empty() {
+        let names: Vec<String> = plan
+            .iter()
+            .filter(|p| p.entry.chunks.iter().any(|c| bad.contains_key(c)))
+            .map(|p| p.rel.display().to_string())
+            .collect();
+        let why = bad.values().next().cloned().unwrap_or_default();
+        return Err(BackupError::Restore(format!(
+            "file(s) {} cannot be read ({why}); nothing was restored",
+            names.join(", ")
+        )));
+    }
+    std::fs::create_dir_all(target).map_err(|e| BackupError::io(target.display(), e))?;
+    let mut sum = RestoreDirSummary::default();
+    let mut failed = Vec::new();
+    // Directories and files first, symlinks last, so no write goes through a restored link.
+    for p in plan.iter().filter(|p| p.entry.kind != EntryKind::Symlink) {
+        let dest = target.join(&p.rel);
+        no_symlink_below(target, &p.rel)?;
+        match p.entry.kind {
+            EntryKind::Dir => {
+                std::fs::create_dir_all(&dest).map_err(|e| BackupError::io(dest.display(), e))?;
+                sum.dirs += 1;
+            }
+            EntryKind::File => match write_file(repo, &loc, p.entry, &dest).await {
+                Ok(n) => {
+                    sum.files += 1;
+                    sum.bytes += n;
+                }
+                Err(e) => failed.push(format!("{}: {e}", p.rel.display())),
+            },
+            EntryKind::Symlink => {}
+        }
+    }
+    for p in plan.iter().filter(|p| p.entry.kind == EntryKind::Symlink) {
+        let dest = target.join(&p.rel);
+        no_symlink_below(target, &p.rel)?;
+        let t = p.entry.target.as_deref().unwrap_or("");
+        std::os::unix::fs::symlink(t, &dest).map_err(|e| BackupError::io(dest.display(), e))?;
+        sum.symlinks += 1;
+    }
+    // Directory modes and times last: writing into a directory changes its mtime.
+    for p in plan.iter().rev().filter(|p| p.entry.kind == EntryKind::Dir) {
+        set_meta(&target.join(&p.rel), p.entry)?;
+    }
+    if !failed.is_empty() {
+        return Err(BackupError::Restore(format!(
+            "{} file(s) could not be restored and were not written: {}",
+            failed.len(),
+            failed.join("; ")
+        )));
+    }
+    Ok(sum)
+}
+
+/// Refuses to write below an existing symlink (one placed in the target by someone else).
+fn no_symlink_below(target: &Path, rel: &Path) -> Result<(), BackupError> {
+    let mut at = target.to_path_buf();
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    for c in parent.components() {
+        at.push(c);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(BackupError::Restore(format!(
+                "{} is a symlink; refusing to write through it",
+                at.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn write_file(
+    repo: &Repository,
+    loc: &Locator,
+    entry: &tree::TreeEntry,
+    dest: &Path,
+) -> Result<u64, BackupError> {
+    use std::io::Write;
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return Err(BackupError::Restore(format!(
+            "{} exists; restore into an empty directory",
+            dest.display()
+        )));
+    }
+    let tmp = dest.with_file_name(format!(
+        ".{}.invsync-partial",
+        dest.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let result: Result<u64, BackupError> = async {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| BackupError::io(tmp.display(), e))?;
+        let mut n = 0u64;
+        let blobs = blob_stream(repo, loc, &entry.chunks);
+        futures::pin_mut!(blobs);
+        while let Some(b) = blobs.next().await {
+            let b = b?;
+            n += b.len() as u64;
+            f.write_all(&b)
+                .map_err(|e| BackupError::io(tmp.display(), e))?;
+        }
+        if n != entry.size {
+            return Err(BackupError::Restore(format!(
+                "{} bytes read, {} expected",
+                n, entry.size
+            )));
+        }
+        f.sync_all()
+            .map_err(|e| BackupError::io(tmp.display(), e))?;
+        drop(f);
+        set_meta(&tmp, entry)?;
+        std::fs::rename(&tmp, dest).map_err(|e| BackupError::io(dest.display(), e))?;
+        Ok(n)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn set_meta(path: &Path, e: &tree::TreeEntry) -> Result<(), BackupError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode))
+        .map_err(|err| BackupError::io(path.display(), err))?;
+    let mtime =
+        std::time::UNIX_EPOCH + std::time::Duration::new(e.mtime.max(0) as u64, e.mtime_nanos);
+    let f = std::fs::File::open(path).map_err(|err| BackupError::io(path.display(), err))?;
+    f.set_modified(mtime)
+        .map_err(|err| BackupError::io(path.display(), err))
+}

@@ -1,0 +1,311 @@
+//! Safety contracts tested through the library: prune beside running backups, hostile paths
+//! in snapshots, and the in-memory store.
+
+mod backup_util;
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use invsync::backup::lock::{Lock, LockKind};
+use invsync::backup::repository::Repository;
+use invsync::backup::restore::{self, RestoreDbOptions};
+use invsync::backup::retention::{self, Policy};
+use invsync::backup::session::{self, BackupOptions, DatabaseSource, Quiet};
+use invsync::backup::snapshot::{self, Snapshot};
+use invsync::backup::tree::{EntryKind, TreeEntry, TreeSnapshot};
+use invsync::backup::{prune, BackupError};
+use invsync::config::{RepositoryConfig, TablePattern};
+use invsync::verify::repo::{check_repo, RepoCheckOptions};
+use support::PgCluster;
+
+fn repo_config(url: &str, key: &Path, recipient: &str) -> RepositoryConfig {
+    RepositoryConfig {
+        name: "r".into(),
+        url: url.parse().unwrap(),
+        recipients: vec![recipient.to_string()],
+        identity_file: Some(key.to_path_buf()),
+        passphrase: None,
+        options: BTreeMap::new(),
+    }
+}
+
+fn tables_of(pg: &PgCluster, pattern: &str) -> DatabaseSource {
+    DatabaseSource {
+        label: "src".into(),
+        conn: pg.conn("einvoice"),
+        tables: vec![TablePattern::parse(pattern).unwrap()],
+    }
+}
+
+fn packs(dir: &Path) -> Vec<String> {
+    backup_util::files(dir)
+        .into_iter()
+        .filter(|p| p.starts_with("data/"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
+    let pg = PgCluster::start();
+    backup_util::make_tables(&pg, "einvoice", 5000);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = backup_util::identity(dir.path(), "k");
+    let repo_dir = dir.path().join("repo");
+    let cfg = repo_config(&format!("file://{}", repo_dir.display()), &key, &recipient);
+    Repository::init(&cfg).await.unwrap();
+    let repo = Repository::open(&cfg).await.unwrap();
+    let tree = dir.path().join("conf");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("x"), "y").unwrap();
+
+    let items = BackupOptions {
+        database: Some(tables_of(&pg, "public.items")),
+        config_dirs: vec![],
+        tags: vec![],
+    };
+    let conf_only = BackupOptions {
+        database: None,
+        config_dirs: vec![tree.clone()],
+        tags: vec![],
+    };
+    session::backup(&repo, &items, &Quiet).await.unwrap();
+    let item_packs = packs(&repo_dir);
+    session::backup(&repo, &conf_only, &Quiet).await.unwrap();
+    retention::forget(
+        &repo,
+        &Policy {
+            keep_last: Some(1),
+            ..Default::default()
+        },
+        false,
+    )
+    .await
+    .unwrap();
+
+    // A backup is running (it may deduplicate against the now unreferenced item blobs).
+    let running = Lock::acquire(&repo, LockKind::Backup).await.unwrap();
+    let r = prune::prune(&repo, false).await.unwrap();
+    assert_eq!(r.running_backups, 1);
+    assert_eq!(r.packs_deleted, 0);
+    assert!(r.packs_deferred >= 1);
+    for p in &item_packs {
+        assert!(
+            repo_dir.join(p).exists(),
+            "{p} was deleted under a running backup"
+        );
+    }
+    running.release(&repo).await;
+
+    // A real backup that reuses those blobs, racing a real prune: whichever goes first, the
+    // snapshot is whole.
+    let (b, p) = tokio::join!(
+        session::backup(&repo, &items, &Quiet),
+        prune::prune(&repo, false)
+    );
+    let summary = b.unwrap();
+    p.unwrap();
+    let report = check_repo(
+        &repo,
+        &RepoCheckOptions {
+            read_data: Some(100.0),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!report.has_errors(), "{:?}", report.findings);
+    let (_, snap) = snapshot::find(&repo, &summary.snapshot).await.unwrap();
+    pg.psql("postgres", "CREATE DATABASE r");
+    restore::restore_db(
+        &repo,
+        &snap,
+        &pg.conn("r"),
+        &RestoreDbOptions {
+            tables: vec![],
+            replace: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        backup_util::fingerprint(&pg, "einvoice", "items", "id"),
+        backup_util::fingerprint(&pg, "r", "items", "id")
+    );
+
+    // With nothing running, a second prune is exclusive and finds nothing left to defer.
+    let r = prune::prune(&repo, false).await.unwrap();
+    assert_eq!((r.running_backups, r.packs_deferred), (0, 0));
+}
+
+fn entry(path: &str, kind: EntryKind, target: Option<&str>) -> TreeEntry {
+    TreeEntry {
+        path: path.into(),
+        kind,
+        mode: 0o644,
+        mtime: 1_700_000_000,
+        mtime_nanos: 0,
+        size: 0,
+        target: target.map(str::to_string),
+        chunks: vec![],
+    }
+}
+
+fn hostile_snapshot(root: &str, entries: Vec<TreeEntry>) -> Snapshot {
+    let mut all = vec![
+        entry("", EntryKind::Dir, None),
+        entry("ok.txt", EntryKind::File, None),
+    ];
+    all.extend(entries);
+    Snapshot {
+        version: 1,
+        session: "s".into(),
+        time: chrono::Utc::now(),
+        host: "h".into(),
+        tags: vec![],
+        source: None,
+        lsn: None,
+        tables: vec![],
+        trees: vec![TreeSnapshot {
+            root: root.into(),
+            entries: all,
+        }],
+        stats: Default::default(),
+        id_key: None,
+    }
+}
+
+#[tokio::test]
+async fn hostile_paths_in_a_snapshot_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = backup_util::identity(dir.path(), "k");
+    let repo = Repository::init(&repo_config("memory:///", &key, &recipient))
+        .await
+        .unwrap();
+    let cases: Vec<(&str, Snapshot)> = vec![
+        (
+            "dot-dot entry",
+            hostile_snapshot("/etc/app", vec![entry("../escape", EntryKind::File, None)]),
+        ),
+        (
+            "nested dot-dot",
+            hostile_snapshot(
+                "/etc/app",
+                vec![entry("a/../../../escape", EntryKind::File, None)],
+            ),
+        ),
+        (
+            "absolute entry",
+            hostile_snapshot("/etc/app", vec![entry("/tmp/abs", EntryKind::File, None)]),
+        ),
+        ("dot-dot root", hostile_snapshot("/../../tmp", vec![])),
+        (
+            "symlink out",
+            hostile_snapshot(
+                "/etc/app",
+                vec![entry("l", EntryKind::Symlink, Some("../../../../outside"))],
+            ),
+        ),
+        (
+            "absolute symlink",
+            hostile_snapshot(
+                "/etc/app",
+                vec![entry("l", EntryKind::Symlink, Some("/etc/passwd"))],
+            ),
+        ),
+        (
+            "symlink through symlink",
+            hostile_snapshot(
+                "/",
+                vec![
+                    entry("a", EntryKind::Symlink, Some(".")),
+                    entry("b", EntryKind::Symlink, Some("a/..")),
+                ],
+            ),
+        ),
+    ];
+    for (what, snap) in cases {
+        let id = snapshot::save(&repo, &snap).await.unwrap();
+        let (_, snap) = snapshot::find(&repo, &id).await.unwrap();
+        let target = dir.path().join(format!("t-{}", what.replace(' ', "-")));
+        let err = restore::restore_dir(&repo, &snap, &target, &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BackupError::Restore(m) if m.contains("unsafe")),
+            "{what}: {err}"
+        );
+        assert!(
+            backup_util::files(&target).is_empty(),
+            "{what}: something was written"
+        );
+    }
+
+    // An existing symlink in the target directory is never written through.
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("etc")).unwrap();
+    let id = snapshot::save(&repo, &hostile_snapshot("/etc/app", vec![]))
+        .await
+        .unwrap();
+    let (_, snap) = snapshot::find(&repo, &id).await.unwrap();
+    let err = restore::restore_dir(&repo, &snap, &target, &[])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("refusing to write through it"),
+        "{err}"
+    );
+    assert!(backup_util::files(&outside).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_round_trip() {
+    let pg = PgCluster::start();
+    backup_util::make_tables(&pg, "einvoice", 3000);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = backup_util::identity(dir.path(), "k");
+    let repo = Repository::init(&repo_config("memory:///", &key, &recipient))
+        .await
+        .unwrap();
+    let opts = BackupOptions {
+        database: Some(tables_of(&pg, "public.*")),
+        config_dirs: vec![],
+        tags: vec!["m".into()],
+    };
+    let s = session::backup(&repo, &opts, &Quiet).await.unwrap();
+    assert_eq!(s.tables, 2);
+    let again = session::backup(&repo, &opts, &Quiet).await.unwrap();
+    assert_eq!(
+        again.stats.blobs_new, 0,
+        "unchanged tables store nothing new"
+    );
+    let (_, snap) = snapshot::find(&repo, "latest").await.unwrap();
+    pg.psql("postgres", "CREATE DATABASE r");
+    let only_tags = RestoreDbOptions {
+        tables: vec![TablePattern::parse("public.tags").unwrap()],
+        replace: false,
+    };
+    let done = restore::restore_db(&repo, &snap, &pg.conn("r"), &only_tags)
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        backup_util::fingerprint(&pg, "einvoice", "tags", "kind, name"),
+        backup_util::fingerprint(&pg, "r", "tags", "kind, name")
+    );
+    assert_eq!(
+        pg.psql("r", "SELECT to_regclass('public.items') IS NULL"),
+        "t"
+    );
+    let report = check_repo(
+        &repo,
+        &RepoCheckOptions {
+            read_data: Some(100.0),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+}
