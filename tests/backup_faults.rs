@@ -165,6 +165,14 @@ fn damaged_repositories_are_reported_and_never_half_restored() {
     assert_eq!(
         f.pg.psql(
             "r_flipped",
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'invsync_restore%'"
+        ),
+        "0",
+        "the staging schema is gone"
+    );
+    assert_eq!(
+        f.pg.psql(
+            "r_flipped",
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
         ),
         "0"

@@ -117,6 +117,17 @@ fn tables_and_config_round_trip_with_dedup_and_refusal() {
         "60001"
     );
     assert_eq!(
+        pg.psql("restored", "SELECT attidentity FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'seq'"),
+        "d"
+    );
+    assert_eq!(
+        pg.psql(
+            "restored",
+            "INSERT INTO items (code) VALUES ('new') RETURNING qty, seq, id"
+        ),
+        "1|60001|60002"
+    );
+    assert_eq!(
         pg.psql(
             "restored",
             "SELECT count(*) FROM items WHERE total IS DISTINCT FROM amount * qty"

@@ -309,3 +309,91 @@ async fn memory_store_round_trip() {
     .unwrap();
     assert!(report.findings.is_empty(), "{:?}", report.findings);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_are_cut_at_one_instant_while_writes_go_on() {
+    let pg = PgCluster::start();
+    // Dumped in name order: a_pairs, then the big b_big, then c_pairs; a writer adds one row
+    // to a_pairs and one to c_pairs in each transaction meanwhile.
+    pg.psql(
+        "einvoice",
+        "CREATE TABLE a_pairs (id bigint PRIMARY KEY); CREATE TABLE c_pairs (id bigint PRIMARY KEY);
+         CREATE TABLE b_big (id int PRIMARY KEY, pad text);
+         INSERT INTO b_big SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 100000) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = backup_util::identity(dir.path(), "k");
+    let repo = Repository::init(&repo_config("memory:///", &key, &recipient))
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let client = pg.client("einvoice").await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i: i64 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                client
+                    .batch_execute(&format!("BEGIN; INSERT INTO a_pairs VALUES ({i}); INSERT INTO c_pairs VALUES ({i}); COMMIT"))
+                    .await
+                    .unwrap();
+            }
+            i
+        })
+    };
+    let opts = BackupOptions {
+        database: Some(tables_of(&pg, "public.*")),
+        config_dirs: vec![],
+        tags: vec![],
+    };
+    let before: i64 = pg
+        .psql("einvoice", "SELECT count(*) FROM a_pairs")
+        .parse()
+        .unwrap();
+    let s = session::backup(&repo, &opts, &Quiet).await.unwrap();
+    let after: i64 = pg
+        .psql("einvoice", "SELECT count(*) FROM a_pairs")
+        .parse()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(
+        after > before && written > 0,
+        "the writer ran during the backup"
+    );
+
+    let (_, snap) = snapshot::find(&repo, &s.snapshot).await.unwrap();
+    let rows = |name: &str| {
+        snap.tables
+            .iter()
+            .find(|t| t.schema.name.name == name)
+            .unwrap()
+            .rows
+    };
+    assert_eq!(
+        rows("a_pairs"),
+        rows("c_pairs"),
+        "both tables at the same instant"
+    );
+    pg.psql("postgres", "CREATE DATABASE r");
+    restore::restore_db(
+        &repo,
+        &snap,
+        &pg.conn("r"),
+        &RestoreDbOptions {
+            tables: vec![],
+            replace: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        pg.psql("r", "SELECT count(*) FROM a_pairs FULL JOIN c_pairs USING (id) WHERE a_pairs.id IS NULL OR c_pairs.id IS NULL"),
+        "0"
+    );
+    assert_eq!(
+        pg.psql("r", "SELECT count(*) FROM a_pairs"),
+        rows("a_pairs").to_string()
+    );
+}

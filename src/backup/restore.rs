@@ -2,8 +2,10 @@
 //!
 //! Both first resolve every blob they will need and refuse to start if any is missing from
 //! the index or its pack is gone, naming the tables and files that cannot be restored. A
-//! database restore then runs in one transaction: either every selected table is there,
-//! complete, or (on a corrupt blob found while streaming) none is. A directory restore
+//! database restore then loads the tables, two at a time on connections of their own, into
+//! a fresh staging schema, and moves them into place in one final transaction that also adds
+//! constraints and indexes: either every selected table appears, complete, or (on a corrupt
+//! blob found while streaming, or any database error) none does. A directory restore
 //! writes each file under a temporary name and renames it into place once complete, so a
 //! failure leaves no file that looks whole but is not; the command then fails naming it.
 //!
@@ -21,11 +23,11 @@ use super::crypto::BlobId;
 use super::index::{Location, Locator, PackRef};
 use super::pack::{self, pack_path};
 use super::repository::Repository;
-use super::snapshot::Snapshot;
+use super::snapshot::{Snapshot, TableSnapshot};
 use super::tree::{self, EntryKind};
 use super::BackupError;
 use crate::config::TablePattern;
-use crate::pg::{ConnInfo, PgError};
+use crate::pg::{quote_ident, ConnInfo, PgError};
 
 /// Largest single read from a pack: neighbouring blobs are fetched together up to this.
 const MAX_READ: u64 = 8 * 1024 * 1024;
@@ -171,7 +173,7 @@ fn matches(p: &TablePattern, schema: &str, name: &str) -> bool {
     p.schema == schema && p.table.as_deref().is_none_or(|t| t == name)
 }
 
-/// Restores tables of `snap` into the database at `conn`, all in one transaction.
+/// Restores tables of `snap` into the database at `conn`: all of them, or none.
 pub async fn restore_db(
     repo: &Repository,
     snap: &Snapshot,
@@ -228,97 +230,200 @@ pub async fn restore_db(
         )));
     }
     let client = conn.connect().await?;
+    // Fail fast, before loading anything; checked again when the tables are swapped in.
+    let refused = refused_tables(&client, conn, &tables, opts.replace).await?;
+    if !refused.is_empty() {
+        return Err(refusal(&refused));
+    }
+    let staging = format!(
+        "invsync_restore_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
     client
-        .batch_execute("BEGIN")
+        .batch_execute(&format!("CREATE SCHEMA {staging}"))
         .await
-        .map_err(|e| q("starting the restore transaction".into(), e))?;
+        .map_err(|e| q("creating the staging schema".into(), e))?;
+    let result = load_and_swap(repo, &loc, &client, conn, &tables, &staging, opts.replace).await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+        if let Err(e) = client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {staging} CASCADE"))
+            .await
+        {
+            tracing::warn!(
+                "cannot drop staging schema {staging}: {}",
+                crate::pg::describe(&e)
+            );
+        }
+    }
+    result?;
+    Ok(tables
+        .iter()
+        .map(|t| RestoredTable {
+            table: t.schema.name.to_string(),
+            rows: t.rows,
+            bytes: t.bytes,
+        })
+        .collect())
+}
+
+/// Tables loaded at once, each on its own connection.
+const PARALLEL_LOADS: usize = 2;
+
+/// Existing, non-empty tables among `tables` (none when `replace`).
+async fn refused_tables(
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+    tables: &[&TableSnapshot],
+    replace: bool,
+) -> Result<Vec<String>, BackupError> {
     let mut refused = Vec::new();
-    for t in &tables {
+    if replace {
+        return Ok(refused);
+    }
+    for t in tables {
         let name = &t.schema.name;
+        let check = |e| PgError::query(format!("checking {name}"), conn, e);
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name.quoted()])
             .await
-            .map_err(|e| q(format!("checking {name}"), e))?
+            .map_err(check)?
             .get(0);
-        if exists {
-            let nonempty: bool = client
+        let nonempty = exists
+            && client
                 .query_one(
                     &format!("SELECT EXISTS (SELECT 1 FROM {})", name.quoted()),
                     &[],
                 )
                 .await
-                .map_err(|e| q(format!("checking {name}"), e))?
-                .get(0);
-            if nonempty && !opts.replace {
-                refused.push(name.to_string());
-                continue;
-            }
-            client
-                .batch_execute(&format!("DROP TABLE {}", name.quoted()))
-                .await
-                .map_err(|e| q(format!("dropping {name} to replace it"), e))?;
+                .map_err(check)?
+                .get::<_, bool>(0);
+        if nonempty {
+            refused.push(name.to_string());
         }
     }
+    Ok(refused)
+}
+
+fn refusal(refused: &[String]) -> BackupError {
+    BackupError::Restore(format!(
+        "table(s) {} exist and are not empty; pass --replace to overwrite them; nothing was restored",
+        refused.join(", ")
+    ))
+}
+
+/// Loads every table into the staging schema, [`PARALLEL_LOADS`] at a time, each committed on
+/// its own connection; then, in one transaction on `client`, replaces the targets, moves the
+/// loaded tables into place and adds defaults, constraints and indexes. Until that commit
+/// the target schemas are untouched, so a failure or a crash never leaves a table that looks
+/// restored but is not (a crash leaves the `invsync_restore_*` schema, which can be dropped).
+async fn load_and_swap(
+    repo: &Repository,
+    loc: &Locator,
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+    tables: &[&TableSnapshot],
+    staging: &str,
+    replace: bool,
+) -> Result<(), BackupError> {
+    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
+    // Biggest first, so the two loaders finish close together.
+    let mut order: Vec<usize> = (0..tables.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(tables[i].bytes));
+    futures::stream::iter(
+        order
+            .iter()
+            .map(|&i| load_one(repo, loc, conn, tables[i], format!("{staging}.t{i}"))),
+    )
+    .buffer_unordered(PARALLEL_LOADS)
+    .try_collect::<Vec<()>>()
+    .await?;
+
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| q("starting the restore transaction".into(), e))?;
+    let refused = refused_tables(client, conn, tables, replace).await?;
     if !refused.is_empty() {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(BackupError::Restore(format!(
-            "table(s) {} exist and are not empty; pass --replace to overwrite them; nothing was restored",
-            refused.join(", ")
-        )));
+        return Err(refusal(&refused));
     }
-    let mut out = Vec::new();
-    for t in &tables {
+    for (i, t) in tables.iter().enumerate() {
         let name = &t.schema.name;
-        let result: Result<(), BackupError> = async {
-            for s in t.schema.create_statements() {
-                client
-                    .batch_execute(&s)
-                    .await
-                    .map_err(|e| q(format!("creating {name}"), e))?;
-            }
-            let sink = client
-                .copy_in::<_, Bytes>(&t.schema.copy_in_sql())
-                .await
-                .map_err(|e| q(format!("loading {name}"), e))?;
-            futures::pin_mut!(sink);
-            let blobs = blob_stream(repo, &loc, &t.chunks);
-            futures::pin_mut!(blobs);
-            while let Some(b) = blobs.next().await {
-                sink.send(Bytes::from(b?))
-                    .await
-                    .map_err(|e| q(format!("loading {name}"), e))?;
-            }
-            sink.as_mut()
-                .finish()
-                .await
-                .map_err(|e| q(format!("loading {name}"), e))?;
-            for s in t.schema.finish_statements() {
-                client
-                    .batch_execute(&s)
-                    .await
-                    .map_err(|e| q(format!("indexing {name}"), e))?;
-            }
-            Ok(())
+        let mut statements = vec![
+            format!("DROP TABLE IF EXISTS {}", name.quoted()),
+            format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)),
+            format!(
+                "ALTER TABLE {staging}.t{i} RENAME TO {}",
+                quote_ident(&name.name)
+            ),
+            format!(
+                "ALTER TABLE {staging}.{} SET SCHEMA {}",
+                quote_ident(&name.name),
+                quote_ident(&name.schema)
+            ),
+        ];
+        statements.extend(t.schema.finish_statements());
+        for s in statements {
+            client.batch_execute(&s).await.map_err(|e| {
+                BackupError::Restore(format!(
+                    "table {name}: {}; nothing was restored",
+                    q(s.clone(), e)
+                ))
+            })?;
         }
-        .await;
-        if let Err(e) = result {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(BackupError::Restore(format!(
-                "table {name}: {e}; nothing was restored"
-            )));
-        }
-        out.push(RestoredTable {
-            table: name.to_string(),
-            rows: t.rows,
-            bytes: t.bytes,
-        });
     }
+    client
+        .batch_execute(&format!("DROP SCHEMA {staging}"))
+        .await
+        .map_err(|e| q("dropping the staging schema".into(), e))?;
     client
         .batch_execute("COMMIT")
         .await
-        .map_err(|e| q("committing the restore".into(), e))?;
-    Ok(out)
+        .map_err(|e| q("committing the restore".into(), e))
+}
+
+/// Creates and fills one staging table on a connection of its own.
+async fn load_one(
+    repo: &Repository,
+    loc: &Locator,
+    conn: &ConnInfo,
+    t: &TableSnapshot,
+    staging: String,
+) -> Result<(), BackupError> {
+    let name = &t.schema.name;
+    let fail =
+        |e: BackupError| BackupError::Restore(format!("table {name}: {e}; nothing was restored"));
+    let q = |what: &str, e| {
+        fail(BackupError::Db(PgError::query(
+            format!("{what} {name}"),
+            conn,
+            e,
+        )))
+    };
+    let client = conn.connect().await?;
+    client
+        .batch_execute(&format!("BEGIN; {}", t.schema.staging_create_sql(&staging)))
+        .await
+        .map_err(|e| q("creating", e))?;
+    let sink = client
+        .copy_in::<_, Bytes>(&t.schema.copy_in_sql(&staging))
+        .await
+        .map_err(|e| q("loading", e))?;
+    futures::pin_mut!(sink);
+    let blobs = blob_stream(repo, loc, &t.chunks);
+    futures::pin_mut!(blobs);
+    while let Some(b) = blobs.next().await {
+        let b = b.map_err(fail)?;
+        sink.send(Bytes::from(b))
+            .await
+            .map_err(|e| q("loading", e))?;
+    }
+    sink.as_mut().finish().await.map_err(|e| q("loading", e))?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| q("loading", e))
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
