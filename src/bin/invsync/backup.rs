@@ -153,14 +153,19 @@ pub struct RestoreArgs {
 pub struct ForgetArgs {
     #[command(flatten)]
     repo: RepoName,
+    /// Keep the N most recent snapshots
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
+    /// Keep the newest snapshot of each of the last N hours that have one
     #[arg(long, value_name = "N")]
     keep_hourly: Option<usize>,
+    /// Keep the newest snapshot of each of the last N days (UTC) that have one
     #[arg(long, value_name = "N")]
     keep_daily: Option<usize>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one
     #[arg(long, value_name = "N")]
     keep_weekly: Option<usize>,
+    /// Keep the newest snapshot of each of the last N months that have one
     #[arg(long, value_name = "N")]
     keep_monthly: Option<usize>,
     /// Only show what would be forgotten
