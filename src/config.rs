@@ -477,13 +477,15 @@ impl Context<'_> {
                 }
                 match (self.env)(name) {
                     Some(v) => out.push_str(&v),
-                    None => return Err(self.invalid(
-                        key,
-                        value,
-                        format!(
+                    None => {
+                        return Err(self.invalid(
+                            key,
+                            value,
+                            format!(
                             "environment variable {name} is not set; export it or edit the value"
                         ),
-                    )),
+                        ))
+                    }
                 }
                 rest = &tail[end + 1..];
             } else {
