@@ -488,16 +488,16 @@ async fn changes_in_flight_are_rechecked_not_reported() {
             "verify", "db", "--source", &source, "--target", &target, "--json", "--settle", "30",
         ])
     });
-    // Once verify has compared checksums inside its snapshots, apply the changes on the target.
+    // Once verify has read the table inside its snapshots, apply the changes on the target.
     let client = dst.client("einvoice").await;
     wait_until(
         Duration::from_secs(60),
-        "verify to compare checksums",
+        "verify to read the table",
         || async {
             client
                 .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'invsync' \
-                 AND query LIKE '%hashtextextended%'",
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'invsync verify' \
+                 AND query LIKE '%\"public\".\"invoice\"%'",
                     &[],
                 )
                 .await

@@ -31,8 +31,10 @@ use crate::pg::{ConnInfo, PgError, TableName};
 const LEAF_ROWS: i64 = 4096;
 /// A differing range is split into at most this many parts per step of bisection.
 const FANOUT: usize = 16;
-/// The first split of a table: at most this many ranges (a CASE tree 12 deep).
-const MAX_ROOT_RANGES: usize = 4096;
+/// The first split of a table: at most this many ranges. Each row pays log2 of it in key
+/// comparisons during the one full scan (costly for text keys under a linguistic collation),
+/// while a differing range only costs a scan of its own rows; 64 balances the two.
+const MAX_ROOT_RANGES: usize = 64;
 /// Above this many (estimated) rows, root boundaries come from a row sample.
 const SAMPLE_ABOVE_ROWS: f64 = 200_000.0;
 /// Sampled keys per root range: enough for even quantiles.
