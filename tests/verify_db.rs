@@ -485,7 +485,7 @@ async fn changes_in_flight_are_rechecked_not_reported() {
     let (source, target) = (src.url("einvoice"), dst.url("einvoice"));
     let run = tokio::task::spawn_blocking(move || {
         invsync(&[
-            "verify", "db", "--source", &source, "--target", &target, "--json", "--settle", "30",
+            "verify", "db", "--source", &source, "--target", &target, "--json", "--settle", "10",
         ])
     });
     // Once verify has read the table inside its snapshots, apply the changes on the target.
