@@ -354,6 +354,7 @@ pub async fn verify_db(
                         &table,
                         opts.filter.clone(),
                         &settle,
+                        repair_file.is_some(),
                         progress,
                     )
                     .await
@@ -440,6 +441,7 @@ async fn verify_table(
     table: &TableName,
     filter: Option<String>,
     settle: &Settle,
+    keep_rows: bool,
     progress: &dyn Progress,
 ) -> Result<(TableReport, Shape), VerifyError> {
     let src_info = source.describe(table).await?;
@@ -491,9 +493,16 @@ async fn verify_table(
     ended.0?;
     ended.1?;
 
+    tracing::debug!(
+        table = %table,
+        ranges = walk.ranges_checked,
+        rows_compared = walk.rows_compared,
+        candidates = walk.candidates.len(),
+        "snapshot comparison done"
+    );
     progress.advance(0, "re-checking differing rows");
     let candidates = std::mem::take(&mut walk.candidates);
-    let outcome = recheck::recheck(source, target, &shape, candidates, settle).await?;
+    let outcome = recheck::recheck(source, target, &shape, candidates, settle, keep_rows).await?;
     let status = if outcome.differences.is_empty() {
         TableStatus::Identical
     } else {
@@ -575,6 +584,12 @@ impl Walk<'_> {
             .await?;
         self.progress.advance(0, "computing checksums");
         let (src, dst, mut pending) = self.split(&root, &boundaries).await?;
+        tracing::debug!(
+            table = %self.shape.table,
+            ranges = src.len(),
+            differing = pending.len(),
+            "root checksums compared"
+        );
         let totals = (
             src.iter().map(|c| c.rows.max(0) as u64).sum(),
             dst.iter().map(|c| c.rows.max(0) as u64).sum(),

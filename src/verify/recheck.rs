@@ -34,13 +34,15 @@ pub(crate) struct Outcome {
     pub in_flight: u64,
 }
 
-/// Re-reads `candidates` until each is equal, proven different, or the window ends.
+/// Re-reads `candidates` until each is equal, proven different, or the window ends. The
+/// differences keep the source row only with `keep_source_rows` (repair SQL needs it).
 pub(crate) async fn recheck(
     source: &Side,
     target: &Side,
     shape: &Shape,
     candidates: Vec<Key>,
     settle: &Settle,
+    keep_source_rows: bool,
 ) -> Result<Outcome, PgError> {
     let deadline = Instant::now() + settle.window;
     let mut seen = HashSet::new();
@@ -49,7 +51,8 @@ pub(crate) async fn recheck(
         .filter(|k| seen.insert(k.clone()))
         .collect();
     drop(seen);
-    let mut previous: HashMap<Key, Option<RowText>> = HashMap::new();
+    // A hash of each pending key's last source row, to tell a settled row from a moving one.
+    let mut previous: HashMap<Key, u64> = HashMap::new();
     let mut out = Outcome {
         differences: Vec::new(),
         in_flight: 0,
@@ -57,37 +60,40 @@ pub(crate) async fn recheck(
     let mut attempt: u32 = 0;
     while !pending.is_empty() {
         attempt += 1;
-        let mut src_rows = HashMap::with_capacity(pending.len());
-        for chunk in pending.chunks(BATCH) {
-            src_rows.extend(source.fetch_rows(shape, chunk).await?);
-        }
-        let caught_up = match source.current_lsn().await? {
-            Some(lsn) if !settle.window.is_zero() => {
-                wait_for_slots(source, lsn, deadline, settle.slot_hint.as_deref()).await?
-            }
-            _ => false,
-        };
-        let mut dst_rows = HashMap::with_capacity(pending.len());
-        for chunk in pending.chunks(BATCH) {
-            dst_rows.extend(target.fetch_rows(shape, chunk).await?);
-        }
-        let last = Instant::now() >= deadline;
         let mut still = Vec::new();
-        for key in pending {
-            let s = src_rows.remove(&key);
-            let d = dst_rows.remove(&key);
-            let Some(diff) = difference(shape, &key, s.as_ref(), d.as_ref()) else {
-                out.in_flight += 1;
-                previous.remove(&key);
-                continue;
+        let mut caught_up = true;
+        // Batch by batch, so memory holds one batch of rows besides the differences found.
+        for chunk in pending.chunks(BATCH) {
+            let mut src_rows = source.fetch_rows(shape, chunk).await?;
+            let batch_caught_up = match source.current_lsn().await? {
+                Some(lsn) if !settle.window.is_zero() => {
+                    wait_for_slots(source, lsn, deadline, settle.slot_hint.as_deref()).await?
+                }
+                _ => false,
             };
-            let stable = previous.get(&key).is_some_and(|p| p.as_ref() == s.as_ref());
-            if last || (caught_up && stable) {
-                previous.remove(&key);
-                out.differences.push(diff);
-            } else {
-                previous.insert(key.clone(), s);
-                still.push(key);
+            caught_up &= batch_caught_up;
+            let mut dst_rows = target.fetch_rows(shape, chunk).await?;
+            let last = Instant::now() >= deadline;
+            for key in chunk {
+                let s = src_rows.remove(key);
+                let d = dst_rows.remove(key);
+                let Some(mut diff) = difference(shape, key, s.as_ref(), d.as_ref()) else {
+                    out.in_flight += 1;
+                    previous.remove(key);
+                    continue;
+                };
+                let seen = row_hash(s.as_ref());
+                let stable = previous.get(key) == Some(&seen);
+                if last || (batch_caught_up && stable) {
+                    previous.remove(key);
+                    if !keep_source_rows {
+                        diff.source_row = None;
+                    }
+                    out.differences.push(diff);
+                } else {
+                    previous.insert(key.clone(), seen);
+                    still.push(key.clone());
+                }
             }
         }
         pending = still;
@@ -99,6 +105,13 @@ pub(crate) async fn recheck(
         }
     }
     Ok(out)
+}
+
+fn row_hash(row: Option<&RowText>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    row.hash(&mut h);
+    h.finish()
 }
 
 /// Waits until the source's logical slots have confirmed `lsn` (the pipeline has applied
