@@ -227,6 +227,8 @@ pub struct TableReport {
     pub target: String,
     pub status: TableStatus,
     pub error: Option<String>,
+    /// The primary key columns, in key order.
+    pub key_columns: Vec<String>,
     /// Rows in the source's and target's snapshots.
     pub source_rows: u64,
     pub target_rows: u64,
@@ -423,6 +425,7 @@ impl TableReport {
             target: String::new(),
             status: TableStatus::Error,
             error: Some(error),
+            key_columns: Vec::new(),
             source_rows: 0,
             target_rows: 0,
             ranges_checked: 0,
@@ -514,6 +517,7 @@ async fn verify_table(
             target: String::new(),
             status,
             error: None,
+            key_columns: shape.key.iter().map(|c| c.name.clone()).collect(),
             source_rows,
             target_rows,
             ranges_checked: walk.ranges_checked,

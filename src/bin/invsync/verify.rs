@@ -166,9 +166,11 @@ fn print_report(report: &DbReport) {
                     t.target_rows
                 );
                 for d in &t.differences {
-                    let key: Vec<String> = d.key.keys().cloned().collect();
-                    let mut line =
-                        format!("      {:<18} {}", d.kind.describe(), d.key_display(&key));
+                    let mut line = format!(
+                        "      {:<18} {}",
+                        d.kind.describe(),
+                        d.key_display(&t.key_columns)
+                    );
                     let changes: Vec<String> = d
                         .changes
                         .iter()
