@@ -429,6 +429,7 @@ fn bad_input_is_reported_and_other_tables_still_verified() {
         "einvoice",
         "CREATE TABLE retyped (id int PRIMARY KEY, amount bigint)",
     );
+    dst.psql("einvoice", "CREATE TABLE only_target (id int PRIMARY KEY)");
     dst.psql("einvoice", "UPDATE drifted SET v = 'z'");
     let (code, report) = verify(&src, &dst, &["--tables", "public.*,public.no_such_table"]);
     assert_eq!(code, 2, "{report}");
@@ -455,6 +456,8 @@ fn bad_input_is_reported_and_other_tables_still_verified() {
         e.contains("amount is integer on the source but bigint on the target"),
         "{e}"
     );
+    let e = error("public.only_target");
+    assert!(e.contains("does not exist on the source"), "{e}");
     let e = error("public.no_such_table");
     assert!(e.contains("does not exist"), "{e}");
 

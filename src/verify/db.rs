@@ -344,7 +344,21 @@ pub async fn verify_db(
     for target in &opts.targets {
         let (source, dst) =
             tokio::try_join!(Side::open(&opts.source.conn), Side::open(&target.conn))?;
-        let names = resolve(&source, &opts.tables).await;
+        let mut names = resolve(&source, &opts.tables).await;
+        // Tables the patterns select on the target alone: the source lost them, or the target
+        // holds data nobody replicates. Either way the copies are not the same.
+        for found in resolve(&dst, &opts.tables).await.into_iter().flatten() {
+            if !names.iter().any(|n| n.as_ref().is_ok_and(|t| t == &found)) {
+                names.push(Err((
+                    found.to_string(),
+                    VerifyError::MissingTable {
+                        table: found.to_string(),
+                        side: "source",
+                        conn: opts.source.conn.to_string(),
+                    },
+                )));
+            }
+        }
         for name in names {
             let started = Instant::now();
             let mut report = match name {
