@@ -430,11 +430,21 @@ fn bad_input_is_reported_and_other_tables_still_verified() {
         "CREATE TABLE retyped (id int PRIMARY KEY, amount bigint)",
     );
     dst.psql("einvoice", "CREATE TABLE only_target (id int PRIMARY KEY)");
+    // The same columns in another order are the same table.
+    src.psql(
+        "einvoice",
+        "CREATE TABLE reordered (id int PRIMARY KEY, a text, b int); INSERT INTO reordered VALUES (1, 'x', 2)",
+    );
+    dst.psql(
+        "einvoice",
+        "CREATE TABLE reordered (b int, id int PRIMARY KEY, a text); INSERT INTO reordered VALUES (2, 1, 'x')",
+    );
     dst.psql("einvoice", "UPDATE drifted SET v = 'z'");
     let (code, report) = verify(&src, &dst, &["--tables", "public.*,public.no_such_table"]);
     assert_eq!(code, 2, "{report}");
     assert_eq!(table(&report, "public.good")["status"], "identical");
     assert_eq!(table(&report, "public.other")["status"], "identical");
+    assert_eq!(table(&report, "public.reordered")["status"], "identical");
     assert_eq!(
         diffs(table(&report, "public.drifted"), &["id"]),
         vec![d("1", "changed", &["v"])]
