@@ -224,12 +224,12 @@ impl Shape {
                 format!("({})", vals.join(", "))
             })
             .collect();
-        let names: Vec<String> = (0..self.key.len()).map(|i| format!("k{i}")).collect();
+        let names: Vec<String> = (0..self.key.len()).map(|i| format!("invsync_k{i}")).collect();
         let on: Vec<String> = self
             .key
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("t.{} = v.k{i}", c.quoted))
+            .map(|(i, c)| format!("t.{} = v.invsync_k{i}", c.quoted))
             .collect();
         format!(
             "JOIN (VALUES {}) AS v({}) ON {}",
