@@ -224,7 +224,9 @@ impl Shape {
                 format!("({})", vals.join(", "))
             })
             .collect();
-        let names: Vec<String> = (0..self.key.len()).map(|i| format!("invsync_k{i}")).collect();
+        let names: Vec<String> = (0..self.key.len())
+            .map(|i| format!("invsync_k{i}"))
+            .collect();
         let on: Vec<String> = self
             .key
             .iter()
