@@ -259,6 +259,21 @@ fn values_compare_exactly_whatever_the_server_settings() {
         (Some(""), &Value::Null)
     );
 
+    // A key equal on both sides but written with another scale is a changed row, not a
+    // missing one and an extra one.
+    src.psql("einvoice", "CREATE TABLE by_numeric (k numeric PRIMARY KEY, v int); INSERT INTO by_numeric VALUES (1.0, 1), (2, 2)");
+    dst.psql("einvoice", "CREATE TABLE by_numeric (k numeric PRIMARY KEY, v int); INSERT INTO by_numeric VALUES (1.00, 1), (2, 2)");
+    let (code, report) = verify(&src, &dst, &["--tables", "public.by_numeric"]);
+    assert_eq!(code, 1, "{report}");
+    let found = diffs(table(&report, "public.by_numeric"), &["k"]);
+    assert!(!found.is_empty(), "{report}");
+    assert!(
+        found
+            .iter()
+            .all(|(_, kind, cols)| kind == "changed" && cols == &["k"]),
+        "{report}"
+    );
+
     // A float that really differs is found too.
     dst.psql(
         "einvoice",

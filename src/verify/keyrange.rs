@@ -209,6 +209,16 @@ impl Shape {
         node(self, boundaries, 0, boundaries.len())
     }
 
+    /// The keys as [`Shape::keys_join`] was asked for them, for SELECT lists: rows come back
+    /// under the key as asked, so a key that is equal but written differently on a side
+    /// (numeric 1.0 vs 1.00) still finds its row.
+    pub fn lookup_key_text(&self) -> String {
+        (0..self.key.len())
+            .map(|i| format!("v.{}::text", lookup_column(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// A join clause matching rows to a list of keys (`VALUES` of typed literals), which the
     /// planner turns into index lookups.
     pub fn keys_join(&self, keys: &[Key]) -> String {
@@ -224,14 +234,12 @@ impl Shape {
                 format!("({})", vals.join(", "))
             })
             .collect();
-        let names: Vec<String> = (0..self.key.len())
-            .map(|i| format!("invsync_k{i}"))
-            .collect();
+        let names: Vec<String> = (0..self.key.len()).map(lookup_column).collect();
         let on: Vec<String> = self
             .key
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("t.{} = v.invsync_k{i}", c.quoted))
+            .map(|(i, c)| format!("t.{} = v.{}", c.quoted, lookup_column(i)))
             .collect();
         format!(
             "JOIN (VALUES {}) AS v({}) ON {}",
@@ -242,7 +250,13 @@ impl Shape {
     }
 }
 
-/// `'text'::type`, or `NULL::type`.
+/// The VALUES column holding key column `i` in [`Shape::keys_join`]; named so that it cannot
+/// collide with a table's column.
+fn lookup_column(i: usize) -> String {
+    format!("invsync_k{i}")
+}
+
+/// `'text'::type`.
 pub(crate) fn typed_literal(value: &str, type_name: &str) -> String {
     format!("{}::{type_name}", quote_literal(value))
 }

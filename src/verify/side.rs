@@ -269,11 +269,7 @@ impl Side {
         }
         let n = shape.key.len();
         let m = shape.columns.len();
-        let key_cols: Vec<String> = shape
-            .key
-            .iter()
-            .map(|c| format!("t.{}::text", c.quoted))
-            .collect();
+        let key_cols = shape.lookup_key_text();
         let cols: Vec<String> = shape
             .columns
             .iter()
@@ -281,7 +277,7 @@ impl Side {
             .collect();
         let sql = format!(
             "SELECT {}, {} FROM {} AS t {} WHERE TRUE{}",
-            key_cols.join(", "),
+            key_cols,
             cols.join(", "),
             shape.quoted,
             shape.keys_join(keys),
