@@ -31,6 +31,7 @@ case "${1:-start}" in
     ensure_postgres
     cluster_stop "$DEMO_DIR/maindc"
     cluster_stop "$DEMO_DIR/cloud_a"
+    cluster_stop "$DEMO_DIR/standby"
     exit 0
     ;;
   *)
@@ -53,11 +54,14 @@ section "start the data center (maindc) and the cloud database (cloud_a)"
 mkdir -p "$DEMO_DIR"
 MAINDC_PORT=$(cluster_start "$DEMO_DIR/maindc")
 CLOUD_A_PORT=$(cluster_start "$DEMO_DIR/cloud_a")
+STANDBY_PORT=$(cluster_start "$DEMO_DIR/standby")
 MAINDC_URL="postgres://postgres@127.0.0.1:$MAINDC_PORT/einvoice?sslmode=disable"
 CLOUD_A_URL="postgres://postgres@127.0.0.1:$CLOUD_A_PORT/einvoice?sslmode=disable"
-export MAINDC_URL CLOUD_A_URL
+STANDBY_URL="postgres://postgres@127.0.0.1:$STANDBY_PORT/einvoice?sslmode=disable"
+export MAINDC_URL CLOUD_A_URL STANDBY_URL
 echo "maindc:  $MAINDC_URL"
 echo "cloud_a: $CLOUD_A_URL"
+echo "standby: $STANDBY_URL   (the disaster-recovery cluster backups are restored into)"
 
 section "fill the data center with $DEMO_INVOICES e-invoices (seed $DEMO_SEED)"
 "$EINVOICE_GEN" schema --url "$MAINDC_URL" >/dev/null
@@ -89,6 +93,9 @@ url = "\${MAINDC_URL}"
 [databases.cloud_a]
 url = "\${CLOUD_A_URL}"
 
+[databases.standby]
+url = "\${STANDBY_URL}"
+
 [pipelines.invoices_to_cloud]
 source = "maindc"
 targets = ["cloud_a"]
@@ -104,17 +111,50 @@ cat "$CONFIG"
 section "check the configuration: invsync config check"
 "$INVSYNC" --config "$CONFIG" config check
 
-# Later capabilities (sync, backup, verify) add their sections here.
+# Later capabilities add their sections here.
+
+section "backup: initialise the repository $DEMO_DIR/repo (age key $DEMO_DIR/backup.key)"
+if [ -f "$DEMO_DIR/repo/config" ]; then
+  echo "the repository exists already; keeping it"
+else
+  "$INVSYNC" --config "$CONFIG" repo init --repo offsite
+fi
+"$INVSYNC" --config "$CONFIG" key list --repo offsite
+
+section "backup: the data center's pipeline tables and a configuration directory"
+mkdir -p "$DEMO_DIR/etc/invsync/conf.d"
+cp "$CONFIG" "$DEMO_DIR/etc/invsync/invsync.toml"
+echo "peak_windows = [\"odd months 13-15\", \"odd months 25-26\"]" >"$DEMO_DIR/etc/invsync/conf.d/agent.toml"
+ln -sfn invsync.toml "$DEMO_DIR/etc/invsync/current.toml"
+"$INVSYNC" --config "$CONFIG" backup --repo offsite --db maindc --config-dir "$DEMO_DIR/etc/invsync" --tag demo
+
+section "backup: change 1% of the invoices, back up again (only the changed chunks are stored)"
+"$EINVOICE_GEN" load --url "$MAINDC_URL" --rate 2000 --duration 2 >/dev/null
+"$INVSYNC" --config "$CONFIG" backup --repo offsite --db maindc --config-dir "$DEMO_DIR/etc/invsync" --tag demo
+"$INVSYNC" --config "$CONFIG" snapshots --repo offsite
+
+section "restore: the latest snapshot into the standby cluster, and the configuration tree"
+"$INVSYNC" --config "$CONFIG" restore latest --repo offsite --to-db standby --replace
+psql -X "$STANDBY_URL" -c "SELECT 'invoice' AS table, count(*) FROM public.invoice \
+  UNION ALL SELECT 'invoice_item', count(*) FROM public.invoice_item \
+  UNION ALL SELECT 'allowance', count(*) FROM public.allowance"
+rm -rf "$DEMO_DIR/restored"
+"$INVSYNC" --config "$CONFIG" restore latest --repo offsite --to-dir "$DEMO_DIR/restored"
+find "$DEMO_DIR/restored" | sort
+
+section "verify the repository: every reference resolves and 100% of the data reads back"
+"$INVSYNC" --config "$CONFIG" verify repo --repo offsite --read-data
 
 section "done"
 cat <<TXT
 The clusters keep running:
   maindc   psql "$MAINDC_URL"
   cloud_a  psql "$CLOUD_A_URL"
+  standby  psql "$STANDBY_URL"
 Drive changes on the data center:
   $EINVOICE_GEN load --url "$MAINDC_URL" --rate 200 --duration 30
 Use the configuration:
-  export MAINDC_URL="$MAINDC_URL" CLOUD_A_URL="$CLOUD_A_URL"
+  export MAINDC_URL="$MAINDC_URL" CLOUD_A_URL="$CLOUD_A_URL" STANDBY_URL="$STANDBY_URL"
   $INVSYNC --config $CONFIG config check
 Stop them with: scripts/demo.sh stop
 TXT

@@ -609,12 +609,3 @@ pub async fn verify_repo(args: VerifyRepoArgs, config: Option<&Path>) -> anyhow:
         ExitCode::SUCCESS
     })
 }
-
-/// `invsync verify ...` on this branch: only `repo` (the verify branch adds `db`).
-#[derive(Subcommand)]
-pub enum VerifyCommand {
-    /// Check that every snapshot of a repository is whole and readable
-    ///
-    /// Exit status: 0 no damage, 1 damage found, 2 could not check.
-    Repo(VerifyRepoArgs),
-}
