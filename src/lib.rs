@@ -6,3 +6,4 @@ pub mod backup;
 pub mod check;
 pub mod config;
 pub mod pg;
+pub mod sync;

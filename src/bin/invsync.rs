@@ -9,6 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use invsync::config::{self, Config};
 
+#[path = "invsync/sync.rs"]
+mod sync;
+
 #[derive(Parser)]
 #[command(
     name = "invsync",
@@ -47,6 +50,9 @@ enum Command {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// CDC replication pipelines: setup, run, status, teardown
+    #[command(subcommand)]
+    Sync(sync::SyncCommand),
 }
 
 #[derive(Subcommand)]
@@ -125,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sync(cmd) => sync::run(load_config(cli.config.as_deref())?, cmd).await,
         Command::Config(ConfigCommand::Check(flags)) => {
             let config = load_config(cli.config.as_deref())?;
             let report = invsync::check::check(&config).await;
@@ -159,7 +166,12 @@ fn print_check(report: &invsync::check::CheckReport) {
         if let Some(r) = db.can_replicate {
             facts.push(if r { "may replicate" } else { "no REPLICATION" }.to_string());
         }
-        println!("{mark} database {} ({}) {}", db.name, db.url, facts.join(", "));
+        println!(
+            "{mark} database {} ({}) {}",
+            db.name,
+            db.url,
+            facts.join(", ")
+        );
         for p in &db.problems {
             println!("    problem: {p}");
         }
@@ -169,7 +181,11 @@ fn print_check(report: &invsync::check::CheckReport) {
     }
     for r in &report.repositories {
         let mark = if r.problems.is_empty() { "ok " } else { "BAD" };
-        let state = if r.reachable { "reachable" } else { "unreachable" };
+        let state = if r.reachable {
+            "reachable"
+        } else {
+            "unreachable"
+        };
         println!("{mark} repository {} ({}) {state}", r.name, r.url);
         for p in &r.problems {
             println!("    problem: {p}");
@@ -178,8 +194,16 @@ fn print_check(report: &invsync::check::CheckReport) {
     if report.ok() {
         println!("all checks passed");
     } else {
-        let n: usize = report.databases.iter().map(|d| d.problems.len()).sum::<usize>()
-            + report.repositories.iter().map(|r| r.problems.len()).sum::<usize>();
+        let n: usize = report
+            .databases
+            .iter()
+            .map(|d| d.problems.len())
+            .sum::<usize>()
+            + report
+                .repositories
+                .iter()
+                .map(|r| r.problems.len())
+                .sum::<usize>();
         println!("{n} problem(s) found");
     }
 }

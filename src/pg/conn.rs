@@ -38,8 +38,8 @@ impl FromStr for SslMode {
             "verify-full" => SslMode::VerifyFull,
             other => {
                 return Err(format!(
-                    "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-                ))
+                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+            ))
             }
         })
     }
@@ -131,6 +131,11 @@ impl ConnInfo {
         self.ssl_mode
     }
 
+    /// The `sslrootcert` file given in the URL, if any.
+    pub fn root_cert(&self) -> Option<&std::path::Path> {
+        self.root_cert.as_deref()
+    }
+
     /// The database name, or the user name when none is given (libpq's default).
     pub fn dbname(&self) -> &str {
         self.config
@@ -156,10 +161,14 @@ impl ConnInfo {
     /// Opens a connection. The connection task runs until the returned client is dropped.
     pub async fn connect(&self) -> Result<Client, PgError> {
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls_config()?);
-        let (client, connection) = self.config.connect(tls).await.map_err(|e| PgError::Connect {
-            target: self.display.clone(),
-            reason: super::describe(&e),
-        })?;
+        let (client, connection) =
+            self.config
+                .connect(tls)
+                .await
+                .map_err(|e| PgError::Connect {
+                    target: self.display.clone(),
+                    reason: super::describe(&e),
+                })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection closed: {}", super::describe(&e));
@@ -192,7 +201,10 @@ impl ConnInfo {
                         .map_err(|e| PgError::Invalid(format!("TLS setup failed: {e}")))?;
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(ChainVerifier { webpki, check_name }))
+                    .with_custom_certificate_verifier(Arc::new(ChainVerifier {
+                        webpki,
+                        check_name,
+                    }))
                     .with_no_client_auth()
             }
         };
@@ -363,6 +375,8 @@ mod tests {
         assert!(ConnInfo::parse("postgres://h/db?sslmode=maybe")
             .unwrap_err()
             .contains("sslmode"));
-        assert!(ConnInfo::parse("mysql://h/db").unwrap_err().contains("postgres://"));
+        assert!(ConnInfo::parse("mysql://h/db")
+            .unwrap_err()
+            .contains("postgres://"));
     }
 }
