@@ -56,7 +56,7 @@ pub enum SyncError {
         target: String,
         pid: i32,
     },
-    #[error("slot {slot} does not exist on {target}; run `invsync sync setup {pipeline}` again")]
+    #[error("pipeline `{pipeline}` is not set up: slot {slot} does not exist on {target}; run `invsync sync setup {pipeline}`")]
     SlotMissing {
         slot: String,
         target: String,

@@ -33,7 +33,7 @@ const BATCH_ROWS: usize = 20_000;
 const BATCH_TIME: Duration = Duration::from_millis(150);
 /// How long `run` waits for a slot still held by a process that died (its walsender has not
 /// noticed yet) before reporting it as in use.
-const SLOT_BUSY_GRACE: Duration = Duration::from_secs(15);
+const SLOT_BUSY_GRACE: Duration = Duration::from_secs(5);
 
 /// Options of `invsync sync setup`.
 #[derive(Debug, Clone)]

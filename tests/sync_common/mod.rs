@@ -62,6 +62,14 @@ impl Running {
         Running { stop, task }
     }
 
+    /// Waits for the pipeline to end by itself (an error that needs a person).
+    pub async fn finished(self) -> Result<(), invsync::sync::SyncError> {
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("run ends within 60 s")
+            .expect("run task")
+    }
+
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let r = tokio::time::timeout(Duration::from_secs(30), self.task)
