@@ -1,0 +1,274 @@
+//! Faults: `sync run` killed with SIGKILL mid-stream and stopped with SIGTERM, a target down
+//! for a while, and two pipelines in opposite directions.
+
+mod support;
+mod sync_common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{invsync, PgCluster};
+use sync_common::*;
+
+fn spawn_run(cfg: &std::path::Path, pipeline: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .args(["--config", cfg.to_str().unwrap(), "sync", "run", pipeline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+const LEDGER: &str = "SELECT id, amount, memo FROM ledger ORDER BY id";
+const COUNTER: &str = "SELECT n FROM counter";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    src.psql(
+        "einvoice",
+        "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric NOT NULL, memo text);
+         CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
+         INSERT INTO counter VALUES (1, 0);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], &["public.ledger", "public.counter"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+
+    // A writer of small transactions, each inserting one row and bumping the counter, plus
+    // some large ones, runs across the kill and the restart.
+    let writer_conn = src.conn("einvoice");
+    let writer = tokio::spawn(async move {
+        let client = writer_conn.connect().await.unwrap();
+        for i in 0..1500i64 {
+            if i % 500 == 250 {
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO ledger SELECT {b} + g, g, 'bulk' FROM generate_series(1, 20000) g;
+                         UPDATE counter SET n = n + 1; COMMIT;",
+                        b = 1_000_000 * (i + 1)
+                    ))
+                    .await
+                    .unwrap();
+            }
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO ledger VALUES ({i}, {i}.5, 'row {i}'); UPDATE counter SET n = n + 1; COMMIT;"
+                ))
+                .await
+                .unwrap();
+        }
+    });
+
+    let mut child = spawn_run(&cfg, "p");
+    wait_for("some rows on the target", || {
+        dump(&dst, "SELECT count(*) FROM ledger")
+            .parse::<i64>()
+            .unwrap_or(0)
+            > 200
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = dump(&dst, "SELECT count(*) FROM ledger");
+
+    let mut child = spawn_run(&cfg, "p");
+    writer.await.unwrap();
+    wait_same(&src, &dst, COUNTER).await;
+    wait_same(&src, &dst, LEDGER).await;
+    assert_eq!(dump(&dst, COUNTER), "1503");
+    assert!(
+        at_kill.parse::<i64>().unwrap() < 61500,
+        "the kill came too late to prove anything"
+    );
+
+    // SIGTERM: finish the batch, record progress, exit 0, release the slot.
+    src.psql("einvoice", "INSERT INTO ledger VALUES (-1, 1, 'last')");
+    wait_same(&src, &dst, LEDGER).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let s = child.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (s, err)
+    })
+    .await
+    .unwrap();
+    assert!(
+        exit.0.success(),
+        "run did not exit 0 on SIGTERM: {:?} {}",
+        exit.0,
+        exit.1
+    );
+    assert!(exit.1.contains("stop requested"), "{}", exit.1);
+    wait_for("the slot to be released", || {
+        src.psql(
+            "einvoice",
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'invsync_p'",
+        ) == "f"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_a_while_catches_up_while_the_other_keeps_applying() {
+    let src = PgCluster::start();
+    let t1 = PgCluster::start();
+    let t2 = PgCluster::start();
+    src.psql(
+        "einvoice",
+        "CREATE TABLE carrier (carrier_type text, carrier_id text, owner text, PRIMARY KEY (carrier_type, carrier_id))",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[
+            ("dc", src.url("einvoice")),
+            ("t1", t1.url("einvoice")),
+            ("t2", t2.url("einvoice")),
+        ],
+        &[("p", "dc", &["t1", "t2"], &["public.carrier"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+    let q = "SELECT carrier_type, carrier_id, owner FROM carrier ORDER BY 1, 2";
+    let run = Running::start(&load(&cfg), "p");
+    src.psql(
+        "einvoice",
+        "INSERT INTO carrier SELECT '3J0002', '/AB' || g, 'o' || g FROM generate_series(1, 100) g",
+    );
+    wait_same(&src, &t2, q).await;
+
+    t2.stop();
+    for i in 0..20 {
+        src.psql(
+            "einvoice",
+            &format!(
+                "INSERT INTO carrier VALUES ('3J0002', '/X{i}', 'new'); UPDATE carrier SET owner = owner || '+' WHERE carrier_id = '/AB{}';
+                 DELETE FROM carrier WHERE carrier_id = '/AB{}'",
+                i + 1,
+                i + 50
+            ),
+        );
+    }
+    // The other target keeps applying while t2 is down, and the slot holds what t2 misses.
+    wait_same(&src, &t1, q).await;
+    let t2_applied = applied_lsn(&t1, "p");
+    let confirmed = src.psql(
+        "einvoice",
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'invsync_p'",
+    );
+    assert!(
+        src.psql(
+            "einvoice",
+            &format!("SELECT '{confirmed}'::pg_lsn < '{t2_applied}'::pg_lsn")
+        ) == "t",
+        "slot confirmed {confirmed} although t2 is down and t1 is at {t2_applied}"
+    );
+
+    t2.start_again();
+    wait_same(&src, &t2, q).await;
+    wait_same(&src, &t1, q).await;
+    // Once both hold everything, the slot moves on.
+    let now = src.psql("einvoice", "SELECT pg_current_wal_lsn()");
+    wait_for("the slot to be confirmed again", || {
+        src.psql(
+            "einvoice",
+            &format!("SELECT confirmed_flush_lsn >= '{now}' FROM pg_replication_slots WHERE slot_name = 'invsync_p'"),
+        ) == "t"
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(dump(&t1, q), dump(&t2, q));
+    let _ = Duration::ZERO;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_in_opposite_directions_do_not_echo() {
+    let dc = PgCluster::start();
+    let cloud = PgCluster::start();
+    for c in [&dc, &cloud] {
+        c.psql(
+            "einvoice",
+            "CREATE TABLE carrier (carrier_id text PRIMARY KEY, owner text, hits int NOT NULL DEFAULT 0);
+             CREATE TABLE invoice (invoice_number text PRIMARY KEY, amount numeric)",
+        );
+    }
+    dc.psql("einvoice", "INSERT INTO invoice VALUES ('AB00000001', 10)");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("dc", dc.url("einvoice")), ("cloud", cloud.url("einvoice"))],
+        &[
+            (
+                "down",
+                "dc",
+                &["cloud"],
+                &["public.invoice", "public.carrier"],
+            ),
+            ("up", "cloud", &["dc"], &["public.carrier"]),
+        ],
+    );
+    let c = cfg.to_str().unwrap();
+    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "down"]);
+    assert_eq!(code, 0, "{err}");
+    // The reverse pipeline's targets already hold the rows.
+    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "up", "--no-copy"]);
+    assert_eq!(code, 0, "{err}");
+    let config = load(&cfg);
+    let down = Running::start(&config, "down");
+    let up = Running::start(&config, "up");
+
+    cloud.psql("einvoice", "INSERT INTO carrier VALUES ('/CLOUD1', 'c', 0)");
+    dc.psql(
+        "einvoice",
+        "INSERT INTO carrier VALUES ('/DC1', 'd', 0); INSERT INTO invoice VALUES ('AB00000002', 20)",
+    );
+    let q = "SELECT carrier_id, owner, hits FROM carrier ORDER BY 1";
+    wait_same(&dc, &cloud, q).await;
+    // Relative updates on both sides: an echo would apply one twice or loop.
+    dc.psql(
+        "einvoice",
+        "UPDATE carrier SET hits = hits + 1 WHERE carrier_id = '/CLOUD1'",
+    );
+    wait_same(&dc, &cloud, q).await;
+    cloud.psql(
+        "einvoice",
+        "UPDATE carrier SET hits = hits + 10 WHERE carrier_id = '/DC1'",
+    );
+    wait_same(&dc, &cloud, q).await;
+    wait_same(&dc, &cloud, "SELECT * FROM invoice ORDER BY 1").await;
+
+    // Both slots go quiet: nothing bounces back and forth.
+    for (cluster, slot) in [(&dc, "invsync_down"), (&cloud, "invsync_up")] {
+        let now = cluster.psql("einvoice", "SELECT pg_current_wal_lsn()");
+        wait_for("the slot to settle", || {
+            cluster.psql(
+                "einvoice",
+                &format!("SELECT confirmed_flush_lsn >= '{now}' FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+            ) == "t"
+        })
+        .await;
+    }
+    assert_eq!(dump(&dc, q), "/CLOUD1|c|1\n/DC1|d|10");
+    assert_eq!(dump(&cloud, q), "/CLOUD1|c|1\n/DC1|d|10");
+    down.stop().await;
+    up.stop().await;
+}
