@@ -272,3 +272,84 @@ async fn pipelines_in_opposite_directions_do_not_echo() {
     down.stop().await;
     up.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_killed_mid_copy_is_redone_by_the_next_setup() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    let ddl = "CREATE TABLE invoice (invoice_number text PRIMARY KEY, amount numeric);
+               CREATE TABLE invoice_item (invoice_number text, seq int, name text, PRIMARY KEY (invoice_number, seq));";
+    src.psql("einvoice", ddl);
+    dst.psql("einvoice", ddl);
+    src.psql(
+        "einvoice",
+        "INSERT INTO invoice SELECT 'AB' || lpad(g::text, 8, '0'), g FROM generate_series(1, 5000) g;
+         INSERT INTO invoice_item SELECT 'AB' || lpad(g::text, 8, '0'), s, 'item' FROM generate_series(1, 5000) g, generate_series(1, 3) s;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], &["public.invoice", "public.invoice_item"])],
+    );
+    // Hold up the copy into invoice_item so setup is surely mid-copy when it is killed.
+    let blocker = dst.client("einvoice").await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE invoice_item IN SHARE MODE")
+        .await
+        .unwrap();
+    let mut setup = Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .args(["--config", cfg.to_str().unwrap(), "sync", "setup", "p", "--no-create"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("invoice to be copied", || {
+        dump(&dst, "SELECT count(*) FROM invoice") == "5000"
+    })
+    .await;
+    setup.kill().unwrap();
+    setup.wait().unwrap();
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(dump(&dst, "SELECT state FROM invsync.pipeline"), "copying");
+
+    // Rows written after the killed setup's snapshot must not be lost either.
+    src.psql("einvoice", "INSERT INTO invoice VALUES ('ZZ00000001', 1)");
+    let (code, out, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p", "--no-create"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("interrupted setup"), "{out}");
+    let run = Running::start(&load(&cfg), "p");
+    src.psql("einvoice", "INSERT INTO invoice_item VALUES ('ZZ00000001', 1, 'late')");
+    wait_same(&src, &dst, "SELECT * FROM invoice ORDER BY 1").await;
+    wait_same(&src, &dst, "SELECT * FROM invoice_item ORDER BY 1, 2").await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_when_the_source_restarts() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    src.psql("einvoice", "CREATE TABLE allowance (id int PRIMARY KEY, amount numeric)");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], &["public.allowance"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+    let run = Running::start(&load(&cfg), "p");
+    src.psql("einvoice", "INSERT INTO allowance VALUES (1, 1)");
+    let q = "SELECT * FROM allowance ORDER BY 1";
+    wait_same(&src, &dst, q).await;
+    src.stop();
+    src.start_again();
+    src.psql("einvoice", "INSERT INTO allowance VALUES (2, 2); UPDATE allowance SET amount = 9 WHERE id = 1");
+    wait_same(&src, &dst, q).await;
+    dst.stop();
+    src.psql("einvoice", "INSERT INTO allowance VALUES (3, 3)");
+    dst.start_again();
+    wait_same(&src, &dst, q).await;
+    run.stop().await;
+}
