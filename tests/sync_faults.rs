@@ -299,7 +299,14 @@ async fn setup_killed_mid_copy_is_redone_by_the_next_setup() {
         .await
         .unwrap();
     let mut setup = Command::new(env!("CARGO_BIN_EXE_invsync"))
-        .args(["--config", cfg.to_str().unwrap(), "sync", "setup", "p", "--no-create"])
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "sync",
+            "setup",
+            "p",
+            "--no-create",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -316,11 +323,21 @@ async fn setup_killed_mid_copy_is_redone_by_the_next_setup() {
 
     // Rows written after the killed setup's snapshot must not be lost either.
     src.psql("einvoice", "INSERT INTO invoice VALUES ('ZZ00000001', 1)");
-    let (code, out, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p", "--no-create"]);
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "sync",
+        "setup",
+        "p",
+        "--no-create",
+    ]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("interrupted setup"), "{out}");
     let run = Running::start(&load(&cfg), "p");
-    src.psql("einvoice", "INSERT INTO invoice_item VALUES ('ZZ00000001', 1, 'late')");
+    src.psql(
+        "einvoice",
+        "INSERT INTO invoice_item VALUES ('ZZ00000001', 1, 'late')",
+    );
     wait_same(&src, &dst, "SELECT * FROM invoice ORDER BY 1").await;
     wait_same(&src, &dst, "SELECT * FROM invoice_item ORDER BY 1, 2").await;
     run.stop().await;
@@ -330,7 +347,10 @@ async fn setup_killed_mid_copy_is_redone_by_the_next_setup() {
 async fn reconnects_when_the_source_restarts() {
     let src = PgCluster::start();
     let dst = PgCluster::start();
-    src.psql("einvoice", "CREATE TABLE allowance (id int PRIMARY KEY, amount numeric)");
+    src.psql(
+        "einvoice",
+        "CREATE TABLE allowance (id int PRIMARY KEY, amount numeric)",
+    );
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
@@ -345,7 +365,10 @@ async fn reconnects_when_the_source_restarts() {
     wait_same(&src, &dst, q).await;
     src.stop();
     src.start_again();
-    src.psql("einvoice", "INSERT INTO allowance VALUES (2, 2); UPDATE allowance SET amount = 9 WHERE id = 1");
+    src.psql(
+        "einvoice",
+        "INSERT INTO allowance VALUES (2, 2); UPDATE allowance SET amount = 9 WHERE id = 1",
+    );
     wait_same(&src, &dst, q).await;
     dst.stop();
     src.psql("einvoice", "INSERT INTO allowance VALUES (3, 3)");

@@ -74,6 +74,17 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
     let (code, out, _) = invsync(&["--config", cfg_s, "sync", "setup", "dc_to_cloud"]);
     assert_eq!(code, 0);
     assert!(out.contains("already set up"), "{out}");
+    // ...but a changed table list is not silently ignored.
+    src.psql("einvoice", "CREATE TABLE extra (id int PRIMARY KEY)");
+    let dir2 = tempfile::tempdir().unwrap();
+    let cfg2 = write_config(
+        dir2.path(),
+        &[("dc", src.url("einvoice")), ("cloud", dst.url("einvoice"))],
+        &[("dc_to_cloud", "dc", &["cloud"], &["public.account", "public.item", "public.extra"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg2.to_str().unwrap(), "sync", "setup", "dc_to_cloud"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("public.extra") && err.contains("teardown"), "{err}");
 
     let config = load(&cfg);
     let run = Running::start(&config, "dc_to_cloud");

@@ -127,6 +127,28 @@ pub async fn setup(
         .iter()
         .all(|(_, _, _, s)| matches!(s, Some(s) if s.state == progress::State::Streaming));
     if existing_slot.is_some() && all_streaming {
+        let published = publication::tables(&source, &source_conn, &pub_name)
+            .await?
+            .unwrap_or_default();
+        let added: Vec<String> = table_names
+            .iter()
+            .filter(|t| !published.contains(t))
+            .map(|t| t.to_string())
+            .collect();
+        let removed: Vec<String> = published
+            .iter()
+            .filter(|t| !table_names.contains(t))
+            .map(|t| t.to_string())
+            .collect();
+        if !added.is_empty() || !removed.is_empty() {
+            return Err(SyncError::Config(format!(
+                "pipeline {pipeline} is set up with other tables (added in the configuration: {}; removed: {}); \
+                 changing the tables of a set-up pipeline is not supported: run `invsync sync teardown {pipeline} --yes` \
+                 and set it up again (the copy needs empty target tables)",
+                if added.is_empty() { "none".into() } else { added.join(", ") },
+                if removed.is_empty() { "none".into() } else { removed.join(", ") },
+            )));
+        }
         return Ok(SetupOutcome::AlreadySetUp {
             pipeline: pipeline.to_string(),
             slot: slot_name,

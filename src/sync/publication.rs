@@ -7,7 +7,7 @@
 use tokio_postgres::Client;
 
 use super::SyncError;
-use crate::pg::{ConnInfo, PgError, ReplicaIdentity, TableInfo};
+use crate::pg::{ConnInfo, PgError, ReplicaIdentity, TableInfo, TableName};
 
 /// Refuses the tables that have neither a primary key nor a replica identity, naming each.
 pub fn check_identity(tables: &[TableInfo]) -> Result<(), SyncError> {
@@ -61,4 +61,32 @@ pub async fn drop(client: &Client, conn: &ConnInfo, name: &str) -> Result<(), Sy
         .await
         .map_err(|e| PgError::query(format!("dropping publication {name}"), conn, e))?;
     Ok(())
+}
+
+/// The tables the publication streams, or `None` if it does not exist.
+pub async fn tables(
+    client: &Client,
+    conn: &ConnInfo,
+    name: &str,
+) -> Result<Option<Vec<TableName>>, SyncError> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await
+        .map_err(|e| PgError::query("reading publications", conn, e))?
+        .is_some();
+    if !exists {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&name],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the publication's tables", conn, e))?;
+    Ok(Some(
+        rows.iter()
+            .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect(),
+    ))
 }
