@@ -80,11 +80,25 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
     let cfg2 = write_config(
         dir2.path(),
         &[("dc", src.url("einvoice")), ("cloud", dst.url("einvoice"))],
-        &[("dc_to_cloud", "dc", &["cloud"], &["public.account", "public.item", "public.extra"])],
+        &[(
+            "dc_to_cloud",
+            "dc",
+            &["cloud"],
+            &["public.account", "public.item", "public.extra"],
+        )],
     );
-    let (code, _, err) = invsync(&["--config", cfg2.to_str().unwrap(), "sync", "setup", "dc_to_cloud"]);
+    let (code, _, err) = invsync(&[
+        "--config",
+        cfg2.to_str().unwrap(),
+        "sync",
+        "setup",
+        "dc_to_cloud",
+    ]);
     assert_ne!(code, 0);
-    assert!(err.contains("public.extra") && err.contains("teardown"), "{err}");
+    assert!(
+        err.contains("public.extra") && err.contains("teardown"),
+        "{err}"
+    );
 
     let config = load(&cfg);
     let run = Running::start(&config, "dc_to_cloud");

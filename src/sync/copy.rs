@@ -16,6 +16,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::{progress, slot::SESSION_SETTINGS, SyncError};
 use crate::pg::{quote_ident, ConnInfo, PgError, TableInfo};
 
+/// Bytes gathered from the source before they are sent to the target.
+const COPY_BUFFER: usize = 128 * 1024;
+
 /// Tables larger than this many pages (8 KiB each) are copied in pieces of this size.
 const PIECE_PAGES: i64 = 16384;
 
@@ -240,15 +243,26 @@ async fn copy_piece(
         .map_err(|e| fail(crate::pg::describe(&e)))?;
     futures::pin_mut!(out);
     futures::pin_mut!(sink);
+    // COPY OUT yields one message per row; gather them so the target gets few large messages.
     let mut bytes = 0u64;
+    let mut buf = bytes::BytesMut::with_capacity(COPY_BUFFER);
     while let Some(chunk) = out
         .try_next()
         .await
         .map_err(|e| fail(format!("reading: {}", crate::pg::describe(&e))))?
     {
         bytes += chunk.len() as u64;
-        bar.inc(chunk.len() as u64);
-        sink.send(chunk)
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= COPY_BUFFER {
+            bar.inc(buf.len() as u64);
+            sink.feed(buf.split().freeze())
+                .await
+                .map_err(|e| fail(format!("writing: {}", crate::pg::describe(&e))))?;
+        }
+    }
+    if !buf.is_empty() {
+        bar.inc(buf.len() as u64);
+        sink.feed(buf.freeze())
             .await
             .map_err(|e| fail(format!("writing: {}", crate::pg::describe(&e))))?;
     }
