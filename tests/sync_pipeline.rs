@@ -240,6 +240,11 @@ async fn types_toast_truncate_and_schema_drift() {
              j json, jb jsonb, ai int[], at text[], d date, tm time, tmtz timetz, ts timestamp, tstz timestamptz,
              iv interval, u uuid, ip inet, net cidr, m money, e mood, dom posint, comp pair, ea mood[], bo boolean,
              c char(3), vc varchar(5), g int GENERATED ALWAYS AS (id * 2) STORED);
+         CREATE TABLE loose (v text, n int); ALTER TABLE loose REPLICA IDENTITY FULL;
+         INSERT INTO loose VALUES ('a', 1), ('a', 1), ('b', NULL);
+         CREATE TABLE part (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE part_2026 PARTITION OF part FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         INSERT INTO part VALUES (1, '2026-05-01');
          CREATE TABLE doc (id int PRIMARY KEY, small int NOT NULL, big text);
          ALTER TABLE doc ALTER COLUMN big SET STORAGE EXTERNAL;
          INSERT INTO doc SELECT g, 0, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 400) i)
@@ -250,7 +255,12 @@ async fn types_toast_truncate_and_schema_drift() {
     let cfg = write_config(
         dir.path(),
         &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
-        &[("p", "a", &["b"], &["public.kinds", "public.doc"])],
+        &[(
+            "p",
+            "a",
+            &["b"],
+            &["public.kinds", "public.doc", "public.loose", "public.part"],
+        )],
     );
     let (code, out, err) = invsync(&[
         "--config",
@@ -283,6 +293,21 @@ async fn types_toast_truncate_and_schema_drift() {
     wait_same(&src, &dst, KINDS).await;
     // Generated columns are computed by the target.
     assert_eq!(dump(&dst, "SELECT g FROM kinds WHERE id = 11"), "22");
+
+    // REPLICA IDENTITY FULL without a key: one of two equal rows changes, NULLs match.
+    src.psql(
+        "einvoice",
+        "UPDATE loose SET n = 2 WHERE ctid = (SELECT min(ctid) FROM loose WHERE v = 'a');
+         UPDATE loose SET v = 'c' WHERE v = 'b'; DELETE FROM loose WHERE n = 2;
+         INSERT INTO loose VALUES ('d', 4)",
+    );
+    wait_same(&src, &dst, "SELECT v, n FROM loose ORDER BY 1, 2").await;
+    // A partitioned table streams under its own name.
+    src.psql(
+        "einvoice",
+        "INSERT INTO part VALUES (2, '2026-06-01'); UPDATE part SET id = 3 WHERE id = 1",
+    );
+    wait_same(&src, &dst, "SELECT * FROM part ORDER BY 1").await;
 
     // An update that leaves the TOASTed column alone leaves it alone on the target.
     src.psql(
@@ -453,4 +478,27 @@ async fn wrong_input_is_refused_with_the_fix() {
     .await;
     fails(&["run", "ok"], &["invsync_ok", "in use by another process"]);
     running.stop().await;
+
+    // Adding a target to a set-up pipeline is refused, and the slot the first target needs stays.
+    dst.psql("postgres", "CREATE DATABASE einvoice2");
+    let dir2 = tempfile::tempdir().unwrap();
+    let cfg2 = write_config(
+        dir2.path(),
+        &[
+            ("a", src.url("einvoice")),
+            ("b", dst.url("einvoice")),
+            ("b2", dst.url("einvoice2")),
+        ],
+        &[("ok", "a", &["b", "b2"], &["public.keyed"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg2.to_str().unwrap(), "sync", "setup", "ok"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("adding a target"), "{err}");
+    assert_eq!(
+        src.psql(
+            "einvoice",
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'invsync_ok'"
+        ),
+        "1"
+    );
 }

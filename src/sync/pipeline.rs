@@ -154,6 +154,26 @@ pub async fn setup(
             slot: slot_name,
         });
     }
+    let streaming: Vec<&str> = targets
+        .iter()
+        .filter(|(_, _, _, s)| matches!(s, Some(s) if s.state == progress::State::Streaming))
+        .map(|(n, _, _, _)| n.as_str())
+        .collect();
+    if existing_slot.is_some() && !streaming.is_empty() {
+        // Redoing setup would drop the slot the streaming targets depend on.
+        let others: Vec<&str> = targets
+            .iter()
+            .map(|(n, _, _, _)| n.as_str())
+            .filter(|n| !streaming.contains(n))
+            .collect();
+        return Err(SyncError::Config(format!(
+            "pipeline {pipeline} streams to {} but is not set up on {}; adding a target to a set-up pipeline \
+             is not supported: run `invsync sync teardown {pipeline} --yes` and set it up again, or give the new \
+             target its own pipeline",
+            streaming.join(", "),
+            others.join(", ")
+        )));
+    }
     let resumed = existing_slot.is_some() || targets.iter().any(|(_, _, _, s)| s.is_some());
     if existing_slot.is_some() {
         // Left by an interrupted setup: its snapshot is gone, so the copy starts over.

@@ -39,10 +39,18 @@ pub async fn ensure(
         .map_err(|e| PgError::query("reading publications", conn, e))?
         .is_some();
     let ident = crate::pg::quote_ident(name);
+    // Partitioned tables are published under their own name, not their partitions', so the
+    // targets need only the table the configuration names.
     let sql = if exists {
-        format!("ALTER PUBLICATION {ident} SET TABLE {}", list.join(", "))
+        format!(
+            "ALTER PUBLICATION {ident} SET TABLE {}; ALTER PUBLICATION {ident} SET (publish_via_partition_root = true)",
+            list.join(", ")
+        )
     } else {
-        format!("CREATE PUBLICATION {ident} FOR TABLE {}", list.join(", "))
+        format!(
+            "CREATE PUBLICATION {ident} FOR TABLE {} WITH (publish_via_partition_root = true)",
+            list.join(", ")
+        )
     };
     client
         .batch_execute(&sql)
