@@ -162,6 +162,13 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
     assert_eq!(t["tables"].as_array().unwrap().len(), 2);
     assert!(t["applied_lsn"].as_str().unwrap().contains('/'));
 
+    let (code, out, _) = invsync(&["--config", cfg_s, "sync", "status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("target cloud: streaming") && out.contains("public.item"),
+        "{out}"
+    );
+
     run.stop().await;
     // After a clean stop the slot is released and confirmed no further than the target holds.
     let confirmed = src.psql(
