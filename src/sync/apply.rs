@@ -209,10 +209,21 @@ impl Target {
         }
         let origin = names::origin(&self.pipeline, &self.name);
         progress::ensure_origin(&client, &self.conn, &origin).await?;
-        client
+        if let Err(e) = client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await
-            .map_err(q("taking the pipeline's replication origin (is another `invsync sync run` applying to this target?)"))?;
+        {
+            return Err(
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) {
+                    SyncError::OriginInUse {
+                        origin,
+                        target: self.conn.to_string(),
+                    }
+                } else {
+                    PgError::query("taking the pipeline's replication origin", &self.conn, e).into()
+                },
+            );
+        }
         let p = progress::load(&client, &self.conn, &self.pipeline)
             .await?
             .filter(|p| p.state == progress::State::Streaming)

@@ -56,6 +56,8 @@ pub enum SyncError {
         target: String,
         pid: i32,
     },
+    #[error("replication origin {origin} on {target} is in use by another session; stop the other `invsync sync run` of this pipeline")]
+    OriginInUse { origin: String, target: String },
     #[error("pipeline `{pipeline}` is not set up: slot {slot} does not exist on {target}; run `invsync sync setup {pipeline}`")]
     SlotMissing {
         slot: String,
@@ -100,7 +102,8 @@ impl SyncError {
         match self {
             SyncError::Pg(e) => e.is_transient(),
             SyncError::Replication { transient, .. } => *transient,
-            SyncError::SlotInUse { .. } => true,
+            // Also left for a moment by a session of ours that just died.
+            SyncError::SlotInUse { .. } | SyncError::OriginInUse { .. } => true,
             _ => false,
         }
     }

@@ -163,10 +163,21 @@ pub fn replication_config(
 }
 
 fn replication_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> SyncError {
+    use pgwire_replication::PgWireError as E;
+    let reason = e.to_string();
+    // The server's errors carry their SQLSTATE in the text: connection failures (08), shutdown
+    // and termination (57P), and lack of resources (53) pass; an internal end of the client's
+    // worker is a lost connection too.
+    let transient = e.is_transient()
+        || matches!(e, E::Internal(_))
+        || (matches!(e, E::Server(_))
+            && ["SQLSTATE 08", "SQLSTATE 57P", "SQLSTATE 53"]
+                .iter()
+                .any(|c| reason.contains(c)));
     SyncError::Replication {
         target: conn.to_string(),
-        transient: e.is_transient(),
-        reason: e.to_string(),
+        transient,
+        reason,
     }
 }
 
@@ -241,10 +252,17 @@ pub async fn stream(
     let mut client = ReplicationClient::connect(cfg)
         .await
         .map_err(|e| replication_error(conn, e))?;
-    client
-        .wait_started()
-        .await
-        .map_err(|e| replication_error(conn, e))?;
+    if let Err(e) = client.wait_started().await {
+        // Another session took the slot between our check and the start.
+        if e.to_string().contains("SQLSTATE 55006") {
+            return Err(SyncError::SlotInUse {
+                slot: slot.to_string(),
+                target: conn.to_string(),
+                pid: 0,
+            });
+        }
+        return Err(replication_error(conn, e));
+    }
     Ok(client)
 }
 
