@@ -211,7 +211,7 @@ async fn pipelines_in_opposite_directions_do_not_echo() {
              CREATE TABLE invoice (invoice_number text PRIMARY KEY, amount numeric)",
         );
     }
-    dc.psql("einvoice", "INSERT INTO invoice VALUES ('AB00000001', 10)");
+    cloud.psql("einvoice", "INSERT INTO carrier VALUES ('/PRE', 'p', 0)");
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
@@ -227,14 +227,17 @@ async fn pipelines_in_opposite_directions_do_not_echo() {
         ],
     );
     let c = cfg.to_str().unwrap();
-    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "down"]);
-    assert_eq!(code, 0, "{err}");
-    // The reverse pipeline's targets already hold the rows.
-    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "up", "--no-copy"]);
+    // The cloud already holds its carriers: `down` starts without a copy and runs...
+    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "down", "--no-copy"]);
     assert_eq!(code, 0, "{err}");
     let config = load(&cfg);
     let down = Running::start(&config, "down");
+    // ...while `up` copies them into the data center; the copy carries an origin, so `down`
+    // does not send the rows back (which would collide with the cloud's own rows).
+    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "up"]);
+    assert_eq!(code, 0, "{err}");
     let up = Running::start(&config, "up");
+    dc.psql("einvoice", "INSERT INTO invoice VALUES ('AB00000001', 10)");
 
     cloud.psql("einvoice", "INSERT INTO carrier VALUES ('/CLOUD1', 'c', 0)");
     dc.psql(
@@ -267,8 +270,8 @@ async fn pipelines_in_opposite_directions_do_not_echo() {
         })
         .await;
     }
-    assert_eq!(dump(&dc, q), "/CLOUD1|c|1\n/DC1|d|10");
-    assert_eq!(dump(&cloud, q), "/CLOUD1|c|1\n/DC1|d|10");
+    assert_eq!(dump(&dc, q), "/CLOUD1|c|1\n/DC1|d|10\n/PRE|p|0");
+    assert_eq!(dump(&cloud, q), "/CLOUD1|c|1\n/DC1|d|10\n/PRE|p|0");
     down.stop().await;
     up.stop().await;
 }

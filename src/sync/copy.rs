@@ -8,12 +8,16 @@
 //! (`ctid` ranges, which PostgreSQL scans directly). Values go in binary when every column has a
 //! built-in type on both sides (binary values of user types embed their OIDs, which differ
 //! between clusters), else in text. Each piece commits on its own; an interrupted copy is redone
-//! from the start by setup, which empties the tables it was filling.
+//! from the start by setup, which empties the tables it was filling. Copy sessions carry
+//! replication origins like apply sessions, so a pipeline in the opposite direction does not
+//! stream the copied rows back.
+
+use std::collections::HashMap;
 
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{progress, slot::SESSION_SETTINGS, SyncError};
+use super::{names, progress, slot::SESSION_SETTINGS, SyncError};
 use crate::pg::{quote_ident, ConnInfo, PgError, TableInfo};
 
 /// Bytes gathered from the source before they are sent to the target.
@@ -63,6 +67,43 @@ fn binary_ok(job: &TableCopy) -> bool {
                 .iter()
                 .any(|t| t.name == c.name && t.type_oid == c.type_oid && t.type_name == c.type_name)
     })
+}
+
+/// Replication origins for the copy sessions, so rows copied into a target are recognisable as
+/// invsync's like streamed ones (a pipeline in the opposite direction does not send them back).
+/// One per concurrent session and target: PostgreSQL lets one session at a time use an origin.
+struct Origins {
+    free: std::sync::Mutex<HashMap<String, Vec<String>>>,
+}
+
+/// An origin taken from [`Origins`], given back when dropped.
+struct Lease<'a> {
+    pool: &'a Origins,
+    target: String,
+    name: Option<String>,
+}
+
+impl Origins {
+    fn take(&self, target: &str) -> Lease<'_> {
+        let name = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.get_mut(target).and_then(Vec::pop));
+        Lease {
+            pool: self,
+            target: target.to_string(),
+            name,
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let (Some(name), Ok(mut free)) = (self.name.take(), self.pool.free.lock()) {
+            free.entry(self.target.clone()).or_default().push(name);
+        }
+    }
 }
 
 struct Piece {
@@ -126,12 +167,38 @@ pub async fn copy_all(
     }
     drop(source);
 
+    let jobs = jobs.max(1);
+    let mut targets: Vec<(&str, &ConnInfo)> = Vec::new();
+    for t in &tables {
+        if !targets.iter().any(|(n, _)| *n == t.target_name) {
+            targets.push((&t.target_name, &t.target_conn));
+        }
+    }
+    let origin_names = |target: &str| -> Vec<String> {
+        (0..jobs)
+            .map(|k| names::origin(pipeline, &format!("{target}_copy{k}")))
+            .collect()
+    };
+    let mut free = HashMap::new();
+    for (name, conn) in &targets {
+        let client = conn.connect().await?;
+        for origin in origin_names(name) {
+            progress::ensure_origin(&client, conn, &origin).await?;
+        }
+        free.insert(name.to_string(), origin_names(name));
+    }
+    let origins = Origins {
+        free: std::sync::Mutex::new(free),
+    };
+
     let results: Vec<(usize, u64, u64)> = futures::stream::iter(pieces)
         .map(|piece| {
             let job = &tables[piece.job];
             let bar = &progress_bars[piece.job];
             let binary = stats[piece.job].binary;
+            let origins = &origins;
             async move {
+                let origin = origins.take(&job.target_name);
                 let (rows, bytes) = copy_piece(
                     source_conn,
                     snapshot,
@@ -140,12 +207,13 @@ pub async fn copy_all(
                     piece.pages,
                     binary,
                     bar,
+                    origin.name.as_deref(),
                 )
                 .await?;
                 Ok::<_, SyncError>((piece.job, rows, bytes))
             }
         })
-        .buffer_unordered(jobs.max(1))
+        .buffer_unordered(jobs)
         .try_collect()
         .await?;
     for (job, rows, bytes) in results {
@@ -154,6 +222,12 @@ pub async fn copy_all(
     }
     for bar in progress_bars {
         bar.finish();
+    }
+    for (name, conn) in &targets {
+        let client = conn.connect().await?;
+        for origin in origin_names(name) {
+            progress::drop_origin(&client, conn, &origin).await?;
+        }
     }
     Ok(stats)
 }
@@ -166,6 +240,7 @@ async fn copy_piece(
     pages: Option<(i64, Option<i64>)>,
     binary: bool,
     bar: &ProgressBar,
+    origin: Option<&str>,
 ) -> Result<(u64, u64), SyncError> {
     let table = job.source.name.to_string();
     let fail = |reason: String| SyncError::Copy {
@@ -210,6 +285,17 @@ async fn copy_piece(
     dst.batch_execute(&settings_sql())
         .await
         .map_err(|e| PgError::query("setting session formats", &job.target_conn, e))?;
+    if let Some(origin) = origin {
+        dst.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(|e| {
+                PgError::query(
+                    "taking a replication origin for the copy",
+                    &job.target_conn,
+                    e,
+                )
+            })?;
+    }
     // Like PostgreSQL's own apply workers: no user triggers or foreign-key checks while copying,
     // so tables can be filled in any order. Needs superuser; without it they stay on.
     if let Err(e) = dst
