@@ -190,6 +190,11 @@ pub async fn copy_all(
     let origins = Origins {
         free: std::sync::Mutex::new(free),
     };
+    let from = Snapshot {
+        conn: source_conn,
+        name: snapshot,
+        pipeline,
+    };
 
     let results: Vec<(usize, u64, u64)> = futures::stream::iter(pieces)
         .map(|piece| {
@@ -197,19 +202,11 @@ pub async fn copy_all(
             let bar = &progress_bars[piece.job];
             let binary = stats[piece.job].binary;
             let origins = &origins;
+            let from = &from;
             async move {
                 let origin = origins.take(&job.target_name);
-                let (rows, bytes) = copy_piece(
-                    source_conn,
-                    snapshot,
-                    pipeline,
-                    job,
-                    piece.pages,
-                    binary,
-                    bar,
-                    origin.name.as_deref(),
-                )
-                .await?;
+                let (rows, bytes) =
+                    copy_piece(from, job, piece.pages, binary, bar, origin.name.as_deref()).await?;
                 Ok::<_, SyncError>((piece.job, rows, bytes))
             }
         })
@@ -232,16 +229,22 @@ pub async fn copy_all(
     Ok(stats)
 }
 
+/// Where pieces are read from: the source and the snapshot its slot exported.
+struct Snapshot<'a> {
+    conn: &'a ConnInfo,
+    name: &'a str,
+    pipeline: &'a str,
+}
+
 async fn copy_piece(
-    source_conn: &ConnInfo,
-    snapshot: &str,
-    pipeline: &str,
+    from: &Snapshot<'_>,
     job: &TableCopy,
     pages: Option<(i64, Option<i64>)>,
     binary: bool,
     bar: &ProgressBar,
     origin: Option<&str>,
 ) -> Result<(u64, u64), SyncError> {
+    let (source_conn, snapshot, pipeline) = (from.conn, from.name, from.pipeline);
     let table = job.source.name.to_string();
     let fail = |reason: String| SyncError::Copy {
         table: table.clone(),
