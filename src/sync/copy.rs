@@ -167,7 +167,7 @@ pub async fn copy_all(
     }
     drop(source);
 
-    let jobs = jobs.max(1);
+    let jobs = jobs.clamp(1, names::MAX_COPY_JOBS);
     let mut targets: Vec<(&str, &ConnInfo)> = Vec::new();
     for t in &tables {
         if !targets.iter().any(|(n, _)| *n == t.target_name) {
@@ -176,7 +176,7 @@ pub async fn copy_all(
     }
     let origin_names = |target: &str| -> Vec<String> {
         (0..jobs)
-            .map(|k| names::origin(pipeline, &format!("{target}_copy{k}")))
+            .map(|k| names::copy_origin(pipeline, target, k))
             .collect()
     };
     let mut free = HashMap::new();
@@ -222,9 +222,7 @@ pub async fn copy_all(
     }
     for (name, conn) in &targets {
         let client = conn.connect().await?;
-        for origin in origin_names(name) {
-            progress::drop_origin(&client, conn, &origin).await?;
-        }
+        progress::drop_origins(&client, conn, &origin_names(name)).await?;
     }
     Ok(stats)
 }

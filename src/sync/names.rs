@@ -43,6 +43,21 @@ pub fn origin(pipeline: &str, target: &str) -> String {
     derive(&[pipeline, target])
 }
 
+/// Most concurrent copy sessions per target (each needs its own origin).
+pub const MAX_COPY_JOBS: usize = 32;
+
+/// The replication origin of copy session `k` of `pipeline` on `target`.
+pub fn copy_origin(pipeline: &str, target: &str, k: usize) -> String {
+    derive(&[pipeline, target, &format!("copy{k}")])
+}
+
+/// Every origin `pipeline` may have left on `target`.
+pub fn all_origins(pipeline: &str, target: &str) -> Vec<String> {
+    let mut all = vec![origin(pipeline, target)];
+    all.extend((0..MAX_COPY_JOBS).map(|k| copy_origin(pipeline, target, k)));
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,7 +285,7 @@ pub async fn teardown(config: &Config, pipeline: &str) -> Result<TeardownReport,
     for (name, conn) in &target_conns {
         let client = conn.connect().await?;
         progress::forget(&client, conn, pipeline).await?;
-        progress::drop_origin(&client, conn, &names::origin(pipeline, name)).await?;
+        progress::drop_origins(&client, conn, &names::all_origins(pipeline, name)).await?;
         targets.push(name.clone());
     }
     Ok(TeardownReport {

@@ -284,14 +284,18 @@ pub async fn ensure_origin(client: &Client, conn: &ConnInfo, name: &str) -> Resu
     Ok(())
 }
 
-/// Drops the replication origin `name` if it exists.
-pub async fn drop_origin(client: &Client, conn: &ConnInfo, name: &str) -> Result<(), SyncError> {
+/// Drops those of the replication origins `names` that exist.
+pub async fn drop_origins(
+    client: &Client,
+    conn: &ConnInfo,
+    names: &[String],
+) -> Result<(), SyncError> {
     client
         .execute(
-            "SELECT pg_replication_origin_drop($1) WHERE pg_replication_origin_oid($1) IS NOT NULL",
-            &[&name],
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = ANY($1)",
+            &[&names],
         )
         .await
-        .map_err(q(conn, "dropping the replication origin"))?;
+        .map_err(q(conn, "dropping replication origins"))?;
     Ok(())
 }
