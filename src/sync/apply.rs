@@ -28,6 +28,10 @@ use crate::pg::{quote_ident, quote_literal, ConnInfo, Lsn, PgError, TableInfo, T
 /// SQL is sent to the target once this much is buffered, also inside a transaction.
 const PIECE_BYTES: usize = 256 * 1024;
 
+/// Numbers relation definitions across the whole process, so a target's record of what it
+/// checked for drift never matches a definition from another stream session.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A relation known to the stream, with a generation that changes with each new definition.
 #[derive(Debug, Clone)]
 pub struct StreamRelation {
@@ -38,7 +42,8 @@ pub struct StreamRelation {
 }
 
 impl StreamRelation {
-    pub fn new(rel: Relation, generation: u64) -> Self {
+    pub fn new(rel: Relation) -> Self {
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let quoted = TableName::new(&rel.schema, &rel.name).quoted();
         let full_identity = rel.replica_identity == b'f';
         StreamRelation {

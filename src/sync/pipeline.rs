@@ -481,7 +481,6 @@ async fn session(
     );
 
     let mut relations: HashMap<u32, StreamRelation> = HashMap::new();
-    let mut generation = 0u64;
     let mut txn: Option<Txn> = None;
     let mut position = start;
     let mut batch_started: Option<Instant> = None;
@@ -580,7 +579,7 @@ async fn session(
                             target: source_conn.to_string(),
                             error,
                         })?;
-                        apply_message(message, &mut txn, &mut relations, &mut generation, targets, &source, source_conn).await?;
+                        apply_message(message, &mut txn, &mut relations, targets, &source, source_conn).await?;
                     }
                     E::KeepAlive { wal_end, .. } => {
                         if txn.is_none() && !targets.iter().any(Target::pending) {
@@ -633,7 +632,6 @@ async fn apply_message(
     message: Message,
     txn: &mut Option<Txn>,
     relations: &mut HashMap<u32, StreamRelation>,
-    generation: &mut u64,
     targets: &mut [Target],
     source: &tokio_postgres::Client,
     source_conn: &ConnInfo,
@@ -653,11 +651,10 @@ async fn apply_message(
         };
     match message {
         Message::Relation(rel) => {
-            *generation += 1;
             for t in targets.iter_mut() {
                 t.close_insert();
             }
-            relations.insert(rel.id, StreamRelation::new(rel, *generation));
+            relations.insert(rel.id, StreamRelation::new(rel));
         }
         Message::Origin { .. } => {
             if let Some(t) = txn.as_mut() {
