@@ -24,7 +24,7 @@ pub mod schema;
 pub mod slot;
 pub mod status;
 
-pub use pipeline::{run, setup, teardown, RunOptions, SetupOptions, SetupOutcome};
+pub use pipeline::{run, setup, teardown, SetupOptions, SetupOutcome, TeardownReport};
 pub use status::{status, PipelineStatus};
 
 use crate::pg::PgError;

@@ -296,10 +296,6 @@ pub async fn teardown(config: &Config, pipeline: &str) -> Result<TeardownReport,
     })
 }
 
-/// Options of `invsync sync run`.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {}
-
 enum SessionEnd {
     /// Stop was requested and everything is committed.
     Stopped,
@@ -312,7 +308,6 @@ enum SessionEnd {
 pub async fn run(
     config: &Config,
     pipeline: &str,
-    _opts: &RunOptions,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), SyncError> {
     let (_, source_conn, target_conns) = lookup(config, pipeline)?;

@@ -49,12 +49,12 @@ pub async fn status(
     config: &Config,
     pipeline: Option<&str>,
 ) -> Result<Vec<PipelineStatus>, SyncError> {
-    let names_: Vec<String> = match pipeline {
+    let wanted: Vec<String> = match pipeline {
         Some(p) => vec![config.pipeline(p).map_err(SyncError::Config)?.name.clone()],
         None => config.pipelines.keys().cloned().collect(),
     };
     let mut out = Vec::new();
-    for name in names_ {
+    for name in wanted {
         out.push(one(config, &name).await?);
     }
     Ok(out)

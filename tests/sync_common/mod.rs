@@ -56,9 +56,7 @@ impl Running {
         let (stop, rx) = watch::channel(false);
         let config = config.clone();
         let pipeline = pipeline.to_string();
-        let task = tokio::spawn(async move {
-            invsync::sync::run(&config, &pipeline, &Default::default(), rx).await
-        });
+        let task = tokio::spawn(async move { invsync::sync::run(&config, &pipeline, rx).await });
         Running { stop, task }
     }
 
