@@ -119,8 +119,7 @@ async fn check_database(
     let client = match conn.connect().await {
         Ok(c) => c,
         Err(e) => {
-            dc.problems
-                .push(format!("{e}; is the server running and the URL right?"));
+            dc.problems.push(format!("{e}; is the server running and the URL right?"));
             return dc;
         }
     };
@@ -136,8 +135,7 @@ async fn check_database(
     let row = match facts {
         Ok(r) => r,
         Err(e) => {
-            dc.problems
-                .push(PgError::query("reading server settings", conn, e).to_string());
+            dc.problems.push(PgError::query("reading server settings", conn, e).to_string());
             return dc;
         }
     };
@@ -176,9 +174,8 @@ async fn check_database(
                             "table {table} is missing; create it or remove it from the pipeline"
                         ));
                     } else {
-                        dc.notes.push(format!(
-                            "table {table} is missing; `invsync sync setup` creates it"
-                        ));
+                        dc.notes
+                            .push(format!("table {table} is missing; `invsync sync setup` creates it"));
                     }
                     dc.missing_tables.push(table);
                 }

@@ -220,8 +220,7 @@ impl Config {
         for (name, db) in raw.databases {
             let key = format!("databases.{name}.url");
             let url = cx.interpolate(&key, &db.url)?;
-            let conn =
-                ConnInfo::parse(&url).map_err(|message| cx.invalid(&key, &db.url, message))?;
+            let conn = ConnInfo::parse(&url).map_err(|message| cx.invalid(&key, &db.url, message))?;
             databases.insert(name.clone(), DatabaseConfig { name, conn });
         }
 
@@ -232,9 +231,7 @@ impl Config {
                 return Err(cx.invalid(
                     &format!("pipelines.{name}.source"),
                     &p.source,
-                    format!(
-                        "no database named `{source}`; add [databases.{source}] or fix the name"
-                    ),
+                    format!("no database named `{source}`; add [databases.{source}] or fix the name"),
                 ));
             }
             if p.targets.get_ref().is_empty() {
@@ -379,11 +376,7 @@ impl Config {
                     (Some(_), Some(_)) => Err(format!(
                         "{} has several repositories ({}); choose one with --repo",
                         self.path.display(),
-                        self.repositories
-                            .keys()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        self.repositories.keys().cloned().collect::<Vec<_>>().join(", ")
                     )),
                 }
             }
@@ -418,10 +411,7 @@ fn parse_repository_url(s: &str) -> Result<url::Url, String> {
         "file" | "memory" => Ok(url),
         "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" => {
             if url.host_str().unwrap_or("").is_empty() {
-                Err(format!(
-                    "`{s}` names no bucket; write {}://BUCKET/prefix",
-                    url.scheme()
-                ))
+                Err(format!("`{s}` names no bucket; write {}://BUCKET/prefix", url.scheme()))
             } else {
                 Ok(url)
             }
@@ -468,7 +458,9 @@ impl Context<'_> {
                     return Err(self.invalid(key, value, "unclosed `${`; write ${NAME}".into()));
                 };
                 let name = &tail[..end];
-                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                if name.is_empty()
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
                     return Err(self.invalid(
                         key,
                         value,
@@ -481,9 +473,7 @@ impl Context<'_> {
                         return Err(self.invalid(
                             key,
                             value,
-                            format!(
-                            "environment variable {name} is not set; export it or edit the value"
-                        ),
+                            format!("environment variable {name} is not set; export it or edit the value"),
                         ))
                     }
                 }
@@ -597,15 +587,9 @@ recipients = ["age1abc"]
     fn parses_the_contract_keys() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.pipelines["p"].targets, vec!["cloud_a"]);
-        assert_eq!(
-            c.pipelines["p"].tables[1],
-            TablePattern::parse("audit.*").unwrap()
-        );
+        assert_eq!(c.pipelines["p"].tables[1], TablePattern::parse("audit.*").unwrap());
         assert_eq!(c.pipelines["p"].tables[1].table, None);
-        assert_eq!(
-            c.databases["cloud_a"].conn.to_string(),
-            "postgres://u:***@10.0.0.1/db"
-        );
+        assert_eq!(c.databases["cloud_a"].conn.to_string(), "postgres://u:***@10.0.0.1/db");
         assert_eq!(c.repositories["offsite"].url.scheme(), "file");
     }
 
@@ -614,15 +598,10 @@ recipients = ["age1abc"]
         let c = Config::parse(Path::new("e.toml"), EXAMPLE, &|_| {
             Some("postgres://x@h/db".into())
         });
-        assert!(
-            c.is_err(),
-            "the example's recipient placeholder must be replaced"
-        );
+        assert!(c.is_err(), "the example's recipient placeholder must be replaced");
         let text = EXAMPLE.replace("age1...", "age1xyz");
-        let c = Config::parse(Path::new("e.toml"), &text, &|_| {
-            Some("postgres://x@h/db".into())
-        })
-        .unwrap();
+        let c = Config::parse(Path::new("e.toml"), &text, &|_| Some("postgres://x@h/db".into()))
+            .unwrap();
         assert_eq!(c.pipelines.len(), 1);
     }
 
@@ -640,24 +619,15 @@ recipients = ["age1abc"]
     #[test]
     fn unknown_database_reference() {
         let e = err(&GOOD.replace("source = \"maindc\"", "source = \"nope\""));
-        assert!(
-            e.contains("t.toml:7: pipelines.p.source") && e.contains("`nope`"),
-            "{e}"
-        );
+        assert!(e.contains("t.toml:7: pipelines.p.source") && e.contains("`nope`"), "{e}");
         let e = err(&GOOD.replace("[\"cloud_a\"]", "[\"cloud_b\"]"));
-        assert!(
-            e.contains("pipelines.p.targets") && e.contains("cloud_b"),
-            "{e}"
-        );
+        assert!(e.contains("pipelines.p.targets") && e.contains("cloud_b"), "{e}");
     }
 
     #[test]
     fn malformed_urls() {
         let e = err(&GOOD.replace("file:///tmp/repo", "ftp://x/y"));
-        assert!(
-            e.contains(":11: repositories.offsite.url") && e.contains("ftp"),
-            "{e}"
-        );
+        assert!(e.contains(":11: repositories.offsite.url") && e.contains("ftp"), "{e}");
         let e = err(&GOOD.replace(
             "postgres://invsync@127.0.0.1:5432/einvoice?sslmode=prefer",
             "mysql://x/y",
@@ -671,9 +641,10 @@ recipients = ["age1abc"]
     fn missing_env_var_is_named_and_secret_is_not_shown() {
         let e = err(&GOOD.replace("${CLOUD_URL}", "${NOPE_URL}"));
         assert!(e.contains("NOPE_URL") && e.contains(":5:"), "{e}");
-        let e = err(&GOOD
-            .replace("sslmode=prefer", "sslmode=bogus")
-            .replace("invsync@127", "invsync:hunter2@127"));
+        let e = err(&GOOD.replace("sslmode=prefer", "sslmode=bogus").replace(
+            "invsync@127",
+            "invsync:hunter2@127",
+        ));
         assert!(!e.contains("hunter2"), "{e}");
     }
 

@@ -31,10 +31,7 @@ fn healthy_setup_passes_and_problems_are_named() {
     let src = PgCluster::start();
     let dst = PgCluster::start();
     let s3 = S3Server::start();
-    src.psql(
-        "einvoice",
-        "CREATE TABLE invoice (invoice_number char(10) PRIMARY KEY)",
-    );
+    src.psql("einvoice", "CREATE TABLE invoice (invoice_number char(10) PRIMARY KEY)");
     let dir = tempfile::tempdir().unwrap();
     let repo_dir = dir.path().join("repo");
     std::fs::create_dir(&repo_dir).unwrap();
@@ -92,10 +89,7 @@ options = {}
     ));
     assert_eq!(code, 1);
     let problems = database(&report, "maindc")["problems"].to_string();
-    assert!(
-        problems.contains("ALTER ROLE \\\"app\\\" REPLICATION"),
-        "{problems}"
-    );
+    assert!(problems.contains("ALTER ROLE \\\"app\\\" REPLICATION"), "{problems}");
 
     // A database that is down, and a repository that does not exist: human output, one line each.
     dst.stop();
@@ -104,10 +98,7 @@ options = {}
         "--config",
         &write_config(
             dir.path(),
-            &text.replace(
-                &repo_dir.display().to_string(),
-                &missing_repo.display().to_string(),
-            ),
+            &text.replace(&repo_dir.display().to_string(), &missing_repo.display().to_string()),
         ),
         "config",
         "check",
@@ -143,10 +134,7 @@ fn wal_level_replica_is_reported() {
     let (code, report, _) = check_json(&config);
     assert_eq!(code, 1);
     let problems = database(&report, "a")["problems"].to_string();
-    assert!(
-        problems.contains("wal_level is replica") && problems.contains("wal_level = logical"),
-        "{problems}"
-    );
+    assert!(problems.contains("wal_level is replica") && problems.contains("wal_level = logical"), "{problems}");
 }
 
 #[test]
@@ -160,10 +148,7 @@ fn config_errors_are_one_line_and_hide_secrets() {
     assert_ne!(code, 0);
     assert!(out.is_empty());
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("invsync.toml:2: databases.a.url") && err.contains("sslmode"),
-        "{err}"
-    );
+    assert!(err.contains("invsync.toml:2: databases.a.url") && err.contains("sslmode"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 
     // An unreachable database with a password: the password is never printed.
@@ -173,10 +158,7 @@ fn config_errors_are_one_line_and_hide_secrets() {
     );
     let (code, out, err) = invsync(&["--config", &config, "config", "check", "--json"]);
     assert_eq!(code, 1);
-    assert!(
-        !out.contains("hunter2") && !err.contains("hunter2"),
-        "{out}{err}"
-    );
+    assert!(!out.contains("hunter2") && !err.contains("hunter2"), "{out}{err}");
     assert!(out.contains("u:***@127.0.0.1:1"), "{out}");
 
     let (code, _, err) = invsync(&["--config", "/nonexistent/invsync.toml", "config", "check"]);

@@ -61,9 +61,7 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
         "s3" | "s3a" => {
             let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
             for (k, v) in &repo.options {
-                let key = k
-                    .parse()
-                    .map_err(|_| err(format!("unknown S3 option `{k}`")))?;
+                let key = k.parse().map_err(|_| err(format!("unknown S3 option `{k}`")))?;
                 b = b.with_config(key, v);
             }
             Arc::new(b.build().map_err(|e| err(e.to_string()))?)
@@ -72,20 +70,15 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
             let mut b =
                 object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str());
             for (k, v) in &repo.options {
-                let key = k
-                    .parse()
-                    .map_err(|_| err(format!("unknown GCS option `{k}`")))?;
+                let key = k.parse().map_err(|_| err(format!("unknown GCS option `{k}`")))?;
                 b = b.with_config(key, v);
             }
             Arc::new(b.build().map_err(|e| err(e.to_string()))?)
         }
         "az" | "azure" | "abfs" | "abfss" => {
-            let mut b =
-                object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str());
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str());
             for (k, v) in &repo.options {
-                let key = k
-                    .parse()
-                    .map_err(|_| err(format!("unknown Azure option `{k}`")))?;
+                let key = k.parse().map_err(|_| err(format!("unknown Azure option `{k}`")))?;
                 b = b.with_config(key, v);
             }
             Arc::new(b.build().map_err(|e| err(e.to_string()))?)

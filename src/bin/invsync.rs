@@ -166,12 +166,7 @@ fn print_check(report: &invsync::check::CheckReport) {
         if let Some(r) = db.can_replicate {
             facts.push(if r { "may replicate" } else { "no REPLICATION" }.to_string());
         }
-        println!(
-            "{mark} database {} ({}) {}",
-            db.name,
-            db.url,
-            facts.join(", ")
-        );
+        println!("{mark} database {} ({}) {}", db.name, db.url, facts.join(", "));
         for p in &db.problems {
             println!("    problem: {p}");
         }
@@ -181,11 +176,7 @@ fn print_check(report: &invsync::check::CheckReport) {
     }
     for r in &report.repositories {
         let mark = if r.problems.is_empty() { "ok " } else { "BAD" };
-        let state = if r.reachable {
-            "reachable"
-        } else {
-            "unreachable"
-        };
+        let state = if r.reachable { "reachable" } else { "unreachable" };
         println!("{mark} repository {} ({}) {state}", r.name, r.url);
         for p in &r.problems {
             println!("    problem: {p}");
@@ -194,16 +185,8 @@ fn print_check(report: &invsync::check::CheckReport) {
     if report.ok() {
         println!("all checks passed");
     } else {
-        let n: usize = report
-            .databases
-            .iter()
-            .map(|d| d.problems.len())
-            .sum::<usize>()
-            + report
-                .repositories
-                .iter()
-                .map(|r| r.problems.len())
-                .sum::<usize>();
+        let n: usize = report.databases.iter().map(|d| d.problems.len()).sum::<usize>()
+            + report.repositories.iter().map(|r| r.problems.len()).sum::<usize>();
         println!("{n} problem(s) found");
     }
 }

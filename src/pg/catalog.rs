@@ -46,11 +46,7 @@ pub struct TableInfo {
 
 impl TableInfo {
     /// Reads the table's description; `MissingTable` if it does not exist.
-    pub async fn load(
-        client: &Client,
-        conn: &ConnInfo,
-        table: &TableName,
-    ) -> Result<TableInfo, PgError> {
+    pub async fn load(client: &Client, conn: &ConnInfo, table: &TableName) -> Result<TableInfo, PgError> {
         let row = client
             .query_opt(
                 "SELECT c.oid, c.relreplident::text FROM pg_class c \

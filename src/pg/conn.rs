@@ -38,8 +38,8 @@ impl FromStr for SslMode {
             "verify-full" => SslMode::VerifyFull,
             other => {
                 return Err(format!(
-                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-            ))
+                    "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+                ))
             }
         })
     }
@@ -161,14 +161,10 @@ impl ConnInfo {
     /// Opens a connection. The connection task runs until the returned client is dropped.
     pub async fn connect(&self) -> Result<Client, PgError> {
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls_config()?);
-        let (client, connection) =
-            self.config
-                .connect(tls)
-                .await
-                .map_err(|e| PgError::Connect {
-                    target: self.display.clone(),
-                    reason: super::describe(&e),
-                })?;
+        let (client, connection) = self.config.connect(tls).await.map_err(|e| PgError::Connect {
+            target: self.display.clone(),
+            reason: super::describe(&e),
+        })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection closed: {}", super::describe(&e));
@@ -201,10 +197,7 @@ impl ConnInfo {
                         .map_err(|e| PgError::Invalid(format!("TLS setup failed: {e}")))?;
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(ChainVerifier {
-                        webpki,
-                        check_name,
-                    }))
+                    .with_custom_certificate_verifier(Arc::new(ChainVerifier { webpki, check_name }))
                     .with_no_client_auth()
             }
         };
@@ -375,8 +368,6 @@ mod tests {
         assert!(ConnInfo::parse("postgres://h/db?sslmode=maybe")
             .unwrap_err()
             .contains("sslmode"));
-        assert!(ConnInfo::parse("mysql://h/db")
-            .unwrap_err()
-            .contains("postgres://"));
+        assert!(ConnInfo::parse("mysql://h/db").unwrap_err().contains("postgres://"));
     }
 }

@@ -27,9 +27,7 @@ pub enum PgError {
         /// SQLSTATE, when the server sent one.
         code: Option<String>,
     },
-    #[error(
-        "table {table} does not exist on {target}; create it or remove it from the configuration"
-    )]
+    #[error("table {table} does not exist on {target}; create it or remove it from the configuration")]
     MissingTable { table: String, target: String },
     #[error("{0}")]
     Invalid(String),
@@ -53,9 +51,7 @@ impl PgError {
             PgError::Connect { .. } => true,
             PgError::Query { code, .. } => match code.as_deref() {
                 None => true,
-                Some(c) => {
-                    c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"
-                }
+                Some(c) => c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01",
             },
             PgError::MissingTable { .. } | PgError::Invalid(_) => false,
         }
@@ -96,9 +92,7 @@ pub fn quote_literal(value: &str) -> String {
 }
 
 /// A schema-qualified table name.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TableName {
     pub schema: String,
     pub name: String,
@@ -133,9 +127,6 @@ mod tests {
     fn quoting() {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(
-            TableName::new("public", "Invoice").quoted(),
-            "\"public\".\"Invoice\""
-        );
+        assert_eq!(TableName::new("public", "Invoice").quoted(), "\"public\".\"Invoice\"");
     }
 }

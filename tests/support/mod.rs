@@ -94,14 +94,7 @@ fn template() -> &'static Path {
             let data = dir.path().join("data");
             let mut c = pg_command("initdb");
             c.args(["-D", data.to_str().unwrap()])
-                .args([
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C.UTF-8",
-                ])
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"])
                 .arg("--no-sync");
             run(c, "initdb");
             dir
@@ -151,11 +144,7 @@ impl PgCluster {
         let dir = server_tempdir();
         let data = dir.path().join("data");
         let mut c = Command::new("cp");
-        c.args([
-            "-a",
-            template().join("data").to_str().unwrap(),
-            data.to_str().unwrap(),
-        ]);
+        c.args(["-a", template().join("data").to_str().unwrap(), data.to_str().unwrap()]);
         run(c, "copy template cluster");
         let mut conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
@@ -178,19 +167,11 @@ impl PgCluster {
         for attempt in 0..8 {
             let port = free_port();
             let mut c = pg_command("pg_ctl");
-            c.args([
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "-t",
-                "60",
-            ])
-            .args(["-o", &format!("-p {port}"), "start"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            c.args(["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60"])
+                .args(["-o", &format!("-p {port}"), "start"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
             if c.status().map(|s| s.success()).unwrap_or(false) {
                 let cluster = PgCluster { dir, port };
                 cluster.psql("postgres", "CREATE DATABASE einvoice");
@@ -210,18 +191,12 @@ impl PgCluster {
 
     /// `postgres://postgres@127.0.0.1:PORT/DB?sslmode=disable`
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port
-        )
+        format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port)
     }
 
     /// A URL for `user` (no password: trust authentication).
     pub fn url_as(&self, user: &str, db: &str) -> String {
-        format!(
-            "postgres://{user}@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port
-        )
+        format!("postgres://{user}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
     }
 
     pub fn conn(&self, db: &str) -> ConnInfo {
@@ -229,26 +204,14 @@ impl PgCluster {
     }
 
     pub async fn client(&self, db: &str) -> tokio_postgres::Client {
-        self.conn(db)
-            .connect()
-            .await
-            .expect("connect to test cluster")
+        self.conn(db).connect().await.expect("connect to test cluster")
     }
 
     /// Runs SQL with psql (stops at the first error) and returns its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new(pg_bin("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-            ])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db])
             .args(["-c", sql])
             .stdin(Stdio::null())
             .output()
@@ -258,39 +221,23 @@ impl PgCluster {
             "psql failed on {sql}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .trim_end()
-            .to_string()
+        String::from_utf8(out.stdout).unwrap().trim_end().to_string()
     }
 
     /// Stops the server (fast mode); `start_again` brings it back on the same port.
     pub fn stop(&self) {
         let mut c = pg_command("pg_ctl");
-        c.args([
-            "-D",
-            self.data_dir().to_str().unwrap(),
-            "-m",
-            "fast",
-            "-w",
-            "stop",
-        ])
-        .stdout(Stdio::null());
+        c.args(["-D", self.data_dir().to_str().unwrap(), "-m", "fast", "-w", "stop"])
+            .stdout(Stdio::null());
         run(c, "pg_ctl stop");
     }
 
     pub fn start_again(&self) {
         let log = self.dir.path().join("server.log");
         let mut c = pg_command("pg_ctl");
-        c.args([
-            "-D",
-            self.data_dir().to_str().unwrap(),
-            "-l",
-            log.to_str().unwrap(),
-            "-w",
-        ])
-        .args(["-o", &format!("-p {}", self.port), "start"])
-        .stdout(Stdio::null());
+        c.args(["-D", self.data_dir().to_str().unwrap(), "-l", log.to_str().unwrap(), "-w"])
+            .args(["-o", &format!("-p {}", self.port), "start"])
+            .stdout(Stdio::null());
         run(c, "pg_ctl start");
     }
 }
@@ -298,14 +245,7 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let _ = pg_command("pg_ctl")
-            .args([
-                "-D",
-                self.data_dir().to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ])
+            .args(["-D", self.data_dir().to_str().unwrap(), "-m", "immediate", "-w", "stop"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -353,10 +293,7 @@ impl S3Server {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!("moto_server exited: {status}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on {port}"
-            );
+            assert!(Instant::now() < deadline, "moto_server did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
         server.create_bucket();
