@@ -11,6 +11,8 @@ use invsync::config::{self, Config};
 
 #[path = "invsync/backup.rs"]
 mod backup;
+#[path = "invsync/sync.rs"]
+mod sync;
 #[path = "invsync/verify.rs"]
 mod verify;
 
@@ -62,6 +64,9 @@ enum Command {
     /// Prove that copies hold exactly the source's data and that repositories are whole
     #[command(subcommand)]
     Verify(verify::VerifyCommand),
+    /// CDC replication pipelines: setup, run, status, teardown
+    #[command(subcommand)]
+    Sync(sync::SyncCommand),
 }
 
 #[derive(Subcommand)]
@@ -142,6 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Backup(command) => backup::run(command, cli.config.as_deref()).await,
         Command::Verify(command) => verify::run(command, cli.config.as_deref()).await,
+        Command::Sync(cmd) => sync::run(load_config(cli.config.as_deref())?, cmd).await,
         Command::Config(ConfigCommand::Check(flags)) => {
             let config = load_config(cli.config.as_deref())?;
             let report = invsync::check::check(&config).await;
