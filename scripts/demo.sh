@@ -25,10 +25,20 @@ EINVOICE_GEN="$PWD/target/release/einvoice-gen"
 
 section() { printf '\n== %s\n' "$*"; }
 
+# Stops a `sync run` the demo left running (SIGTERM: it finishes its batch and exits 0).
+stop_sync() {
+  if [ -f "$DEMO_DIR/sync.pid" ]; then
+    kill -TERM "$(cat "$DEMO_DIR/sync.pid")" 2>/dev/null || true
+    while kill -0 "$(cat "$DEMO_DIR/sync.pid")" 2>/dev/null; do sleep 0.2; done
+    rm -f "$DEMO_DIR/sync.pid"
+  fi
+}
+
 case "${1:-start}" in
   start) ;;
   stop)
     ensure_postgres
+    stop_sync
     cluster_stop "$DEMO_DIR/maindc"
     cluster_stop "$DEMO_DIR/cloud_a"
     cluster_stop "$DEMO_DIR/standby"
@@ -113,6 +123,38 @@ section "check the configuration: invsync config check"
 
 # Later capabilities add their sections here.
 
+section "sync: set up the pipeline invoices_to_cloud (publication, slot, target tables, initial copy)"
+"$INVSYNC" --config "$CONFIG" sync setup invoices_to_cloud
+
+section "sync: stream changes while einvoice-gen writes to the data center"
+stop_sync
+"$INVSYNC" --config "$CONFIG" sync run invoices_to_cloud >"$DEMO_DIR/sync.log" 2>&1 &
+echo $! >"$DEMO_DIR/sync.pid"
+echo "sync run started (pid $(cat "$DEMO_DIR/sync.pid"), log $DEMO_DIR/sync.log)"
+"$EINVOICE_GEN" load --url "$MAINDC_URL" --rate 1000 --duration 10
+"$INVSYNC" --config "$CONFIG" sync status invoices_to_cloud
+
+section "verify: the cloud replica holds exactly the data center's rows (while sync runs)"
+"$INVSYNC" --config "$CONFIG" verify db --pipeline invoices_to_cloud
+
+section "verify: change three rows on the replica by hand; verify names each one"
+psql -X -q "$CLOUD_A_URL" <<'SQL'
+UPDATE public.invoice SET total_amount = total_amount + 1
+ WHERE invoice_number = (SELECT min(invoice_number) FROM public.invoice);
+DELETE FROM public.invoice_item
+ WHERE (invoice_number, seq) = (SELECT invoice_number, seq FROM public.invoice_item ORDER BY 1, 2 LIMIT 1 OFFSET 10);
+INSERT INTO public.allowance SELECT 'ZZ' || substr(allowance_number, 3), invoice_number, allowance_date,
+       amount, tax_amount, reason FROM public.allowance ORDER BY 1 LIMIT 1;
+SQL
+status=0
+"$INVSYNC" --config "$CONFIG" verify db --pipeline invoices_to_cloud --settle 2 \
+  --repair-sql "$DEMO_DIR/repair.sql" || status=$?
+echo "exit status $status (1: differences found)"
+echo "-- $DEMO_DIR/repair.sql:"
+cat "$DEMO_DIR/repair.sql"
+psql -X -q "$CLOUD_A_URL" -f "$DEMO_DIR/repair.sql"
+"$INVSYNC" --config "$CONFIG" verify db --pipeline invoices_to_cloud --settle 2
+
 section "backup: initialise the repository $DEMO_DIR/repo (age key $DEMO_DIR/backup.key)"
 if [ -f "$DEMO_DIR/repo/config" ]; then
   echo "the repository exists already; keeping it"
@@ -151,6 +193,8 @@ The clusters keep running:
   maindc   psql "$MAINDC_URL"
   cloud_a  psql "$CLOUD_A_URL"
   standby  psql "$STANDBY_URL"
+sync run keeps streaming (log: $DEMO_DIR/sync.log); watch it with
+  $INVSYNC --config $CONFIG sync status
 Drive changes on the data center:
   $EINVOICE_GEN load --url "$MAINDC_URL" --rate 200 --duration 30
 Use the configuration:
