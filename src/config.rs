@@ -391,6 +391,22 @@ impl Config {
     }
 }
 
+/// A database named on the command line: a `postgres://` URL used as it is (labelled with its
+/// password hidden), or the name of a configured database. A name needs a configuration.
+pub fn database_arg(config: Option<&Config>, arg: &str) -> Result<DatabaseConfig, String> {
+    if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
+        let conn = ConnInfo::parse(arg)?;
+        return Ok(DatabaseConfig {
+            name: conn.to_string(),
+            conn,
+        });
+    }
+    let config = config.ok_or_else(|| {
+        format!("database {arg} needs a configuration file; pass --config or a postgres:// URL")
+    })?;
+    config.database(arg).cloned()
+}
+
 fn unknown<'a>(
     kind: &str,
     name: &str,

@@ -51,22 +51,10 @@ pub struct Endpoint {
 impl Endpoint {
     /// A configured database name, or a `postgres://` URL.
     pub fn resolve(config: Option<&Config>, name_or_url: &str) -> Result<Endpoint, VerifyError> {
-        if name_or_url.contains("://") {
-            let conn = ConnInfo::parse(name_or_url).map_err(VerifyError::Options)?;
-            return Ok(Endpoint {
-                name: conn.to_string(),
-                conn,
-            });
-        }
-        let config = config.ok_or_else(|| {
-            VerifyError::Options(format!(
-                "database {name_or_url} needs a configuration file; pass --config or a postgres:// URL"
-            ))
-        })?;
-        let db = config.database(name_or_url).map_err(VerifyError::Options)?;
+        let db = crate::config::database_arg(config, name_or_url).map_err(VerifyError::Options)?;
         Ok(Endpoint {
-            name: db.name.clone(),
-            conn: db.conn.clone(),
+            name: db.name,
+            conn: db.conn,
         })
     }
 }

@@ -217,12 +217,8 @@ async fn open(config: &Config, name: &RepoName) -> anyhow::Result<Repository> {
 
 /// A database argument: a configured name or a URL. Returns (label, connection).
 fn database(config: &Config, arg: &str) -> anyhow::Result<(String, ConnInfo)> {
-    if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
-        let conn = ConnInfo::parse(arg).map_err(|e| anyhow!(e))?;
-        return Ok((conn.to_string(), conn));
-    }
-    let db = config.database(arg).map_err(|e| anyhow!(e))?;
-    Ok((db.name.clone(), db.conn.clone()))
+    let db = invsync::config::database_arg(Some(config), arg).map_err(|e| anyhow!(e))?;
+    Ok((db.name, db.conn))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
