@@ -1,17 +1,23 @@
 //! `invsync verify db`: proves that a target holds exactly the source's rows, table by table,
 //! and names every row that differs.
 //!
-//! For each table both sides compute checksums of the same key ranges at once, each inside its
-//! own snapshot (taken together, or the target's after the pipeline has caught up with the
-//! source's). Ranges whose checksums differ are split again at sampled key boundaries until
-//! they are small enough to compare row by row (key and row hash); when most sub-ranges of a
-//! split differ, splitting stops paying off and the differing ranges are compared row by row
-//! in chunks of bounded size instead. Candidate keys are then re-read fresh from both sides
-//! ([`super::recheck`]) so that changes in flight are not reported.
+//! For each table both sides first checksum the whole table at once, each inside its own
+//! snapshot (taken together, or the target's after the pipeline has caught up with the
+//! source's): one plain scan, so an identical table costs what reading it costs. A differing
+//! table is then checksummed in key ranges cut at sampled keys; ranges whose checksums differ
+//! are split again until they are small enough to compare row by row (key and row hash); when
+//! most sub-ranges of a split differ, splitting stops paying off and the differing ranges are
+//! compared row by row in chunks of bounded size instead. Candidate keys are re-read fresh
+//! from both sides on a second pair of sessions ([`super::recheck`]), in batches while the walk
+//! goes on, so that changes in flight are not reported.
 //!
 //! Invariants: a table that cannot be compared (no primary key, missing on a side, different
 //! columns, a query failing) is reported as an error, never as identical, and the other tables
-//! are still verified. Memory is bounded by the chunk size and the differences found.
+//! are still verified. Ranges are walked in key order and each range's candidates are put in
+//! the server's key order, so differences come out in key order (with a settle window, rows
+//! that needed several re-reads come later). Memory is bounded by the chunk size, the re-check
+//! batch and the number of differences listed; counts by kind are exact whatever the number,
+//! and repair SQL is spooled to files as differences are proven.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

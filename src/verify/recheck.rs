@@ -58,7 +58,7 @@ pub(crate) async fn recheck(
         attempt += 1;
         let mut still = Vec::new();
         let mut caught_up = true;
-        // Batch by batch, so memory holds one batch of rows besides the differences found.
+        // Batch by batch, so memory holds one batch of rows.
         for chunk in pending.chunks(BATCH) {
             let mut src_rows = source.fetch_rows(shape, chunk).await?;
             let batch_caught_up = match source.current_lsn().await? {
