@@ -1,7 +1,8 @@
 # Section of scripts/bench.sh (sourced with set -e; see its header for the conventions):
 # `invsync verify db` beside reladiff (PyPI, its defaults, all columns compared) and beside the
 # scan floor (`SELECT count(*), sum(hashtext(t::text))` on both sides at once), on identical
-# copies of the invoice and invoice_item tables, then with 10 rows changed on the target.
+# copies of the invoice and invoice_item tables, then with 10 rows changed on the target, then
+# (invsync alone, for its time and peak memory) with 10% of the rows changed.
 
 VERIFY_DIR="$BENCH_DIR/verify"
 mkdir -p "$VERIFY_DIR"
@@ -79,6 +80,25 @@ psql_dst "UPDATE public.invoice SET status = CASE status WHEN 'issued' THEN 'voi
 verify_round "10 differences"
 found=$({ grep -o '"kind"' "$VERIFY_DIR/invsync.json" || true; } | wc -l)
 report_value "verify db: differing rows reported (of 10)" "$found" rows
+
+section "verify db: 10% of rows changed on the target (memory stays bounded)"
+# Every 10th invoice and every 10th item changed; one run, as the peer takes minutes here.
+psql_dst "UPDATE public.invoice SET status = CASE status WHEN 'issued' THEN 'voided' ELSE 'issued' END
+          WHERE hashtext(invoice_number) % 10 = 0;
+          UPDATE public.invoice_item SET quantity = quantity + 1
+          WHERE hashtext(invoice_number || seq) % 10 = 0" >/dev/null
+changed=$(psql_src "SELECT (SELECT count(*) FROM public.invoice WHERE hashtext(invoice_number) % 10 = 0)
+                         + (SELECT count(*) FROM public.invoice_item WHERE hashtext(invoice_number || seq) % 10 = 0)")
+timeit "verify-invsync-10pct" bash -c '"$INVSYNC" verify db --source "$SRC_URL" --target "$DST_URL" \
+  --tables public.invoice,public.invoice_item --repair-sql "$VERIFY_DIR/repair.sql" --json \
+  >"$VERIFY_DIR/invsync-10pct.json"; [ $? -le 1 ]'
+found=$(sed -n 's/^      "differences_found": \([0-9]*\),*/\1/p' "$VERIFY_DIR/invsync-10pct.json" |
+  awk '{ s += $1 } END { print s + 0 }')
+report_value "verify db 10%: rows changed" "$changed" rows
+report_value "verify db 10%: differing rows counted" "$found" rows
+report_value "verify db 10%: wall time (incl. repair SQL)" "$TIME_S" s
+report_value "verify db 10%: peak memory" "$RSS_MB" MB
+report_value "verify db 10%: repair SQL statements" "$(grep -c '^UPDATE' "$VERIFY_DIR/repair.sql")" lines
 
 # Leave DST empty again, as bench.sh found it.
 psql_dst "DROP TABLE IF EXISTS public.invoice, public.invoice_item, public.allowance, public.carrier" >/dev/null

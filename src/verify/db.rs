@@ -1,19 +1,25 @@
 //! `invsync verify db`: proves that a target holds exactly the source's rows, table by table,
 //! and names every row that differs.
 //!
-//! For each table both sides compute checksums of the same key ranges at once, each inside its
-//! own snapshot (taken together, or the target's after the pipeline has caught up with the
-//! source's). Ranges whose checksums differ are split again at sampled key boundaries until
-//! they are small enough to compare row by row (key and row hash); when most sub-ranges of a
-//! split differ, splitting stops paying off and the differing ranges are compared row by row
-//! in chunks of bounded size instead. Candidate keys are then re-read fresh from both sides
-//! ([`super::recheck`]) so that changes in flight are not reported.
+//! For each table both sides first checksum the whole table at once, each inside its own
+//! snapshot (taken together, or the target's after the pipeline has caught up with the
+//! source's): one plain scan, so an identical table costs what reading it costs. A differing
+//! table is then checksummed in key ranges cut at sampled keys; ranges whose checksums differ
+//! are split again until they are small enough to compare row by row (key and row hash); when
+//! most sub-ranges of a split differ, splitting stops paying off and the differing ranges are
+//! compared row by row in chunks of bounded size instead. Candidate keys are re-read fresh
+//! from both sides on a second pair of sessions ([`super::recheck`]), in batches while the walk
+//! goes on, so that changes in flight are not reported.
 //!
 //! Invariants: a table that cannot be compared (no primary key, missing on a side, different
 //! columns, a query failing) is reported as an error, never as identical, and the other tables
-//! are still verified. Memory is bounded by the chunk size and the differences found.
+//! are still verified. Ranges are walked in key order and each range's candidates are put in
+//! the server's key order, so differences come out in key order (with a settle window, rows
+//! that needed several re-reads come later). Memory is bounded by the chunk size, the re-check
+//! batch and the number of differences listed; counts by kind are exact whatever the number,
+//! and repair SQL is spooled to files as differences are proven.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -39,6 +45,11 @@ const MAX_ROOT_RANGES: usize = 64;
 const SAMPLE_ABOVE_ROWS: f64 = 200_000.0;
 /// Sampled keys per root range: enough for even quantiles.
 const SAMPLED_KEYS_PER_RANGE: f64 = 16.0;
+/// Candidate keys are re-checked (and their differences handed on) in batches of this many
+/// while the walk goes on, so memory does not grow with the number of differences.
+const RECHECK_BATCH: usize = 4096;
+/// Differing rows listed per table in the report unless asked otherwise; counts stay exact.
+pub const DEFAULT_MAX_LISTED: usize = 10_000;
 
 /// A database taking part in a comparison.
 #[derive(Debug, Clone)]
@@ -76,6 +87,9 @@ pub struct DbVerifyOptions {
     pub pipeline: Option<String>,
     /// Where to write SQL that makes the targets match the source.
     pub repair_sql: Option<PathBuf>,
+    /// How many differing rows of a table the report lists (the first in key order); the
+    /// counts and the repair SQL cover all of them.
+    pub max_listed: usize,
 }
 
 /// How long `--pipeline` re-checks by default: long enough for a healthy pipeline's lag.
@@ -146,6 +160,7 @@ impl DbVerifyOptions {
             },
             pipeline,
             repair_sql: None,
+            max_listed: DEFAULT_MAX_LISTED,
         })
     }
 }
@@ -194,8 +209,9 @@ impl DbReport {
         }
     }
 
-    pub fn differences(&self) -> usize {
-        self.tables.iter().map(|t| t.differences.len()).sum()
+    /// Differing rows found in all tables (not only those listed).
+    pub fn differences(&self) -> u64 {
+        self.tables.iter().map(|t| t.differences_found).sum()
     }
 }
 
@@ -226,6 +242,12 @@ pub struct TableReport {
     pub rows_compared: u64,
     /// Differences seen in the snapshots that were gone on a fresh read (changes in flight).
     pub in_flight: u64,
+    /// Differing rows found, and of them missing on the target, extra on it, and changed.
+    pub differences_found: u64,
+    pub missing: u64,
+    pub extra: u64,
+    pub changed: u64,
+    /// The first differing rows in key order, at most `max_listed` of them.
     pub differences: Vec<Difference>,
     pub elapsed_ms: u64,
 }
@@ -330,8 +352,14 @@ pub async fn verify_db(
     };
     let mut tables = Vec::new();
     for target in &opts.targets {
-        let (source, dst) =
-            tokio::try_join!(Side::open(&opts.source.conn), Side::open(&target.conn))?;
+        // A second pair of sessions re-reads differing rows fresh while the first pair's
+        // snapshots are still being walked.
+        let (source, dst, fresh_source, fresh_dst) = tokio::try_join!(
+            Side::open(&opts.source.conn),
+            Side::open(&target.conn),
+            Side::open(&opts.source.conn),
+            Side::open(&target.conn)
+        )?;
         let mut names = resolve(&source, &opts.tables).await;
         // Tables the patterns select on the target alone: the source lost them, or the target
         // holds data nobody replicates. Either way the copies are not the same.
@@ -352,23 +380,22 @@ pub async fn verify_db(
             let mut report = match name {
                 Ok(table) => {
                     let name = table.to_string();
-                    match verify_table(
-                        &source,
-                        &dst,
+                    let compared = verify_table(
+                        [&source, &dst, &fresh_source, &fresh_dst],
                         &table,
-                        opts.filter.clone(),
+                        opts,
                         &settle,
-                        repair_file.is_some(),
+                        repair_file.as_mut(),
                         progress,
                     )
-                    .await
-                    {
-                        Ok((report, shape)) => {
-                            if let Some(file) = repair_file.as_mut() {
-                                file.write_table(&shape, &report.differences)?;
-                            }
-                            report
-                        }
+                    .await;
+                    if let Some(file) = repair_file.as_mut() {
+                        file.end_table()?;
+                    }
+                    match compared {
+                        Ok(report) => report,
+                        // The repair file cannot be written: nothing else can be trusted to it.
+                        Err(e @ VerifyError::RepairFile { .. }) => return Err(e),
                         Err(e) => TableReport::failed(name, e.to_string()),
                     }
                 }
@@ -433,22 +460,26 @@ impl TableReport {
             ranges_checked: 0,
             rows_compared: 0,
             in_flight: 0,
+            differences_found: 0,
+            missing: 0,
+            extra: 0,
+            changed: 0,
             differences: Vec::new(),
             elapsed_ms: 0,
         }
     }
 }
 
-/// Compares one table; returns its report and the shape both sides agreed on.
+/// Compares one table inside snapshots of `source` and `target`, re-reading differing rows
+/// on `fresh_source` and `fresh_target`; every difference goes to `repair` as it is proven.
 async fn verify_table(
-    source: &Side,
-    target: &Side,
+    [source, target, fresh_source, fresh_target]: [&Side; 4],
     table: &TableName,
-    filter: Option<String>,
+    opts: &DbVerifyOptions,
     settle: &Settle,
-    keep_rows: bool,
+    repair: Option<&mut repair::RepairFile>,
     progress: &dyn Progress,
-) -> Result<(TableReport, Shape), VerifyError> {
+) -> Result<TableReport, VerifyError> {
     let src_info = source.describe(table).await?;
     let dst_info = target.describe(table).await.map_err(|e| match e {
         PgError::MissingTable {
@@ -469,7 +500,7 @@ async fn verify_table(
             });
         }
     }
-    let shape = Shape::agree(&src_info, &dst_info, filter).map_err(|detail| {
+    let shape = Shape::agree(&src_info, &dst_info, opts.filter.clone()).map_err(|detail| {
         VerifyError::ShapeMismatch {
             table: table.to_string(),
             detail,
@@ -481,9 +512,19 @@ async fn verify_table(
     let mut walk = Walk {
         source,
         target,
+        fresh: (fresh_source, fresh_target),
+        settle,
         shape: &shape,
         progress,
         candidates: Vec::new(),
+        found: Found {
+            shape: &shape,
+            limit: opts.max_listed,
+            listed: Vec::new(),
+            counts: [0; 3],
+            repair,
+        },
+        in_flight: 0,
         ranges_checked: 0,
         rows_compared: 0,
     };
@@ -497,39 +538,74 @@ async fn verify_table(
     let (source_rows, target_rows) = compared?;
     ended.0?;
     ended.1?;
+    walk.recheck().await?;
 
     tracing::debug!(
         table = %table,
         ranges = walk.ranges_checked,
         rows_compared = walk.rows_compared,
-        candidates = walk.candidates.len(),
-        "snapshot comparison done"
+        differences = walk.found.counts.iter().sum::<u64>(),
+        "table compared"
     );
-    progress.advance(0, "re-checking differing rows");
-    let candidates = std::mem::take(&mut walk.candidates);
-    let outcome = recheck::recheck(source, target, &shape, candidates, settle, keep_rows).await?;
-    let status = if outcome.differences.is_empty() {
-        TableStatus::Identical
-    } else {
-        TableStatus::Different
-    };
-    Ok((
-        TableReport {
-            table: table.to_string(),
-            target: String::new(),
-            status,
-            error: None,
-            key_columns: shape.key.iter().map(|c| c.name.clone()).collect(),
-            source_rows,
-            target_rows,
-            ranges_checked: walk.ranges_checked,
-            rows_compared: walk.rows_compared,
-            in_flight: outcome.in_flight,
-            differences: outcome.differences,
-            elapsed_ms: 0,
+    let Found {
+        listed,
+        counts: [missing, extra, changed],
+        ..
+    } = walk.found;
+    let differences_found = missing + extra + changed;
+    Ok(TableReport {
+        table: table.to_string(),
+        target: String::new(),
+        status: if differences_found == 0 {
+            TableStatus::Identical
+        } else {
+            TableStatus::Different
         },
-        shape,
-    ))
+        error: None,
+        key_columns: shape.key.iter().map(|c| c.name.clone()).collect(),
+        source_rows,
+        target_rows,
+        ranges_checked: walk.ranges_checked,
+        rows_compared: walk.rows_compared,
+        in_flight: walk.in_flight,
+        differences_found,
+        missing,
+        extra,
+        changed,
+        differences: listed,
+        elapsed_ms: 0,
+    })
+}
+
+/// A table's differences as they are proven: counted exactly, the first `limit` kept for the
+/// report, every one written to the repair file. Memory holds at most `limit` of them.
+struct Found<'a> {
+    shape: &'a Shape,
+    limit: usize,
+    listed: Vec<Difference>,
+    /// Missing, extra, changed.
+    counts: [u64; 3],
+    repair: Option<&'a mut repair::RepairFile>,
+}
+
+impl Found<'_> {
+    fn add(&mut self, difference: Difference) -> Result<(), VerifyError> {
+        self.counts[match difference.kind {
+            DifferenceKind::Missing => 0,
+            DifferenceKind::Extra => 1,
+            DifferenceKind::Changed => 2,
+        }] += 1;
+        if let Some(file) = self.repair.as_mut() {
+            file.add(self.shape, &difference)?;
+        }
+        if self.listed.len() < self.limit {
+            self.listed.push(Difference {
+                source_row: None,
+                ..difference
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Opens a snapshot on each side. When a pipeline's slot shows how far the target has applied,
@@ -554,14 +630,20 @@ async fn open_snapshots(source: &Side, target: &Side, settle: &Settle) -> Result
     Ok(())
 }
 
-/// The bisection over one table inside both snapshots.
+/// The bisection over one table inside both snapshots. Ranges are visited in key order, and
+/// the candidates of each range are put in key order, so differences come out in key order.
 struct Walk<'a> {
     source: &'a Side,
     target: &'a Side,
+    /// Sessions outside the snapshots, for re-reading candidates fresh.
+    fresh: (&'a Side, &'a Side),
+    settle: &'a Settle,
     shape: &'a Shape,
     progress: &'a dyn Progress,
-    /// Keys whose rows differ in the snapshots.
+    /// Keys whose rows differ in the snapshots, not re-checked yet (at most a batch).
     candidates: Vec<Key>,
+    found: Found<'a>,
+    in_flight: u64,
     ranges_checked: u64,
     rows_compared: u64,
 }
@@ -580,6 +662,20 @@ impl Walk<'_> {
     async fn run(&mut self, estimate: f64) -> Result<(u64, u64), VerifyError> {
         let root = KeyRange::default();
         let parts = ((estimate / LEAF_ROWS as f64).ceil() as usize).clamp(1, MAX_ROOT_RANGES);
+        if parts > 1 {
+            // One plain checksum of the whole table first: it costs what the scan floor costs
+            // (no bucket comparisons per row, no sampling), and most verified tables are
+            // identical, so most tables are done after it. Only a differing table pays for the
+            // bucketed scan below as well.
+            self.progress.advance(0, "computing whole-table checksums");
+            let (src, dst, differing) = self.split(&root, &[]).await?;
+            if differing.is_empty() {
+                return Ok((
+                    src.iter().map(|c| c.rows.max(0) as u64).sum(),
+                    dst.iter().map(|c| c.rows.max(0) as u64).sum(),
+                ));
+            }
+        }
         let sample = (estimate > SAMPLE_ABOVE_ROWS).then(|| {
             (100.0 * parts as f64 * SAMPLED_KEYS_PER_RANGE / estimate).clamp(0.001, 100.0)
         });
@@ -589,7 +685,9 @@ impl Walk<'_> {
             .boundaries(self.shape, &root, parts, estimate.max(1.0) as i64, sample)
             .await?;
         self.progress.advance(0, "computing checksums");
-        let (src, dst, mut pending) = self.split(&root, &boundaries).await?;
+        let (src, dst, differing) = self.split(&root, &boundaries).await?;
+        // A stack whose top is the lowest range: depth first, in key order.
+        let mut pending: Vec<Pending> = differing.into_iter().rev().collect();
         tracing::debug!(
             table = %self.shape.table,
             ranges = src.len(),
@@ -629,7 +727,7 @@ impl Walk<'_> {
                     .advance(p.source_rows.max(0) as u64, "comparing rows");
             } else {
                 let (_, _, more) = self.split(&p.range, &bounds).await?;
-                pending.extend(more);
+                pending.extend(more.into_iter().rev());
             }
         }
         Ok(totals)
@@ -672,20 +770,61 @@ impl Walk<'_> {
         Ok((src, dst, differing))
     }
 
-    /// Compares the rows of a small range by key and row hash; differing keys become candidates.
+    /// Compares the rows of a small range by key and row hash; differing keys become
+    /// candidates, in key order.
     async fn compare_rows(&mut self, range: &KeyRange) -> Result<(), VerifyError> {
-        let (src, mut dst) = tokio::try_join!(
+        let (src, dst) = tokio::try_join!(
             self.source.row_hashes(self.shape, range),
             self.target.row_hashes(self.shape, range)
         )?;
         self.rows_compared += src.len().max(dst.len()) as u64;
-        for (key, hash) in src {
-            match dst.remove(&key) {
-                Some(h) if h == hash => {}
-                _ => self.candidates.push(key),
-            }
+        let src_hashes: HashMap<&Key, i64> = src.iter().map(|(k, h)| (k, *h)).collect();
+        let dst_hashes: HashMap<&Key, i64> = dst.iter().map(|(k, h)| (k, *h)).collect();
+        // Each list is in key order; rows only on the target must be merged in by the server's
+        // ordering, which only the server knows (collations).
+        let mut keys: Vec<Key> = src
+            .iter()
+            .filter(|(k, h)| dst_hashes.get(k) != Some(h))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let extra: Vec<Key> = dst
+            .iter()
+            .filter(|(k, _)| !src_hashes.contains_key(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            keys = extra;
+        } else if !extra.is_empty() {
+            keys.extend(extra);
+            keys = self.fresh.0.sort_keys(self.shape, &keys).await?;
         }
-        self.candidates.extend(dst.into_keys());
+        self.candidates.extend(keys);
+        if self.candidates.len() >= RECHECK_BATCH {
+            self.recheck().await?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the candidates found so far on the fresh sessions and hands on the
+    /// differences that hold.
+    async fn recheck(&mut self) -> Result<(), VerifyError> {
+        if self.candidates.is_empty() {
+            return Ok(());
+        }
+        self.progress.advance(0, "re-checking differing rows");
+        let candidates = std::mem::take(&mut self.candidates);
+        let found = &mut self.found;
+        let keep_rows = found.repair.is_some();
+        self.in_flight += recheck::recheck(
+            self.fresh.0,
+            self.fresh.1,
+            self.shape,
+            candidates,
+            self.settle,
+            keep_rows,
+            &mut |d| found.add(d),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -219,9 +219,16 @@ impl Shape {
             .join(", ")
     }
 
-    /// A join clause matching rows to a list of keys (`VALUES` of typed literals), which the
-    /// planner turns into index lookups.
-    pub fn keys_join(&self, keys: &[Key]) -> String {
+    /// The lookup keys, for ORDER BY: the order of the table's key.
+    pub fn lookup_key_order(&self) -> String {
+        (0..self.key.len())
+            .map(|i| format!("v.{}", lookup_column(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `(VALUES ...) AS v(...)`: a list of keys as typed values.
+    pub fn keys_values(&self, keys: &[Key]) -> String {
         let rows: Vec<String> = keys
             .iter()
             .map(|k| {
@@ -235,18 +242,19 @@ impl Shape {
             })
             .collect();
         let names: Vec<String> = (0..self.key.len()).map(lookup_column).collect();
+        format!("(VALUES {}) AS v({})", rows.join(", "), names.join(", "))
+    }
+
+    /// A join clause matching rows to a list of keys ([`Shape::keys_values`]), which the
+    /// planner turns into index lookups.
+    pub fn keys_join(&self, keys: &[Key]) -> String {
         let on: Vec<String> = self
             .key
             .iter()
             .enumerate()
             .map(|(i, c)| format!("t.{} = v.{}", c.quoted, lookup_column(i)))
             .collect();
-        format!(
-            "JOIN (VALUES {}) AS v({}) ON {}",
-            rows.join(", "),
-            names.join(", "),
-            on.join(" AND ")
-        )
+        format!("JOIN {} ON {}", self.keys_values(keys), on.join(" AND "))
     }
 }
 

@@ -7,6 +7,7 @@
 //! between two reads), or the settle window ends (reported as still different). With a window
 //! of zero every candidate is read once more and reported if it still differs.
 //! The source is always read before the target, so a target that only lags never looks ahead.
+//! Differences are handed on as they are proven, never collected here.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::db::{ColumnChange, Difference, DifferenceKind};
 use super::keyrange::{Key, Shape};
 use super::side::{RowText, Side};
+use super::VerifyError;
 use crate::pg::{Lsn, PgError};
 
 /// Keys read per query.
@@ -28,13 +30,9 @@ pub(crate) struct Settle {
     pub slot_hint: Option<String>,
 }
 
-pub(crate) struct Outcome {
-    pub differences: Vec<Difference>,
-    /// Candidates that turned out equal on a fresh read (changes that were in flight).
-    pub in_flight: u64,
-}
-
-/// Re-reads `candidates` until each is equal, proven different, or the window ends. The
+/// Re-reads `candidates` (in key order, for differences to come out in key order) until each
+/// is equal, proven different, or the window ends; hands each proven difference to `found`
+/// and returns how many candidates turned out equal (changes that were in flight). The
 /// differences keep the source row only with `keep_source_rows` (repair SQL needs it).
 pub(crate) async fn recheck(
     source: &Side,
@@ -43,7 +41,8 @@ pub(crate) async fn recheck(
     candidates: Vec<Key>,
     settle: &Settle,
     keep_source_rows: bool,
-) -> Result<Outcome, PgError> {
+    found: &mut dyn FnMut(Difference) -> Result<(), VerifyError>,
+) -> Result<u64, VerifyError> {
     let deadline = Instant::now() + settle.window;
     let mut seen = HashSet::new();
     let mut pending: Vec<Key> = candidates
@@ -53,16 +52,13 @@ pub(crate) async fn recheck(
     drop(seen);
     // A hash of each pending key's last source row, to tell a settled row from a moving one.
     let mut previous: HashMap<Key, u64> = HashMap::new();
-    let mut out = Outcome {
-        differences: Vec::new(),
-        in_flight: 0,
-    };
+    let mut in_flight = 0u64;
     let mut attempt: u32 = 0;
     while !pending.is_empty() {
         attempt += 1;
         let mut still = Vec::new();
         let mut caught_up = true;
-        // Batch by batch, so memory holds one batch of rows besides the differences found.
+        // Batch by batch, so memory holds one batch of rows.
         for chunk in pending.chunks(BATCH) {
             let mut src_rows = source.fetch_rows(shape, chunk).await?;
             let batch_caught_up = match source.current_lsn().await? {
@@ -78,7 +74,7 @@ pub(crate) async fn recheck(
                 let s = src_rows.remove(key);
                 let d = dst_rows.remove(key);
                 let Some(mut diff) = difference(shape, key, s.as_ref(), d.as_ref()) else {
-                    out.in_flight += 1;
+                    in_flight += 1;
                     previous.remove(key);
                     continue;
                 };
@@ -89,7 +85,7 @@ pub(crate) async fn recheck(
                     if !keep_source_rows {
                         diff.source_row = None;
                     }
-                    out.differences.push(diff);
+                    found(diff)?;
                 } else {
                     previous.insert(key.clone(), seen);
                     still.push(key.clone());
@@ -104,7 +100,7 @@ pub(crate) async fn recheck(
             tokio::time::sleep(pause.min(left)).await;
         }
     }
-    Ok(out)
+    Ok(in_flight)
 }
 
 fn row_hash(row: Option<&RowText>) -> u64 {

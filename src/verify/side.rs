@@ -143,17 +143,27 @@ impl Side {
         // Joining the bucket number to a VALUES list (rather than grouping by the expression)
         // tells the planner how few groups there are, so it aggregates inside parallel
         // workers as a plain count/sum would, instead of sorting or funnelling every row.
-        let buckets: Vec<String> = (0..=boundaries.len()).map(|b| format!("({b})")).collect();
-        let sql = format!(
-            "SELECT v.invsync_bucket, count(*), coalesce(sum({}), 0)::text FROM {} \
-             JOIN (VALUES {}) AS v(invsync_bucket) ON v.invsync_bucket = ({}) \
-             WHERE {} GROUP BY v.invsync_bucket",
-            shape.row_hash(),
-            shape.quoted,
-            buckets.join(", "),
-            shape.bucket_expr(boundaries),
-            shape.range_where(range)
-        );
+        // A range of one bucket is a plain aggregate, as cheap per row as the scan floor.
+        let sql = if boundaries.is_empty() {
+            format!(
+                "SELECT 0, count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}",
+                shape.row_hash(),
+                shape.quoted,
+                shape.range_where(range)
+            )
+        } else {
+            let buckets: Vec<String> = (0..=boundaries.len()).map(|b| format!("({b})")).collect();
+            format!(
+                "SELECT v.invsync_bucket, count(*), coalesce(sum({}), 0)::text FROM {} \
+                 JOIN (VALUES {}) AS v(invsync_bucket) ON v.invsync_bucket = ({}) \
+                 WHERE {} GROUP BY v.invsync_bucket",
+                shape.row_hash(),
+                shape.quoted,
+                buckets.join(", "),
+                shape.bucket_expr(boundaries),
+                shape.range_where(range)
+            )
+        };
         let rows = self
             .client
             .query(&sql, &[])
@@ -233,19 +243,21 @@ impl Side {
         }
     }
 
-    /// Every row of `range` as (key, row hash). The caller keeps ranges small enough for memory.
+    /// Every row of `range` as (key, row hash), in key order. The caller keeps ranges small
+    /// enough for memory.
     pub async fn row_hashes(
         &self,
         shape: &Shape,
         range: &KeyRange,
-    ) -> Result<HashMap<Key, i64>, PgError> {
+    ) -> Result<Vec<(Key, i64)>, PgError> {
         let n = shape.key.len();
         let sql = format!(
-            "SELECT {}, {} FROM {} WHERE {}",
+            "SELECT {}, {} FROM {} WHERE {} ORDER BY {}",
             shape.key_text(),
             shape.row_hash(),
             shape.quoted,
-            shape.range_where(range)
+            shape.range_where(range),
+            shape.key_order()
         );
         let rows = self
             .client
@@ -255,6 +267,26 @@ impl Side {
         Ok(rows
             .iter()
             .map(|r| ((0..n).map(|i| r.get::<_, String>(i)).collect(), r.get(n)))
+            .collect())
+    }
+
+    /// `keys` in the order of the table's key on this server.
+    pub async fn sort_keys(&self, shape: &Shape, keys: &[Key]) -> Result<Vec<Key>, PgError> {
+        let n = shape.key.len();
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY {}",
+            shape.lookup_key_text(),
+            shape.keys_values(keys),
+            shape.lookup_key_order()
+        );
+        let rows = self
+            .client
+            .query(&sql, &[])
+            .await
+            .map_err(self.err(format!("sorting keys of {}", shape.table)))?;
+        Ok(rows
+            .iter()
+            .map(|r| (0..n).map(|i| r.get::<_, String>(i)).collect())
             .collect())
     }
 

@@ -58,6 +58,10 @@ pub struct DbArgs {
     /// Write SQL statements that make the target match the source to FILE
     #[arg(long, value_name = "FILE")]
     repair_sql: Option<PathBuf>,
+    /// List at most N differing rows per table, the first in key order (the counts and the
+    /// repair SQL cover every one)
+    #[arg(long, value_name = "N", default_value_t = verify::db::DEFAULT_MAX_LISTED)]
+    max_listed: usize,
     /// Print the report as JSON
     #[arg(long)]
     json: bool,
@@ -96,6 +100,7 @@ async fn db(args: DbArgs, config_flag: Option<&Path>) -> anyhow::Result<ExitCode
     )?;
     opts.filter = args.filter;
     opts.repair_sql = args.repair_sql;
+    opts.max_listed = args.max_listed;
     if let Some(secs) = args.settle {
         opts.settle = Duration::try_from_secs_f64(secs)
             .context("--settle takes a number of seconds, such as 10 or 0.5")?;
@@ -167,9 +172,13 @@ fn print_report(report: &DbReport) {
             TableStatus::Different => {
                 counts[1] += 1;
                 println!(
-                    "DIFF  {}{on}: {} rows differ ({} source rows, {} target rows, {secs:.1} s)",
+                    "DIFF  {}{on}: {} rows differ: {} missing, {} extra, {} changed \
+                     ({} source rows, {} target rows, {secs:.1} s)",
                     t.table,
-                    t.differences.len(),
+                    t.differences_found,
+                    t.missing,
+                    t.extra,
+                    t.changed,
                     t.source_rows,
                     t.target_rows
                 );
@@ -190,6 +199,12 @@ fn print_report(report: &DbReport) {
                         line.push_str(&format!("  {}", changes.join("; ")));
                     }
                     println!("{line}");
+                }
+                if t.differences_found > t.differences.len() as u64 {
+                    println!(
+                        "      ... and {} more (raise --max-listed to list them)",
+                        t.differences_found - t.differences.len() as u64
+                    );
                 }
             }
             TableStatus::Error => {
