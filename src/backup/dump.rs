@@ -1,7 +1,10 @@
 //! Table dumps: a consistent cut of several tables, and the schema needed to recreate them.
 //!
-//! All tables of a backup are read in one `REPEATABLE READ READ ONLY` transaction, so they
-//! show the database at one instant. Each table is read with `COPY (SELECT cols FROM t ORDER
+//! All tables of a backup are read at one instant: a `REPEATABLE READ READ ONLY` transaction
+//! takes the cut ([`begin_cut`]) and exports its snapshot ([`export_snapshot`]); each reader
+//! connection imports it ([`join_cut`]), so tables read at once on several connections still
+//! show the very same database state. The exporting transaction stays open until every
+//! reader is done (an exported snapshot lives only as long as it). Each table is read with `COPY (SELECT cols FROM t ORDER
 //! BY pk) TO STDOUT` (text format, portable across server versions); ordering by the primary
 //! key makes unchanged key ranges produce the same bytes, hence the same chunks, every day.
 //!
@@ -73,6 +76,50 @@ pub async fn begin_cut(client: &Client, conn: &ConnInfo) -> Result<Lsn, BackupEr
         .map_err(|e| PgError::query("reading the WAL position of the cut", conn, e))?;
     let text: String = row.get(0);
     text.parse().map_err(|e: String| BackupError::Invalid(e))
+}
+
+/// Exports the snapshot of the cut begun on `client` by [`begin_cut`], for [`join_cut`].
+pub async fn export_snapshot(client: &Client, conn: &ConnInfo) -> Result<String, BackupError> {
+    let row = client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| PgError::query("exporting the snapshot of the backup", conn, e))?;
+    Ok(row.get(0))
+}
+
+/// Starts a transaction on `client` that sees exactly the cut `snapshot` exported; end it
+/// with `COMMIT`. Fails if the exporting transaction has ended.
+pub async fn join_cut(client: &Client, conn: &ConnInfo, snapshot: &str) -> Result<(), BackupError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            crate::pg::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| PgError::query("joining the snapshot of the backup", conn, e).into())
+}
+
+/// `tables` in the order to read them: largest first (by size on disk), so that parallel
+/// readers finish close together rather than one reading the biggest table alone at the end.
+pub async fn largest_first(
+    client: &Client,
+    conn: &ConnInfo,
+    tables: &[TableName],
+) -> Result<Vec<usize>, BackupError> {
+    let mut sizes = Vec::with_capacity(tables.len());
+    for (i, t) in tables.iter().enumerate() {
+        let size: i64 = client
+            .query_one(
+                "SELECT coalesce(pg_total_relation_size($1::text::regclass), 0)",
+                &[&t.quoted()],
+            )
+            .await
+            .map_err(|e| PgError::query(format!("reading the size of {t}"), conn, e))?
+            .get(0);
+        sizes.push((std::cmp::Reverse(size), i));
+    }
+    sizes.sort();
+    Ok(sizes.into_iter().map(|(_, i)| i).collect())
 }
 
 /// Reads `table`'s schema inside the cut.

@@ -415,17 +415,7 @@ impl Repository {
             .keys
             .open_object(kind, bytes)
             .map_err(|e| corrupt(e.to_string()))?;
-        if plain.len() < 8 {
-            return Err(corrupt("too short".into()));
-        }
-        let len = u64::from_be_bytes(plain[..8].try_into().unwrap_or_default()) as usize;
-        // Bound the allocation: zstd cannot expand beyond ~ 1000x here, a corrupt length
-        // must not ask for terabytes.
-        if len > plain.len().saturating_mul(2000) + 1024 {
-            return Err(corrupt("implausible length".into()));
-        }
-        let json = zstd::bulk::decompress(&plain[8..], len).map_err(|e| corrupt(e.to_string()))?;
-        serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))
+        decode_body(&plain).map_err(corrupt)
     }
 
     // ---- keys ----
@@ -524,6 +514,24 @@ impl Repository {
         self.delete(&format!("keys/{id}")).await?;
         Ok(kf)
     }
+}
+
+/// The value in a decrypted object body: `u64 BE length of the JSON | zstd(JSON)` (what
+/// [`Repository::seal`] writes). Authentication does not make the body trustworthy: anyone
+/// who can write to the store knows the repository recipient and can seal any body, so this
+/// checks everything and never panics.
+pub fn decode_body<T: DeserializeOwned>(plain: &[u8]) -> Result<T, String> {
+    let Some((len, compressed)) = plain.split_first_chunk::<8>() else {
+        return Err("too short".into());
+    };
+    let len = u64::from_be_bytes(*len);
+    // Bound the allocation: zstd cannot expand beyond ~ 1000x here, a corrupt length must not
+    // ask for terabytes.
+    if len > (compressed.len() as u64).saturating_mul(2000) + 1024 {
+        return Err("implausible length".into());
+    }
+    let json = zstd::bulk::decompress(compressed, len as usize).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 
 fn parse_recipient(r: &str, label: &str) -> Result<Reader, BackupError> {

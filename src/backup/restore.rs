@@ -96,11 +96,12 @@ fn blob_stream<'a>(
             .last()
             .and_then(|g| g.last())
             .is_some_and(|last: &&Location| {
+                let start = groups.last().map(|g| g[0].blob.offset).unwrap_or(0);
                 Arc::ptr_eq(&last.pack, &l.pack)
-                    && last.blob.offset + last.blob.length as u64 == l.blob.offset
-                    && l.blob.offset + l.blob.length as u64
-                        - groups.last().map(|g| g[0].blob.offset).unwrap_or(0)
-                        <= MAX_READ
+                    && last.blob.range().is_some_and(|r| r.end == l.blob.offset)
+                    && l.blob
+                        .range()
+                        .is_some_and(|r| r.end.saturating_sub(start) <= MAX_READ)
             });
         if extend {
             if let Some(g) = groups.last_mut() {
@@ -125,13 +126,18 @@ async fn read_group(repo: &Repository, group: &[&Location]) -> Result<Vec<Vec<u8
     };
     let pack: &PackRef = &first.pack;
     let path = pack_path(&pack.id);
-    let start = first.blob.offset;
-    let end = last.blob.offset + last.blob.length as u64;
-    let bytes: Bytes = repo.get_range(&path, start..end).await?;
     let corrupt = |reason: String| BackupError::Corrupt {
         object: format!("{}/{path}", repo.name),
         reason,
     };
+    let start = first.blob.offset;
+    let end = last
+        .blob
+        .range()
+        .map(|r| r.end)
+        .filter(|&end| end >= start)
+        .ok_or_else(|| corrupt("the index lists an impossible blob range".into()))?;
+    let bytes: Bytes = repo.get_range(&path, start..end).await?;
     if bytes.len() as u64 != end - start {
         return Err(corrupt("shorter than the index says (truncated)".into()));
     }
@@ -146,8 +152,8 @@ async fn read_group(repo: &Repository, group: &[&Location]) -> Result<Vec<Vec<u8
     group
         .iter()
         .map(|l| {
-            let s = (l.blob.offset - start) as usize;
-            let sealed = &bytes[s..s + l.blob.length as usize];
+            let sealed = pack::sealed_in(&bytes, start, &l.blob)
+                .ok_or_else(|| corrupt(format!("blob {} lies outside its pack", l.blob.id)))?;
             pack::open_blob(&key, &l.blob, sealed, id_key)
                 .map_err(|e| corrupt(format!("blob {}: {e}", l.blob.id)))
         })
