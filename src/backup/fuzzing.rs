@@ -66,10 +66,11 @@ pub fn pack(data: &[u8]) -> bool {
     all
 }
 
-/// A pack trailer's plaintext (the JSON list of blob entries), sealed here into an otherwise
-/// well-formed pack holding `blobs`, so the fuzzer reaches the trailer's decoding and the
-/// blob reads that follow it without forging the authentication tag.
-pub fn pack_trailer(trailer: &[u8], blobs: &[u8]) -> bool {
+/// A pack trailer's plaintext (the JSON list of blob entries), sealed here into a pack that
+/// is otherwise well formed (and holds no blob bytes), so the fuzzer reaches the trailer's
+/// decoding and the blob reads that follow it without forging the authentication tag. Only
+/// an empty list is whole.
+pub fn pack_trailer(trailer: &[u8]) -> bool {
     let keys = keyring();
     let Ok((key, wrapped)) = keys.new_object_key() else {
         return false;
@@ -77,7 +78,6 @@ pub fn pack_trailer(trailer: &[u8], blobs: &[u8]) -> bool {
     let Ok(mut bytes) = crypto::header(KIND_PACK, &wrapped) else {
         return false;
     };
-    bytes.extend_from_slice(blobs);
     let sealed = key.seal_body(KIND_PACK, trailer);
     bytes.extend_from_slice(&sealed);
     bytes.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
@@ -144,14 +144,21 @@ pub fn snapshot_body(data: &[u8]) -> bool {
     ok
 }
 
-/// A `keys/` object: plaintext JSON holding the armored, age-encrypted master key.
+/// The reader identity [`key_file`] unwraps with (one per process).
+pub fn reader() -> &'static age::x25519::Identity {
+    static READER: OnceLock<age::x25519::Identity> = OnceLock::new();
+    READER.get_or_init(age::x25519::Identity::generate)
+}
+
+/// A `keys/` object: plaintext JSON holding the armored, age-encrypted master key, unwrapped
+/// with [`reader`].
 pub fn key_file(data: &[u8]) -> bool {
     let Ok(kf) = serde_json::from_slice::<KeyFile>(data) else {
         return false;
     };
     // X25519 only: a passphrase stanza would make the harness run scrypt, which proves
     // nothing about parsing.
-    let identities: Vec<Box<dyn age::Identity>> = vec![Box::new(age::x25519::Identity::generate())];
+    let identities: Vec<Box<dyn age::Identity>> = vec![Box::new(reader().clone())];
     MasterKey::unwrap(&kf.wrapped, &identities).is_ok()
 }
 

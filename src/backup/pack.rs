@@ -177,7 +177,7 @@ pub fn read_trailer(
     keys: &Keyring,
     bytes: &[u8],
 ) -> Result<(ObjectKey, Vec<BlobEntry>), CryptoError> {
-    let (kind, wrapped, _) = crypto::split_header(bytes)?;
+    let (kind, wrapped, body) = crypto::split_header(bytes)?;
     if kind != KIND_PACK || bytes.len() < 4 {
         return Err(CryptoError::Header);
     }
@@ -186,7 +186,20 @@ pub fn read_trailer(
     let len = u32::from_be_bytes([bytes[n - 4], bytes[n - 3], bytes[n - 2], bytes[n - 1]]) as usize;
     let start = n.checked_sub(4 + len).ok_or(CryptoError::Header)?;
     let trailer = key.open_body(KIND_PACK, &bytes[start..n - 4])?;
-    let blobs = serde_json::from_slice(&trailer).map_err(|e| CryptoError::Other(e.to_string()))?;
+    let blobs: Vec<BlobEntry> =
+        serde_json::from_slice(&trailer).map_err(|e| CryptoError::Other(e.to_string()))?;
+    // As written, blobs fill the space between header and trailer exactly, in order: anything
+    // else (bytes inserted, a blob listed twice) is damage even if every blob still opens.
+    let mut at = body as u64;
+    for b in &blobs {
+        match b.range() {
+            Some(r) if r.start == at => at = r.end,
+            _ => return Err(CryptoError::Other("its blobs do not fill the pack".into())),
+        }
+    }
+    if at != start as u64 {
+        return Err(CryptoError::Other("its blobs do not fill the pack".into()));
+    }
     Ok((key, blobs))
 }
 

@@ -380,11 +380,7 @@ impl Repository {
     }
 
     pub fn seal<T: Serialize>(&self, kind: u8, value: &T) -> Result<Vec<u8>, BackupError> {
-        let json = serde_json::to_vec(value).map_err(|e| BackupError::Invalid(e.to_string()))?;
-        let compressed =
-            zstd::bulk::compress(&json, 3).map_err(|e| BackupError::Invalid(e.to_string()))?;
-        let mut plain = (json.len() as u64).to_be_bytes().to_vec();
-        plain.extend_from_slice(&compressed);
+        let plain = encode_body(value).map_err(BackupError::Invalid)?;
         self.keys
             .seal_object(kind, &plain)
             .map_err(|e| BackupError::Invalid(e.to_string()))
@@ -516,7 +512,16 @@ impl Repository {
     }
 }
 
-/// The value in a decrypted object body: `u64 BE length of the JSON | zstd(JSON)` (what
+/// An object body before encryption: `u64 BE length of the JSON | zstd(JSON)`.
+pub fn encode_body<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    let json = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+    let compressed = zstd::bulk::compress(&json, 3).map_err(|e| e.to_string())?;
+    let mut plain = (json.len() as u64).to_be_bytes().to_vec();
+    plain.extend_from_slice(&compressed);
+    Ok(plain)
+}
+
+/// The value in a decrypted object body ([`encode_body`]): `u64 BE length of the JSON | zstd(JSON)` (what
 /// [`Repository::seal`] writes). Authentication does not make the body trustworthy: anyone
 /// who can write to the store knows the repository recipient and can seal any body, so this
 /// checks everything and never panics.
