@@ -276,8 +276,42 @@ impl TableSchema {
             .any(|c| c.name == column && c.identity.is_some())
     }
 
-    /// Statements that complete a loaded table once it has its final name: serial sequences
-    /// and defaults, identity, constraints, indexes, sequence positions.
+    /// Constraints (primary key, unique, check, exclusion) and indexes, built on the loaded
+    /// table while it is still called `on`: the costly part of a restore after the data,
+    /// which restore runs on the loading connections, in parallel. `pg_name` is the table's
+    /// name as the server's `quote_ident` writes it (index definitions name their table that
+    /// way). `None` when an index definition does not name the table as expected; then
+    /// `index_statements(&self.name.quoted(), ..)` must run once the table has its final name.
+    pub fn index_statements(&self, on: &str, pg_name: &str) -> Option<Vec<String>> {
+        let mut out: Vec<String> = self
+            .constraints
+            .iter()
+            .map(|(name, def)| {
+                format!(
+                    "ALTER TABLE {on} ADD CONSTRAINT {} {def}",
+                    quote_ident(name)
+                )
+            })
+            .collect();
+        for def in &self.indexes {
+            let target = format!(" ON {pg_name} ");
+            let only = format!(" ON ONLY {pg_name} ");
+            if def.contains(&target) {
+                out.push(def.replacen(&target, &format!(" ON {on} "), 1));
+            } else if def.contains(&only) {
+                out.push(def.replacen(&only, &format!(" ON ONLY {on} "), 1));
+            } else if on == self.name.quoted() {
+                out.push(def.clone());
+            } else {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// Statements that complete a loaded table once it has its final name (after
+    /// [`TableSchema::index_statements`]): serial sequences and defaults, identity, sequence
+    /// positions.
     pub fn finish_statements(&self) -> Vec<String> {
         let table = self.name.quoted();
         let mut out = Vec::new();
@@ -303,13 +337,6 @@ impl TableSchema {
                 quote_ident(&c.name)
             ));
         }
-        for (name, def) in &self.constraints {
-            out.push(format!(
-                "ALTER TABLE {table} ADD CONSTRAINT {} {def}",
-                quote_ident(name)
-            ));
-        }
-        out.extend(self.indexes.iter().cloned());
         for s in &self.sequences {
             if !self.is_identity(&s.column) {
                 out.push(format!(
@@ -328,5 +355,44 @@ impl TableSchema {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(indexes: &[&str]) -> TableSchema {
+        TableSchema {
+            name: TableName {
+                schema: "public".into(),
+                name: "user".into(),
+            },
+            columns: vec![],
+            primary_key: vec!["id".into()],
+            constraints: vec![("user_pkey".into(), "PRIMARY KEY (id)".into())],
+            indexes: indexes.iter().map(|s| s.to_string()).collect(),
+            sequences: vec![],
+        }
+    }
+
+    #[test]
+    fn indexes_are_pointed_at_the_staging_table() {
+        let s = schema(&["CREATE INDEX user_day ON public.\"user\" USING btree (day)"]);
+        assert_eq!(
+            s.index_statements("st.t0", "public.\"user\"").unwrap(),
+            vec![
+                "ALTER TABLE st.t0 ADD CONSTRAINT \"user_pkey\" PRIMARY KEY (id)".to_string(),
+                "CREATE INDEX user_day ON st.t0 USING btree (day)".to_string(),
+            ]
+        );
+        // A definition that does not name the table as expected is left for the final name.
+        let odd = schema(&["CREATE INDEX user_day ON other.\"user\" USING btree (day)"]);
+        assert!(odd.index_statements("st.t0", "public.\"user\"").is_none());
+        let final_name = odd.name.quoted();
+        assert_eq!(
+            odd.index_statements(&final_name, &final_name).unwrap()[1],
+            "CREATE INDEX user_day ON other.\"user\" USING btree (day)"
+        );
     }
 }
