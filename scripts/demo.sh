@@ -25,12 +25,23 @@ EINVOICE_GEN="$PWD/target/release/einvoice-gen"
 
 section() { printf '\n== %s\n' "$*"; }
 
+# Stops a `sync run` the demo left running (SIGTERM: it finishes its batch and exits 0).
+stop_sync() {
+  if [ -f "$DEMO_DIR/sync.pid" ]; then
+    kill -TERM "$(cat "$DEMO_DIR/sync.pid")" 2>/dev/null || true
+    while kill -0 "$(cat "$DEMO_DIR/sync.pid")" 2>/dev/null; do sleep 0.2; done
+    rm -f "$DEMO_DIR/sync.pid"
+  fi
+}
+
 case "${1:-start}" in
   start) ;;
   stop)
     ensure_postgres
+    stop_sync
     cluster_stop "$DEMO_DIR/maindc"
     cluster_stop "$DEMO_DIR/cloud_a"
+    cluster_stop "$DEMO_DIR/standby"
     exit 0
     ;;
   *)
@@ -53,11 +64,14 @@ section "start the data center (maindc) and the cloud database (cloud_a)"
 mkdir -p "$DEMO_DIR"
 MAINDC_PORT=$(cluster_start "$DEMO_DIR/maindc")
 CLOUD_A_PORT=$(cluster_start "$DEMO_DIR/cloud_a")
+STANDBY_PORT=$(cluster_start "$DEMO_DIR/standby")
 MAINDC_URL="postgres://postgres@127.0.0.1:$MAINDC_PORT/einvoice?sslmode=disable"
 CLOUD_A_URL="postgres://postgres@127.0.0.1:$CLOUD_A_PORT/einvoice?sslmode=disable"
-export MAINDC_URL CLOUD_A_URL
+STANDBY_URL="postgres://postgres@127.0.0.1:$STANDBY_PORT/einvoice?sslmode=disable"
+export MAINDC_URL CLOUD_A_URL STANDBY_URL
 echo "maindc:  $MAINDC_URL"
 echo "cloud_a: $CLOUD_A_URL"
+echo "standby: $STANDBY_URL   (the disaster-recovery cluster backups are restored into)"
 
 section "fill the data center with $DEMO_INVOICES e-invoices (seed $DEMO_SEED)"
 "$EINVOICE_GEN" schema --url "$MAINDC_URL" >/dev/null
@@ -89,6 +103,9 @@ url = "\${MAINDC_URL}"
 [databases.cloud_a]
 url = "\${CLOUD_A_URL}"
 
+[databases.standby]
+url = "\${STANDBY_URL}"
+
 [pipelines.invoices_to_cloud]
 source = "maindc"
 targets = ["cloud_a"]
@@ -104,17 +121,84 @@ cat "$CONFIG"
 section "check the configuration: invsync config check"
 "$INVSYNC" --config "$CONFIG" config check
 
-# Later capabilities (sync, backup, verify) add their sections here.
+# Later capabilities add their sections here.
+
+section "sync: set up the pipeline invoices_to_cloud (publication, slot, target tables, initial copy)"
+"$INVSYNC" --config "$CONFIG" sync setup invoices_to_cloud
+
+section "sync: stream changes while einvoice-gen writes to the data center"
+stop_sync
+"$INVSYNC" --config "$CONFIG" sync run invoices_to_cloud >"$DEMO_DIR/sync.log" 2>&1 &
+echo $! >"$DEMO_DIR/sync.pid"
+echo "sync run started (pid $(cat "$DEMO_DIR/sync.pid"), log $DEMO_DIR/sync.log)"
+"$EINVOICE_GEN" load --url "$MAINDC_URL" --rate 1000 --duration 10
+"$INVSYNC" --config "$CONFIG" sync status invoices_to_cloud
+
+section "verify: the cloud replica holds exactly the data center's rows (while sync runs)"
+"$INVSYNC" --config "$CONFIG" verify db --pipeline invoices_to_cloud
+
+section "verify: change three rows on the replica by hand; verify names each one"
+psql -X -q "$CLOUD_A_URL" <<'SQL'
+UPDATE public.invoice SET total_amount = total_amount + 1
+ WHERE invoice_number = (SELECT min(invoice_number) FROM public.invoice);
+DELETE FROM public.invoice_item
+ WHERE (invoice_number, seq) = (SELECT invoice_number, seq FROM public.invoice_item ORDER BY 1, 2 LIMIT 1 OFFSET 10);
+INSERT INTO public.allowance SELECT 'ZZ' || substr(allowance_number, 3), invoice_number, allowance_date,
+       amount, tax_amount, reason FROM public.allowance ORDER BY 1 LIMIT 1;
+SQL
+status=0
+"$INVSYNC" --config "$CONFIG" verify db --pipeline invoices_to_cloud --settle 2 \
+  --repair-sql "$DEMO_DIR/repair.sql" || status=$?
+echo "exit status $status (1: differences found)"
+echo "-- $DEMO_DIR/repair.sql:"
+cat "$DEMO_DIR/repair.sql"
+psql -X -q "$CLOUD_A_URL" -f "$DEMO_DIR/repair.sql"
+"$INVSYNC" --config "$CONFIG" verify db --pipeline invoices_to_cloud --settle 2
+
+section "backup: initialise the repository $DEMO_DIR/repo (age key $DEMO_DIR/backup.key)"
+if [ -f "$DEMO_DIR/repo/config" ]; then
+  echo "the repository exists already; keeping it"
+else
+  "$INVSYNC" --config "$CONFIG" repo init --repo offsite
+fi
+"$INVSYNC" --config "$CONFIG" key list --repo offsite
+
+section "backup: the data center's pipeline tables and a configuration directory"
+mkdir -p "$DEMO_DIR/etc/invsync/conf.d"
+cp "$CONFIG" "$DEMO_DIR/etc/invsync/invsync.toml"
+echo "peak_windows = [\"odd months 13-15\", \"odd months 25-26\"]" >"$DEMO_DIR/etc/invsync/conf.d/agent.toml"
+ln -sfn invsync.toml "$DEMO_DIR/etc/invsync/current.toml"
+"$INVSYNC" --config "$CONFIG" backup --repo offsite --db maindc --config-dir "$DEMO_DIR/etc/invsync" --tag demo
+
+section "backup: change 1% of the invoices, back up again (only the changed chunks are stored)"
+"$EINVOICE_GEN" load --url "$MAINDC_URL" --rate 2000 --duration 2 >/dev/null
+"$INVSYNC" --config "$CONFIG" backup --repo offsite --db maindc --config-dir "$DEMO_DIR/etc/invsync" --tag demo
+"$INVSYNC" --config "$CONFIG" snapshots --repo offsite
+
+section "restore: the latest snapshot into the standby cluster, and the configuration tree"
+"$INVSYNC" --config "$CONFIG" restore latest --repo offsite --to-db standby --replace
+psql -X "$STANDBY_URL" -c "SELECT 'invoice' AS table, count(*) FROM public.invoice \
+  UNION ALL SELECT 'invoice_item', count(*) FROM public.invoice_item \
+  UNION ALL SELECT 'allowance', count(*) FROM public.allowance"
+rm -rf "$DEMO_DIR/restored"
+"$INVSYNC" --config "$CONFIG" restore latest --repo offsite --to-dir "$DEMO_DIR/restored"
+find "$DEMO_DIR/restored" | sort
+
+section "verify the repository: every reference resolves and 100% of the data reads back"
+"$INVSYNC" --config "$CONFIG" verify repo --repo offsite --read-data
 
 section "done"
 cat <<TXT
 The clusters keep running:
   maindc   psql "$MAINDC_URL"
   cloud_a  psql "$CLOUD_A_URL"
+  standby  psql "$STANDBY_URL"
+sync run keeps streaming (log: $DEMO_DIR/sync.log); watch it with
+  $INVSYNC --config $CONFIG sync status
 Drive changes on the data center:
   $EINVOICE_GEN load --url "$MAINDC_URL" --rate 200 --duration 30
 Use the configuration:
-  export MAINDC_URL="$MAINDC_URL" CLOUD_A_URL="$CLOUD_A_URL"
+  export MAINDC_URL="$MAINDC_URL" CLOUD_A_URL="$CLOUD_A_URL" STANDBY_URL="$STANDBY_URL"
   $INVSYNC --config $CONFIG config check
 Stop them with: scripts/demo.sh stop
 TXT

@@ -6,5 +6,6 @@ pub mod backup;
 pub mod check;
 pub mod config;
 pub mod pg;
+pub mod sync;
 pub mod verify;
 pub mod workload;

@@ -32,6 +32,20 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
     let prefix_of = |path: &str| {
         Path::parse(path.trim_matches('/')).map_err(|e| err(format!("invalid path: {e}")))
     };
+    // The three cloud builders share no trait: each starts from the environment's credentials,
+    // then takes the repository's options, refusing keys it does not know.
+    macro_rules! cloud_store {
+        ($builder:ty, $kind:literal) => {{
+            let mut b = <$builder>::from_env().with_url(url.as_str());
+            for (k, v) in &repo.options {
+                let key = k
+                    .parse()
+                    .map_err(|_| err(format!("unknown {} option `{k}`", $kind)))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+        }};
+    }
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "file" => {
             if !repo.options.is_empty() {
@@ -58,37 +72,10 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
             });
         }
         "memory" => Arc::new(object_store::memory::InMemory::new()),
-        "s3" | "s3a" => {
-            let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
-            for (k, v) in &repo.options {
-                let key = k
-                    .parse()
-                    .map_err(|_| err(format!("unknown S3 option `{k}`")))?;
-                b = b.with_config(key, v);
-            }
-            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
-        }
-        "gs" => {
-            let mut b =
-                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str());
-            for (k, v) in &repo.options {
-                let key = k
-                    .parse()
-                    .map_err(|_| err(format!("unknown GCS option `{k}`")))?;
-                b = b.with_config(key, v);
-            }
-            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
-        }
+        "s3" | "s3a" => cloud_store!(object_store::aws::AmazonS3Builder, "S3"),
+        "gs" => cloud_store!(object_store::gcp::GoogleCloudStorageBuilder, "GCS"),
         "az" | "azure" | "abfs" | "abfss" => {
-            let mut b =
-                object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str());
-            for (k, v) in &repo.options {
-                let key = k
-                    .parse()
-                    .map_err(|_| err(format!("unknown Azure option `{k}`")))?;
-                b = b.with_config(key, v);
-            }
-            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+            cloud_store!(object_store::azure::MicrosoftAzureBuilder, "Azure")
         }
         other => return Err(err(format!("unsupported scheme `{other}:`"))),
     };
@@ -97,4 +84,45 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
         prefix: prefix_of(url.path())?,
         url: url.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(url: &str, options: &[(&str, &str)]) -> RepositoryConfig {
+        RepositoryConfig {
+            name: "r".into(),
+            url: url::Url::parse(url).unwrap(),
+            recipients: Vec::new(),
+            identity_file: None,
+            passphrase: None,
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn unknown_cloud_options_are_refused() {
+        for (url, kind) in [
+            ("s3://b/p", "S3"),
+            ("gs://b/p", "GCS"),
+            ("az://c/p", "Azure"),
+        ] {
+            let e = open(&repo(url, &[("bogus_key", "1")]), false).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("unknown {kind} option `bogus_key`")),
+                "{e}"
+            );
+        }
+        let loc = open(
+            &repo("s3://b/some/prefix", &[("aws_region", "ap-northeast-1")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(loc.prefix.as_ref(), "some/prefix");
+    }
 }

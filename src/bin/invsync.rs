@@ -11,6 +11,10 @@ use invsync::config::{self, Config};
 
 #[path = "invsync/backup.rs"]
 mod backup;
+#[path = "invsync/sync.rs"]
+mod sync;
+#[path = "invsync/verify.rs"]
+mod verify;
 
 #[derive(Parser)]
 #[command(
@@ -57,9 +61,12 @@ enum Command {
     Config(ConfigCommand),
     #[command(flatten)]
     Backup(backup::BackupCommand),
-    /// Verify copies and repositories
+    /// Prove that copies hold exactly the source's data and that repositories are whole
     #[command(subcommand)]
-    Verify(backup::VerifyCommand),
+    Verify(verify::VerifyCommand),
+    /// CDC replication pipelines: setup, run, status, teardown
+    #[command(subcommand)]
+    Sync(sync::SyncCommand),
 }
 
 #[derive(Subcommand)]
@@ -139,9 +146,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backup(command) => backup::run(command, cli.config.as_deref()).await,
-        Command::Verify(backup::VerifyCommand::Repo(args)) => {
-            backup::verify_repo(args, cli.config.as_deref()).await
-        }
+        Command::Verify(command) => verify::run(command, cli.config.as_deref()).await,
+        Command::Sync(cmd) => sync::run(load_config(cli.config.as_deref())?, cmd).await,
         Command::Config(ConfigCommand::Check(flags)) => {
             let config = load_config(cli.config.as_deref())?;
             let report = invsync::check::check(&config).await;

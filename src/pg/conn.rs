@@ -158,6 +158,11 @@ impl ConnInfo {
         self.ssl_mode
     }
 
+    /// The `sslrootcert` file given in the URL, if any.
+    pub fn root_cert(&self) -> Option<&std::path::Path> {
+        self.root_cert.as_deref()
+    }
+
     /// The database name, or the user name when none is given (libpq's default).
     pub fn dbname(&self) -> &str {
         self.config

@@ -1,4 +1,54 @@
-//! Verification. (On this branch only the repository check; the `verify` branch owns this
-//! file and adds `db`.)
+//! Verification: proof that two databases hold the same rows ([`db`]), naming every row that
+//! differs, and proof that a backup repository is whole ([`repo`]).
+//!
+//! Invariant kept by everything here: a difference is reported only after it has been seen on
+//! fresh reads of both sides (never from one stale snapshot alone), and a table that could not
+//! be compared is reported as such, never as identical.
 
+pub mod db;
+mod keyrange;
+mod recheck;
+mod repair;
 pub mod repo;
+mod side;
+
+pub use db::{
+    verify_db, DbReport, DbVerifyOptions, Difference, DifferenceKind, Progress, TableReport,
+    TableStatus,
+};
+
+use crate::pg::PgError;
+
+/// Everything that can go wrong while verifying.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("table {table} has no primary key on {side}; add one (ALTER TABLE {table} ADD PRIMARY KEY (...)) so rows can be matched")]
+    NoPrimaryKey { table: String, side: &'static str },
+    #[error("table {table} does not exist on the {side} ({conn}); create it or leave it out with --tables")]
+    MissingTable {
+        table: String,
+        side: &'static str,
+        conn: String,
+    },
+    #[error("table {table} differs in shape between source and target: {detail}; make the target's columns match the source's")]
+    ShapeMismatch { table: String, detail: String },
+    #[error("{0}")]
+    Options(String),
+    #[error(
+        "cannot write repair SQL to {path}: {reason}; check the directory exists and is writable"
+    )]
+    RepairFile { path: String, reason: String },
+}
+
+impl VerifyError {
+    /// True when running the verification again later may succeed (lost connection, server
+    /// restarting); false for problems that need a person (no primary key, shape mismatch).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            VerifyError::Pg(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}

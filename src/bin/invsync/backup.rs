@@ -156,14 +156,19 @@ pub struct RestoreArgs {
 pub struct ForgetArgs {
     #[command(flatten)]
     repo: RepoName,
+    /// Keep the N most recent snapshots
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
+    /// Keep the newest snapshot of each of the last N hours that have one
     #[arg(long, value_name = "N")]
     keep_hourly: Option<usize>,
+    /// Keep the newest snapshot of each of the last N days (UTC) that have one
     #[arg(long, value_name = "N")]
     keep_daily: Option<usize>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one
     #[arg(long, value_name = "N")]
     keep_weekly: Option<usize>,
+    /// Keep the newest snapshot of each of the last N months that have one
     #[arg(long, value_name = "N")]
     keep_monthly: Option<usize>,
     /// Only show what would be forgotten
@@ -607,13 +612,4 @@ pub async fn verify_repo(args: VerifyRepoArgs, config: Option<&Path>) -> anyhow:
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// `invsync verify ...` on this branch: only `repo` (the verify branch adds `db`).
-#[derive(Subcommand)]
-pub enum VerifyCommand {
-    /// Check that every snapshot of a repository is whole and readable
-    ///
-    /// Exit status: 0 no damage, 1 damage found, 2 could not check.
-    Repo(VerifyRepoArgs),
 }

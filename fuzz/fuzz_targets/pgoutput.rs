@@ -1,0 +1,12 @@
+//! Fuzzes the pgoutput decoder: any bytes must decode or fail with an error, never panic,
+//! hang, or allocate beyond what the input describes.
+//!
+//! Run: `cargo +nightly fuzz run pgoutput -- -max_total_time=60` (from the repository root).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let bytes = bytes::Bytes::copy_from_slice(data);
+    let _ = invsync::sync::decoder::decode(&bytes);
+});

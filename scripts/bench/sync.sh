@@ -1,0 +1,161 @@
+# sync section of scripts/bench.sh (sourced). Compares, on the same two clusters and data:
+#   initial copy:  invsync sync setup  vs  a native subscription (copy_data)  vs  pg_dump -j2 | pg_restore -j2
+#   catch-up:      invsync sync run    vs  a native subscription, on the same backlog of changes
+#                  (inserts, updates, deletes in transactions of 100 rows) written while both were stopped
+# Three runs each, alternating; prints medians, the ratios invsync/peer, and peak RSS of invsync.
+# Expects from bench.sh: SRC_URL DST_URL BENCH_DIR INVSYNC EINVOICE_GEN INVOICES.
+# SYNC_BACKLOG sets the number of changes (default 1000000), SYNC_RUNS the runs (default 3).
+
+sync_main() {
+  local runs="${SYNC_RUNS:-3}" backlog="${SYNC_BACKLOG:-1000000}"
+  local dir="$BENCH_DIR/sync"
+  mkdir -p "$dir"
+  local src="$SRC_URL" dst="$DST_URL"
+
+  sync_q() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -A -t -v ON_ERROR_STOP=1 -d "$1" -c "$2"; }
+  sync_now() { date +%s.%N; }
+  sync_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  sync_rss_mib() { awk -F: '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
+
+  if [ "$(sync_q "$src" "SELECT to_regclass('public.invoice') IS NOT NULL")" != t ]; then
+    echo "sync: filling the source with $INVOICES invoices"
+    "$EINVOICE_GEN" fill --url "$src" --invoices "$INVOICES" >/dev/null
+  fi
+  sync_q "$src" "CREATE TABLE IF NOT EXISTS public.bench_change (id bigint PRIMARY KEY, invoice_number text, amount numeric(12,2), note text, changed_at timestamptz DEFAULT now())"
+  local tables
+  tables=$(sync_q "$src" "SELECT string_agg(format('%I.%I', schemaname, tablename), ' ') FROM pg_tables WHERE schemaname = 'public'")
+  local table_list
+  table_list=$(for t in $tables; do printf '"%s", ' "$t"; done | sed 's/, $//')
+  local dump_args=()
+  for t in $tables; do dump_args+=(-t "$t"); done
+  pg_dump -s "${dump_args[@]}" "$src" > "$dir/schema.sql"
+
+  cat > "$dir/invsync.toml" <<TOML
+[databases.src]
+url = "$src"
+[databases.dst]
+url = "$dst"
+[pipelines.bench]
+source = "src"
+targets = ["dst"]
+tables = [$table_list]
+TOML
+  local cfg="$dir/invsync.toml"
+
+  sync_reset_target() {
+    sync_q "$dst" "DROP SCHEMA IF EXISTS invsync CASCADE" >/dev/null
+    for t in $tables; do sync_q "$dst" "DROP TABLE IF EXISTS $t CASCADE" >/dev/null; done
+    PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -d "$dst" -f "$dir/schema.sql" >/dev/null
+  }
+  sync_drop_native() {
+    sync_q "$dst" "DROP SUBSCRIPTION IF EXISTS bench_native" >/dev/null 2>&1 || true
+    sync_q "$src" "DROP PUBLICATION IF EXISTS bench_native" >/dev/null
+  }
+  sync_native_subscribe() {
+    sync_q "$src" "CREATE PUBLICATION bench_native FOR TABLE $(echo "$tables" | sed 's/ /, /g')" >/dev/null
+    sync_q "$dst" "CREATE SUBSCRIPTION bench_native CONNECTION '$src' PUBLICATION bench_native WITH (copy_data = $1)" >/dev/null
+  }
+  sync_wait() { # $1 = url, $2 = query that returns t when done
+    until [ "$(sync_q "$1" "$2")" = t ]; do sleep 0.1; done
+  }
+
+  # ---- initial copy
+  local inv_copy=() nat_copy=() dump_copy=() inv_rss=()
+  for i in $(seq 1 "$runs"); do
+    sync_reset_target
+    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
+    local t0 t1
+    t0=$(sync_now)
+    /usr/bin/time -v -o "$dir/setup.time" "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create --jobs 4 >/dev/null
+    t1=$(sync_now)
+    inv_copy+=("$(echo "$t1 - $t0" | bc)")
+    inv_rss+=("$(sync_rss_mib "$dir/setup.time")")
+    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
+
+    sync_reset_target
+    sync_drop_native
+    t0=$(sync_now)
+    sync_native_subscribe true
+    sync_wait "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
+    t1=$(sync_now)
+    nat_copy+=("$(echo "$t1 - $t0" | bc)")
+    sync_drop_native
+
+    sync_reset_target
+    rm -rf "$dir/dump"
+    t0=$(sync_now)
+    pg_dump -Fd -j2 -a "${dump_args[@]}" -f "$dir/dump" "$src"
+    pg_restore -j2 -a -d "$dst" "$dir/dump"
+    t1=$(sync_now)
+    dump_copy+=("$(echo "$t1 - $t0" | bc)")
+  done
+
+  # ---- catch-up: both consumers stopped while the same backlog is written
+  sync_backlog() { # writes $backlog changes in transactions of 100: 60 inserts, 30 updates, 10 deletes
+    local base=$1
+    sync_q "$src" "
+      DO \$\$
+      DECLARE b bigint;
+      BEGIN
+        FOR k IN 0 .. ($backlog / 100) - 1 LOOP
+          b := $base + k * 60;
+          INSERT INTO public.bench_change (id, invoice_number, amount, note)
+            SELECT b + g, 'AB' || lpad((b + g)::text, 8, '0'), g * 1.25, 'new' FROM generate_series(1, 60) g;
+          UPDATE public.bench_change SET amount = amount + 1, note = 'upd' WHERE id > b AND id <= b + 30;
+          DELETE FROM public.bench_change WHERE id > b + 50 AND id <= b + 60;
+          COMMIT;
+        END LOOP;
+        INSERT INTO public.bench_change (id, note) VALUES (-$base, 'marker');
+      END \$\$" >/dev/null
+  }
+  local inv_catch=() nat_catch=() run_rss=() base=0
+  for i in $(seq 1 "$runs"); do
+    sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
+    sync_reset_target
+    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
+    "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create >/dev/null
+    base=$((base + 100000000))
+    sync_backlog "$base"
+    local t0 t1 pid
+    t0=$(sync_now)
+    /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn sync run bench &
+    pid=$!
+    sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
+    t1=$(sync_now)
+    kill -TERM "$(pgrep -P "$pid" invsync || echo "$pid")" 2>/dev/null || true
+    wait "$pid" || true
+    inv_catch+=("$(echo "$backlog / ($t1 - $t0)" | bc)")
+    run_rss+=("$(sync_rss_mib "$dir/run.time")")
+    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
+
+    sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
+    sync_reset_target
+    sync_drop_native
+    sync_native_subscribe true
+    sync_wait "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
+    sync_q "$dst" "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
+    base=$((base + 100000000))
+    sync_backlog "$base"
+    t0=$(sync_now)
+    sync_q "$dst" "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
+    sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
+    t1=$(sync_now)
+    nat_catch+=("$(echo "$backlog / ($t1 - $t0)" | bc)")
+    sync_drop_native
+  done
+  sync_q "$src" "DROP TABLE public.bench_change" >/dev/null
+  sync_q "$dst" "DROP TABLE IF EXISTS public.bench_change" >/dev/null
+
+  local ic nc dc ir nr
+  ic=$(sync_median "${inv_copy[@]}"); nc=$(sync_median "${nat_copy[@]}"); dc=$(sync_median "${dump_copy[@]}")
+  ir=$(sync_median "${inv_catch[@]}"); nr=$(sync_median "${nat_catch[@]}")
+  echo "== sync ($INVOICES invoices; backlog $backlog changes; median of $runs runs)"
+  printf '%-44s %10s %10s %8s\n' "measure" "invsync" "peer" "ratio"
+  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs native subscription" "$ic" "$nc" "$(echo "$ic / $nc" | bc -l)"
+  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -j2 | pg_restore -j2" "$ic" "$dc" "$(echo "$ic / $dc" | bc -l)"
+  printf '%-44s %10s %10s %8.2f\n' "catch-up rows/s vs native subscription" "$ir" "$nr" "$(echo "$ir / $nr" | bc -l)"
+  echo "peak RSS: sync setup $(sync_median "${inv_rss[@]}") MiB, sync run (catch-up) $(sync_median "${run_rss[@]}") MiB"
+  echo "(ratios: time ratio < 1 and rows/s ratio > 1 favour invsync)"
+}
+
+sync_main

@@ -1,0 +1,240 @@
+//! `invsync sync ...`: options and rendering for the CDC pipeline commands.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use invsync::config::Config;
+use invsync::sync::{self, SetupOptions, SetupOutcome};
+
+#[derive(Subcommand)]
+pub enum SyncCommand {
+    /// Check the tables, create the publication, slot and target tables, and copy the rows
+    ///
+    /// Refuses tables without a primary key or replica identity. The copy reads the snapshot the
+    /// slot exported, so `sync run` continues exactly where it ends. Re-running a complete setup
+    /// changes nothing; an interrupted one is redone from the start.
+    Setup(SetupArgs),
+    /// Stream changes from the source to every target until SIGINT or SIGTERM
+    ///
+    /// On a signal, finishes the source transaction being received, commits every target's
+    /// batch with its progress and exits 0. Reconnects with backoff when a database goes away.
+    Run {
+        /// Pipeline name, as in [pipelines.NAME]
+        pipeline: String,
+    },
+    /// Show slot state, retained WAL, and per target the applied LSN, lag and table phases
+    Status {
+        /// Only this pipeline (default: all)
+        pipeline: Option<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the slot, the publication and invsync's bookkeeping on the targets (not their data)
+    Teardown {
+        /// Pipeline name
+        pipeline: String,
+        /// Do it (without this, only says what would be dropped)
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct SetupArgs {
+    /// Pipeline name, as in [pipelines.NAME]
+    pipeline: String,
+    /// Require the tables to exist on the targets instead of creating them
+    #[arg(long)]
+    no_create: bool,
+    /// Skip the initial copy: the targets already hold the source's rows
+    #[arg(long)]
+    no_copy: bool,
+    /// Concurrent copy sessions
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SyncCommand::Setup(a) => {
+            let opts = SetupOptions {
+                create: !a.no_create,
+                copy: !a.no_copy,
+                jobs: a.jobs,
+            };
+            let outcome = sync::setup(&config, &a.pipeline, &opts).await?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome).context("rendering JSON")?
+                );
+            } else {
+                match &outcome {
+                    SetupOutcome::AlreadySetUp { pipeline, slot } => println!(
+                        "pipeline {pipeline} is already set up (slot {slot}); nothing changed. Start it with `invsync sync run {pipeline}`"
+                    ),
+                    SetupOutcome::SetUp { pipeline, slot, consistent_point, copied, resumed, .. } => {
+                        if *resumed {
+                            println!("found an interrupted setup of {pipeline}; started over");
+                        }
+                        for c in copied {
+                            println!(
+                                "copied {} -> {}: {} rows, {} bytes ({})",
+                                c.table,
+                                c.target,
+                                c.rows,
+                                c.bytes,
+                                if c.binary { "binary" } else { "text" }
+                            );
+                        }
+                        println!(
+                            "pipeline {pipeline} set up: slot {slot} streams from {consistent_point}; start it with `invsync sync run {pipeline}`"
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SyncCommand::Run { pipeline } => {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let signals = tokio::spawn(async move {
+                wait_for_signal().await;
+                let _ = tx.send(true);
+            });
+            let result = sync::run(&config, &pipeline, rx).await;
+            signals.abort();
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SyncCommand::Status { pipeline, json } => {
+            let all = sync::status(&config, pipeline.as_deref()).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&all).context("rendering JSON")?
+                );
+            } else {
+                for p in &all {
+                    print_status(p);
+                }
+            }
+            let ok = all
+                .iter()
+                .all(|p| p.source_error.is_none() && p.targets.iter().all(|t| t.error.is_none()));
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        SyncCommand::Teardown { pipeline, yes } => {
+            config.pipeline(&pipeline).map_err(anyhow::Error::msg)?;
+            if !yes {
+                println!(
+                    "would drop slot {} and publication {} on the source, and the bookkeeping of {pipeline} on its targets (their data stays); run again with --yes",
+                    sync::names::slot(&pipeline),
+                    sync::names::publication(&pipeline)
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            let r = sync::teardown(&config, &pipeline).await?;
+            println!(
+                "pipeline {} torn down: slot {}, publication {} dropped; bookkeeping removed on {}",
+                r.pipeline,
+                if r.slot_dropped {
+                    "dropped"
+                } else {
+                    "was already gone"
+                },
+                r.publication,
+                r.targets.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn bytes(n: i64) -> String {
+    let mut v = n as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if v.abs() < 1024.0 || unit == "GiB" {
+            return if unit == "B" {
+                format!("{n} B")
+            } else {
+                format!("{v:.1} {unit}")
+            };
+        }
+        v /= 1024.0;
+    }
+    format!("{n} B")
+}
+
+fn print_status(p: &sync::PipelineStatus) {
+    print!(
+        "pipeline {} (source {}, slot {})",
+        p.pipeline, p.source, p.slot
+    );
+    match &p.slot_state {
+        Some(s) => println!(
+            ": {}, confirmed {}, retains {} of WAL",
+            match s.active_pid {
+                Some(pid) => format!("streaming (pid {pid})"),
+                None => "idle".to_string(),
+            },
+            s.confirmed_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
+            bytes(s.retained_bytes)
+        ),
+        None => println!(),
+    }
+    if let Some(e) = &p.source_error {
+        println!("  problem: {e}");
+    }
+    for t in &p.targets {
+        match (&t.state, &t.error) {
+            (_, Some(e)) => println!("  target {}: {e}", t.target),
+            (Some(state), None) => println!(
+                "  target {}: {}, applied {}, lag {} / {:.1} s",
+                t.target,
+                serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                t.applied_lsn
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                t.lag_bytes.map(bytes).unwrap_or_else(|| "?".into()),
+                t.lag_seconds.unwrap_or(0.0)
+            ),
+            (None, None) => println!("  target {}: unknown", t.target),
+        }
+        for table in &t.tables {
+            println!(
+                "    {:40} {:12} {} rows copied",
+                table.table, table.phase, table.rows_copied
+            );
+        }
+    }
+}

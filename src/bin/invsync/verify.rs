@@ -1,0 +1,229 @@
+//! `invsync verify ...`: options, one library call, and the report for people or `--json`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use invsync::verify::{self, DbReport, DbVerifyOptions, Progress, TableReport, TableStatus};
+
+#[derive(Subcommand)]
+pub enum VerifyCommand {
+    /// Prove that a target database holds exactly the source's rows
+    ///
+    /// Compares checksums of key ranges computed inside both databases at once, narrows
+    /// differing ranges down to single rows, and reports every row that is missing on the
+    /// target, extra on the target, or changed (with the columns that differ). Rows that differ
+    /// only because a pipeline has not applied them yet are re-checked and not reported.
+    /// Exit status: 0 identical, 1 differences found, 2 could not verify.
+    Db(DbArgs),
+    /// Check that every snapshot of a repository is whole and readable
+    ///
+    /// Every snapshot's references must resolve to indexed objects that exist; with
+    /// --read-data, packs are also downloaded, decrypted, decompressed and hashed. Names every
+    /// damaged snapshot, table and file. Exit status: 0 no damage, 1 damage found, 2 could not
+    /// check.
+    Repo(super::backup::VerifyRepoArgs),
+}
+
+#[derive(Args)]
+pub struct DbArgs {
+    /// Compare the pipeline's source with its targets, over the pipeline's tables
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "source",
+        required_unless_present = "source"
+    )]
+    pipeline: Option<String>,
+    /// The source: a configured database name or a postgres:// URL
+    #[arg(long, value_name = "DB", requires = "target")]
+    source: Option<String>,
+    /// The target: a configured database name or a postgres:// URL (with --pipeline: one of its targets)
+    #[arg(long, value_name = "DB")]
+    target: Option<String>,
+    /// Tables to compare (`schema.table` or `schema.*`) [default: the pipeline's, or public.*]
+    #[arg(long, value_name = "TABLE", num_args = 1.., value_delimiter = ',')]
+    tables: Vec<String>,
+    /// Compare only rows matching this SQL condition (on both sides)
+    #[arg(long = "where", value_name = "SQL")]
+    filter: Option<String>,
+    /// Seconds to keep re-checking differing rows before reporting them, for a target fed by
+    /// a live pipeline [default: 15 with --pipeline, else 0]
+    #[arg(long, value_name = "SECS")]
+    settle: Option<f64>,
+    /// Write SQL statements that make the target match the source to FILE
+    #[arg(long, value_name = "FILE")]
+    repair_sql: Option<PathBuf>,
+    /// Print the report as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs a verify command. Like `diff`, any failure to verify exits with status 2, so that 1
+/// always means "differences found".
+pub async fn run(command: VerifyCommand, config_flag: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let result = match command {
+        VerifyCommand::Db(args) => db(args, config_flag).await,
+        VerifyCommand::Repo(args) => super::backup::verify_repo(args, config_flag).await,
+    };
+    result.or_else(|e| {
+        eprintln!("error: {}", super::one_line(&e));
+        Ok(ExitCode::from(2))
+    })
+}
+
+async fn db(args: DbArgs, config_flag: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let needs_config = args.pipeline.is_some()
+        || [&args.source, &args.target]
+            .into_iter()
+            .flatten()
+            .any(|d| !d.contains("://"));
+    let config = if needs_config {
+        Some(super::load_config(config_flag)?)
+    } else {
+        None
+    };
+    let mut opts = DbVerifyOptions::select(
+        config.as_ref(),
+        args.pipeline.as_deref(),
+        args.source.as_deref(),
+        args.target.as_deref(),
+        &args.tables,
+    )?;
+    opts.filter = args.filter;
+    opts.repair_sql = args.repair_sql;
+    if let Some(secs) = args.settle {
+        opts.settle = Duration::try_from_secs_f64(secs)
+            .context("--settle takes a number of seconds, such as 10 or 0.5")?;
+    }
+    let bar = Bar::new(!args.json);
+    let report = verify::verify_db(&opts, &bar).await?;
+    bar.0.finish_and_clear();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("rendering JSON")?
+        );
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::from(report.exit_code()))
+}
+
+/// A progress bar over all tables' estimated rows, drawn only on a terminal.
+struct Bar(ProgressBar);
+
+impl Bar {
+    fn new(visible: bool) -> Bar {
+        let target = if visible {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(0), target);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} {prefix} [{bar:30}] {human_pos}/{human_len} rows, {elapsed} (ETA {eta}) {msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Bar(bar)
+    }
+}
+
+impl Progress for Bar {
+    fn table_started(&self, table: &str, estimated_rows: u64) {
+        self.0.set_prefix(table.to_string());
+        self.0.inc_length(estimated_rows);
+    }
+    fn advance(&self, rows: u64, phase: &str) {
+        self.0.inc(rows);
+        self.0.set_message(phase.to_string());
+    }
+    fn table_finished(&self, _report: &TableReport) {}
+}
+
+fn print_report(report: &DbReport) {
+    let mut counts = [0usize; 3];
+    for t in &report.tables {
+        let on = if t.target.is_empty() {
+            String::new()
+        } else {
+            format!(" on {}", t.target)
+        };
+        let secs = t.elapsed_ms as f64 / 1000.0;
+        match t.status {
+            TableStatus::Identical => {
+                counts[0] += 1;
+                println!(
+                    "ok    {}{on}: identical ({} rows, {secs:.1} s)",
+                    t.table, t.source_rows
+                );
+            }
+            TableStatus::Different => {
+                counts[1] += 1;
+                println!(
+                    "DIFF  {}{on}: {} rows differ ({} source rows, {} target rows, {secs:.1} s)",
+                    t.table,
+                    t.differences.len(),
+                    t.source_rows,
+                    t.target_rows
+                );
+                for d in &t.differences {
+                    let mut line = format!(
+                        "      {:<18} {}",
+                        d.kind.describe(),
+                        d.key_display(&t.key_columns)
+                    );
+                    let changes: Vec<String> = d
+                        .changes
+                        .iter()
+                        .map(|c| {
+                            format!("{}: {} -> {}", c.column, shown(&c.source), shown(&c.target))
+                        })
+                        .collect();
+                    if !changes.is_empty() {
+                        line.push_str(&format!("  {}", changes.join("; ")));
+                    }
+                    println!("{line}");
+                }
+            }
+            TableStatus::Error => {
+                counts[2] += 1;
+                println!(
+                    "ERROR {}{on}: {}",
+                    t.table,
+                    t.error.as_deref().unwrap_or("could not be verified")
+                );
+            }
+        }
+        if t.in_flight > 0 {
+            println!(
+                "      ({} rows were in flight and matched on re-check)",
+                t.in_flight
+            );
+        }
+    }
+    println!(
+        "{} tables identical, {} different ({} rows), {} could not be verified",
+        counts[0],
+        counts[1],
+        report.differences(),
+        counts[2]
+    );
+    if let Some(path) = &report.repair_sql {
+        println!("repair SQL written to {path}");
+    }
+}
+
+/// A value as SQL would show it: quoted text, or NULL.
+fn shown(v: &Option<String>) -> String {
+    match v {
+        Some(s) => invsync::pg::quote_literal(s),
+        None => "NULL".into(),
+    }
+}

@@ -1,0 +1,78 @@
+//! Names of the objects a pipeline owns: its slot and publication on the source, and the
+//! replication origin its apply sessions carry on each target.
+//!
+//! Names are derived from the pipeline (and target) names, so setup, run, status and teardown
+//! agree without storing them. Slot names may hold only `a-z`, `0-9` and `_` and at most 63
+//! bytes; other characters become `_`, and a name that had to be changed or shortened gets a
+//! hash suffix so two different pipelines never share a slot.
+
+const MAX_NAME: usize = 63;
+
+fn derive(parts: &[&str]) -> String {
+    let raw = format!("invsync_{}", parts.join("_"));
+    let clean: String = raw
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '_' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '_',
+        })
+        .collect();
+    if clean == raw && clean.len() <= MAX_NAME {
+        return clean;
+    }
+    let hash = blake3::hash(raw.as_bytes()).to_hex();
+    let keep = clean.len().min(MAX_NAME - 9);
+    format!("{}_{}", &clean[..keep], &hash[..8])
+}
+
+/// The logical replication slot of `pipeline` on its source.
+pub fn slot(pipeline: &str) -> String {
+    derive(&[pipeline])
+}
+
+/// The publication of `pipeline` on its source.
+pub fn publication(pipeline: &str) -> String {
+    derive(&[pipeline])
+}
+
+/// The replication origin that `pipeline`'s apply sessions carry on `target`. One per target,
+/// because PostgreSQL lets one session at a time use an origin, and two targets of a pipeline
+/// may live in one cluster.
+pub fn origin(pipeline: &str, target: &str) -> String {
+    derive(&[pipeline, target])
+}
+
+/// Most concurrent copy sessions per target (each needs its own origin).
+pub const MAX_COPY_JOBS: usize = 32;
+
+/// The replication origin of copy session `k` of `pipeline` on `target`.
+pub fn copy_origin(pipeline: &str, target: &str, k: usize) -> String {
+    derive(&[pipeline, target, &format!("copy{k}")])
+}
+
+/// Every origin `pipeline` may have left on `target`.
+pub fn all_origins(pipeline: &str, target: &str) -> Vec<String> {
+    let mut all = vec![origin(pipeline, target)];
+    all.extend((0..MAX_COPY_JOBS).map(|k| copy_origin(pipeline, target, k)));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_valid_slot_names() {
+        assert_eq!(slot("dc_to_cloud"), "invsync_dc_to_cloud");
+        let odd = slot("DC-to-Cloud");
+        assert!(odd.starts_with("invsync_dc_to_cloud_"));
+        assert_ne!(odd, slot("dc_to_cloud"));
+        let long = slot(&"x".repeat(200));
+        assert!(long.len() <= MAX_NAME);
+        assert!(long
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        assert_ne!(origin("p", "a"), origin("p", "b"));
+    }
+}

@@ -1,0 +1,717 @@
+//! A pipeline's life: `setup` (checks, publication, slot, target tables, initial copy),
+//! `run` (stream from the slot and apply to every target until stopped), and `teardown`.
+//!
+//! `run` keeps these promises:
+//! - The stream starts at the oldest applied LSN among the targets; each target skips the
+//!   transactions it already holds, so none is applied twice.
+//! - The slot is confirmed up to the smallest durable applied LSN among the targets, or, when no
+//!   target has anything pending, up to the last keepalive's WAL end, so a quiet source (or one
+//!   busy with other tables) does not keep WAL behind the slot.
+//! - A target that goes away is retried with backoff while the others keep applying; when it is
+//!   back and behind, the stream restarts from its position.
+//! - A stop request (SIGINT/SIGTERM in the CLI) finishes the source transaction being received,
+//!   commits every target's batch with its progress, and returns `Ok`.
+//! - A source or stream failure reconnects with backoff and says so in the log; errors a person
+//!   must fix (schema, permissions, configuration) stop the pipeline.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use super::apply::{pg_time, Change, StreamRelation, Target};
+use super::copy::{self, CopyStats, TableCopy};
+use super::decoder::{self, Message};
+use super::{names, progress, publication, schema, slot, SyncError};
+use crate::config::{Config, PipelineConfig};
+use crate::pg::{resolve_tables, ConnInfo, Lsn, PgError, TableInfo};
+
+/// A batch is committed once it holds this many changes...
+const BATCH_ROWS: usize = 20_000;
+/// ...or has been open this long.
+const BATCH_TIME: Duration = Duration::from_millis(150);
+/// How long `run` waits for a slot still held by a process that died (its walsender has not
+/// noticed yet) before reporting it as in use.
+const SLOT_BUSY_GRACE: Duration = Duration::from_secs(5);
+
+/// Options of `invsync sync setup`.
+#[derive(Debug, Clone)]
+pub struct SetupOptions {
+    /// Create missing tables (and their types) on the targets.
+    pub create: bool,
+    /// Copy the existing rows; without, the targets must already hold them.
+    pub copy: bool,
+    /// Concurrent copy sessions.
+    pub jobs: usize,
+}
+
+impl Default for SetupOptions {
+    fn default() -> Self {
+        SetupOptions {
+            create: true,
+            copy: true,
+            jobs: 4,
+        }
+    }
+}
+
+/// What setup did.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum SetupOutcome {
+    /// The pipeline was set up before; nothing was changed.
+    AlreadySetUp { pipeline: String, slot: String },
+    /// The pipeline is ready for `run`.
+    SetUp {
+        pipeline: String,
+        slot: String,
+        publication: String,
+        /// Streaming starts here.
+        consistent_point: Lsn,
+        copied: Vec<CopyStats>,
+        /// Whether an interrupted setup was found and redone.
+        resumed: bool,
+    },
+}
+
+/// A pipeline's configuration, its source, and its targets by name.
+type Resolved<'a> = (&'a PipelineConfig, ConnInfo, Vec<(String, ConnInfo)>);
+
+fn lookup<'a>(config: &'a Config, pipeline: &str) -> Result<Resolved<'a>, SyncError> {
+    let p = config.pipeline(pipeline).map_err(SyncError::Config)?;
+    let source = config
+        .database(&p.source)
+        .map_err(SyncError::Config)?
+        .conn
+        .clone();
+    let mut targets = Vec::new();
+    for t in &p.targets {
+        targets.push((
+            t.clone(),
+            config.database(t).map_err(SyncError::Config)?.conn.clone(),
+        ));
+    }
+    Ok((p, source, targets))
+}
+
+/// Sets up `pipeline`: see the module documentation. Safe to re-run: a complete setup is left
+/// alone, an interrupted one is redone from the start.
+pub async fn setup(
+    config: &Config,
+    pipeline: &str,
+    opts: &SetupOptions,
+) -> Result<SetupOutcome, SyncError> {
+    let (p, source_conn, target_conns) = lookup(config, pipeline)?;
+    let slot_name = names::slot(pipeline);
+    let pub_name = names::publication(pipeline);
+
+    let source = source_conn.connect().await?;
+    slot::check_source(&source, &source_conn).await?;
+    let table_names = resolve_tables(&source, &source_conn, &p.tables).await?;
+    let mut tables = Vec::new();
+    for t in &table_names {
+        tables.push(TableInfo::load(&source, &source_conn, t).await?);
+    }
+    publication::check_identity(&tables)?;
+
+    let mut targets = Vec::new();
+    for (name, conn) in &target_conns {
+        let client = conn.connect().await?;
+        progress::install(&client, conn).await?;
+        let state = progress::load(&client, conn, pipeline).await?;
+        targets.push((name, conn, client, state));
+    }
+    let existing_slot = slot::state(&source, &source_conn, &slot_name).await?;
+    let all_streaming = targets
+        .iter()
+        .all(|(_, _, _, s)| matches!(s, Some(s) if s.state == progress::State::Streaming));
+    if existing_slot.is_some() && all_streaming {
+        let published = publication::tables(&source, &source_conn, &pub_name)
+            .await?
+            .unwrap_or_default();
+        let added: Vec<String> = table_names
+            .iter()
+            .filter(|t| !published.contains(t))
+            .map(|t| t.to_string())
+            .collect();
+        let removed: Vec<String> = published
+            .iter()
+            .filter(|t| !table_names.contains(t))
+            .map(|t| t.to_string())
+            .collect();
+        if !added.is_empty() || !removed.is_empty() {
+            return Err(SyncError::Config(format!(
+                "pipeline {pipeline} is set up with other tables (added in the configuration: {}; removed: {}); \
+                 changing the tables of a set-up pipeline is not supported: run `invsync sync teardown {pipeline} --yes` \
+                 and set it up again (the copy needs empty target tables)",
+                if added.is_empty() { "none".into() } else { added.join(", ") },
+                if removed.is_empty() { "none".into() } else { removed.join(", ") },
+            )));
+        }
+        return Ok(SetupOutcome::AlreadySetUp {
+            pipeline: pipeline.to_string(),
+            slot: slot_name,
+        });
+    }
+    let streaming: Vec<&str> = targets
+        .iter()
+        .filter(|(_, _, _, s)| matches!(s, Some(s) if s.state == progress::State::Streaming))
+        .map(|(n, _, _, _)| n.as_str())
+        .collect();
+    if existing_slot.is_some() && !streaming.is_empty() {
+        // Redoing setup would drop the slot the streaming targets depend on.
+        let others: Vec<&str> = targets
+            .iter()
+            .map(|(n, _, _, _)| n.as_str())
+            .filter(|n| !streaming.contains(n))
+            .collect();
+        return Err(SyncError::Config(format!(
+            "pipeline {pipeline} streams to {} but is not set up on {}; adding a target to a set-up pipeline \
+             is not supported: run `invsync sync teardown {pipeline} --yes` and set it up again, or give the new \
+             target its own pipeline",
+            streaming.join(", "),
+            others.join(", ")
+        )));
+    }
+    let resumed = existing_slot.is_some() || targets.iter().any(|(_, _, _, s)| s.is_some());
+    if existing_slot.is_some() {
+        // Left by an interrupted setup: its snapshot is gone, so the copy starts over.
+        slot::drop(&source, &source_conn, &slot_name).await?;
+    }
+
+    let mut copies = Vec::new();
+    for (name, conn, client, state) in &mut targets {
+        if opts.copy && matches!(state, Some(s) if s.state == progress::State::Copying) {
+            // Rows of the interrupted copy: setup checked these tables were empty before it.
+            let partial = progress::copying_tables(client, conn, pipeline).await?;
+            let ours: Vec<String> = partial
+                .iter()
+                .filter(|t| table_names.contains(t))
+                .map(|t| t.quoted())
+                .collect();
+            if !ours.is_empty() {
+                tracing::info!(target = %name, "emptying {} table(s) of an interrupted copy", ours.len());
+                client
+                    .batch_execute(&format!("TRUNCATE {}", ours.join(", ")))
+                    .await
+                    .map_err(|e| {
+                        PgError::query("emptying tables of an interrupted copy", conn, e)
+                    })?;
+            }
+        }
+        for t in &tables {
+            let target_table =
+                schema::ensure_table(&source, &source_conn, client, conn, t, opts.create).await?;
+            if opts.copy {
+                let has_rows: bool = client
+                    .query_one(
+                        &format!("SELECT EXISTS (SELECT 1 FROM {})", t.name.quoted()),
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| {
+                        PgError::query(format!("checking that {} is empty", t.name), conn, e)
+                    })?
+                    .get(0);
+                if has_rows {
+                    return Err(SyncError::TargetNotEmpty {
+                        table: t.name.to_string(),
+                        target: conn.to_string(),
+                    });
+                }
+            }
+            copies.push(TableCopy {
+                source: t.clone(),
+                target: target_table,
+                target_name: name.to_string(),
+                target_conn: (*conn).clone(),
+            });
+        }
+        progress::ensure_origin(client, conn, &names::origin(pipeline, name)).await?;
+        progress::begin_copy(
+            client,
+            conn,
+            pipeline,
+            &p.source,
+            &slot_name,
+            &table_names,
+            opts.copy,
+        )
+        .await?;
+    }
+
+    publication::ensure(&source, &source_conn, &pub_name, &tables).await?;
+    let created = slot::create(&source_conn, &slot_name, &pub_name, opts.copy).await?;
+    let consistent_point = created.consistent_point;
+    let copied = match &created.snapshot {
+        Some(snapshot) => {
+            copy::copy_all(&source_conn, snapshot, pipeline, copies, opts.jobs).await?
+        }
+        None => Vec::new(),
+    };
+    for (_, conn, client, _) in &targets {
+        progress::finish_copy(client, conn, pipeline, consistent_point).await?;
+    }
+    created.release();
+    tracing::info!(pipeline, %consistent_point, "pipeline set up");
+    Ok(SetupOutcome::SetUp {
+        pipeline: pipeline.to_string(),
+        slot: slot_name,
+        publication: pub_name,
+        consistent_point,
+        copied,
+        resumed,
+    })
+}
+
+/// What teardown removed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TeardownReport {
+    pub pipeline: String,
+    pub slot_dropped: bool,
+    pub publication: String,
+    pub targets: Vec<String>,
+}
+
+/// Drops the slot and the publication, and invsync's bookkeeping and origin on every target.
+/// Target data is left alone. Idempotent.
+pub async fn teardown(config: &Config, pipeline: &str) -> Result<TeardownReport, SyncError> {
+    let (_, source_conn, target_conns) = lookup(config, pipeline)?;
+    let source = source_conn.connect().await?;
+    let slot_dropped = slot::drop(&source, &source_conn, &names::slot(pipeline)).await?;
+    publication::drop(&source, &source_conn, &names::publication(pipeline)).await?;
+    let mut targets = Vec::new();
+    for (name, conn) in &target_conns {
+        let client = conn.connect().await?;
+        progress::forget(&client, conn, pipeline).await?;
+        progress::drop_origins(&client, conn, &names::all_origins(pipeline, name)).await?;
+        targets.push(name.clone());
+    }
+    Ok(TeardownReport {
+        pipeline: pipeline.to_string(),
+        slot_dropped,
+        publication: names::publication(pipeline),
+        targets,
+    })
+}
+
+enum SessionEnd {
+    /// Stop was requested and everything is committed.
+    Stopped,
+    /// A target came back behind the stream: start again from its position.
+    Restart,
+}
+
+/// Streams `pipeline` until `stop` turns true (or its sender is dropped). See the module
+/// documentation for what is promised.
+pub async fn run(
+    config: &Config,
+    pipeline: &str,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), SyncError> {
+    let (_, source_conn, target_conns) = lookup(config, pipeline)?;
+    let mut targets: Vec<Target> = target_conns
+        .iter()
+        .map(|(name, conn)| Target::new(pipeline, name, conn.clone()))
+        .collect();
+    let mut backoff = Duration::from_millis(500);
+    let mut slot_busy_since: Option<Instant> = None;
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match session(pipeline, &source_conn, &mut targets, &mut stop).await {
+            Ok(SessionEnd::Stopped) => return Ok(()),
+            Ok(SessionEnd::Restart) => {
+                tracing::info!(
+                    pipeline,
+                    "a target is back: restarting the stream from its position"
+                );
+                continue;
+            }
+            Err(e) if e.is_transient() => {
+                for t in &mut targets {
+                    t.disconnect();
+                }
+                if let SyncError::SlotInUse { .. } = e {
+                    let since = *slot_busy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > SLOT_BUSY_GRACE {
+                        return Err(e);
+                    }
+                } else {
+                    slot_busy_since = None;
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
+                tracing::warn!(pipeline, "{e}; reconnecting in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                for t in &mut targets {
+                    t.disconnect();
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+struct Txn {
+    /// Applied elsewhere and carrying an origin: dropped.
+    skip: bool,
+    /// Indexes of the targets applying it.
+    targets: Vec<usize>,
+}
+
+/// Handles a target's error: a transient one takes the target down (the others go on), any
+/// other stops the pipeline. Fails too when no target is left.
+fn target_failed(targets: &mut [Target], i: usize, e: SyncError) -> Result<(), SyncError> {
+    if !e.is_transient() {
+        return Err(e);
+    }
+    targets[i].went_away(&e);
+    if targets.iter().any(Target::is_up) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// The LSN every target holds (or does not need): see the module documentation.
+fn confirm_point(targets: &[Target], position: Lsn, floor: Lsn) -> Lsn {
+    targets
+        .iter()
+        .map(|t| {
+            if !t.known {
+                floor
+            } else if t.is_up() && !t.pending() {
+                t.durable.max(position)
+            } else {
+                t.durable
+            }
+        })
+        .min()
+        .unwrap_or(floor)
+}
+
+async fn flush_all(targets: &mut [Target]) -> Result<(), SyncError> {
+    for i in 0..targets.len() {
+        if targets[i].is_up() {
+            if let Err(e) = targets[i].flush().await {
+                target_failed(targets, i, e)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn session(
+    pipeline: &str,
+    source_conn: &ConnInfo,
+    targets: &mut [Target],
+    stop: &mut watch::Receiver<bool>,
+) -> Result<SessionEnd, SyncError> {
+    let slot_name = names::slot(pipeline);
+    let source = source_conn.connect().await?;
+    let slot_state = slot::state(&source, source_conn, &slot_name)
+        .await?
+        .ok_or_else(|| SyncError::SlotMissing {
+            slot: slot_name.clone(),
+            target: source_conn.to_string(),
+            pipeline: pipeline.to_string(),
+        })?;
+    if let Some(pid) = slot_state.active_pid {
+        return Err(SyncError::SlotInUse {
+            slot: slot_name,
+            target: source_conn.to_string(),
+            pid,
+        });
+    }
+    let mut last_error = None;
+    for t in targets.iter_mut() {
+        if !t.is_up() {
+            match t.connect().await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => {
+                    t.went_away(&e);
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if !targets.iter().any(Target::is_up) {
+        return Err(
+            last_error.unwrap_or_else(|| SyncError::Config("the pipeline has no targets".into()))
+        );
+    }
+    let floor = slot_state.confirmed_flush.unwrap_or_default();
+    let start = targets
+        .iter()
+        .filter(|t| t.is_up())
+        .map(|t| t.durable)
+        .min()
+        .unwrap_or(floor);
+    let ack = confirm_point(targets, start, floor).min(floor.max(start));
+    let mut stream = slot::stream(
+        source_conn,
+        &slot_name,
+        &names::publication(pipeline),
+        start,
+        ack,
+    )
+    .await?;
+    tracing::info!(
+        pipeline,
+        %start,
+        targets_up = targets.iter().filter(|t| t.is_up()).count(),
+        "streaming"
+    );
+
+    let mut relations: HashMap<u32, StreamRelation> = HashMap::new();
+    let mut txn: Option<Txn> = None;
+    let mut position = start;
+    let mut batch_started: Option<Instant> = None;
+    let mut stopping = false;
+    let mut confirmed = ack;
+
+    loop {
+        let flush_at = batch_started.map(|s| s + BATCH_TIME);
+        let retry_at = targets
+            .iter()
+            .filter(|t| !t.is_up())
+            .map(|t| t.retry_at)
+            .min();
+        let mut progressed = false;
+        tokio::select! {
+            biased;
+            changed = stop.changed(), if !stopping => {
+                let _ = changed;
+                stopping = true;
+                tracing::info!(pipeline, "stop requested: finishing the current batch");
+            }
+            _ = sleep_until(flush_at), if txn.is_none() && flush_at.is_some() => {
+                flush_all(targets).await?;
+                batch_started = None;
+                progressed = true;
+            }
+            _ = sleep_until(retry_at), if txn.is_none() && retry_at.is_some() && !stopping => {
+                for i in 0..targets.len() {
+                    if targets[i].is_up() || targets[i].retry_at > Instant::now() {
+                        continue;
+                    }
+                    match targets[i].connect().await {
+                        Ok(()) => {
+                            tracing::info!(pipeline, target = %targets[i].name, "target is back at {}", targets[i].durable);
+                            if targets[i].durable < position {
+                                flush_all(targets).await?;
+                                stream.stop();
+                                return Ok(SessionEnd::Restart);
+                            }
+                        }
+                        Err(e) if e.is_transient() => targets[i].went_away(&e),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            event = stream.recv() => {
+                let event = match event {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => return Err(SyncError::Replication {
+                        target: source_conn.to_string(),
+                        reason: "the replication stream ended".into(),
+                        transient: true,
+                    }),
+                    Err(e) => {
+                        if txn.is_none() {
+                            flush_all(targets).await?;
+                        }
+                        return Err(slot::stream_error(source_conn, e));
+                    }
+                };
+                use pgwire_replication::ReplicationEvent as E;
+                match event {
+                    E::Begin { final_lsn, .. } => {
+                        let commit_lsn = Lsn(final_lsn.0);
+                        txn = Some(Txn {
+                            skip: false,
+                            targets: (0..targets.len()).filter(|&i| targets[i].wants(commit_lsn)).collect(),
+                        });
+                    }
+                    E::Commit { end_lsn, commit_time_micros, .. } => {
+                        let end = Lsn(end_lsn.0);
+                        if let Some(t) = txn.take() {
+                            if !t.skip {
+                                let time: Option<DateTime<Utc>> = pg_time(commit_time_micros);
+                                for &i in &t.targets {
+                                    if targets[i].is_up() {
+                                        targets[i].end_source_transaction(end, time);
+                                    }
+                                }
+                                if !t.targets.is_empty() {
+                                    batch_started.get_or_insert_with(Instant::now);
+                                }
+                            }
+                        }
+                        position = position.max(end);
+                        let full = targets.iter().any(|t| t.batch_rows() >= BATCH_ROWS);
+                        let old = batch_started.is_some_and(|s| s.elapsed() >= BATCH_TIME);
+                        if full || old || stopping {
+                            flush_all(targets).await?;
+                            batch_started = None;
+                        }
+                        progressed = true;
+                    }
+                    E::XLogData { data, .. } => {
+                        let message = decoder::decode(&data).map_err(|error| SyncError::Decode {
+                            target: source_conn.to_string(),
+                            error,
+                        })?;
+                        apply_message(message, &mut txn, &mut relations, targets, &source, source_conn).await?;
+                    }
+                    E::KeepAlive { wal_end, .. } => {
+                        if txn.is_none() && !targets.iter().any(Target::pending) {
+                            position = position.max(Lsn(wal_end.0));
+                            progressed = true;
+                        }
+                    }
+                    E::Message { .. } | E::StoppedAt { .. } => {}
+                }
+            }
+        }
+        if progressed {
+            let c = confirm_point(targets, position, floor);
+            if c > confirmed {
+                stream.update_applied_lsn(pgwire_replication::Lsn(c.0));
+                confirmed = c;
+            }
+        }
+        if stopping && txn.is_none() {
+            flush_all(targets).await?;
+            let c = confirm_point(targets, position, floor);
+            if c > confirmed {
+                stream.update_applied_lsn(pgwire_replication::Lsn(c.0));
+            }
+            // Gives the worker one status interval to tell the server, then ends the stream.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let _ = stream.shutdown().await;
+            tracing::info!(
+                pipeline,
+                "stopped; applied up to {}",
+                targets
+                    .iter()
+                    .map(|t| format!("{}={}", t.name, t.durable))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return Ok(SessionEnd::Stopped);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn apply_message(
+    message: Message,
+    txn: &mut Option<Txn>,
+    relations: &mut HashMap<u32, StreamRelation>,
+    targets: &mut [Target],
+    source: &tokio_postgres::Client,
+    source_conn: &ConnInfo,
+) -> Result<(), SyncError> {
+    let outside = || {
+        SyncError::Protocol(format!(
+            "{source_conn}: a change arrived outside a transaction"
+        ))
+    };
+    let relation =
+        |relations: &HashMap<u32, StreamRelation>, id: u32| -> Result<StreamRelation, SyncError> {
+            relations.get(&id).cloned().ok_or_else(|| {
+                SyncError::Protocol(format!(
+                    "{source_conn}: a change to relation {id} arrived before its description"
+                ))
+            })
+        };
+    match message {
+        Message::Relation(rel) => {
+            for t in targets.iter_mut() {
+                t.close_insert();
+            }
+            relations.insert(rel.id, StreamRelation::new(rel));
+        }
+        Message::Origin { .. } => {
+            if let Some(t) = txn.as_mut() {
+                t.skip = true;
+            }
+        }
+        Message::Insert { relation: id, .. }
+        | Message::Update { relation: id, .. }
+        | Message::Delete { relation: id, .. } => {
+            let t = txn.as_ref().ok_or_else(outside)?;
+            if t.skip || t.targets.is_empty() {
+                return Ok(());
+            }
+            let rel = relation(relations, id)?;
+            let change = match &message {
+                Message::Insert { new, .. } => Change::Insert(new),
+                Message::Update { old, new, .. } => Change::Update {
+                    old: old.as_deref(),
+                    new,
+                },
+                Message::Delete { old, .. } => Change::Delete(old),
+                _ => return Ok(()),
+            };
+            let idx = t.targets.clone();
+            for i in idx {
+                if !targets[i].is_up() {
+                    continue;
+                }
+                let r = match targets[i].check_drift(&rel, source, source_conn).await {
+                    Ok(()) => targets[i].change(&rel, change).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    target_failed(targets, i, e)?;
+                }
+            }
+        }
+        Message::Truncate {
+            options,
+            relations: ids,
+        } => {
+            let t = txn.as_ref().ok_or_else(outside)?;
+            if t.skip || t.targets.is_empty() {
+                return Ok(());
+            }
+            let rels: Vec<StreamRelation> = ids
+                .iter()
+                .map(|&id| relation(relations, id))
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<&StreamRelation> = rels.iter().collect();
+            for i in t.targets.clone() {
+                if targets[i].is_up() {
+                    if let Err(e) = targets[i].truncate(&refs, options).await {
+                        target_failed(targets, i, e)?;
+                    }
+                }
+            }
+        }
+        Message::Begin { .. }
+        | Message::Commit { .. }
+        | Message::Type { .. }
+        | Message::LogicalMessage { .. } => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Bookkeeping on each target, in the `invsync` schema: per pipeline its state (copying or
+//! streaming) and the source commit LSN applied so far, and per table its phase.
+//!
+//! The applied LSN is the end LSN of the last source commit whose changes the target holds. It
+//! is written by [`record`] inside the same target transaction as those changes, so it can never
+//! disagree with the data: after a crash, resuming from it neither loses nor repeats a change.
+//! It only moves forward; an attempt to move it back (a second process applying the same
+//! pipeline) is an error.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, GenericClient};
+
+use super::SyncError;
+use crate::pg::{ConnInfo, Lsn, PgError, TableName};
+
+const INSTALL: &str = "
+CREATE SCHEMA IF NOT EXISTS invsync;
+CREATE TABLE IF NOT EXISTS invsync.pipeline (
+    pipeline text PRIMARY KEY,
+    source text NOT NULL,
+    slot text NOT NULL,
+    state text NOT NULL CHECK (state IN ('copying', 'streaming')),
+    applied_lsn pg_lsn,
+    applied_commit_time timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS invsync.pipeline_table (
+    pipeline text NOT NULL REFERENCES invsync.pipeline ON DELETE CASCADE,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    phase text NOT NULL CHECK (phase IN ('copying', 'streaming')),
+    rows_copied bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (pipeline, table_schema, table_name)
+);";
+
+/// Where a pipeline stands on one target.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// The initial copy has started and not finished.
+    Copying,
+    /// The copy is done; changes stream from `applied`.
+    Streaming,
+}
+
+/// The pipeline's row on a target.
+#[derive(Debug, Clone)]
+pub struct TargetProgress {
+    pub state: State,
+    /// End LSN of the last applied source commit.
+    pub applied: Lsn,
+    pub applied_commit_time: Option<DateTime<Utc>>,
+}
+
+/// One table's phase on a target.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TablePhase {
+    pub table: String,
+    pub phase: String,
+    pub rows_copied: i64,
+}
+
+fn q<'a>(conn: &'a ConnInfo, what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + 'a {
+    let what = what.to_string();
+    move |e| PgError::query(what, conn, e)
+}
+
+/// Creates the `invsync` schema and its tables if missing.
+pub async fn install(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> {
+    client
+        .batch_execute(INSTALL)
+        .await
+        .map_err(q(conn, "creating the invsync schema"))?;
+    Ok(())
+}
+
+/// The pipeline's row, or `None` when it was never set up on this target (or the schema is
+/// missing).
+pub async fn load(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+) -> Result<Option<TargetProgress>, SyncError> {
+    let exists = client
+        .query_one("SELECT to_regclass('invsync.pipeline') IS NOT NULL", &[])
+        .await
+        .map_err(q(conn, "looking for the invsync schema"))?
+        .get::<_, bool>(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT state, COALESCE(applied_lsn, '0/0')::text, applied_commit_time \
+             FROM invsync.pipeline WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .map_err(q(conn, "reading pipeline progress"))?;
+    Ok(row.map(|r| TargetProgress {
+        state: if r.get::<_, String>(0) == "streaming" {
+            State::Streaming
+        } else {
+            State::Copying
+        },
+        applied: r.get::<_, String>(1).parse().unwrap_or_default(),
+        applied_commit_time: r.get(2),
+    }))
+}
+
+/// Marks the start of an initial copy of `tables`.
+pub async fn begin_copy(
+    client: &mut Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    source: &str,
+    slot: &str,
+    tables: &[TableName],
+    copy: bool,
+) -> Result<(), SyncError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(q(conn, "starting a transaction"))?;
+    tx.execute(
+        "INSERT INTO invsync.pipeline (pipeline, source, slot, state) VALUES ($1, $2, $3, 'copying') \
+         ON CONFLICT (pipeline) DO UPDATE SET source = $2, slot = $3, state = 'copying', \
+             applied_lsn = NULL, applied_commit_time = NULL, updated_at = now()",
+        &[&pipeline, &source, &slot],
+    )
+    .await
+    .map_err(q(conn, "recording the pipeline"))?;
+    tx.execute(
+        "DELETE FROM invsync.pipeline_table WHERE pipeline = $1",
+        &[&pipeline],
+    )
+    .await
+    .map_err(q(conn, "recording the pipeline's tables"))?;
+    let phase = if copy { "copying" } else { "streaming" };
+    for t in tables {
+        tx.execute(
+            "INSERT INTO invsync.pipeline_table (pipeline, table_schema, table_name, phase) VALUES ($1, $2, $3, $4)",
+            &[&pipeline, &t.schema, &t.name, &phase],
+        )
+        .await
+        .map_err(q(conn, "recording the pipeline's tables"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(q(conn, "recording the pipeline"))?;
+    Ok(())
+}
+
+/// The tables this pipeline was copying into on this target when a copy was interrupted.
+pub async fn copying_tables(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+) -> Result<Vec<TableName>, SyncError> {
+    let rows = client
+        .query(
+            "SELECT table_schema, table_name FROM invsync.pipeline_table WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .map_err(q(conn, "reading the pipeline's tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Adds `rows` copied into `table`, in the transaction that copied them.
+pub async fn table_copied(
+    client: &impl GenericClient,
+    conn: &ConnInfo,
+    pipeline: &str,
+    table: &TableName,
+    rows: i64,
+) -> Result<(), SyncError> {
+    client
+        .execute(
+            "UPDATE invsync.pipeline_table SET rows_copied = rows_copied + $4 \
+             WHERE pipeline = $1 AND table_schema = $2 AND table_name = $3",
+            &[&pipeline, &table.schema, &table.name, &rows],
+        )
+        .await
+        .map_err(q(conn, "recording copy progress"))?;
+    Ok(())
+}
+
+/// Ends the copy: every table is complete and changes stream from `lsn` on.
+pub async fn finish_copy(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    lsn: Lsn,
+) -> Result<(), SyncError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN; \
+             UPDATE invsync.pipeline_table SET phase = 'streaming' WHERE pipeline = {p}; \
+             UPDATE invsync.pipeline SET state = 'streaming', applied_lsn = '{lsn}', updated_at = now() \
+             WHERE pipeline = {p}; COMMIT",
+            p = crate::pg::quote_literal(pipeline)
+        ))
+        .await
+        .map_err(q(conn, "recording the end of the copy"))?;
+    Ok(())
+}
+
+/// Records, inside the caller's open transaction, that source commits up to `end_lsn` are
+/// applied. Fails if the stored LSN is not behind `end_lsn` (another process applied them).
+pub async fn record(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    end_lsn: Lsn,
+    commit_time: Option<DateTime<Utc>>,
+) -> Result<(), SyncError> {
+    let n = client
+        .execute(
+            "UPDATE invsync.pipeline SET applied_lsn = $2::text::pg_lsn, applied_commit_time = $3, updated_at = now() \
+             WHERE pipeline = $1 AND state = 'streaming' AND applied_lsn < $2::text::pg_lsn",
+            &[&pipeline, &end_lsn.to_string(), &commit_time],
+        )
+        .await
+        .map_err(q(conn, "recording applied progress"))?;
+    if n != 1 {
+        return Err(SyncError::Protocol(format!(
+            "{conn}: pipeline {pipeline} is already applied past {end_lsn} or not set up; is another `invsync sync run {pipeline}` running?"
+        )));
+    }
+    Ok(())
+}
+
+/// The tables' phases on this target.
+pub async fn tables(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+) -> Result<Vec<TablePhase>, SyncError> {
+    let rows = client
+        .query(
+            "SELECT table_schema || '.' || table_name, phase, rows_copied FROM invsync.pipeline_table \
+             WHERE pipeline = $1 ORDER BY 1",
+            &[&pipeline],
+        )
+        .await
+        .map_err(q(conn, "reading the pipeline's tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TablePhase {
+            table: r.get(0),
+            phase: r.get(1),
+            rows_copied: r.get(2),
+        })
+        .collect())
+}
+
+/// Removes the pipeline's bookkeeping (not the data).
+pub async fn forget(client: &Client, conn: &ConnInfo, pipeline: &str) -> Result<(), SyncError> {
+    if load(client, conn, pipeline).await?.is_some() {
+        client
+            .execute(
+                "DELETE FROM invsync.pipeline WHERE pipeline = $1",
+                &[&pipeline],
+            )
+            .await
+            .map_err(q(conn, "removing the pipeline's bookkeeping"))?;
+    }
+    Ok(())
+}
+
+/// Creates the replication origin `name` if missing.
+pub async fn ensure_origin(client: &Client, conn: &ConnInfo, name: &str) -> Result<(), SyncError> {
+    client
+        .execute(
+            "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",
+            &[&name],
+        )
+        .await
+        .map_err(q(conn, "creating the replication origin"))?;
+    Ok(())
+}
+
+/// Drops those of the replication origins `names` that exist.
+pub async fn drop_origins(
+    client: &Client,
+    conn: &ConnInfo,
+    names: &[String],
+) -> Result<(), SyncError> {
+    client
+        .execute(
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = ANY($1)",
+            &[&names],
+        )
+        .await
+        .map_err(q(conn, "dropping replication origins"))?;
+    Ok(())
+}

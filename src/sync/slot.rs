@@ -1,0 +1,272 @@
+//! The pipeline's logical replication slot on the source: checks that the source can decode,
+//! creating the slot (with an exported snapshot for the initial copy), reading its state,
+//! opening the replication stream, and dropping it.
+//!
+//! The stream itself is `pgwire-replication`'s; this module only builds its configuration from a
+//! [`ConnInfo`] so the replication connection uses the same host, credentials and TLS settings
+//! as the SQL connections. Both sides of a pipeline pin the session settings that shape text
+//! output ([`SESSION_SETTINGS`]), so a value's text form is read back into the same value.
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use tokio_postgres::Client;
+
+use super::SyncError;
+use crate::pg::{ConnInfo, Lsn, PgError, SslMode};
+
+/// Settings pinned on the walsender and on every apply and copy session, so dates, intervals,
+/// floats and money are written and read in one format whatever the servers' defaults.
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("datestyle", "ISO"),
+    ("intervalstyle", "postgres"),
+    ("timezone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("lc_monetary", "C"),
+    ("bytea_output", "hex"),
+];
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    /// The pid of the walsender using the slot, if one is.
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    /// WAL the slot keeps from being removed: current WAL position minus `restart_lsn`.
+    pub retained_bytes: i64,
+    /// The source's current WAL position.
+    pub current_lsn: Lsn,
+}
+
+fn lsn_column(v: Option<String>) -> Option<Lsn> {
+    v.and_then(|s| s.parse().ok())
+}
+
+/// Refuses a source that cannot feed a pipeline: `wal_level` not logical, or a role without
+/// REPLICATION.
+pub async fn check_source(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), r.rolreplication OR r.rolsuper, current_user::text \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("checking wal_level and role", conn, e))?;
+    let level: String = row.get(0);
+    if level != "logical" {
+        return Err(SyncError::WalLevel {
+            target: conn.to_string(),
+            level,
+        });
+    }
+    if !row.get::<_, bool>(1) {
+        return Err(SyncError::NoReplicationRole {
+            target: conn.to_string(),
+            role: row.get(2),
+        });
+    }
+    Ok(())
+}
+
+/// The slot's state, or `None` when it does not exist.
+pub async fn state(
+    client: &Client,
+    conn: &ConnInfo,
+    slot: &str,
+) -> Result<Option<SlotState>, SyncError> {
+    let row = client
+        .query_opt(
+            "SELECT s.active_pid, s.confirmed_flush_lsn::text, s.restart_lsn::text, \
+                    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn), 0)::bigint, \
+                    pg_current_wal_lsn()::text \
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| PgError::query(format!("reading slot {slot}"), conn, e))?;
+    Ok(row.map(|r| SlotState {
+        active_pid: r.get(0),
+        confirmed_flush: lsn_column(r.get(1)),
+        restart_lsn: lsn_column(r.get(2)),
+        retained_bytes: r.get(3),
+        current_lsn: lsn_column(r.get(4)).unwrap_or_default(),
+    }))
+}
+
+/// Drops the slot if it exists. Refuses while a process streams from it.
+pub async fn drop(client: &Client, conn: &ConnInfo, slot: &str) -> Result<bool, SyncError> {
+    match state(client, conn, slot).await? {
+        None => Ok(false),
+        Some(SlotState {
+            active_pid: Some(pid),
+            ..
+        }) => Err(SyncError::SlotInUse {
+            slot: slot.to_string(),
+            target: conn.to_string(),
+            pid,
+        }),
+        Some(_) => {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .map_err(|e| PgError::query(format!("dropping slot {slot}"), conn, e))?;
+            Ok(true)
+        }
+    }
+}
+
+/// The replication-connection settings for `conn`.
+pub fn replication_config(
+    conn: &ConnInfo,
+    slot: &str,
+    publication: &str,
+) -> Result<ReplicationConfig, SyncError> {
+    let c = conn.config();
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let user = c.get_user().ok_or_else(|| {
+        SyncError::Config(format!(
+            "{conn}: the URL names no user; add USER@ before the host"
+        ))
+    })?;
+    let password = match c.get_password() {
+        Some(p) => String::from_utf8(p.to_vec())
+            .map_err(|_| SyncError::Config(format!("{conn}: the password is not UTF-8")))?,
+        None => String::new(),
+    };
+    let root = conn.root_cert().map(|p| p.to_path_buf());
+    let tls = match conn.ssl_mode() {
+        SslMode::Disable => TlsConfig::disabled(),
+        SslMode::Prefer => TlsConfig {
+            mode: pgwire_replication::SslMode::Prefer,
+            ..TlsConfig::default()
+        },
+        SslMode::Require if root.is_none() => TlsConfig::require(),
+        SslMode::Require | SslMode::VerifyCa => TlsConfig::verify_ca(root),
+        SslMode::VerifyFull => TlsConfig::verify_full(root),
+    };
+    let options: Vec<String> = SESSION_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("-c {k}={v}"))
+        .collect();
+    Ok(
+        ReplicationConfig::new(host, user, password, conn.dbname(), slot, publication)
+            .with_port(port)
+            .with_tls(tls)
+            .with_options(options.join(" "))
+            .with_application_name(format!("invsync {slot}")),
+    )
+}
+
+fn replication_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> SyncError {
+    use pgwire_replication::PgWireError as E;
+    let reason = e.to_string();
+    // The server's errors carry their SQLSTATE in the text: connection failures (08), shutdown
+    // and termination (57P), and lack of resources (53) pass; an internal end of the client's
+    // worker is a lost connection too.
+    let transient = e.is_transient()
+        || matches!(e, E::Internal(_))
+        || (matches!(e, E::Server(_))
+            && ["SQLSTATE 08", "SQLSTATE 57P", "SQLSTATE 53"]
+                .iter()
+                .any(|c| reason.contains(c)));
+    SyncError::Replication {
+        target: conn.to_string(),
+        transient,
+        reason,
+    }
+}
+
+/// A slot just created, with the snapshot it exported. The snapshot stays usable (`SET
+/// TRANSACTION SNAPSHOT`) while this value lives; dropping it ends the exporting session.
+pub struct CreatedSlot {
+    session: ReplicationClient,
+    /// Changes committed after this point are streamed; the snapshot sees everything before.
+    pub consistent_point: Lsn,
+    /// The exported snapshot's name, when one was asked for.
+    pub snapshot: Option<String>,
+}
+
+impl CreatedSlot {
+    /// Ends the exporting session; the snapshot is gone afterwards.
+    pub fn release(mut self) {
+        self.session.abort();
+    }
+}
+
+/// Creates the logical slot `slot` (plugin pgoutput). With `export`, the slot exports a
+/// snapshot of the moment from which it decodes, for the initial copy.
+pub async fn create(
+    conn: &ConnInfo,
+    slot: &str,
+    publication: &str,
+    export: bool,
+) -> Result<CreatedSlot, SyncError> {
+    let cfg = replication_config(conn, slot, publication)?;
+    let mut session = ReplicationClient::connect_gated(cfg)
+        .await
+        .map_err(|e| replication_error(conn, e))?;
+    let mode = if export { "export" } else { "nothing" };
+    let rows = session
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT '{mode}')"
+        ))
+        .await
+        .map_err(|e| replication_error(conn, e))?;
+    let text = |col: usize| -> Option<String> {
+        rows.first()
+            .and_then(|r| r.get(col))
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let consistent_point = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+        SyncError::Protocol(format!(
+            "{conn}: CREATE_REPLICATION_SLOT returned no consistent point"
+        ))
+    })?;
+    Ok(CreatedSlot {
+        session,
+        consistent_point,
+        snapshot: if export { text(2) } else { None },
+    })
+}
+
+/// Opens the replication stream of `slot` from `start`, reporting `confirmed` as flushed until
+/// the caller reports more.
+pub async fn stream(
+    conn: &ConnInfo,
+    slot: &str,
+    publication: &str,
+    start: Lsn,
+    confirmed: Lsn,
+) -> Result<ReplicationClient, SyncError> {
+    let cfg = replication_config(conn, slot, publication)?
+        .with_start_lsn(pgwire_replication::Lsn(start.0))
+        .with_ack_lsn(pgwire_replication::Lsn(confirmed.0))
+        .with_status_interval(std::time::Duration::from_millis(500))
+        .with_buffer_size(4096);
+    let mut client = ReplicationClient::connect(cfg)
+        .await
+        .map_err(|e| replication_error(conn, e))?;
+    if let Err(e) = client.wait_started().await {
+        // Another session took the slot between our check and the start.
+        if e.to_string().contains("SQLSTATE 55006") {
+            return Err(SyncError::SlotInUse {
+                slot: slot.to_string(),
+                target: conn.to_string(),
+                pid: 0,
+            });
+        }
+        return Err(replication_error(conn, e));
+    }
+    Ok(client)
+}
+
+/// A stream error as a [`SyncError`].
+pub fn stream_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> SyncError {
+    replication_error(conn, e)
+}

@@ -1,0 +1,145 @@
+//! `invsync sync status`: where each pipeline stands, read from the source's slot and the
+//! targets' `invsync` bookkeeping. Read-only; an unreachable database is reported, not fatal.
+
+use chrono::Utc;
+
+use super::{names, progress, slot, SyncError};
+use crate::config::Config;
+use crate::pg::Lsn;
+
+/// Lag above this many bytes shows a table as catching up rather than streaming.
+const CATCHING_UP_BYTES: i64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PipelineStatus {
+    pub pipeline: String,
+    pub source: String,
+    pub slot: String,
+    /// `None` when the source could not be read (see `source_error`) or the slot is missing.
+    pub slot_state: Option<SlotStatus>,
+    pub source_error: Option<String>,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStatus {
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    /// WAL the slot keeps on the source, in bytes.
+    pub retained_bytes: i64,
+    pub source_lsn: Lsn,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetStatus {
+    pub target: String,
+    /// `copying` or `streaming`; `None` when not set up or unreachable.
+    pub state: Option<progress::State>,
+    pub applied_lsn: Option<Lsn>,
+    pub lag_bytes: Option<i64>,
+    pub lag_seconds: Option<f64>,
+    pub tables: Vec<progress::TablePhase>,
+    pub error: Option<String>,
+}
+
+/// Status of `pipeline`, or of every configured pipeline.
+pub async fn status(
+    config: &Config,
+    pipeline: Option<&str>,
+) -> Result<Vec<PipelineStatus>, SyncError> {
+    let wanted: Vec<String> = match pipeline {
+        Some(p) => vec![config.pipeline(p).map_err(SyncError::Config)?.name.clone()],
+        None => config.pipelines.keys().cloned().collect(),
+    };
+    let mut out = Vec::new();
+    for name in wanted {
+        out.push(one(config, &name).await?);
+    }
+    Ok(out)
+}
+
+async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncError> {
+    let p = config.pipeline(pipeline).map_err(SyncError::Config)?;
+    let source_conn = &config.database(&p.source).map_err(SyncError::Config)?.conn;
+    let slot_name = names::slot(pipeline);
+    let (slot_state, source_error) = match source_conn.connect().await {
+        Ok(client) => match slot::state(&client, source_conn, &slot_name).await {
+            Ok(Some(s)) => (Some(s), None),
+            Ok(None) => (
+                None,
+                Some(format!(
+                    "slot {slot_name} does not exist; run `invsync sync setup {pipeline}`"
+                )),
+            ),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let mut targets = Vec::new();
+    for t in &p.targets {
+        let conn = &config.database(t).map_err(SyncError::Config)?.conn;
+        let mut ts = TargetStatus {
+            target: t.clone(),
+            state: None,
+            applied_lsn: None,
+            lag_bytes: None,
+            lag_seconds: None,
+            tables: Vec::new(),
+            error: None,
+        };
+        let result: Result<(), SyncError> = async {
+            let client = conn.connect().await?;
+            let Some(pr) = progress::load(&client, conn, pipeline).await? else {
+                ts.error = Some(format!("not set up; run `invsync sync setup {pipeline}`"));
+                return Ok(());
+            };
+            let mut tables = progress::tables(&client, conn, pipeline).await?;
+            if pr.state == progress::State::Streaming {
+                ts.applied_lsn = Some(pr.applied);
+                if let Some(s) = &slot_state {
+                    // The slot is confirmed only up to what every target holds (or does not
+                    // need), so the larger of the two is what this target is at.
+                    let at = pr.applied.max(s.confirmed_flush.unwrap_or_default());
+                    let lag = s.current_lsn.0.saturating_sub(at.0) as i64;
+                    ts.lag_bytes = Some(lag);
+                    ts.lag_seconds = Some(match (lag, pr.applied_commit_time) {
+                        (0, _) | (_, None) => 0.0,
+                        (_, Some(t)) => {
+                            ((Utc::now() - t).num_milliseconds().max(0) as f64) / 1000.0
+                        }
+                    });
+                    if lag > CATCHING_UP_BYTES {
+                        for t in &mut tables {
+                            t.phase = "catching up".into();
+                        }
+                    }
+                }
+            }
+            ts.state = Some(pr.state);
+            ts.tables = tables;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            ts.error = Some(e.to_string());
+        }
+        targets.push(ts);
+    }
+    Ok(PipelineStatus {
+        pipeline: pipeline.to_string(),
+        source: p.source.clone(),
+        slot: slot_name,
+        slot_state: slot_state.map(|s| SlotStatus {
+            active: s.active_pid.is_some(),
+            active_pid: s.active_pid,
+            confirmed_lsn: s.confirmed_flush,
+            restart_lsn: s.restart_lsn,
+            retained_bytes: s.retained_bytes,
+            source_lsn: s.current_lsn,
+        }),
+        source_error,
+        targets,
+    })
+}

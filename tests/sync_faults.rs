@@ -1,0 +1,381 @@
+//! Faults: `sync run` killed with SIGKILL mid-stream and stopped with SIGTERM, a target down
+//! for a while, and two pipelines in opposite directions.
+
+mod support;
+mod sync_common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{invsync, PgCluster};
+use sync_common::*;
+
+fn spawn_run(cfg: &std::path::Path, pipeline: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .args(["--config", cfg.to_str().unwrap(), "sync", "run", pipeline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+const LEDGER: &str = "SELECT id, amount, memo FROM ledger ORDER BY id";
+const COUNTER: &str = "SELECT n FROM counter";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    src.psql(
+        "einvoice",
+        "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric NOT NULL, memo text);
+         CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
+         INSERT INTO counter VALUES (1, 0);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], &["public.ledger", "public.counter"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+
+    // A writer of small transactions, each inserting one row and bumping the counter, plus
+    // some large ones, runs across the kill and the restart.
+    let writer_conn = src.conn("einvoice");
+    let writer = tokio::spawn(async move {
+        let client = writer_conn.connect().await.unwrap();
+        for i in 0..1500i64 {
+            if i % 500 == 250 {
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO ledger SELECT {b} + g, g, 'bulk' FROM generate_series(1, 20000) g;
+                         UPDATE counter SET n = n + 1; COMMIT;",
+                        b = 1_000_000 * (i + 1)
+                    ))
+                    .await
+                    .unwrap();
+            }
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO ledger VALUES ({i}, {i}.5, 'row {i}'); UPDATE counter SET n = n + 1; COMMIT;"
+                ))
+                .await
+                .unwrap();
+        }
+    });
+
+    let mut child = spawn_run(&cfg, "p");
+    wait_for("some rows on the target", || {
+        dump(&dst, "SELECT count(*) FROM ledger")
+            .parse::<i64>()
+            .unwrap_or(0)
+            > 200
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = dump(&dst, "SELECT count(*) FROM ledger");
+
+    let mut child = spawn_run(&cfg, "p");
+    writer.await.unwrap();
+    wait_same(&src, &dst, COUNTER).await;
+    wait_same(&src, &dst, LEDGER).await;
+    assert_eq!(dump(&dst, COUNTER), "1503");
+    assert!(
+        at_kill.parse::<i64>().unwrap() < 61500,
+        "the kill came too late to prove anything"
+    );
+
+    // SIGTERM: finish the batch, record progress, exit 0, release the slot.
+    src.psql("einvoice", "INSERT INTO ledger VALUES (-1, 1, 'last')");
+    wait_same(&src, &dst, LEDGER).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let s = child.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (s, err)
+    })
+    .await
+    .unwrap();
+    assert!(
+        exit.0.success(),
+        "run did not exit 0 on SIGTERM: {:?} {}",
+        exit.0,
+        exit.1
+    );
+    assert!(exit.1.contains("stop requested"), "{}", exit.1);
+    wait_for("the slot to be released", || {
+        src.psql(
+            "einvoice",
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'invsync_p'",
+        ) == "f"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_a_while_catches_up_while_the_other_keeps_applying() {
+    let src = PgCluster::start();
+    let t1 = PgCluster::start();
+    let t2 = PgCluster::start();
+    src.psql(
+        "einvoice",
+        "CREATE TABLE carrier (carrier_type text, carrier_id text, owner text, PRIMARY KEY (carrier_type, carrier_id))",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[
+            ("dc", src.url("einvoice")),
+            ("t1", t1.url("einvoice")),
+            ("t2", t2.url("einvoice")),
+        ],
+        &[("p", "dc", &["t1", "t2"], &["public.carrier"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+    let q = "SELECT carrier_type, carrier_id, owner FROM carrier ORDER BY 1, 2";
+    let run = Running::start(&load(&cfg), "p");
+    src.psql(
+        "einvoice",
+        "INSERT INTO carrier SELECT '3J0002', '/AB' || g, 'o' || g FROM generate_series(1, 100) g",
+    );
+    wait_same(&src, &t2, q).await;
+
+    t2.stop();
+    for i in 0..20 {
+        src.psql(
+            "einvoice",
+            &format!(
+                "INSERT INTO carrier VALUES ('3J0002', '/X{i}', 'new'); UPDATE carrier SET owner = owner || '+' WHERE carrier_id = '/AB{}';
+                 DELETE FROM carrier WHERE carrier_id = '/AB{}'",
+                i + 1,
+                i + 50
+            ),
+        );
+    }
+    // The other target keeps applying while t2 is down, and the slot holds what t2 misses.
+    wait_same(&src, &t1, q).await;
+    let t2_applied = applied_lsn(&t1, "p");
+    let confirmed = src.psql(
+        "einvoice",
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'invsync_p'",
+    );
+    assert!(
+        src.psql(
+            "einvoice",
+            &format!("SELECT '{confirmed}'::pg_lsn < '{t2_applied}'::pg_lsn")
+        ) == "t",
+        "slot confirmed {confirmed} although t2 is down and t1 is at {t2_applied}"
+    );
+
+    t2.start_again();
+    wait_same(&src, &t2, q).await;
+    wait_same(&src, &t1, q).await;
+    // Once both hold everything, the slot moves on.
+    let now = src.psql("einvoice", "SELECT pg_current_wal_lsn()");
+    wait_for("the slot to be confirmed again", || {
+        src.psql(
+            "einvoice",
+            &format!("SELECT confirmed_flush_lsn >= '{now}' FROM pg_replication_slots WHERE slot_name = 'invsync_p'"),
+        ) == "t"
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(dump(&t1, q), dump(&t2, q));
+    let _ = Duration::ZERO;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_in_opposite_directions_do_not_echo() {
+    let dc = PgCluster::start();
+    let cloud = PgCluster::start();
+    for c in [&dc, &cloud] {
+        c.psql(
+            "einvoice",
+            "CREATE TABLE carrier (carrier_id text PRIMARY KEY, owner text, hits int NOT NULL DEFAULT 0);
+             CREATE TABLE invoice (invoice_number text PRIMARY KEY, amount numeric)",
+        );
+    }
+    cloud.psql("einvoice", "INSERT INTO carrier VALUES ('/PRE', 'p', 0)");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("dc", dc.url("einvoice")), ("cloud", cloud.url("einvoice"))],
+        &[
+            (
+                "down",
+                "dc",
+                &["cloud"],
+                &["public.invoice", "public.carrier"],
+            ),
+            ("up", "cloud", &["dc"], &["public.carrier"]),
+        ],
+    );
+    let c = cfg.to_str().unwrap();
+    // The cloud already holds its carriers: `down` starts without a copy and runs...
+    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "down", "--no-copy"]);
+    assert_eq!(code, 0, "{err}");
+    let config = load(&cfg);
+    let down = Running::start(&config, "down");
+    // ...while `up` copies them into the data center; the copy carries an origin, so `down`
+    // does not send the rows back (which would collide with the cloud's own rows).
+    let (code, _, err) = invsync(&["--config", c, "sync", "setup", "up"]);
+    assert_eq!(code, 0, "{err}");
+    let up = Running::start(&config, "up");
+    dc.psql("einvoice", "INSERT INTO invoice VALUES ('AB00000001', 10)");
+
+    cloud.psql("einvoice", "INSERT INTO carrier VALUES ('/CLOUD1', 'c', 0)");
+    dc.psql(
+        "einvoice",
+        "INSERT INTO carrier VALUES ('/DC1', 'd', 0); INSERT INTO invoice VALUES ('AB00000002', 20)",
+    );
+    let q = "SELECT carrier_id, owner, hits FROM carrier ORDER BY 1";
+    wait_same(&dc, &cloud, q).await;
+    // Relative updates on both sides: an echo would apply one twice or loop.
+    dc.psql(
+        "einvoice",
+        "UPDATE carrier SET hits = hits + 1 WHERE carrier_id = '/CLOUD1'",
+    );
+    wait_same(&dc, &cloud, q).await;
+    cloud.psql(
+        "einvoice",
+        "UPDATE carrier SET hits = hits + 10 WHERE carrier_id = '/DC1'",
+    );
+    wait_same(&dc, &cloud, q).await;
+    wait_same(&dc, &cloud, "SELECT * FROM invoice ORDER BY 1").await;
+
+    // Both slots go quiet: nothing bounces back and forth.
+    for (cluster, slot) in [(&dc, "invsync_down"), (&cloud, "invsync_up")] {
+        let now = cluster.psql("einvoice", "SELECT pg_current_wal_lsn()");
+        wait_for("the slot to settle", || {
+            cluster.psql(
+                "einvoice",
+                &format!("SELECT confirmed_flush_lsn >= '{now}' FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+            ) == "t"
+        })
+        .await;
+    }
+    assert_eq!(dump(&dc, q), "/CLOUD1|c|1\n/DC1|d|10\n/PRE|p|0");
+    assert_eq!(dump(&cloud, q), "/CLOUD1|c|1\n/DC1|d|10\n/PRE|p|0");
+    down.stop().await;
+    up.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_killed_mid_copy_is_redone_by_the_next_setup() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    let ddl = "CREATE TABLE invoice (invoice_number text PRIMARY KEY, amount numeric);
+               CREATE TABLE invoice_item (invoice_number text, seq int, name text, PRIMARY KEY (invoice_number, seq));";
+    src.psql("einvoice", ddl);
+    dst.psql("einvoice", ddl);
+    src.psql(
+        "einvoice",
+        "INSERT INTO invoice SELECT 'AB' || lpad(g::text, 8, '0'), g FROM generate_series(1, 5000) g;
+         INSERT INTO invoice_item SELECT 'AB' || lpad(g::text, 8, '0'), s, 'item' FROM generate_series(1, 5000) g, generate_series(1, 3) s;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], &["public.invoice", "public.invoice_item"])],
+    );
+    // Hold up the copy into invoice_item so setup is surely mid-copy when it is killed.
+    let blocker = dst.client("einvoice").await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE invoice_item IN SHARE MODE")
+        .await
+        .unwrap();
+    let mut setup = Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "sync",
+            "setup",
+            "p",
+            "--no-create",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("invoice to be copied", || {
+        dump(&dst, "SELECT count(*) FROM invoice") == "5000"
+    })
+    .await;
+    setup.kill().unwrap();
+    setup.wait().unwrap();
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(dump(&dst, "SELECT state FROM invsync.pipeline"), "copying");
+
+    // Rows written after the killed setup's snapshot must not be lost either.
+    src.psql("einvoice", "INSERT INTO invoice VALUES ('ZZ00000001', 1)");
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "sync",
+        "setup",
+        "p",
+        "--no-create",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("interrupted setup"), "{out}");
+    let run = Running::start(&load(&cfg), "p");
+    src.psql(
+        "einvoice",
+        "INSERT INTO invoice_item VALUES ('ZZ00000001', 1, 'late')",
+    );
+    wait_same(&src, &dst, "SELECT * FROM invoice ORDER BY 1").await;
+    wait_same(&src, &dst, "SELECT * FROM invoice_item ORDER BY 1, 2").await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_when_the_source_restarts() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    src.psql(
+        "einvoice",
+        "CREATE TABLE allowance (id int PRIMARY KEY, amount numeric)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], &["public.allowance"])],
+    );
+    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+    let run = Running::start(&load(&cfg), "p");
+    src.psql("einvoice", "INSERT INTO allowance VALUES (1, 1)");
+    let q = "SELECT * FROM allowance ORDER BY 1";
+    wait_same(&src, &dst, q).await;
+    src.stop();
+    src.start_again();
+    src.psql(
+        "einvoice",
+        "INSERT INTO allowance VALUES (2, 2); UPDATE allowance SET amount = 9 WHERE id = 1",
+    );
+    wait_same(&src, &dst, q).await;
+    dst.stop();
+    src.psql("einvoice", "INSERT INTO allowance VALUES (3, 3)");
+    dst.start_again();
+    wait_same(&src, &dst, q).await;
+    run.stop().await;
+}
