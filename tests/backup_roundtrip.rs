@@ -287,6 +287,8 @@ fn keys_wrong_key_passphrase_and_write_only_hosts() {
             "src",
             "--tables",
             "public.items",
+            "--jobs",
+            "1",
             "--json",
         ],
     );

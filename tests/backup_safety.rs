@@ -35,6 +35,7 @@ fn tables_of(pg: &PgCluster, pattern: &str) -> DatabaseSource {
         label: "src".into(),
         conn: pg.conn("einvoice"),
         tables: vec![TablePattern::parse(pattern).unwrap()],
+        jobs: 2,
     }
 }
 
@@ -342,8 +343,12 @@ async fn tables_are_cut_at_one_instant_while_writes_go_on() {
             i
         })
     };
+    // Three readers: each table on its own connection, all joined to one exported snapshot.
     let opts = BackupOptions {
-        database: Some(tables_of(&pg, "public.*")),
+        database: Some(DatabaseSource {
+            jobs: 3,
+            ..tables_of(&pg, "public.*")
+        }),
         config_dirs: vec![],
         tags: vec![],
     };

@@ -1,7 +1,10 @@
 //! Table dumps: a consistent cut of several tables, and the schema needed to recreate them.
 //!
-//! All tables of a backup are read in one `REPEATABLE READ READ ONLY` transaction, so they
-//! show the database at one instant. Each table is read with `COPY (SELECT cols FROM t ORDER
+//! All tables of a backup are read at one instant: a `REPEATABLE READ READ ONLY` transaction
+//! takes the cut ([`begin_cut`]) and exports its snapshot ([`export_snapshot`]); each reader
+//! connection imports it ([`join_cut`]), so tables read at once on several connections still
+//! show the very same database state. The exporting transaction stays open until every
+//! reader is done (an exported snapshot lives only as long as it). Each table is read with `COPY (SELECT cols FROM t ORDER
 //! BY pk) TO STDOUT` (text format, portable across server versions); ordering by the primary
 //! key makes unchanged key ranges produce the same bytes, hence the same chunks, every day.
 //!
@@ -73,6 +76,50 @@ pub async fn begin_cut(client: &Client, conn: &ConnInfo) -> Result<Lsn, BackupEr
         .map_err(|e| PgError::query("reading the WAL position of the cut", conn, e))?;
     let text: String = row.get(0);
     text.parse().map_err(|e: String| BackupError::Invalid(e))
+}
+
+/// Exports the snapshot of the cut begun on `client` by [`begin_cut`], for [`join_cut`].
+pub async fn export_snapshot(client: &Client, conn: &ConnInfo) -> Result<String, BackupError> {
+    let row = client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| PgError::query("exporting the snapshot of the backup", conn, e))?;
+    Ok(row.get(0))
+}
+
+/// Starts a transaction on `client` that sees exactly the cut `snapshot` exported; end it
+/// with `COMMIT`. Fails if the exporting transaction has ended.
+pub async fn join_cut(client: &Client, conn: &ConnInfo, snapshot: &str) -> Result<(), BackupError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            crate::pg::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| PgError::query("joining the snapshot of the backup", conn, e).into())
+}
+
+/// `tables` in the order to read them: largest first (by size on disk), so that parallel
+/// readers finish close together rather than one reading the biggest table alone at the end.
+pub async fn largest_first(
+    client: &Client,
+    conn: &ConnInfo,
+    tables: &[TableName],
+) -> Result<Vec<usize>, BackupError> {
+    let mut sizes = Vec::with_capacity(tables.len());
+    for (i, t) in tables.iter().enumerate() {
+        let size: i64 = client
+            .query_one(
+                "SELECT coalesce(pg_total_relation_size($1::text::regclass), 0)",
+                &[&t.quoted()],
+            )
+            .await
+            .map_err(|e| PgError::query(format!("reading the size of {t}"), conn, e))?
+            .get(0);
+        sizes.push((std::cmp::Reverse(size), i));
+    }
+    sizes.sort();
+    Ok(sizes.into_iter().map(|(_, i)| i).collect())
 }
 
 /// Reads `table`'s schema inside the cut.
@@ -229,8 +276,42 @@ impl TableSchema {
             .any(|c| c.name == column && c.identity.is_some())
     }
 
-    /// Statements that complete a loaded table once it has its final name: serial sequences
-    /// and defaults, identity, constraints, indexes, sequence positions.
+    /// Constraints (primary key, unique, check, exclusion) and indexes, built on the loaded
+    /// table while it is still called `on`: the costly part of a restore after the data,
+    /// which restore runs on the loading connections, in parallel. `pg_name` is the table's
+    /// name as the server's `quote_ident` writes it (index definitions name their table that
+    /// way). `None` when an index definition does not name the table as expected; then
+    /// `index_statements(&self.name.quoted(), ..)` must run once the table has its final name.
+    pub fn index_statements(&self, on: &str, pg_name: &str) -> Option<Vec<String>> {
+        let mut out: Vec<String> = self
+            .constraints
+            .iter()
+            .map(|(name, def)| {
+                format!(
+                    "ALTER TABLE {on} ADD CONSTRAINT {} {def}",
+                    quote_ident(name)
+                )
+            })
+            .collect();
+        for def in &self.indexes {
+            let target = format!(" ON {pg_name} ");
+            let only = format!(" ON ONLY {pg_name} ");
+            if def.contains(&target) {
+                out.push(def.replacen(&target, &format!(" ON {on} "), 1));
+            } else if def.contains(&only) {
+                out.push(def.replacen(&only, &format!(" ON ONLY {on} "), 1));
+            } else if on == self.name.quoted() {
+                out.push(def.clone());
+            } else {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// Statements that complete a loaded table once it has its final name (after
+    /// [`TableSchema::index_statements`]): serial sequences and defaults, identity, sequence
+    /// positions.
     pub fn finish_statements(&self) -> Vec<String> {
         let table = self.name.quoted();
         let mut out = Vec::new();
@@ -256,13 +337,6 @@ impl TableSchema {
                 quote_ident(&c.name)
             ));
         }
-        for (name, def) in &self.constraints {
-            out.push(format!(
-                "ALTER TABLE {table} ADD CONSTRAINT {} {def}",
-                quote_ident(name)
-            ));
-        }
-        out.extend(self.indexes.iter().cloned());
         for s in &self.sequences {
             if !self.is_identity(&s.column) {
                 out.push(format!(
@@ -281,5 +355,44 @@ impl TableSchema {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(indexes: &[&str]) -> TableSchema {
+        TableSchema {
+            name: TableName {
+                schema: "public".into(),
+                name: "user".into(),
+            },
+            columns: vec![],
+            primary_key: vec!["id".into()],
+            constraints: vec![("user_pkey".into(), "PRIMARY KEY (id)".into())],
+            indexes: indexes.iter().map(|s| s.to_string()).collect(),
+            sequences: vec![],
+        }
+    }
+
+    #[test]
+    fn indexes_are_pointed_at_the_staging_table() {
+        let s = schema(&["CREATE INDEX user_day ON public.\"user\" USING btree (day)"]);
+        assert_eq!(
+            s.index_statements("st.t0", "public.\"user\"").unwrap(),
+            vec![
+                "ALTER TABLE st.t0 ADD CONSTRAINT \"user_pkey\" PRIMARY KEY (id)".to_string(),
+                "CREATE INDEX user_day ON st.t0 USING btree (day)".to_string(),
+            ]
+        );
+        // A definition that does not name the table as expected is left for the final name.
+        let odd = schema(&["CREATE INDEX user_day ON other.\"user\" USING btree (day)"]);
+        assert!(odd.index_statements("st.t0", "public.\"user\"").is_none());
+        let final_name = odd.name.quoted();
+        assert_eq!(
+            odd.index_statements(&final_name, &final_name).unwrap()[1],
+            "CREATE INDEX user_day ON other.\"user\" USING btree (day)"
+        );
     }
 }

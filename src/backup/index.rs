@@ -84,7 +84,8 @@ impl Locator {
         Ok(loc)
     }
 
-    fn add(
+    /// Adds the locations `file` lists (of `wanted` only, when given).
+    pub(crate) fn add(
         &mut self,
         file: &IndexFile,
         wanted: Option<&HashSet<BlobId>>,

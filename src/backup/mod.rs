@@ -12,6 +12,8 @@
 pub mod chunker;
 pub mod crypto;
 pub mod dump;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod lock;
 pub mod pack;

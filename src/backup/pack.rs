@@ -15,6 +15,9 @@ pub const KIND_PACK: u8 = b'P';
 /// Packs are cut once they reach this size.
 pub const TARGET_PACK_SIZE: usize = 16 * 1024 * 1024;
 const ZSTD_LEVEL: i32 = 3;
+/// No blob is longer: chunks are at most [`MAX_CHUNK`](super::chunker::MAX_CHUNK); the margin
+/// leaves room for other chunker sizes in later versions.
+pub const MAX_BLOB: usize = 16 * super::chunker::MAX_CHUNK;
 
 /// Where a blob sits inside its pack.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,6 +28,23 @@ pub struct BlobEntry {
     pub length: u32,
     /// Plaintext length.
     pub raw_length: u32,
+}
+
+impl BlobEntry {
+    /// The blob's bytes within its pack; `None` when the entry (read from the store, so
+    /// untrusted) names a range no pack can have.
+    pub fn range(&self) -> Option<std::ops::Range<u64>> {
+        Some(self.offset..self.offset.checked_add(self.length as u64)?)
+    }
+}
+
+/// The sealed bytes of blob `e` within `bytes`, which hold its pack from offset `base` on;
+/// `None` when they are not all there.
+pub fn sealed_in<'a>(bytes: &'a [u8], base: u64, e: &BlobEntry) -> Option<&'a [u8]> {
+    let r = e.range()?;
+    let start = usize::try_from(r.start.checked_sub(base)?).ok()?;
+    let end = usize::try_from(r.end.checked_sub(base)?).ok()?;
+    bytes.get(start..end)
 }
 
 /// A pack as the index knows it.
@@ -42,6 +62,11 @@ pub struct PackEntry {
 /// Object path of pack `id`: `data/ab/abcd...`.
 pub fn pack_path(id: &str) -> String {
     format!("data/{}/{id}", id.get(..2).unwrap_or(id))
+}
+
+/// A blob's plaintext as it is stored in a pack, before sealing.
+pub fn compress(raw: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(|e| CryptoError::Other(e.to_string()))
 }
 
 /// Builds one pack in memory.
@@ -66,16 +91,25 @@ impl PackBuilder {
 
     /// Compresses, seals and appends a blob; returns its stored length.
     pub fn add(&mut self, id: BlobId, raw: &[u8]) -> Result<u64, CryptoError> {
-        let compressed =
-            zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(|e| CryptoError::Other(e.to_string()))?;
+        self.add_compressed(id, &compress(raw)?, raw.len())
+    }
+
+    /// Seals and appends a blob already compressed with [`compress`] (compression, the costly
+    /// part, can then run on other threads); `raw_len` is its plaintext length.
+    pub fn add_compressed(
+        &mut self,
+        id: BlobId,
+        compressed: &[u8],
+        raw_len: usize,
+    ) -> Result<u64, CryptoError> {
         let offset = self.buf.len() as u64;
-        let sealed = self.key.seal_blob(offset, &id, &compressed);
+        let sealed = self.key.seal_blob(offset, &id, compressed);
         let too_big = |_| CryptoError::Other("blob larger than 4 GiB".into());
         self.blobs.push(BlobEntry {
             id,
             offset,
             length: u32::try_from(sealed.len()).map_err(too_big)?,
-            raw_length: u32::try_from(raw.len()).map_err(too_big)?,
+            raw_length: u32::try_from(raw_len).map_err(too_big)?,
         });
         self.buf.extend_from_slice(&sealed);
         Ok(sealed.len() as u64)
@@ -115,6 +149,13 @@ pub fn open_blob(
     sealed: &[u8],
     id_key: Option<&IdKey>,
 ) -> Result<Vec<u8>, CryptoError> {
+    // The length comes from the store: bound the buffer it sizes.
+    if entry.raw_length as usize > MAX_BLOB {
+        return Err(CryptoError::Other(format!(
+            "implausible blob length {}",
+            entry.raw_length
+        )));
+    }
     let compressed = key.open_blob(entry.offset, &entry.id, sealed)?;
     let raw = zstd::bulk::decompress(&compressed, entry.raw_length as usize)
         .map_err(|e| CryptoError::Other(format!("cannot decompress: {e}")))?;
@@ -136,7 +177,7 @@ pub fn read_trailer(
     keys: &Keyring,
     bytes: &[u8],
 ) -> Result<(ObjectKey, Vec<BlobEntry>), CryptoError> {
-    let (kind, wrapped, _) = crypto::split_header(bytes)?;
+    let (kind, wrapped, body) = crypto::split_header(bytes)?;
     if kind != KIND_PACK || bytes.len() < 4 {
         return Err(CryptoError::Header);
     }
@@ -145,7 +186,20 @@ pub fn read_trailer(
     let len = u32::from_be_bytes([bytes[n - 4], bytes[n - 3], bytes[n - 2], bytes[n - 1]]) as usize;
     let start = n.checked_sub(4 + len).ok_or(CryptoError::Header)?;
     let trailer = key.open_body(KIND_PACK, &bytes[start..n - 4])?;
-    let blobs = serde_json::from_slice(&trailer).map_err(|e| CryptoError::Other(e.to_string()))?;
+    let blobs: Vec<BlobEntry> =
+        serde_json::from_slice(&trailer).map_err(|e| CryptoError::Other(e.to_string()))?;
+    // As written, blobs fill the space between header and trailer exactly, in order: anything
+    // else (bytes inserted, a blob listed twice) is damage even if every blob still opens.
+    let mut at = body as u64;
+    for b in &blobs {
+        match b.range() {
+            Some(r) if r.start == at => at = r.end,
+            _ => return Err(CryptoError::Other("its blobs do not fill the pack".into())),
+        }
+    }
+    if at != start as u64 {
+        return Err(CryptoError::Other("its blobs do not fill the pack".into()));
+    }
     Ok((key, blobs))
 }
 

@@ -380,11 +380,7 @@ impl Repository {
     }
 
     pub fn seal<T: Serialize>(&self, kind: u8, value: &T) -> Result<Vec<u8>, BackupError> {
-        let json = serde_json::to_vec(value).map_err(|e| BackupError::Invalid(e.to_string()))?;
-        let compressed =
-            zstd::bulk::compress(&json, 3).map_err(|e| BackupError::Invalid(e.to_string()))?;
-        let mut plain = (json.len() as u64).to_be_bytes().to_vec();
-        plain.extend_from_slice(&compressed);
+        let plain = encode_body(value).map_err(BackupError::Invalid)?;
         self.keys
             .seal_object(kind, &plain)
             .map_err(|e| BackupError::Invalid(e.to_string()))
@@ -415,17 +411,7 @@ impl Repository {
             .keys
             .open_object(kind, bytes)
             .map_err(|e| corrupt(e.to_string()))?;
-        if plain.len() < 8 {
-            return Err(corrupt("too short".into()));
-        }
-        let len = u64::from_be_bytes(plain[..8].try_into().unwrap_or_default()) as usize;
-        // Bound the allocation: zstd cannot expand beyond ~ 1000x here, a corrupt length
-        // must not ask for terabytes.
-        if len > plain.len().saturating_mul(2000) + 1024 {
-            return Err(corrupt("implausible length".into()));
-        }
-        let json = zstd::bulk::decompress(&plain[8..], len).map_err(|e| corrupt(e.to_string()))?;
-        serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))
+        decode_body(&plain).map_err(corrupt)
     }
 
     // ---- keys ----
@@ -524,6 +510,33 @@ impl Repository {
         self.delete(&format!("keys/{id}")).await?;
         Ok(kf)
     }
+}
+
+/// An object body before encryption: `u64 BE length of the JSON | zstd(JSON)`.
+pub fn encode_body<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    let json = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+    let compressed = zstd::bulk::compress(&json, 3).map_err(|e| e.to_string())?;
+    let mut plain = (json.len() as u64).to_be_bytes().to_vec();
+    plain.extend_from_slice(&compressed);
+    Ok(plain)
+}
+
+/// The value in a decrypted object body ([`encode_body`]): `u64 BE length of the JSON | zstd(JSON)` (what
+/// [`Repository::seal`] writes). Authentication does not make the body trustworthy: anyone
+/// who can write to the store knows the repository recipient and can seal any body, so this
+/// checks everything and never panics.
+pub fn decode_body<T: DeserializeOwned>(plain: &[u8]) -> Result<T, String> {
+    let Some((len, compressed)) = plain.split_first_chunk::<8>() else {
+        return Err("too short".into());
+    };
+    let len = u64::from_be_bytes(*len);
+    // Bound the allocation: zstd cannot expand beyond ~ 1000x here, a corrupt length must not
+    // ask for terabytes.
+    if len > (compressed.len() as u64).saturating_mul(2000) + 1024 {
+        return Err("implausible length".into());
+    }
+    let json = zstd::bulk::decompress(compressed, len as usize).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 
 fn parse_recipient(r: &str, label: &str) -> Result<Reader, BackupError> {

@@ -3,9 +3,10 @@
 //! Both first resolve every blob they will need and refuse to start if any is missing from
 //! the index or its pack is gone, naming the tables and files that cannot be restored. A
 //! database restore then loads the tables, two at a time on connections of their own, into
-//! a fresh staging schema, and moves them into place in one final transaction that also adds
-//! constraints and indexes: either every selected table appears, complete, or (on a corrupt
-//! blob found while streaming, or any database error) none does. A directory restore
+//! a fresh staging schema, where each loader also builds its table's constraints and indexes
+//! (the costly part after the data, so it runs in parallel too, as `pg_restore -j` does),
+//! and moves them into place in one final transaction: either every selected table appears,
+//! complete, or (on a corrupt blob found while streaming, or any database error) none does. A directory restore
 //! writes each file under a temporary name and renames it into place once complete, so a
 //! failure leaves no file that looks whole but is not; the command then fails naming it.
 //!
@@ -96,11 +97,12 @@ fn blob_stream<'a>(
             .last()
             .and_then(|g| g.last())
             .is_some_and(|last: &&Location| {
+                let start = groups.last().map(|g| g[0].blob.offset).unwrap_or(0);
                 Arc::ptr_eq(&last.pack, &l.pack)
-                    && last.blob.offset + last.blob.length as u64 == l.blob.offset
-                    && l.blob.offset + l.blob.length as u64
-                        - groups.last().map(|g| g[0].blob.offset).unwrap_or(0)
-                        <= MAX_READ
+                    && last.blob.range().is_some_and(|r| r.end == l.blob.offset)
+                    && l.blob
+                        .range()
+                        .is_some_and(|r| r.end.saturating_sub(start) <= MAX_READ)
             });
         if extend {
             if let Some(g) = groups.last_mut() {
@@ -125,13 +127,18 @@ async fn read_group(repo: &Repository, group: &[&Location]) -> Result<Vec<Vec<u8
     };
     let pack: &PackRef = &first.pack;
     let path = pack_path(&pack.id);
-    let start = first.blob.offset;
-    let end = last.blob.offset + last.blob.length as u64;
-    let bytes: Bytes = repo.get_range(&path, start..end).await?;
     let corrupt = |reason: String| BackupError::Corrupt {
         object: format!("{}/{path}", repo.name),
         reason,
     };
+    let start = first.blob.offset;
+    let end = last
+        .blob
+        .range()
+        .map(|r| r.end)
+        .filter(|&end| end >= start)
+        .ok_or_else(|| corrupt("the index lists an impossible blob range".into()))?;
+    let bytes: Bytes = repo.get_range(&path, start..end).await?;
     if bytes.len() as u64 != end - start {
         return Err(corrupt("shorter than the index says (truncated)".into()));
     }
@@ -146,8 +153,8 @@ async fn read_group(repo: &Repository, group: &[&Location]) -> Result<Vec<Vec<u8
     group
         .iter()
         .map(|l| {
-            let s = (l.blob.offset - start) as usize;
-            let sealed = &bytes[s..s + l.blob.length as usize];
+            let sealed = pack::sealed_in(&bytes, start, &l.blob)
+                .ok_or_else(|| corrupt(format!("blob {} lies outside its pack", l.blob.id)))?;
             pack::open_blob(&key, &l.blob, sealed, id_key)
                 .map_err(|e| corrupt(format!("blob {}: {e}", l.blob.id)))
         })
@@ -314,8 +321,9 @@ fn refusal(refused: &[String]) -> BackupError {
 }
 
 /// Loads every table into the staging schema, [`PARALLEL_LOADS`] at a time, each committed on
-/// its own connection; then, in one transaction on `client`, replaces the targets, moves the
-/// loaded tables into place and adds defaults, constraints and indexes. Until that commit
+/// its own connection with its constraints and indexes (when names cannot clash); then, in
+/// one transaction on `client`, replaces the targets, moves the loaded tables into place and
+/// adds defaults, identity, sequences (and any constraints and indexes not built yet). Until that commit
 /// the target schemas are untouched, so a failure or a crash never leaves a table that looks
 /// restored but is not (a crash leaves the `invsync_restore_*` schema, which can be dropped).
 async fn load_and_swap(
@@ -331,14 +339,32 @@ async fn load_and_swap(
     // Biggest first, so the two loaders finish close together.
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(tables[i].bytes));
-    futures::stream::iter(
-        order
-            .iter()
-            .map(|&i| load_one(repo, loc, conn, tables[i], format!("{staging}.t{i}"))),
-    )
+    // Constraint and index names are unique within a schema, so tables from one schema can
+    // have theirs built side by side in the staging schema; tables from several might clash.
+    let schemas: HashSet<&str> = tables
+        .iter()
+        .map(|t| t.schema.name.schema.as_str())
+        .collect();
+    let build_early = schemas.len() <= 1;
+    let mut indexed = vec![false; tables.len()];
+    for (i, done) in futures::stream::iter(order.iter().map(|&i| async move {
+        load_one(
+            repo,
+            loc,
+            conn,
+            tables[i],
+            format!("{staging}.t{i}"),
+            build_early,
+        )
+        .await
+        .map(|done| (i, done))
+    }))
     .buffer_unordered(PARALLEL_LOADS)
-    .try_collect::<Vec<()>>()
-    .await?;
+    .try_collect::<Vec<(usize, bool)>>()
+    .await?
+    {
+        indexed[i] = done;
+    }
 
     client
         .batch_execute("BEGIN")
@@ -363,6 +389,14 @@ async fn load_and_swap(
                 quote_ident(&name.schema)
             ),
         ];
+        if !indexed[i] {
+            let table = name.quoted();
+            statements.extend(
+                t.schema
+                    .index_statements(&table, &table)
+                    .unwrap_or_default(),
+            );
+        }
         statements.extend(t.schema.finish_statements());
         for s in statements {
             client.batch_execute(&s).await.map_err(|e| {
@@ -383,14 +417,16 @@ async fn load_and_swap(
         .map_err(|e| q("committing the restore".into(), e))
 }
 
-/// Creates and fills one staging table on a connection of its own.
+/// Creates and fills one staging table on a connection of its own; with `build_indexes`, also
+/// adds its constraints and indexes there. Returns whether they were built.
 async fn load_one(
     repo: &Repository,
     loc: &Locator,
     conn: &ConnInfo,
     t: &TableSnapshot,
     staging: String,
-) -> Result<(), BackupError> {
+    build_indexes: bool,
+) -> Result<bool, BackupError> {
     let name = &t.schema.name;
     let fail =
         |e: BackupError| BackupError::Restore(format!("table {name}: {e}; nothing was restored"));
@@ -420,10 +456,32 @@ async fn load_one(
             .map_err(|e| q("loading", e))?;
     }
     sink.as_mut().finish().await.map_err(|e| q("loading", e))?;
+    let mut built = false;
+    if build_indexes {
+        // Index definitions name the table as the server quotes it.
+        let pg_name: String = client
+            .query_one(
+                "SELECT quote_ident($1) || '.' || quote_ident($2)",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .map_err(|e| q("indexing", e))?
+            .get(0);
+        if let Some(statements) = t.schema.index_statements(&staging, &pg_name) {
+            for s in statements {
+                client
+                    .batch_execute(&s)
+                    .await
+                    .map_err(|e| q(&format!("indexing ({s})"), e))?;
+            }
+            built = true;
+        }
+    }
     client
         .batch_execute("COMMIT")
         .await
-        .map_err(|e| q("loading", e))
+        .map_err(|e| q("loading", e))?;
+    Ok(built)
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

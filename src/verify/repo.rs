@@ -340,9 +340,7 @@ pub async fn check_repo(
             if let Some(key) = key {
                 for b in &p.blobs {
                     report.blobs_checked += 1;
-                    let (s, e) = (b.offset as usize, b.offset as usize + b.length as usize);
-                    let ok = bytes
-                        .get(s..e)
+                    let ok = pack::sealed_in(&bytes, 0, b)
                         .is_some_and(|sealed| pack::open_blob(&key, b, sealed, id_key).is_ok());
                     if !ok {
                         n_bad += 1;

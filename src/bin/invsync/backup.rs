@@ -110,6 +110,9 @@ pub struct BackupArgs {
     /// A configuration directory to include (repeatable)
     #[arg(long, value_name = "PATH")]
     config_dir: Vec<PathBuf>,
+    /// Tables read at once, each on its own database connection (all in the same cut)
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
     /// A tag for the snapshot (repeatable)
     #[arg(long, value_name = "TAG")]
     tag: Vec<String>,
@@ -347,6 +350,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                         label,
                         conn,
                         tables,
+                        jobs: args.jobs.into(),
                     })
                 }
                 None => None,
