@@ -137,10 +137,14 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
             ),
         );
     }
-    // Deletes, a primary key change, an update of many rows, and NULLs.
+    // Deletes, a primary key change, an update of many rows, and NULLs; then, in one
+    // transaction, a row updated twice and a key moved twice (1->2->3 must end at 3, as in order).
     src.psql(
         "einvoice",
-        "DELETE FROM item WHERE id % 10 = 0;
+        "BEGIN; UPDATE item SET payload = 'first' WHERE id = 11; UPDATE item SET payload = 'last' WHERE id = 11;
+         UPDATE item SET id = 200001 WHERE id = 12; UPDATE item SET id = 200002 WHERE id = 200001;
+         DELETE FROM item WHERE id = 13; DELETE FROM item WHERE id = 14; COMMIT;
+         DELETE FROM item WHERE id % 10 = 0;
          UPDATE item SET id = id + 100000 WHERE id BETWEEN 1 AND 5;
          UPDATE item SET payload = NULL WHERE id % 7 = 0;
          BEGIN; INSERT INTO account VALUES (51, 0, NULL); DELETE FROM account WHERE id = 51; COMMIT;",

@@ -8,6 +8,13 @@
 //! the data. Changes are sent as they arrive, in pieces of bounded size, so a source transaction
 //! larger than memory streams through.
 //!
+//! Consecutive changes of one kind to one table are merged into one set-based statement (a
+//! multi-row INSERT, `DELETE .. WHERE (key) IN (..)`, `UPDATE .. FROM (VALUES ..)`), so the
+//! target parses and plans once per group instead of once per row. Only neighbours merge, so
+//! changes keep their source order; an UPDATE group is closed before a row whose old or new key
+//! it already touched, because one set-based UPDATE sees each row once and would lose the later
+//! effect.
+//!
 //! Values are written in their text form (as pgoutput sends them) as SQL literals, which the
 //! target reads with each column's input function, the way PostgreSQL's own apply does; both
 //! sessions pin the formats ([`SESSION_SETTINGS`](super::slot::SESSION_SETTINGS)). Columns sent as
@@ -15,13 +22,15 @@
 //! replication origin [`names::origin`](super::names::origin), so what they write is recognisable
 //! and not streamed back by a pipeline in the opposite direction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 
-use super::decoder::{Relation, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY};
+use super::decoder::{
+    Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
+};
 use super::{copy::settings_sql, names, progress, schema, SyncError};
 use crate::pg::{quote_ident, quote_literal, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
@@ -134,6 +143,24 @@ fn row_filter(rel: &StreamRelation, old: &[Value]) -> Result<String, SyncError> 
     })
 }
 
+/// The key columns of `rel` with their positions.
+fn key_columns(rel: &StreamRelation) -> impl Iterator<Item = (usize, &RelationColumn)> {
+    rel.rel.columns.iter().enumerate().filter(|(_, c)| c.key)
+}
+
+/// The key values of a row as comma-separated literals.
+fn key_literals(rel: &StreamRelation, row: &[Value]) -> Result<String, SyncError> {
+    let keys: Result<Vec<String>, _> = key_columns(rel).map(|(i, _)| literal(&row[i])).collect();
+    let keys = keys?;
+    if keys.is_empty() {
+        return Err(SyncError::Protocol(format!(
+            "{}: a change arrived without key columns",
+            rel.table()
+        )));
+    }
+    Ok(keys.join(", "))
+}
+
 /// One target of a pipeline and its open batch.
 pub struct Target {
     pub name: String,
@@ -146,6 +173,9 @@ pub struct Target {
     pub known: bool,
     /// Relation generations checked for schema drift on this target.
     checked: HashMap<u32, u64>,
+    /// Per relation, the target's type of each column of the stream's definition (`None` where
+    /// the target lacked the column when checked); set-based UPDATEs cast to them.
+    types: HashMap<u32, Vec<Option<String>>>,
     batch: Batch,
     /// When to try reconnecting after the target went away.
     pub retry_at: Instant,
@@ -157,11 +187,29 @@ struct Batch {
     /// `BEGIN` was sent: a target transaction is open.
     open: bool,
     sql: String,
-    /// The relation whose multi-row INSERT is still open in `sql`.
-    insert_into: Option<u32>,
+    /// The set-based statement still open at the end of `sql`.
+    group: Option<Group>,
     last_end: Option<Lsn>,
     last_time: Option<DateTime<Utc>>,
     rows: usize,
+}
+
+/// A set-based statement that more rows may join: same relation, same [`GroupKind`].
+struct Group {
+    rel: u32,
+    kind: GroupKind,
+    /// What closes the statement after its last row.
+    suffix: String,
+    /// Key literals an UPDATE group touched (old and new keys).
+    keys: HashSet<String>,
+}
+
+#[derive(PartialEq, Eq)]
+enum GroupKind {
+    Insert,
+    Delete,
+    /// An UPDATE setting the columns flagged `true`.
+    Update(Vec<bool>),
 }
 
 /// Microseconds since 2000-01-01 (PostgreSQL's epoch) as a time.
@@ -179,6 +227,7 @@ impl Target {
             durable: Lsn(0),
             known: false,
             checked: HashMap::new(),
+            types: HashMap::new(),
             batch: Batch::default(),
             retry_at: Instant::now(),
             backoff: Duration::from_millis(500),
@@ -274,7 +323,7 @@ impl Target {
         if self.batch.sql.is_empty() || (!force && self.batch.sql.len() < PIECE_BYTES) {
             return Ok(());
         }
-        self.close_insert();
+        self.close_group();
         let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
         let mut sql = std::mem::take(&mut self.batch.sql);
         if !self.batch.open {
@@ -291,10 +340,30 @@ impl Target {
         Ok(())
     }
 
-    /// Ends an open multi-row INSERT (before a relation's definition changes).
-    pub fn close_insert(&mut self) {
-        if self.batch.insert_into.take().is_some() {
+    /// Ends an open set-based statement (before a relation's definition changes).
+    pub fn close_group(&mut self) {
+        if let Some(g) = self.batch.group.take() {
+            self.batch.sql.push_str(&g.suffix);
             self.batch.sql.push_str(";\n");
+        }
+    }
+
+    /// Starts a row of the group `kind` on `rel`: continues the open group, or closes it and
+    /// writes `header` to open a new one. The caller then writes the row's parenthesised values.
+    fn join_group(&mut self, rel: u32, kind: GroupKind, header: impl FnOnce() -> (String, String)) {
+        match &self.batch.group {
+            Some(g) if g.rel == rel && g.kind == kind => self.batch.sql.push_str(",\n"),
+            _ => {
+                self.close_group();
+                let (header, suffix) = header();
+                self.batch.sql.push_str(&header);
+                self.batch.group = Some(Group {
+                    rel,
+                    kind,
+                    suffix,
+                    keys: HashSet::new(),
+                });
+            }
         }
     }
 
@@ -312,6 +381,18 @@ impl Target {
         let table = rel.table();
         let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
         let have = TableInfo::load(client, &self.conn, &table).await?;
+        let types = rel
+            .rel
+            .columns
+            .iter()
+            .map(|c| {
+                have.columns
+                    .iter()
+                    .find(|h| h.name == c.name)
+                    .map(|h| h.type_name.clone())
+            })
+            .collect();
+        self.types.insert(rel.rel.id, types);
         let missing: Vec<&str> = rel
             .rel
             .columns
@@ -369,56 +450,159 @@ impl Target {
         rel: &StreamRelation,
         change: Change<'_>,
     ) -> Result<(), SyncError> {
-        let cols = &rel.rel.columns;
         match change {
-            Change::Insert(new) => {
-                check_width(rel, new)?;
-                let values: Result<Vec<String>, _> = new.iter().map(literal).collect();
-                let values = values?.join(", ");
-                if self.batch.insert_into == Some(rel.rel.id) {
-                    self.batch.sql.push_str(",\n(");
-                } else {
-                    self.close_insert();
-                    let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
-                    self.batch.sql.push_str(&format!(
-                        "INSERT INTO {} ({}) VALUES\n(",
-                        rel.quoted,
-                        names.join(", ")
-                    ));
-                    self.batch.insert_into = Some(rel.rel.id);
-                }
-                self.batch.sql.push_str(&values);
-                self.batch.sql.push(')');
-            }
-            Change::Update { old, new } => {
-                check_width(rel, new)?;
-                let mut sets = Vec::new();
-                for (col, v) in cols.iter().zip(new) {
-                    if *v != Value::Unchanged {
-                        sets.push(format!("{} = {}", quote_ident(&col.name), literal(v)?));
-                    }
-                }
-                let filter = row_filter(rel, old.unwrap_or(new))?;
-                self.close_insert();
-                if !sets.is_empty() {
-                    self.batch.sql.push_str(&format!(
-                        "UPDATE {} SET {} WHERE {};\n",
-                        rel.quoted,
-                        sets.join(", "),
-                        filter
-                    ));
-                }
-            }
-            Change::Delete(old) => {
-                let filter = row_filter(rel, old)?;
-                self.close_insert();
-                self.batch
-                    .sql
-                    .push_str(&format!("DELETE FROM {} WHERE {};\n", rel.quoted, filter));
-            }
+            Change::Insert(new) => self.insert(rel, new)?,
+            Change::Update { old, new } => self.update(rel, old, new)?,
+            Change::Delete(old) => self.delete(rel, old)?,
         }
         self.batch.rows += 1;
         self.send(false).await
+    }
+
+    fn insert(&mut self, rel: &StreamRelation, new: &[Value]) -> Result<(), SyncError> {
+        check_width(rel, new)?;
+        let values: Result<Vec<String>, _> = new.iter().map(literal).collect();
+        let values = values?.join(", ");
+        self.join_group(rel.rel.id, GroupKind::Insert, || {
+            let names: Vec<String> = rel
+                .rel
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect();
+            (
+                format!("INSERT INTO {} ({}) VALUES\n", rel.quoted, names.join(", ")),
+                String::new(),
+            )
+        });
+        self.batch.sql.push('(');
+        self.batch.sql.push_str(&values);
+        self.batch.sql.push(')');
+        Ok(())
+    }
+
+    fn delete(&mut self, rel: &StreamRelation, old: &[Value]) -> Result<(), SyncError> {
+        if rel.full_identity {
+            let filter = row_filter(rel, old)?;
+            self.close_group();
+            self.batch
+                .sql
+                .push_str(&format!("DELETE FROM {} WHERE {};\n", rel.quoted, filter));
+            return Ok(());
+        }
+        check_width(rel, old)?;
+        let key = key_literals(rel, old)?;
+        self.join_group(rel.rel.id, GroupKind::Delete, || {
+            let names: Vec<String> = key_columns(rel)
+                .map(|(_, c)| quote_ident(&c.name))
+                .collect();
+            (
+                format!(
+                    "DELETE FROM {} WHERE ({}) IN (\n",
+                    rel.quoted,
+                    names.join(", ")
+                ),
+                ")".into(),
+            )
+        });
+        self.batch.sql.push('(');
+        self.batch.sql.push_str(&key);
+        self.batch.sql.push(')');
+        Ok(())
+    }
+
+    fn update(
+        &mut self,
+        rel: &StreamRelation,
+        old: Option<&[Value]>,
+        new: &[Value],
+    ) -> Result<(), SyncError> {
+        check_width(rel, new)?;
+        let set: Vec<bool> = new.iter().map(|v| *v != Value::Unchanged).collect();
+        if !set.contains(&true) {
+            return Ok(());
+        }
+        let types = self.types.get(&rel.rel.id).filter(|t| {
+            t.len() == set.len()
+                && t.iter()
+                    .zip(&rel.rel.columns)
+                    .zip(&set)
+                    .all(|((t, c), s)| t.is_some() || !(*s || c.key))
+        });
+        let Some(types) = types.filter(|_| !rel.full_identity).cloned() else {
+            // One statement for this row: REPLICA IDENTITY FULL finds rows by every column, and
+            // without the target's types the values cannot be cast.
+            let mut sets = Vec::new();
+            for (col, v) in rel.rel.columns.iter().zip(new) {
+                if *v != Value::Unchanged {
+                    sets.push(format!("{} = {}", quote_ident(&col.name), literal(v)?));
+                }
+            }
+            let filter = row_filter(rel, old.unwrap_or(new))?;
+            self.close_group();
+            self.batch.sql.push_str(&format!(
+                "UPDATE {} SET {} WHERE {};\n",
+                rel.quoted,
+                sets.join(", "),
+                filter
+            ));
+            return Ok(());
+        };
+        let old_key = key_literals(rel, old.unwrap_or(new))?;
+        let new_key = match old {
+            Some(_) if key_columns(rel).all(|(i, _)| new[i] != Value::Unchanged) => {
+                key_literals(rel, new)?
+            }
+            _ => old_key.clone(),
+        };
+        let kind = GroupKind::Update(set.clone());
+        if let Some(g) = &self.batch.group {
+            if g.rel == rel.rel.id
+                && g.kind == kind
+                && (g.keys.contains(&old_key) || g.keys.contains(&new_key))
+            {
+                self.close_group();
+            }
+        }
+        let mut values = Vec::new();
+        for (v, s) in new.iter().zip(&set) {
+            if *s {
+                values.push(literal(v)?);
+            }
+        }
+        values.push(old_key.clone());
+        self.join_group(rel.rel.id, kind, || {
+            let cols = &rel.rel.columns;
+            let mut sets = Vec::new();
+            let mut names = Vec::new();
+            for (i, c) in cols.iter().enumerate().filter(|(i, _)| set[*i]) {
+                let ty = types[i].as_deref().unwrap_or("text");
+                sets.push(format!("{} = v.n{i}::{ty}", quote_ident(&c.name)));
+                names.push(format!("n{i}"));
+            }
+            let mut conds = Vec::new();
+            for (i, c) in key_columns(rel) {
+                let ty = types[i].as_deref().unwrap_or("text");
+                conds.push(format!("t.{} = v.k{i}::{ty}", quote_ident(&c.name)));
+                names.push(format!("k{i}"));
+            }
+            (
+                format!(
+                    "UPDATE {} AS t SET {} FROM (VALUES\n",
+                    rel.quoted,
+                    sets.join(", ")
+                ),
+                format!(") AS v({}) WHERE {}", names.join(", "), conds.join(" AND ")),
+            )
+        });
+        self.batch.sql.push('(');
+        self.batch.sql.push_str(&values.join(", "));
+        self.batch.sql.push(')');
+        if let Some(g) = self.batch.group.as_mut() {
+            g.keys.insert(old_key);
+            g.keys.insert(new_key);
+        }
+        Ok(())
     }
 
     /// Adds a TRUNCATE of `rels` to the batch.
@@ -430,7 +614,7 @@ impl Target {
         if rels.is_empty() {
             return Ok(());
         }
-        self.close_insert();
+        self.close_group();
         let names: Vec<&str> = rels.iter().map(|r| r.quoted.as_str()).collect();
         let mut sql = format!("TRUNCATE {}", names.join(", "));
         if options & TRUNCATE_RESTART_IDENTITY != 0 {

@@ -647,7 +647,7 @@ async fn apply_message(
     match message {
         Message::Relation(rel) => {
             for t in targets.iter_mut() {
-                t.close_insert();
+                t.close_group();
             }
             relations.insert(rel.id, StreamRelation::new(rel));
         }
