@@ -370,6 +370,19 @@ async fn copy_piece(
         .commit()
         .await
         .map_err(|e| fail(format!("committing: {}", crate::pg::describe(&e))))?;
+    // Release the origin before returning: a dropped client's backend exits only later, and
+    // setup drops the copy origins as soon as every piece is done.
+    if origin.is_some() {
+        dst.batch_execute("SELECT pg_replication_origin_session_reset()")
+            .await
+            .map_err(|e| {
+                PgError::query(
+                    "releasing the copy's replication origin",
+                    &job.target_conn,
+                    e,
+                )
+            })?;
+    }
     src_tx
         .commit()
         .await
