@@ -56,7 +56,7 @@ enum Command {
         /// The mean number of items per invoice
         #[arg(long, default_value_t = 3.0, value_name = "AVG")]
         items_per_invoice_avg: f64,
-        /// Connections loading at once [default: CPUs + 1]
+        /// Connections loading at once [default: the number of CPUs]
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
         /// Empty the e-invoice tables first
@@ -132,8 +132,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replace,
         } => {
             let conn = connection(&target.url)?;
-            let jobs = jobs
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) + 1);
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let opts = FillOptions {
                 plan: Plan {
                     seed,
