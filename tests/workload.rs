@@ -314,6 +314,27 @@ fn schema_is_idempotent_and_load_starts_on_an_empty_database() {
         ),
         "t"
     );
+
+    // The cloud's writers register carriers only, with keys apart from the data center's.
+    let before = count(&c, "SELECT count(*) FROM public.carrier");
+    let r = gen_json(&[
+        "load",
+        "--url",
+        &url,
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--mix",
+        "cloud",
+    ]);
+    assert!(field(&r, "carriers_registered") > 0, "{r}");
+    assert_eq!(field(&r, "rows"), field(&r, "carriers_registered"));
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM public.carrier") - before,
+        field(&r, "carriers_registered")
+    );
+
     let (code, _, err) = gen(&["fill", "--url", "mysql://x/y", "--invoices", "1"]);
     assert_ne!(code, 0);
     assert!(err.contains("postgres://"), "{err}");

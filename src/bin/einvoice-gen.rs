@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use invsync::pg::ConnInfo;
-use invsync::workload::{self, schema, FillOptions, FillReport, LoadOptions, LoadReport, Plan};
+use invsync::workload::{
+    self, schema, FillOptions, FillReport, LoadOptions, LoadReport, Mix, Plan,
+};
 
 #[derive(Parser)]
 #[command(
@@ -56,7 +58,7 @@ enum Command {
         /// The mean number of items per invoice
         #[arg(long, default_value_t = 3.0, value_name = "AVG")]
         items_per_invoice_avg: f64,
-        /// Connections loading at once [default: CPUs + 1]
+        /// Connections loading at once [default: the number of CPUs]
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
         /// Empty the e-invoice tables first
@@ -83,7 +85,18 @@ enum Command {
         /// The mean number of items per new invoice
         #[arg(long, default_value_t = 3.0, value_name = "AVG")]
         items_per_invoice_avg: f64,
+        /// Whose writes to play: the data center's mix, or the cloud's carrier registrations
+        #[arg(long, value_enum, default_value_t = MixArg::Datacenter)]
+        mix: MixArg,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MixArg {
+    /// New invoices with items, voids, allowances, item deletions, carrier registrations
+    Datacenter,
+    /// Carrier registrations only, with keys that never collide with the data center's
+    Cloud,
 }
 
 fn main() -> ExitCode {
@@ -132,8 +145,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replace,
         } => {
             let conn = connection(&target.url)?;
-            let jobs = jobs
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) + 1);
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let opts = FillOptions {
                 plan: Plan {
                     seed,
@@ -159,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             duration,
             seed,
             items_per_invoice_avg,
+            mix,
         } => {
             let conn = connection(&target.url)?;
             let duration = Duration::try_from_secs_f64(duration).map_err(|_| {
@@ -169,6 +183,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate,
                 duration,
                 items_per_invoice: items_per_invoice_avg,
+                mix: match mix {
+                    MixArg::Datacenter => Mix::DataCenter,
+                    MixArg::Cloud => Mix::Cloud,
+                },
             };
             let stop = async {
                 // If the handler cannot be installed, run for the whole duration.

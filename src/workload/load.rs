@@ -31,11 +31,26 @@ pub struct LoadOptions {
     pub rate: f64,
     pub duration: Duration,
     pub items_per_invoice: f64,
+    pub mix: Mix,
+}
+
+/// Which writers the change stream plays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mix {
+    #[default]
+    /// The main data center: new invoices, voids, allowances, item deletions and carrier
+    /// registrations.
+    DataCenter,
+    /// A public-cloud database: citizens registering carriers, with keys that never collide
+    /// with the data center's, so the two can be replicated into each other.
+    Cloud,
 }
 
 /// What the change stream did, counted from the server's replies.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LoadReport {
+    pub mix: Mix,
     pub seconds: f64,
     pub transactions: u64,
     /// Rows inserted, updated or deleted, over all tables.
@@ -64,13 +79,16 @@ enum Operation {
 }
 
 /// The mix, in percent: new invoices dominate, as they do on the platform.
-const MIX: [(Operation, u32); 5] = [
+const DATA_CENTER_MIX: &[(Operation, u32)] = &[
     (Operation::NewInvoice, 70),
     (Operation::Void, 8),
     (Operation::Allowance, 7),
     (Operation::DeleteItem, 7),
     (Operation::RegisterCarrier, 8),
 ];
+
+/// Carrier indexes from here on are registered in the cloud.
+const CLOUD_CARRIERS: u64 = 1 << 33;
 
 const ALLOWANCE_REASONS: &[&str] = &["退貨", "商品瑕疵", "價格調整", "return"];
 
@@ -98,6 +116,7 @@ pub async fn load(
     let mut stream = Stream::start(&client, conn, opts).await?;
 
     let mut report = LoadReport {
+        mix: opts.mix,
         target_rows_per_second: opts.rate,
         ..LoadReport::default()
     };
@@ -139,6 +158,7 @@ struct Stream<'a> {
     first_serial: u64,
     last_serial: u64,
     next_carrier: u64,
+    mix: Mix,
 }
 
 impl<'a> Stream<'a> {
@@ -185,14 +205,25 @@ impl<'a> Stream<'a> {
             generator: Generator::new(plan),
             first_serial: first.unwrap_or(start_serial),
             last_serial: last.unwrap_or(start_serial),
-            next_carrier: carriers as u64,
+            // Carriers are never deleted, so starting after the current count never reuses an
+            // index of an earlier run; the cloud's indexes live in a range of their own.
+            next_carrier: carriers as u64
+                + match opts.mix {
+                    Mix::DataCenter => 0,
+                    Mix::Cloud => CLOUD_CARRIERS,
+                },
+            mix: opts.mix,
         })
     }
 
     /// Runs one operation; returns the rows it changed (0 when it found nothing to change).
     async fn step(&mut self, report: &mut LoadReport) -> Result<u64, WorkloadError> {
         let mut pick = self.rng.gen_range(0..100);
-        let op = MIX
+        let mix = match self.mix {
+            Mix::DataCenter => DATA_CENTER_MIX,
+            Mix::Cloud => &[(Operation::RegisterCarrier, 100)],
+        };
+        let op = mix
             .iter()
             .find(|(_, weight)| {
                 let hit = pick < *weight;

@@ -13,7 +13,7 @@ pub mod schema;
 
 pub use fill::{fill, FillOptions, FillReport};
 pub use generate::Plan;
-pub use load::{load, LoadOptions, LoadReport};
+pub use load::{load, LoadOptions, LoadReport, Mix};
 
 use crate::pg::PgError;
 
