@@ -267,6 +267,22 @@ fn index_bodies_never_panic() {
     eprintln!("index body: {acc} damaged variants still decoded");
 }
 
+/// Found by `scripts/fuzz.sh repo_index_body`: a multi-byte character in a hex field split by a
+/// two-byte step used to panic on a char boundary.
+#[test]
+fn index_bodies_with_non_ascii_hex_are_refused() {
+    for bad in ["0\u{e9}0", "00\u{169}0", "0\u{e9}\u{e9}0", "zz"] {
+        let mut file = sample_index();
+        file.packs[0].key = bad.to_string();
+        let json = serde_json::to_vec(&file).unwrap();
+        assert!(!fuzzing::index_body(&json), "key {bad:?} accepted");
+        let mut file = sample_index();
+        file.id_key = Some(format!("{bad}{}", "0".repeat(64 - bad.len())));
+        let json = serde_json::to_vec(&file).unwrap();
+        assert!(!fuzzing::index_body(&json), "id key {bad:?} accepted");
+    }
+}
+
 #[test]
 fn snapshot_bodies_never_panic() {
     let snap = sample_snapshot();

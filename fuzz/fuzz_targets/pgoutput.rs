@@ -1,7 +1,7 @@
 //! Fuzzes the pgoutput decoder: any bytes must decode or fail with an error, never panic,
 //! hang, or allocate beyond what the input describes.
 //!
-//! Run: `cargo +nightly fuzz run pgoutput -- -max_total_time=60` (from the repository root).
+//! Run: `scripts/fuzz.sh pgoutput` (from the repository root).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -90,21 +90,6 @@ impl<'de> Deserialize<'de> for BlobId {
     }
 }
 
-/// Hex of arbitrary bytes (wrapped keys in index objects).
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
-    if !s.len().is_multiple_of(2) {
-        return Err("odd-length hex".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
-        .collect()
-}
-
 fn random32() -> [u8; 32] {
     let mut k = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut k);
@@ -126,14 +111,14 @@ impl IdKey {
         IdKey(random32())
     }
     pub fn from_hex(s: &str) -> Result<Self, String> {
-        let v = from_hex(s)?;
+        let v = hex::decode(s).map_err(|e| e.to_string())?;
         Ok(IdKey(
             v.try_into()
                 .map_err(|_| "id key must be 32 bytes".to_string())?,
         ))
     }
     pub fn to_hex(&self) -> String {
-        to_hex(&self.0)
+        hex::encode(self.0)
     }
     pub fn id(&self, data: &[u8]) -> BlobId {
         BlobId(*blake3::keyed_hash(&self.0, data).as_bytes())

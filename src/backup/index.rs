@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::crypto::{self, BlobId, IdKey};
+use super::crypto::{BlobId, IdKey};
 use super::pack::{BlobEntry, PackEntry};
 use super::repository::Repository;
 use super::BackupError;
@@ -106,7 +106,8 @@ impl Locator {
                         let r = Arc::new(PackRef {
                             id: p.id.clone(),
                             size: p.size,
-                            wrapped_key: crypto::from_hex(&p.key).map_err(BackupError::Invalid)?,
+                            wrapped_key: hex::decode(&p.key)
+                                .map_err(|e| BackupError::Invalid(format!("wrapped key: {e}")))?,
                             id_key: id_key.clone(),
                         });
                         pack = Some(r.clone());

@@ -135,7 +135,7 @@ impl PackBuilder {
         let entry = PackEntry {
             id,
             size: self.buf.len() as u64,
-            key: crypto::to_hex(&self.wrapped),
+            key: hex::encode(&self.wrapped),
             blobs: self.blobs,
         };
         Ok((self.buf, entry))

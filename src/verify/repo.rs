@@ -329,9 +329,7 @@ pub async fn check_repo(
                 Err(e) => {
                     damaged.push(format!("header or trailer: {e}"));
                     repo.keys
-                        .unwrap_object_key(
-                            &crate::backup::crypto::from_hex(&p.key).unwrap_or_default(),
-                        )
+                        .unwrap_object_key(&hex::decode(&p.key).unwrap_or_default())
                         .ok()
                 }
             };
