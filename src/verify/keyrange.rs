@@ -97,18 +97,32 @@ impl Shape {
             return Err(problems.join("; "));
         }
         let columns: Vec<Col> = source.columns.iter().map(col).collect();
-        let key = source
-            .primary_key
+        Ok(Shape::new(
+            &source.name,
+            columns,
+            &source.primary_key,
+            filter,
+        ))
+    }
+
+    /// The shape of `table` with `columns` and the key columns named by `primary_key`.
+    pub fn new(
+        table: &TableName,
+        columns: Vec<Col>,
+        primary_key: &[String],
+        filter: Option<String>,
+    ) -> Shape {
+        let key = primary_key
             .iter()
             .filter_map(|k| columns.iter().find(|c| &c.name == k).cloned())
             .collect();
-        Ok(Shape {
-            table: source.name.clone(),
-            quoted: source.name.quoted(),
+        Shape {
+            table: table.clone(),
+            quoted: table.quoted(),
             key,
             columns,
             filter,
-        })
+        }
     }
 
     /// `"a"` or `("a", "b")`: the key as one comparable SQL value.
@@ -187,6 +201,21 @@ impl Shape {
             .map(|c| c.quoted.as_str())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Every `step`-th key of `range` in key order (the keys of rows `step + 1`, `2 step + 1`, ...),
+    /// read from the primary key index: boundaries cutting `range` into pieces of `step` rows.
+    pub fn boundaries_sql(&self, range: &KeyRange, step: u64) -> String {
+        let step = step.max(1);
+        format!(
+            "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS rn FROM {} WHERE {}) s \
+             WHERE rn > 1 AND rn % {step} = 1 ORDER BY rn",
+            self.key_text(),
+            self.key_order(),
+            self.key_order(),
+            self.quoted,
+            self.range_where(range)
+        )
     }
 
     /// An expression numbering the bucket (0..=boundaries.len()) a row falls in: a balanced
