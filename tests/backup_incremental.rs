@@ -288,4 +288,9 @@ fn a_table_swapped_in_by_rename_is_read_again() {
     let second = backup(&cfg);
     assert_eq!(segments(&second), (0, 2), "{second}");
     assert_restores_to(&pg, &cfg, "latest", "einvoice", &[("a", "id"), ("b", "id")]);
+
+    // A table's parent is the newest snapshot holding it, not merely the newest one.
+    ok(&cfg, &["backup", "--db", "src", "--tables", "public.a"]);
+    let third = backup(&cfg);
+    assert_eq!(segments(&third), (2, 0), "{third}");
 }

@@ -12,7 +12,7 @@
 //! price of a host that cannot read its own backups.
 //!
 //! Incremental reads: tables are stored as key-range segments (see `segment`). With a parent
-//! (the latest snapshot of the same database, when this host can read it), each parent
+//! (the newest snapshot of the same database holding the table, when this host can read it), each parent
 //! segment is checked in the cut and taken over unread when provably unchanged; only the
 //! others are read again. Every table is still read at the one cut, so a snapshot is as
 //! consistent as a full one, whichever segments it reused.
@@ -134,29 +134,35 @@ async fn run(
     if let (Some(src), Some((client, names))) = (&opts.database, db) {
         let conn = &src.conn;
         let label = format!("{} ({conn})", src.label);
-        // The latest snapshot of the same database, if this host can read snapshots (a
-        // write-only host hashes with its own id key, so it could not reuse chunks anyway).
-        let latest = match repo.keys.master {
+        // Earlier snapshots of the same database, newest first, if this host can read
+        // snapshots (a write-only host hashes with an id key of its own, so it could not
+        // reuse their chunks anyway).
+        let earlier: Vec<Snapshot> = match repo.keys.master {
             Some(_) => snapshot::list(repo)
                 .await?
                 .into_iter()
                 .rev()
-                .find(|(_, s)| s.source.as_deref() == Some(label.as_str())),
-            None => None,
+                .map(|(_, s)| s)
+                .filter(|s| s.source.as_deref() == Some(label.as_str()) && s.id_key.is_none())
+                .collect(),
+            None => Vec::new(),
         };
         let at = dump::begin_cut(client, conn).await?;
         cut = segment::cut_point(client, conn).await?;
-        let parent = latest.as_ref().and_then(|(_, p)| {
-            let newer_rows = match (&p.cut, p.lsn, &cut, p.id_key.is_none()) {
-                (Some(pc), Some(pl), Some(c), true) => segment::newer_rows((pc, pl), (c, at))?,
-                _ => return None,
-            };
-            Some(Parent {
-                snapshot: p,
-                newer_rows,
+        let parents: Vec<Parent> = earlier
+            .iter()
+            .filter_map(|p| {
+                let newer_rows = match (&p.cut, p.lsn, &cut) {
+                    (Some(pc), Some(pl), Some(c)) => segment::newer_rows((pc, pl), (c, at))?,
+                    _ => return None,
+                };
+                Some(Parent {
+                    snapshot: p,
+                    newer_rows: newer_rows.into(),
+                })
             })
-        });
-        tables = read_tables(client, src, names, parent.as_ref(), &mut w, progress).await?;
+            .collect();
+        tables = read_tables(client, src, names, &parents, &mut w, progress).await?;
         client
             .batch_execute("COMMIT")
             .await
@@ -232,7 +238,15 @@ struct Item {
     /// Position among the table's items.
     ordinal: usize,
     range: KeyRange,
-    parent: Option<(Segment, Vec<BlobId>)>,
+    parent: Option<ParentSegment>,
+}
+
+/// A segment of the parent, its chunks, and the condition selecting rows that may be newer
+/// than the parent's cut.
+struct ParentSegment {
+    segment: Segment,
+    chunks: Vec<BlobId>,
+    newer_rows: Arc<str>,
 }
 
 /// What a reader made of the items it took.
@@ -245,24 +259,25 @@ struct Part {
     reused: bool,
 }
 
-/// The previous snapshot of the same database, and the condition selecting rows that may be
-/// newer than its cut (see `segment`).
+/// An earlier snapshot of the same database whose cut the new one continues, and the
+/// condition selecting rows that may be newer than its cut (see `segment`).
 struct Parent<'p> {
     snapshot: &'p Snapshot,
-    newer_rows: String,
+    newer_rows: Arc<str>,
 }
 
 /// Reads `names` inside the cut begun on `client`: up to `src.jobs` key ranges at once, each
-/// reader on a connection of its own that joins the cut's exported snapshot. With a parent,
-/// a table's work is one item per parent segment (reused when unchanged, else read again);
-/// without, one item per table, cut into segments as it is read. Readers chunk, hash and
+/// reader on a connection of its own that joins the cut's exported snapshot. A table's parent
+/// is the newest of `parents` that holds it; with one, the table's work is one item per parent
+/// segment (reused when unchanged, else read again); without, one item, cut into segments as
+/// it is read. Readers chunk, hash and
 /// compress; new blobs reach `w` through a bounded channel. Returns the tables in the order
 /// of `names`.
 async fn read_tables(
     client: &tokio_postgres::Client,
     src: &DatabaseSource,
     names: &[TableName],
-    parent: Option<&Parent<'_>>,
+    parents: &[Parent<'_>],
     w: &mut Writer<'_>,
     progress: &dyn Progress,
 ) -> Result<Vec<TableSnapshot>, BackupError> {
@@ -281,22 +296,30 @@ async fn read_tables(
     let mut queue = VecDeque::new();
     for i in dump::largest_first(client, conn, names).await? {
         let plan = &plans[i];
-        let reusable = parent.and_then(|p| {
+        let reusable = parents.iter().find_map(|p| {
             let t = p
                 .snapshot
                 .tables
                 .iter()
                 .find(|t| t.schema.name == names[i])?;
+            Some((p, t))
+        });
+        let reusable = reusable.and_then(|(p, t)| {
             segment::parent_segments(t, &plan.relations, &plan.text_shape)
+                .map(|segments| (p, segments))
         });
         match reusable {
-            Some(segments) => {
+            Some((p, segments)) => {
                 for (ordinal, (seg, chunks)) in segments.into_iter().enumerate() {
                     queue.push_back(Item {
                         table: i,
                         ordinal,
                         range: seg.range(),
-                        parent: Some((seg.clone(), chunks.to_vec())),
+                        parent: Some(ParentSegment {
+                            segment: seg.clone(),
+                            chunks: chunks.to_vec(),
+                            newer_rows: p.newer_rows.clone(),
+                        }),
                     });
                 }
             }
@@ -308,10 +331,9 @@ async fn read_tables(
             }),
         }
     }
+    let readers = src.jobs.clamp(1, queue.len().max(1));
     let queue = Arc::new(Mutex::new(queue));
     let plans = Arc::new(plans);
-    let newer_rows: Option<Arc<str>> = parent.map(|p| p.newer_rows.as_str().into());
-    let readers = src.jobs.clamp(1, names.len().max(1));
     let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT_PER_READER * readers);
     let mut tasks = JoinSet::new();
     for _ in 0..readers {
@@ -319,7 +341,6 @@ async fn read_tables(
             Reader {
                 conn: conn.clone(),
                 plans: plans.clone(),
-                newer_rows: newer_rows.clone(),
                 dedup: w.dedup.clone(),
                 tx: tx.clone(),
             },
@@ -405,8 +426,6 @@ enum Piece {
 struct Reader {
     conn: ConnInfo,
     plans: Arc<Vec<TablePlan>>,
-    /// The condition selecting rows newer than the parent's cut, when there is a parent.
-    newer_rows: Option<Arc<str>>,
     dedup: Dedup,
     tx: mpsc::Sender<Piece>,
 }
@@ -454,8 +473,14 @@ impl Reader {
         let plan = &self.plans[item.table];
         let name = &plan.schema.name;
         let mut checked = None;
-        if let (Some((seg, chunks)), Some(newer)) = (&item.parent, &self.newer_rows) {
-            let sql = segment::check_sql(&plan.schema, plan.shape.as_ref(), &item.range, newer);
+        if let Some(ParentSegment {
+            segment: seg,
+            chunks,
+            newer_rows,
+        }) = &item.parent
+        {
+            let sql =
+                segment::check_sql(&plan.schema, plan.shape.as_ref(), &item.range, newer_rows);
             let row = client.query_one(&sql, &[]).await.map_err(|e| {
                 PgError::query(format!("checking a segment of {name}"), &self.conn, e)
             })?;
