@@ -22,10 +22,10 @@
 //!
 //! `xmin` is the raw inserting xid: freezing (VACUUM, `VACUUM FREEZE`, `COPY FREEZE`) only
 //! sets a flag and leaves it readable (PostgreSQL 9.4 and later), and VACUUM FULL / CLUSTER
-//! copy it. It is 32 bits; it is placed in the full xid space by its distance below the cut's
-//! next xid (exact for every row newer than the parent's cut as long as fewer than 2^31 xids
-//! separate the two cuts, and only ever too new for rows frozen long ago, which costs a
-//! re-read, never a wrong reuse).
+//! copy it. It is 32 bits; `age(xmin)` (its distance below the reader transaction's next xid)
+//! places it in the full xid space: exactly for every row newer than the parent's cut, as long
+//! as fewer than 2^30 xids separate the two cuts, and only ever too new for rows frozen long
+//! ago, which costs a re-read, never a wrong reuse (see [`Since::newer_rows`]).
 //!
 //! What else must hold, checked before any segment of a table is reused (otherwise the table
 //! is read whole, still within the same cut):
@@ -156,24 +156,57 @@ pub async fn cut_point(client: &Client, conn: &ConnInfo) -> Result<Option<CutPoi
     }))
 }
 
-/// The SQL condition, true for every row of the cut `now` whose `xmin` may be newer than the
-/// parent's cut; `None` when `now` does not continue the parent's history (see the module
-/// documentation), and then nothing may be reused.
-pub fn newer_rows(parent: (&CutPoint, Lsn), now: (&CutPoint, Lsn)) -> Option<String> {
+/// The transactions between a parent's cut and the new one, as far as the new cut may
+/// reuse the parent's segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    /// The parent's snapshot xmin: every xid below it had ended at the parent's cut.
+    parent_xmin: u64,
+    /// The new snapshot's xmax: every visible row's xmin is below it.
+    now_xmax: u64,
+}
+
+/// How the cut `now` follows the parent's cut; `None` when it does not continue the parent's
+/// history (see the module documentation), and then nothing may be reused.
+pub fn since(parent: (&CutPoint, Lsn), now: (&CutPoint, Lsn)) -> Option<Since> {
     let ((p, p_lsn), (n, n_lsn)) = (parent, now);
     if p.system != n.system || p.timeline != n.timeline || n_lsn < p_lsn || n.xmax < p.xmin {
         return None;
     }
-    // Rows newer than the parent's cut lie at most `span` xids below the next xid.
-    let span = n.xmax - p.xmin;
-    if span >= 1 << 31 {
-        return None;
+    // Rows newer than the parent's cut must lie less than 2^31 xids below the next xid for
+    // the 32-bit xmin to place them.
+    (n.xmax - p.xmin < 1 << 30).then_some(Since {
+        parent_xmin: p.xmin,
+        now_xmax: n.xmax,
+    })
+}
+
+/// The low 32 bits of the xid `age(xid)` counts from in the transaction on `client` (the next
+/// xid when it first asked, fixed for the rest of the transaction, at or after the cut's
+/// xmax). `age(xid)` is parallel restricted, so parallel workers never count from another.
+pub async fn age_base(client: &Client, conn: &ConnInfo) -> Result<u32, BackupError> {
+    let age: i32 = client
+        .query_one("SELECT age('3'::xid)", &[])
+        .await
+        .map_err(|e| PgError::query("reading the transaction counter", conn, e))?
+        .get(0);
+    Ok((age as u32).wrapping_add(3))
+}
+
+impl Since {
+    /// The SQL condition true for every visible row whose `xmin` may be newer than the
+    /// parent's cut, in a transaction whose [`age_base`] is `base`. A row newer than the
+    /// parent's cut has `0 < age(xmin) <= base - parent xmin < 2^31` exactly; rows older
+    /// than 2^31 xids may wrap into that window too (a needless re-read, never a wrong
+    /// reuse); the special xids (frozen before 9.4, bootstrap) have an age of `INT_MAX`.
+    pub fn newer_rows(&self, base: u32) -> String {
+        let base = self.now_xmax + (u64::from(base).wrapping_sub(self.now_xmax) & 0xffff_ffff);
+        let window = base - self.parent_xmin;
+        if window >= i32::MAX as u64 {
+            return "TRUE".into();
+        }
+        format!("age(xmin) <= {window}")
     }
-    let next32 = n.xmax % (1 << 32);
-    // xids 0-2 are special (invalid, bootstrap, frozen before 9.4): from before any cut.
-    Some(format!(
-        "(xmin::text::bigint >= 3 AND ({next32} - xmin::text::bigint + 4294967296) % 4294967296 <= {span})"
-    ))
 }
 
 /// Oids of `table` and of every partition or inheritance child below it, ascending.
@@ -313,29 +346,26 @@ mod tests {
     fn history_must_continue() {
         let lsn = |n: u64| Lsn(n);
         let p = cut(1, 1000, 1010);
-        assert!(newer_rows((&p, lsn(5)), (&cut(1, 2000, 2005), lsn(9))).is_some());
+        assert!(since((&p, lsn(5)), (&cut(1, 2000, 2005), lsn(9))).is_some());
         // A new timeline, an earlier WAL position or xid counter, another cluster, too far.
-        assert!(newer_rows((&p, lsn(5)), (&cut(2, 2000, 2005), lsn(9))).is_none());
-        assert!(newer_rows((&p, lsn(5)), (&cut(1, 2000, 2005), lsn(4))).is_none());
-        assert!(newer_rows((&p, lsn(5)), (&cut(1, 900, 999), lsn(9))).is_none());
+        assert!(since((&p, lsn(5)), (&cut(2, 2000, 2005), lsn(9))).is_none());
+        assert!(since((&p, lsn(5)), (&cut(1, 2000, 2005), lsn(4))).is_none());
+        assert!(since((&p, lsn(5)), (&cut(1, 900, 999), lsn(9))).is_none());
         let mut other = cut(1, 2000, 2005);
         other.system = "8".into();
-        assert!(newer_rows((&p, lsn(5)), (&other, lsn(9))).is_none());
-        assert!(newer_rows((&p, lsn(5)), (&cut(1, 1 << 32, 1000 + (1 << 31)), lsn(9))).is_none());
+        assert!(since((&p, lsn(5)), (&other, lsn(9))).is_none());
+        assert!(since((&p, lsn(5)), (&cut(1, 1 << 31, 1000 + (1 << 31)), lsn(9))).is_none());
     }
 
     #[test]
     fn newer_rows_across_an_epoch() {
-        // Parent xmin just below 2^32, next xid just above: the 32-bit xmins wrap.
+        // Parent xmin just below 2^32; the reader's age base 7 xids after the new cut's xmax,
+        // past the wrap of the 32-bit counter.
         let p = cut(1, (1 << 32) - 10, (1 << 32) - 5);
-        let cond = newer_rows(
-            (&p, Lsn(1)),
-            (&cut(1, (1 << 32) + 3, (1 << 32) + 5), Lsn(1)),
-        )
-        .unwrap();
-        assert_eq!(
-            cond,
-            "(xmin::text::bigint >= 3 AND (5 - xmin::text::bigint + 4294967296) % 4294967296 <= 15)"
-        );
+        let now = cut(1, (1 << 32) + 3, (1 << 32) + 5);
+        let s = since((&p, Lsn(1)), (&now, Lsn(1))).unwrap();
+        assert_eq!(s.newer_rows(12), "age(xmin) <= 22");
+        // Right at the cut.
+        assert_eq!(s.newer_rows(5), "age(xmin) <= 15");
     }
 }

@@ -42,7 +42,7 @@ use super::index::{self, IndexFile, KIND_INDEX, PACKS_PER_INDEX};
 use super::lock::{self, Lock, LockKind};
 use super::pack::{self, pack_path, PackBuilder, PackEntry, TARGET_PACK_SIZE};
 use super::repository::{put_create_at, Repository};
-use super::segment::{self, Segment, Segments};
+use super::segment::{self, Segment, Segments, Since};
 use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
 use super::{failpoint, BackupError};
@@ -152,14 +152,11 @@ async fn run(
         let parents: Vec<Parent> = earlier
             .iter()
             .filter_map(|p| {
-                let newer_rows = match (&p.cut, p.lsn, &cut) {
-                    (Some(pc), Some(pl), Some(c)) => segment::newer_rows((pc, pl), (c, at))?,
+                let since = match (&p.cut, p.lsn, &cut) {
+                    (Some(pc), Some(pl), Some(c)) => segment::since((pc, pl), (c, at))?,
                     _ => return None,
                 };
-                Some(Parent {
-                    snapshot: p,
-                    newer_rows: newer_rows.into(),
-                })
+                Some(Parent { snapshot: p, since })
             })
             .collect();
         tables = read_tables(client, src, names, &parents, &mut w, progress).await?;
@@ -241,12 +238,11 @@ struct Item {
     parent: Option<ParentSegment>,
 }
 
-/// A segment of the parent, its chunks, and the condition selecting rows that may be newer
-/// than the parent's cut.
+/// A segment of the parent, its chunks, and how the new cut follows the parent's.
 struct ParentSegment {
     segment: Segment,
     chunks: Vec<BlobId>,
-    newer_rows: Arc<str>,
+    since: Since,
 }
 
 /// What a reader made of the items it took.
@@ -259,11 +255,11 @@ struct Part {
     reused: bool,
 }
 
-/// An earlier snapshot of the same database whose cut the new one continues, and the
-/// condition selecting rows that may be newer than its cut (see `segment`).
+/// An earlier snapshot of the same database whose cut the new one continues, and how (see
+/// `segment`).
 struct Parent<'p> {
     snapshot: &'p Snapshot,
-    newer_rows: Arc<str>,
+    since: Since,
 }
 
 /// Reads `names` inside the cut begun on `client`: up to `src.jobs` key ranges at once, each
@@ -318,7 +314,7 @@ async fn read_tables(
                         parent: Some(ParentSegment {
                             segment: seg.clone(),
                             chunks: chunks.to_vec(),
-                            newer_rows: p.newer_rows.clone(),
+                            since: p.since,
                         }),
                     });
                 }
@@ -447,11 +443,12 @@ async fn read_queue(
         .await
         .map_err(|e| PgError::query("setting up a table reader", &r.conn, e))?;
     dump::join_cut(&client, &r.conn, &snapshot).await?;
+    let age_base = segment::age_base(&client, &r.conn).await?;
     let mut out = Vec::new();
     loop {
         let next = queue.lock().map_err(|_| stopped())?.pop_front();
         let Some(item) = next else { break };
-        let parts = r.read_item(&client, &item).await?;
+        let parts = r.read_item(&client, age_base, &item).await?;
         out.push((item, parts));
     }
     client
@@ -468,6 +465,7 @@ impl Reader {
     async fn read_item(
         &self,
         client: &tokio_postgres::Client,
+        age_base: u32,
         item: &Item,
     ) -> Result<Vec<Part>, BackupError> {
         let plan = &self.plans[item.table];
@@ -476,11 +474,11 @@ impl Reader {
         if let Some(ParentSegment {
             segment: seg,
             chunks,
-            newer_rows,
+            since,
         }) = &item.parent
         {
-            let sql =
-                segment::check_sql(&plan.schema, plan.shape.as_ref(), &item.range, newer_rows);
+            let newer = since.newer_rows(age_base);
+            let sql = segment::check_sql(&plan.schema, plan.shape.as_ref(), &item.range, &newer);
             let row = client.query_one(&sql, &[]).await.map_err(|e| {
                 PgError::query(format!("checking a segment of {name}"), &self.conn, e)
             })?;
