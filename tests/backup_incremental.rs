@@ -66,7 +66,7 @@ fn assert_restores_to(
 }
 
 /// `inv`: 300 000 rows (several segments); `tags`: composite text key; `nopk`: no key;
-/// `moods`: an enum column.
+/// `moods`: an enum column. Analyzed, so a first backup cuts tables from a sample.
 fn make_tables(pg: &PgCluster) {
     pg.psql(
         "einvoice",
@@ -79,7 +79,8 @@ fn make_tables(pg: &PgCluster) {
          INSERT INTO nopk SELECT g, 'x' || g FROM generate_series(1, 50) g;
          CREATE TYPE mood AS ENUM ('ok', 'sad');
          CREATE TABLE moods (id int PRIMARY KEY, m mood);
-         INSERT INTO moods SELECT g, CASE WHEN g % 2 = 0 THEN 'ok'::mood ELSE 'sad' END FROM generate_series(1, 100) g;",
+         INSERT INTO moods SELECT g, CASE WHEN g % 2 = 0 THEN 'ok'::mood ELSE 'sad' END FROM generate_series(1, 100) g;
+         ANALYZE;",
     );
 }
 
@@ -98,7 +99,7 @@ fn second_backup_reuses_unchanged_segments_and_restores_exactly() {
     let cfg = setup(&pg, dir.path());
 
     let first = backup(&cfg);
-    // inv is cut into segments of 65 536 rows; the three small tables are one each.
+    // inv is cut into segments of about 65 536 rows; the three small tables are one each.
     assert_eq!(segments(&first), (0, 5 + 3), "{first}");
 
     // Updates and inserts at the recent end, deletes and a key change in the middle, a table
@@ -106,21 +107,24 @@ fn second_backup_reuses_unchanged_segments_and_restores_exactly() {
     pg.psql(
         "einvoice",
         "UPDATE inv SET status = 'voided' WHERE id > 299000;
-         INSERT INTO inv SELECT g, 'issued', 1, 'new' FROM generate_series(300001, 303000) g;
+         INSERT INTO inv SELECT g, 'issued', 1, 'new' FROM generate_series(300001, 443000) g;
          DELETE FROM inv WHERE id BETWEEN 150000 AND 150009;
          UPDATE inv SET id = 500000 WHERE id = 160000;
          TRUNCATE tags;
          INSERT INTO tags SELECT 'k' || (g % 3), 'n' || g, g FROM generate_series(1, 500) g;",
     );
     let second = backup(&cfg);
-    // Read again: inv's third and last segments, and tags; the rest is reused.
-    assert_eq!(segments(&second), (3 + 2, 3), "{second}");
+    // Read again: inv's third and last segments (the last, grown past twice the segment
+    // size, cut into several), and tags; the rest is reused.
+    let (reused, read) = segments(&second);
+    assert_eq!(reused, 3 + 2, "{second}");
+    assert!(read >= 2 + 3, "{second}");
     assert!(
-        second["stats"]["bytes_read"].as_u64().unwrap() * 2
+        second["stats"]["bytes_read"].as_u64().unwrap()
             < first["stats"]["bytes_read"].as_u64().unwrap(),
-        "most of the data is not read again: {second}"
+        "unchanged data is not read again: {second}"
     );
-    assert_eq!(second["rows"], 300_000 + 3000 - 10 + 500 + 50 + 100);
+    assert_eq!(second["rows"], 300_000 + 143_000 - 10 + 500 + 50 + 100);
     assert_restores_to(
         &pg,
         &cfg,
@@ -137,7 +141,7 @@ fn second_backup_reuses_unchanged_segments_and_restores_exactly() {
     let third = backup(&cfg);
     assert_eq!(
         segments(&third),
-        (7, 1),
+        (reused + read - 1, 1),
         "only moods is read again: {third}"
     );
     assert_restores_to(&pg, &cfg, "latest", "einvoice", TABLES);
@@ -157,7 +161,7 @@ fn second_backup_reuses_unchanged_segments_and_restores_exactly() {
             .as_u64()
             .unwrap()
     };
-    assert_eq!((inv_rows(0), inv_rows(1)), (300_000, 302_990));
+    assert_eq!((inv_rows(0), inv_rows(1)), (300_000, 442_990));
 
     // The chunks of reused segments were stored by the first backup; the newest snapshot
     // references them itself, so forgetting the others and pruning keeps them.

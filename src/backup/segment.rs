@@ -261,6 +261,59 @@ pub async fn text_shape(
     ))
 }
 
+/// Rows and pages of `relations` by the planner's statistics; `None` when one of them was
+/// never analyzed.
+pub async fn estimate(
+    client: &Client,
+    conn: &ConnInfo,
+    relations: &[u32],
+) -> Result<Option<(f64, f64)>, BackupError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(reltuples), 0)::float8, coalesce(sum(relpages), 0)::float8, \
+               coalesce(bool_or(reltuples < 0), false) \
+             FROM pg_class WHERE oid = ANY($1::oid[]) AND relkind <> 'p'",
+            &[&relations],
+        )
+        .await
+        .map_err(|e| PgError::query("reading table statistics", conn, e))?;
+    Ok((!row.get::<_, bool>(2)).then(|| (row.get(0), row.get(1))))
+}
+
+/// Keys cutting a table of about `rows` rows on `pages` pages into pieces of about
+/// [`SEGMENT_ROWS`] rows, from a block sample (about ten blocks per piece): one cheap pass
+/// over a few pages instead of every key. The pieces are only roughly equal; any keys would
+/// do, since segments need not be of equal size to be correct.
+pub(crate) fn sample_sql(shape: &Shape, rows: f64, pages: f64) -> (String, usize) {
+    let parts = (rows / SEGMENT_ROWS as f64).ceil().max(1.0);
+    let percent = (100.0 * parts * 10.0 / pages.max(1.0)).clamp(0.001, 100.0);
+    // Ordered by the columns qualified with the table's alias: a bare name would mean the
+    // output column of the same name, the key as text, whose order is not the key's.
+    let order: Vec<String> = shape
+        .key
+        .iter()
+        .map(|c| format!("invsync_sample.{}", c.quoted))
+        .collect();
+    (
+        format!(
+            "SELECT {} FROM {} AS invsync_sample TABLESAMPLE SYSTEM ({percent:.4}) ORDER BY {}",
+            shape.key_text(),
+            shape.quoted,
+            order.join(", ")
+        ),
+        parts as usize,
+    )
+}
+
+/// `parts - 1` keys spread evenly over `sample` (ascending, distinct), fewer if it is short.
+pub fn evenly(sample: Vec<Key>, parts: usize) -> Vec<Key> {
+    let n = sample.len();
+    let mut picks: Vec<usize> = (1..parts.max(1)).map(|i| i * n / parts).collect();
+    picks.dedup();
+    picks.retain(|&i| i > 0 && i < n);
+    picks.into_iter().map(|i| sample[i].clone()).collect()
+}
+
 /// The key-range view of `schema`: `None` without a primary key.
 pub(crate) fn key_shape(schema: &TableSchema) -> Option<Shape> {
     if schema.primary_key.is_empty() {
@@ -367,5 +420,15 @@ mod tests {
         assert_eq!(s.newer_rows(12), "age(xmin) <= 22");
         // Right at the cut.
         assert_eq!(s.newer_rows(5), "age(xmin) <= 15");
+    }
+
+    #[test]
+    fn boundaries_from_a_sample() {
+        let keys: Vec<Key> = (0..10).map(|i| vec![i.to_string()]).collect();
+        assert_eq!(evenly(keys.clone(), 2), vec![vec!["5".to_string()]]);
+        assert_eq!(evenly(keys.clone(), 1), Vec::<Key>::new());
+        // More pieces than sampled keys: every key once, never the first.
+        assert_eq!(evenly(keys[..3].to_vec(), 8).len(), 2);
+        assert!(evenly(Vec::new(), 4).is_empty());
     }
 }

@@ -494,19 +494,20 @@ impl Reader {
         }
         let ranges = match &plan.shape {
             Some(shape) if checked.is_none_or(|n| n > segment::SPLIT_ROWS) => {
-                let n = shape.key.len();
-                let keys: Vec<Key> = client
-                    .query(
-                        &shape.boundaries_sql(&item.range, segment::SEGMENT_ROWS),
-                        &[],
-                    )
+                let keys = self.cut_keys(client, plan, shape, item, checked).await?;
+                // Out-of-order keys would make ranges overlap and rows be stored twice.
+                let ascending: bool = client
+                    .query_one(&shape.ascending_sql(&keys), &[])
                     .await
                     .map_err(|e| {
-                        PgError::query(format!("cutting {name} into segments"), &self.conn, e)
+                        PgError::query(format!("checking the cuts of {name}"), &self.conn, e)
                     })?
-                    .iter()
-                    .map(|r| (0..n).map(|i| r.get::<_, String>(i)).collect())
-                    .collect();
+                    .get(0);
+                if !ascending {
+                    return Err(BackupError::Invalid(format!(
+                        "table {name}: the keys cutting it into segments are out of order; please report this as a bug"
+                    )));
+                }
                 item.range.split(&keys)
             }
             _ => vec![item.range.clone()],
@@ -523,6 +524,47 @@ impl Reader {
             )));
         }
         Ok(parts)
+    }
+
+    /// Keys cutting `item`'s range into segments of about [`segment::SEGMENT_ROWS`] rows: for
+    /// a whole table read the first time, from a block sample sized by the table's statistics
+    /// (none for a small table); for a grown segment of `checked` rows, or a table never
+    /// analyzed, every `SEGMENT_ROWS`-th key of the range, read in key order.
+    async fn cut_keys(
+        &self,
+        client: &tokio_postgres::Client,
+        plan: &TablePlan,
+        shape: &Shape,
+        item: &Item,
+        checked: Option<u64>,
+    ) -> Result<Vec<Key>, BackupError> {
+        let name = &plan.schema.name;
+        let err = |e| PgError::query(format!("cutting {name} into segments"), &self.conn, e);
+        let n = shape.key.len();
+        let to_key = |r: &tokio_postgres::Row| (0..n).map(|i| r.get::<_, String>(i)).collect();
+        let whole = item.range == KeyRange::default() && checked.is_none();
+        let estimate = match whole {
+            true => segment::estimate(client, &self.conn, &plan.relations).await?,
+            false => None,
+        };
+        match estimate {
+            Some((rows, _)) if rows <= segment::SPLIT_ROWS as f64 => Ok(Vec::new()),
+            Some((rows, pages)) => {
+                let (sql, parts) = segment::sample_sql(shape, rows, pages);
+                let sample = client.query(&sql, &[]).await.map_err(err)?;
+                Ok(segment::evenly(sample.iter().map(to_key).collect(), parts))
+            }
+            None => {
+                let sql = shape.boundaries_sql(&item.range, segment::SEGMENT_ROWS);
+                Ok(client
+                    .query(&sql, &[])
+                    .await
+                    .map_err(err)?
+                    .iter()
+                    .map(to_key)
+                    .collect())
+            }
+        }
     }
 
     /// Reads `range` of table `i` with COPY into a segment of its own chunks.

@@ -231,6 +231,24 @@ impl Shape {
         )
     }
 
+    /// A query returning whether `keys` are strictly ascending under the server's ordering of
+    /// the key (true for fewer than two).
+    pub fn ascending_sql(&self, keys: &[Key]) -> String {
+        let values: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("({i}, {})", self.key_value(k)))
+            .collect();
+        if values.len() < 2 {
+            return "SELECT true".into();
+        }
+        format!(
+            "SELECT coalesce(bool_and(k < n), true) FROM (SELECT k, lead(k) OVER (ORDER BY i) AS n \
+             FROM (VALUES {}) v(i, k)) s WHERE n IS NOT NULL",
+            values.join(", ")
+        )
+    }
+
     /// An expression numbering the bucket (0..=boundaries.len()) a row falls in: a balanced
     /// CASE tree, so each row costs log2(buckets) key comparisons.
     pub fn bucket_expr(&self, boundaries: &[Key]) -> String {
