@@ -165,6 +165,7 @@ fn hostile_snapshot(root: &str, entries: Vec<TreeEntry>) -> Snapshot {
         tags: vec![],
         source: None,
         lsn: None,
+        cut: None,
         tables: vec![],
         trees: vec![TreeSnapshot {
             root: root.into(),

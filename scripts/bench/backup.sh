@@ -64,13 +64,16 @@ dump_tables() {
 export -f dump_tables bdb
 export TABLES BDB_URL
 size_of() { du -sb "$1" | cut -f1; }
+# "N reused unread, M read" from invsync's backup summary.
+segments_of() { sed -n 's/.*table segments: \([0-9]* reused unread, [0-9]* read\).*/\1/p' "$1"; }
+
 
 # ---- first backup: three runs each, alternating ----
 inv_t=() res_t=() borg_t=() inv_m=() res_m=() borg_m=()
 for i in 1 2 3; do
   inv repo init --repo "r$i" >/dev/null
   timeit backup_invsync "$INVSYNC" --config "$B/invsync.toml" --log warn backup --repo "r$i" --db src --tables 'public.*'
-  inv_t+=("$TIME_S") inv_m+=("$RSS_MB")
+  inv_t+=("$TIME_S") inv_m+=("$RSS_MB") inv_segs=$(segments_of "$TIMEIT_LOG")
   restic init --repo "$B/restic-$i" >/dev/null 2>&1
   timeit backup_restic bash -c "dump_tables '$B/dump' && restic backup --repo '$B/restic-$i' '$B/dump'"
   res_t+=("$TIME_S") res_m+=("$RSS_MB")
@@ -84,6 +87,7 @@ report_row "first backup, s (peer: borg)" "$INV_FIRST" "$(median "${borg_t[@]}")
 INV_SIZE=$(size_of "$B/invsync-3")
 report_row "first backup stored, bytes (peer: restic)" "$INV_SIZE" "$(size_of "$B/restic-3")" B
 report_row "first backup stored, bytes (peer: borg)" "$INV_SIZE" "$(size_of "$B/borg-3")" B
+report_value "first backup, invsync table segments" "$inv_segs"
 report_row "first backup peak RSS, MB (peer: restic)" "$(median "${inv_m[@]}")" "$(median "${res_m[@]}")" MB
 report_row "first backup peak RSS, MB (peer: borg)" "$(median "${inv_m[@]}")" "$(median "${borg_m[@]}")" MB
 
@@ -92,7 +96,8 @@ second() {
   local label=$1 before_i before_r before_b
   before_i=$(size_of "$B/invsync-3") before_r=$(size_of "$B/restic-3") before_b=$(size_of "$B/borg-3")
   timeit backup2_invsync "$INVSYNC" --config "$B/invsync.toml" --log warn backup --repo r3 --db src --tables 'public.*'
-  local ti=$TIME_S mi=$RSS_MB
+  local ti=$TIME_S mi=$RSS_MB segs
+  segs=$(segments_of "$TIMEIT_LOG")
   timeit backup2_restic bash -c "dump_tables '$B/dump' && restic backup --repo '$B/restic-3' '$B/dump'"
   local tr=$TIME_S
   timeit backup2_borg bash -c "dump_tables '$B/dump' && borg create '$B/borg-3::$label' '$B/dump'"
@@ -106,6 +111,7 @@ second() {
   report_value "second backup ($label) / first, invsync bytes" "$(awk -v a="$ai" -v b="$INV_SIZE" 'BEGIN { printf "%.2f%%", 100 * a / b }')"
   report_value "second backup ($label) / first, invsync time" "$(awk -v a="$ti" -v b="$INV_FIRST" 'BEGIN { printf "%.2f", a / b }')"
   report_value "second backup ($label) peak RSS, invsync" "$mi" MB
+  report_value "second backup ($label), invsync table segments" "$segs"
 }
 N=$(bdb "SELECT greatest(count(*) / 100, 1) FROM invoice")
 # 1% of invoices updated at the recent end of the key order, and 1% added after it.
@@ -122,7 +128,22 @@ second "1% updated evenly"
 drop_dst_tables
 rm -rf "$B/pgdump"
 pg_dump -Fd -j2 -f "$B/pgdump" -t 'public.*' "$BDB_URL"
-inv_t=() pgr_t=() res_t=() inv_m=() pgr_m=() res_m=()
+# restic holds only the table data; the end-to-end peer also needs the schema. Taken here,
+# outside the timed part (like the peers' repository set-up), as a schema-only dump.
+pg_dump -Fc --schema-only -f "$B/schema.dump" -t 'public.*' "$BDB_URL"
+# The end-to-end peer: restic restores the dump files, then they are loaded the way invsync
+# loads: tables created, each filled with COPY .. FREEZE in the transaction that truncates
+# it, two tables at a time, then constraints and indexes built two at a time.
+restic_restore_and_load() {
+  restic restore latest --repo "$B/restic-3" --target "$B/restic-out" &&
+    pg_restore --section=pre-data -d "$DST_URL" "$B/schema.dump" &&
+    printf '%s\n' $TABLES | xargs -P2 -I{} psql -X -q -v ON_ERROR_STOP=1 "$DST_URL" \
+      -c "BEGIN" -c "TRUNCATE public.{}" -c "\\copy public.{} FROM '$B/restic-out$B/dump/{}.copy' WITH (FREEZE)" -c "COMMIT" &&
+    pg_restore -j2 --section=post-data -d "$DST_URL" "$B/schema.dump"
+}
+export -f restic_restore_and_load
+export B DST_URL
+inv_t=() pgr_t=() res_t=() rel_t=() inv_m=() pgr_m=() res_m=() rel_m=()
 for i in 1 2 3; do
   timeit restore_invsync "$INVSYNC" --config "$B/invsync.toml" --log warn restore latest --repo r3 --to-db dst
   inv_t+=("$TIME_S") inv_m+=("$RSS_MB")
@@ -131,12 +152,19 @@ for i in 1 2 3; do
   pgr_t+=("$TIME_S") pgr_m+=("$RSS_MB")
   drop_dst_tables
   rm -rf "$B/restic-out"
+  timeit restore_restic_load bash -c restic_restore_and_load
+  rel_t+=("$TIME_S") rel_m+=("$RSS_MB")
+  drop_dst_tables
+  rm -rf "$B/restic-out"
   timeit restore_restic restic restore latest --repo "$B/restic-3" --target "$B/restic-out"
   res_t+=("$TIME_S") res_m+=("$RSS_MB")
 done
-report_row "restore into empty DB, s (peer: pg_restore -j2)" "$(median "${inv_t[@]}")" "$(median "${pgr_t[@]}")" s
-report_row "restore, s (peer: restic restore of the dump)" "$(median "${inv_t[@]}")" "$(median "${res_t[@]}")" s
+INV_RESTORE=$(median "${inv_t[@]}")
+report_row "restore into empty DB, s (peer: pg_restore -j2)" "$INV_RESTORE" "$(median "${pgr_t[@]}")" s
+report_row "restore into empty DB, s (peer: restic restore + load: schema, COPY FREEZE -P2, indexes -j2)" "$INV_RESTORE" "$(median "${rel_t[@]}")" s
+report_row "restore into DB vs restic FILES ONLY, s (peer: restic restore of the dump, no load)" "$INV_RESTORE" "$(median "${res_t[@]}")" s
 report_row "restore peak RSS, MB (peer: pg_restore)" "$(median "${inv_m[@]}")" "$(median "${pgr_m[@]}")" MB
-report_row "restore peak RSS, MB (peer: restic)" "$(median "${inv_m[@]}")" "$(median "${res_m[@]}")" MB
+report_row "restore peak RSS, MB (peer: restic + load, largest process)" "$(median "${inv_m[@]}")" "$(median "${rel_m[@]}")" MB
+report_row "restore peak RSS, MB (peer: restic files only)" "$(median "${inv_m[@]}")" "$(median "${res_m[@]}")" MB
 cleanup_backup
 trap - EXIT

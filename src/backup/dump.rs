@@ -4,9 +4,10 @@
 //! takes the cut ([`begin_cut`]) and exports its snapshot ([`export_snapshot`]); each reader
 //! connection imports it ([`join_cut`]), so tables read at once on several connections still
 //! show the very same database state. The exporting transaction stays open until every
-//! reader is done (an exported snapshot lives only as long as it). Each table is read with `COPY (SELECT cols FROM t ORDER
-//! BY pk) TO STDOUT` (text format, portable across server versions); ordering by the primary
-//! key makes unchanged key ranges produce the same bytes, hence the same chunks, every day.
+//! reader is done (an exported snapshot lives only as long as it). Each table is read in key
+//! ranges (its segments, see `segment`) with `COPY (SELECT cols FROM t WHERE range ORDER BY
+//! pk) TO STDOUT` (text format, portable across server versions); ordering by the primary key
+//! makes unchanged key ranges produce the same bytes, hence the same chunks, every day.
 //!
 //! The recorded LSN is read by the transaction's first statement, which also takes its
 //! snapshot: every transaction visible in the cut committed at or before that LSN. (A commit
@@ -218,8 +219,8 @@ impl TableSchema {
             .join(", ")
     }
 
-    /// `COPY (SELECT ... ORDER BY pk) TO STDOUT`.
-    pub fn copy_out_sql(&self) -> String {
+    /// `COPY (SELECT ... WHERE filter ORDER BY pk) TO STDOUT`.
+    pub fn copy_out_sql(&self, filter: &str) -> String {
         let order = if self.primary_key.is_empty() {
             String::new()
         } else {
@@ -233,7 +234,7 @@ impl TableSchema {
             )
         };
         format!(
-            "COPY (SELECT {} FROM {}{order}) TO STDOUT",
+            "COPY (SELECT {} FROM {} WHERE {filter}{order}) TO STDOUT",
             self.copied_columns(),
             self.name.quoted()
         )

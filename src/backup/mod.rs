@@ -21,6 +21,7 @@ pub mod prune;
 pub mod repository;
 pub mod restore;
 pub mod retention;
+pub mod segment;
 pub mod session;
 pub mod snapshot;
 pub mod store;

@@ -19,6 +19,17 @@
 //! create get a check for existence first), so nothing is ever overwritten. Locks are the one
 //! mutable object: their owner refreshes them.
 //!
+//! Table data in a snapshot: each table lists its chunk ids in order (their plaintexts, one
+//! after the other, are the table's COPY text), its row and byte counts, and, since the
+//! incremental backups, `segments`: the key ranges the chunks are grouped by (bounds as the
+//! text of each key column, row and byte counts, how many of the table's chunks each holds),
+//! the relation oids and the text shape they were read with, and, per snapshot, `cut` (the
+//! cluster, timeline and snapshot xmin/xmax of the cut); see [`segment`](super::segment).
+//! Both are additions that change no existing field's meaning: readers that do not know them
+//! (earlier invsync versions ignore unknown fields) still restore, verify and prune correctly,
+//! and snapshots without them are read as tables to be read whole next time. So the format
+//! stays version 1.
+//!
 //! A reader (recipient or passphrase) is added or removed by writing or deleting one `keys/`
 //! object; removal cannot take back a master key someone already unwrapped.
 

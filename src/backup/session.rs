@@ -11,7 +11,13 @@
 //! index objects and snapshot) and deduplicates only within its own snapshot. That is the
 //! price of a host that cannot read its own backups.
 //!
-//! Concurrency: tables are read by up to `jobs` reader tasks at once (each on its own
+//! Incremental reads: tables are stored as key-range segments (see `segment`). With a parent
+//! (the newest snapshot of the same database holding the table, when this host can read it), each parent
+//! segment is checked in the cut and taken over unread when provably unchanged; only the
+//! others are read again. Every table is still read at the one cut, so a snapshot is as
+//! consistent as a full one, whichever segments it reused.
+//!
+//! Concurrency: tables (or, with a parent, their segments) are read by up to `jobs` reader tasks at once (each on its own
 //! connection in the same cut, see `dump`), which chunk, hash and compress; one writer (the
 //! session's own task) seals blobs into packs and hands packs to at most
 //! [`PARALLEL_UPLOADS`] uploads. Readers reach the writer through a bounded channel, so memory
@@ -36,11 +42,13 @@ use super::index::{self, IndexFile, KIND_INDEX, PACKS_PER_INDEX};
 use super::lock::{self, Lock, LockKind};
 use super::pack::{self, pack_path, PackBuilder, PackEntry, TARGET_PACK_SIZE};
 use super::repository::{put_create_at, Repository};
+use super::segment::{self, Segment, Segments, Since};
 use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
 use super::{failpoint, BackupError};
 use crate::config::TablePattern;
 use crate::pg::{resolve_tables, ConnInfo, PgError, TableName};
+use crate::verify::keyrange::{Key, KeyRange, Shape};
 
 /// Uploads in flight at once.
 const PARALLEL_UPLOADS: usize = 2;
@@ -121,17 +129,43 @@ async fn run(
     let mut w = Writer::new(repo, lock).await?;
     let mut tables = Vec::new();
     let mut lsn = None;
+    let mut cut = None;
     let mut source = None;
     if let (Some(src), Some((client, names))) = (&opts.database, db) {
         let conn = &src.conn;
-        source = Some(format!("{} ({conn})", src.label));
-        lsn = Some(dump::begin_cut(client, conn).await?);
-        tables = read_tables(client, src, names, &mut w, progress).await?;
+        let label = format!("{} ({conn})", src.label);
+        // Earlier snapshots of the same database, newest first, if this host can read
+        // snapshots (a write-only host hashes with an id key of its own, so it could not
+        // reuse their chunks anyway).
+        let earlier: Vec<Snapshot> = match repo.keys.master {
+            Some(_) => snapshot::list(repo)
+                .await?
+                .into_iter()
+                .rev()
+                .map(|(_, s)| s)
+                .filter(|s| s.source.as_deref() == Some(label.as_str()) && s.id_key.is_none())
+                .collect(),
+            None => Vec::new(),
+        };
+        let at = dump::begin_cut(client, conn).await?;
+        cut = segment::cut_point(client, conn).await?;
+        let parents: Vec<Parent> = earlier
+            .iter()
+            .filter_map(|p| {
+                let since = match (&p.cut, p.lsn, &cut) {
+                    (Some(pc), Some(pl), Some(c)) => segment::since((pc, pl), (c, at))?,
+                    _ => return None,
+                };
+                Some(Parent { snapshot: p, since })
+            })
+            .collect();
+        tables = read_tables(client, src, names, &parents, &mut w, progress).await?;
         client
             .batch_execute("COMMIT")
             .await
             .map_err(|e| PgError::query("ending the backup transaction", conn, e))?;
-        w.stats.bytes_read += tables.iter().map(|t| t.bytes).sum::<u64>();
+        source = Some(label);
+        lsn = Some(at);
     }
     let mut trees = Vec::new();
     let mut files = 0;
@@ -162,6 +196,7 @@ async fn run(
         tags: opts.tags.clone(),
         source,
         lsn,
+        cut,
         tables,
         trees,
         stats: stats.clone(),
@@ -184,45 +219,139 @@ const CHUNKS_IN_FLIGHT_PER_READER: usize = 4;
 /// Progress is reported after this many bytes of a table.
 const PROGRESS_STEP: u64 = 1 << 20;
 
-/// Reads `names` inside the cut begun on `client`: up to `src.jobs` tables at once, each
-/// reader on a connection of its own that joins the cut's exported snapshot. Readers chunk,
-/// hash and compress; new blobs reach `w` through a bounded channel. Returns the tables in
-/// the order of `names`.
+/// One table as the readers see it.
+struct TablePlan {
+    schema: dump::TableSchema,
+    /// `None` without a primary key (the table is one segment).
+    shape: Option<Shape>,
+    relations: Vec<u32>,
+    text_shape: String,
+}
+
+/// A piece of work for a reader: a key range of a table, with the parent's segment of that
+/// range when it may be reused.
+struct Item {
+    table: usize,
+    /// Position among the table's items.
+    ordinal: usize,
+    range: KeyRange,
+    parent: Option<ParentSegment>,
+}
+
+/// A segment of the parent, its chunks, and how the new cut follows the parent's.
+struct ParentSegment {
+    segment: Segment,
+    chunks: Vec<BlobId>,
+    since: Since,
+}
+
+/// What a reader made of the items it took.
+type ReaderOutput = Vec<(Item, Vec<Part>)>;
+
+/// One segment of the new snapshot, as a reader made it.
+struct Part {
+    segment: Segment,
+    chunks: Vec<BlobId>,
+    reused: bool,
+}
+
+/// An earlier snapshot of the same database whose cut the new one continues, and how (see
+/// `segment`).
+struct Parent<'p> {
+    snapshot: &'p Snapshot,
+    since: Since,
+}
+
+/// Reads `names` inside the cut begun on `client`: up to `src.jobs` key ranges at once, each
+/// reader on a connection of its own that joins the cut's exported snapshot. A table's parent
+/// is the newest of `parents` that holds it; with one, the table's work is one item per parent
+/// segment (reused when unchanged, else read again); without, one item, cut into segments as
+/// it is read. Readers chunk, hash and
+/// compress; new blobs reach `w` through a bounded channel. Returns the tables in the order
+/// of `names`.
 async fn read_tables(
     client: &tokio_postgres::Client,
     src: &DatabaseSource,
     names: &[TableName],
+    parents: &[Parent<'_>],
     w: &mut Writer<'_>,
     progress: &dyn Progress,
 ) -> Result<Vec<TableSnapshot>, BackupError> {
     let conn = &src.conn;
     let snapshot = dump::export_snapshot(client, conn).await?;
-    let queue: VecDeque<(usize, TableName)> = dump::largest_first(client, conn, names)
-        .await?
-        .into_iter()
-        .map(|i| (i, names[i].clone()))
-        .collect();
+    let mut plans = Vec::with_capacity(names.len());
+    for t in names {
+        let schema = dump::load_schema(client, conn, t).await?;
+        plans.push(TablePlan {
+            shape: segment::key_shape(&schema),
+            relations: segment::relations(client, conn, t).await?,
+            text_shape: segment::text_shape(client, conn, &schema).await?,
+            schema,
+        });
+    }
+    let mut queue = VecDeque::new();
+    for i in dump::largest_first(client, conn, names).await? {
+        let plan = &plans[i];
+        let reusable = parents.iter().find_map(|p| {
+            let t = p
+                .snapshot
+                .tables
+                .iter()
+                .find(|t| t.schema.name == names[i])?;
+            Some((p, t))
+        });
+        let reusable = reusable.and_then(|(p, t)| {
+            segment::parent_segments(t, &plan.relations, &plan.text_shape)
+                .map(|segments| (p, segments))
+        });
+        match reusable {
+            Some((p, segments)) => {
+                for (ordinal, (seg, chunks)) in segments.into_iter().enumerate() {
+                    queue.push_back(Item {
+                        table: i,
+                        ordinal,
+                        range: seg.range(),
+                        parent: Some(ParentSegment {
+                            segment: seg.clone(),
+                            chunks: chunks.to_vec(),
+                            since: p.since,
+                        }),
+                    });
+                }
+            }
+            None => queue.push_back(Item {
+                table: i,
+                ordinal: 0,
+                range: KeyRange::default(),
+                parent: None,
+            }),
+        }
+    }
+    let readers = src.jobs.clamp(1, queue.len().max(1));
     let queue = Arc::new(Mutex::new(queue));
-    let readers = src.jobs.clamp(1, names.len().max(1));
+    let plans = Arc::new(plans);
     let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT_PER_READER * readers);
     let mut tasks = JoinSet::new();
     for _ in 0..readers {
         tasks.spawn(read_queue(
-            conn.clone(),
+            Reader {
+                conn: conn.clone(),
+                plans: plans.clone(),
+                dedup: w.dedup.clone(),
+                tx: tx.clone(),
+            },
             snapshot.clone(),
             queue.clone(),
-            w.dedup.clone(),
-            tx.clone(),
         ));
     }
     // The channel closes once every reader has ended and dropped its sender.
     drop(tx);
-    let mut done: Vec<Option<TableSnapshot>> = vec![None; names.len()];
-    let mut record = |joined: Result<Result<Vec<(usize, TableSnapshot)>, BackupError>, _>| {
-        let tables = joined
+    let mut done: Vec<Vec<(usize, Vec<Part>)>> = (0..names.len()).map(|_| Vec::new()).collect();
+    let mut record = |joined: Result<Result<ReaderOutput, BackupError>, _>| {
+        let items = joined
             .map_err(|e| BackupError::Invalid(format!("table reader task failed: {e}")))??;
-        for (i, t) in tables {
-            done[i] = Some(t);
+        for (item, parts) in items {
+            done[item.table].push((item.ordinal, parts));
         }
         Ok::<(), BackupError>(())
     };
@@ -240,12 +369,45 @@ async fn read_tables(
     while let Some(joined) = tasks.join_next().await {
         record(joined)?;
     }
-    done.into_iter()
-        .zip(names)
-        .map(|(t, name)| {
-            t.ok_or_else(|| BackupError::Invalid(format!("table {name} was not read")))
-        })
-        .collect()
+    let plans = Arc::try_unwrap(plans)
+        .map_err(|_| BackupError::Invalid("a table reader is still running".into()))?;
+    let mut tables = Vec::with_capacity(names.len());
+    for (plan, mut items) in plans.into_iter().zip(done) {
+        if items.is_empty() {
+            return Err(BackupError::Invalid(format!(
+                "table {} was not read",
+                plan.schema.name
+            )));
+        }
+        items.sort_by_key(|(ordinal, _)| *ordinal);
+        let mut t = TableSnapshot {
+            schema: plan.schema,
+            rows: 0,
+            bytes: 0,
+            chunks: Vec::new(),
+            segments: None,
+        };
+        let mut list = Vec::new();
+        for part in items.into_iter().flat_map(|(_, parts)| parts) {
+            t.rows += part.segment.rows;
+            t.bytes += part.segment.bytes;
+            if part.reused {
+                w.stats.segments_reused += 1;
+            } else {
+                w.stats.segments_read += 1;
+                w.stats.bytes_read += part.segment.bytes;
+            }
+            t.chunks.extend(part.chunks);
+            list.push(part.segment);
+        }
+        t.segments = Some(Segments {
+            relations: plan.relations,
+            text_shape: plan.text_shape,
+            list,
+        });
+        tables.push(t);
+    }
+    Ok(tables)
 }
 
 /// What readers send the writer.
@@ -256,27 +418,173 @@ enum Piece {
     Read(usize, u64),
 }
 
-/// One reader: joins the cut, then takes tables from `queue` until it is empty.
-async fn read_queue(
+/// What every reader shares.
+struct Reader {
     conn: ConnInfo,
-    snapshot: String,
-    queue: Arc<Mutex<VecDeque<(usize, TableName)>>>,
+    plans: Arc<Vec<TablePlan>>,
     dedup: Dedup,
     tx: mpsc::Sender<Piece>,
-) -> Result<Vec<(usize, TableSnapshot)>, BackupError> {
-    let client = conn.connect().await?;
-    dump::join_cut(&client, &conn, &snapshot).await?;
+}
+
+/// The writer stopped (it failed, and the backup with it): nothing more to do.
+fn stopped() -> BackupError {
+    BackupError::Invalid("the backup stopped while tables were read".into())
+}
+
+/// One reader: joins the cut, then takes items from `queue` until it is empty.
+async fn read_queue(
+    r: Reader,
+    snapshot: String,
+    queue: Arc<Mutex<VecDeque<Item>>>,
+) -> Result<ReaderOutput, BackupError> {
+    let client = r.conn.connect().await?;
+    client
+        .batch_execute(segment::SESSION)
+        .await
+        .map_err(|e| PgError::query("setting up a table reader", &r.conn, e))?;
+    dump::join_cut(&client, &r.conn, &snapshot).await?;
+    let age_base = segment::age_base(&client, &r.conn).await?;
     let mut out = Vec::new();
-    // The writer stopped (it failed, and the backup with it): nothing more to do.
-    let stopped = || BackupError::Invalid("the backup stopped while tables were read".into());
     loop {
         let next = queue.lock().map_err(|_| stopped())?.pop_front();
-        let Some((i, t)) = next else { break };
-        let schema = dump::load_schema(&client, &conn, &t).await?;
+        let Some(item) = next else { break };
+        let parts = r.read_item(&client, age_base, &item).await?;
+        out.push((item, parts));
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| PgError::query("ending a table reader's transaction", &r.conn, e))?;
+    Ok(out)
+}
+
+impl Reader {
+    /// Reuses the parent's segment of `item` when it is unchanged (see `segment`); otherwise
+    /// reads the range, cut into segments of [`segment::SEGMENT_ROWS`] rows when it is new or
+    /// has grown past [`segment::SPLIT_ROWS`].
+    async fn read_item(
+        &self,
+        client: &tokio_postgres::Client,
+        age_base: u32,
+        item: &Item,
+    ) -> Result<Vec<Part>, BackupError> {
+        let plan = &self.plans[item.table];
+        let name = &plan.schema.name;
+        let mut checked = None;
+        if let Some(ParentSegment {
+            segment: seg,
+            chunks,
+            since,
+        }) = &item.parent
+        {
+            let newer = since.newer_rows(age_base);
+            let sql = segment::check_sql(&plan.schema, plan.shape.as_ref(), &item.range, &newer);
+            let row = client.query_one(&sql, &[]).await.map_err(|e| {
+                PgError::query(format!("checking a segment of {name}"), &self.conn, e)
+            })?;
+            let (rows, newer_rows): (i64, i64) = (row.get(0), row.get(1));
+            if newer_rows == 0 && rows as u64 == seg.rows && self.dedup.has_all(chunks)? {
+                return Ok(vec![Part {
+                    segment: seg.clone(),
+                    chunks: chunks.clone(),
+                    reused: true,
+                }]);
+            }
+            checked = Some(rows as u64);
+        }
+        let ranges = match &plan.shape {
+            Some(shape) if checked.is_none_or(|n| n > segment::SPLIT_ROWS) => {
+                let keys = self.cut_keys(client, plan, shape, item, checked).await?;
+                // Out-of-order keys would make ranges overlap and rows be stored twice.
+                let ascending: bool = client
+                    .query_one(&shape.ascending_sql(&keys), &[])
+                    .await
+                    .map_err(|e| {
+                        PgError::query(format!("checking the cuts of {name}"), &self.conn, e)
+                    })?
+                    .get(0);
+                if !ascending {
+                    return Err(BackupError::Invalid(format!(
+                        "table {name}: the keys cutting it into segments are out of order; please report this as a bug"
+                    )));
+                }
+                item.range.split(&keys)
+            }
+            _ => vec![item.range.clone()],
+        };
+        let mut parts = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            parts.push(self.dump_range(client, item.table, range).await?);
+        }
+        let read: u64 = parts.iter().map(|p| p.segment.rows).sum();
+        if checked.is_some_and(|n| n != read) {
+            return Err(BackupError::Invalid(format!(
+                "table {name}: a key range held {} rows when counted but {read} when read, in the same snapshot; please report this as a bug",
+                checked.unwrap_or_default()
+            )));
+        }
+        Ok(parts)
+    }
+
+    /// Keys cutting `item`'s range into segments of about [`segment::SEGMENT_ROWS`] rows: for
+    /// a whole table read the first time, from a block sample sized by the table's statistics
+    /// (none for a small table); for a grown segment of `checked` rows, or a table never
+    /// analyzed, every `SEGMENT_ROWS`-th key of the range, read in key order.
+    async fn cut_keys(
+        &self,
+        client: &tokio_postgres::Client,
+        plan: &TablePlan,
+        shape: &Shape,
+        item: &Item,
+        checked: Option<u64>,
+    ) -> Result<Vec<Key>, BackupError> {
+        let name = &plan.schema.name;
+        let err = |e| PgError::query(format!("cutting {name} into segments"), &self.conn, e);
+        let n = shape.key.len();
+        let to_key = |r: &tokio_postgres::Row| (0..n).map(|i| r.get::<_, String>(i)).collect();
+        let whole = item.range == KeyRange::default() && checked.is_none();
+        let estimate = match whole {
+            true => segment::estimate(client, &self.conn, &plan.relations).await?,
+            false => None,
+        };
+        match estimate {
+            Some((rows, _)) if rows <= segment::SPLIT_ROWS as f64 => Ok(Vec::new()),
+            Some((rows, pages)) => {
+                let (sql, parts) = segment::sample_sql(shape, rows, pages);
+                let sample = client.query(&sql, &[]).await.map_err(err)?;
+                Ok(segment::evenly(sample.iter().map(to_key).collect(), parts))
+            }
+            None => {
+                let sql = shape.boundaries_sql(&item.range, segment::SEGMENT_ROWS);
+                Ok(client
+                    .query(&sql, &[])
+                    .await
+                    .map_err(err)?
+                    .iter()
+                    .map(to_key)
+                    .collect())
+            }
+        }
+    }
+
+    /// Reads `range` of table `i` with COPY into a segment of its own chunks.
+    async fn dump_range(
+        &self,
+        client: &tokio_postgres::Client,
+        i: usize,
+        range: KeyRange,
+    ) -> Result<Part, BackupError> {
+        let plan = &self.plans[i];
+        let t = &plan.schema.name;
+        let filter = match &plan.shape {
+            Some(shape) => shape.range_where(&range),
+            None => "TRUE".into(),
+        };
+        let conn = &self.conn;
         let stream = client
-            .copy_out(&schema.copy_out_sql())
+            .copy_out(&plan.schema.copy_out_sql(&filter))
             .await
-            .map_err(|e| PgError::query(format!("reading {t}"), &conn, e))?;
+            .map_err(|e| PgError::query(format!("reading {t}"), conn, e))?;
         futures::pin_mut!(stream);
         let mut chunker = Chunker::new();
         let mut chunks = Vec::new();
@@ -286,7 +594,7 @@ async fn read_queue(
             let ready = match stream.next().await {
                 Some(piece) => {
                     let piece =
-                        piece.map_err(|e| PgError::query(format!("reading {t}"), &conn, e))?;
+                        piece.map_err(|e| PgError::query(format!("reading {t}"), conn, e))?;
                     rows += piece.iter().filter(|&&b| b == b'\n').count() as u64;
                     bytes += piece.len() as u64;
                     unreported += piece.len() as u64;
@@ -298,34 +606,32 @@ async fn read_queue(
                 }
             };
             for c in ready {
-                let (id, new) = dedup.prepare(&c)?;
+                let (id, new) = self.dedup.prepare(&c)?;
                 chunks.push(id);
                 if let Some(b) = new {
-                    tx.send(Piece::Blob(b)).await.map_err(|_| stopped())?;
+                    self.tx.send(Piece::Blob(b)).await.map_err(|_| stopped())?;
                 }
             }
             if unreported >= PROGRESS_STEP || (finished && unreported > 0) {
-                tx.send(Piece::Read(i, unreported))
+                self.tx
+                    .send(Piece::Read(i, unreported))
                     .await
                     .map_err(|_| stopped())?;
                 unreported = 0;
             }
         }
-        out.push((
-            i,
-            TableSnapshot {
-                schema,
+        Ok(Part {
+            segment: Segment {
+                lo: range.lo,
+                hi: range.hi,
                 rows,
                 bytes,
-                chunks,
+                chunks: chunks.len(),
             },
-        ));
+            chunks,
+            reused: false,
+        })
     }
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| PgError::query("ending a table reader's transaction", &conn, e))?;
-    Ok(out)
 }
 
 /// Names chunks and decides which are new; shared by all readers of a session. The first
@@ -346,6 +652,15 @@ struct NewBlob {
 
 impl Dedup {
     /// The chunk's id, and the blob to store when it is new.
+    /// Whether the repository holds every one of `ids` (or this session is storing it).
+    fn has_all(&self, ids: &[BlobId]) -> Result<bool, BackupError> {
+        let known = self
+            .known
+            .lock()
+            .map_err(|_| BackupError::Invalid("a chunk reader failed".into()))?;
+        Ok(ids.iter().all(|id| known.contains(id)))
+    }
+
     fn prepare(&self, chunk: &[u8]) -> Result<(BlobId, Option<NewBlob>), BackupError> {
         let id = self.id_key.id(chunk);
         let fresh = self

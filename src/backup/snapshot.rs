@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::crypto::BlobId;
 use super::dump::TableSchema;
 use super::repository::Repository;
+use super::segment::{CutPoint, Segments};
 use super::tree::TreeSnapshot;
 use super::BackupError;
 use crate::pg::Lsn;
@@ -31,6 +32,11 @@ pub struct Snapshot {
     pub source: Option<String>,
     /// The WAL position of the consistent cut (see `dump`).
     pub lsn: Option<Lsn>,
+    /// Where the cut lies in the source's transaction history: what the next backup of the
+    /// same database needs to reuse this one's segments (see `segment`). Absent in snapshots
+    /// of older invsync versions and of servers before PostgreSQL 13.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutPoint>,
     pub tables: Vec<TableSnapshot>,
     pub trees: Vec<TreeSnapshot>,
     pub stats: SnapshotStats,
@@ -47,6 +53,9 @@ pub struct TableSnapshot {
     /// Bytes of COPY text.
     pub bytes: u64,
     pub chunks: Vec<BlobId>,
+    /// The same data as key-range segments (absent in snapshots of older invsync versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Segments>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -59,6 +68,13 @@ pub struct SnapshotStats {
     pub bytes_stored: u64,
     pub blobs_new: u64,
     pub duration_ms: u64,
+    /// Table segments whose chunk lists were taken over from the previous snapshot of the
+    /// same database without reading their rows.
+    #[serde(default)]
+    pub segments_reused: u64,
+    /// Table segments read from the database.
+    #[serde(default)]
+    pub segments_read: u64,
 }
 
 impl Snapshot {

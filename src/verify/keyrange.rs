@@ -97,18 +97,32 @@ impl Shape {
             return Err(problems.join("; "));
         }
         let columns: Vec<Col> = source.columns.iter().map(col).collect();
-        let key = source
-            .primary_key
+        Ok(Shape::new(
+            &source.name,
+            columns,
+            &source.primary_key,
+            filter,
+        ))
+    }
+
+    /// The shape of `table` with `columns` and the key columns named by `primary_key`.
+    pub fn new(
+        table: &TableName,
+        columns: Vec<Col>,
+        primary_key: &[String],
+        filter: Option<String>,
+    ) -> Shape {
+        let key = primary_key
             .iter()
             .filter_map(|k| columns.iter().find(|c| &c.name == k).cloned())
             .collect();
-        Ok(Shape {
-            table: source.name.clone(),
-            quoted: source.name.quoted(),
+        Shape {
+            table: table.clone(),
+            quoted: table.quoted(),
             key,
             columns,
             filter,
-        })
+        }
     }
 
     /// `"a"` or `("a", "b")`: the key as one comparable SQL value.
@@ -136,14 +150,27 @@ impl Shape {
         }
     }
 
-    /// The WHERE clause selecting `range` and the user's filter.
+    /// The WHERE clause selecting `range` and the user's filter. A composite key's bounds also
+    /// bound its first column (implied, so the rows are the same): the planner estimates row
+    /// comparisons poorly (a third of the table) and would scan the whole table for a small
+    /// range, but estimates a single column from its statistics.
     pub fn range_where(&self, range: &KeyRange) -> String {
         let mut parts = Vec::new();
+        let first = |key: &Key, op: &str| match (self.key.first(), key.first()) {
+            (Some(c), Some(v)) if self.key.len() > 1 => Some(format!(
+                "{} {op} {}",
+                c.quoted,
+                typed_literal(v, &c.type_name)
+            )),
+            _ => None,
+        };
         if let Some(lo) = &range.lo {
             parts.push(format!("{} >= {}", self.key_expr(), self.key_value(lo)));
+            parts.extend(first(lo, ">="));
         }
         if let Some(hi) = &range.hi {
             parts.push(format!("{} < {}", self.key_expr(), self.key_value(hi)));
+            parts.extend(first(hi, "<="));
         }
         if let Some(f) = &self.filter {
             parts.push(format!("({f})"));
@@ -187,6 +214,39 @@ impl Shape {
             .map(|c| c.quoted.as_str())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Every `step`-th key of `range` in key order (the keys of rows `step + 1`, `2 step + 1`, ...),
+    /// read from the primary key index: boundaries cutting `range` into pieces of `step` rows.
+    pub fn boundaries_sql(&self, range: &KeyRange, step: u64) -> String {
+        let step = step.max(1);
+        format!(
+            "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS rn FROM {} WHERE {}) s \
+             WHERE rn > 1 AND rn % {step} = 1 ORDER BY rn",
+            self.key_text(),
+            self.key_order(),
+            self.key_order(),
+            self.quoted,
+            self.range_where(range)
+        )
+    }
+
+    /// A query returning whether `keys` are strictly ascending under the server's ordering of
+    /// the key (true for fewer than two).
+    pub fn ascending_sql(&self, keys: &[Key]) -> String {
+        let values: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("({i}, {})", self.key_value(k)))
+            .collect();
+        if values.len() < 2 {
+            return "SELECT true".into();
+        }
+        format!(
+            "SELECT coalesce(bool_and(k < n), true) FROM (SELECT k, lead(k) OVER (ORDER BY i) AS n \
+             FROM (VALUES {}) v(i, k)) s WHERE n IS NOT NULL",
+            values.join(", ")
+        )
     }
 
     /// An expression numbering the bucket (0..=boundaries.len()) a row falls in: a balanced
@@ -316,6 +376,9 @@ mod tests {
             lo: Some(vec!["1".into(), "x'y".into()]),
             hi: None,
         });
-        assert_eq!(w, "(\"a\", \"b\") >= ('1'::integer, 'x''y'::integer)");
+        assert_eq!(
+            w,
+            "(\"a\", \"b\") >= ('1'::integer, 'x''y'::integer) AND \"a\" >= '1'::integer"
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! be compared is reported as such, never as identical.
 
 pub mod db;
-mod keyrange;
+pub(crate) mod keyrange;
 mod recheck;
 mod repair;
 pub mod repo;

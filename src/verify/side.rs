@@ -227,16 +227,8 @@ impl Side {
                 Ok(keys.into_iter().skip(step).step_by(step).collect())
             }
             None => {
-                let step = (rows.max(1) as u64).div_ceil(parts as u64).max(1) as i64;
-                let sql = format!(
-                    "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS rn FROM {} WHERE {}) s \
-                     WHERE rn > 1 AND rn % {step} = 1 ORDER BY rn",
-                    shape.key_text(),
-                    shape.key_order(),
-                    shape.key_order(),
-                    shape.quoted,
-                    shape.range_where(range)
-                );
+                let step = (rows.max(1) as u64).div_ceil(parts as u64);
+                let sql = shape.boundaries_sql(range, step);
                 let rows = self.client.query(&sql, &[]).await.map_err(self.err(what))?;
                 Ok(rows.iter().map(to_key).collect())
             }

@@ -368,11 +368,13 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 json(&s)?;
             } else {
                 println!(
-                    "snapshot {} saved: {} table(s), {} row(s), {} file(s); {} read, {} new, {} stored, in {:.1}s",
+                    "snapshot {} saved: {} table(s), {} row(s), {} file(s); table segments: {} reused unread, {} read; {} read, {} new, {} stored, in {:.1}s",
                     snapshot::short(&s.snapshot),
                     s.tables,
                     s.rows,
                     s.files,
+                    s.stats.segments_reused,
+                    s.stats.segments_read,
                     human_bytes(s.stats.bytes_read),
                     human_bytes(s.stats.bytes_new),
                     human_bytes(s.stats.bytes_stored),

@@ -1,0 +1,434 @@
+//! Table segments: a table's data as key ranges, and the rule that lets a backup take a
+//! segment over from the previous snapshot of the same database (its *parent*) without
+//! reading the segment's rows.
+//!
+//! A table with a primary key is stored as segments `lo <= key < hi` under the server's
+//! ordering of the key (bounds as the text of each key column, see `verify::keyrange`), in
+//! key order, covering the whole key space: the first has no `lo`, the last no `hi`, and each
+//! `lo` is the previous `hi`. A table without a primary key is one unbounded segment. Each
+//! segment is dumped with a chunker of its own, so its chunks hold exactly its rows and a
+//! table's chunk list is its segments' chunk lists one after the other (what restore reads).
+//!
+//! # Reuse
+//!
+//! A segment of the parent is reused (its chunk list copied, its rows not read) iff, in the
+//! new cut, (a) no visible row in its range has an inserting transaction (`xmin`) that may be
+//! newer than the parent's cut, and (b) it holds as many rows as it did then. Why that proves
+//! the rows are the same: a visible row whose `xmin` is older than the parent snapshot's xmin
+//! was committed before the parent's cut, and was not deleted as of it (a deletion committed
+//! by then would hide it now too), so it was visible in the parent's cut, in the same range
+//! (a key change is a new row version with a new `xmin`) and with the same content. So the
+//! rows now form a subset of the parent's, and equal counts make them equal.
+//!
+//! `xmin` is the raw inserting xid: freezing (VACUUM, `VACUUM FREEZE`, `COPY FREEZE`) only
+//! sets a flag and leaves it readable (PostgreSQL 9.4 and later), and VACUUM FULL / CLUSTER
+//! copy it. It is 32 bits; `age(xmin)` (its distance below the reader transaction's next xid)
+//! places it in the full xid space: exactly for every row newer than the parent's cut, as long
+//! as fewer than 2^30 xids separate the two cuts, and only ever too new for rows frozen long
+//! ago, which costs a re-read, never a wrong reuse (see [`Since::newer_rows`]).
+//!
+//! What else must hold, checked before any segment of a table is reused (otherwise the table
+//! is read whole, still within the same cut):
+//! - the same transaction history: same cluster (system identifier), same timeline (a
+//!   point-in-time restore starts a new one and may hand out xids again), the cut's WAL
+//!   position and next xid not before the parent's, and fewer than 2^31 xids between them;
+//! - the same rows' source: the relation and every partition or inheritance child read through
+//!   it have the same oids (a table renamed into place, `ATTACH PARTITION` of old rows);
+//! - the same text for the same tuples: same copied columns and types, same key, same labels
+//!   of the enums the columns use (`ALTER TYPE .. RENAME VALUE` changes no tuple), and the
+//!   readers' session settings that shape COPY text are fixed (see [`SESSION`]);
+//! - every chunk of the segment is still listed in the repository's index.
+//!
+//! A segment that is read again keeps its bounds; one grown past [`SPLIT_ROWS`] (where new
+//! keys land, usually the last) is cut into pieces of [`SEGMENT_ROWS`] rows.
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::dump::TableSchema;
+use super::snapshot::TableSnapshot;
+use super::BackupError;
+use crate::pg::{ConnInfo, Lsn, PgError, TableName};
+use crate::verify::keyrange::{Col, Key, KeyRange, Shape};
+
+/// Rows per segment when a range is cut.
+pub const SEGMENT_ROWS: u64 = 65_536;
+/// A segment read again is cut when it holds more rows than this.
+pub const SPLIT_ROWS: u64 = 2 * SEGMENT_ROWS;
+
+/// Session settings of every backup connection that shape COPY text and key bounds: dates,
+/// intervals and byte strings in one output form, so the same tuple is the same text in
+/// every backup and bounds read back as the values they were written from.
+pub const SESSION: &str =
+    "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'";
+
+/// Where a cut lies in the source's transaction history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutPoint {
+    /// `pg_control_system().system_identifier`, as text.
+    pub system: String,
+    pub timeline: u32,
+    /// The cut snapshot's xmin and xmax (`pg_current_snapshot()`), as full 64-bit xids.
+    pub xmin: u64,
+    pub xmax: u64,
+}
+
+/// One table's data as key-range segments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Segments {
+    /// Oids of the relation and of every partition or inheritance child its rows come from,
+    /// ascending.
+    pub relations: Vec<u32>,
+    /// What the rows' text depends on besides the tuples ([`text_shape`]).
+    pub text_shape: String,
+    /// In key order, covering the key space.
+    pub list: Vec<Segment>,
+}
+
+/// One key range of a table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Segment {
+    pub lo: Option<Vec<String>>,
+    pub hi: Option<Vec<String>>,
+    pub rows: u64,
+    /// Bytes of COPY text.
+    pub bytes: u64,
+    /// How many of the table's chunks, after those of the segments before it, hold it.
+    pub chunks: usize,
+}
+
+impl Segment {
+    pub(crate) fn range(&self) -> KeyRange {
+        KeyRange {
+            lo: self.lo.clone(),
+            hi: self.hi.clone(),
+        }
+    }
+}
+
+/// The cut point of the transaction begun by `dump::begin_cut` on `client`; `None` when the
+/// server cannot tell (before PostgreSQL 13, or the control functions are not granted), and
+/// then no later backup reuses this one's segments.
+pub async fn cut_point(client: &Client, conn: &ConnInfo) -> Result<Option<CutPoint>, BackupError> {
+    let q = |e| {
+        BackupError::Db(PgError::query(
+            "reading the cut's transaction position",
+            conn,
+            e,
+        ))
+    };
+    // Asked first, since a failing statement would end the cut's transaction.
+    let able: bool = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 130000 \
+             AND has_function_privilege('pg_control_system()', 'EXECUTE') \
+             AND has_function_privilege('pg_control_checkpoint()', 'EXECUTE')",
+            &[],
+        )
+        .await
+        .map_err(q)?
+        .get(0);
+    if !able {
+        return Ok(None);
+    }
+    // The timeline WAL is written on now; a standby's is its last restartpoint's.
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
+               CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint()) \
+                 ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+               pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text \
+             FROM pg_current_snapshot() s",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    let xid = |i: usize| {
+        row.get::<_, String>(i)
+            .parse::<u64>()
+            .map_err(|e| BackupError::Invalid(format!("the server reported a bad xid: {e}")))
+    };
+    Ok(Some(CutPoint {
+        system: row.get(0),
+        timeline: row.get::<_, i32>(1) as u32,
+        xmin: xid(2)?,
+        xmax: xid(3)?,
+    }))
+}
+
+/// The transactions between a parent's cut and the new one, as far as the new cut may
+/// reuse the parent's segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    /// The parent's snapshot xmin: every xid below it had ended at the parent's cut.
+    parent_xmin: u64,
+    /// The new snapshot's xmax: every visible row's xmin is below it.
+    now_xmax: u64,
+}
+
+/// How the cut `now` follows the parent's cut; `None` when it does not continue the parent's
+/// history (see the module documentation), and then nothing may be reused.
+pub fn since(parent: (&CutPoint, Lsn), now: (&CutPoint, Lsn)) -> Option<Since> {
+    let ((p, p_lsn), (n, n_lsn)) = (parent, now);
+    if p.system != n.system || p.timeline != n.timeline || n_lsn < p_lsn || n.xmax < p.xmin {
+        return None;
+    }
+    // Rows newer than the parent's cut must lie less than 2^31 xids below the next xid for
+    // the 32-bit xmin to place them.
+    (n.xmax - p.xmin < 1 << 30).then_some(Since {
+        parent_xmin: p.xmin,
+        now_xmax: n.xmax,
+    })
+}
+
+/// The low 32 bits of the xid `age(xid)` counts from in the transaction on `client` (the next
+/// xid when it first asked, fixed for the rest of the transaction, at or after the cut's
+/// xmax). `age(xid)` is parallel restricted, so parallel workers never count from another.
+pub async fn age_base(client: &Client, conn: &ConnInfo) -> Result<u32, BackupError> {
+    let age: i32 = client
+        .query_one("SELECT age('3'::xid)", &[])
+        .await
+        .map_err(|e| PgError::query("reading the transaction counter", conn, e))?
+        .get(0);
+    Ok((age as u32).wrapping_add(3))
+}
+
+impl Since {
+    /// The SQL condition true for every visible row whose `xmin` may be newer than the
+    /// parent's cut, in a transaction whose [`age_base`] is `base`. A row newer than the
+    /// parent's cut has `0 < age(xmin) <= base - parent xmin < 2^31` exactly; rows older
+    /// than 2^31 xids may wrap into that window too (a needless re-read, never a wrong
+    /// reuse); the special xids (frozen before 9.4, bootstrap) have an age of `INT_MAX`.
+    pub fn newer_rows(&self, base: u32) -> String {
+        let base = self.now_xmax + (u64::from(base).wrapping_sub(self.now_xmax) & 0xffff_ffff);
+        let window = base - self.parent_xmin;
+        if window >= i32::MAX as u64 {
+            return "TRUE".into();
+        }
+        format!("age(xmin) <= {window}")
+    }
+}
+
+/// Oids of `table` and of every partition or inheritance child below it, ascending.
+pub async fn relations(
+    client: &Client,
+    conn: &ConnInfo,
+    table: &TableName,
+) -> Result<Vec<u32>, BackupError> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE r(oid) AS (SELECT $1::text::regclass::oid \
+               UNION SELECT i.inhrelid FROM pg_inherits i JOIN r ON i.inhparent = r.oid) \
+             SELECT oid FROM r ORDER BY 1",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(|e| PgError::query(format!("reading the partitions of {table}"), conn, e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What the COPY text of `schema`'s rows depends on besides the stored tuples: the copied
+/// columns and their types, the key, and the labels of every enum a column's type is, is a
+/// domain over, or an array of.
+pub async fn text_shape(
+    client: &Client,
+    conn: &ConnInfo,
+    schema: &TableSchema,
+) -> Result<String, BackupError> {
+    let enums: String = client
+        .query_one(
+            "WITH RECURSIVE ty(oid) AS (SELECT atttypid FROM pg_attribute \
+               WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+               UNION SELECT unnest(ARRAY[t.typbasetype, t.typelem]) FROM pg_type t JOIN ty ON t.oid = ty.oid) \
+             SELECT coalesce(string_agg(format('%s:%s', e.enumtypid, e.enumlabel), ',' \
+               ORDER BY e.enumtypid, e.enumsortorder), '') \
+             FROM pg_enum e WHERE e.enumtypid IN (SELECT oid FROM ty)",
+            &[&schema.name.quoted()],
+        )
+        .await
+        .map_err(|e| PgError::query(format!("reading the enum types of {}", schema.name), conn, e))?
+        .get(0);
+    let columns: Vec<String> = schema
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_none())
+        .map(|c| format!("{} {}", c.name, c.type_name))
+        .collect();
+    Ok(format!(
+        "columns ({}) key ({}) enums ({enums})",
+        columns.join(", "),
+        schema.primary_key.join(", ")
+    ))
+}
+
+/// Rows and pages of `relations` by the planner's statistics; `None` when one of them was
+/// never analyzed.
+pub async fn estimate(
+    client: &Client,
+    conn: &ConnInfo,
+    relations: &[u32],
+) -> Result<Option<(f64, f64)>, BackupError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(reltuples), 0)::float8, coalesce(sum(relpages), 0)::float8, \
+               coalesce(bool_or(reltuples < 0), false) \
+             FROM pg_class WHERE oid = ANY($1::oid[]) AND relkind <> 'p'",
+            &[&relations],
+        )
+        .await
+        .map_err(|e| PgError::query("reading table statistics", conn, e))?;
+    Ok((!row.get::<_, bool>(2)).then(|| (row.get(0), row.get(1))))
+}
+
+/// Keys cutting a table of about `rows` rows on `pages` pages into pieces of about
+/// [`SEGMENT_ROWS`] rows, from a block sample (about ten blocks per piece): one cheap pass
+/// over a few pages instead of every key. The pieces are only roughly equal; any keys would
+/// do, since segments need not be of equal size to be correct.
+pub(crate) fn sample_sql(shape: &Shape, rows: f64, pages: f64) -> (String, usize) {
+    let parts = (rows / SEGMENT_ROWS as f64).ceil().max(1.0);
+    let percent = (100.0 * parts * 10.0 / pages.max(1.0)).clamp(0.001, 100.0);
+    // Ordered by the columns qualified with the table's alias: a bare name would mean the
+    // output column of the same name, the key as text, whose order is not the key's.
+    let order: Vec<String> = shape
+        .key
+        .iter()
+        .map(|c| format!("invsync_sample.{}", c.quoted))
+        .collect();
+    (
+        format!(
+            "SELECT {} FROM {} AS invsync_sample TABLESAMPLE SYSTEM ({percent:.4}) ORDER BY {}",
+            shape.key_text(),
+            shape.quoted,
+            order.join(", ")
+        ),
+        parts as usize,
+    )
+}
+
+/// `parts - 1` keys spread evenly over `sample` (ascending, distinct), fewer if it is short.
+pub fn evenly(sample: Vec<Key>, parts: usize) -> Vec<Key> {
+    let n = sample.len();
+    let mut picks: Vec<usize> = (1..parts.max(1)).map(|i| i * n / parts).collect();
+    picks.dedup();
+    picks.retain(|&i| i > 0 && i < n);
+    picks.into_iter().map(|i| sample[i].clone()).collect()
+}
+
+/// The key-range view of `schema`: `None` without a primary key.
+pub(crate) fn key_shape(schema: &TableSchema) -> Option<Shape> {
+    if schema.primary_key.is_empty() {
+        return None;
+    }
+    let columns = schema
+        .columns
+        .iter()
+        .map(|c| Col {
+            name: c.name.clone(),
+            quoted: crate::pg::quote_ident(&c.name),
+            type_name: c.type_name.clone(),
+            generated: c.generated.is_some(),
+        })
+        .collect();
+    Some(Shape::new(&schema.name, columns, &schema.primary_key, None))
+}
+
+/// `SELECT count(*), count(*) FILTER (WHERE newer)` over `range`: the check of a parent's
+/// segment.
+pub(crate) fn check_sql(
+    schema: &TableSchema,
+    shape: Option<&Shape>,
+    range: &KeyRange,
+    newer: &str,
+) -> String {
+    let filter = shape
+        .map(|s| s.range_where(range))
+        .unwrap_or_else(|| "TRUE".into());
+    format!(
+        "SELECT count(*), count(*) FILTER (WHERE {newer}) FROM {} WHERE {filter}",
+        schema.name.quoted()
+    )
+}
+
+/// The parent's segments of a table, with each segment's chunk list, when they may be
+/// reused: the parent holds the table as well-formed segments with the same relations and
+/// text shape.
+pub fn parent_segments<'a>(
+    parent: &'a TableSnapshot,
+    relations: &[u32],
+    text_shape: &str,
+) -> Option<Vec<(&'a Segment, &'a [super::crypto::BlobId])>> {
+    let segs = parent.segments.as_ref()?;
+    if segs.relations != relations || segs.text_shape != text_shape || segs.list.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(segs.list.len());
+    let mut at = 0usize;
+    let mut prev_hi: Option<&Key> = None;
+    for (i, s) in segs.list.iter().enumerate() {
+        // Covering the key space: no gap, no overlap, nothing beyond either end.
+        let starts_right = if i == 0 {
+            s.lo.is_none()
+        } else {
+            s.lo.is_some() && s.lo.as_ref() == prev_hi
+        };
+        if !starts_right {
+            return None;
+        }
+        prev_hi = s.hi.as_ref();
+        let chunks = parent.chunks.get(at..at.checked_add(s.chunks)?)?;
+        at += s.chunks;
+        out.push((s, chunks));
+    }
+    (prev_hi.is_none() && at == parent.chunks.len()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut(timeline: u32, xmin: u64, xmax: u64) -> CutPoint {
+        CutPoint {
+            system: "7".into(),
+            timeline,
+            xmin,
+            xmax,
+        }
+    }
+
+    #[test]
+    fn history_must_continue() {
+        let lsn = |n: u64| Lsn(n);
+        let p = cut(1, 1000, 1010);
+        assert!(since((&p, lsn(5)), (&cut(1, 2000, 2005), lsn(9))).is_some());
+        // A new timeline, an earlier WAL position or xid counter, another cluster, too far.
+        assert!(since((&p, lsn(5)), (&cut(2, 2000, 2005), lsn(9))).is_none());
+        assert!(since((&p, lsn(5)), (&cut(1, 2000, 2005), lsn(4))).is_none());
+        assert!(since((&p, lsn(5)), (&cut(1, 900, 999), lsn(9))).is_none());
+        let mut other = cut(1, 2000, 2005);
+        other.system = "8".into();
+        assert!(since((&p, lsn(5)), (&other, lsn(9))).is_none());
+        assert!(since((&p, lsn(5)), (&cut(1, 1 << 31, 1000 + (1 << 31)), lsn(9))).is_none());
+    }
+
+    #[test]
+    fn newer_rows_across_an_epoch() {
+        // Parent xmin just below 2^32; the reader's age base 7 xids after the new cut's xmax,
+        // past the wrap of the 32-bit counter.
+        let p = cut(1, (1 << 32) - 10, (1 << 32) - 5);
+        let now = cut(1, (1 << 32) + 3, (1 << 32) + 5);
+        let s = since((&p, Lsn(1)), (&now, Lsn(1))).unwrap();
+        assert_eq!(s.newer_rows(12), "age(xmin) <= 22");
+        // Right at the cut.
+        assert_eq!(s.newer_rows(5), "age(xmin) <= 15");
+    }
+
+    #[test]
+    fn boundaries_from_a_sample() {
+        let keys: Vec<Key> = (0..10).map(|i| vec![i.to_string()]).collect();
+        assert_eq!(evenly(keys.clone(), 2), vec![vec!["5".to_string()]]);
+        assert_eq!(evenly(keys.clone(), 1), Vec::<Key>::new());
+        // More pieces than sampled keys: every key once, never the first.
+        assert_eq!(evenly(keys[..3].to_vec(), 8).len(), 2);
+        assert!(evenly(Vec::new(), 4).is_empty());
+    }
+}
