@@ -1,8 +1,9 @@
-//! Key ranges and the SQL that compares them: which rows of a table a range holds, how a row is
-//! rendered for hashing, and how rows are sorted into buckets by sampled key boundaries.
+//! Key ranges, key hash buckets and the SQL that compares them: which rows of a table a range
+//! and a set of buckets hold, and how a row is rendered for hashing.
 //!
 //! Invariants: a range is `lo <= key < hi` under the server's own ordering of the key, with an
-//! absent bound meaning unbounded, so the buckets of one split cover their parent range exactly.
+//! absent bound meaning unbounded, so the ranges of one split cover their parent range exactly.
+//! A row's bucket depends on its key's text alone, computed the same way on both sides.
 //! Keys travel as the text of each key column and come back into SQL as typed literals
 //! (`'v'::type`), which round-trips every type a primary key can have, composite keys included.
 //! Every row is rendered as `ROW(col, ...)::text` over the source's column order, under the
@@ -189,24 +190,47 @@ impl Shape {
             .join(", ")
     }
 
-    /// An expression numbering the bucket (0..=boundaries.len()) a row falls in: a balanced
-    /// CASE tree, so each row costs log2(buckets) key comparisons.
-    pub fn bucket_expr(&self, boundaries: &[Key]) -> String {
-        fn node(shape: &Shape, b: &[Key], first: usize, last: usize) -> String {
-            if first == last {
-                return first.to_string();
-            }
-            // Bucket i holds keys in [b[i-1], b[i]); split at the boundary opening bucket `mid`.
-            let mid = (first + last).div_ceil(2);
-            format!(
-                "CASE WHEN {} < {} THEN {} ELSE {} END",
-                shape.key_expr(),
-                shape.key_value(&b[mid - 1]),
-                node(shape, b, first, mid - 1),
-                node(shape, b, mid, last)
-            )
+    /// The hash bucket (`0..count`, `count` a power of two) of a row's key: a hash of the key's
+    /// text, so each row costs one hash and no key comparisons. Rows that are equal on both
+    /// sides render the same key text (the sessions fix every rendering setting), so they fall
+    /// in the same bucket on both; a key equal but written differently (numeric 1.0 vs 1.00) may
+    /// not, but its row differs anyway and both of its buckets are then compared together.
+    pub fn bucket_of(&self, count: u32) -> String {
+        let text = if self.key.len() == 1 {
+            format!("{}::text", self.key[0].quoted)
+        } else {
+            format!("ROW({})::text", self.key_order())
+        };
+        format!("(hashtext(({text}) COLLATE \"C\") & {})", count - 1)
+    }
+
+    /// The WHERE clause selecting `range`, the rows whose key falls in one of `buckets`, and
+    /// the user's filter. The shorter of the bucket list and its complement is written out.
+    pub fn slice_where(&self, range: &KeyRange, buckets: &BucketSet) -> String {
+        let mut clause = self.range_where(range);
+        let chosen = buckets.members.len();
+        let total = buckets.count as usize;
+        if chosen < total {
+            let (op, list): (&str, Vec<u32>) = if chosen * 2 <= total {
+                ("IN", buckets.members.clone())
+            } else {
+                let mut others: Vec<u32> = Vec::with_capacity(total - chosen);
+                let mut chosen = buckets.members.iter().peekable();
+                for b in 0..buckets.count {
+                    if chosen.next_if_eq(&&b).is_none() {
+                        others.push(b);
+                    }
+                }
+                ("NOT IN", others)
+            };
+            let list: Vec<String> = list.iter().map(u32::to_string).collect();
+            clause.push_str(&format!(
+                " AND {} {op} ({})",
+                self.bucket_of(buckets.count),
+                list.join(", ")
+            ));
         }
-        node(self, boundaries, 0, boundaries.len())
+        clause
     }
 
     /// The keys as [`Shape::keys_join`] was asked for them, for SELECT lists: rows come back
@@ -227,21 +251,24 @@ impl Shape {
             .join(", ")
     }
 
-    /// `(VALUES ...) AS v(...)`: a list of keys as typed values.
+    /// `(VALUES ...) AS v(...)`: a list of keys as typed values, each with its position in the
+    /// list (column `invsync_n`).
     pub fn keys_values(&self, keys: &[Key]) -> String {
         let rows: Vec<String> = keys
             .iter()
-            .map(|k| {
+            .enumerate()
+            .map(|(n, k)| {
                 let vals: Vec<String> = self
                     .key
                     .iter()
                     .zip(k)
                     .map(|(c, v)| typed_literal(v, &c.type_name))
                     .collect();
-                format!("({})", vals.join(", "))
+                format!("({}, {n})", vals.join(", "))
             })
             .collect();
-        let names: Vec<String> = (0..self.key.len()).map(lookup_column).collect();
+        let mut names: Vec<String> = (0..self.key.len()).map(lookup_column).collect();
+        names.push("invsync_n".into());
         format!("(VALUES {}) AS v({})", rows.join(", "), names.join(", "))
     }
 
@@ -256,6 +283,15 @@ impl Shape {
             .collect();
         format!("JOIN {} ON {}", self.keys_values(keys), on.join(" AND "))
     }
+}
+
+/// Rows whose key falls in some of the hash buckets a table is cut into ([`Shape::bucket_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BucketSet {
+    /// How many buckets the table is cut into: a power of two.
+    pub count: u32,
+    /// The buckets selected, ascending.
+    pub members: Vec<u32>,
 }
 
 /// The VALUES column holding key column `i` in [`Shape::keys_join`]; named so that it cannot
@@ -304,18 +340,42 @@ mod tests {
     }
 
     #[test]
-    fn bucket_tree_and_composite_ranges() {
+    fn buckets_hash_the_key_text_and_ranges_compare_composites() {
         let s = shape(&["a"]);
-        assert_eq!(s.bucket_expr(&[]), "0");
         assert_eq!(
-            s.bucket_expr(&[vec!["5".into()]]),
-            "CASE WHEN \"a\" < '5'::integer THEN 0 ELSE 1 END"
+            s.bucket_of(1024),
+            "(hashtext((\"a\"::text) COLLATE \"C\") & 1023)"
         );
+        let some = BucketSet {
+            count: 4,
+            members: vec![1, 3],
+        };
+        assert_eq!(
+            s.slice_where(&KeyRange::default(), &some),
+            "TRUE AND (hashtext((\"a\"::text) COLLATE \"C\") & 3) IN (1, 3)"
+        );
+        let most = BucketSet {
+            count: 4,
+            members: vec![0, 1, 3],
+        };
+        assert_eq!(
+            s.slice_where(&KeyRange::default(), &most),
+            "TRUE AND (hashtext((\"a\"::text) COLLATE \"C\") & 3) NOT IN (2)"
+        );
+        let all = BucketSet {
+            count: 4,
+            members: vec![0, 1, 2, 3],
+        };
+        assert_eq!(s.slice_where(&KeyRange::default(), &all), "TRUE");
         let c = shape(&["a", "b"]);
         let w = c.range_where(&KeyRange {
             lo: Some(vec!["1".into(), "x'y".into()]),
             hi: None,
         });
         assert_eq!(w, "(\"a\", \"b\") >= ('1'::integer, 'x''y'::integer)");
+        assert_eq!(
+            c.bucket_of(2),
+            "(hashtext((ROW(\"a\", \"b\")::text) COLLATE \"C\") & 1)"
+        );
     }
 }

@@ -10,12 +10,12 @@ use std::str::FromStr;
 
 use tokio_postgres::Client;
 
-use super::keyrange::{Key, KeyRange, Shape};
+use super::keyrange::{BucketSet, Key, KeyRange, Shape};
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// Settings that fix how values are written as text. `extra_float_digits = 3` gives the
 /// shortest exact form of floats; `ISO, YMD` and `UTC` make dates and timestamptz absolute.
-/// JIT is off: compiling the bucket CASE trees costs seconds and saves nothing.
+/// JIT is off: compiling the checksum expressions costs more than it saves.
 const SESSION: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
      SET lc_monetary = 'C'; SET standard_conforming_strings = on; SET xmloption = content; \
@@ -133,37 +133,24 @@ impl Side {
         Ok(row.get(0))
     }
 
-    /// Per-bucket checksums of `range`, split at `boundaries`; one scan of the range.
-    pub async fn checksums(
-        &self,
-        shape: &Shape,
-        range: &KeyRange,
-        boundaries: &[Key],
-    ) -> Result<Vec<Checksum>, PgError> {
+    /// The checksum of each of `count` key hash buckets of the table ([`Shape::bucket_of`]), in
+    /// bucket order; one scan. It costs about what a plain checksum of the whole table costs,
+    /// and says where the differences are.
+    pub async fn checksums(&self, shape: &Shape, count: u32) -> Result<Vec<Checksum>, PgError> {
         // Joining the bucket number to a VALUES list (rather than grouping by the expression)
         // tells the planner how few groups there are, so it aggregates inside parallel
         // workers as a plain count/sum would, instead of sorting or funnelling every row.
-        // A range of one bucket is a plain aggregate, as cheap per row as the scan floor.
-        let sql = if boundaries.is_empty() {
-            format!(
-                "SELECT 0, count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}",
-                shape.row_hash(),
-                shape.quoted,
-                shape.range_where(range)
-            )
-        } else {
-            let buckets: Vec<String> = (0..=boundaries.len()).map(|b| format!("({b})")).collect();
-            format!(
-                "SELECT v.invsync_bucket, count(*), coalesce(sum({}), 0)::text FROM {} \
-                 JOIN (VALUES {}) AS v(invsync_bucket) ON v.invsync_bucket = ({}) \
-                 WHERE {} GROUP BY v.invsync_bucket",
-                shape.row_hash(),
-                shape.quoted,
-                buckets.join(", "),
-                shape.bucket_expr(boundaries),
-                shape.range_where(range)
-            )
-        };
+        let buckets: Vec<String> = (0..count).map(|b| format!("({b})")).collect();
+        let sql = format!(
+            "SELECT v.invsync_bucket, count(*), coalesce(sum({}), 0)::text FROM {} \
+             JOIN (VALUES {}) AS v(invsync_bucket) ON v.invsync_bucket = {} \
+             WHERE {} GROUP BY v.invsync_bucket",
+            shape.row_hash(),
+            shape.quoted,
+            buckets.join(", "),
+            shape.bucket_of(count),
+            shape.range_where(&KeyRange::default())
+        );
         let rows = self
             .client
             .query(&sql, &[])
@@ -174,7 +161,7 @@ impl Side {
                 rows: 0,
                 sum: "0".into()
             };
-            boundaries.len() + 1
+            count as usize
         ];
         for r in rows {
             let b: i32 = r.get(0);
@@ -243,12 +230,13 @@ impl Side {
         }
     }
 
-    /// Every row of `range` as (key, row hash), in key order. The caller keeps ranges small
-    /// enough for memory.
+    /// Every row of `range` whose key falls in `buckets`, as (key, row hash), in key order. The
+    /// caller keeps slices small enough for memory.
     pub async fn row_hashes(
         &self,
         shape: &Shape,
         range: &KeyRange,
+        buckets: &BucketSet,
     ) -> Result<Vec<(Key, i64)>, PgError> {
         let n = shape.key.len();
         let sql = format!(
@@ -256,7 +244,7 @@ impl Side {
             shape.key_text(),
             shape.row_hash(),
             shape.quoted,
-            shape.range_where(range),
+            shape.slice_where(range, buckets),
             shape.key_order()
         );
         let rows = self
@@ -270,14 +258,16 @@ impl Side {
             .collect())
     }
 
-    /// `keys` in the order of the table's key on this server.
+    /// `keys` in the order of the table's key on this server, each key once under the key
+    /// type's own equality: of keys equal but written differently (numeric 1.0 and 1.00), the
+    /// first in `keys` stays.
     pub async fn sort_keys(&self, shape: &Shape, keys: &[Key]) -> Result<Vec<Key>, PgError> {
         let n = shape.key.len();
+        let order = shape.lookup_key_order();
         let sql = format!(
-            "SELECT {} FROM {} ORDER BY {}",
+            "SELECT DISTINCT ON ({order}) {} FROM {} ORDER BY {order}, v.invsync_n",
             shape.lookup_key_text(),
             shape.keys_values(keys),
-            shape.lookup_key_order()
         );
         let rows = self
             .client
