@@ -164,12 +164,25 @@ impl Shape {
         }
     }
 
-    /// A 64-bit hash of the row's canonical text. Summed per range (as numeric, so exact) it is
-    /// independent of row order; the row text includes the key, so values moving between rows
-    /// change the sum.
+    /// A 64-bit hash of the row's canonical text: each column's text (as re-checks compare
+    /// it) hashed with its position as seed, NULL as a constant of its own, combined by XOR
+    /// (cheaper than rendering the row as one record). Summed per bucket (as numeric, so
+    /// exact) it is independent of row order; the key is hashed too, so values moving between
+    /// rows change the sum.
     pub fn row_hash(&self) -> String {
-        let cols: Vec<&str> = self.columns.iter().map(|c| c.quoted.as_str()).collect();
-        format!("hashtextextended(ROW({})::text, 0)", cols.join(", "))
+        let cols: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "coalesce(hashtextextended({}::text, {i}), {})",
+                    c.quoted,
+                    -1 - i as i64
+                )
+            })
+            .collect();
+        format!("({})", cols.join(" # "))
     }
 
     /// The key columns as text, for SELECT lists.
@@ -190,18 +203,24 @@ impl Shape {
             .join(", ")
     }
 
-    /// The hash bucket (`0..count`, `count` a power of two) of a row's key: a hash of the key's
-    /// text, so each row costs one hash and no key comparisons. Rows that are equal on both
-    /// sides render the same key text (the sessions fix every rendering setting), so they fall
-    /// in the same bucket on both; a key equal but written differently (numeric 1.0 vs 1.00) may
-    /// not, but its row differs anyway and both of its buckets are then compared together.
+    /// The hash bucket (`0..count`, `count` a power of two) of a row's key: each key column
+    /// hashed by its type's own hash function where it has a common one (equal values hash
+    /// equal, so numeric 1.0 and 1.00 share a bucket), else by its text, so each row costs a
+    /// hash and no key comparisons. Rows equal on both sides fall in the same bucket on both
+    /// (their key text is the same too, the sessions fixing every rendering setting); a row
+    /// that does not has a differing row in each of its buckets, which are then compared
+    /// together.
     pub fn bucket_of(&self, count: u32) -> String {
-        let text = if self.key.len() == 1 {
-            format!("{}::text", self.key[0].quoted)
-        } else {
-            format!("ROW({})::text", self.key_order())
-        };
-        format!("(hashtext(({text}) COLLATE \"C\") & {})", count - 1)
+        let hashes: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(seed, c)| match native_hash(&c.type_name) {
+                Some(function) => format!("{function}({}, {seed})", c.quoted),
+                None => format!("hashtextextended({}::text COLLATE \"C\", {seed})", c.quoted),
+            })
+            .collect();
+        format!("(({}) & {})::int4", hashes.join(" # "), count - 1)
     }
 
     /// The WHERE clause selecting `range`, the rows whose key falls in one of `buckets`, and
@@ -294,6 +313,31 @@ pub(crate) struct BucketSet {
     pub members: Vec<u32>,
 }
 
+/// The extended (seeded, 64-bit) hash function of a type's default hash operator class, for
+/// the key types tables commonly have; None for others, which are hashed by their text.
+fn native_hash(type_name: &str) -> Option<&'static str> {
+    // `format_type` spells a type modifier inside the name: `timestamp(3) with time zone`.
+    let base = match type_name.find('(') {
+        Some(open) => {
+            let close = type_name[open..]
+                .find(')')
+                .map_or(type_name.len(), |c| open + c + 1);
+            format!("{}{}", &type_name[..open], &type_name[close..])
+        }
+        None => type_name.to_string(),
+    };
+    Some(match base.as_str() {
+        "smallint" => "hashint2extended",
+        "integer" => "hashint4extended",
+        "bigint" => "hashint8extended",
+        "numeric" => "hash_numeric_extended",
+        "character" => "hashbpcharextended",
+        "text" | "character varying" => "hashtextextended",
+        "uuid" => "uuid_hash_extended",
+        _ => return None,
+    })
+}
+
 /// The VALUES column holding key column `i` in [`Shape::keys_join`]; named so that it cannot
 /// collide with a table's column.
 fn lookup_column(i: usize) -> String {
@@ -340,11 +384,11 @@ mod tests {
     }
 
     #[test]
-    fn buckets_hash_the_key_text_and_ranges_compare_composites() {
+    fn buckets_hash_keys_by_type_and_ranges_compare_composites() {
         let s = shape(&["a"]);
         assert_eq!(
             s.bucket_of(1024),
-            "(hashtext((\"a\"::text) COLLATE \"C\") & 1023)"
+            "((hashint4extended(\"a\", 0)) & 1023)::int4"
         );
         let some = BucketSet {
             count: 4,
@@ -352,7 +396,7 @@ mod tests {
         };
         assert_eq!(
             s.slice_where(&KeyRange::default(), &some),
-            "TRUE AND (hashtext((\"a\"::text) COLLATE \"C\") & 3) IN (1, 3)"
+            "TRUE AND ((hashint4extended(\"a\", 0)) & 3)::int4 IN (1, 3)"
         );
         let most = BucketSet {
             count: 4,
@@ -360,7 +404,7 @@ mod tests {
         };
         assert_eq!(
             s.slice_where(&KeyRange::default(), &most),
-            "TRUE AND (hashtext((\"a\"::text) COLLATE \"C\") & 3) NOT IN (2)"
+            "TRUE AND ((hashint4extended(\"a\", 0)) & 3)::int4 NOT IN (2)"
         );
         let all = BucketSet {
             count: 4,
@@ -375,7 +419,18 @@ mod tests {
         assert_eq!(w, "(\"a\", \"b\") >= ('1'::integer, 'x''y'::integer)");
         assert_eq!(
             c.bucket_of(2),
-            "(hashtext((ROW(\"a\", \"b\")::text) COLLATE \"C\") & 1)"
+            "((hashint4extended(\"a\", 0) # hashint4extended(\"b\", 1)) & 1)::int4"
+        );
+        assert_eq!(
+            c.row_hash(),
+            "(coalesce(hashtextextended(\"a\"::text, 0), -1) # coalesce(hashtextextended(\"b\"::text, 1), -2))"
+        );
+        let mut odd = shape(&["t", "n"]);
+        odd.key[0].type_name = "timestamp(3) with time zone".into();
+        odd.key[1].type_name = "numeric(12,2)".into();
+        assert_eq!(
+            odd.bucket_of(2),
+            "((hashtextextended(\"t\"::text COLLATE \"C\", 0) # hash_numeric_extended(\"n\", 1)) & 1)::int4"
         );
     }
 }
