@@ -176,6 +176,9 @@ pub trait Progress: Send + Sync {
     fn table_started(&self, table: &str, estimated_rows: u64);
     /// `rows` more source rows have been compared; `phase` says what is being done.
     fn advance(&self, rows: u64, phase: &str);
+    /// `rows` more rows than the table's estimate will be compared (many differing rows, read
+    /// a second time).
+    fn add_work(&self, rows: u64);
     /// The table is done.
     fn table_finished(&self, report: &TableReport);
 }
@@ -186,6 +189,7 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn table_started(&self, _: &str, _: u64) {}
     fn advance(&self, _: u64, _: &str) {}
+    fn add_work(&self, _: u64) {}
     fn table_finished(&self, _: &TableReport) {}
 }
 
@@ -667,11 +671,13 @@ impl Walk<'_> {
         // about what a plain checksum of the table costs, and most verified tables are
         // identical. The differing buckets show where the differing rows are.
         let count = bucket_count(estimate);
-        self.progress
-            .advance(0, "checksumming the table by key hash (one scan)");
+        let phase = "checksumming the table by key hash (one scan)";
+        self.progress.advance(0, phase);
+        let progress = self.progress;
+        let (mut on_source, mut on_target) = (|rows| progress.advance(rows, phase), |_| {});
         let (src, dst) = tokio::try_join!(
-            self.source.checksums(self.shape, count),
-            self.target.checksums(self.shape, count)
+            self.source.checksums(self.shape, count, &mut on_source),
+            self.target.checksums(self.shape, count, &mut on_target)
         )?;
         self.buckets_checked += u64::from(count);
         let rows = |sums: &[Checksum]| sums.iter().map(|c| c.rows.max(0) as u64).sum::<u64>();
@@ -680,11 +686,9 @@ impl Walk<'_> {
             count,
             members: Vec::new(),
         };
-        let (mut src_rows, mut dst_rows, mut equal_rows) = (0i64, 0i64, 0u64);
+        let (mut src_rows, mut dst_rows) = (0i64, 0i64);
         for (bucket, (s, d)) in (0..count).zip(src.iter().zip(&dst)) {
-            if s == d {
-                equal_rows += s.rows.max(0) as u64;
-            } else {
+            if s != d {
                 differing.members.push(bucket);
                 src_rows += s.rows;
                 dst_rows += d.rows;
@@ -699,14 +703,14 @@ impl Walk<'_> {
             dst_rows,
             "bucket checksums compared"
         );
-        self.progress
-            .advance(equal_rows, "comparing rows of differing buckets");
         if differing.members.is_empty() {
             return Ok(totals);
         }
         let root = KeyRange::default();
         let big = src_rows.max(dst_rows);
         if big <= SLICE_ROWS {
+            self.progress
+                .advance(0, "comparing rows of differing buckets");
             self.compare_rows(&root, &differing).await?;
             return Ok(totals);
         }
@@ -726,25 +730,28 @@ impl Walk<'_> {
         let bounds = side
             .boundaries(self.shape, &root, parts, side_rows as i64, sample)
             .await?;
+        self.progress.add_work(src_rows.max(0) as u64);
         for part in root.split(&bounds) {
-            self.compare_rows(&part, &differing).await?;
+            let compared = self.compare_rows(&part, &differing).await?;
+            self.progress
+                .advance(compared, "comparing rows of differing buckets");
         }
         Ok(totals)
     }
 
     /// Compares the rows of a range whose key falls in `buckets` by key and row hash;
-    /// differing keys become candidates, in key order.
+    /// differing keys become candidates, in key order. Returns how many source rows it read.
     async fn compare_rows(
         &mut self,
         range: &KeyRange,
         buckets: &BucketSet,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<u64, VerifyError> {
         let (src, dst) = tokio::try_join!(
             self.source.row_hashes(self.shape, range, buckets),
             self.target.row_hashes(self.shape, range, buckets)
         )?;
         self.rows_compared += src.len().max(dst.len()) as u64;
-        self.progress.advance(src.len() as u64, "comparing rows");
+        let compared = src.len() as u64;
         let src_hashes: HashMap<&Key, i64> = src.iter().map(|(k, h)| (k, *h)).collect();
         let dst_hashes: HashMap<&Key, i64> = dst.iter().map(|(k, h)| (k, *h)).collect();
         // Each list is in key order; rows only on the target must be merged in by the server's
@@ -770,7 +777,7 @@ impl Walk<'_> {
         if self.candidates.len() >= RECHECK_BATCH {
             self.recheck().await?;
         }
-        Ok(())
+        Ok(compared)
     }
 
     /// Re-reads the candidates found so far on the fresh sessions and hands on the

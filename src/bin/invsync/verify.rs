@@ -149,6 +149,9 @@ impl Progress for Bar {
         self.0.inc(rows);
         self.0.set_message(phase.to_string());
     }
+    fn add_work(&self, rows: u64) {
+        self.0.inc_length(rows);
+    }
     fn table_finished(&self, _report: &TableReport) {}
 }
 
