@@ -88,7 +88,7 @@ fn d(key: &str, kind: &str, cols: &[&str]) -> (String, String, Vec<String>) {
 fn finds_every_difference_and_repair_sql_fixes_them() {
     let src = PgCluster::start();
     let dst = PgCluster::start();
-    // 30k rows: 128 key hash buckets, of which the differing ones are compared row by row.
+    // 30k rows: 64 key hash buckets, of which the differing ones are compared row by row.
     both(
         &src,
         &dst,
@@ -107,7 +107,7 @@ fn finds_every_difference_and_repair_sql_fixes_them() {
     assert_eq!(t["status"], "identical");
     assert_eq!(t["source_rows"], 30000);
     // Identical: done after one checksum scan of its key hash buckets, no row compared.
-    assert_eq!(t["buckets_checked"], 128, "{t}");
+    assert_eq!(t["buckets_checked"], 64, "{t}");
     assert_eq!(t["rows_compared"], 0, "{t}");
     assert!(t["differences"].as_array().unwrap().is_empty());
 
@@ -127,7 +127,7 @@ fn finds_every_difference_and_repair_sql_fixes_them() {
     assert_eq!(t["status"], "different");
     assert_eq!(t["target_rows"], 29999);
     // Only the rows of the few differing buckets were compared.
-    assert!(t["rows_compared"].as_u64().unwrap() < 3000, "{t}");
+    assert!(t["rows_compared"].as_u64().unwrap() < 5000, "{t}");
     assert_eq!(
         diffs(t, &["invoice_number"]),
         vec![
@@ -429,8 +429,8 @@ fn every_kind_of_key_and_many_differences() {
             d("250000", "changed", &["v"])
         ]
     );
-    assert_eq!(big["buckets_checked"], 1024, "{big}");
-    assert!(big["rows_compared"].as_u64().unwrap() < 2000, "{big}");
+    assert_eq!(big["buckets_checked"], 256, "{big}");
+    assert!(big["rows_compared"].as_u64().unwrap() < 5000, "{big}");
     // Without statistics the table gets the fewest buckets; they all differ, and too many rows
     // for one slice, so the rows are streamed in key ranges cut at exact boundaries.
     let unanalyzed = table(&report, "public.unanalyzed");
