@@ -46,8 +46,11 @@ const ROWS_PER_BUCKET: f64 = 1024.0;
 const MIN_BUCKETS: u32 = 64;
 const MAX_BUCKETS: u32 = 1024;
 /// The rows of the differing buckets are compared (key and row hash) in one slice when there
-/// are at most this many on each side; beyond, in key ranges holding about this many each.
+/// are at most this many on each side (one scan of the table); beyond, they are streamed.
 const SLICE_ROWS: i64 = 32_768;
+/// Streamed differing buckets' rows come in key ranges holding about this many each, which
+/// bounds memory whatever the number of differences.
+const STREAM_ROWS: i64 = 8_192;
 /// Above this many rows, the key ranges are cut at keys from a row sample.
 const SAMPLE_ABOVE_ROWS: f64 = 200_000.0;
 /// Sampled keys per key range: enough for even quantiles.
@@ -719,7 +722,7 @@ impl Walk<'_> {
         // Many differences: stream the differing buckets' rows in key ranges holding about a
         // slice each (hashing spreads them evenly over the key order), cut at keys of the side
         // with more rows, so that differences still come out in key order.
-        let parts = (big as u64).div_ceil(SLICE_ROWS as u64) as usize;
+        let parts = (big as u64).div_ceil(STREAM_ROWS as u64) as usize;
         let (side, side_rows) = if totals.0 >= totals.1 {
             (self.source, totals.0 as f64)
         } else {
