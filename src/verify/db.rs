@@ -719,9 +719,9 @@ impl Walk<'_> {
             self.compare_rows(&root, &differing).await?;
             return Ok(totals);
         }
-        // Many differences: stream the differing buckets' rows in key ranges holding about a
-        // slice each (hashing spreads them evenly over the key order), cut at keys of the side
-        // with more rows, so that differences still come out in key order.
+        // Many differences: stream the differing buckets' rows in key ranges holding about
+        // STREAM_ROWS of them each (hashing spreads them evenly over the key order), cut at
+        // keys of the side with more rows, so that differences still come out in key order.
         let parts = (big as u64).div_ceil(STREAM_ROWS as u64) as usize;
         let (side, side_rows) = if totals.0 >= totals.1 {
             (self.source, totals.0 as f64)
