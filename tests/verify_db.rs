@@ -88,7 +88,7 @@ fn d(key: &str, kind: &str, cols: &[&str]) -> (String, String, Vec<String>) {
 fn finds_every_difference_and_repair_sql_fixes_them() {
     let src = PgCluster::start();
     let dst = PgCluster::start();
-    // 30k rows: several root ranges, so bisection and range boundaries are exercised.
+    // 30k rows: 64 key hash buckets, of which the differing ones are compared row by row.
     both(
         &src,
         &dst,
@@ -106,8 +106,9 @@ fn finds_every_difference_and_repair_sql_fixes_them() {
     let t = table(&report, "public.invoice");
     assert_eq!(t["status"], "identical");
     assert_eq!(t["source_rows"], 30000);
-    // Identical: done after one checksum of the whole table, no bucketed scan.
-    assert_eq!(t["ranges_checked"], 1, "{t}");
+    // Identical: done after one checksum scan of its key hash buckets, no row compared.
+    assert_eq!(t["buckets_checked"], 64, "{t}");
+    assert_eq!(t["rows_compared"], 0, "{t}");
     assert!(t["differences"].as_array().unwrap().is_empty());
 
     dst.psql(
@@ -125,8 +126,8 @@ fn finds_every_difference_and_repair_sql_fixes_them() {
     let t = table(&report, "public.invoice");
     assert_eq!(t["status"], "different");
     assert_eq!(t["target_rows"], 29999);
-    // The whole-table checksum differed, so root ranges were bisected.
-    assert!(t["ranges_checked"].as_u64().unwrap() > 2, "{t}");
+    // Only the rows of the few differing buckets were compared.
+    assert!(t["rows_compared"].as_u64().unwrap() < 5000, "{t}");
     assert_eq!(
         diffs(t, &["invoice_number"]),
         vec![
@@ -269,13 +270,33 @@ fn values_compare_exactly_whatever_the_server_settings() {
     let (code, report) = verify(&src, &dst, &["--tables", "public.by_numeric"]);
     assert_eq!(code, 1, "{report}");
     let found = diffs(table(&report, "public.by_numeric"), &["k"]);
-    assert!(!found.is_empty(), "{report}");
-    assert!(
-        found
-            .iter()
-            .all(|(_, kind, cols)| kind == "changed" && cols == &["k"]),
-        "{report}"
+    assert_eq!(found, vec![d("1.0", "changed", &["k"])], "{report}");
+    // The same among many rows, some of them also streamed with a tenth of the table
+    // differing: each such key is one changed row, whichever buckets its spellings fall in.
+    src.psql(
+        "einvoice",
+        "CREATE TABLE by_amount (k numeric PRIMARY KEY, v int); \
+         INSERT INTO by_amount SELECT i / 10.0, i FROM generate_series(1, 60000) i; ANALYZE by_amount",
     );
+    dst.psql(
+        "einvoice",
+        "CREATE TABLE by_amount (k numeric PRIMARY KEY, v int); \
+         INSERT INTO by_amount SELECT CASE WHEN i % 1000 = 7 THEN round(i / 10.0, 3) ELSE i / 10.0 END, \
+           CASE WHEN i % 10 = 1 THEN -i ELSE i END FROM generate_series(1, 60000) i; ANALYZE by_amount",
+    );
+    let (code, report) = verify(&src, &dst, &["--tables", "public.by_amount"]);
+    assert_eq!(code, 1, "{report}");
+    let t = table(&report, "public.by_amount");
+    assert_eq!(t["differences_found"], 6060, "{t}");
+    assert_eq!(t["missing"], 0, "{t}");
+    assert_eq!(t["extra"], 0, "{t}");
+    let respelled = t["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["columns"] == serde_json::json!(["k"]))
+        .count();
+    assert_eq!(respelled, 60, "{t}");
 
     // A float that really differs is found too.
     dst.psql(
@@ -307,6 +328,8 @@ fn every_kind_of_key_and_many_differences() {
          CREATE TABLE skewed (id int PRIMARY KEY, v int); \
          INSERT INTO skewed SELECT i, i FROM generate_series(1, 20000) i; \
          INSERT INTO skewed SELECT 1000000000 + i, i FROM generate_series(1, 10) i; \
+         CREATE TABLE by_day (day date PRIMARY KEY, v int); \
+         INSERT INTO by_day SELECT date '2000-01-01' + i, i FROM generate_series(1, 9000) i; \
          CREATE TABLE big (id int PRIMARY KEY, v int); \
          INSERT INTO big SELECT i, i FROM generate_series(1, 250000) i; \
          ANALYZE; \
@@ -325,6 +348,7 @@ fn every_kind_of_key_and_many_differences() {
          UPDATE skewed SET v = 0 WHERE id = 1000000005; \
          UPDATE skewed SET v = -v WHERE id % 10 = 0; \
          UPDATE big SET v = 0 WHERE id IN (1, 123457, 250000); \
+         UPDATE by_day SET v = 0 WHERE day = '2010-06-15'; DELETE FROM by_day WHERE day = '2001-01-01'; \
          UPDATE unanalyzed SET v = -v WHERE id % 10 = 3",
     );
     let repair = tempfile::tempdir().unwrap();
@@ -374,8 +398,8 @@ fn every_kind_of_key_and_many_differences() {
         ]
     );
 
-    // 10% of a table differs: every row found, and the walk switched to comparing rows in
-    // bounded chunks instead of splitting ranges over and over.
+    // 10% of a table differs: every row found, every bucket differs, and its rows are compared
+    // in one slice.
     let skewed = table(&report, "public.skewed");
     let found = diffs(skewed, &["id"]);
     // id % 10 = 0 among 1..20000 and 1000000001..1000000010, and 1000000005.
@@ -384,9 +408,18 @@ fn every_kind_of_key_and_many_differences() {
         .iter()
         .all(|(_, kind, cols)| kind == "changed" && cols == &["v"]));
     assert!(found.iter().any(|(k, _, _)| k == "1000000005"));
-    assert!(skewed["ranges_checked"].as_u64().unwrap() < 64, "{skewed}");
+    assert_eq!(skewed["rows_compared"], 20010, "{skewed}");
 
-    // Root ranges cut at sampled keys on a big table: the few rows are found.
+    // A key type without a hash of its own here (date) is bucketed by its text.
+    assert_eq!(
+        diffs(table(&report, "public.by_day"), &["day"]),
+        vec![
+            d("2001-01-01", "missing", &[]),
+            d("2010-06-15", "changed", &["v"]),
+        ]
+    );
+
+    // A big table: the few rows are found by comparing only their buckets' rows.
     let big = table(&report, "public.big");
     assert_eq!(
         diffs(big, &["id"]),
@@ -396,12 +429,13 @@ fn every_kind_of_key_and_many_differences() {
             d("250000", "changed", &["v"])
         ]
     );
-    assert!(big["ranges_checked"].as_u64().unwrap() > 32, "{big}");
-    // Without statistics the table is one range at first; its 16 parts all differ, so each is
-    // compared row by row in chunks rather than split again (1 + 16 checksummed ranges).
+    assert_eq!(big["buckets_checked"], 256, "{big}");
+    assert!(big["rows_compared"].as_u64().unwrap() < 5000, "{big}");
+    // Without statistics the table gets the fewest buckets; they all differ, and too many rows
+    // for one slice, so the rows are streamed in key ranges cut at exact boundaries.
     let unanalyzed = table(&report, "public.unanalyzed");
     assert_eq!(diffs(unanalyzed, &["id"]).len(), 10000);
-    assert_eq!(unanalyzed["ranges_checked"], 17, "{unanalyzed}");
+    assert_eq!(unanalyzed["buckets_checked"], 64, "{unanalyzed}");
     assert_eq!(unanalyzed["rows_compared"], 100000, "{unanalyzed}");
 
     // People see composite keys in key order, as PostgreSQL writes them.

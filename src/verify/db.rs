@@ -1,23 +1,27 @@
 //! `invsync verify db`: proves that a target holds exactly the source's rows, table by table,
 //! and names every row that differs.
 //!
-//! For each table both sides first checksum the whole table at once, each inside its own
-//! snapshot (taken together, or the target's after the pipeline has caught up with the
-//! source's): one plain scan, so an identical table costs what reading it costs. A differing
-//! table is then checksummed in key ranges cut at sampled keys; ranges whose checksums differ
-//! are split again until they are small enough to compare row by row (key and row hash); when
-//! most sub-ranges of a split differ, splitting stops paying off and the differing ranges are
-//! compared row by row in chunks of bounded size instead. Candidate keys are re-read fresh
-//! from both sides on a second pair of sessions ([`super::recheck`]), in batches while the walk
-//! goes on, so that changes in flight are not reported.
+//! For each table both sides first checksum it in key hash buckets (a hash of each row's key
+//! text picks its bucket; per bucket the row count and the sum of the row hashes), each inside
+//! its own snapshot (taken together, or the target's after the pipeline has caught up with the
+//! source's): one plain scan with no key comparisons, so an identical table costs what reading
+//! it costs, and the differing buckets already show where the differing rows are. Their rows
+//! alone are then read from both sides (key and row hash) and compared: in one slice when they
+//! are few, or, when many buckets differ, streamed in key ranges cut at sampled keys, each
+//! holding a bounded number of them. Candidate keys are re-read fresh from both sides on a
+//! second pair of sessions ([`super::recheck`]), in batches while the walk goes on, so that
+//! changes in flight are not reported.
 //!
 //! Invariants: a table that cannot be compared (no primary key, missing on a side, different
 //! columns, a query failing) is reported as an error, never as identical, and the other tables
-//! are still verified. Ranges are walked in key order and each range's candidates are put in
-//! the server's key order, so differences come out in key order (with a settle window, rows
-//! that needed several re-reads come later). Memory is bounded by the chunk size, the re-check
-//! batch and the number of differences listed; counts by kind are exact whatever the number,
-//! and repair SQL is spooled to files as differences are proven.
+//! are still verified. A key equal on both sides but written differently (numeric 1.0 vs 1.00)
+//! may hash into another bucket on each side; both buckets then differ and are compared in the
+//! same slice or key range, where the server's own equality makes it one changed row. Key
+//! ranges are walked in key order and each range's candidates are put in the server's key
+//! order, so differences come out in key order (with a settle window, rows that needed several
+//! re-reads come later). Memory is bounded by the slice size, the re-check batch and the number
+//! of differences listed; counts by kind are exact whatever the number, and repair SQL is
+//! spooled to files as differences are proven.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::keyrange::{Key, KeyRange, Shape};
+use super::keyrange::{BucketSet, Key, KeyRange, Shape};
 use super::recheck::{self, Settle};
 use super::repair;
 use super::side::{Checksum, RowText, Side};
@@ -33,17 +37,23 @@ use super::VerifyError;
 use crate::config::{Config, TablePattern};
 use crate::pg::{ConnInfo, PgError, TableName};
 
-/// Ranges with at most this many rows on both sides are compared row by row.
-const LEAF_ROWS: i64 = 4096;
-/// A differing range is split into at most this many parts per step of bisection.
-const FANOUT: usize = 16;
-/// The first split of a table: at most this many ranges. Each row pays log2 of it in key
-/// comparisons during the one full scan (costly for text keys under a linguistic collation),
-/// while a differing range only costs a scan of its own rows; 64 balances the two.
-const MAX_ROOT_RANGES: usize = 64;
-/// Above this many (estimated) rows, root boundaries come from a row sample.
+/// Rows per key hash bucket aimed at: a differing row costs fetching its bucket's rows.
+const ROWS_PER_BUCKET: f64 = 1024.0;
+/// Bounds on the number of buckets. More buckets make the checksum scan slower (the server's
+/// hash aggregate outgrows the CPU caches: 4096 buckets cost 1.3x the scan floor, 1024 about
+/// the floor), while more rows per bucket only make the read of differing buckets return
+/// more rows: that read scans the table once however many it returns.
+const MIN_BUCKETS: u32 = 64;
+const MAX_BUCKETS: u32 = 1024;
+/// The rows of the differing buckets are compared (key and row hash) in one slice when there
+/// are at most this many on each side (one scan of the table); beyond, they are streamed.
+const SLICE_ROWS: i64 = 32_768;
+/// Streamed differing buckets' rows come in key ranges holding about this many each, which
+/// bounds memory whatever the number of differences.
+const STREAM_ROWS: i64 = 8_192;
+/// Above this many rows, the key ranges are cut at keys from a row sample.
 const SAMPLE_ABOVE_ROWS: f64 = 200_000.0;
-/// Sampled keys per root range: enough for even quantiles.
+/// Sampled keys per key range: enough for even quantiles.
 const SAMPLED_KEYS_PER_RANGE: f64 = 16.0;
 /// Candidate keys are re-checked (and their differences handed on) in batches of this many
 /// while the walk goes on, so memory does not grow with the number of differences.
@@ -171,6 +181,9 @@ pub trait Progress: Send + Sync {
     fn table_started(&self, table: &str, estimated_rows: u64);
     /// `rows` more source rows have been compared; `phase` says what is being done.
     fn advance(&self, rows: u64, phase: &str);
+    /// `rows` more rows than the table's estimate will be compared (many differing rows, read
+    /// a second time).
+    fn add_work(&self, rows: u64);
     /// The table is done.
     fn table_finished(&self, report: &TableReport);
 }
@@ -181,6 +194,7 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn table_started(&self, _: &str, _: u64) {}
     fn advance(&self, _: u64, _: &str) {}
+    fn add_work(&self, _: u64) {}
     fn table_finished(&self, _: &TableReport) {}
 }
 
@@ -236,8 +250,8 @@ pub struct TableReport {
     /// Rows in the source's and target's snapshots.
     pub source_rows: u64,
     pub target_rows: u64,
-    /// Key ranges whose checksums were compared.
-    pub ranges_checked: u64,
+    /// Key hash buckets whose checksums were compared.
+    pub buckets_checked: u64,
     /// Rows compared one by one (key and hash).
     pub rows_compared: u64,
     /// Differences seen in the snapshots that were gone on a fresh read (changes in flight).
@@ -457,7 +471,7 @@ impl TableReport {
             key_columns: Vec::new(),
             source_rows: 0,
             target_rows: 0,
-            ranges_checked: 0,
+            buckets_checked: 0,
             rows_compared: 0,
             in_flight: 0,
             differences_found: 0,
@@ -525,7 +539,7 @@ async fn verify_table(
             repair,
         },
         in_flight: 0,
-        ranges_checked: 0,
+        buckets_checked: 0,
         rows_compared: 0,
     };
     let snapshots = open_snapshots(source, target, settle).await;
@@ -542,7 +556,7 @@ async fn verify_table(
 
     tracing::debug!(
         table = %table,
-        ranges = walk.ranges_checked,
+        buckets = walk.buckets_checked,
         rows_compared = walk.rows_compared,
         differences = walk.found.counts.iter().sum::<u64>(),
         "table compared"
@@ -565,7 +579,7 @@ async fn verify_table(
         key_columns: shape.key.iter().map(|c| c.name.clone()).collect(),
         source_rows,
         target_rows,
-        ranges_checked: walk.ranges_checked,
+        buckets_checked: walk.buckets_checked,
         rows_compared: walk.rows_compared,
         in_flight: walk.in_flight,
         differences_found,
@@ -630,8 +644,9 @@ async fn open_snapshots(source: &Side, target: &Side, settle: &Settle) -> Result
     Ok(())
 }
 
-/// The bisection over one table inside both snapshots. Ranges are visited in key order, and
-/// the candidates of each range are put in key order, so differences come out in key order.
+/// The comparison of one table inside both snapshots: bucket checksums, then the rows of the
+/// differing buckets, in key ranges visited in key order, each range's candidates put in key
+/// order, so differences come out in key order.
 struct Walk<'a> {
     source: &'a Side,
     target: &'a Side,
@@ -644,144 +659,109 @@ struct Walk<'a> {
     candidates: Vec<Key>,
     found: Found<'a>,
     in_flight: u64,
-    ranges_checked: u64,
+    buckets_checked: u64,
     rows_compared: u64,
 }
 
-/// A range whose checksums differ, with its row count on each side.
-struct Pending {
-    range: KeyRange,
-    source_rows: i64,
-    target_rows: i64,
-    /// Most ranges of the split that produced it differed: compare row by row, don't split.
-    stream: bool,
+/// How many key hash buckets a table of about `rows` rows is cut into: a power of two.
+fn bucket_count(rows: f64) -> u32 {
+    let wanted = (rows.max(0.0) / ROWS_PER_BUCKET).min(MAX_BUCKETS as f64) as u32;
+    wanted.next_power_of_two().clamp(MIN_BUCKETS, MAX_BUCKETS)
 }
 
 impl Walk<'_> {
     /// Walks the table; returns the row counts of the source and target snapshots.
     async fn run(&mut self, estimate: f64) -> Result<(u64, u64), VerifyError> {
-        let root = KeyRange::default();
-        let parts = ((estimate / LEAF_ROWS as f64).ceil() as usize).clamp(1, MAX_ROOT_RANGES);
-        if parts > 1 {
-            // One plain checksum of the whole table first: it costs what the scan floor costs
-            // (no bucket comparisons per row, no sampling), and most verified tables are
-            // identical, so most tables are done after it. Only a differing table pays for the
-            // bucketed scan below as well.
-            self.progress.advance(0, "computing whole-table checksums");
-            let (src, dst, differing) = self.split(&root, &[]).await?;
-            if differing.is_empty() {
-                return Ok((
-                    src.iter().map(|c| c.rows.max(0) as u64).sum(),
-                    dst.iter().map(|c| c.rows.max(0) as u64).sum(),
-                ));
+        // One scan per side checksums every key hash bucket: no key comparisons, so it costs
+        // about what a plain checksum of the table costs, and most verified tables are
+        // identical. The differing buckets show where the differing rows are.
+        let count = bucket_count(estimate);
+        let phase = "checksumming the table by key hash (one scan)";
+        self.progress.advance(0, phase);
+        let progress = self.progress;
+        let (mut on_source, mut on_target) = (|rows| progress.advance(rows, phase), |_| {});
+        let (src, dst) = tokio::try_join!(
+            self.source.checksums(self.shape, count, &mut on_source),
+            self.target.checksums(self.shape, count, &mut on_target)
+        )?;
+        self.buckets_checked += u64::from(count);
+        let rows = |sums: &[Checksum]| sums.iter().map(|c| c.rows.max(0) as u64).sum::<u64>();
+        let totals = (rows(&src), rows(&dst));
+        let mut differing = BucketSet {
+            count,
+            members: Vec::new(),
+        };
+        let (mut src_rows, mut dst_rows) = (0i64, 0i64);
+        for (bucket, (s, d)) in (0..count).zip(src.iter().zip(&dst)) {
+            if s != d {
+                differing.members.push(bucket);
+                src_rows += s.rows;
+                dst_rows += d.rows;
             }
         }
-        let sample = (estimate > SAMPLE_ABOVE_ROWS).then(|| {
-            (100.0 * parts as f64 * SAMPLED_KEYS_PER_RANGE / estimate).clamp(0.001, 100.0)
-        });
-        self.progress.advance(0, "sampling key boundaries");
-        let boundaries = self
-            .source
-            .boundaries(self.shape, &root, parts, estimate.max(1.0) as i64, sample)
-            .await?;
-        self.progress.advance(0, "computing checksums");
-        let (src, dst, differing) = self.split(&root, &boundaries).await?;
-        // A stack whose top is the lowest range: depth first, in key order.
-        let mut pending: Vec<Pending> = differing.into_iter().rev().collect();
+        drop((src, dst));
         tracing::debug!(
             table = %self.shape.table,
-            ranges = src.len(),
-            differing = pending.len(),
-            "root checksums compared"
+            buckets = count,
+            differing = differing.members.len(),
+            src_rows,
+            dst_rows,
+            "bucket checksums compared"
         );
-        let totals = (
-            src.iter().map(|c| c.rows.max(0) as u64).sum(),
-            dst.iter().map(|c| c.rows.max(0) as u64).sum(),
-        );
-        // Depth first, so that pending ranges stay few.
-        while let Some(p) = pending.pop() {
-            let big = p.source_rows.max(p.target_rows);
-            if big <= LEAF_ROWS {
-                self.compare_rows(&p.range).await?;
-                self.progress
-                    .advance(p.source_rows.max(0) as u64, "comparing rows");
-                continue;
-            }
-            // Boundaries from the side with more rows, so every part is small on both sides
-            // when it comes to row-by-row comparison.
-            let (side, rows) = if p.source_rows >= p.target_rows {
-                (self.source, p.source_rows)
-            } else {
-                (self.target, p.target_rows)
-            };
-            let wanted = (big as u64).div_ceil(LEAF_ROWS as u64) as usize;
-            let parts = if p.stream { wanted } else { wanted.min(FANOUT) };
-            let bounds = side
-                .boundaries(self.shape, &p.range, parts, rows, None)
-                .await?;
-            if p.stream {
-                for part in p.range.split(&bounds) {
-                    self.compare_rows(&part).await?;
-                }
-                self.progress
-                    .advance(p.source_rows.max(0) as u64, "comparing rows");
-            } else {
-                let (_, _, more) = self.split(&p.range, &bounds).await?;
-                pending.extend(more.into_iter().rev());
-            }
+        if differing.members.is_empty() {
+            return Ok(totals);
+        }
+        let root = KeyRange::default();
+        let big = src_rows.max(dst_rows);
+        if big <= SLICE_ROWS {
+            self.progress
+                .advance(0, "comparing rows of differing buckets");
+            self.compare_rows(&root, &differing).await?;
+            return Ok(totals);
+        }
+        // Many differences: stream the differing buckets' rows in key ranges holding about
+        // STREAM_ROWS of them each (hashing spreads them evenly over the key order), cut at
+        // keys of the side with more rows, so that differences still come out in key order.
+        let parts = (big as u64).div_ceil(STREAM_ROWS as u64) as usize;
+        let (side, side_rows) = if totals.0 >= totals.1 {
+            (self.source, totals.0 as f64)
+        } else {
+            (self.target, totals.1 as f64)
+        };
+        let sample = (side_rows > SAMPLE_ABOVE_ROWS).then(|| {
+            (100.0 * parts as f64 * SAMPLED_KEYS_PER_RANGE / side_rows).clamp(0.001, 100.0)
+        });
+        self.progress.advance(0, "sampling key boundaries");
+        let bounds = side
+            .boundaries(self.shape, &root, parts, side_rows as i64, sample)
+            .await?;
+        self.progress.add_work(src_rows.max(0) as u64);
+        for part in root.split(&bounds) {
+            let compared = self.compare_rows(&part, &differing).await?;
+            self.progress
+                .advance(compared, "comparing rows of differing buckets");
         }
         Ok(totals)
     }
 
-    /// Checksums of `range` split at `boundaries` on both sides at once; returns them and the
-    /// differing parts. Equal parts count as progress.
-    async fn split(
+    /// Compares the rows of a range whose key falls in `buckets` by key and row hash;
+    /// differing keys become candidates, in key order. Returns how many source rows it read.
+    async fn compare_rows(
         &mut self,
         range: &KeyRange,
-        boundaries: &[Key],
-    ) -> Result<(Vec<Checksum>, Vec<Checksum>, Vec<Pending>), VerifyError> {
+        buckets: &BucketSet,
+    ) -> Result<u64, VerifyError> {
         let (src, dst) = tokio::try_join!(
-            self.source.checksums(self.shape, range, boundaries),
-            self.target.checksums(self.shape, range, boundaries)
-        )?;
-        self.ranges_checked += src.len() as u64;
-        let parts = range.split(boundaries);
-        let mut differing = Vec::new();
-        let mut equal_rows = 0u64;
-        for ((part, s), d) in parts.into_iter().zip(&src).zip(&dst) {
-            if s == d {
-                equal_rows += s.rows.max(0) as u64;
-            } else {
-                differing.push(Pending {
-                    range: part,
-                    source_rows: s.rows,
-                    target_rows: d.rows,
-                    stream: false,
-                });
-            }
-        }
-        // When most parts differ, bisecting further costs more scans than it saves.
-        let stream = src.len() >= 4 && differing.len() * 2 > src.len();
-        for p in &mut differing {
-            p.stream = stream;
-        }
-        self.progress
-            .advance(equal_rows, "bisecting differing ranges");
-        Ok((src, dst, differing))
-    }
-
-    /// Compares the rows of a small range by key and row hash; differing keys become
-    /// candidates, in key order.
-    async fn compare_rows(&mut self, range: &KeyRange) -> Result<(), VerifyError> {
-        let (src, dst) = tokio::try_join!(
-            self.source.row_hashes(self.shape, range),
-            self.target.row_hashes(self.shape, range)
+            self.source.row_hashes(self.shape, range, buckets),
+            self.target.row_hashes(self.shape, range, buckets)
         )?;
         self.rows_compared += src.len().max(dst.len()) as u64;
+        let compared = src.len() as u64;
         let src_hashes: HashMap<&Key, i64> = src.iter().map(|(k, h)| (k, *h)).collect();
         let dst_hashes: HashMap<&Key, i64> = dst.iter().map(|(k, h)| (k, *h)).collect();
         // Each list is in key order; rows only on the target must be merged in by the server's
-        // ordering, which only the server knows (collations).
+        // ordering, which only the server knows (collations). The server also keeps one of
+        // keys equal but written differently on each side (numeric 1.0 and 1.00): one row.
         let mut keys: Vec<Key> = src
             .iter()
             .filter(|(k, h)| dst_hashes.get(k) != Some(h))
@@ -802,7 +782,7 @@ impl Walk<'_> {
         if self.candidates.len() >= RECHECK_BATCH {
             self.recheck().await?;
         }
-        Ok(())
+        Ok(compared)
     }
 
     /// Re-reads the candidates found so far on the fresh sessions and hands on the

@@ -1,8 +1,9 @@
-//! Key ranges and the SQL that compares them: which rows of a table a range holds, how a row is
-//! rendered for hashing, and how rows are sorted into buckets by sampled key boundaries.
+//! Key ranges, key hash buckets and the SQL that compares them: which rows of a table a range
+//! and a set of buckets hold, and how a row is rendered for hashing.
 //!
 //! Invariants: a range is `lo <= key < hi` under the server's own ordering of the key, with an
-//! absent bound meaning unbounded, so the buckets of one split cover their parent range exactly.
+//! absent bound meaning unbounded, so the ranges of one split cover their parent range exactly.
+//! A row's bucket depends on its key's text alone, computed the same way on both sides.
 //! Keys travel as the text of each key column and come back into SQL as typed literals
 //! (`'v'::type`), which round-trips every type a primary key can have, composite keys included.
 //! Every row is rendered as `ROW(col, ...)::text` over the source's column order, under the
@@ -190,12 +191,25 @@ impl Shape {
         }
     }
 
-    /// A 64-bit hash of the row's canonical text. Summed per range (as numeric, so exact) it is
-    /// independent of row order; the row text includes the key, so values moving between rows
-    /// change the sum.
+    /// A 64-bit hash of the row's canonical text: each column's text (as re-checks compare
+    /// it) hashed with its position as seed, NULL as a constant of its own, combined by XOR
+    /// (cheaper than rendering the row as one record). Summed per bucket (as numeric, so
+    /// exact) it is independent of row order; the key is hashed too, so values moving between
+    /// rows change the sum.
     pub fn row_hash(&self) -> String {
-        let cols: Vec<&str> = self.columns.iter().map(|c| c.quoted.as_str()).collect();
-        format!("hashtextextended(ROW({})::text, 0)", cols.join(", "))
+        let cols: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "coalesce(hashtextextended({}::text, {i}), {})",
+                    c.quoted,
+                    -1 - i as i64
+                )
+            })
+            .collect();
+        format!("({})", cols.join(" # "))
     }
 
     /// The key columns as text, for SELECT lists.
@@ -249,24 +263,53 @@ impl Shape {
         )
     }
 
-    /// An expression numbering the bucket (0..=boundaries.len()) a row falls in: a balanced
-    /// CASE tree, so each row costs log2(buckets) key comparisons.
-    pub fn bucket_expr(&self, boundaries: &[Key]) -> String {
-        fn node(shape: &Shape, b: &[Key], first: usize, last: usize) -> String {
-            if first == last {
-                return first.to_string();
-            }
-            // Bucket i holds keys in [b[i-1], b[i]); split at the boundary opening bucket `mid`.
-            let mid = (first + last).div_ceil(2);
-            format!(
-                "CASE WHEN {} < {} THEN {} ELSE {} END",
-                shape.key_expr(),
-                shape.key_value(&b[mid - 1]),
-                node(shape, b, first, mid - 1),
-                node(shape, b, mid, last)
-            )
+    /// The hash bucket (`0..count`, `count` a power of two) of a row's key: each key column
+    /// hashed by its type's own hash function where it has a common one (equal values hash
+    /// equal, so numeric 1.0 and 1.00 share a bucket), else by its text, so each row costs a
+    /// hash and no key comparisons. Rows equal on both sides fall in the same bucket on both
+    /// (their key text is the same too, the sessions fixing every rendering setting); a row
+    /// that does not has a differing row in each of its buckets, which are then compared
+    /// together.
+    pub fn bucket_of(&self, count: u32) -> String {
+        let hashes: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(seed, c)| match native_hash(&c.type_name) {
+                Some(function) => format!("{function}({}, {seed})", c.quoted),
+                None => format!("hashtextextended({}::text COLLATE \"C\", {seed})", c.quoted),
+            })
+            .collect();
+        format!("(({}) & {})::int4", hashes.join(" # "), count - 1)
+    }
+
+    /// The WHERE clause selecting `range`, the rows whose key falls in one of `buckets`, and
+    /// the user's filter. The shorter of the bucket list and its complement is written out.
+    pub fn slice_where(&self, range: &KeyRange, buckets: &BucketSet) -> String {
+        let mut clause = self.range_where(range);
+        let chosen = buckets.members.len();
+        let total = buckets.count as usize;
+        if chosen < total {
+            let (op, list): (&str, Vec<u32>) = if chosen * 2 <= total {
+                ("IN", buckets.members.clone())
+            } else {
+                let mut others: Vec<u32> = Vec::with_capacity(total - chosen);
+                let mut chosen = buckets.members.iter().peekable();
+                for b in 0..buckets.count {
+                    if chosen.next_if_eq(&&b).is_none() {
+                        others.push(b);
+                    }
+                }
+                ("NOT IN", others)
+            };
+            let list: Vec<String> = list.iter().map(u32::to_string).collect();
+            clause.push_str(&format!(
+                " AND {} {op} ({})",
+                self.bucket_of(buckets.count),
+                list.join(", ")
+            ));
         }
-        node(self, boundaries, 0, boundaries.len())
+        clause
     }
 
     /// The keys as [`Shape::keys_join`] was asked for them, for SELECT lists: rows come back
@@ -287,21 +330,24 @@ impl Shape {
             .join(", ")
     }
 
-    /// `(VALUES ...) AS v(...)`: a list of keys as typed values.
+    /// `(VALUES ...) AS v(...)`: a list of keys as typed values, each with its position in the
+    /// list (column `invsync_n`).
     pub fn keys_values(&self, keys: &[Key]) -> String {
         let rows: Vec<String> = keys
             .iter()
-            .map(|k| {
+            .enumerate()
+            .map(|(n, k)| {
                 let vals: Vec<String> = self
                     .key
                     .iter()
                     .zip(k)
                     .map(|(c, v)| typed_literal(v, &c.type_name))
                     .collect();
-                format!("({})", vals.join(", "))
+                format!("({}, {n})", vals.join(", "))
             })
             .collect();
-        let names: Vec<String> = (0..self.key.len()).map(lookup_column).collect();
+        let mut names: Vec<String> = (0..self.key.len()).map(lookup_column).collect();
+        names.push("invsync_n".into());
         format!("(VALUES {}) AS v({})", rows.join(", "), names.join(", "))
     }
 
@@ -316,6 +362,40 @@ impl Shape {
             .collect();
         format!("JOIN {} ON {}", self.keys_values(keys), on.join(" AND "))
     }
+}
+
+/// Rows whose key falls in some of the hash buckets a table is cut into ([`Shape::bucket_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BucketSet {
+    /// How many buckets the table is cut into: a power of two.
+    pub count: u32,
+    /// The buckets selected, ascending.
+    pub members: Vec<u32>,
+}
+
+/// The extended (seeded, 64-bit) hash function of a type's default hash operator class, for
+/// the key types tables commonly have; None for others, which are hashed by their text.
+fn native_hash(type_name: &str) -> Option<&'static str> {
+    // `format_type` spells a type modifier inside the name: `timestamp(3) with time zone`.
+    let base = match type_name.find('(') {
+        Some(open) => {
+            let close = type_name[open..]
+                .find(')')
+                .map_or(type_name.len(), |c| open + c + 1);
+            format!("{}{}", &type_name[..open], &type_name[close..])
+        }
+        None => type_name.to_string(),
+    };
+    Some(match base.as_str() {
+        "smallint" => "hashint2extended",
+        "integer" => "hashint4extended",
+        "bigint" => "hashint8extended",
+        "numeric" => "hash_numeric_extended",
+        "character" => "hashbpcharextended",
+        "text" | "character varying" => "hashtextextended",
+        "uuid" => "uuid_hash_extended",
+        _ => return None,
+    })
 }
 
 /// The VALUES column holding key column `i` in [`Shape::keys_join`]; named so that it cannot
@@ -364,13 +444,33 @@ mod tests {
     }
 
     #[test]
-    fn bucket_tree_and_composite_ranges() {
+    fn buckets_hash_keys_by_type_and_ranges_compare_composites() {
         let s = shape(&["a"]);
-        assert_eq!(s.bucket_expr(&[]), "0");
         assert_eq!(
-            s.bucket_expr(&[vec!["5".into()]]),
-            "CASE WHEN \"a\" < '5'::integer THEN 0 ELSE 1 END"
+            s.bucket_of(1024),
+            "((hashint4extended(\"a\", 0)) & 1023)::int4"
         );
+        let some = BucketSet {
+            count: 4,
+            members: vec![1, 3],
+        };
+        assert_eq!(
+            s.slice_where(&KeyRange::default(), &some),
+            "TRUE AND ((hashint4extended(\"a\", 0)) & 3)::int4 IN (1, 3)"
+        );
+        let most = BucketSet {
+            count: 4,
+            members: vec![0, 1, 3],
+        };
+        assert_eq!(
+            s.slice_where(&KeyRange::default(), &most),
+            "TRUE AND ((hashint4extended(\"a\", 0)) & 3)::int4 NOT IN (2)"
+        );
+        let all = BucketSet {
+            count: 4,
+            members: vec![0, 1, 2, 3],
+        };
+        assert_eq!(s.slice_where(&KeyRange::default(), &all), "TRUE");
         let c = shape(&["a", "b"]);
         let w = c.range_where(&KeyRange {
             lo: Some(vec!["1".into(), "x'y".into()]),
@@ -379,6 +479,21 @@ mod tests {
         assert_eq!(
             w,
             "(\"a\", \"b\") >= ('1'::integer, 'x''y'::integer) AND \"a\" >= '1'::integer"
+        );
+        assert_eq!(
+            c.bucket_of(2),
+            "((hashint4extended(\"a\", 0) # hashint4extended(\"b\", 1)) & 1)::int4"
+        );
+        assert_eq!(
+            c.row_hash(),
+            "(coalesce(hashtextextended(\"a\"::text, 0), -1) # coalesce(hashtextextended(\"b\"::text, 1), -2))"
+        );
+        let mut odd = shape(&["t", "n"]);
+        odd.key[0].type_name = "timestamp(3) with time zone".into();
+        odd.key[1].type_name = "numeric(12,2)".into();
+        assert_eq!(
+            odd.bucket_of(2),
+            "((hashtextextended(\"t\"::text COLLATE \"C\", 0) # hash_numeric_extended(\"n\", 1)) & 1)::int4"
         );
     }
 }

@@ -8,24 +8,53 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
+use futures::TryStreamExt;
+
 use tokio_postgres::Client;
 
-use super::keyrange::{Key, KeyRange, Shape};
+use super::keyrange::{BucketSet, Key, KeyRange, Shape};
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// Settings that fix how values are written as text. `extra_float_digits = 3` gives the
 /// shortest exact form of floats; `ISO, YMD` and `UTC` make dates and timestamptz absolute.
-/// JIT is off: compiling the bucket CASE trees costs seconds and saves nothing.
+/// JIT is off: compiling the checksum expressions costs more than it saves.
 const SESSION: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
      SET lc_monetary = 'C'; SET standard_conforming_strings = on; SET xmloption = content; \
      SET statement_timeout = 0; SET jit = off; SET application_name = 'invsync verify'";
 
-/// The checksum of one bucket: how many rows and the exact sum of their hashes.
+/// The checksum of one bucket: how many rows and the sum of their 64-bit hashes (exact below
+/// 2^63 rows).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Checksum {
     pub rows: i64,
-    pub sum: String,
+    pub sum: i128,
+}
+
+/// Block ranges a table of `pages` blocks is read in for checksums, as conditions on `ctid`
+/// (the last one open-ended, as `relpages` is an estimate). Each is read by one process, so
+/// there are twice as many as the processes a query may have (`workers` and the leader), for
+/// them to share the work evenly and for progress to move, but none smaller than
+/// `MIN_BLOCKS`.
+fn block_ranges(pages: i32, workers: i32) -> Vec<String> {
+    const MIN_BLOCKS: u64 = 256;
+    let pages = u64::from(pages.max(0).unsigned_abs());
+    let processes = u64::from(workers.clamp(0, 7).unsigned_abs()) + 1;
+    let n = (pages / MIN_BLOCKS).clamp(1, 2 * processes.max(2));
+    if n == 1 {
+        return vec![String::new()];
+    }
+    let step = pages.div_ceil(n);
+    (0..n)
+        .map(|i| {
+            let lo = format!(" AND ctid >= '({},0)'::tid", i * step);
+            if i + 1 < n {
+                format!("{lo} AND ctid < '({},0)'::tid", (i + 1) * step)
+            } else {
+                lo
+            }
+        })
+        .collect()
 }
 
 /// A row fetched for comparison: every column as text, `None` for NULL.
@@ -133,58 +162,73 @@ impl Side {
         Ok(row.get(0))
     }
 
-    /// Per-bucket checksums of `range`, split at `boundaries`; one scan of the range.
+    /// The checksum of each of `count` key hash buckets of the table ([`Shape::bucket_of`]), in
+    /// bucket order; one scan, costing about what a plain checksum of the whole table costs.
+    /// The table is read in a few block ranges, one branch of a UNION ALL each, which the
+    /// server may run in parallel workers and whose results arrive as each range is done:
+    /// `scanned` is told how many rows each finished range held, so progress moves.
     pub async fn checksums(
         &self,
         shape: &Shape,
-        range: &KeyRange,
-        boundaries: &[Key],
+        count: u32,
+        scanned: &mut dyn FnMut(u64),
     ) -> Result<Vec<Checksum>, PgError> {
-        // Joining the bucket number to a VALUES list (rather than grouping by the expression)
-        // tells the planner how few groups there are, so it aggregates inside parallel
-        // workers as a plain count/sum would, instead of sorting or funnelling every row.
-        // A range of one bucket is a plain aggregate, as cheap per row as the scan floor.
-        let sql = if boundaries.is_empty() {
-            format!(
-                "SELECT 0, count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}",
-                shape.row_hash(),
-                shape.quoted,
-                shape.range_where(range)
+        let what = || format!("computing checksums of {}", shape.table);
+        let sizes = self
+            .client
+            .query_one(
+                "SELECT relpages, current_setting('max_parallel_workers_per_gather')::int \
+                 FROM pg_class WHERE oid = $1::text::regclass",
+                &[&shape.quoted],
             )
-        } else {
-            let buckets: Vec<String> = (0..=boundaries.len()).map(|b| format!("({b})")).collect();
-            format!(
-                "SELECT v.invsync_bucket, count(*), coalesce(sum({}), 0)::text FROM {} \
-                 JOIN (VALUES {}) AS v(invsync_bucket) ON v.invsync_bucket = ({}) \
-                 WHERE {} GROUP BY v.invsync_bucket",
-                shape.row_hash(),
-                shape.quoted,
-                buckets.join(", "),
-                shape.bucket_expr(boundaries),
-                shape.range_where(range)
-            )
-        };
+            .await
+            .map_err(self.err(what()))?;
+        let branches: Vec<String> = block_ranges(sizes.get(0), sizes.get(1))
+            .iter()
+            .map(|blocks| {
+                format!(
+                    "SELECT {bucket}, count(*), coalesce(sum({}), 0)::text FROM {table} WHERE {}{blocks} \
+                     GROUP BY 1",
+                    shape.row_hash(),
+                    shape.range_where(&KeyRange::default()),
+                    bucket = shape.bucket_of(count),
+                    table = shape.quoted,
+                )
+            })
+            .collect();
+        // The planner cannot know how few buckets there are, and would sort every row into
+        // its group; hashing them is right, and needs no sort.
+        self.client
+            .batch_execute("SET LOCAL enable_sort = off")
+            .await
+            .map_err(self.err(what()))?;
         let rows = self
             .client
-            .query(&sql, &[])
+            .query_raw(&branches.join(" UNION ALL "), std::iter::empty::<i32>())
             .await
-            .map_err(self.err(format!("computing checksums of {}", shape.table)))?;
-        let mut out = vec![
-            Checksum {
-                rows: 0,
-                sum: "0".into()
-            };
-            boundaries.len() + 1
-        ];
-        for r in rows {
-            let b: i32 = r.get(0);
-            if let Some(slot) = usize::try_from(b).ok().and_then(|b| out.get_mut(b)) {
-                *slot = Checksum {
-                    rows: r.get(1),
-                    sum: r.get(2),
-                };
+            .map_err(self.err(what()))?;
+        futures::pin_mut!(rows);
+        let mut out = vec![Checksum::default(); count as usize];
+        while let Some(row) = rows.try_next().await.map_err(self.err(what()))? {
+            let bucket: i32 = row.get(0);
+            let rows: i64 = row.get(1);
+            let sum: &str = row.get(2);
+            let sum: i128 = sum.parse().map_err(|_| {
+                PgError::Invalid(format!(
+                    "checksum {sum:?} of {} on {} is not an integer",
+                    shape.table, self.conn
+                ))
+            })?;
+            if let Some(slot) = usize::try_from(bucket).ok().and_then(|b| out.get_mut(b)) {
+                slot.rows += rows;
+                slot.sum = slot.sum.wrapping_add(sum);
             }
+            scanned(rows.max(0) as u64);
         }
+        self.client
+            .batch_execute("RESET enable_sort")
+            .await
+            .map_err(self.err(what()))?;
         Ok(out)
     }
 
@@ -235,12 +279,13 @@ impl Side {
         }
     }
 
-    /// Every row of `range` as (key, row hash), in key order. The caller keeps ranges small
-    /// enough for memory.
+    /// Every row of `range` whose key falls in `buckets`, as (key, row hash), in key order. The
+    /// caller keeps slices small enough for memory.
     pub async fn row_hashes(
         &self,
         shape: &Shape,
         range: &KeyRange,
+        buckets: &BucketSet,
     ) -> Result<Vec<(Key, i64)>, PgError> {
         let n = shape.key.len();
         let sql = format!(
@@ -248,7 +293,7 @@ impl Side {
             shape.key_text(),
             shape.row_hash(),
             shape.quoted,
-            shape.range_where(range),
+            shape.slice_where(range, buckets),
             shape.key_order()
         );
         let rows = self
@@ -262,14 +307,16 @@ impl Side {
             .collect())
     }
 
-    /// `keys` in the order of the table's key on this server.
+    /// `keys` in the order of the table's key on this server, each key once under the key
+    /// type's own equality: of keys equal but written differently (numeric 1.0 and 1.00), the
+    /// first in `keys` stays.
     pub async fn sort_keys(&self, shape: &Shape, keys: &[Key]) -> Result<Vec<Key>, PgError> {
         let n = shape.key.len();
+        let order = shape.lookup_key_order();
         let sql = format!(
-            "SELECT {} FROM {} ORDER BY {}",
+            "SELECT DISTINCT ON ({order}) {} FROM {} ORDER BY {order}, v.invsync_n",
             shape.lookup_key_text(),
             shape.keys_values(keys),
-            shape.lookup_key_order()
         );
         let rows = self
             .client
@@ -320,5 +367,26 @@ impl Side {
                 (key, row)
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_ranges;
+
+    #[test]
+    fn block_ranges_cover_the_table_and_follow_the_workers() {
+        assert_eq!(block_ranges(0, 2), vec![String::new()]);
+        assert_eq!(block_ranges(511, 2), vec![String::new()]);
+        assert_eq!(
+            block_ranges(513, 2),
+            vec![
+                " AND ctid >= '(0,0)'::tid AND ctid < '(257,0)'::tid".to_string(),
+                " AND ctid >= '(257,0)'::tid".to_string(),
+            ]
+        );
+        // Twice as many as the processes, at least four.
+        assert_eq!(block_ranges(1_000_000, 2).len(), 6);
+        assert_eq!(block_ranges(1_000_000, 0).len(), 4);
     }
 }

@@ -14,8 +14,8 @@ use invsync::verify::{self, DbReport, DbVerifyOptions, Progress, TableReport, Ta
 pub enum VerifyCommand {
     /// Prove that a target database holds exactly the source's rows
     ///
-    /// Compares checksums of key ranges computed inside both databases at once, narrows
-    /// differing ranges down to single rows, and reports every row that is missing on the
+    /// Compares checksums of key hash buckets computed inside both databases at once, compares
+    /// the rows of differing buckets, and reports every row that is missing on the
     /// target, extra on the target, or changed (with the columns that differ). Rows that differ
     /// only because a pipeline has not applied them yet are re-checked and not reported.
     /// Exit status: 0 identical, 1 differences found, 2 could not verify.
@@ -148,6 +148,9 @@ impl Progress for Bar {
     fn advance(&self, rows: u64, phase: &str) {
         self.0.inc(rows);
         self.0.set_message(phase.to_string());
+    }
+    fn add_work(&self, rows: u64) {
+        self.0.inc_length(rows);
     }
     fn table_finished(&self, _report: &TableReport) {}
 }
