@@ -287,19 +287,12 @@ pub async fn estimate(
 pub(crate) fn sample_sql(shape: &Shape, rows: f64, pages: f64) -> (String, usize) {
     let parts = (rows / SEGMENT_ROWS as f64).ceil().max(1.0);
     let percent = (100.0 * parts * 10.0 / pages.max(1.0)).clamp(0.001, 100.0);
-    // Ordered by the columns qualified with the table's alias: a bare name would mean the
-    // output column of the same name, the key as text, whose order is not the key's.
-    let order: Vec<String> = shape
-        .key
-        .iter()
-        .map(|c| format!("invsync_sample.{}", c.quoted))
-        .collect();
     (
         format!(
-            "SELECT {} FROM {} AS invsync_sample TABLESAMPLE SYSTEM ({percent:.4}) ORDER BY {}",
+            "SELECT {} FROM {} TABLESAMPLE SYSTEM ({percent:.4}) ORDER BY {}",
             shape.key_text(),
             shape.quoted,
-            order.join(", ")
+            shape.key_order()
         ),
         parts as usize,
     )

@@ -212,11 +212,14 @@ impl Shape {
         format!("({})", cols.join(" # "))
     }
 
-    /// The key columns as text, for SELECT lists.
+    /// The key columns as text, for SELECT lists. Each gets a name of its own: left with the
+    /// column's name, an `ORDER BY` of that name in the same query would sort by the text
+    /// (`'100000' < '99999'`) instead of the key.
     pub fn key_text(&self) -> String {
         self.key
             .iter()
-            .map(|c| format!("{}::text", c.quoted))
+            .enumerate()
+            .map(|(i, c)| format!("{}::text AS invsync_key_{i}", c.quoted))
             .collect::<Vec<_>>()
             .join(", ")
     }
