@@ -5,8 +5,15 @@
 //! commit, and [`Target::flush`] writes the last commit's end LSN with
 //! [`progress::record`](super::progress::record) before `COMMIT`. A batch that fails is rolled
 //! back whole, so a source transaction is never half-visible and progress never runs ahead of
-//! the data. Changes are sent as they arrive, in pieces of bounded size, so a source transaction
-//! larger than memory streams through.
+//! the data. Changes are sent as they arrive, in pieces of bounded size handed to the target's
+//! [`Writer`], so a source transaction larger than memory streams through, and the target
+//! executes one piece while the next is decoded and built.
+//!
+//! Apply sessions commit asynchronously (`synchronous_commit = off`, as PostgreSQL's apply
+//! workers): a crash of the target may lose the last commits, always together with their
+//! progress, so the restart position read from the target stays exact. `applied` is what the
+//! target has committed, `durable` what its WAL flush position covers; only `durable` may be
+//! confirmed to the source's slot.
 //!
 //! Consecutive changes of one kind to one table are merged into one set-based statement (a
 //! multi-row INSERT, `DELETE .. WHERE (key) IN (..)`, `UPDATE .. FROM (VALUES ..)`), so the
@@ -22,7 +29,8 @@
 //! replication origin [`names::origin`](super::names::origin), so what they write is recognisable
 //! and not streamed back by a pipeline in the opposite direction.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -31,6 +39,7 @@ use tokio_postgres::Client;
 use super::decoder::{
     Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
 };
+use super::writer::Writer;
 use super::{copy::settings_sql, names, progress, schema, SyncError};
 use crate::pg::{quote_ident, quote_literal, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
@@ -166,9 +175,17 @@ pub struct Target {
     pub name: String,
     pub conn: ConnInfo,
     pipeline: String,
-    client: Option<Client>,
-    /// End LSN of the last source commit this target holds (committed, durable).
+    client: Option<Arc<Client>>,
+    /// Executes the batch's pieces while the next ones are built.
+    writer: Option<Writer>,
+    /// End LSN of the last source commit this target has committed (possibly not yet flushed:
+    /// apply sessions commit asynchronously).
+    pub applied: Lsn,
+    /// End LSN of the last source commit this target holds durably (its commit is flushed).
     pub durable: Lsn,
+    /// Commits not known to be flushed yet: the target's WAL position after each commit, with
+    /// the source end LSN it made applied.
+    unflushed: VecDeque<(Lsn, Lsn)>,
     /// Whether `durable` was read from the target in this session.
     pub known: bool,
     /// Relation generations checked for schema drift on this target.
@@ -224,7 +241,10 @@ impl Target {
             conn,
             pipeline: pipeline.to_string(),
             client: None,
+            writer: None,
+            applied: Lsn(0),
             durable: Lsn(0),
+            unflushed: VecDeque::new(),
             known: false,
             checked: HashMap::new(),
             types: HashMap::new(),
@@ -248,7 +268,9 @@ impl Target {
         };
         client
             .batch_execute(&format!(
-                "{} SET standard_conforming_strings = on;",
+                // Asynchronous commit, as PostgreSQL's own apply workers: the slot is confirmed
+                // only up to commits the target reports flushed (see `durable`).
+                "{} SET standard_conforming_strings = on; SET synchronous_commit = off;",
                 settings_sql()
             ))
             .await
@@ -285,10 +307,18 @@ impl Target {
                 pipeline: self.pipeline.clone(),
                 target: self.conn.to_string(),
             })?;
+        self.applied = p.applied;
         self.durable = p.applied;
+        self.unflushed.clear();
         self.known = true;
         self.checked.clear();
         self.batch = Batch::default();
+        let client = Arc::new(client);
+        self.writer = Some(Writer::start(
+            client.clone(),
+            self.conn.clone(),
+            format!("applying changes of pipeline {}", self.pipeline),
+        ));
         self.client = Some(client);
         self.backoff = Duration::from_millis(500);
         Ok(())
@@ -298,20 +328,49 @@ impl Target {
     /// and it is retried with growing backoff.
     pub fn went_away(&mut self, error: &SyncError) {
         tracing::warn!(target = %self.name, "target went away: {error}; retrying in {:?}", self.backoff);
-        self.client = None;
-        self.batch = Batch::default();
+        self.disconnect();
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
     }
 
     /// True if this target still needs the source transaction that commits at `commit_lsn`.
     pub fn wants(&self, commit_lsn: Lsn) -> bool {
-        self.is_up() && commit_lsn >= self.durable
+        self.is_up() && commit_lsn >= self.applied
     }
 
-    /// True when changes are buffered or a target transaction is open.
+    /// True when changes are buffered, a target transaction is open, or a commit is not known
+    /// to be flushed.
     pub fn pending(&self) -> bool {
-        self.batch.open || !self.batch.sql.is_empty()
+        self.pending_batch() || !self.unflushed.is_empty()
+    }
+
+    /// True when only the flush of committed batches is awaited: [`Target::check_flushed`]
+    /// can tell without waiting behind an open batch.
+    pub fn awaits_flush(&self) -> bool {
+        self.is_up() && !self.pending_batch() && !self.unflushed.is_empty()
+    }
+
+    /// Moves `durable` over the commits the target's WAL flush position `flushed` covers.
+    fn flushed_up_to(&mut self, flushed: Lsn) {
+        while let Some(&(wal, end)) = self.unflushed.front() {
+            if wal > flushed {
+                break;
+            }
+            self.durable = end;
+            self.unflushed.pop_front();
+        }
+    }
+
+    /// Asks the target how far its WAL is flushed and moves `durable` accordingly.
+    pub async fn check_flushed(&mut self) -> Result<(), SyncError> {
+        let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+        let flushed: String = client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(|e| PgError::query("reading the WAL flush position", &self.conn, e))?
+            .get(0);
+        self.flushed_up_to(parse_lsn(&flushed, &self.conn)?);
+        Ok(())
     }
 
     /// Rows in the open batch.
@@ -324,20 +383,24 @@ impl Target {
             return Ok(());
         }
         self.close_group();
-        let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+        let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
         let mut sql = std::mem::take(&mut self.batch.sql);
         if !self.batch.open {
             sql.insert_str(0, "BEGIN;\n");
         }
-        client.batch_execute(&sql).await.map_err(|e| {
-            PgError::query(
-                format!("applying changes of pipeline {}", self.pipeline),
-                &self.conn,
-                e,
-            )
-        })?;
+        writer.execute(sql).await?;
         self.batch.open = true;
         Ok(())
+    }
+
+    /// Sends what is buffered and waits until the target has run everything sent.
+    async fn send_and_wait(&mut self) -> Result<(), SyncError> {
+        self.send(true).await?;
+        self.writer
+            .as_mut()
+            .ok_or_else(|| gone(&self.conn))?
+            .wait()
+            .await
     }
 
     /// Ends an open set-based statement (before a relation's definition changes).
@@ -379,6 +442,7 @@ impl Target {
             return Ok(());
         }
         let table = rel.table();
+        self.send_and_wait().await?;
         let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
         let have = TableInfo::load(client, &self.conn, &table).await?;
         let types = rel
@@ -425,7 +489,7 @@ impl Target {
             let ddl = ddl.join(";\n");
             self.batch.sql.push_str(&ddl);
             self.batch.sql.push_str(";\n");
-            match self.send(true).await {
+            match self.send_and_wait().await {
                 Ok(()) => {
                     tracing::info!(table = %table, target = %self.name, "added column(s) {}: {ddl}", missing.join(", "))
                 }
@@ -635,40 +699,98 @@ impl Target {
         self.batch.last_time = commit_time;
     }
 
-    /// Commits the batch with its progress. Afterwards `durable` is the batch's last source
-    /// commit.
-    pub async fn flush(&mut self) -> Result<(), SyncError> {
-        let Some(end) = self.batch.last_end else {
-            return Ok(());
-        };
-        if !self.batch.open && self.batch.sql.is_empty() {
+    /// Commits the batch with its progress: `applied` becomes the batch's last source commit.
+    /// The commit is asynchronous unless `durably`; then, and also when no batch is open,
+    /// `durable` catches up with `applied` before this returns.
+    pub async fn flush(&mut self, durably: bool) -> Result<(), SyncError> {
+        let end = self.batch.last_end;
+        if let Some(end) = end.filter(|_| self.pending_batch()) {
+            self.send_and_wait().await?;
+            let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+            progress::record(
+                client,
+                &self.conn,
+                &self.pipeline,
+                end,
+                self.batch.last_time,
+            )
+            .await?;
+            // WAL is flushed in order: once the target's flush position passes the insert
+            // position read right after this commit, the commit is durable.
+            let commit = if durably {
+                "SET LOCAL synchronous_commit = on; COMMIT;"
+            } else {
+                "COMMIT;"
+            };
+            let positions = wal_positions(
+                client,
+                &self.conn,
+                &format!("{commit} SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"),
+            )
+            .await?;
             self.batch = Batch::default();
-            return Ok(());
+            self.applied = end;
+            self.unflushed.push_back((positions.0, end));
+            self.flushed_up_to(if durably { positions.0 } else { positions.1 });
+        } else if end.is_some() {
+            // Only source transactions without changes for this target: nothing to commit.
+            self.batch = Batch::default();
         }
-        self.send(true).await?;
-        let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
-        progress::record(
-            client,
-            &self.conn,
-            &self.pipeline,
-            end,
-            self.batch.last_time,
-        )
-        .await?;
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| PgError::query("committing applied changes", &self.conn, e))?;
-        self.durable = end;
-        self.batch = Batch::default();
+        if durably && !self.unflushed.is_empty() {
+            // A transaction with a transaction id commits a record; committed synchronously, it
+            // flushes all WAL before it, earlier asynchronous commits included.
+            let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+            let positions = wal_positions(
+                client,
+                &self.conn,
+                "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT; \
+                 SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+            )
+            .await?;
+            self.flushed_up_to(positions.1);
+        }
         Ok(())
+    }
+
+    /// True when changes are buffered or a target transaction is open.
+    fn pending_batch(&self) -> bool {
+        self.batch.open || !self.batch.sql.is_empty()
     }
 
     /// Drops the connection without committing (used when stopping after an error elsewhere).
     pub fn disconnect(&mut self) {
+        self.writer = None;
         self.client = None;
         self.batch = Batch::default();
+        self.unflushed.clear();
     }
+}
+
+/// Runs `sql` (simple protocol) whose last result row holds two LSNs (insert, flush position).
+async fn wal_positions(
+    client: &Client,
+    conn: &ConnInfo,
+    sql: &str,
+) -> Result<(Lsn, Lsn), SyncError> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .map_err(|e| PgError::query("committing applied changes", conn, e))?;
+    let row = messages
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .ok_or_else(|| SyncError::Protocol(format!("{conn}: no WAL position after a commit")))?;
+    let lsn = |i: usize| parse_lsn(row.get(i).unwrap_or_default(), conn);
+    Ok((lsn(0)?, lsn(1)?))
+}
+
+fn parse_lsn(text: &str, conn: &ConnInfo) -> Result<Lsn, SyncError> {
+    text.parse()
+        .map_err(|_| SyncError::Protocol(format!("{conn}: {text:?} is not a WAL position")))
 }
 
 fn gone(conn: &ConnInfo) -> SyncError {
