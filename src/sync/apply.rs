@@ -41,7 +41,7 @@ use super::decoder::{
 };
 use super::writer::Writer;
 use super::{copy::settings_sql, names, progress, schema, SyncError};
-use crate::pg::{quote_ident, quote_literal, ConnInfo, Lsn, PgError, TableInfo, TableName};
+use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// SQL is sent to the target once this much is buffered, also inside a transaction.
 const PIECE_BYTES: usize = 256 * 1024;
@@ -89,18 +89,54 @@ pub enum Change<'a> {
 }
 
 fn literal(v: &Value) -> Result<String, SyncError> {
+    let mut out = String::new();
+    push_literal(&mut out, v)?;
+    Ok(out)
+}
+
+/// Appends `v` as an SQL literal (or NULL) to `out`, without a temporary string per value.
+fn push_literal(out: &mut String, v: &Value) -> Result<(), SyncError> {
     match v {
-        Value::Null => Ok("NULL".into()),
-        Value::Text(b) => std::str::from_utf8(b)
-            .map(quote_literal)
-            .map_err(|_| SyncError::Protocol("a column value is not valid UTF-8".into())),
-        Value::Binary(_) => Err(SyncError::Protocol(
-            "a column value arrived in binary; invsync streams text values".into(),
-        )),
-        Value::Unchanged => Err(SyncError::Protocol(
-            "an unchanged TOAST value where a value is needed".into(),
-        )),
+        Value::Null => out.push_str("NULL"),
+        Value::Text(b) => {
+            let text = std::str::from_utf8(b)
+                .map_err(|_| SyncError::Protocol("a column value is not valid UTF-8".into()))?;
+            out.reserve(text.len() + 2);
+            out.push('\'');
+            for (i, part) in text.split('\'').enumerate() {
+                if i > 0 {
+                    out.push_str("''");
+                }
+                out.push_str(part);
+            }
+            out.push('\'');
+        }
+        Value::Binary(_) => {
+            return Err(SyncError::Protocol(
+                "a column value arrived in binary; invsync streams text values".into(),
+            ))
+        }
+        Value::Unchanged => {
+            return Err(SyncError::Protocol(
+                "an unchanged TOAST value where a value is needed".into(),
+            ))
+        }
     }
+    Ok(())
+}
+
+/// Appends the values of `row` as comma-separated literals.
+fn push_literals<'a>(
+    out: &mut String,
+    row: impl Iterator<Item = &'a Value>,
+) -> Result<(), SyncError> {
+    for (i, v) in row.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        push_literal(out, v)?;
+    }
+    Ok(())
 }
 
 fn check_width(rel: &StreamRelation, values: &[Value]) -> Result<(), SyncError> {
@@ -159,15 +195,15 @@ fn key_columns(rel: &StreamRelation) -> impl Iterator<Item = (usize, &RelationCo
 
 /// The key values of a row as comma-separated literals.
 fn key_literals(rel: &StreamRelation, row: &[Value]) -> Result<String, SyncError> {
-    let keys: Result<Vec<String>, _> = key_columns(rel).map(|(i, _)| literal(&row[i])).collect();
-    let keys = keys?;
-    if keys.is_empty() {
+    let mut out = String::new();
+    push_literals(&mut out, key_columns(rel).map(|(i, _)| &row[i]))?;
+    if out.is_empty() {
         return Err(SyncError::Protocol(format!(
             "{}: a change arrived without key columns",
             rel.table()
         )));
     }
-    Ok(keys.join(", "))
+    Ok(out)
 }
 
 /// One target of a pipeline and its open batch.
@@ -194,6 +230,8 @@ pub struct Target {
     /// the target lacked the column when checked); set-based UPDATEs cast to them.
     types: HashMap<u32, Vec<Option<String>>>,
     batch: Batch,
+    /// Scratch space for one row's literals, kept to spare an allocation per row.
+    row: String,
     /// When to try reconnecting after the target went away.
     pub retry_at: Instant,
     backoff: Duration,
@@ -249,6 +287,7 @@ impl Target {
             checked: HashMap::new(),
             types: HashMap::new(),
             batch: Batch::default(),
+            row: String::new(),
             retry_at: Instant::now(),
             backoff: Duration::from_millis(500),
         }
@@ -525,8 +564,9 @@ impl Target {
 
     fn insert(&mut self, rel: &StreamRelation, new: &[Value]) -> Result<(), SyncError> {
         check_width(rel, new)?;
-        let values: Result<Vec<String>, _> = new.iter().map(literal).collect();
-        let values = values?.join(", ");
+        let mut values = std::mem::take(&mut self.row);
+        values.clear();
+        push_literals(&mut values, new.iter())?;
         self.join_group(rel.rel.id, GroupKind::Insert, || {
             let names: Vec<String> = rel
                 .rel
@@ -542,6 +582,7 @@ impl Target {
         self.batch.sql.push('(');
         self.batch.sql.push_str(&values);
         self.batch.sql.push(')');
+        self.row = values;
         Ok(())
     }
 
@@ -628,13 +669,13 @@ impl Target {
                 self.close_group();
             }
         }
-        let mut values = Vec::new();
-        for (v, s) in new.iter().zip(&set) {
-            if *s {
-                values.push(literal(v)?);
-            }
-        }
-        values.push(old_key.clone());
+        let mut values = String::new();
+        push_literals(
+            &mut values,
+            new.iter().zip(&set).filter(|(_, s)| **s).map(|(v, _)| v),
+        )?;
+        values.push_str(", ");
+        values.push_str(&old_key);
         self.join_group(rel.rel.id, kind, || {
             let cols = &rel.rel.columns;
             let mut sets = Vec::new();
@@ -660,7 +701,7 @@ impl Target {
             )
         });
         self.batch.sql.push('(');
-        self.batch.sql.push_str(&values.join(", "));
+        self.batch.sql.push_str(&values);
         self.batch.sql.push(')');
         if let Some(g) = self.batch.group.as_mut() {
             g.keys.insert(old_key);

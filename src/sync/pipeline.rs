@@ -644,10 +644,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn apply_message(
+async fn apply_message<'r>(
     message: Message,
     txn: &mut Option<Txn>,
-    relations: &mut HashMap<u32, StreamRelation>,
+    relations: &'r mut HashMap<u32, StreamRelation>,
     targets: &mut [Target],
     source: &tokio_postgres::Client,
     source_conn: &ConnInfo,
@@ -657,14 +657,15 @@ async fn apply_message(
             "{source_conn}: a change arrived outside a transaction"
         ))
     };
-    let relation =
-        |relations: &HashMap<u32, StreamRelation>, id: u32| -> Result<StreamRelation, SyncError> {
-            relations.get(&id).cloned().ok_or_else(|| {
-                SyncError::Protocol(format!(
-                    "{source_conn}: a change to relation {id} arrived before its description"
-                ))
-            })
-        };
+    let relation = |relations: &'r HashMap<u32, StreamRelation>,
+                    id: u32|
+     -> Result<&'r StreamRelation, SyncError> {
+        relations.get(&id).ok_or_else(|| {
+            SyncError::Protocol(format!(
+                "{source_conn}: a change to relation {id} arrived before its description"
+            ))
+        })
+    };
     match message {
         Message::Relation(rel) => {
             for t in targets.iter_mut() {
@@ -694,13 +695,12 @@ async fn apply_message(
                 Message::Delete { old, .. } => Change::Delete(old),
                 _ => return Ok(()),
             };
-            let idx = t.targets.clone();
-            for i in idx {
+            for &i in &t.targets {
                 if !targets[i].is_up() {
                     continue;
                 }
-                let r = match targets[i].check_drift(&rel, source, source_conn).await {
-                    Ok(()) => targets[i].change(&rel, change).await,
+                let r = match targets[i].check_drift(rel, source, source_conn).await {
+                    Ok(()) => targets[i].change(rel, change).await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = r {
@@ -716,11 +716,10 @@ async fn apply_message(
             if t.skip || t.targets.is_empty() {
                 return Ok(());
             }
-            let rels: Vec<StreamRelation> = ids
+            let refs: Vec<&StreamRelation> = ids
                 .iter()
                 .map(|&id| relation(relations, id))
                 .collect::<Result<_, _>>()?;
-            let refs: Vec<&StreamRelation> = rels.iter().collect();
             for i in t.targets.clone() {
                 if targets[i].is_up() {
                     if let Err(e) = targets[i].truncate(&refs, options).await {
