@@ -15,18 +15,22 @@
 //! target has committed, `durable` what its WAL flush position covers; only `durable` may be
 //! confirmed to the source's slot.
 //!
-//! Consecutive changes of one kind to one table are merged into one set-based statement (a
-//! multi-row INSERT, `DELETE .. WHERE (key) IN (..)`, `UPDATE .. FROM (VALUES ..)`), so the
-//! target parses and plans once per group instead of once per row. Only neighbours merge, so
-//! changes keep their source order; an UPDATE group is closed before a row whose old or new key
-//! it already touched, because one set-based UPDATE sees each row once and would lose the later
-//! effect.
+//! Consecutive changes of one kind to one table are merged into one set-based statement
+//! (`INSERT .. SELECT .. FROM unnest(..)`, `DELETE .. USING unnest(..)`, `UPDATE .. FROM
+//! unnest(..)`), prepared once per session, relation definition and kind, and executed with one
+//! text array per column, so the target parses and plans once per kind instead of once per row
+//! or group. Only neighbours merge, so changes keep their source order; an UPDATE group is closed
+//! before a row whose old or new key it already touched, because one set-based UPDATE sees each
+//! row once and would lose the later effect. Where the target's column types are not known (a
+//! column just added) or rows are found by every column (REPLICA IDENTITY FULL), a row gets a
+//! statement of its own.
 //!
-//! Values are written in their text form (as pgoutput sends them) as SQL literals, which the
-//! target reads with each column's input function, the way PostgreSQL's own apply does; both
-//! sessions pin the formats ([`SESSION_SETTINGS`](super::slot::SESSION_SETTINGS)). Columns sent as
-//! unchanged TOAST are left out of the UPDATE, so they keep their value. Apply sessions carry the
-//! replication origin [`names::origin`](super::names::origin), so what they write is recognisable
+//! Values travel in their text form (as pgoutput sends them), as array elements or SQL
+//! literals, and the target reads them with each column's input function (a cast from text),
+//! the way PostgreSQL's own apply does; both sessions pin the formats
+//! ([`SESSION_SETTINGS`](super::slot::SESSION_SETTINGS)). Columns sent as unchanged TOAST are left
+//! out of the UPDATE, so they keep their value. Apply sessions carry the replication origin
+//! [`names::origin`](super::names::origin), so what they write is recognisable
 //! and not streamed back by a pipeline in the opposite direction.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -94,13 +98,27 @@ fn literal(v: &Value) -> Result<String, SyncError> {
     Ok(out)
 }
 
+/// The text of a value, `None` for NULL.
+fn text_of(v: &Value) -> Result<Option<&str>, SyncError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Text(b) => std::str::from_utf8(b)
+            .map(Some)
+            .map_err(|_| SyncError::Protocol("a column value is not valid UTF-8".into())),
+        Value::Binary(_) => Err(SyncError::Protocol(
+            "a column value arrived in binary; invsync streams text values".into(),
+        )),
+        Value::Unchanged => Err(SyncError::Protocol(
+            "an unchanged TOAST value where a value is needed".into(),
+        )),
+    }
+}
+
 /// Appends `v` as an SQL literal (or NULL) to `out`, without a temporary string per value.
 fn push_literal(out: &mut String, v: &Value) -> Result<(), SyncError> {
-    match v {
-        Value::Null => out.push_str("NULL"),
-        Value::Text(b) => {
-            let text = std::str::from_utf8(b)
-                .map_err(|_| SyncError::Protocol("a column value is not valid UTF-8".into()))?;
+    match text_of(v)? {
+        None => out.push_str("NULL"),
+        Some(text) => {
             out.reserve(text.len() + 2);
             out.push('\'');
             for (i, part) in text.split('\'').enumerate() {
@@ -111,18 +129,56 @@ fn push_literal(out: &mut String, v: &Value) -> Result<(), SyncError> {
             }
             out.push('\'');
         }
-        Value::Binary(_) => {
-            return Err(SyncError::Protocol(
-                "a column value arrived in binary; invsync streams text values".into(),
-            ))
-        }
-        Value::Unchanged => {
-            return Err(SyncError::Protocol(
-                "an unchanged TOAST value where a value is needed".into(),
-            ))
+    }
+    Ok(())
+}
+
+/// Appends `v` as an element to `array`, an array literal being written inside an SQL string
+/// literal (see [`Group::arrays`]): quoted, with `\` and `"` escaped for the array and `'`
+/// doubled for the string.
+fn push_element(array: &mut String, v: &Value) -> Result<(), SyncError> {
+    if array.len() > ARRAY_OPEN.len() {
+        array.push(',');
+    }
+    match text_of(v)? {
+        None => array.push_str("NULL"),
+        Some(text) => {
+            array.reserve(text.len() + 2);
+            array.push('"');
+            if text.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\'')) {
+                for c in text.chars() {
+                    match c {
+                        '\\' => array.push_str("\\\\"),
+                        '"' => array.push_str("\\\""),
+                        '\'' => array.push_str("''"),
+                        c => array.push(c),
+                    }
+                }
+            } else {
+                array.push_str(text);
+            }
+            array.push('"');
         }
     }
     Ok(())
+}
+
+/// The target's type of column `i`, as the prepared statements cast to it.
+fn type_of(types: &[Option<String>], i: usize) -> &str {
+    types.get(i).and_then(|t| t.as_deref()).unwrap_or("text")
+}
+
+/// `text[], text[], ..`: the parameter types of a prepared group statement.
+fn text_arrays(n: usize) -> String {
+    vec!["text[]"; n].join(", ")
+}
+
+/// `$1, $2, .., $n`.
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Appends the values of `row` as comma-separated literals.
@@ -230,8 +286,8 @@ pub struct Target {
     /// the target lacked the column when checked); set-based UPDATEs cast to them.
     types: HashMap<u32, Vec<Option<String>>>,
     batch: Batch,
-    /// Scratch space for one row's literals, kept to spare an allocation per row.
-    row: String,
+    /// Statements prepared in this session, by relation, relation generation and kind.
+    prepared: HashMap<(u32, u64, GroupKind), String>,
     /// When to try reconnecting after the target went away.
     pub retry_at: Instant,
     backoff: Duration,
@@ -249,17 +305,25 @@ struct Batch {
     rows: usize,
 }
 
-/// A set-based statement that more rows may join: same relation, same [`GroupKind`].
+/// A set-based statement that more rows may join: same relation, same [`GroupKind`]. It runs as
+/// `EXECUTE name(array, ..)` of a statement prepared once per session, relation definition and
+/// kind, with one text array per parameter, so the target parses and plans it once.
 struct Group {
     rel: u32,
     kind: GroupKind,
-    /// What closes the statement after its last row.
-    suffix: String,
+    /// The prepared statement's name.
+    statement: String,
+    /// Per parameter, the array literal so far, SQL-quoted: `'{` and the elements;
+    /// [`Target::close_group`] closes it.
+    arrays: Vec<String>,
     /// Key literals an UPDATE group touched (old and new keys).
     keys: HashSet<String>,
 }
 
-#[derive(PartialEq, Eq)]
+/// What opens an array literal in [`Group::arrays`].
+const ARRAY_OPEN: &str = "'{";
+
+#[derive(Clone, PartialEq, Eq, Hash)]
 enum GroupKind {
     Insert,
     Delete,
@@ -287,7 +351,7 @@ impl Target {
             checked: HashMap::new(),
             types: HashMap::new(),
             batch: Batch::default(),
-            row: String::new(),
+            prepared: HashMap::new(),
             retry_at: Instant::now(),
             backoff: Duration::from_millis(500),
         }
@@ -308,8 +372,11 @@ impl Target {
         client
             .batch_execute(&format!(
                 // Asynchronous commit, as PostgreSQL's own apply workers: the slot is confirmed
-                // only up to commits the target reports flushed (see `durable`).
-                "{} SET standard_conforming_strings = on; SET synchronous_commit = off;",
+                // only up to commits the target reports flushed (see `durable`). Rows are found
+                // by their key's index, as those workers do: a prepared group statement keeps
+                // its plan, which must not scan a table that was small when it was planned.
+                "{} SET standard_conforming_strings = on; SET synchronous_commit = off; \
+                 SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off;",
                 settings_sql()
             ))
             .await
@@ -351,6 +418,7 @@ impl Target {
         self.unflushed.clear();
         self.known = true;
         self.checked.clear();
+        self.prepared.clear();
         self.batch = Batch::default();
         let client = Arc::new(client);
         self.writer = Some(Writer::start(
@@ -418,7 +486,13 @@ impl Target {
     }
 
     async fn send(&mut self, force: bool) -> Result<(), SyncError> {
-        if self.batch.sql.is_empty() || (!force && self.batch.sql.len() < PIECE_BYTES) {
+        let group = self
+            .batch
+            .group
+            .as_ref()
+            .map_or(0, |g| g.arrays.iter().map(String::len).sum());
+        let buffered = self.batch.sql.len() + group;
+        if buffered == 0 || (!force && buffered < PIECE_BYTES) {
             return Ok(());
         }
         self.close_group();
@@ -445,28 +519,67 @@ impl Target {
     /// Ends an open set-based statement (before a relation's definition changes).
     pub fn close_group(&mut self) {
         if let Some(g) = self.batch.group.take() {
-            self.batch.sql.push_str(&g.suffix);
-            self.batch.sql.push_str(";\n");
+            let sql = &mut self.batch.sql;
+            sql.push_str("EXECUTE ");
+            sql.push_str(&g.statement);
+            sql.push('(');
+            for (i, array) in g.arrays.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(array);
+                sql.push_str("}'");
+            }
+            sql.push_str(");\n");
         }
     }
 
-    /// Starts a row of the group `kind` on `rel`: continues the open group, or closes it and
-    /// writes `header` to open a new one. The caller then writes the row's parenthesised values.
-    fn join_group(&mut self, rel: u32, kind: GroupKind, header: impl FnOnce() -> (String, String)) {
-        match &self.batch.group {
-            Some(g) if g.rel == rel && g.kind == kind => self.batch.sql.push_str(",\n"),
-            _ => {
-                self.close_group();
-                let (header, suffix) = header();
-                self.batch.sql.push_str(&header);
-                self.batch.group = Some(Group {
-                    rel,
-                    kind,
-                    suffix,
-                    keys: HashSet::new(),
-                });
-            }
+    /// Continues the open group of `kind` on `rel`, or closes it and opens one with `params`
+    /// arrays, first preparing its statement if this session has not: `prepare(name, types)`
+    /// gives the PREPARE, `types` being the target's column types. The caller then appends one
+    /// element to each array.
+    fn join_group(
+        &mut self,
+        rel: &StreamRelation,
+        kind: GroupKind,
+        params: usize,
+        prepare: impl FnOnce(&str, &[Option<String>]) -> String,
+    ) -> &mut Group {
+        let open = matches!(&self.batch.group, Some(g) if g.rel == rel.rel.id && g.kind == kind);
+        if !open {
+            self.close_group();
+            let key = (rel.rel.id, rel.generation, kind.clone());
+            let statement = match self.prepared.get(&key) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = format!("invsync_{}", self.prepared.len() + 1);
+                    let types = self.types.get(&rel.rel.id).map_or(&[][..], Vec::as_slice);
+                    self.batch.sql.push_str(&prepare(&name, types));
+                    self.batch.sql.push_str(";\n");
+                    self.prepared.insert(key, name.clone());
+                    name
+                }
+            };
+            self.batch.group = Some(Group {
+                rel: rel.rel.id,
+                kind,
+                statement,
+                arrays: vec![ARRAY_OPEN.to_string(); params],
+                keys: HashSet::new(),
+            });
         }
+        match self.batch.group.as_mut() {
+            Some(g) => g,
+            None => unreachable!("a group was just opened"),
+        }
+    }
+
+    /// True when the target's types of every column flagged in `needed` are known.
+    fn has_types(&self, rel: &StreamRelation, needed: impl Fn(usize) -> bool) -> bool {
+        self.types.get(&rel.rel.id).is_some_and(|t| {
+            t.len() == rel.rel.columns.len()
+                && t.iter().enumerate().all(|(i, t)| t.is_some() || !needed(i))
+        })
     }
 
     /// Adds to the target the columns the source has and the target lacks, once per relation
@@ -564,30 +677,53 @@ impl Target {
 
     fn insert(&mut self, rel: &StreamRelation, new: &[Value]) -> Result<(), SyncError> {
         check_width(rel, new)?;
-        let mut values = std::mem::take(&mut self.row);
-        values.clear();
-        push_literals(&mut values, new.iter())?;
-        self.join_group(rel.rel.id, GroupKind::Insert, || {
+        if !self.has_types(rel, |_| true) {
+            // Without the target's types (a column just added) the arrays cannot be cast.
             let names: Vec<String> = rel
                 .rel
                 .columns
                 .iter()
                 .map(|c| quote_ident(&c.name))
                 .collect();
-            (
-                format!("INSERT INTO {} ({}) VALUES\n", rel.quoted, names.join(", ")),
-                String::new(),
+            let mut sql = format!("INSERT INTO {} ({}) VALUES (", rel.quoted, names.join(", "));
+            push_literals(&mut sql, new.iter())?;
+            self.close_group();
+            self.batch.sql.push_str(&sql);
+            self.batch.sql.push_str(");\n");
+            return Ok(());
+        }
+        let n = new.len();
+        let group = self.join_group(rel, GroupKind::Insert, n, |name, types| {
+            let names: Vec<String> = rel
+                .rel
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect();
+            let values: Vec<String> = (0..n)
+                .map(|i| format!("v.c{i}::{}", type_of(types, i)))
+                .collect();
+            let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+            format!(
+                "PREPARE {name} ({}) AS INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS v({})",
+                text_arrays(n),
+                rel.quoted,
+                names.join(", "),
+                values.join(", "),
+                placeholders(n),
+                aliases.join(", ")
             )
         });
-        self.batch.sql.push('(');
-        self.batch.sql.push_str(&values);
-        self.batch.sql.push(')');
-        self.row = values;
+        for (array, v) in group.arrays.iter_mut().zip(new) {
+            push_element(array, v)?;
+        }
         Ok(())
     }
 
     fn delete(&mut self, rel: &StreamRelation, old: &[Value]) -> Result<(), SyncError> {
-        if rel.full_identity {
+        check_width(rel, old)?;
+        let is_key = |i: usize| rel.rel.columns[i].key;
+        if rel.full_identity || !self.has_types(rel, is_key) {
             let filter = row_filter(rel, old)?;
             self.close_group();
             self.batch
@@ -595,24 +731,36 @@ impl Target {
                 .push_str(&format!("DELETE FROM {} WHERE {};\n", rel.quoted, filter));
             return Ok(());
         }
-        check_width(rel, old)?;
-        let key = key_literals(rel, old)?;
-        self.join_group(rel.rel.id, GroupKind::Delete, || {
-            let names: Vec<String> = key_columns(rel)
-                .map(|(_, c)| quote_ident(&c.name))
-                .collect();
-            (
-                format!(
-                    "DELETE FROM {} WHERE ({}) IN (\n",
-                    rel.quoted,
-                    names.join(", ")
-                ),
-                ")".into(),
+        let keys: Vec<usize> = key_columns(rel).map(|(i, _)| i).collect();
+        if keys.is_empty() {
+            return Err(SyncError::Protocol(format!(
+                "{}: a change arrived without key columns",
+                rel.table()
+            )));
+        }
+        let group = self.join_group(rel, GroupKind::Delete, keys.len(), |name, types| {
+            let mut conds = Vec::new();
+            let mut aliases = Vec::new();
+            for (i, c) in key_columns(rel) {
+                conds.push(format!(
+                    "t.{} = v.k{i}::{}",
+                    quote_ident(&c.name),
+                    type_of(types, i)
+                ));
+                aliases.push(format!("k{i}"));
+            }
+            format!(
+                "PREPARE {name} ({}) AS DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE {}",
+                text_arrays(aliases.len()),
+                rel.quoted,
+                placeholders(aliases.len()),
+                aliases.join(", "),
+                conds.join(" AND ")
             )
         });
-        self.batch.sql.push('(');
-        self.batch.sql.push_str(&key);
-        self.batch.sql.push(')');
+        for (array, &i) in group.arrays.iter_mut().zip(&keys) {
+            push_element(array, &old[i])?;
+        }
         Ok(())
     }
 
@@ -627,14 +775,8 @@ impl Target {
         if !set.contains(&true) {
             return Ok(());
         }
-        let types = self.types.get(&rel.rel.id).filter(|t| {
-            t.len() == set.len()
-                && t.iter()
-                    .zip(&rel.rel.columns)
-                    .zip(&set)
-                    .all(|((t, c), s)| t.is_some() || !(*s || c.key))
-        });
-        let Some(types) = types.filter(|_| !rel.full_identity).cloned() else {
+        let needed = |i: usize| set[i] || rel.rel.columns[i].key;
+        if rel.full_identity || !self.has_types(rel, needed) {
             // One statement for this row: REPLICA IDENTITY FULL finds rows by every column, and
             // without the target's types the values cannot be cast.
             let mut sets = Vec::new();
@@ -652,8 +794,9 @@ impl Target {
                 filter
             ));
             return Ok(());
-        };
-        let old_key = key_literals(rel, old.unwrap_or(new))?;
+        }
+        let old_row = old.unwrap_or(new);
+        let old_key = key_literals(rel, old_row)?;
         let new_key = match old {
             Some(_) if key_columns(rel).all(|(i, _)| new[i] != Value::Unchanged) => {
                 key_literals(rel, new)?
@@ -669,44 +812,50 @@ impl Target {
                 self.close_group();
             }
         }
-        let mut values = String::new();
-        push_literals(
-            &mut values,
-            new.iter().zip(&set).filter(|(_, s)| **s).map(|(v, _)| v),
-        )?;
-        values.push_str(", ");
-        values.push_str(&old_key);
-        self.join_group(rel.rel.id, kind, || {
-            let cols = &rel.rel.columns;
-            let mut sets = Vec::new();
-            let mut names = Vec::new();
-            for (i, c) in cols.iter().enumerate().filter(|(i, _)| set[*i]) {
-                let ty = types[i].as_deref().unwrap_or("text");
-                sets.push(format!("{} = v.n{i}::{ty}", quote_ident(&c.name)));
-                names.push(format!("n{i}"));
+        let sets: Vec<usize> = (0..new.len()).filter(|&i| set[i]).collect();
+        let keys: Vec<usize> = key_columns(rel).map(|(i, _)| i).collect();
+        let group = self.join_group(rel, kind, sets.len() + keys.len(), |name, types| {
+            let mut assignments = Vec::new();
+            let mut aliases = Vec::new();
+            for &i in &sets {
+                let c = &rel.rel.columns[i];
+                assignments.push(format!(
+                    "{} = v.n{i}::{}",
+                    quote_ident(&c.name),
+                    type_of(types, i)
+                ));
+                aliases.push(format!("n{i}"));
             }
             let mut conds = Vec::new();
             for (i, c) in key_columns(rel) {
-                let ty = types[i].as_deref().unwrap_or("text");
-                conds.push(format!("t.{} = v.k{i}::{ty}", quote_ident(&c.name)));
-                names.push(format!("k{i}"));
+                conds.push(format!(
+                    "t.{} = v.k{i}::{}",
+                    quote_ident(&c.name),
+                    type_of(types, i)
+                ));
+                aliases.push(format!("k{i}"));
             }
-            (
-                format!(
-                    "UPDATE {} AS t SET {} FROM (VALUES\n",
-                    rel.quoted,
-                    sets.join(", ")
-                ),
-                format!(") AS v({}) WHERE {}", names.join(", "), conds.join(" AND ")),
+            format!(
+                "PREPARE {name} ({}) AS UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE {}",
+                text_arrays(aliases.len()),
+                rel.quoted,
+                assignments.join(", "),
+                placeholders(aliases.len()),
+                aliases.join(", "),
+                conds.join(" AND ")
             )
         });
-        self.batch.sql.push('(');
-        self.batch.sql.push_str(&values);
-        self.batch.sql.push(')');
-        if let Some(g) = self.batch.group.as_mut() {
-            g.keys.insert(old_key);
-            g.keys.insert(new_key);
+        // Set columns' new values, then the old key (zipped from the indexes, which end first,
+        // so that no array is skipped).
+        let mut arrays = group.arrays.iter_mut();
+        for (&i, array) in sets.iter().zip(arrays.by_ref()) {
+            push_element(array, &new[i])?;
         }
+        for (&i, array) in keys.iter().zip(arrays) {
+            push_element(array, &old_row[i])?;
+        }
+        group.keys.insert(old_key);
+        group.keys.insert(new_key);
         Ok(())
     }
 
@@ -793,9 +942,9 @@ impl Target {
         Ok(())
     }
 
-    /// True when changes are buffered or a target transaction is open.
+    /// True when changes are buffered (also in an open group) or a target transaction is open.
     fn pending_batch(&self) -> bool {
-        self.batch.open || !self.batch.sql.is_empty()
+        self.batch.open || !self.batch.sql.is_empty() || self.batch.group.is_some()
     }
 
     /// Drops the connection without committing (used when stopping after an error elsewhere).
