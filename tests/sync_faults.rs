@@ -7,7 +7,7 @@ mod sync_common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{invsync, PgCluster};
+use support::{invsync, ClusterOptions, PgCluster};
 use sync_common::*;
 
 fn spawn_run(cfg: &std::path::Path, pipeline: &str) -> Child {
@@ -22,17 +22,15 @@ fn spawn_run(cfg: &std::path::Path, pipeline: &str) -> Child {
 
 const LEDGER: &str = "SELECT id, amount, memo FROM ledger ORDER BY id";
 const COUNTER: &str = "SELECT n FROM counter";
+const LEDGER_DDL: &str =
+    "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric NOT NULL, memo text);
+     CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
+     INSERT INTO counter VALUES (1, 0);";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
-    let src = PgCluster::start();
-    let dst = PgCluster::start();
-    src.psql(
-        "einvoice",
-        "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric NOT NULL, memo text);
-         CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
-         INSERT INTO counter VALUES (1, 0);",
-    );
+/// Creates the ledger tables on `src` and sets up pipeline `p` from `src` to `dst`; returns the
+/// configuration (in the returned directory).
+fn ledger_pipeline(src: &PgCluster, dst: &PgCluster) -> (tempfile::TempDir, std::path::PathBuf) {
+    src.psql("einvoice", LEDGER_DDL);
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
@@ -41,6 +39,26 @@ async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
     );
     let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
     assert_eq!(code, 0, "{err}");
+    (dir, cfg)
+}
+
+/// Writes ledger rows `ids`, one source transaction each, each also bumping the counter.
+async fn write_ledger(client: &tokio_postgres::Client, ids: std::ops::Range<i64>) {
+    for i in ids {
+        client
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO ledger VALUES ({i}, {i}.5, 'row {i}'); UPDATE counter SET n = n + 1; COMMIT;"
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    let (_dir, cfg) = ledger_pipeline(&src, &dst);
 
     // A writer of small transactions, each inserting one row and bumping the counter, plus
     // some large ones, runs across the kill and the restart.
@@ -125,6 +143,51 @@ async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
         ) == "f"
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_crash_loses_only_unconfirmed_commits_which_are_applied_again() {
+    let src = PgCluster::start();
+    // A WAL writer that wakes rarely keeps the target's asynchronous commits in memory for
+    // seconds, so a crash loses them: the slot must not have been confirmed past them.
+    let dst = PgCluster::start_with(ClusterOptions {
+        extra_conf: vec!["wal_writer_delay = 10s".into()],
+        ..ClusterOptions::default()
+    });
+    let (_dir, cfg) = ledger_pipeline(&src, &dst);
+    let run = Running::start(&load(&cfg), "p");
+    let writer = src.client("einvoice").await;
+
+    // A crash right after the rows became visible on the target: what it loses comes again.
+    write_ledger(&writer, 0..200).await;
+    wait_same(&src, &dst, COUNTER).await;
+    dst.crash();
+    dst.start_again();
+    write_ledger(&writer, 200..300).await;
+    wait_same(&src, &dst, COUNTER).await;
+
+    // A crash once the slot is confirmed past everything written: the target must hold it all.
+    let written = src.psql("einvoice", "SELECT pg_current_wal_lsn()");
+    wait_for("the slot to be confirmed past the writes", || {
+        src.psql(
+            "einvoice",
+            &format!("SELECT confirmed_flush_lsn >= '{written}' FROM pg_replication_slots WHERE slot_name = 'invsync_p'"),
+        ) == "t"
+    })
+    .await;
+    dst.crash();
+    dst.start_again();
+    assert_eq!(
+        dump(&dst, COUNTER),
+        "300",
+        "the target lost commits the slot was confirmed for"
+    );
+    write_ledger(&writer, 300..400).await;
+    wait_same(&src, &dst, LEDGER).await;
+    wait_same(&src, &dst, COUNTER).await;
+    assert_eq!(dump(&dst, COUNTER), "400");
+    assert_eq!(dump(&dst, "SELECT count(*) FROM ledger"), "400");
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

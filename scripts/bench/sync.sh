@@ -1,7 +1,11 @@
 # sync section of scripts/bench.sh (sourced). Compares, on the same two clusters and data:
 #   initial copy:  invsync sync setup  vs  a native subscription (copy_data)  vs  pg_dump -j2 | pg_restore -j2
 #   catch-up:      invsync sync run    vs  a native subscription, on the same backlog of changes
-#                  (inserts, updates, deletes in transactions of 100 rows) written while both were stopped
+#                  (inserts, updates, deletes in transactions of 100 rows) written while both were stopped,
+#                  and on one transaction of SYNC_BIG rows (default 5000000), with sync run's peak RSS
+#   lag:           p99 and max lag under `einvoice-gen load` at SYNC_LAG_RATE rows/s (default 10000)
+#                  for SYNC_LAG_SECS s (default 30), in a database bench_lag of its own: a probe row
+#                  written every 50 ms, the age of the newest visible probe sampled every 50 ms
 # Three runs each, alternating; prints medians, the ratios invsync/peer, and peak RSS of invsync.
 # Expects from bench.sh: SRC_URL DST_URL BENCH_DIR INVSYNC EINVOICE_GEN INVOICES.
 # SYNC_BACKLOG sets the number of changes (default 1000000), SYNC_RUNS the runs (default 3).
@@ -90,8 +94,8 @@ TOML
     dump_copy+=("$(echo "$t1 - $t0" | bc)")
   done
 
-  # ---- catch-up: both consumers stopped while the same backlog is written
-  sync_backlog() { # writes $backlog changes in transactions of 100: 60 inserts, 30 updates, 10 deletes
+  # ---- catch-up: both consumers stopped while the same changes are written, then started
+  sync_backlog() { # $1 = base id: $backlog changes in transactions of 100: 60 inserts, 30 updates, 10 deletes
     local base=$1
     sync_q "$src" "
       DO \$\$
@@ -108,43 +112,126 @@ TOML
         INSERT INTO public.bench_change (id, note) VALUES (-$base, 'marker');
       END \$\$" >/dev/null
   }
-  local inv_catch=() nat_catch=() run_rss=() base=0
+  sync_big_transaction() { # $1 = base id: one transaction inserting $big rows
+    local base=$1
+    sync_q "$src" "
+      INSERT INTO public.bench_change (id, invoice_number, amount, note)
+        SELECT $base + g, 'AB' || lpad(g::text, 8, '0'), g * 0.01, 'big' FROM generate_series(1, $big) g;
+      INSERT INTO public.bench_change (id, note) VALUES (-$base, 'marker');" >/dev/null
+  }
+  # sync_catch_up invsync|native WRITER ROWS: writes with WRITER while the consumer is stopped,
+  # times until the target holds the marker; sets CATCH_RATE (rows/s) and CATCH_RSS (MiB of
+  # sync run; empty for native).
+  local base=0
+  sync_catch_up() {
+    local kind=$1 writer=$2 rows=$3 t0 t1 pid
+    sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
+    sync_reset_target
+    base=$((base + 100000000))
+    CATCH_RSS=
+    if [ "$kind" = invsync ]; then
+      "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
+      "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create >/dev/null
+      "$writer" "$base"
+      t0=$(sync_now)
+      /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn sync run bench &
+      pid=$!
+      sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
+      t1=$(sync_now)
+      kill -TERM "$(pgrep -P "$pid" invsync || echo "$pid")" 2>/dev/null || true
+      wait "$pid" || true
+      CATCH_RSS=$(sync_rss_mib "$dir/run.time")
+      "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
+    else
+      sync_drop_native
+      sync_native_subscribe true
+      sync_wait "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
+      sync_q "$dst" "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
+      "$writer" "$base"
+      t0=$(sync_now)
+      sync_q "$dst" "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
+      sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
+      t1=$(sync_now)
+      sync_drop_native
+    fi
+    CATCH_RATE=$(echo "$rows / ($t1 - $t0)" | bc)
+  }
+  local inv_catch=() nat_catch=() run_rss=()
   for i in $(seq 1 "$runs"); do
-    sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
-    sync_reset_target
-    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
-    "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create >/dev/null
-    base=$((base + 100000000))
-    sync_backlog "$base"
-    local t0 t1 pid
-    t0=$(sync_now)
-    /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn sync run bench &
-    pid=$!
-    sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
-    t1=$(sync_now)
-    kill -TERM "$(pgrep -P "$pid" invsync || echo "$pid")" 2>/dev/null || true
-    wait "$pid" || true
-    inv_catch+=("$(echo "$backlog / ($t1 - $t0)" | bc)")
-    run_rss+=("$(sync_rss_mib "$dir/run.time")")
-    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
-
-    sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
-    sync_reset_target
-    sync_drop_native
-    sync_native_subscribe true
-    sync_wait "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
-    sync_q "$dst" "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
-    base=$((base + 100000000))
-    sync_backlog "$base"
-    t0=$(sync_now)
-    sync_q "$dst" "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
-    sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
-    t1=$(sync_now)
-    nat_catch+=("$(echo "$backlog / ($t1 - $t0)" | bc)")
-    sync_drop_native
+    sync_catch_up invsync sync_backlog "$backlog"
+    inv_catch+=("$CATCH_RATE"); run_rss+=("$CATCH_RSS")
+    sync_catch_up native sync_backlog "$backlog"
+    nat_catch+=("$CATCH_RATE")
   done
+  # One source transaction of $big rows, once each: it must stream through, not sit in memory.
+  local big="${SYNC_BIG:-5000000}" big_inv big_nat big_rss
+  sync_catch_up invsync sync_big_transaction "$big"
+  big_inv=$CATCH_RATE; big_rss=$CATCH_RSS
+  sync_catch_up native sync_big_transaction "$big"
+  big_nat=$CATCH_RATE
   sync_q "$src" "DROP TABLE public.bench_change" >/dev/null
   sync_q "$dst" "DROP TABLE IF EXISTS public.bench_change" >/dev/null
+
+  # ---- lag under a steady load, in a database of its own (the load changes what it runs on)
+  local lag_rate="${SYNC_LAG_RATE:-10000}" lag_secs="${SYNC_LAG_SECS:-30}"
+  local lsrc="${src/\/einvoice\?//bench_lag?}" ldst="${dst/\/einvoice\?//bench_lag?}"
+  local inv_lag=() nat_lag=() lag_achieved=()
+  sync_lag_db() { # (re)creates bench_lag: filled on the source, empty tables on the target
+    sync_q "${src/\/einvoice\?//postgres?}" "DROP DATABASE IF EXISTS bench_lag WITH (FORCE)" >/dev/null
+    sync_q "${dst/\/einvoice\?//postgres?}" "DROP DATABASE IF EXISTS bench_lag WITH (FORCE)" >/dev/null
+    sync_q "${src/\/einvoice\?//postgres?}" "CREATE DATABASE bench_lag" >/dev/null
+    sync_q "${dst/\/einvoice\?//postgres?}" "CREATE DATABASE bench_lag" >/dev/null
+    "$EINVOICE_GEN" fill --url "$lsrc" --invoices "${SYNC_LAG_INVOICES:-50000}" >/dev/null
+    # The load is one connection, one transaction per round trip: without waiting for the
+    # source's fsync per commit it can reach the rate.
+    sync_q "$lsrc" "ALTER DATABASE bench_lag SET synchronous_commit = off"
+    sync_q "$lsrc" "CREATE TABLE public.bench_probe (id bigint PRIMARY KEY, sent timestamptz NOT NULL)"
+    sync_q "$ldst" "DROP SCHEMA public"
+    pg_dump -s -n public "$lsrc" | PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -d "$ldst" >/dev/null
+    sync_q "$ldst" "CREATE UNLOGGED TABLE bench_lag_sample (lag interval)"
+  }
+  # Writes a probe every 50 ms beside the load, samples on the target every 50 ms how old the
+  # newest visible probe is, and prints "p99 max" in seconds of those samples.
+  sync_lag_measure() {
+    local n=$((lag_secs * 20)) load_pid probe_pid
+    "$EINVOICE_GEN" load --url "$lsrc" --rate "$lag_rate" --duration "$lag_secs" >"$dir/load.out" &
+    load_pid=$!
+    sync_q "$lsrc" "DO \$\$ BEGIN FOR i IN 1 .. $n LOOP
+        INSERT INTO public.bench_probe VALUES (i, clock_timestamp()); COMMIT; PERFORM pg_sleep(0.05);
+      END LOOP; END \$\$" &
+    probe_pid=$!
+    sync_q "$ldst" "DO \$\$ BEGIN PERFORM pg_sleep(2); FOR i IN 1 .. $(((lag_secs - 4) * 20)) LOOP
+        INSERT INTO bench_lag_sample SELECT clock_timestamp() - max(sent) FROM public.bench_probe;
+        PERFORM pg_sleep(0.05);
+      END LOOP; END \$\$"
+    wait "$load_pid" "$probe_pid"
+    lag_achieved+=("$(sed -n 's/.*s (\([0-9]*\) rows\/s, target.*/\1/p' "$dir/load.out")")
+    sync_q "$ldst" "SELECT round(extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY lag))::numeric, 3),
+                           round(extract(epoch FROM max(lag))::numeric, 3) FROM bench_lag_sample" | tr '|' ' '
+  }
+  sed -e "s#$src#$lsrc#; s#$dst#$ldst#" -e 's#^tables = .*#tables = ["public.invoice", "public.invoice_item", "public.allowance", "public.carrier", "public.bench_probe"]#' \
+    "$cfg" > "$dir/lag.toml"
+  local lag_pid lag_tables="public.invoice, public.invoice_item, public.allowance, public.carrier, public.bench_probe"
+  for i in $(seq 1 "$runs"); do
+    sync_lag_db
+    "$INVSYNC" --config "$dir/lag.toml" --log warn sync setup bench --no-create >/dev/null
+    "$INVSYNC" --config "$dir/lag.toml" --log warn sync run bench &
+    lag_pid=$!
+    sync_lag_measure >"$dir/lag.out"
+    inv_lag+=("$(cat "$dir/lag.out")")
+    kill -TERM "$lag_pid"; wait "$lag_pid" || true
+    "$INVSYNC" --config "$dir/lag.toml" sync teardown bench --yes >/dev/null
+
+    sync_lag_db
+    sync_q "$lsrc" "CREATE PUBLICATION bench_native FOR TABLE $lag_tables" >/dev/null
+    sync_q "$ldst" "CREATE SUBSCRIPTION bench_native CONNECTION '$lsrc' PUBLICATION bench_native" >/dev/null
+    sync_wait "$ldst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
+    sync_lag_measure >"$dir/lag.out"
+    nat_lag+=("$(cat "$dir/lag.out")")
+    sync_q "$ldst" "DROP SUBSCRIPTION bench_native" >/dev/null
+  done
+  sync_q "${src/\/einvoice\?//postgres?}" "DROP DATABASE bench_lag WITH (FORCE)" >/dev/null
+  sync_q "${dst/\/einvoice\?//postgres?}" "DROP DATABASE bench_lag WITH (FORCE)" >/dev/null
 
   local ic nc dc ir nr
   ic=$(sync_median "${inv_copy[@]}"); nc=$(sync_median "${nat_copy[@]}"); dc=$(sync_median "${dump_copy[@]}")
@@ -154,7 +241,14 @@ TOML
   printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs native subscription" "$ic" "$nc" "$(echo "$ic / $nc" | bc -l)"
   printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -j2 | pg_restore -j2" "$ic" "$dc" "$(echo "$ic / $dc" | bc -l)"
   printf '%-44s %10s %10s %8.2f\n' "catch-up rows/s vs native subscription" "$ir" "$nr" "$(echo "$ir / $nr" | bc -l)"
-  echo "peak RSS: sync setup $(sync_median "${inv_rss[@]}") MiB, sync run (catch-up) $(sync_median "${run_rss[@]}") MiB"
+  local ilp ilm nlp nlm
+  ilp=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f1)"); ilm=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f2)")
+  nlp=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f1)"); nlm=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f2)")
+  printf '%-44s %10s %10s %8.2f\n' "one ${big}-row transaction rows/s vs native" "$big_inv" "$big_nat" "$(echo "$big_inv / $big_nat" | bc -l)"
+  printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag p99 at $lag_rate rows/s vs native" "$ilp" "$nlp" "$(echo "$ilp / $nlp" | bc -l)"
+  printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag max at $lag_rate rows/s vs native" "$ilm" "$nlm" "$(echo "$ilm / $nlm" | bc -l)"
+  echo "(lag: load reached $(sync_median "${lag_achieved[@]}") rows/s, median of the runs; target $lag_rate)"
+  echo "peak RSS: sync setup $(sync_median "${inv_rss[@]}") MiB, sync run (catch-up) $(sync_median "${run_rss[@]}") MiB, sync run (one ${big}-row transaction) $big_rss MiB"
   echo "(ratios: time ratio < 1 and rows/s ratio > 1 favour invsync)"
 }
 

@@ -5,24 +5,36 @@
 //! commit, and [`Target::flush`] writes the last commit's end LSN with
 //! [`progress::record`](super::progress::record) before `COMMIT`. A batch that fails is rolled
 //! back whole, so a source transaction is never half-visible and progress never runs ahead of
-//! the data. Changes are sent as they arrive, in pieces of bounded size, so a source transaction
-//! larger than memory streams through.
+//! the data. Changes are sent as they arrive, in pieces of bounded size handed to the target's
+//! [`Writer`], so a source transaction larger than memory streams through, and the target
+//! executes one piece while the next is decoded and built.
 //!
-//! Consecutive changes of one kind to one table are merged into one set-based statement (a
-//! multi-row INSERT, `DELETE .. WHERE (key) IN (..)`, `UPDATE .. FROM (VALUES ..)`), so the
-//! target parses and plans once per group instead of once per row. Only neighbours merge, so
-//! changes keep their source order; an UPDATE group is closed before a row whose old or new key
-//! it already touched, because one set-based UPDATE sees each row once and would lose the later
-//! effect.
+//! Apply sessions commit asynchronously (`synchronous_commit = off`, as PostgreSQL's apply
+//! workers): a crash of the target may lose the last commits, always together with their
+//! progress, so the restart position read from the target stays exact. `applied` is what the
+//! target has committed, `durable` what its WAL flush position covers; only `durable` may be
+//! confirmed to the source's slot.
 //!
-//! Values are written in their text form (as pgoutput sends them) as SQL literals, which the
-//! target reads with each column's input function, the way PostgreSQL's own apply does; both
-//! sessions pin the formats ([`SESSION_SETTINGS`](super::slot::SESSION_SETTINGS)). Columns sent as
-//! unchanged TOAST are left out of the UPDATE, so they keep their value. Apply sessions carry the
-//! replication origin [`names::origin`](super::names::origin), so what they write is recognisable
+//! Consecutive changes of one kind to one table are merged into one set-based statement
+//! (`INSERT .. SELECT .. FROM unnest(..)`, `DELETE .. USING unnest(..)`, `UPDATE .. FROM
+//! unnest(..)`), prepared once per session, relation definition and kind, and executed with one
+//! text array per column, so the target parses and plans once per kind instead of once per row
+//! or group. Only neighbours merge, so changes keep their source order; an UPDATE group is closed
+//! before a row whose old or new key it already touched, because one set-based UPDATE sees each
+//! row once and would lose the later effect. Where the target's column types are not known (a
+//! column just added) or rows are found by every column (REPLICA IDENTITY FULL), a row gets a
+//! statement of its own.
+//!
+//! Values travel in their text form (as pgoutput sends them), as array elements or SQL
+//! literals, and the target reads them with each column's input function (a cast from text),
+//! the way PostgreSQL's own apply does; both sessions pin the formats
+//! ([`SESSION_SETTINGS`](super::slot::SESSION_SETTINGS)). Columns sent as unchanged TOAST are left
+//! out of the UPDATE, so they keep their value. Apply sessions carry the replication origin
+//! [`names::origin`](super::names::origin), so what they write is recognisable
 //! and not streamed back by a pipeline in the opposite direction.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -31,8 +43,9 @@ use tokio_postgres::Client;
 use super::decoder::{
     Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
 };
+use super::writer::Writer;
 use super::{copy::settings_sql, names, progress, schema, SyncError};
-use crate::pg::{quote_ident, quote_literal, ConnInfo, Lsn, PgError, TableInfo, TableName};
+use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// SQL is sent to the target once this much is buffered, also inside a transaction.
 const PIECE_BYTES: usize = 256 * 1024;
@@ -80,10 +93,17 @@ pub enum Change<'a> {
 }
 
 fn literal(v: &Value) -> Result<String, SyncError> {
+    let mut out = String::new();
+    push_literal(&mut out, v)?;
+    Ok(out)
+}
+
+/// The text of a value, `None` for NULL.
+fn text_of(v: &Value) -> Result<Option<&str>, SyncError> {
     match v {
-        Value::Null => Ok("NULL".into()),
+        Value::Null => Ok(None),
         Value::Text(b) => std::str::from_utf8(b)
-            .map(quote_literal)
+            .map(Some)
             .map_err(|_| SyncError::Protocol("a column value is not valid UTF-8".into())),
         Value::Binary(_) => Err(SyncError::Protocol(
             "a column value arrived in binary; invsync streams text values".into(),
@@ -92,6 +112,87 @@ fn literal(v: &Value) -> Result<String, SyncError> {
             "an unchanged TOAST value where a value is needed".into(),
         )),
     }
+}
+
+/// Appends `v` as an SQL literal (or NULL) to `out`, without a temporary string per value.
+fn push_literal(out: &mut String, v: &Value) -> Result<(), SyncError> {
+    match text_of(v)? {
+        None => out.push_str("NULL"),
+        Some(text) => {
+            out.reserve(text.len() + 2);
+            out.push('\'');
+            for (i, part) in text.split('\'').enumerate() {
+                if i > 0 {
+                    out.push_str("''");
+                }
+                out.push_str(part);
+            }
+            out.push('\'');
+        }
+    }
+    Ok(())
+}
+
+/// Appends `v` as an element to `array`, an array literal being written inside an SQL string
+/// literal (see [`Group::arrays`]): quoted, with `\` and `"` escaped for the array and `'`
+/// doubled for the string.
+fn push_element(array: &mut String, v: &Value) -> Result<(), SyncError> {
+    if array.len() > ARRAY_OPEN.len() {
+        array.push(',');
+    }
+    match text_of(v)? {
+        None => array.push_str("NULL"),
+        Some(text) => {
+            array.reserve(text.len() + 2);
+            array.push('"');
+            if text.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\'')) {
+                for c in text.chars() {
+                    match c {
+                        '\\' => array.push_str("\\\\"),
+                        '"' => array.push_str("\\\""),
+                        '\'' => array.push_str("''"),
+                        c => array.push(c),
+                    }
+                }
+            } else {
+                array.push_str(text);
+            }
+            array.push('"');
+        }
+    }
+    Ok(())
+}
+
+/// The target's type of column `i`, as the prepared statements cast to it.
+fn type_of(types: &[Option<String>], i: usize) -> &str {
+    types.get(i).and_then(|t| t.as_deref()).unwrap_or("text")
+}
+
+/// `text[], text[], ..`: the parameter types of a prepared group statement.
+fn text_arrays(n: usize) -> String {
+    vec!["text[]"; n].join(", ")
+}
+
+/// `$1, $2, .., $n`.
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Appends the values of `row` as comma-separated literals.
+fn push_literals<'a>(
+    out: &mut String,
+    row: impl Iterator<Item = &'a Value>,
+) -> Result<(), SyncError> {
+    for (i, v) in row.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        push_literal(out, v)?;
+    }
+    Ok(())
 }
 
 fn check_width(rel: &StreamRelation, values: &[Value]) -> Result<(), SyncError> {
@@ -150,15 +251,15 @@ fn key_columns(rel: &StreamRelation) -> impl Iterator<Item = (usize, &RelationCo
 
 /// The key values of a row as comma-separated literals.
 fn key_literals(rel: &StreamRelation, row: &[Value]) -> Result<String, SyncError> {
-    let keys: Result<Vec<String>, _> = key_columns(rel).map(|(i, _)| literal(&row[i])).collect();
-    let keys = keys?;
-    if keys.is_empty() {
+    let mut out = String::new();
+    push_literals(&mut out, key_columns(rel).map(|(i, _)| &row[i]))?;
+    if out.is_empty() {
         return Err(SyncError::Protocol(format!(
             "{}: a change arrived without key columns",
             rel.table()
         )));
     }
-    Ok(keys.join(", "))
+    Ok(out)
 }
 
 /// One target of a pipeline and its open batch.
@@ -166,9 +267,17 @@ pub struct Target {
     pub name: String,
     pub conn: ConnInfo,
     pipeline: String,
-    client: Option<Client>,
-    /// End LSN of the last source commit this target holds (committed, durable).
+    client: Option<Arc<Client>>,
+    /// Executes the batch's pieces while the next ones are built.
+    writer: Option<Writer>,
+    /// End LSN of the last source commit this target has committed (possibly not yet flushed:
+    /// apply sessions commit asynchronously).
+    pub applied: Lsn,
+    /// End LSN of the last source commit this target holds durably (its commit is flushed).
     pub durable: Lsn,
+    /// Commits not known to be flushed yet: the target's WAL position after each commit, with
+    /// the source end LSN it made applied.
+    unflushed: VecDeque<(Lsn, Lsn)>,
     /// Whether `durable` was read from the target in this session.
     pub known: bool,
     /// Relation generations checked for schema drift on this target.
@@ -177,6 +286,8 @@ pub struct Target {
     /// the target lacked the column when checked); set-based UPDATEs cast to them.
     types: HashMap<u32, Vec<Option<String>>>,
     batch: Batch,
+    /// Statements prepared in this session, by relation, relation generation and kind.
+    prepared: HashMap<(u32, u64, GroupKind), String>,
     /// When to try reconnecting after the target went away.
     pub retry_at: Instant,
     backoff: Duration,
@@ -194,17 +305,25 @@ struct Batch {
     rows: usize,
 }
 
-/// A set-based statement that more rows may join: same relation, same [`GroupKind`].
+/// A set-based statement that more rows may join: same relation, same [`GroupKind`]. It runs as
+/// `EXECUTE name(array, ..)` of a statement prepared once per session, relation definition and
+/// kind, with one text array per parameter, so the target parses and plans it once.
 struct Group {
     rel: u32,
     kind: GroupKind,
-    /// What closes the statement after its last row.
-    suffix: String,
+    /// The prepared statement's name.
+    statement: String,
+    /// Per parameter, the array literal so far, SQL-quoted: `'{` and the elements;
+    /// [`Target::close_group`] closes it.
+    arrays: Vec<String>,
     /// Key literals an UPDATE group touched (old and new keys).
     keys: HashSet<String>,
 }
 
-#[derive(PartialEq, Eq)]
+/// What opens an array literal in [`Group::arrays`].
+const ARRAY_OPEN: &str = "'{";
+
+#[derive(Clone, PartialEq, Eq, Hash)]
 enum GroupKind {
     Insert,
     Delete,
@@ -224,11 +343,15 @@ impl Target {
             conn,
             pipeline: pipeline.to_string(),
             client: None,
+            writer: None,
+            applied: Lsn(0),
             durable: Lsn(0),
+            unflushed: VecDeque::new(),
             known: false,
             checked: HashMap::new(),
             types: HashMap::new(),
             batch: Batch::default(),
+            prepared: HashMap::new(),
             retry_at: Instant::now(),
             backoff: Duration::from_millis(500),
         }
@@ -248,7 +371,12 @@ impl Target {
         };
         client
             .batch_execute(&format!(
-                "{} SET standard_conforming_strings = on;",
+                // Asynchronous commit, as PostgreSQL's own apply workers: the slot is confirmed
+                // only up to commits the target reports flushed (see `durable`). Rows are found
+                // by their key's index, as those workers do: a prepared group statement keeps
+                // its plan, which must not scan a table that was small when it was planned.
+                "{} SET standard_conforming_strings = on; SET synchronous_commit = off; \
+                 SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off;",
                 settings_sql()
             ))
             .await
@@ -285,10 +413,19 @@ impl Target {
                 pipeline: self.pipeline.clone(),
                 target: self.conn.to_string(),
             })?;
+        self.applied = p.applied;
         self.durable = p.applied;
+        self.unflushed.clear();
         self.known = true;
         self.checked.clear();
+        self.prepared.clear();
         self.batch = Batch::default();
+        let client = Arc::new(client);
+        self.writer = Some(Writer::start(
+            client.clone(),
+            self.conn.clone(),
+            format!("applying changes of pipeline {}", self.pipeline),
+        ));
         self.client = Some(client);
         self.backoff = Duration::from_millis(500);
         Ok(())
@@ -298,20 +435,49 @@ impl Target {
     /// and it is retried with growing backoff.
     pub fn went_away(&mut self, error: &SyncError) {
         tracing::warn!(target = %self.name, "target went away: {error}; retrying in {:?}", self.backoff);
-        self.client = None;
-        self.batch = Batch::default();
+        self.disconnect();
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
     }
 
     /// True if this target still needs the source transaction that commits at `commit_lsn`.
     pub fn wants(&self, commit_lsn: Lsn) -> bool {
-        self.is_up() && commit_lsn >= self.durable
+        self.is_up() && commit_lsn >= self.applied
     }
 
-    /// True when changes are buffered or a target transaction is open.
+    /// True when changes are buffered, a target transaction is open, or a commit is not known
+    /// to be flushed.
     pub fn pending(&self) -> bool {
-        self.batch.open || !self.batch.sql.is_empty()
+        self.pending_batch() || !self.unflushed.is_empty()
+    }
+
+    /// True when only the flush of committed batches is awaited: [`Target::check_flushed`]
+    /// can tell without waiting behind an open batch.
+    pub fn awaits_flush(&self) -> bool {
+        self.is_up() && !self.pending_batch() && !self.unflushed.is_empty()
+    }
+
+    /// Moves `durable` over the commits the target's WAL flush position `flushed` covers.
+    fn flushed_up_to(&mut self, flushed: Lsn) {
+        while let Some(&(wal, end)) = self.unflushed.front() {
+            if wal > flushed {
+                break;
+            }
+            self.durable = end;
+            self.unflushed.pop_front();
+        }
+    }
+
+    /// Asks the target how far its WAL is flushed and moves `durable` accordingly.
+    pub async fn check_flushed(&mut self) -> Result<(), SyncError> {
+        let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+        let flushed: String = client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(|e| PgError::query("reading the WAL flush position", &self.conn, e))?
+            .get(0);
+        self.flushed_up_to(parse_lsn(&flushed, &self.conn)?);
+        Ok(())
     }
 
     /// Rows in the open batch.
@@ -320,51 +486,100 @@ impl Target {
     }
 
     async fn send(&mut self, force: bool) -> Result<(), SyncError> {
-        if self.batch.sql.is_empty() || (!force && self.batch.sql.len() < PIECE_BYTES) {
+        let group = self
+            .batch
+            .group
+            .as_ref()
+            .map_or(0, |g| g.arrays.iter().map(String::len).sum());
+        let buffered = self.batch.sql.len() + group;
+        if buffered == 0 || (!force && buffered < PIECE_BYTES) {
             return Ok(());
         }
         self.close_group();
-        let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+        let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
         let mut sql = std::mem::take(&mut self.batch.sql);
         if !self.batch.open {
             sql.insert_str(0, "BEGIN;\n");
         }
-        client.batch_execute(&sql).await.map_err(|e| {
-            PgError::query(
-                format!("applying changes of pipeline {}", self.pipeline),
-                &self.conn,
-                e,
-            )
-        })?;
+        writer.execute(sql).await?;
         self.batch.open = true;
         Ok(())
+    }
+
+    /// Sends what is buffered and waits until the target has run everything sent.
+    async fn send_and_wait(&mut self) -> Result<(), SyncError> {
+        self.send(true).await?;
+        self.writer
+            .as_mut()
+            .ok_or_else(|| gone(&self.conn))?
+            .wait()
+            .await
     }
 
     /// Ends an open set-based statement (before a relation's definition changes).
     pub fn close_group(&mut self) {
         if let Some(g) = self.batch.group.take() {
-            self.batch.sql.push_str(&g.suffix);
-            self.batch.sql.push_str(";\n");
+            let sql = &mut self.batch.sql;
+            sql.push_str("EXECUTE ");
+            sql.push_str(&g.statement);
+            sql.push('(');
+            for (i, array) in g.arrays.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(array);
+                sql.push_str("}'");
+            }
+            sql.push_str(");\n");
         }
     }
 
-    /// Starts a row of the group `kind` on `rel`: continues the open group, or closes it and
-    /// writes `header` to open a new one. The caller then writes the row's parenthesised values.
-    fn join_group(&mut self, rel: u32, kind: GroupKind, header: impl FnOnce() -> (String, String)) {
-        match &self.batch.group {
-            Some(g) if g.rel == rel && g.kind == kind => self.batch.sql.push_str(",\n"),
-            _ => {
-                self.close_group();
-                let (header, suffix) = header();
-                self.batch.sql.push_str(&header);
-                self.batch.group = Some(Group {
-                    rel,
-                    kind,
-                    suffix,
-                    keys: HashSet::new(),
-                });
-            }
+    /// Continues the open group of `kind` on `rel`, or closes it and opens one with `params`
+    /// arrays, first preparing its statement if this session has not: `prepare(name, types)`
+    /// gives the PREPARE, `types` being the target's column types. The caller then appends one
+    /// element to each array.
+    fn join_group(
+        &mut self,
+        rel: &StreamRelation,
+        kind: GroupKind,
+        params: usize,
+        prepare: impl FnOnce(&str, &[Option<String>]) -> String,
+    ) -> &mut Group {
+        let open = matches!(&self.batch.group, Some(g) if g.rel == rel.rel.id && g.kind == kind);
+        if !open {
+            self.close_group();
+            let key = (rel.rel.id, rel.generation, kind.clone());
+            let statement = match self.prepared.get(&key) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = format!("invsync_{}", self.prepared.len() + 1);
+                    let types = self.types.get(&rel.rel.id).map_or(&[][..], Vec::as_slice);
+                    self.batch.sql.push_str(&prepare(&name, types));
+                    self.batch.sql.push_str(";\n");
+                    self.prepared.insert(key, name.clone());
+                    name
+                }
+            };
+            self.batch.group = Some(Group {
+                rel: rel.rel.id,
+                kind,
+                statement,
+                arrays: vec![ARRAY_OPEN.to_string(); params],
+                keys: HashSet::new(),
+            });
         }
+        match self.batch.group.as_mut() {
+            Some(g) => g,
+            None => unreachable!("a group was just opened"),
+        }
+    }
+
+    /// True when the target's types of every column flagged in `needed` are known.
+    fn has_types(&self, rel: &StreamRelation, needed: impl Fn(usize) -> bool) -> bool {
+        self.types.get(&rel.rel.id).is_some_and(|t| {
+            t.len() == rel.rel.columns.len()
+                && t.iter().enumerate().all(|(i, t)| t.is_some() || !needed(i))
+        })
     }
 
     /// Adds to the target the columns the source has and the target lacks, once per relation
@@ -379,6 +594,7 @@ impl Target {
             return Ok(());
         }
         let table = rel.table();
+        self.send_and_wait().await?;
         let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
         let have = TableInfo::load(client, &self.conn, &table).await?;
         let types = rel
@@ -425,7 +641,7 @@ impl Target {
             let ddl = ddl.join(";\n");
             self.batch.sql.push_str(&ddl);
             self.batch.sql.push_str(";\n");
-            match self.send(true).await {
+            match self.send_and_wait().await {
                 Ok(()) => {
                     tracing::info!(table = %table, target = %self.name, "added column(s) {}: {ddl}", missing.join(", "))
                 }
@@ -461,28 +677,53 @@ impl Target {
 
     fn insert(&mut self, rel: &StreamRelation, new: &[Value]) -> Result<(), SyncError> {
         check_width(rel, new)?;
-        let values: Result<Vec<String>, _> = new.iter().map(literal).collect();
-        let values = values?.join(", ");
-        self.join_group(rel.rel.id, GroupKind::Insert, || {
+        if !self.has_types(rel, |_| true) {
+            // Without the target's types (a column just added) the arrays cannot be cast.
             let names: Vec<String> = rel
                 .rel
                 .columns
                 .iter()
                 .map(|c| quote_ident(&c.name))
                 .collect();
-            (
-                format!("INSERT INTO {} ({}) VALUES\n", rel.quoted, names.join(", ")),
-                String::new(),
+            let mut sql = format!("INSERT INTO {} ({}) VALUES (", rel.quoted, names.join(", "));
+            push_literals(&mut sql, new.iter())?;
+            self.close_group();
+            self.batch.sql.push_str(&sql);
+            self.batch.sql.push_str(");\n");
+            return Ok(());
+        }
+        let n = new.len();
+        let group = self.join_group(rel, GroupKind::Insert, n, |name, types| {
+            let names: Vec<String> = rel
+                .rel
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect();
+            let values: Vec<String> = (0..n)
+                .map(|i| format!("v.c{i}::{}", type_of(types, i)))
+                .collect();
+            let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+            format!(
+                "PREPARE {name} ({}) AS INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS v({})",
+                text_arrays(n),
+                rel.quoted,
+                names.join(", "),
+                values.join(", "),
+                placeholders(n),
+                aliases.join(", ")
             )
         });
-        self.batch.sql.push('(');
-        self.batch.sql.push_str(&values);
-        self.batch.sql.push(')');
+        for (array, v) in group.arrays.iter_mut().zip(new) {
+            push_element(array, v)?;
+        }
         Ok(())
     }
 
     fn delete(&mut self, rel: &StreamRelation, old: &[Value]) -> Result<(), SyncError> {
-        if rel.full_identity {
+        check_width(rel, old)?;
+        let is_key = |i: usize| rel.rel.columns[i].key;
+        if rel.full_identity || !self.has_types(rel, is_key) {
             let filter = row_filter(rel, old)?;
             self.close_group();
             self.batch
@@ -490,24 +731,36 @@ impl Target {
                 .push_str(&format!("DELETE FROM {} WHERE {};\n", rel.quoted, filter));
             return Ok(());
         }
-        check_width(rel, old)?;
-        let key = key_literals(rel, old)?;
-        self.join_group(rel.rel.id, GroupKind::Delete, || {
-            let names: Vec<String> = key_columns(rel)
-                .map(|(_, c)| quote_ident(&c.name))
-                .collect();
-            (
-                format!(
-                    "DELETE FROM {} WHERE ({}) IN (\n",
-                    rel.quoted,
-                    names.join(", ")
-                ),
-                ")".into(),
+        let keys: Vec<usize> = key_columns(rel).map(|(i, _)| i).collect();
+        if keys.is_empty() {
+            return Err(SyncError::Protocol(format!(
+                "{}: a change arrived without key columns",
+                rel.table()
+            )));
+        }
+        let group = self.join_group(rel, GroupKind::Delete, keys.len(), |name, types| {
+            let mut conds = Vec::new();
+            let mut aliases = Vec::new();
+            for (i, c) in key_columns(rel) {
+                conds.push(format!(
+                    "t.{} = v.k{i}::{}",
+                    quote_ident(&c.name),
+                    type_of(types, i)
+                ));
+                aliases.push(format!("k{i}"));
+            }
+            format!(
+                "PREPARE {name} ({}) AS DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE {}",
+                text_arrays(aliases.len()),
+                rel.quoted,
+                placeholders(aliases.len()),
+                aliases.join(", "),
+                conds.join(" AND ")
             )
         });
-        self.batch.sql.push('(');
-        self.batch.sql.push_str(&key);
-        self.batch.sql.push(')');
+        for (array, &i) in group.arrays.iter_mut().zip(&keys) {
+            push_element(array, &old[i])?;
+        }
         Ok(())
     }
 
@@ -522,14 +775,8 @@ impl Target {
         if !set.contains(&true) {
             return Ok(());
         }
-        let types = self.types.get(&rel.rel.id).filter(|t| {
-            t.len() == set.len()
-                && t.iter()
-                    .zip(&rel.rel.columns)
-                    .zip(&set)
-                    .all(|((t, c), s)| t.is_some() || !(*s || c.key))
-        });
-        let Some(types) = types.filter(|_| !rel.full_identity).cloned() else {
+        let needed = |i: usize| set[i] || rel.rel.columns[i].key;
+        if rel.full_identity || !self.has_types(rel, needed) {
             // One statement for this row: REPLICA IDENTITY FULL finds rows by every column, and
             // without the target's types the values cannot be cast.
             let mut sets = Vec::new();
@@ -547,8 +794,9 @@ impl Target {
                 filter
             ));
             return Ok(());
-        };
-        let old_key = key_literals(rel, old.unwrap_or(new))?;
+        }
+        let old_row = old.unwrap_or(new);
+        let old_key = key_literals(rel, old_row)?;
         let new_key = match old {
             Some(_) if key_columns(rel).all(|(i, _)| new[i] != Value::Unchanged) => {
                 key_literals(rel, new)?
@@ -564,44 +812,50 @@ impl Target {
                 self.close_group();
             }
         }
-        let mut values = Vec::new();
-        for (v, s) in new.iter().zip(&set) {
-            if *s {
-                values.push(literal(v)?);
-            }
-        }
-        values.push(old_key.clone());
-        self.join_group(rel.rel.id, kind, || {
-            let cols = &rel.rel.columns;
-            let mut sets = Vec::new();
-            let mut names = Vec::new();
-            for (i, c) in cols.iter().enumerate().filter(|(i, _)| set[*i]) {
-                let ty = types[i].as_deref().unwrap_or("text");
-                sets.push(format!("{} = v.n{i}::{ty}", quote_ident(&c.name)));
-                names.push(format!("n{i}"));
+        let sets: Vec<usize> = (0..new.len()).filter(|&i| set[i]).collect();
+        let keys: Vec<usize> = key_columns(rel).map(|(i, _)| i).collect();
+        let group = self.join_group(rel, kind, sets.len() + keys.len(), |name, types| {
+            let mut assignments = Vec::new();
+            let mut aliases = Vec::new();
+            for &i in &sets {
+                let c = &rel.rel.columns[i];
+                assignments.push(format!(
+                    "{} = v.n{i}::{}",
+                    quote_ident(&c.name),
+                    type_of(types, i)
+                ));
+                aliases.push(format!("n{i}"));
             }
             let mut conds = Vec::new();
             for (i, c) in key_columns(rel) {
-                let ty = types[i].as_deref().unwrap_or("text");
-                conds.push(format!("t.{} = v.k{i}::{ty}", quote_ident(&c.name)));
-                names.push(format!("k{i}"));
+                conds.push(format!(
+                    "t.{} = v.k{i}::{}",
+                    quote_ident(&c.name),
+                    type_of(types, i)
+                ));
+                aliases.push(format!("k{i}"));
             }
-            (
-                format!(
-                    "UPDATE {} AS t SET {} FROM (VALUES\n",
-                    rel.quoted,
-                    sets.join(", ")
-                ),
-                format!(") AS v({}) WHERE {}", names.join(", "), conds.join(" AND ")),
+            format!(
+                "PREPARE {name} ({}) AS UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE {}",
+                text_arrays(aliases.len()),
+                rel.quoted,
+                assignments.join(", "),
+                placeholders(aliases.len()),
+                aliases.join(", "),
+                conds.join(" AND ")
             )
         });
-        self.batch.sql.push('(');
-        self.batch.sql.push_str(&values.join(", "));
-        self.batch.sql.push(')');
-        if let Some(g) = self.batch.group.as_mut() {
-            g.keys.insert(old_key);
-            g.keys.insert(new_key);
+        // Set columns' new values, then the old key (zipped from the indexes, which end first,
+        // so that no array is skipped).
+        let mut arrays = group.arrays.iter_mut();
+        for (&i, array) in sets.iter().zip(arrays.by_ref()) {
+            push_element(array, &new[i])?;
         }
+        for (&i, array) in keys.iter().zip(arrays) {
+            push_element(array, &old_row[i])?;
+        }
+        group.keys.insert(old_key);
+        group.keys.insert(new_key);
         Ok(())
     }
 
@@ -635,40 +889,98 @@ impl Target {
         self.batch.last_time = commit_time;
     }
 
-    /// Commits the batch with its progress. Afterwards `durable` is the batch's last source
-    /// commit.
-    pub async fn flush(&mut self) -> Result<(), SyncError> {
-        let Some(end) = self.batch.last_end else {
-            return Ok(());
-        };
-        if !self.batch.open && self.batch.sql.is_empty() {
+    /// Commits the batch with its progress: `applied` becomes the batch's last source commit.
+    /// The commit is asynchronous unless `durably`; then, and also when no batch is open,
+    /// `durable` catches up with `applied` before this returns.
+    pub async fn flush(&mut self, durably: bool) -> Result<(), SyncError> {
+        let end = self.batch.last_end;
+        if let Some(end) = end.filter(|_| self.pending_batch()) {
+            self.send_and_wait().await?;
+            let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+            progress::record(
+                client,
+                &self.conn,
+                &self.pipeline,
+                end,
+                self.batch.last_time,
+            )
+            .await?;
+            // WAL is flushed in order: once the target's flush position passes the insert
+            // position read right after this commit, the commit is durable.
+            let commit = if durably {
+                "SET LOCAL synchronous_commit = on; COMMIT;"
+            } else {
+                "COMMIT;"
+            };
+            let positions = wal_positions(
+                client,
+                &self.conn,
+                &format!("{commit} SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"),
+            )
+            .await?;
             self.batch = Batch::default();
-            return Ok(());
+            self.applied = end;
+            self.unflushed.push_back((positions.0, end));
+            self.flushed_up_to(if durably { positions.0 } else { positions.1 });
+        } else if end.is_some() {
+            // Only source transactions without changes for this target: nothing to commit.
+            self.batch = Batch::default();
         }
-        self.send(true).await?;
-        let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
-        progress::record(
-            client,
-            &self.conn,
-            &self.pipeline,
-            end,
-            self.batch.last_time,
-        )
-        .await?;
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| PgError::query("committing applied changes", &self.conn, e))?;
-        self.durable = end;
-        self.batch = Batch::default();
+        if durably && !self.unflushed.is_empty() {
+            // A transaction with a transaction id commits a record; committed synchronously, it
+            // flushes all WAL before it, earlier asynchronous commits included.
+            let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+            let positions = wal_positions(
+                client,
+                &self.conn,
+                "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT; \
+                 SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+            )
+            .await?;
+            self.flushed_up_to(positions.1);
+        }
         Ok(())
+    }
+
+    /// True when changes are buffered (also in an open group) or a target transaction is open.
+    fn pending_batch(&self) -> bool {
+        self.batch.open || !self.batch.sql.is_empty() || self.batch.group.is_some()
     }
 
     /// Drops the connection without committing (used when stopping after an error elsewhere).
     pub fn disconnect(&mut self) {
+        self.writer = None;
         self.client = None;
         self.batch = Batch::default();
+        self.unflushed.clear();
     }
+}
+
+/// Runs `sql` (simple protocol) whose last result row holds two LSNs (insert, flush position).
+async fn wal_positions(
+    client: &Client,
+    conn: &ConnInfo,
+    sql: &str,
+) -> Result<(Lsn, Lsn), SyncError> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .map_err(|e| PgError::query("committing applied changes", conn, e))?;
+    let row = messages
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .ok_or_else(|| SyncError::Protocol(format!("{conn}: no WAL position after a commit")))?;
+    let lsn = |i: usize| parse_lsn(row.get(i).unwrap_or_default(), conn);
+    Ok((lsn(0)?, lsn(1)?))
+}
+
+fn parse_lsn(text: &str, conn: &ConnInfo) -> Result<Lsn, SyncError> {
+    text.parse()
+        .map_err(|_| SyncError::Protocol(format!("{conn}: {text:?} is not a WAL position")))
 }
 
 fn gone(conn: &ConnInfo) -> SyncError {

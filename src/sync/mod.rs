@@ -23,6 +23,7 @@ pub mod publication;
 pub mod schema;
 pub mod slot;
 pub mod status;
+mod writer;
 
 pub use pipeline::{run, setup, teardown, SetupOptions, SetupOutcome, TeardownReport};
 pub use status::{status, PipelineStatus};

@@ -4,7 +4,8 @@
 //! `run` keeps these promises:
 //! - The stream starts at the oldest applied LSN among the targets; each target skips the
 //!   transactions it already holds, so none is applied twice.
-//! - The slot is confirmed up to the smallest durable applied LSN among the targets, or, when no
+//! - The slot is confirmed up to the smallest durable applied LSN among the targets (commits the
+//!   target has flushed, not only made visible), or, when no
 //!   target has anything pending, up to the last keepalive's WAL end, so a quiet source (or one
 //!   busy with other tables) does not keep WAL behind the slot.
 //! - A target that goes away is retried with backoff while the others keep applying; when it is
@@ -31,6 +32,9 @@ use crate::pg::{resolve_tables, ConnInfo, Lsn, PgError, TableInfo};
 const BATCH_ROWS: usize = 20_000;
 /// ...or has been open this long.
 const BATCH_TIME: Duration = Duration::from_millis(150);
+/// How often a target with only unflushed commits is asked how far its WAL is flushed (its WAL
+/// writer flushes asynchronous commits every `wal_writer_delay`, 200 ms by default).
+const FLUSH_CHECK: Duration = Duration::from_millis(200);
 /// How long `run` waits for a slot still held by a process that died (its walsender has not
 /// noticed yet) before reporting it as in use.
 const SLOT_BUSY_GRACE: Duration = Duration::from_secs(5);
@@ -401,10 +405,11 @@ fn confirm_point(targets: &[Target], position: Lsn, floor: Lsn) -> Lsn {
         .unwrap_or(floor)
 }
 
-async fn flush_all(targets: &mut [Target]) -> Result<(), SyncError> {
+/// Commits every target's batch; `durably` waits until the commits are flushed on the targets.
+async fn flush_all(targets: &mut [Target], durably: bool) -> Result<(), SyncError> {
     for i in 0..targets.len() {
         if targets[i].is_up() {
-            if let Err(e) = targets[i].flush().await {
+            if let Err(e) = targets[i].flush(durably).await {
                 target_failed(targets, i, e)?;
             }
         }
@@ -456,7 +461,7 @@ async fn session(
     let start = targets
         .iter()
         .filter(|t| t.is_up())
-        .map(|t| t.durable)
+        .map(|t| t.applied)
         .min()
         .unwrap_or(floor);
     let ack = confirm_point(targets, start, floor).min(floor.max(start));
@@ -481,9 +486,14 @@ async fn session(
     let mut batch_started: Option<Instant> = None;
     let mut stopping = false;
     let mut confirmed = ack;
+    let mut flush_checked = Instant::now();
 
     loop {
         let flush_at = batch_started.map(|s| s + BATCH_TIME);
+        let flush_check_at = targets
+            .iter()
+            .any(Target::awaits_flush)
+            .then(|| flush_checked + FLUSH_CHECK);
         let retry_at = targets
             .iter()
             .filter(|t| !t.is_up())
@@ -498,8 +508,19 @@ async fn session(
                 tracing::info!(pipeline, "stop requested: finishing the current batch");
             }
             _ = sleep_until(flush_at), if txn.is_none() && flush_at.is_some() => {
-                flush_all(targets).await?;
+                flush_all(targets, false).await?;
                 batch_started = None;
+                progressed = true;
+            }
+            _ = sleep_until(flush_check_at), if txn.is_none() && flush_check_at.is_some() => {
+                for i in 0..targets.len() {
+                    if targets[i].awaits_flush() {
+                        if let Err(e) = targets[i].check_flushed().await {
+                            target_failed(targets, i, e)?;
+                        }
+                    }
+                }
+                flush_checked = Instant::now();
                 progressed = true;
             }
             _ = sleep_until(retry_at), if txn.is_none() && retry_at.is_some() && !stopping => {
@@ -510,8 +531,8 @@ async fn session(
                     match targets[i].connect().await {
                         Ok(()) => {
                             tracing::info!(pipeline, target = %targets[i].name, "target is back at {}", targets[i].durable);
-                            if targets[i].durable < position {
-                                flush_all(targets).await?;
+                            if targets[i].applied < position {
+                                flush_all(targets, false).await?;
                                 stream.stop();
                                 return Ok(SessionEnd::Restart);
                             }
@@ -531,7 +552,7 @@ async fn session(
                     }),
                     Err(e) => {
                         if txn.is_none() {
-                            flush_all(targets).await?;
+                            flush_all(targets, false).await?;
                         }
                         return Err(slot::stream_error(source_conn, e));
                     }
@@ -564,7 +585,7 @@ async fn session(
                         let full = targets.iter().any(|t| t.batch_rows() >= BATCH_ROWS);
                         let old = batch_started.is_some_and(|s| s.elapsed() >= BATCH_TIME);
                         if full || old || stopping {
-                            flush_all(targets).await?;
+                            flush_all(targets, stopping).await?;
                             batch_started = None;
                         }
                         progressed = true;
@@ -594,7 +615,7 @@ async fn session(
             }
         }
         if stopping && txn.is_none() {
-            flush_all(targets).await?;
+            flush_all(targets, true).await?;
             let c = confirm_point(targets, position, floor);
             if c > confirmed {
                 stream.update_applied_lsn(pgwire_replication::Lsn(c.0));
@@ -623,10 +644,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn apply_message(
+async fn apply_message<'r>(
     message: Message,
     txn: &mut Option<Txn>,
-    relations: &mut HashMap<u32, StreamRelation>,
+    relations: &'r mut HashMap<u32, StreamRelation>,
     targets: &mut [Target],
     source: &tokio_postgres::Client,
     source_conn: &ConnInfo,
@@ -636,14 +657,15 @@ async fn apply_message(
             "{source_conn}: a change arrived outside a transaction"
         ))
     };
-    let relation =
-        |relations: &HashMap<u32, StreamRelation>, id: u32| -> Result<StreamRelation, SyncError> {
-            relations.get(&id).cloned().ok_or_else(|| {
-                SyncError::Protocol(format!(
-                    "{source_conn}: a change to relation {id} arrived before its description"
-                ))
-            })
-        };
+    let relation = |relations: &'r HashMap<u32, StreamRelation>,
+                    id: u32|
+     -> Result<&'r StreamRelation, SyncError> {
+        relations.get(&id).ok_or_else(|| {
+            SyncError::Protocol(format!(
+                "{source_conn}: a change to relation {id} arrived before its description"
+            ))
+        })
+    };
     match message {
         Message::Relation(rel) => {
             for t in targets.iter_mut() {
@@ -673,13 +695,12 @@ async fn apply_message(
                 Message::Delete { old, .. } => Change::Delete(old),
                 _ => return Ok(()),
             };
-            let idx = t.targets.clone();
-            for i in idx {
+            for &i in &t.targets {
                 if !targets[i].is_up() {
                     continue;
                 }
-                let r = match targets[i].check_drift(&rel, source, source_conn).await {
-                    Ok(()) => targets[i].change(&rel, change).await,
+                let r = match targets[i].check_drift(rel, source, source_conn).await {
+                    Ok(()) => targets[i].change(rel, change).await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = r {
@@ -695,11 +716,10 @@ async fn apply_message(
             if t.skip || t.targets.is_empty() {
                 return Ok(());
             }
-            let rels: Vec<StreamRelation> = ids
+            let refs: Vec<&StreamRelation> = ids
                 .iter()
                 .map(|&id| relation(relations, id))
                 .collect::<Result<_, _>>()?;
-            let refs: Vec<&StreamRelation> = rels.iter().collect();
             for i in t.targets.clone() {
                 if targets[i].is_up() {
                     if let Err(e) = targets[i].truncate(&refs, options).await {

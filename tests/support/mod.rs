@@ -271,12 +271,22 @@ impl PgCluster {
 
     /// Stops the server (fast mode); `start_again` brings it back on the same port.
     pub fn stop(&self) {
+        self.stop_in("fast");
+    }
+
+    /// Stops the server as a crash would (immediate mode): WAL not yet written is lost, so
+    /// are asynchronous commits the WAL writer has not reached.
+    pub fn crash(&self) {
+        self.stop_in("immediate");
+    }
+
+    fn stop_in(&self, mode: &str) {
         let mut c = pg_command("pg_ctl");
         c.args([
             "-D",
             self.data_dir().to_str().unwrap(),
             "-m",
-            "fast",
+            mode,
             "-w",
             "stop",
         ])
