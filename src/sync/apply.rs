@@ -249,6 +249,21 @@ fn key_columns(rel: &StreamRelation) -> impl Iterator<Item = (usize, &RelationCo
     rel.rel.columns.iter().enumerate().filter(|(_, c)| c.key)
 }
 
+/// `t.k = v.k0::type AND ..`: a prepared group statement's match of the table's rows (`t`) to
+/// the unnested key arrays (`v`); the arrays' column aliases are appended to `aliases`.
+fn key_match(rel: &StreamRelation, types: &[Option<String>], aliases: &mut Vec<String>) -> String {
+    let mut conds = Vec::new();
+    for (i, c) in key_columns(rel) {
+        conds.push(format!(
+            "t.{} = v.k{i}::{}",
+            quote_ident(&c.name),
+            type_of(types, i)
+        ));
+        aliases.push(format!("k{i}"));
+    }
+    conds.join(" AND ")
+}
+
 /// The key values of a row as comma-separated literals.
 fn key_literals(rel: &StreamRelation, row: &[Value]) -> Result<String, SyncError> {
     let mut out = String::new();
@@ -739,23 +754,15 @@ impl Target {
             )));
         }
         let group = self.join_group(rel, GroupKind::Delete, keys.len(), |name, types| {
-            let mut conds = Vec::new();
             let mut aliases = Vec::new();
-            for (i, c) in key_columns(rel) {
-                conds.push(format!(
-                    "t.{} = v.k{i}::{}",
-                    quote_ident(&c.name),
-                    type_of(types, i)
-                ));
-                aliases.push(format!("k{i}"));
-            }
+            let conds = key_match(rel, types, &mut aliases);
             format!(
                 "PREPARE {name} ({}) AS DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE {}",
                 text_arrays(aliases.len()),
                 rel.quoted,
                 placeholders(aliases.len()),
                 aliases.join(", "),
-                conds.join(" AND ")
+                conds
             )
         });
         for (array, &i) in group.arrays.iter_mut().zip(&keys) {
@@ -826,15 +833,7 @@ impl Target {
                 ));
                 aliases.push(format!("n{i}"));
             }
-            let mut conds = Vec::new();
-            for (i, c) in key_columns(rel) {
-                conds.push(format!(
-                    "t.{} = v.k{i}::{}",
-                    quote_ident(&c.name),
-                    type_of(types, i)
-                ));
-                aliases.push(format!("k{i}"));
-            }
+            let conds = key_match(rel, types, &mut aliases);
             format!(
                 "PREPARE {name} ({}) AS UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE {}",
                 text_arrays(aliases.len()),
@@ -842,7 +841,7 @@ impl Target {
                 assignments.join(", "),
                 placeholders(aliases.len()),
                 aliases.join(", "),
-                conds.join(" AND ")
+                conds
             )
         });
         // Set columns' new values, then the old key (zipped from the indexes, which end first,
