@@ -31,15 +31,7 @@ const LEDGER_DDL: &str =
 /// configuration (in the returned directory).
 fn ledger_pipeline(src: &PgCluster, dst: &PgCluster) -> (tempfile::TempDir, std::path::PathBuf) {
     src.psql("einvoice", LEDGER_DDL);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
-        &[("p", "a", &["b"], &["public.ledger", "public.counter"])],
-    );
-    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
-    assert_eq!(code, 0, "{err}");
-    (dir, cfg)
+    set_up_pipeline(src, dst, &["public.ledger", "public.counter"])
 }
 
 /// Writes ledger rows `ids`, one source transaction each, each also bumping the counter.
@@ -417,14 +409,7 @@ async fn reconnects_when_the_source_restarts() {
         "einvoice",
         "CREATE TABLE allowance (id int PRIMARY KEY, amount numeric)",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
-        &[("p", "a", &["b"], &["public.allowance"])],
-    );
-    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
-    assert_eq!(code, 0, "{err}");
+    let (_dir, cfg) = set_up_pipeline(&src, &dst, &["public.allowance"]);
     let run = Running::start(&load(&cfg), "p");
     src.psql("einvoice", "INSERT INTO allowance VALUES (1, 1)");
     let q = "SELECT * FROM allowance ORDER BY 1";

@@ -382,14 +382,7 @@ async fn idle_slot_is_confirmed_to_the_keepalive_wal_end() {
         "einvoice",
         "CREATE TABLE published (id int PRIMARY KEY); CREATE TABLE other (id int PRIMARY KEY, v text);",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
-        &[("p", "a", &["b"], &["public.published"])],
-    );
-    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
-    assert_eq!(code, 0, "{err}");
+    let (_dir, cfg) = set_up_pipeline(&src, &dst, &["public.published"]);
     let run = Running::start(&load(&cfg), "p");
     // Busy only with a table outside the publication.
     src.psql(

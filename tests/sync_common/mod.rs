@@ -8,7 +8,7 @@ use std::time::Duration;
 use invsync::config::Config;
 use tokio::sync::watch;
 
-use crate::support::{wait_until, PgCluster};
+use crate::support::{invsync, wait_until, PgCluster};
 
 /// A pipeline for [`write_config`]: (name, source, targets, tables).
 pub type PipelineSpec<'a> = (&'a str, &'a str, &'a [&'a str], &'a [&'a str]);
@@ -39,6 +39,24 @@ pub fn write_config(
     let path = dir.join("invsync.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Writes a configuration with pipeline `p` from `src` (database `a`) to `dst` (database `b`)
+/// over `tables` and runs `sync setup p`; returns the configuration (in the returned directory).
+pub fn set_up_pipeline(
+    src: &PgCluster,
+    dst: &PgCluster,
+    tables: &[&str],
+) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], tables)],
+    );
+    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+    (dir, cfg)
 }
 
 pub fn load(path: &Path) -> Config {
