@@ -249,6 +249,17 @@ fn key_columns(rel: &StreamRelation) -> impl Iterator<Item = (usize, &RelationCo
     rel.rel.columns.iter().enumerate().filter(|(_, c)| c.key)
 }
 
+/// `"a", "b", ..`: every column of the relation, for an INSERT's column list.
+fn column_list(rel: &StreamRelation) -> String {
+    let names: Vec<String> = rel
+        .rel
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    names.join(", ")
+}
+
 /// `t.k = v.k0::type AND ..`: a prepared group statement's match of the table's rows (`t`) to
 /// the unnested key arrays (`v`); the arrays' column aliases are appended to `aliases`.
 fn key_match(rel: &StreamRelation, types: &[Option<String>], aliases: &mut Vec<String>) -> String {
@@ -694,13 +705,7 @@ impl Target {
         check_width(rel, new)?;
         if !self.has_types(rel, |_| true) {
             // Without the target's types (a column just added) the arrays cannot be cast.
-            let names: Vec<String> = rel
-                .rel
-                .columns
-                .iter()
-                .map(|c| quote_ident(&c.name))
-                .collect();
-            let mut sql = format!("INSERT INTO {} ({}) VALUES (", rel.quoted, names.join(", "));
+            let mut sql = format!("INSERT INTO {} ({}) VALUES (", rel.quoted, column_list(rel));
             push_literals(&mut sql, new.iter())?;
             self.close_group();
             self.batch.sql.push_str(&sql);
@@ -709,12 +714,6 @@ impl Target {
         }
         let n = new.len();
         let group = self.join_group(rel, GroupKind::Insert, n, |name, types| {
-            let names: Vec<String> = rel
-                .rel
-                .columns
-                .iter()
-                .map(|c| quote_ident(&c.name))
-                .collect();
             let values: Vec<String> = (0..n)
                 .map(|i| format!("v.c{i}::{}", type_of(types, i)))
                 .collect();
@@ -723,7 +722,7 @@ impl Target {
                 "PREPARE {name} ({}) AS INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS v({})",
                 text_arrays(n),
                 rel.quoted,
-                names.join(", "),
+                column_list(rel),
                 values.join(", "),
                 placeholders(n),
                 aliases.join(", ")
