@@ -89,7 +89,7 @@ async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
     child.wait().unwrap();
     let at_kill = dump(&dst, "SELECT count(*) FROM ledger");
 
-    let mut child = spawn_run(&cfg, "p");
+    let child = spawn_run(&cfg, "p");
     writer.await.unwrap();
     wait_same(&src, &dst, COUNTER).await;
     wait_same(&src, &dst, LEDGER).await;
@@ -102,31 +102,8 @@ async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
     // SIGTERM: finish the batch, record progress, exit 0, release the slot.
     src.psql("einvoice", "INSERT INTO ledger VALUES (-1, 1, 'last')");
     wait_same(&src, &dst, LEDGER).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || {
-        let s = child.wait().unwrap();
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (s, err)
-    })
-    .await
-    .unwrap();
-    assert!(
-        exit.0.success(),
-        "run did not exit 0 on SIGTERM: {:?} {}",
-        exit.0,
-        exit.1
-    );
+    let exit = terminate(child).await;
+    assert!(exit.0, "run did not exit 0 on SIGTERM: {}", exit.1);
     assert!(exit.1.contains("stop requested"), "{}", exit.1);
     wait_for("the slot to be released", || {
         src.psql(
@@ -180,6 +157,63 @@ async fn a_target_crash_loses_only_unconfirmed_commits_which_are_applied_again()
     assert_eq!(dump(&dst, COUNTER), "400");
     assert_eq!(dump(&dst, "SELECT count(*) FROM ledger"), "400");
     run.stop().await;
+}
+
+/// Sends SIGTERM to `child` and returns whether it exited 0, with its standard error.
+async fn terminate(mut child: Child) -> (bool, String) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::task::spawn_blocking(move || {
+        let s = child.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (s.success(), err)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_and_deletes_of_rows_missing_on_the_target_are_counted_and_reported() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    let (_dir, cfg) = ledger_pipeline(&src, &dst);
+    let writer = src.client("einvoice").await;
+    write_ledger(&writer, 0..10).await;
+    let child = spawn_run(&cfg, "p");
+    wait_same(&src, &dst, LEDGER).await;
+    // Someone deleted rows on the target: the source's changes to them find nothing.
+    dst.psql("einvoice", "DELETE FROM ledger WHERE id IN (1, 2, 3, 4)");
+    src.psql(
+        "einvoice",
+        "BEGIN; UPDATE ledger SET memo = 'changed' WHERE id IN (1, 2); DELETE FROM ledger WHERE id = 3; COMMIT;
+         UPDATE ledger SET memo = 'later' WHERE id = 4;",
+    );
+    // The pipeline goes on with the rows that are there.
+    write_ledger(&writer, 10..12).await;
+    wait_same(&src, &dst, COUNTER).await;
+    wait_same(
+        &src,
+        &dst,
+        "SELECT id, memo FROM ledger WHERE id >= 10 ORDER BY id",
+    )
+    .await;
+    let (ok, err) = terminate(child).await;
+    assert!(ok, "run did not exit 0 on SIGTERM: {err}");
+    assert!(
+        err.contains("rows to update or delete were not on the target (4 in this session)")
+            && err.contains("invsync verify db"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

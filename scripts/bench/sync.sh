@@ -1,7 +1,8 @@
 # sync section of scripts/bench.sh (sourced). Compares, on the same two clusters and data:
 #   initial copy:  invsync sync setup  vs  a native subscription (copy_data)  vs  pg_dump -j2 | pg_restore -j2
 #   catch-up:      invsync sync run    vs  a native subscription, on the same backlog of changes
-#                  (inserts, updates, deletes in transactions of 100 rows) written while both were stopped,
+#                  (inserts of new rows, updates and deletes of rows both copied before, in transactions
+#                  of 100 rows) written while both were stopped,
 #                  and on one transaction of SYNC_BIG rows (default 5000000; 0 skips it), with sync run's peak RSS
 #   lag:           p99 and max lag under `einvoice-gen load` at SYNC_LAG_RATE rows/s (default 10000)
 #                  for SYNC_LAG_SECS s (default 30), in a database bench_lag of its own: a probe row
@@ -16,7 +17,8 @@ sync_main() {
   mkdir -p "$dir"
   local src="$SRC_URL" dst="$DST_URL"
 
-  sync_q() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -A -t -v ON_ERROR_STOP=1 -d "$1" -c "$2"; }
+  # The server binary directory's psql: Debian's psql wrapper is a Perl script, and the waits poll.
+  sync_q() { PGOPTIONS="-c client_min_messages=warning" "${PG_BINDIR:+$PG_BINDIR/}psql" -X -q -A -t -v ON_ERROR_STOP=1 -d "$1" -c "$2"; }
   sync_now() { date +%s.%N; }
   sync_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   sync_rss_mib() { awk -F: '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
@@ -95,7 +97,8 @@ TOML
   done
 
   # ---- catch-up: both consumers stopped while the same changes are written, then started
-  sync_backlog() { # $1 = base id: $backlog changes in transactions of 100: 60 inserts, 30 updates, 10 deletes
+  sync_backlog() { # $1 = base id: $backlog changes in transactions of 100: 60 inserts of new rows,
+    # 30 updates and 10 deletes of rows that existed before (see sync_prefill), each touched once
     local base=$1
     sync_q "$src" "
       DO \$\$
@@ -105,12 +108,18 @@ TOML
           b := $base + k * 60;
           INSERT INTO public.bench_change (id, invoice_number, amount, note)
             SELECT b + g, 'AB' || lpad((b + g)::text, 8, '0'), g * 1.25, 'new' FROM generate_series(1, 60) g;
-          UPDATE public.bench_change SET amount = amount + 1, note = 'upd' WHERE id > b AND id <= b + 30;
-          DELETE FROM public.bench_change WHERE id > b + 50 AND id <= b + 60;
+          UPDATE public.bench_change SET amount = amount + 1, note = 'upd'
+            WHERE id > $base - (k + 1) * 30 AND id <= $base - k * 30;
+          DELETE FROM public.bench_change
+            WHERE id > $base - $((backlog * 3 / 10)) - (k + 1) * 10 AND id <= $base - $((backlog * 3 / 10)) - k * 10;
           COMMIT;
         END LOOP;
         INSERT INTO public.bench_change (id, note) VALUES (-$base, 'marker');
       END \$\$" >/dev/null
+  }
+  sync_prefill() { # $1 = base id: the rows the backlog updates and deletes, ids below the base
+    sync_q "$src" "INSERT INTO public.bench_change (id, invoice_number, amount, note)
+      SELECT $1 - g, 'AB' || lpad(g::text, 8, '0'), g * 0.5, 'old' FROM generate_series(1, $((backlog / 2))) g" >/dev/null
   }
   sync_big_transaction() { # $1 = base id: one transaction inserting $big rows
     local base=$1
@@ -128,6 +137,7 @@ TOML
     sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
     sync_reset_target
     base=$((base + 100000000))
+    sync_prefill "$base"
     CATCH_RSS=
     if [ "$kind" = invsync ]; then
       "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true

@@ -38,17 +38,40 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::Client;
+use tokio::sync::oneshot;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::decoder::{
     Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
 };
+use super::net::{Net, Window};
 use super::writer::Writer;
 use super::{copy::settings_sql, names, progress, schema, SyncError};
 use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// SQL is sent to the target once this much is buffered, also inside a transaction.
 const PIECE_BYTES: usize = 256 * 1024;
+
+/// Whether a table's changes may be applied as net changes (see [`net`](super::net)): a plain
+/// table whose only unique index is on exactly the stream's key columns (`$2`), without
+/// exclusion constraints or rules, without foreign keys unless this session's replication role
+/// keeps their checks quiet, and without user triggers that fire in this session.
+const REORDERABLE: &str = "\
+SELECT c.relkind = 'r' AND NOT c.relhasrules \
+  AND (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique) = 1 \
+  AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique \
+    AND i.indpred IS NULL AND i.indexprs IS NULL \
+    AND ARRAY(SELECT a.attname::text FROM pg_attribute a \
+              WHERE a.attrelid = c.oid AND a.attnum = ANY (i.indkey) ORDER BY 1) \
+      = ARRAY(SELECT k FROM unnest($2::text[]) k ORDER BY 1)) \
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint x WHERE x.conrelid = c.oid AND x.contype = 'x') \
+  AND (current_setting('session_replication_role') = 'replica' \
+    OR NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' \
+                   AND (f.conrelid = c.oid OR f.confrelid = c.oid))) \
+  AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
+    AND t.tgenabled IN ('A', CASE current_setting('session_replication_role') \
+                             WHEN 'replica' THEN 'R' ELSE 'O' END)) \
+FROM pg_class c WHERE c.oid = $1::text::regclass";
 
 /// Numbers relation definitions across the whole process, so a target's record of what it
 /// checked for drift never matches a definition from another stream session.
@@ -301,6 +324,8 @@ pub struct Target {
     pub applied: Lsn,
     /// End LSN of the last source commit this target holds durably (its commit is flushed).
     pub durable: Lsn,
+    /// Commits handed to the writer and not yet reported back.
+    committing: VecDeque<Committing>,
     /// Commits not known to be flushed yet: the target's WAL position after each commit, with
     /// the source end LSN it made applied.
     unflushed: VecDeque<(Lsn, Lsn)>,
@@ -311,6 +336,11 @@ pub struct Target {
     /// Per relation, the target's type of each column of the stream's definition (`None` where
     /// the target lacked the column when checked); set-based UPDATEs cast to them.
     types: HashMap<u32, Vec<Option<String>>>,
+    /// Per relation, whether its changes may be applied as net changes (see [`net`](super::net)),
+    /// as the target's catalog said when the relation's definition was checked.
+    reorderable: HashMap<u32, bool>,
+    /// Of the writer's count of rows that updates and deletes did not find, what was logged.
+    missing_reported: u64,
     batch: Batch,
     /// Statements prepared in this session, by relation, relation generation and kind.
     prepared: HashMap<(u32, u64, GroupKind), String>,
@@ -326,6 +356,10 @@ struct Batch {
     sql: String,
     /// The set-based statement still open at the end of `sql`.
     group: Option<Group>,
+    /// Net changes not yet written as statements; they come before `sql`'s successors.
+    window: Window,
+    /// Rows the statements in `sql` and `group` should change.
+    expect: u64,
     last_end: Option<Lsn>,
     last_time: Option<DateTime<Utc>>,
     rows: usize,
@@ -344,6 +378,16 @@ struct Group {
     arrays: Vec<String>,
     /// Key literals an UPDATE group touched (old and new keys).
     keys: HashSet<String>,
+}
+
+/// A batch whose progress record and `COMMIT` are queued on the writer.
+struct Committing {
+    /// The batch's last source commit.
+    end: Lsn,
+    /// Committed with `synchronous_commit = on`.
+    durably: bool,
+    /// The target's WAL insert and flush positions read right after the commit.
+    positions: oneshot::Receiver<Vec<SimpleQueryMessage>>,
 }
 
 /// What opens an array literal in [`Group::arrays`].
@@ -372,10 +416,13 @@ impl Target {
             writer: None,
             applied: Lsn(0),
             durable: Lsn(0),
+            committing: VecDeque::new(),
             unflushed: VecDeque::new(),
             known: false,
             checked: HashMap::new(),
             types: HashMap::new(),
+            reorderable: HashMap::new(),
+            missing_reported: 0,
             batch: Batch::default(),
             prepared: HashMap::new(),
             retry_at: Instant::now(),
@@ -441,9 +488,12 @@ impl Target {
             })?;
         self.applied = p.applied;
         self.durable = p.applied;
+        self.committing.clear();
         self.unflushed.clear();
         self.known = true;
         self.checked.clear();
+        self.reorderable.clear();
+        self.missing_reported = 0;
         self.prepared.clear();
         self.batch = Batch::default();
         let client = Arc::new(client);
@@ -474,13 +524,15 @@ impl Target {
     /// True when changes are buffered, a target transaction is open, or a commit is not known
     /// to be flushed.
     pub fn pending(&self) -> bool {
-        self.pending_batch() || !self.unflushed.is_empty()
+        self.pending_batch() || !self.committing.is_empty() || !self.unflushed.is_empty()
     }
 
-    /// True when only the flush of committed batches is awaited: [`Target::check_flushed`]
-    /// can tell without waiting behind an open batch.
+    /// True when only the commit or flush of earlier batches is awaited:
+    /// [`Target::check_flushed`] can tell without waiting behind an open batch.
     pub fn awaits_flush(&self) -> bool {
-        self.is_up() && !self.pending_batch() && !self.unflushed.is_empty()
+        self.is_up()
+            && !self.pending_batch()
+            && (!self.committing.is_empty() || !self.unflushed.is_empty())
     }
 
     /// Moves `durable` over the commits the target's WAL flush position `flushed` covers.
@@ -494,8 +546,53 @@ impl Target {
         }
     }
 
+    /// Takes the results of queued commits: every one if `wait`, else those already back.
+    /// `applied` moves to each commit's batch end, `durable` as far as the target reported its
+    /// WAL flushed.
+    async fn collect_commits(&mut self, wait: bool) -> Result<(), SyncError> {
+        while let Some(c) = self.committing.front_mut() {
+            let result = if wait {
+                (&mut c.positions).await.ok()
+            } else {
+                match c.positions.try_recv() {
+                    Ok(r) => Some(r),
+                    Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Err(oneshot::error::TryRecvError::Closed) => None,
+                }
+            };
+            let Some(messages) = result else {
+                let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
+                return Err(writer.failure().await);
+            };
+            let (end, durably) = (c.end, c.durably);
+            self.committing.pop_front();
+            let (insert, flushed) = wal_positions(&messages, &self.conn)?;
+            self.applied = end;
+            self.unflushed.push_back((insert, end));
+            self.flushed_up_to(if durably { insert } else { flushed });
+        }
+        Ok(())
+    }
+
+    /// Warns when more rows to update or delete were not found on the target since the last
+    /// warning (counted per row of the statements run: a row changed twice in a window of net
+    /// changes counts once).
+    fn report_missing(&mut self) {
+        let missing = self.writer.as_ref().map_or(0, Writer::missing);
+        if missing > self.missing_reported {
+            tracing::warn!(
+                target = %self.name,
+                "{} rows to update or delete were not on the target ({missing} in this session): \
+                 it differs from the source; `invsync verify db` names the rows that differ",
+                missing - self.missing_reported
+            );
+            self.missing_reported = missing;
+        }
+    }
+
     /// Asks the target how far its WAL is flushed and moves `durable` accordingly.
     pub async fn check_flushed(&mut self) -> Result<(), SyncError> {
+        self.collect_commits(true).await?;
         let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
         let flushed: String = client
             .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
@@ -511,7 +608,12 @@ impl Target {
         self.batch.rows
     }
 
+    /// Hands the buffered SQL to the writer once there is a piece's worth, or whatever there is
+    /// if `force` (then the window's net changes first).
     async fn send(&mut self, force: bool) -> Result<(), SyncError> {
+        if force {
+            self.emit_window()?;
+        }
         let group = self
             .batch
             .group
@@ -527,7 +629,9 @@ impl Target {
         if !self.batch.open {
             sql.insert_str(0, "BEGIN;\n");
         }
-        writer.execute(sql).await?;
+        writer
+            .execute(sql, std::mem::take(&mut self.batch.expect))
+            .await?;
         self.batch.open = true;
         Ok(())
     }
@@ -542,8 +646,51 @@ impl Target {
             .await
     }
 
-    /// Ends an open set-based statement (before a relation's definition changes).
-    pub fn close_group(&mut self) {
+    /// Writes the window's net changes as statements and ends the open one, so that what comes
+    /// next (a new relation definition, a TRUNCATE, a change in source order) follows them.
+    pub fn end_statements(&mut self) -> Result<(), SyncError> {
+        self.emit_window()?;
+        self.close_group();
+        Ok(())
+    }
+
+    /// Writes the window's net changes: per table its deletes, then its updates (grouped by the
+    /// columns they set), then its inserts.
+    fn emit_window(&mut self) -> Result<(), SyncError> {
+        for table in self.batch.window.take() {
+            let rel = &table.rel;
+            for net in table.rows.values() {
+                if let Net::Delete(row) | Net::Replace(row) = net {
+                    self.delete(rel, row)?;
+                }
+            }
+            let mut updates: Vec<&Vec<Value>> = table
+                .rows
+                .values()
+                .filter_map(|n| match n {
+                    Net::Update(row) => Some(row),
+                    _ => None,
+                })
+                .collect();
+            updates.sort_by_key(|row| {
+                row.iter()
+                    .map(|v| *v == Value::Unchanged)
+                    .collect::<Vec<_>>()
+            });
+            for row in updates {
+                self.update(rel, None, row)?;
+            }
+            for net in table.rows.values() {
+                if let Net::Insert(row) | Net::Replace(row) = net {
+                    self.insert(rel, row)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends an open set-based statement.
+    fn close_group(&mut self) {
         if let Some(g) = self.batch.group.take() {
             let sql = &mut self.batch.sql;
             sql.push_str("EXECUTE ");
@@ -635,6 +782,14 @@ impl Target {
             })
             .collect();
         self.types.insert(rel.rel.id, types);
+        let keys: Vec<String> = key_columns(rel).map(|(_, c)| c.name.clone()).collect();
+        let reorderable = client
+            .query_one(REORDERABLE, &[&table.quoted(), &keys])
+            .await
+            .map_err(|e| PgError::query(format!("reading the indexes of {table}"), &self.conn, e))?
+            .get::<_, bool>(0);
+        self.reorderable
+            .insert(rel.rel.id, reorderable && !rel.full_identity);
         let missing: Vec<&str> = rel
             .rel
             .columns
@@ -686,12 +841,29 @@ impl Target {
         Ok(())
     }
 
-    /// Adds one row change to the batch.
+    /// Adds one row change to the batch: to the window of net changes where the table allows,
+    /// else (after the window) in source order.
     pub async fn change(
         &mut self,
         rel: &StreamRelation,
         change: Change<'_>,
     ) -> Result<(), SyncError> {
+        let row = match change {
+            Change::Insert(row) | Change::Delete(row) | Change::Update { new: row, .. } => row,
+        };
+        check_width(rel, row)?;
+        if self.reorderable.get(&rel.rel.id) == Some(&true)
+            && self.has_types(rel, |_| true)
+            && self.batch.window.absorb(rel, change)
+        {
+            self.batch.rows += 1;
+            if self.batch.window.is_full() {
+                self.emit_window()?;
+                self.send(false).await?;
+            }
+            return Ok(());
+        }
+        self.emit_window()?;
         match change {
             Change::Insert(new) => self.insert(rel, new)?,
             Change::Update { old, new } => self.update(rel, old, new)?,
@@ -703,6 +875,7 @@ impl Target {
 
     fn insert(&mut self, rel: &StreamRelation, new: &[Value]) -> Result<(), SyncError> {
         check_width(rel, new)?;
+        self.batch.expect += 1;
         if !self.has_types(rel, |_| true) {
             // Without the target's types (a column just added) the arrays cannot be cast.
             let mut sql = format!("INSERT INTO {} ({}) VALUES (", rel.quoted, column_list(rel));
@@ -736,6 +909,7 @@ impl Target {
 
     fn delete(&mut self, rel: &StreamRelation, old: &[Value]) -> Result<(), SyncError> {
         check_width(rel, old)?;
+        self.batch.expect += 1;
         let is_key = |i: usize| rel.rel.columns[i].key;
         if rel.full_identity || !self.has_types(rel, is_key) {
             let filter = row_filter(rel, old)?;
@@ -781,6 +955,7 @@ impl Target {
         if !set.contains(&true) {
             return Ok(());
         }
+        self.batch.expect += 1;
         let needed = |i: usize| set[i] || rel.rel.columns[i].key;
         if rel.full_identity || !self.has_types(rel, needed) {
             // One statement for this row: REPLICA IDENTITY FULL finds rows by every column, and
@@ -866,7 +1041,7 @@ impl Target {
         if rels.is_empty() {
             return Ok(());
         }
-        self.close_group();
+        self.end_statements()?;
         let names: Vec<&str> = rels.iter().map(|r| r.quoted.as_str()).collect();
         let mut sql = format!("TRUNCATE {}", names.join(", "));
         if options & TRUNCATE_RESTART_IDENTITY != 0 {
@@ -893,56 +1068,58 @@ impl Target {
     pub async fn flush(&mut self, durably: bool) -> Result<(), SyncError> {
         let end = self.batch.last_end;
         if let Some(end) = end.filter(|_| self.pending_batch()) {
-            self.send_and_wait().await?;
-            let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
-            progress::record(
-                client,
-                &self.conn,
-                &self.pipeline,
-                end,
-                self.batch.last_time,
-            )
-            .await?;
-            // WAL is flushed in order: once the target's flush position passes the insert
-            // position read right after this commit, the commit is durable.
+            self.send(true).await?;
+            // The progress record must change the pipeline's row, or the writer stops before
+            // COMMIT. WAL is flushed in order: once the target's flush position passes the
+            // insert position read right after this commit, the commit is durable.
+            let (record, error) =
+                progress::record(&self.conn, &self.pipeline, end, self.batch.last_time);
             let commit = if durably {
                 "SET LOCAL synchronous_commit = on; COMMIT;"
             } else {
                 "COMMIT;"
             };
-            let positions = wal_positions(
-                client,
-                &self.conn,
-                &format!("{commit} SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"),
-            )
-            .await?;
+            let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
+            writer.execute_one(record, error).await?;
+            let positions = writer
+                .query(format!(
+                    "{commit} SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+                ))
+                .await?;
+            self.committing.push_back(Committing {
+                end,
+                durably,
+                positions,
+            });
             self.batch = Batch::default();
-            self.applied = end;
-            self.unflushed.push_back((positions.0, end));
-            self.flushed_up_to(if durably { positions.0 } else { positions.1 });
         } else if end.is_some() {
             // Only source transactions without changes for this target: nothing to commit.
             self.batch = Batch::default();
         }
+        self.collect_commits(durably).await?;
+        self.report_missing();
         if durably && !self.unflushed.is_empty() {
             // A transaction with a transaction id commits a record; committed synchronously, it
             // flushes all WAL before it, earlier asynchronous commits included.
             let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
-            let positions = wal_positions(
-                client,
-                &self.conn,
-                "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT; \
-                 SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
-            )
-            .await?;
-            self.flushed_up_to(positions.1);
+            let messages = client
+                .simple_query(
+                    "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT; \
+                     SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+                )
+                .await
+                .map_err(|e| PgError::query("committing applied changes", &self.conn, e))?;
+            self.flushed_up_to(wal_positions(&messages, &self.conn)?.1);
         }
         Ok(())
     }
 
     /// True when changes are buffered (also in an open group) or a target transaction is open.
     fn pending_batch(&self) -> bool {
-        self.batch.open || !self.batch.sql.is_empty() || self.batch.group.is_some()
+        self.batch.open
+            || !self.batch.sql.is_empty()
+            || self.batch.group.is_some()
+            || !self.batch.window.is_empty()
     }
 
     /// Drops the connection without committing (used when stopping after an error elsewhere).
@@ -950,25 +1127,21 @@ impl Target {
         self.writer = None;
         self.client = None;
         self.batch = Batch::default();
+        self.committing.clear();
         self.unflushed.clear();
     }
 }
 
-/// Runs `sql` (simple protocol) whose last result row holds two LSNs (insert, flush position).
-async fn wal_positions(
-    client: &Client,
+/// The two LSNs (insert, flush position) in the last row of a simple query's result.
+fn wal_positions(
+    messages: &[SimpleQueryMessage],
     conn: &ConnInfo,
-    sql: &str,
 ) -> Result<(Lsn, Lsn), SyncError> {
-    let messages = client
-        .simple_query(sql)
-        .await
-        .map_err(|e| PgError::query("committing applied changes", conn, e))?;
     let row = messages
         .iter()
         .rev()
         .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            SimpleQueryMessage::Row(r) => Some(r),
             _ => None,
         })
         .ok_or_else(|| SyncError::Protocol(format!("{conn}: no WAL position after a commit")))?;

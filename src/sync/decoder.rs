@@ -28,7 +28,7 @@ pub enum DecodeError {
 }
 
 /// One column value in a row image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     Null,
     /// An unchanged TOASTed value: the update did not touch it and its value was not sent.

@@ -17,6 +17,7 @@ pub mod apply;
 pub mod copy;
 pub mod decoder;
 pub mod names;
+mod net;
 pub mod pipeline;
 pub mod progress;
 pub mod publication;

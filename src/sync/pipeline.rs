@@ -668,8 +668,10 @@ async fn apply_message<'r>(
     };
     match message {
         Message::Relation(rel) => {
-            for t in targets.iter_mut() {
-                t.close_group();
+            for i in 0..targets.len() {
+                if let Err(e) = targets[i].end_statements() {
+                    target_failed(targets, i, e)?;
+                }
             }
             relations.insert(rel.id, StreamRelation::new(rel));
         }

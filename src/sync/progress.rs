@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, GenericClient};
 
 use super::SyncError;
-use crate::pg::{ConnInfo, Lsn, PgError, TableName};
+use crate::pg::{quote_literal, ConnInfo, Lsn, PgError, TableName};
 
 const INSTALL: &str = "
 CREATE SCHEMA IF NOT EXISTS invsync;
@@ -209,29 +209,26 @@ pub async fn finish_copy(
     Ok(())
 }
 
-/// Records, inside the caller's open transaction, that source commits up to `end_lsn` are
-/// applied. Fails if the stored LSN is not behind `end_lsn` (another process applied them).
-pub async fn record(
-    client: &Client,
+/// The statement that records `end_lsn` as applied in the batch being committed, and the error
+/// to report when it does not change exactly one row (then the batch must not commit).
+pub fn record(
     conn: &ConnInfo,
     pipeline: &str,
     end_lsn: Lsn,
     commit_time: Option<DateTime<Utc>>,
-) -> Result<(), SyncError> {
-    let n = client
-        .execute(
-            "UPDATE invsync.pipeline SET applied_lsn = $2::text::pg_lsn, applied_commit_time = $3, updated_at = now() \
-             WHERE pipeline = $1 AND state = 'streaming' AND applied_lsn < $2::text::pg_lsn",
-            &[&pipeline, &end_lsn.to_string(), &commit_time],
-        )
-        .await
-        .map_err(q(conn, "recording applied progress"))?;
-    if n != 1 {
-        return Err(SyncError::Protocol(format!(
+) -> (String, String) {
+    let lsn = quote_literal(&end_lsn.to_string());
+    let time = commit_time.map_or("NULL".to_string(), |t| quote_literal(&t.to_rfc3339()));
+    (
+        format!(
+            "UPDATE invsync.pipeline SET applied_lsn = {lsn}::pg_lsn, applied_commit_time = {time}::timestamptz, \
+             updated_at = now() WHERE pipeline = {} AND state = 'streaming' AND applied_lsn < {lsn}::pg_lsn",
+            quote_literal(pipeline)
+        ),
+        format!(
             "{conn}: pipeline {pipeline} is already applied past {end_lsn} or not set up; is another `invsync sync run {pipeline}` running?"
-        )));
-    }
-    Ok(())
+        ),
+    )
 }
 
 /// The tables' phases on this target.

@@ -3,16 +3,19 @@
 //! target executing the last one.
 //!
 //! Invariants: pieces run one at a time, in order, on the one connection; after the first
-//! failure nothing more runs (the target transaction is aborted anyway) and every later call
-//! reports that failure. At most [`QUEUE`] pieces wait, so memory stays bounded. The task is
+//! failure nothing more runs (the target transaction is aborted anyway, and a later `COMMIT`
+//! must not run) and every later call reports that failure. A piece may be checked (it must
+//! change exactly one row, or the writer fails) or answered (its result is handed back), so a
+//! batch's progress record and `COMMIT` are queued like any other piece. At most [`QUEUE`] pieces wait, so memory stays bounded. The task is
 //! owned by its [`Writer`]: [`Writer::wait`] awaits everything handed over, and dropping the
 //! `Writer` aborts the task (its connection is dropped with it, so the server rolls back).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::SyncError;
 use crate::pg::{ConnInfo, PgError};
@@ -21,28 +24,69 @@ use crate::pg::{ConnInfo, PgError};
 const QUEUE: usize = 2;
 
 enum Job {
-    Sql(String),
+    /// A piece whose statements should change `expect` rows in all.
+    Sql { sql: String, expect: u64 },
+    /// A statement that must change exactly one row; otherwise the writer fails with `error`.
+    One { sql: String, error: String },
+    /// A piece whose result is sent back.
+    Query(String, oneshot::Sender<Vec<SimpleQueryMessage>>),
     /// Answered once every earlier piece has run.
     Barrier(oneshot::Sender<()>),
 }
 
+/// Why the writer stopped.
+enum Failure {
+    Pg(tokio_postgres::Error),
+    /// A checked statement did not change exactly one row.
+    Check(String),
+}
+
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
-    task: Option<JoinHandle<Result<(), tokio_postgres::Error>>>,
+    task: Option<JoinHandle<Result<(), Failure>>>,
     conn: ConnInfo,
     /// What the pieces do, for the error message.
     what: String,
     /// The reported failure, repeated by later calls.
     failed: Option<String>,
+    /// Rows that pieces were expected to change and did not (updates and deletes that found no
+    /// row: the target differs from the source).
+    missing: Arc<AtomicU64>,
 }
 
 impl Writer {
     pub fn start(client: Arc<Client>, conn: ConnInfo, what: String) -> Self {
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE);
+        let missing = Arc::new(AtomicU64::new(0));
+        let counter = missing.clone();
         let task = tokio::spawn(async move {
             while let Some(job) = queue.recv().await {
                 match job {
-                    Job::Sql(sql) => client.batch_execute(&sql).await?,
+                    Job::Sql { sql, expect } => {
+                        let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                        let changed: u64 = result
+                            .iter()
+                            .map(|m| match m {
+                                SimpleQueryMessage::CommandComplete(n) => *n,
+                                _ => 0,
+                            })
+                            .sum();
+                        counter.fetch_add(expect.saturating_sub(changed), Ordering::Relaxed);
+                    }
+                    Job::One { sql, error } => {
+                        let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                        let changed = result.iter().find_map(|m| match m {
+                            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                            _ => None,
+                        });
+                        if changed != Some(1) {
+                            return Err(Failure::Check(error));
+                        }
+                    }
+                    Job::Query(sql, answer) => {
+                        let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                        let _ = answer.send(result);
+                    }
                     Job::Barrier(done) => {
                         let _ = done.send(());
                     }
@@ -56,12 +100,40 @@ impl Writer {
             conn,
             what,
             failed: None,
+            missing,
         }
     }
 
-    /// Hands `sql` over; waits only while the queue is full.
-    pub async fn execute(&mut self, sql: String) -> Result<(), SyncError> {
-        if self.failed.is_none() && self.jobs.send(Job::Sql(sql)).await.is_ok() {
+    /// Hands `sql` over, whose statements should change `expect` rows in all; waits only while
+    /// the queue is full.
+    pub async fn execute(&mut self, sql: String, expect: u64) -> Result<(), SyncError> {
+        self.hand_over(Job::Sql { sql, expect }).await
+    }
+
+    /// Rows the pieces run so far changed fewer than expected.
+    pub fn missing(&self) -> u64 {
+        self.missing.load(Ordering::Relaxed)
+    }
+
+    /// Hands over a statement that must change exactly one row; if it does not, nothing after
+    /// it runs and the writer fails with `error`.
+    pub async fn execute_one(&mut self, sql: String, error: String) -> Result<(), SyncError> {
+        self.hand_over(Job::One { sql, error }).await
+    }
+
+    /// Hands `sql` over; its result arrives on the returned receiver once it has run (the
+    /// receiver fails if the writer stopped first).
+    pub async fn query(
+        &mut self,
+        sql: String,
+    ) -> Result<oneshot::Receiver<Vec<SimpleQueryMessage>>, SyncError> {
+        let (answer, result) = oneshot::channel();
+        self.hand_over(Job::Query(sql, answer)).await?;
+        Ok(result)
+    }
+
+    async fn hand_over(&mut self, job: Job) -> Result<(), SyncError> {
+        if self.failed.is_none() && self.jobs.send(job).await.is_ok() {
             return Ok(());
         }
         Err(self.failure().await)
@@ -80,13 +152,17 @@ impl Writer {
     }
 
     /// The error that stopped the task (it stops only on one).
-    async fn failure(&mut self) -> SyncError {
+    pub async fn failure(&mut self) -> SyncError {
         if let Some(task) = self.task.take() {
             let reason = match task.await {
-                Ok(Err(e)) => {
+                Ok(Err(Failure::Pg(e))) => {
                     let e = SyncError::from(PgError::query(self.what.clone(), &self.conn, e));
                     self.failed = Some(e.to_string());
                     return e;
+                }
+                Ok(Err(Failure::Check(error))) => {
+                    self.failed = Some(error.clone());
+                    return SyncError::Protocol(error);
                 }
                 Ok(Ok(())) => "the writer stopped".to_string(),
                 Err(e) => format!("the writer failed: {e}"),

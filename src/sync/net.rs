@@ -1,0 +1,396 @@
+//! Net changes: what a run of row changes does to each row, so that a window of a batch is
+//! applied as one set-based statement per table and kind (deletes, then updates, then inserts)
+//! instead of statements in source order.
+//!
+//! Why the result is the same: the window's changes are applied inside one target transaction
+//! (the batch), so no one sees the order in between. A row's final state depends only on the
+//! changes to its key, kept here in order as one entry per key, provided that nothing ties rows
+//! together on the target: no unique index or exclusion constraint besides the key's, no
+//! foreign key checks or triggers that fire (the caller checks the target's catalog; see
+//! `reorderable` in [`apply`](super::apply)). Deletes go first, so a key deleted and inserted
+//! again, or moved by a key change, is free when its insert runs.
+//!
+//! A change the window cannot absorb without guessing (an insert of a key it holds, an update or
+//! delete of a row it has deleted, a key change with unchanged TOAST values it does not hold)
+//! is refused: the caller applies the window, then the change in source order, so the target
+//! behaves as with in-order apply (reports the duplicate key, finds no row).
+//!
+//! The window is bounded ([`WINDOW_ROWS`], [`WINDOW_BYTES`]); a full window is applied and a new
+//! one starts, so a source transaction larger than memory still streams through.
+
+use std::collections::HashMap;
+
+use indexmap::IndexMap;
+
+use super::apply::{Change, StreamRelation};
+use super::decoder::Value;
+
+/// A window is applied once it has absorbed this many changes...
+pub const WINDOW_ROWS: usize = 50_000;
+/// ...or holds this many bytes of values.
+pub const WINDOW_BYTES: usize = 16 * 1024 * 1024;
+
+/// The net change to one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Net {
+    /// Not there before the window: insert it.
+    Insert(Vec<Value>),
+    /// There before the window: delete it, then insert this row with the same key.
+    Replace(Vec<Value>),
+    /// There before and after: set the columns that are not [`Value::Unchanged`] (the key
+    /// columns hold the key).
+    Update(Vec<Value>),
+    /// There before, gone after; the key columns hold the key.
+    Delete(Vec<Value>),
+    /// Inserted and deleted again within the window: nothing to do.
+    Nothing,
+}
+
+/// One table's net changes, by key, in order of each key's first change.
+pub struct TableNet {
+    pub rel: StreamRelation,
+    pub rows: IndexMap<Vec<Value>, Net>,
+}
+
+/// Net changes of several tables.
+#[derive(Default)]
+pub struct Window {
+    tables: HashMap<u32, TableNet>,
+    /// Relation ids in order of their first change.
+    order: Vec<u32>,
+    changes: usize,
+    bytes: usize,
+}
+
+/// The key of `row`: its key columns' values; `None` if one was not sent.
+fn key_of(rel: &StreamRelation, row: &[Value]) -> Option<Vec<Value>> {
+    let key: Vec<Value> = rel
+        .rel
+        .columns
+        .iter()
+        .zip(row)
+        .filter(|(c, _)| c.key)
+        .map(|(_, v)| v.clone())
+        .collect();
+    (!key.is_empty() && !key.contains(&Value::Unchanged)).then_some(key)
+}
+
+/// `base` with every value of `new` that was sent.
+fn merged(base: &[Value], new: &[Value]) -> Vec<Value> {
+    base.iter()
+        .zip(new)
+        .map(|(b, n)| if *n == Value::Unchanged { b } else { n }.clone())
+        .collect()
+}
+
+fn size(row: &[Value]) -> usize {
+    row.iter()
+        .map(|v| match v {
+            Value::Text(b) | Value::Binary(b) => b.len() + 16,
+            _ => 16,
+        })
+        .sum()
+}
+
+impl Window {
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// True once the window should be applied.
+    pub fn is_full(&self) -> bool {
+        self.changes >= WINDOW_ROWS || self.bytes >= WINDOW_BYTES
+    }
+
+    /// Folds `change` into the window; `false` (and the window unchanged) when it cannot.
+    /// The caller checked that rows have `rel`'s width.
+    pub fn absorb(&mut self, rel: &StreamRelation, change: Change<'_>) -> bool {
+        let id = rel.rel.id;
+        if let Some(t) = self.tables.get(&id) {
+            if t.rel.generation != rel.generation {
+                return false;
+            }
+        }
+        let table = self.tables.entry(id).or_insert_with(|| TableNet {
+            rel: rel.clone(),
+            rows: IndexMap::new(),
+        });
+        let absorbed = match change {
+            Change::Insert(new) => insert(table, rel, new.to_vec()),
+            Change::Delete(old) => delete(table, rel, old),
+            Change::Update { old, new } => update(table, rel, old, new),
+        };
+        if table.rows.is_empty() {
+            self.tables.remove(&id);
+        } else if !self.order.contains(&id) {
+            self.order.push(id);
+        }
+        if absorbed {
+            self.changes += 1;
+            self.bytes += match change {
+                Change::Insert(row) | Change::Delete(row) => size(row),
+                Change::Update { new, .. } => size(new),
+            };
+        }
+        absorbed
+    }
+
+    /// Empties the window; its tables in order of their first change.
+    pub fn take(&mut self) -> Vec<TableNet> {
+        let mut tables = std::mem::take(&mut self.tables);
+        let order = std::mem::take(&mut self.order);
+        self.changes = 0;
+        self.bytes = 0;
+        order
+            .into_iter()
+            .filter_map(|id| tables.remove(&id))
+            .collect()
+    }
+}
+
+/// Whether an insert of `key` can join: the key is free at this point of the window.
+fn free(table: &TableNet, key: &[Value]) -> bool {
+    matches!(
+        table.rows.get(key),
+        None | Some(Net::Delete(_)) | Some(Net::Nothing)
+    )
+}
+
+fn insert(table: &mut TableNet, rel: &StreamRelation, new: Vec<Value>) -> bool {
+    let Some(key) = key_of(rel, &new) else {
+        return false;
+    };
+    if !free(table, &key) {
+        return false;
+    }
+    let net = match table.rows.get(&key) {
+        Some(Net::Delete(_)) => Net::Replace(new),
+        _ => Net::Insert(new),
+    };
+    table.rows.insert(key, net);
+    true
+}
+
+fn delete(table: &mut TableNet, rel: &StreamRelation, old: &[Value]) -> bool {
+    let Some(key) = key_of(rel, old) else {
+        return false;
+    };
+    let net = match table.rows.get(&key) {
+        None | Some(Net::Update(_)) | Some(Net::Replace(_)) => Net::Delete(old.to_vec()),
+        Some(Net::Insert(_)) => Net::Nothing,
+        // The row is gone already: in source order the delete finds nothing.
+        Some(Net::Delete(_)) | Some(Net::Nothing) => return false,
+    };
+    table.rows.insert(key, net);
+    true
+}
+
+fn update(
+    table: &mut TableNet,
+    rel: &StreamRelation,
+    old: Option<&[Value]>,
+    new: &[Value],
+) -> bool {
+    let Some(old_key) = key_of(rel, old.unwrap_or(new)) else {
+        return false;
+    };
+    let new_key = match key_of(rel, new) {
+        Some(k) => k,
+        None if old.is_none() => old_key.clone(),
+        None => return false,
+    };
+    if old_key == new_key {
+        let net = match table.rows.get(&old_key) {
+            None => Net::Update(new.to_vec()),
+            Some(Net::Insert(row)) => Net::Insert(merged(row, new)),
+            Some(Net::Replace(row)) => Net::Replace(merged(row, new)),
+            Some(Net::Update(row)) => Net::Update(merged(row, new)),
+            Some(Net::Delete(_)) | Some(Net::Nothing) => return false,
+        };
+        table.rows.insert(old_key, net);
+        return true;
+    }
+    // A key change: the old key's row is deleted and the new key's inserted, with every value.
+    let row = if new.contains(&Value::Unchanged) {
+        match table.rows.get(&old_key) {
+            Some(Net::Insert(row)) | Some(Net::Replace(row)) => merged(row, new),
+            _ => return false,
+        }
+    } else {
+        new.to_vec()
+    };
+    let old_row = old.unwrap_or(new);
+    let deletable = !matches!(
+        table.rows.get(&old_key),
+        Some(Net::Delete(_)) | Some(Net::Nothing)
+    );
+    if !deletable || !free(table, &new_key) {
+        return false;
+    }
+    delete(table, rel, old_row) && insert(table, rel, row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::decoder::{Relation, RelationColumn};
+
+    fn rel() -> StreamRelation {
+        let col = |name: &str, key: bool| RelationColumn {
+            key,
+            name: name.into(),
+            type_oid: 25,
+            type_modifier: -1,
+        };
+        StreamRelation::new(Relation {
+            id: 7,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![col("id", true), col("a", false), col("b", false)],
+        })
+    }
+
+    fn t(s: &str) -> Value {
+        Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn row(id: &str, a: &str, b: Value) -> Vec<Value> {
+        vec![t(id), t(a), b]
+    }
+
+    fn nets(w: &mut Window) -> Vec<(Vec<Value>, Net)> {
+        w.take()
+            .into_iter()
+            .flat_map(|t| t.rows.into_iter())
+            .collect()
+    }
+
+    #[test]
+    fn insert_update_delete_of_one_key_fold_into_its_net_change() {
+        let r = rel();
+        let mut w = Window::default();
+        let (r1, r2) = (row("1", "x", t("y")), row("2", "x", t("y")));
+        assert!(w.absorb(&r, Change::Insert(&r1)));
+        let upd = row("1", "z", Value::Unchanged);
+        assert!(w.absorb(
+            &r,
+            Change::Update {
+                old: None,
+                new: &upd
+            }
+        ));
+        assert!(w.absorb(&r, Change::Insert(&r2)));
+        assert!(w.absorb(&r, Change::Delete(&r2)));
+        let got = nets(&mut w);
+        assert_eq!(got[0], (vec![t("1")], Net::Insert(row("1", "z", t("y")))));
+        assert_eq!(got[1], (vec![t("2")], Net::Nothing));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn delete_then_insert_replaces_and_updates_merge() {
+        let r = rel();
+        let mut w = Window::default();
+        let old = row("1", "x", t("y"));
+        assert!(w.absorb(&r, Change::Delete(&old)));
+        let new = row("1", "n", Value::Null);
+        assert!(w.absorb(&r, Change::Insert(&new)));
+        let u1 = row("3", "p", Value::Unchanged);
+        let u2 = vec![t("3"), Value::Unchanged, t("q")];
+        assert!(w.absorb(
+            &r,
+            Change::Update {
+                old: None,
+                new: &u1
+            }
+        ));
+        assert!(w.absorb(
+            &r,
+            Change::Update {
+                old: None,
+                new: &u2
+            }
+        ));
+        let got = nets(&mut w);
+        assert_eq!(got[0].1, Net::Replace(new));
+        assert_eq!(got[1].1, Net::Update(row("3", "p", t("q"))));
+    }
+
+    #[test]
+    fn a_key_change_becomes_a_delete_and_an_insert() {
+        let r = rel();
+        let mut w = Window::default();
+        let old = vec![t("1"), Value::Null, Value::Null];
+        let new = row("2", "a", t("b"));
+        assert!(w.absorb(
+            &r,
+            Change::Update {
+                old: Some(&old),
+                new: &new
+            }
+        ));
+        let got = nets(&mut w);
+        assert_eq!(got[0], (vec![t("1")], Net::Delete(old)));
+        assert_eq!(got[1], (vec![t("2")], Net::Insert(new)));
+    }
+
+    #[test]
+    fn changes_it_cannot_fold_are_refused_and_leave_the_window_alone() {
+        let r = rel();
+        let mut w = Window::default();
+        let r1 = row("1", "x", t("y"));
+        assert!(w.absorb(&r, Change::Insert(&r1)));
+        // A second insert of the key: in source order the target reports the duplicate.
+        assert!(!w.absorb(&r, Change::Insert(&r1)));
+        assert!(w.absorb(&r, Change::Delete(&r1)));
+        // Update and delete of a row the window deleted find nothing in source order.
+        let upd = row("1", "z", t("z"));
+        assert!(!w.absorb(
+            &r,
+            Change::Update {
+                old: None,
+                new: &upd
+            }
+        ));
+        assert!(!w.absorb(&r, Change::Delete(&r1)));
+        // A key change with an unchanged TOAST value of a row the window does not hold.
+        let old = vec![t("5"), Value::Null, Value::Null];
+        let new = row("6", "a", Value::Unchanged);
+        assert!(!w.absorb(
+            &r,
+            Change::Update {
+                old: Some(&old),
+                new: &new
+            }
+        ));
+        let got = nets(&mut w);
+        assert_eq!(got, vec![(vec![t("1")], Net::Nothing)]);
+    }
+
+    #[test]
+    fn a_new_relation_definition_is_refused_until_the_window_is_applied() {
+        let r = rel();
+        let mut w = Window::default();
+        let r1 = row("1", "x", t("y"));
+        assert!(w.absorb(&r, Change::Insert(&r1)));
+        let again = StreamRelation::new(r.rel.clone());
+        let r2 = row("2", "x", t("y"));
+        assert!(!w.absorb(&again, Change::Insert(&r2)));
+        assert_eq!(w.take().len(), 1);
+        assert!(w.absorb(&again, Change::Insert(&r2)));
+    }
+
+    #[test]
+    fn the_window_is_full_after_its_row_limit() {
+        let r = rel();
+        let mut w = Window::default();
+        for i in 0..WINDOW_ROWS {
+            let id = i.to_string();
+            let r1 = row(&id, "x", Value::Null);
+            assert!(!w.is_full());
+            assert!(w.absorb(&r, Change::Insert(&r1)));
+        }
+        assert!(w.is_full());
+    }
+}
