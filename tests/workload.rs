@@ -210,6 +210,75 @@ fn field(r: &serde_json::Value, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("no {name} in {r}"))
 }
 
+/// Checks that the tables changed from `before` by exactly what load report `r` says, that new
+/// invoices continue the numbering densely after `old_max`, and that amounts and allowance
+/// numbers still add up.
+fn assert_load_matches_tables(
+    c: &PgCluster,
+    before: &Snapshot,
+    old_max: &str,
+    r: &serde_json::Value,
+) {
+    let after = snapshot(c);
+    assert_eq!(
+        after.invoices - before.invoices,
+        field(r, "invoices_inserted")
+    );
+    assert_eq!(
+        after.items - before.items,
+        field(r, "items_inserted") - field(r, "items_deleted")
+    );
+    assert_eq!(after.voided - before.voided, field(r, "invoices_voided"));
+    assert_eq!(
+        after.allowances - before.allowances,
+        field(r, "allowances_inserted")
+    );
+    assert_eq!(
+        after.carriers - before.carriers,
+        field(r, "carriers_registered")
+    );
+    assert_eq!(field(r, "items_deleted"), field(r, "invoices_amended"));
+    assert_eq!(
+        field(r, "rows"),
+        LOAD_PARTS.iter().map(|p| field(r, p)).sum::<i64>()
+    );
+    for p in LOAD_PARTS {
+        assert!(field(r, p) > 0, "no {p} in the run: {r}");
+    }
+
+    // New invoices continue the numbering; amended invoices still add up.
+    let newer = count(
+        c,
+        &format!("SELECT count(*) FROM public.invoice WHERE invoice_number > '{old_max}'"),
+    );
+    assert_eq!(newer, field(r, "invoices_inserted"));
+    let wrong = count(
+        c,
+        "SELECT count(*) FROM public.invoice i WHERE sales_amount IS DISTINCT FROM \
+         (SELECT sum(amount) FROM public.invoice_item it WHERE it.invoice_number = i.invoice_number) \
+         OR total_amount <> sales_amount + tax_amount",
+    );
+    assert_eq!(wrong, 0);
+    // An invoice's allowances are numbered 1, 2, ... without gaps or repeats.
+    let gaps = count(
+        c,
+        "SELECT count(*) FROM (SELECT invoice_number, count(*) AS n, \
+           max(split_part(allowance_number, '-', 2)::int) AS last \
+         FROM public.allowance GROUP BY invoice_number) a WHERE n <> last",
+    );
+    assert_eq!(gaps, 0);
+}
+
+const LOAD_PARTS: [&str; 7] = [
+    "invoices_inserted",
+    "items_inserted",
+    "invoices_voided",
+    "allowances_inserted",
+    "items_deleted",
+    "invoices_amended",
+    "carriers_registered",
+];
+
 #[test]
 fn load_changes_the_tables_by_what_it_reports() {
     let c = PgCluster::start();
@@ -229,59 +298,13 @@ fn load_changes_the_tables_by_what_it_reports() {
         "--seed",
         "5",
     ]);
-    let after = snapshot(&c);
-
-    assert_eq!(
-        after.invoices - before.invoices,
-        field(&r, "invoices_inserted")
-    );
-    assert_eq!(
-        after.items - before.items,
-        field(&r, "items_inserted") - field(&r, "items_deleted")
-    );
-    assert_eq!(after.voided - before.voided, field(&r, "invoices_voided"));
-    assert_eq!(
-        after.allowances - before.allowances,
-        field(&r, "allowances_inserted")
-    );
-    assert_eq!(
-        after.carriers - before.carriers,
-        field(&r, "carriers_registered")
-    );
-    assert_eq!(field(&r, "items_deleted"), field(&r, "invoices_amended"));
-    let parts = [
-        "invoices_inserted",
-        "items_inserted",
-        "invoices_voided",
-        "allowances_inserted",
-        "items_deleted",
-        "invoices_amended",
-        "carriers_registered",
-    ];
-    assert_eq!(
-        field(&r, "rows"),
-        parts.iter().map(|p| field(&r, p)).sum::<i64>()
-    );
-    for p in parts {
-        assert!(field(&r, p) > 0, "no {p} in a 3 s run: {r}");
-    }
+    assert_load_matches_tables(&c, &before, &old_max, &r);
+    assert_eq!(field(&r, "connections"), 1);
+    assert_eq!(field(&r, "conflicts"), 0, "one connection met another: {r}");
     // At 400 rows/s for 3 s; allow for a slow, shared machine but not for no pacing at all.
     let rows = field(&r, "rows");
     assert!((300..=1300).contains(&rows), "{rows} rows changed");
 
-    // New invoices continue the numbering; amended invoices still add up.
-    let newer = count(
-        &c,
-        &format!("SELECT count(*) FROM public.invoice WHERE invoice_number > '{old_max}'"),
-    );
-    assert_eq!(newer, field(&r, "invoices_inserted"));
-    let wrong = count(
-        &c,
-        "SELECT count(*) FROM public.invoice i WHERE sales_amount IS DISTINCT FROM \
-         (SELECT sum(amount) FROM public.invoice_item it WHERE it.invoice_number = i.invoice_number) \
-         OR total_amount <> sales_amount + tax_amount",
-    );
-    assert_eq!(wrong, 0);
     let changed_old = count(
         &c,
         &format!("SELECT count(*) FROM public.invoice WHERE invoice_number <= '{old_max}' AND updated_at > created_at + interval '30 days'"),
@@ -290,6 +313,53 @@ fn load_changes_the_tables_by_what_it_reports() {
         changed_old > 0,
         "voids and amendments touched no filled invoice"
     );
+}
+
+#[test]
+fn load_on_several_connections_changes_the_tables_by_what_it_reports() {
+    let c = PgCluster::start();
+    let url = c.url("einvoice");
+    // Few invoices, so the connections often pick the same one to void, credit or amend.
+    gen_json(&["fill", "--url", &url, "--invoices", "300", "--seed", "4"]);
+    let before = snapshot(&c);
+    let old_max = c.psql("einvoice", "SELECT max(invoice_number) FROM public.invoice");
+
+    let r = gen_json(&[
+        "load",
+        "--url",
+        &url,
+        "--rate",
+        "3000",
+        "--duration",
+        "3",
+        "--seed",
+        "6",
+        "--connections",
+        "4",
+    ]);
+    assert_eq!(field(&r, "connections"), 4);
+    // Allowances lock their invoice before numbering, and the operations take their locks in
+    // one order, so under READ COMMITTED the connections wait for each other but never collide.
+    assert_eq!(field(&r, "conflicts"), 0, "{r}");
+    assert_load_matches_tables(&c, &before, &old_max, &r);
+    // Paced by the rows of all connections together: each may overshoot by its last
+    // transaction, no more.
+    let rows = field(&r, "rows");
+    assert!((1..=9000 + 4 * 20).contains(&rows), "{rows} rows changed");
+
+    let (code, _, err) = gen(&[
+        "load",
+        "--url",
+        &url,
+        "--rate",
+        "10",
+        "--duration",
+        "1",
+        "--connections",
+        "0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--connections"), "{err}");
 }
 
 #[test]
