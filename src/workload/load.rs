@@ -468,11 +468,14 @@ impl Stream {
             }
             Operation::DeleteItem => {
                 let from = self.recent_number();
+                // The bound repeated on the invoice side keeps a merge join from reading every
+                // invoice before `from`.
                 format!(
                     "WITH victim AS ( \
                        SELECT it.invoice_number, max(it.seq) AS seq FROM public.invoice_item it \
                        WHERE it.invoice_number >= {from} AND EXISTS (SELECT 1 FROM public.invoice i \
-                         WHERE i.invoice_number = it.invoice_number AND i.status = 'issued') \
+                         WHERE i.invoice_number = it.invoice_number AND i.invoice_number >= {from} \
+                           AND i.status = 'issued') \
                        GROUP BY it.invoice_number HAVING count(*) > 1 \
                        ORDER BY it.invoice_number LIMIT 1), \
                      gone AS ( \
