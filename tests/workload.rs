@@ -5,6 +5,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use support::PgCluster;
 
@@ -210,6 +211,75 @@ fn field(r: &serde_json::Value, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("no {name} in {r}"))
 }
 
+/// Checks that the tables changed from `before` by exactly what load report `r` says, that new
+/// invoices continue the numbering densely after `old_max`, and that amounts and allowance
+/// numbers still add up.
+fn assert_load_matches_tables(
+    c: &PgCluster,
+    before: &Snapshot,
+    old_max: &str,
+    r: &serde_json::Value,
+) {
+    let after = snapshot(c);
+    assert_eq!(
+        after.invoices - before.invoices,
+        field(r, "invoices_inserted")
+    );
+    assert_eq!(
+        after.items - before.items,
+        field(r, "items_inserted") - field(r, "items_deleted")
+    );
+    assert_eq!(after.voided - before.voided, field(r, "invoices_voided"));
+    assert_eq!(
+        after.allowances - before.allowances,
+        field(r, "allowances_inserted")
+    );
+    assert_eq!(
+        after.carriers - before.carriers,
+        field(r, "carriers_registered")
+    );
+    assert_eq!(field(r, "items_deleted"), field(r, "invoices_amended"));
+    assert_eq!(
+        field(r, "rows"),
+        LOAD_PARTS.iter().map(|p| field(r, p)).sum::<i64>()
+    );
+    for p in LOAD_PARTS {
+        assert!(field(r, p) > 0, "no {p} in the run: {r}");
+    }
+
+    // New invoices continue the numbering; amended invoices still add up.
+    let newer = count(
+        c,
+        &format!("SELECT count(*) FROM public.invoice WHERE invoice_number > '{old_max}'"),
+    );
+    assert_eq!(newer, field(r, "invoices_inserted"));
+    let wrong = count(
+        c,
+        "SELECT count(*) FROM public.invoice i WHERE sales_amount IS DISTINCT FROM \
+         (SELECT sum(amount) FROM public.invoice_item it WHERE it.invoice_number = i.invoice_number) \
+         OR total_amount <> sales_amount + tax_amount",
+    );
+    assert_eq!(wrong, 0);
+    // An invoice's allowances are numbered 1, 2, ... without gaps or repeats.
+    let gaps = count(
+        c,
+        "SELECT count(*) FROM (SELECT invoice_number, count(*) AS n, \
+           max(split_part(allowance_number, '-', 2)::int) AS last \
+         FROM public.allowance GROUP BY invoice_number) a WHERE n <> last",
+    );
+    assert_eq!(gaps, 0);
+}
+
+const LOAD_PARTS: [&str; 7] = [
+    "invoices_inserted",
+    "items_inserted",
+    "invoices_voided",
+    "allowances_inserted",
+    "items_deleted",
+    "invoices_amended",
+    "carriers_registered",
+];
+
 #[test]
 fn load_changes_the_tables_by_what_it_reports() {
     let c = PgCluster::start();
@@ -229,59 +299,13 @@ fn load_changes_the_tables_by_what_it_reports() {
         "--seed",
         "5",
     ]);
-    let after = snapshot(&c);
-
-    assert_eq!(
-        after.invoices - before.invoices,
-        field(&r, "invoices_inserted")
-    );
-    assert_eq!(
-        after.items - before.items,
-        field(&r, "items_inserted") - field(&r, "items_deleted")
-    );
-    assert_eq!(after.voided - before.voided, field(&r, "invoices_voided"));
-    assert_eq!(
-        after.allowances - before.allowances,
-        field(&r, "allowances_inserted")
-    );
-    assert_eq!(
-        after.carriers - before.carriers,
-        field(&r, "carriers_registered")
-    );
-    assert_eq!(field(&r, "items_deleted"), field(&r, "invoices_amended"));
-    let parts = [
-        "invoices_inserted",
-        "items_inserted",
-        "invoices_voided",
-        "allowances_inserted",
-        "items_deleted",
-        "invoices_amended",
-        "carriers_registered",
-    ];
-    assert_eq!(
-        field(&r, "rows"),
-        parts.iter().map(|p| field(&r, p)).sum::<i64>()
-    );
-    for p in parts {
-        assert!(field(&r, p) > 0, "no {p} in a 3 s run: {r}");
-    }
+    assert_load_matches_tables(&c, &before, &old_max, &r);
+    assert_eq!(field(&r, "connections"), 1);
+    assert_eq!(field(&r, "conflicts"), 0, "one connection met another: {r}");
     // At 400 rows/s for 3 s; allow for a slow, shared machine but not for no pacing at all.
     let rows = field(&r, "rows");
     assert!((300..=1300).contains(&rows), "{rows} rows changed");
 
-    // New invoices continue the numbering; amended invoices still add up.
-    let newer = count(
-        &c,
-        &format!("SELECT count(*) FROM public.invoice WHERE invoice_number > '{old_max}'"),
-    );
-    assert_eq!(newer, field(&r, "invoices_inserted"));
-    let wrong = count(
-        &c,
-        "SELECT count(*) FROM public.invoice i WHERE sales_amount IS DISTINCT FROM \
-         (SELECT sum(amount) FROM public.invoice_item it WHERE it.invoice_number = i.invoice_number) \
-         OR total_amount <> sales_amount + tax_amount",
-    );
-    assert_eq!(wrong, 0);
     let changed_old = count(
         &c,
         &format!("SELECT count(*) FROM public.invoice WHERE invoice_number <= '{old_max}' AND updated_at > created_at + interval '30 days'"),
@@ -290,6 +314,102 @@ fn load_changes_the_tables_by_what_it_reports() {
         changed_old > 0,
         "voids and amendments touched no filled invoice"
     );
+}
+
+#[test]
+fn load_on_several_connections_changes_the_tables_by_what_it_reports() {
+    let c = PgCluster::start();
+    let url = c.url("einvoice");
+    // With every filled invoice voided, the voids, allowances and item deletions that look for
+    // the first issued invoice from a recent number mostly land on the same one (the oldest
+    // new invoice still issued), so the connections keep meeting on it.
+    gen_json(&["fill", "--url", &url, "--invoices", "300", "--seed", "4"]);
+    c.psql("einvoice", "UPDATE public.invoice SET status = 'voided'");
+    let before = snapshot(&c);
+    let old_max = c.psql("einvoice", "SELECT max(invoice_number) FROM public.invoice");
+
+    let r = gen_json(&[
+        "load",
+        "--url",
+        &url,
+        "--rate",
+        "3000",
+        "--duration",
+        "3",
+        "--seed",
+        "6",
+        "--connections",
+        "4",
+    ]);
+    assert_eq!(field(&r, "connections"), 4);
+    // Allowances lock their invoice before numbering, and the operations take their locks in
+    // one order, so under READ COMMITTED the connections wait for each other but never collide.
+    assert_eq!(field(&r, "conflicts"), 0, "{r}");
+    assert_load_matches_tables(&c, &before, &old_max, &r);
+    // Paced by the rows of all connections together: each may overshoot by its last
+    // transaction, no more.
+    let rows = field(&r, "rows");
+    assert!((1..=9000 + 4 * 20).contains(&rows), "{rows} rows changed");
+
+    let (code, _, err) = gen(&[
+        "load",
+        "--url",
+        &url,
+        "--rate",
+        "10",
+        "--duration",
+        "1",
+        "--connections",
+        "0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--connections"), "{err}");
+}
+
+#[test]
+fn a_stopped_load_on_several_connections_counts_what_committed() {
+    let c = PgCluster::start();
+    let url = c.url("einvoice");
+    gen_json(&["fill", "--url", &url, "--invoices", "1000", "--seed", "8"]);
+    let before = snapshot(&c);
+    let old_max = c.psql("einvoice", "SELECT max(invoice_number) FROM public.invoice");
+
+    let load = Command::new(env!("CARGO_BIN_EXE_einvoice-gen"))
+        .args(["load", "--url", &url, "--rate", "2000", "--duration", "120"])
+        .args(["--connections", "3", "--json"])
+        .env_remove("EINVOICE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run einvoice-gen");
+    // Stop it once it is well under way, as Ctrl-C would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&c, "SELECT count(*) FROM public.invoice") < before.invoices + 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the load inserted too little in 60 s"
+        );
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &load.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let out = load.wait_with_output().expect("wait for einvoice-gen");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+
+    assert_eq!(r["stopped_early"], true, "{r}");
+    assert!(r["seconds"].as_f64().is_some_and(|s| s < 60.0), "{r}");
+    assert_eq!(field(&r, "connections"), 3);
+    assert_load_matches_tables(&c, &before, &old_max, &r);
 }
 
 #[test]

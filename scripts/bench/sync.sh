@@ -5,6 +5,7 @@
 #                  of 100 rows) written while both were stopped,
 #                  and on one transaction of SYNC_BIG rows (default 5000000; 0 skips it), with sync run's peak RSS
 #   lag:           p99 and max lag under `einvoice-gen load` at SYNC_LAG_RATE rows/s (default 10000)
+#                  on SYNC_LAG_CONNECTIONS connections (default 4)
 #                  for SYNC_LAG_SECS s (default 30), in a database bench_lag of its own: a probe row
 #                  written every 50 ms, the age of the newest visible probe sampled every 50 ms
 # Three runs each, alternating; prints medians, the ratios invsync/peer, and peak RSS of invsync.
@@ -186,7 +187,7 @@ TOML
   sync_q "$dst" "DROP TABLE IF EXISTS public.bench_change" >/dev/null
 
   # ---- lag under a steady load, in a database of its own (the load changes what it runs on)
-  local lag_rate="${SYNC_LAG_RATE:-10000}" lag_secs="${SYNC_LAG_SECS:-30}"
+  local lag_rate="${SYNC_LAG_RATE:-10000}" lag_secs="${SYNC_LAG_SECS:-30}" lag_conns="${SYNC_LAG_CONNECTIONS:-4}"
   local lsrc="${src/\/einvoice\?//bench_lag?}" ldst="${dst/\/einvoice\?//bench_lag?}"
   local inv_lag=() nat_lag=() lag_achieved=()
   sync_lag_db() { # (re)creates bench_lag: filled on the source, empty tables on the target
@@ -195,8 +196,8 @@ TOML
     sync_q "${src/\/einvoice\?//postgres?}" "CREATE DATABASE bench_lag" >/dev/null
     sync_q "${dst/\/einvoice\?//postgres?}" "CREATE DATABASE bench_lag" >/dev/null
     "$EINVOICE_GEN" fill --url "$lsrc" --invoices "${SYNC_LAG_INVOICES:-50000}" >/dev/null
-    # The load is one connection, one transaction per round trip: without waiting for the
-    # source's fsync per commit it can reach the rate.
+    # Each load connection runs one transaction per round trip: without waiting for the
+    # source's fsync per commit, a few connections together can reach the rate.
     sync_q "$lsrc" "ALTER DATABASE bench_lag SET synchronous_commit = off"
     sync_q "$lsrc" "CREATE TABLE public.bench_probe (id bigint PRIMARY KEY, sent timestamptz NOT NULL)"
     sync_q "$ldst" "DROP SCHEMA public"
@@ -207,7 +208,8 @@ TOML
   # newest visible probe is, and prints "p99 max" in seconds of those samples.
   sync_lag_measure() {
     local n=$((lag_secs * 20)) load_pid probe_pid
-    "$EINVOICE_GEN" load --url "$lsrc" --rate "$lag_rate" --duration "$lag_secs" >"$dir/load.out" &
+    "$EINVOICE_GEN" load --url "$lsrc" --rate "$lag_rate" --duration "$lag_secs" \
+      --connections "$lag_conns" >"$dir/load.out" &
     load_pid=$!
     sync_q "$lsrc" "DO \$\$ BEGIN FOR i IN 1 .. $n LOOP
         INSERT INTO public.bench_probe VALUES (i, clock_timestamp()); COMMIT; PERFORM pg_sleep(0.05);
@@ -262,7 +264,7 @@ TOML
   fi
   printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag p99 at $lag_rate rows/s vs native" "$ilp" "$nlp" "$(echo "$ilp / $nlp" | bc -l)"
   printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag max at $lag_rate rows/s vs native" "$ilm" "$nlm" "$(echo "$ilm / $nlm" | bc -l)"
-  echo "(lag: load reached $(sync_median "${lag_achieved[@]}") rows/s, median of the runs; target $lag_rate)"
+  echo "(lag: load reached $(sync_median "${lag_achieved[@]}") rows/s on $lag_conns connections, median of the runs; target $lag_rate)"
   echo "peak RSS: sync setup $(sync_median "${inv_rss[@]}") MiB, sync run (catch-up) $(sync_median "${run_rss[@]}") MiB${big_rss:+, sync run (one ${big}-row transaction) $big_rss MiB}"
   echo "(ratios: time ratio < 1 and rows/s ratio > 1 favour invsync)"
 }

@@ -68,8 +68,9 @@ enum Command {
     /// Drive a steady change stream at a target rate of changed rows per second
     ///
     /// Each transaction is one of: a new invoice with its items, a void, an allowance, an item
-    /// deletion (which amends the invoice's amounts), a carrier registration. Ctrl-C stops early
-    /// and still prints the summary.
+    /// deletion (which amends the invoice's amounts), a carrier registration. The summary counts
+    /// only committed changes. Ctrl-C stops early (each connection finishes the transaction it
+    /// has in flight) and still prints the summary.
     Load {
         #[command(flatten)]
         target: Target,
@@ -88,6 +89,14 @@ enum Command {
         /// Whose writes to play: the data center's mix, or the cloud's carrier registrations
         #[arg(long, value_enum, default_value_t = MixArg::Datacenter)]
         mix: MixArg,
+        /// Connections driving the stream at once
+        ///
+        /// One connection runs one transaction per round trip, which bounds its rate; several
+        /// share one generator (new invoice numbers and carriers never collide) and one pace.
+        /// Transactions that meet another connection's on the same rows (unique violation,
+        /// deadlock, serialization failure) roll back and are counted as conflicts.
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        connections: u16,
     },
 }
 
@@ -173,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             items_per_invoice_avg,
             mix,
+            connections,
         } => {
             let conn = connection(&target.url)?;
             let duration = Duration::try_from_secs_f64(duration).map_err(|_| {
@@ -187,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     MixArg::Datacenter => Mix::DataCenter,
                     MixArg::Cloud => Mix::Cloud,
                 },
+                connections: connections.into(),
             };
             let stop = async {
                 // If the handler cannot be installed, run for the whole duration.
@@ -221,13 +232,22 @@ fn print_fill(conn: &ConnInfo, r: &FillReport) {
 
 fn print_load(conn: &ConnInfo, r: &LoadReport) {
     println!(
-        "load on {conn}: {} transactions, {} rows changed in {:.1} s ({:.0} rows/s, target {:.0}){}",
+        "load on {conn}: {} transactions, {} rows changed in {:.1} s ({:.0} rows/s, target {:.0}) \
+         on {} connection{}, {} conflict{}{}",
         r.transactions,
         r.rows,
         r.seconds,
         r.rows_per_second,
         r.target_rows_per_second,
-        if r.stopped_early { ", stopped early" } else { "" }
+        r.connections,
+        if r.connections == 1 { "" } else { "s" },
+        r.conflicts,
+        if r.conflicts == 1 { "" } else { "s" },
+        if r.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        }
     );
     for (what, n) in [
         ("invoices inserted", r.invoices_inserted),

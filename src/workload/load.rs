@@ -5,18 +5,28 @@
 //! (numbered after the greatest existing number, so they land at the recent end of the key
 //! order), voids (an update of `status`), allowances, item deletions (which also amend the
 //! invoice's amounts, keeping `sales_amount` the sum of its items) and carrier registrations.
-//! Voids, allowances and item deletions pick recent issued invoices. The report counts only
-//! changes the server confirmed, so the tables change by exactly what it says, provided no one
-//! else writes them meanwhile. One load per database at a time: new invoice numbers are taken
-//! from the greatest number seen at the start.
+//! Voids, allowances and item deletions pick recent issued invoices.
+//!
+//! One or more workers, each on a connection of its own, take the next operation from one
+//! shared generator state (serial numbers, carrier indexes, random numbers), so no two workers
+//! ever write the same new invoice or carrier; the pace is set by the rows of all workers
+//! together. Workers still meet on existing invoices: an allowance locks its invoice before it
+//! counts the invoice's allowances, and a transaction that fails because it met another
+//! (unique violation, deadlock, serialization failure) rolled back whole, so it is counted as a
+//! conflict and the load goes on. The report counts only changes the server confirmed, so the
+//! tables change by exactly what it says, provided no one else writes them meanwhile. One load
+//! per database at a time: new invoice numbers are taken from the greatest number seen at the
+//! start.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::FutureExt;
+use futures::future::try_join_all;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use tokio::sync::{watch, Mutex};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::generate::{self, Generator, Plan};
@@ -32,6 +42,8 @@ pub struct LoadOptions {
     pub duration: Duration,
     pub items_per_invoice: f64,
     pub mix: Mix,
+    /// Connections driving the stream at once, each with one transaction in flight.
+    pub connections: usize,
 }
 
 /// Which writers the change stream plays.
@@ -47,11 +59,13 @@ pub enum Mix {
     Cloud,
 }
 
-/// What the change stream did, counted from the server's replies.
+/// What the change stream did, counted from the server's replies, summed over all connections.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LoadReport {
     pub mix: Mix,
+    pub connections: usize,
     pub seconds: f64,
+    /// Committed transactions that changed at least one row.
     pub transactions: u64,
     /// Rows inserted, updated or deleted, over all tables.
     pub rows: u64,
@@ -65,6 +79,9 @@ pub struct LoadReport {
     /// Invoices whose amounts were updated after an item deletion.
     pub invoices_amended: u64,
     pub carriers_registered: u64,
+    /// Transactions that met another connection's (unique violation, deadlock, serialization
+    /// failure) and rolled back, changing nothing.
+    pub conflicts: u64,
     /// True when the stop signal ended the run before its duration.
     pub stopped_early: bool,
 }
@@ -76,6 +93,19 @@ enum Operation {
     Allowance,
     DeleteItem,
     RegisterCarrier,
+}
+
+impl Operation {
+    /// What the operation does, for errors.
+    fn doing(self) -> &'static str {
+        match self {
+            Operation::NewInvoice => "inserting an invoice",
+            Operation::Void => "voiding an invoice",
+            Operation::Allowance => "issuing an allowance",
+            Operation::DeleteItem => "deleting an item",
+            Operation::RegisterCarrier => "registering a carrier",
+        }
+    }
 }
 
 /// The mix, in percent: new invoices dominate, as they do on the platform.
@@ -92,8 +122,13 @@ const CLOUD_CARRIERS: u64 = 1 << 33;
 
 const ALLOWANCE_REASONS: &[&str] = &["退貨", "商品瑕疵", "價格調整", "return"];
 
-/// Drives the change stream on `conn` until `opts.duration` passes or `stop` completes
-/// (checked between transactions, so every counted transaction has committed).
+/// The setting through which an allowance's first statement hands the invoice it locked to the
+/// second; local to the transaction.
+const ALLOWANCE_INVOICE_SETTING: &str = "einvoice_gen.allowance_invoice";
+
+/// Drives the change stream on `opts.connections` connections to `conn` until `opts.duration`
+/// passes or `stop` completes. A stop lets every worker finish the transaction it has in
+/// flight, so every counted transaction has committed.
 pub async fn load(
     conn: &ConnInfo,
     opts: &LoadOptions,
@@ -111,62 +146,204 @@ pub async fn load(
             opts.items_per_invoice
         )));
     }
-    let client = conn.connect().await?;
-    schema::ensure(&client, conn).await?;
-    let mut stream = Stream::start(&client, conn, opts).await?;
-
-    let mut report = LoadReport {
+    if opts.connections == 0 {
+        return Err(WorkloadError::Invalid(
+            "the load needs at least one connection".to_string(),
+        ));
+    }
+    let clients = try_join_all((0..opts.connections).map(|_| conn.connect())).await?;
+    schema::ensure(&clients[0], conn).await?;
+    let stream = Mutex::new(Stream::start(&clients[0], conn, opts).await?);
+    let tally = Mutex::new(LoadReport {
         mix: opts.mix,
+        connections: opts.connections,
         target_rows_per_second: opts.rate,
         ..LoadReport::default()
-    };
+    });
+    let (halt, halted) = watch::channel(false);
     let started = Instant::now();
-    let deadline = started + opts.duration;
-    tokio::pin!(stop);
-    while Instant::now() < deadline {
-        if (&mut stop).now_or_never().is_some() {
-            report.stopped_early = true;
-            break;
+    let pace = Pace {
+        started,
+        deadline: started + opts.duration,
+        rate: opts.rate,
+    };
+    let workers = try_join_all(clients.iter().map(|client| {
+        Worker {
+            client,
+            conn,
+            stream: &stream,
+            tally: &tally,
+            pace: &pace,
+            halted: halted.clone(),
         }
-        let changed = stream.step(&mut report).await?;
-        if changed > 0 {
-            report.transactions += 1;
-            report.rows += changed;
-        }
-        // Pace by rows: the time by which this many rows are due at the target rate.
-        let due = started + Duration::from_secs_f64(report.rows as f64 / opts.rate);
-        let until = due.min(deadline);
-        if until > Instant::now() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(until.into()) => {}
-                _ = &mut stop => { report.stopped_early = true; break; }
+        .run()
+    }));
+    let stopped_early = {
+        tokio::pin!(workers);
+        tokio::pin!(stop);
+        tokio::select! {
+            biased;
+            done = &mut workers => {
+                done?;
+                false
+            }
+            _ = &mut stop => {
+                halt.send_replace(true);
+                workers.await?;
+                true
             }
         }
-    }
+    };
+    let mut report = tally.into_inner();
+    report.stopped_early = stopped_early;
     report.seconds = started.elapsed().as_secs_f64();
     report.rows_per_second = report.rows as f64 / report.seconds.max(1e-9);
     Ok(report)
 }
 
-/// The generator's state between transactions.
-struct Stream<'a> {
+/// When the run ends, and when the rows counted so far are due at the target rate.
+struct Pace {
+    started: Instant,
+    deadline: Instant,
+    rate: f64,
+}
+
+impl Pace {
+    /// The time by which `rows` rows are due, but no later than the deadline.
+    fn due(&self, rows: u64) -> Instant {
+        let due = self.started + Duration::from_secs_f64(rows as f64 / self.rate);
+        due.min(self.deadline)
+    }
+}
+
+/// One connection's share of the load: takes the next operation from the shared stream, runs
+/// it, counts what the server confirmed, and waits until the rows of all workers are due.
+struct Worker<'a> {
     client: &'a Client,
     conn: &'a ConnInfo,
+    stream: &'a Mutex<Stream>,
+    tally: &'a Mutex<LoadReport>,
+    pace: &'a Pace,
+    halted: watch::Receiver<bool>,
+}
+
+impl Worker<'_> {
+    async fn run(mut self) -> Result<(), WorkloadError> {
+        while Instant::now() < self.pace.deadline && !*self.halted.borrow() {
+            let change = self.stream.lock().await.next();
+            let outcome = execute(self.client, &change.sql).await;
+            let rows = {
+                let mut tally = self.tally.lock().await;
+                match outcome {
+                    Ok(counts) => tally.record(change.op, &counts),
+                    Err(e) if is_conflict(&e) => tally.conflicts += 1,
+                    Err(e) => return Err(PgError::query(change.op.doing(), self.conn, e).into()),
+                }
+                tally.rows
+            };
+            let until = self.pace.due(rows);
+            if until > Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                    _ = self.halted.wait_for(|halted| *halted) => break,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// True for the errors of transactions that met another worker's on the same rows: they rolled
+/// back whole, and the next operation may well succeed.
+fn is_conflict(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|code| {
+        [
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+        ]
+        .contains(code)
+    })
+}
+
+/// Runs `sql` (one or more statements, which the server runs as one transaction) and returns
+/// each statement's row count.
+async fn execute(client: &Client, sql: &str) -> Result<Vec<u64>, tokio_postgres::Error> {
+    Ok(client
+        .simple_query(sql)
+        .await?
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .collect())
+}
+
+impl LoadReport {
+    /// Counts a committed `op` from its statements' row counts.
+    fn record(&mut self, op: Operation, counts: &[u64]) {
+        let changed = match op {
+            Operation::NewInvoice => {
+                let (invoices, items) = (nth(counts, 0), nth(counts, 1));
+                self.invoices_inserted += invoices;
+                self.items_inserted += items;
+                invoices + items
+            }
+            Operation::Void => {
+                let n = nth(counts, 0);
+                self.invoices_voided += n;
+                n
+            }
+            Operation::Allowance => {
+                // The first statement locks the invoice, the second inserts.
+                let n = nth(counts, 1);
+                self.allowances_inserted += n;
+                n
+            }
+            Operation::DeleteItem => {
+                // One item per victim invoice, so the invoices updated equal the items deleted.
+                let n = nth(counts, 0);
+                self.items_deleted += n;
+                self.invoices_amended += n;
+                2 * n
+            }
+            Operation::RegisterCarrier => {
+                let n = nth(counts, 0);
+                self.carriers_registered += n;
+                n
+            }
+        };
+        if changed > 0 {
+            self.transactions += 1;
+            self.rows += changed;
+        }
+    }
+}
+
+/// One operation ready to send: a transaction of one or more statements.
+struct Change {
+    op: Operation,
+    sql: String,
+}
+
+/// The generator's state between operations, shared by all workers.
+struct Stream {
     rng: ChaCha8Rng,
     generator: Generator,
-    /// The oldest and the newest invoice serial.
+    /// The oldest and the newest invoice serial (the newest possibly not committed yet).
     first_serial: u64,
     last_serial: u64,
     next_carrier: u64,
     mix: Mix,
 }
 
-impl<'a> Stream<'a> {
+impl Stream {
     async fn start(
-        client: &'a Client,
-        conn: &'a ConnInfo,
+        client: &Client,
+        conn: &ConnInfo,
         opts: &LoadOptions,
-    ) -> Result<Stream<'a>, WorkloadError> {
+    ) -> Result<Stream, WorkloadError> {
         let row = client
             .query_one(
                 "SELECT min(invoice_number)::text, max(invoice_number)::text, count(*), \
@@ -199,8 +376,6 @@ impl<'a> Stream<'a> {
         };
         let start_serial = generate::first_serial() - 1;
         Ok(Stream {
-            client,
-            conn,
             rng: generate::stream(opts.seed, generate::LOAD_STREAMS),
             generator: Generator::new(plan),
             first_serial: first.unwrap_or(start_serial),
@@ -216,8 +391,9 @@ impl<'a> Stream<'a> {
         })
     }
 
-    /// Runs one operation; returns the rows it changed (0 when it found nothing to change).
-    async fn step(&mut self, report: &mut LoadReport) -> Result<u64, WorkloadError> {
+    /// The next operation. New invoice numbers and carrier indexes are taken here, once, so no
+    /// two workers write the same new row; one whose transaction fails leaves a gap.
+    fn next(&mut self) -> Change {
         let mut pick = self.rng.gen_range(0..100);
         let mix = match self.mix {
             Mix::DataCenter => DATA_CENTER_MIX,
@@ -233,72 +409,73 @@ impl<'a> Stream<'a> {
             .map(|(op, _)| *op)
             .unwrap_or(Operation::NewInvoice);
         let now = Utc::now().with_timezone(&generate::taipei());
-        match op {
+        let sql = match op {
             Operation::NewInvoice => {
                 let serial = generate::next_serial(&mut self.rng, self.last_serial);
+                self.last_serial = serial;
                 let (invoice, items) = self.generator.invoice(&mut self.rng, serial, now);
                 let (mut inv, mut its) = (rows::SqlValues::default(), rows::SqlValues::default());
                 rows::invoice(&mut inv, &invoice);
                 for item in &items {
                     rows::item(&mut its, &invoice.number, item);
                 }
-                let sql = format!(
-                    "BEGIN; INSERT INTO public.invoice ({}) VALUES {}; \
-                     INSERT INTO public.invoice_item ({}) VALUES {}; COMMIT",
+                // Two statements in one query string are one transaction.
+                format!(
+                    "INSERT INTO public.invoice ({}) VALUES {}; \
+                     INSERT INTO public.invoice_item ({}) VALUES {}",
                     rows::INVOICE_COLUMNS,
                     inv.buf,
                     rows::ITEM_COLUMNS,
                     its.buf
-                );
-                let counts = self.run("inserting an invoice", &sql).await?;
-                self.last_serial = serial;
-                // BEGIN, INSERT, INSERT, COMMIT.
-                let (i, it) = (nth(&counts, 1), nth(&counts, 2));
-                report.invoices_inserted += i;
-                report.items_inserted += it;
-                Ok(i + it)
+                )
             }
             Operation::Void => {
                 let from = self.recent_number();
-                let sql = format!(
+                format!(
                     "UPDATE public.invoice SET status = 'voided', updated_at = now() \
                      WHERE invoice_number = (SELECT invoice_number FROM public.invoice \
                        WHERE invoice_number >= {from} AND status = 'issued' \
                        ORDER BY invoice_number LIMIT 1 FOR UPDATE)"
-                );
-                let n = nth(&self.run("voiding an invoice", &sql).await?, 0);
-                report.invoices_voided += n;
-                Ok(n)
+                )
             }
             Operation::Allowance => {
                 let from = self.recent_number();
                 let share: f64 = self.rng.gen_range(0.05..1.0);
                 let reason = ALLOWANCE_REASONS[self.rng.gen_range(0..ALLOWANCE_REASONS.len())];
                 let date = quote_literal(&now.date_naive().to_string());
-                let sql = format!(
-                    "INSERT INTO public.allowance ({cols}) \
+                // The allowance number counts the invoice's allowances, so it is computed only
+                // after the invoice is locked: the first statement locks it, the second (under
+                // READ COMMITTED, with a snapshot taken after the lock) sees every allowance
+                // committed before and inserts the next one. One statement would count with a
+                // snapshot from before its lock wait and could repeat a number.
+                format!(
+                    "SELECT set_config({setting}, i.invoice_number, true) \
+                     FROM (SELECT invoice_number FROM public.invoice \
+                           WHERE invoice_number >= {from} AND status = 'issued' \
+                           ORDER BY invoice_number LIMIT 1 FOR UPDATE) i; \
+                     INSERT INTO public.allowance ({cols}) \
                      SELECT i.invoice_number || '-' || (SELECT count(*) + 1 FROM public.allowance a \
                               WHERE a.invoice_number = i.invoice_number), \
                             i.invoice_number, {date}, a.amount, \
                             CASE i.tax_type WHEN 1 THEN round(a.amount * 0.05) ELSE 0 END, {reason} \
-                     FROM (SELECT invoice_number, sales_amount, tax_type FROM public.invoice \
-                           WHERE invoice_number >= {from} AND status = 'issued' \
-                           ORDER BY invoice_number LIMIT 1 FOR UPDATE) i, \
-                          LATERAL (SELECT greatest(1, floor(i.sales_amount * {share:.4})) AS amount) a",
+                     FROM public.invoice i, \
+                          LATERAL (SELECT greatest(1, floor(i.sales_amount * {share:.4})) AS amount) a \
+                     WHERE i.invoice_number = current_setting({setting}, true)::bpchar",
+                    setting = quote_literal(ALLOWANCE_INVOICE_SETTING),
                     cols = rows::ALLOWANCE_COLUMNS,
                     reason = quote_literal(reason),
-                );
-                let n = nth(&self.run("issuing an allowance", &sql).await?, 0);
-                report.allowances_inserted += n;
-                Ok(n)
+                )
             }
             Operation::DeleteItem => {
                 let from = self.recent_number();
-                let sql = format!(
+                // The bound repeated on the invoice side keeps a merge join from reading every
+                // invoice before `from`.
+                format!(
                     "WITH victim AS ( \
                        SELECT it.invoice_number, max(it.seq) AS seq FROM public.invoice_item it \
                        WHERE it.invoice_number >= {from} AND EXISTS (SELECT 1 FROM public.invoice i \
-                         WHERE i.invoice_number = it.invoice_number AND i.status = 'issued') \
+                         WHERE i.invoice_number = it.invoice_number AND i.invoice_number >= {from} \
+                           AND i.status = 'issued') \
                        GROUP BY it.invoice_number HAVING count(*) > 1 \
                        ORDER BY it.invoice_number LIMIT 1), \
                      gone AS ( \
@@ -312,12 +489,7 @@ impl<'a> Stream<'a> {
                          + CASE i.tax_type WHEN 1 THEN round((i.sales_amount - g.amount) * 0.05) ELSE 0 END, \
                        updated_at = now() \
                      FROM gone g WHERE i.invoice_number = g.invoice_number"
-                );
-                // One item per victim invoice, so the invoices updated equal the items deleted.
-                let n = nth(&self.run("deleting an item", &sql).await?, 0);
-                report.items_deleted += n;
-                report.invoices_amended += n;
-                Ok(2 * n)
+                )
             }
             Operation::RegisterCarrier => {
                 let carrier = generate::carrier(
@@ -329,16 +501,14 @@ impl<'a> Stream<'a> {
                 self.next_carrier += 1;
                 let mut values = rows::SqlValues::default();
                 rows::carrier(&mut values, &carrier);
-                let sql = format!(
+                format!(
                     "INSERT INTO public.carrier ({}) VALUES {} ON CONFLICT DO NOTHING",
                     rows::CARRIER_COLUMNS,
                     values.buf
-                );
-                let n = nth(&self.run("registering a carrier", &sql).await?, 0);
-                report.carriers_registered += n;
-                Ok(n)
+                )
             }
-        }
+        };
+        Change { op, sql }
     }
 
     /// A literal invoice number among the most recent twentieth of the numbers (at least 3000
@@ -350,22 +520,6 @@ impl<'a> Stream<'a> {
             .rng
             .gen_range(self.last_serial - window..=self.last_serial);
         quote_literal(&generate::invoice_number(serial))
-    }
-
-    /// Runs `sql` (one or more statements) and returns each statement's row count.
-    async fn run(&self, what: &str, sql: &str) -> Result<Vec<u64>, WorkloadError> {
-        let messages = self
-            .client
-            .simple_query(sql)
-            .await
-            .map_err(|e| PgError::query(what, self.conn, e))?;
-        Ok(messages
-            .iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::CommandComplete(n) => Some(*n),
-                _ => None,
-            })
-            .collect())
     }
 }
 
