@@ -186,6 +186,39 @@ fn push_element(array: &mut String, v: &Value) -> Result<(), SyncError> {
     Ok(())
 }
 
+/// Appends `row` as a line of COPY's text format: tab-separated, `\N` for NULL, backslash,
+/// tab, newline and carriage return escaped.
+fn push_copy_line(out: &mut String, row: &[Value]) -> Result<(), SyncError> {
+    for (i, v) in row.iter().enumerate() {
+        if i > 0 {
+            out.push('\t');
+        }
+        match text_of(v)? {
+            None => out.push_str("\\N"),
+            Some(text)
+                if !text
+                    .bytes()
+                    .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+            {
+                out.push_str(text)
+            }
+            Some(text) => {
+                for c in text.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\t' => out.push_str("\\t"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        c => out.push(c),
+                    }
+                }
+            }
+        }
+    }
+    out.push('\n');
+    Ok(())
+}
+
 /// The target's type of column `i`, as the prepared statements cast to it.
 fn type_of(types: &[Option<String>], i: usize) -> &str {
     types.get(i).and_then(|t| t.as_deref()).unwrap_or("text")
@@ -609,11 +642,8 @@ impl Target {
     }
 
     /// Hands the buffered SQL to the writer once there is a piece's worth, or whatever there is
-    /// if `force` (then the window's net changes first).
+    /// if `force` (the window of net changes stays; see [`Target::emit_window`]).
     async fn send(&mut self, force: bool) -> Result<(), SyncError> {
-        if force {
-            self.emit_window()?;
-        }
         let group = self
             .batch
             .group
@@ -636,8 +666,10 @@ impl Target {
         Ok(())
     }
 
-    /// Sends what is buffered and waits until the target has run everything sent.
+    /// Sends what is buffered, the window included, and waits until the target has run
+    /// everything sent.
     async fn send_and_wait(&mut self) -> Result<(), SyncError> {
+        self.emit_window().await?;
         self.send(true).await?;
         self.writer
             .as_mut()
@@ -648,15 +680,15 @@ impl Target {
 
     /// Writes the window's net changes as statements and ends the open one, so that what comes
     /// next (a new relation definition, a TRUNCATE, a change in source order) follows them.
-    pub fn end_statements(&mut self) -> Result<(), SyncError> {
-        self.emit_window()?;
+    pub async fn end_statements(&mut self) -> Result<(), SyncError> {
+        self.emit_window().await?;
         self.close_group();
         Ok(())
     }
 
     /// Writes the window's net changes: per table its deletes, then its updates (grouped by the
-    /// columns they set), then its inserts.
-    fn emit_window(&mut self) -> Result<(), SyncError> {
+    /// columns they set), as statements in the batch, then its inserts, as one COPY.
+    async fn emit_window(&mut self) -> Result<(), SyncError> {
         for table in self.batch.window.take() {
             let rel = &table.rel;
             for net in table.rows.values() {
@@ -680,10 +712,26 @@ impl Target {
             for row in updates {
                 self.update(rel, None, row)?;
             }
+            let mut data = String::new();
             for net in table.rows.values() {
                 if let Net::Insert(row) | Net::Replace(row) = net {
-                    self.insert(rel, row)?;
+                    push_copy_line(&mut data, row)?;
                 }
+            }
+            if !data.is_empty() {
+                // The COPY follows the statements buffered so far, inside the batch.
+                self.close_group();
+                if !self.batch.open && self.batch.sql.is_empty() {
+                    self.batch.sql.push_str("BEGIN;\n");
+                }
+                self.send(true).await?;
+                let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
+                writer
+                    .copy(
+                        format!("COPY {} ({}) FROM STDIN", rel.quoted, column_list(rel)),
+                        data,
+                    )
+                    .await?;
             }
         }
         Ok(())
@@ -858,12 +906,12 @@ impl Target {
         {
             self.batch.rows += 1;
             if self.batch.window.is_full() {
-                self.emit_window()?;
+                self.emit_window().await?;
                 self.send(false).await?;
             }
             return Ok(());
         }
-        self.emit_window()?;
+        self.emit_window().await?;
         match change {
             Change::Insert(new) => self.insert(rel, new)?,
             Change::Update { old, new } => self.update(rel, old, new)?,
@@ -1041,7 +1089,7 @@ impl Target {
         if rels.is_empty() {
             return Ok(());
         }
-        self.end_statements()?;
+        self.end_statements().await?;
         let names: Vec<&str> = rels.iter().map(|r| r.quoted.as_str()).collect();
         let mut sql = format!("TRUNCATE {}", names.join(", "));
         if options & TRUNCATE_RESTART_IDENTITY != 0 {
@@ -1068,6 +1116,7 @@ impl Target {
     pub async fn flush(&mut self, durably: bool) -> Result<(), SyncError> {
         let end = self.batch.last_end;
         if let Some(end) = end.filter(|_| self.pending_batch()) {
+            self.emit_window().await?;
             self.send(true).await?;
             // The progress record must change the pipeline's row, or the writer stops before
             // COMMIT. WAL is flushed in order: once the target's flush position passes the
@@ -1159,4 +1208,28 @@ fn gone(conn: &ConnInfo) -> SyncError {
         target: conn.to_string(),
         reason: "the connection was closed".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_lines_escape_what_copy_text_format_reads_specially() {
+        let t = |s: &str| Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes()));
+        let mut out = String::new();
+        push_copy_line(
+            &mut out,
+            &[
+                t("plain 台灣"),
+                Value::Null,
+                t("a\tb\nc\rd\\e"),
+                t("\\."),
+                t(""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(out, "plain 台灣\t\\N\ta\\tb\\nc\\rd\\\\e\t\\\\.\t\n");
+        assert!(push_copy_line(&mut out, &[Value::Unchanged]).is_err());
+    }
 }

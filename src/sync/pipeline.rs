@@ -669,7 +669,7 @@ async fn apply_message<'r>(
     match message {
         Message::Relation(rel) => {
             for i in 0..targets.len() {
-                if let Err(e) = targets[i].end_statements() {
+                if let Err(e) = targets[i].end_statements().await {
                     target_failed(targets, i, e)?;
                 }
             }

@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use futures::SinkExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -28,6 +29,8 @@ enum Job {
     Sql { sql: String, expect: u64 },
     /// A statement that must change exactly one row; otherwise the writer fails with `error`.
     One { sql: String, error: String },
+    /// `COPY .. FROM STDIN` with its data in COPY's text format.
+    Copy { sql: String, data: String },
     /// A piece whose result is sent back.
     Query(String, oneshot::Sender<Vec<SimpleQueryMessage>>),
     /// Answered once every earlier piece has run.
@@ -83,6 +86,17 @@ impl Writer {
                             return Err(Failure::Check(error));
                         }
                     }
+                    Job::Copy { sql, data } => {
+                        let sink = client
+                            .copy_in::<_, bytes::Bytes>(&sql)
+                            .await
+                            .map_err(Failure::Pg)?;
+                        futures::pin_mut!(sink);
+                        sink.send(bytes::Bytes::from(data))
+                            .await
+                            .map_err(Failure::Pg)?;
+                        sink.finish().await.map_err(Failure::Pg)?;
+                    }
                     Job::Query(sql, answer) => {
                         let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
                         let _ = answer.send(result);
@@ -108,6 +122,11 @@ impl Writer {
     /// the queue is full.
     pub async fn execute(&mut self, sql: String, expect: u64) -> Result<(), SyncError> {
         self.hand_over(Job::Sql { sql, expect }).await
+    }
+
+    /// Hands over a `COPY .. FROM STDIN` statement and its data (text format).
+    pub async fn copy(&mut self, sql: String, data: String) -> Result<(), SyncError> {
+        self.hand_over(Job::Copy { sql, data }).await
     }
 
     /// Rows the pieces run so far changed fewer than expected.
