@@ -480,9 +480,12 @@ impl Target {
                 // Asynchronous commit, as PostgreSQL's own apply workers: the slot is confirmed
                 // only up to commits the target reports flushed (see `durable`). Rows are found
                 // by their key's index, as those workers do: a prepared group statement keeps
-                // its plan, which must not scan a table that was small when it was planned.
+                // its plan, which must not scan a table that was small when it was planned. No JIT:
+                // statements are planned often and run briefly, and compiling them would cost
+                // more than it saves (those workers do not plan at all).
                 "{} SET standard_conforming_strings = on; SET synchronous_commit = off; \
-                 SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off;",
+                 SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; \
+                 SET jit = off;",
                 settings_sql()
             ))
             .await
@@ -722,7 +725,8 @@ impl Target {
                 // The COPY follows the statements buffered so far, inside the batch.
                 self.close_group();
                 if !self.batch.open && self.batch.sql.is_empty() {
-                    self.batch.sql.push_str("BEGIN;\n");
+                    // An empty statement, so that `send` has a piece to open the batch with.
+                    self.batch.sql.push(';');
                 }
                 self.send(true).await?;
                 let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
