@@ -707,7 +707,7 @@ impl Target {
                     _ => None,
                 })
                 .collect();
-            updates.sort_by_key(|row| {
+            updates.sort_by_cached_key(|row| {
                 row.iter()
                     .map(|v| *v == Value::Unchanged)
                     .collect::<Vec<_>>()
@@ -840,8 +840,9 @@ impl Target {
             .await
             .map_err(|e| PgError::query(format!("reading the indexes of {table}"), &self.conn, e))?
             .get::<_, bool>(0);
-        self.reorderable
-            .insert(rel.rel.id, reorderable && !rel.full_identity);
+        // Net changes need every column's target type (the in-order path copes without).
+        let reorderable = reorderable && !rel.full_identity && self.has_types(rel, |_| true);
+        self.reorderable.insert(rel.rel.id, reorderable);
         let missing: Vec<&str> = rel
             .rel
             .columns
@@ -904,9 +905,7 @@ impl Target {
             Change::Insert(row) | Change::Delete(row) | Change::Update { new: row, .. } => row,
         };
         check_width(rel, row)?;
-        if self.reorderable.get(&rel.rel.id) == Some(&true)
-            && self.has_types(rel, |_| true)
-            && self.batch.window.absorb(rel, change)
+        if self.reorderable.get(&rel.rel.id) == Some(&true) && self.batch.window.absorb(rel, change)
         {
             self.batch.rows += 1;
             if self.batch.window.is_full() {

@@ -18,8 +18,6 @@
 //! The window is bounded ([`WINDOW_ROWS`], [`WINDOW_BYTES`]); a full window is applied and a new
 //! one starts, so a source transaction larger than memory still streams through.
 
-use std::collections::HashMap;
-
 use indexmap::IndexMap;
 
 use super::apply::{Change, StreamRelation};
@@ -52,12 +50,10 @@ pub struct TableNet {
     pub rows: IndexMap<Vec<Value>, Net>,
 }
 
-/// Net changes of several tables.
+/// Net changes of several tables, by relation id in order of their first change.
 #[derive(Default)]
 pub struct Window {
-    tables: HashMap<u32, TableNet>,
-    /// Relation ids in order of their first change.
-    order: Vec<u32>,
+    tables: IndexMap<u32, TableNet>,
     changes: usize,
     bytes: usize,
 }
@@ -94,7 +90,7 @@ fn size(row: &[Value]) -> usize {
 
 impl Window {
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.tables.is_empty()
     }
 
     /// True once the window should be applied.
@@ -121,9 +117,8 @@ impl Window {
             Change::Update { old, new } => update(table, rel, old, new),
         };
         if table.rows.is_empty() {
-            self.tables.remove(&id);
-        } else if !self.order.contains(&id) {
-            self.order.push(id);
+            // Only a table entered just now for a refused change is empty: it is the last one.
+            self.tables.pop();
         }
         if absorbed {
             self.changes += 1;
@@ -137,14 +132,9 @@ impl Window {
 
     /// Empties the window; its tables in order of their first change.
     pub fn take(&mut self) -> Vec<TableNet> {
-        let mut tables = std::mem::take(&mut self.tables);
-        let order = std::mem::take(&mut self.order);
         self.changes = 0;
         self.bytes = 0;
-        order
-            .into_iter()
-            .filter_map(|id| tables.remove(&id))
-            .collect()
+        std::mem::take(&mut self.tables).into_values().collect()
     }
 }
 
