@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::decoder::{
@@ -352,6 +352,8 @@ pub struct Target {
     client: Option<Arc<Client>>,
     /// Executes the batch's pieces while the next ones are built.
     writer: Option<Writer>,
+    /// Signalled by the writer when a commit's result is back (shared by a pipeline's targets).
+    answered: Arc<Notify>,
     /// End LSN of the last source commit this target has committed (possibly not yet flushed:
     /// apply sessions commit asynchronously).
     pub applied: Lsn,
@@ -440,13 +442,16 @@ pub fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
 }
 
 impl Target {
-    pub fn new(pipeline: &str, name: &str, conn: ConnInfo) -> Self {
+    /// A target of `pipeline`, not connected yet; its writer signals `answered` whenever a
+    /// batch's commit is back.
+    pub fn new(pipeline: &str, name: &str, conn: ConnInfo, answered: Arc<Notify>) -> Self {
         Target {
             name: name.to_string(),
             conn,
             pipeline: pipeline.to_string(),
             client: None,
             writer: None,
+            answered,
             applied: Lsn(0),
             durable: Lsn(0),
             committing: VecDeque::new(),
@@ -537,6 +542,7 @@ impl Target {
             client.clone(),
             self.conn.clone(),
             format!("applying changes of pipeline {}", self.pipeline),
+            self.answered.clone(),
         ));
         self.client = Some(client);
         self.backoff = Duration::from_millis(500);
@@ -569,6 +575,13 @@ impl Target {
         self.is_up()
             && !self.pending_batch()
             && (!self.committing.is_empty() || !self.unflushed.is_empty())
+    }
+
+    /// True when every batch committed so far is back from the target, without waiting: a new
+    /// batch would run at once instead of queueing behind another.
+    pub async fn committed_all(&mut self) -> Result<bool, SyncError> {
+        self.collect_commits(false).await?;
+        Ok(self.committing.is_empty())
     }
 
     /// Moves `durable` over the commits the target's WAL flush position `flushed` covers.

@@ -10,6 +10,10 @@
 //!   busy with other tables) does not keep WAL behind the slot.
 //! - A target that goes away is retried with backoff while the others keep applying; when it is
 //!   back and behind, the stream restarts from its position.
+//! - A batch is committed as soon as every target has its earlier commits back (so under a light
+//!   load each source transaction is visible on the targets about one round trip after it
+//!   arrives, and under a heavy one batches grow while the targets work), or once it is full or
+//!   old.
 //! - A stop request (SIGINT/SIGTERM in the CLI) finishes the source transaction being received,
 //!   commits every target's batch with its progress, and returns `Ok`.
 //! - A source or stream failure reconnects with backoff and says so in the log; errors a person
@@ -19,7 +23,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
 
 use super::apply::{pg_time, Change, StreamRelation, Target};
 use super::copy::{self, CopyStats, TableCopy};
@@ -28,7 +34,8 @@ use super::{names, progress, publication, schema, slot, SyncError};
 use crate::config::{Config, PipelineConfig};
 use crate::pg::{resolve_tables, ConnInfo, Lsn, PgError, TableInfo};
 
-/// A batch is committed once it holds this many changes...
+/// A batch is committed, even while a target still works on an earlier one, once it holds this
+/// many changes...
 const BATCH_ROWS: usize = 20_000;
 /// ...or has been open this long.
 const BATCH_TIME: Duration = Duration::from_millis(150);
@@ -315,9 +322,10 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), SyncError> {
     let (_, source_conn, target_conns) = lookup(config, pipeline)?;
+    let answered = Arc::new(Notify::new());
     let mut targets: Vec<Target> = target_conns
         .iter()
-        .map(|(name, conn)| Target::new(pipeline, name, conn.clone()))
+        .map(|(name, conn)| Target::new(pipeline, name, conn.clone(), answered.clone()))
         .collect();
     let mut backoff = Duration::from_millis(500);
     let mut slot_busy_since: Option<Instant> = None;
@@ -326,7 +334,7 @@ pub async fn run(
             return Ok(());
         }
         let started = Instant::now();
-        match session(pipeline, &source_conn, &mut targets, &mut stop).await {
+        match session(pipeline, &source_conn, &mut targets, &answered, &mut stop).await {
             Ok(SessionEnd::Stopped) => return Ok(()),
             Ok(SessionEnd::Restart) => {
                 tracing::info!(
@@ -405,6 +413,21 @@ fn confirm_point(targets: &[Target], position: Lsn, floor: Lsn) -> Lsn {
         .unwrap_or(floor)
 }
 
+/// True when every target that is up has all its commits back (a target that fails to tell
+/// is handled as [`target_failed`] says).
+async fn targets_free(targets: &mut [Target]) -> Result<bool, SyncError> {
+    let mut free = true;
+    for i in 0..targets.len() {
+        if targets[i].is_up() {
+            match targets[i].committed_all().await {
+                Ok(all) => free &= all,
+                Err(e) => target_failed(targets, i, e)?,
+            }
+        }
+    }
+    Ok(free)
+}
+
 /// Commits every target's batch; `durably` waits until the commits are flushed on the targets.
 async fn flush_all(targets: &mut [Target], durably: bool) -> Result<(), SyncError> {
     for i in 0..targets.len() {
@@ -421,6 +444,7 @@ async fn session(
     pipeline: &str,
     source_conn: &ConnInfo,
     targets: &mut [Target],
+    answered: &Notify,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd, SyncError> {
     let slot_name = names::slot(pipeline);
@@ -512,6 +536,13 @@ async fn session(
                 batch_started = None;
                 progressed = true;
             }
+            _ = answered.notified(), if txn.is_none() && batch_started.is_some() => {
+                if targets_free(targets).await? {
+                    flush_all(targets, false).await?;
+                    batch_started = None;
+                }
+                progressed = true;
+            }
             _ = sleep_until(flush_check_at), if txn.is_none() && flush_check_at.is_some() => {
                 for i in 0..targets.len() {
                     if targets[i].awaits_flush() {
@@ -584,7 +615,7 @@ async fn session(
                         position = position.max(end);
                         let full = targets.iter().any(|t| t.batch_rows() >= BATCH_ROWS);
                         let old = batch_started.is_some_and(|s| s.elapsed() >= BATCH_TIME);
-                        if full || old || stopping {
+                        if full || old || stopping || (batch_started.is_some() && targets_free(targets).await?) {
                             flush_all(targets, stopping).await?;
                             batch_started = None;
                         }

@@ -9,12 +9,14 @@
 //! batch's progress record and `COMMIT` are queued like any other piece. At most [`QUEUE`] pieces wait, so memory stays bounded. The task is
 //! owned by its [`Writer`]: [`Writer::wait`] awaits everything handed over, and dropping the
 //! `Writer` aborts the task (its connection is dropped with it, so the server rolls back).
+//! The task signals `answered` after each answered piece (a batch's `COMMIT`) and when it
+//! stops, so the pipeline can hand over the next batch as soon as the target is free.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::SinkExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -58,55 +60,15 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(client: Arc<Client>, conn: ConnInfo, what: String) -> Self {
+    /// Starts the task on `client`; it signals `answered` as the module documentation says.
+    pub fn start(client: Arc<Client>, conn: ConnInfo, what: String, answered: Arc<Notify>) -> Self {
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE);
         let missing = Arc::new(AtomicU64::new(0));
         let counter = missing.clone();
         let task = tokio::spawn(async move {
-            while let Some(job) = queue.recv().await {
-                match job {
-                    Job::Sql { sql, expect } => {
-                        let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
-                        let changed: u64 = result
-                            .iter()
-                            .map(|m| match m {
-                                SimpleQueryMessage::CommandComplete(n) => *n,
-                                _ => 0,
-                            })
-                            .sum();
-                        counter.fetch_add(expect.saturating_sub(changed), Ordering::Relaxed);
-                    }
-                    Job::One { sql, error } => {
-                        let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
-                        let changed = result.iter().find_map(|m| match m {
-                            SimpleQueryMessage::CommandComplete(n) => Some(*n),
-                            _ => None,
-                        });
-                        if changed != Some(1) {
-                            return Err(Failure::Check(error));
-                        }
-                    }
-                    Job::Copy { sql, data } => {
-                        let sink = client
-                            .copy_in::<_, bytes::Bytes>(&sql)
-                            .await
-                            .map_err(Failure::Pg)?;
-                        futures::pin_mut!(sink);
-                        sink.send(bytes::Bytes::from(data))
-                            .await
-                            .map_err(Failure::Pg)?;
-                        sink.finish().await.map_err(Failure::Pg)?;
-                    }
-                    Job::Query(sql, answer) => {
-                        let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
-                        let _ = answer.send(result);
-                    }
-                    Job::Barrier(done) => {
-                        let _ = done.send(());
-                    }
-                }
-            }
-            Ok(())
+            let ran = run(&client, &mut queue, &counter, &answered).await;
+            answered.notify_one();
+            ran
         });
         Writer {
             jobs,
@@ -196,6 +158,60 @@ impl Writer {
                 .unwrap_or_else(|| "the connection was closed".into()),
         })
     }
+}
+
+/// Runs the pieces in order until the queue closes or one fails.
+async fn run(
+    client: &Client,
+    queue: &mut mpsc::Receiver<Job>,
+    missing: &AtomicU64,
+    answered: &Notify,
+) -> Result<(), Failure> {
+    while let Some(job) = queue.recv().await {
+        match job {
+            Job::Sql { sql, expect } => {
+                let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                let changed: u64 = result
+                    .iter()
+                    .map(|m| match m {
+                        SimpleQueryMessage::CommandComplete(n) => *n,
+                        _ => 0,
+                    })
+                    .sum();
+                missing.fetch_add(expect.saturating_sub(changed), Ordering::Relaxed);
+            }
+            Job::One { sql, error } => {
+                let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                let changed = result.iter().find_map(|m| match m {
+                    SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                    _ => None,
+                });
+                if changed != Some(1) {
+                    return Err(Failure::Check(error));
+                }
+            }
+            Job::Copy { sql, data } => {
+                let sink = client
+                    .copy_in::<_, bytes::Bytes>(&sql)
+                    .await
+                    .map_err(Failure::Pg)?;
+                futures::pin_mut!(sink);
+                sink.send(bytes::Bytes::from(data))
+                    .await
+                    .map_err(Failure::Pg)?;
+                sink.finish().await.map_err(Failure::Pg)?;
+            }
+            Job::Query(sql, answer) => {
+                let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                let _ = answer.send(result);
+                answered.notify_one();
+            }
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Writer {
