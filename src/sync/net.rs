@@ -18,6 +18,8 @@
 //! The window is bounded ([`WINDOW_ROWS`], [`WINDOW_BYTES`]); a full window is applied and a new
 //! one starts, so a source transaction larger than memory still streams through.
 
+use foldhash::fast::RandomState;
+use indexmap::map::Entry;
 use indexmap::IndexMap;
 
 use super::apply::{Change, StreamRelation};
@@ -44,16 +46,20 @@ pub enum Net {
     Nothing,
 }
 
+/// Keys hash with a per-process random seed: they come from the source's data, and a fixed
+/// hash would let crafted keys collide.
+type Map<K, V> = IndexMap<K, V, RandomState>;
+
 /// One table's net changes, by key, in order of each key's first change.
 pub struct TableNet {
     pub rel: StreamRelation,
-    pub rows: IndexMap<Vec<Value>, Net>,
+    pub rows: Map<Vec<Value>, Net>,
 }
 
 /// Net changes of several tables, by relation id in order of their first change.
 #[derive(Default)]
 pub struct Window {
-    tables: IndexMap<u32, TableNet>,
+    tables: Map<u32, TableNet>,
     changes: usize,
     bytes: usize,
 }
@@ -71,12 +77,13 @@ fn key_of(rel: &StreamRelation, row: &[Value]) -> Option<Vec<Value>> {
     (!key.is_empty() && !key.contains(&Value::Unchanged)).then_some(key)
 }
 
-/// `base` with every value of `new` that was sent.
-fn merged(base: &[Value], new: &[Value]) -> Vec<Value> {
-    base.iter()
-        .zip(new)
-        .map(|(b, n)| if *n == Value::Unchanged { b } else { n }.clone())
-        .collect()
+/// Sets in `row` every value of `new` that was sent.
+fn merge_into(row: &mut [Value], new: &[Value]) {
+    for (r, n) in row.iter_mut().zip(new) {
+        if !matches!(n, Value::Unchanged) {
+            *r = n.clone();
+        }
+    }
 }
 
 fn size(row: &[Value]) -> usize {
@@ -109,7 +116,7 @@ impl Window {
         }
         let table = self.tables.entry(id).or_insert_with(|| TableNet {
             rel: rel.clone(),
-            rows: IndexMap::new(),
+            rows: Map::default(),
         });
         let absorbed = match change {
             Change::Insert(new) => insert(table, rel, new.to_vec()),
@@ -150,14 +157,19 @@ fn insert(table: &mut TableNet, rel: &StreamRelation, new: Vec<Value>) -> bool {
     let Some(key) = key_of(rel, &new) else {
         return false;
     };
-    if !free(table, &key) {
-        return false;
+    match table.rows.entry(key) {
+        Entry::Vacant(e) => {
+            e.insert(Net::Insert(new));
+        }
+        Entry::Occupied(mut e) => {
+            let net = match e.get() {
+                Net::Delete(_) => Net::Replace(new),
+                Net::Nothing => Net::Insert(new),
+                Net::Insert(_) | Net::Replace(_) | Net::Update(_) => return false,
+            };
+            e.insert(net);
+        }
     }
-    let net = match table.rows.get(&key) {
-        Some(Net::Delete(_)) => Net::Replace(new),
-        _ => Net::Insert(new),
-    };
-    table.rows.insert(key, net);
     true
 }
 
@@ -165,13 +177,20 @@ fn delete(table: &mut TableNet, rel: &StreamRelation, old: &[Value]) -> bool {
     let Some(key) = key_of(rel, old) else {
         return false;
     };
-    let net = match table.rows.get(&key) {
-        None | Some(Net::Update(_)) | Some(Net::Replace(_)) => Net::Delete(old.to_vec()),
-        Some(Net::Insert(_)) => Net::Nothing,
-        // The row is gone already: in source order the delete finds nothing.
-        Some(Net::Delete(_)) | Some(Net::Nothing) => return false,
-    };
-    table.rows.insert(key, net);
+    match table.rows.entry(key) {
+        Entry::Vacant(e) => {
+            e.insert(Net::Delete(old.to_vec()));
+        }
+        Entry::Occupied(mut e) => {
+            let net = match e.get() {
+                Net::Update(_) | Net::Replace(_) => Net::Delete(old.to_vec()),
+                Net::Insert(_) => Net::Nothing,
+                // The row is gone already: in source order the delete finds nothing.
+                Net::Delete(_) | Net::Nothing => return false,
+            };
+            e.insert(net);
+        }
+    }
     true
 }
 
@@ -190,20 +209,25 @@ fn update(
         None => return false,
     };
     if old_key == new_key {
-        let net = match table.rows.get(&old_key) {
-            None => Net::Update(new.to_vec()),
-            Some(Net::Insert(row)) => Net::Insert(merged(row, new)),
-            Some(Net::Replace(row)) => Net::Replace(merged(row, new)),
-            Some(Net::Update(row)) => Net::Update(merged(row, new)),
-            Some(Net::Delete(_)) | Some(Net::Nothing) => return false,
-        };
-        table.rows.insert(old_key, net);
+        match table.rows.entry(old_key) {
+            Entry::Vacant(e) => {
+                e.insert(Net::Update(new.to_vec()));
+            }
+            Entry::Occupied(mut e) => match e.get_mut() {
+                Net::Insert(row) | Net::Replace(row) | Net::Update(row) => merge_into(row, new),
+                Net::Delete(_) | Net::Nothing => return false,
+            },
+        }
         return true;
     }
     // A key change: the old key's row is deleted and the new key's inserted, with every value.
     let row = if new.contains(&Value::Unchanged) {
         match table.rows.get(&old_key) {
-            Some(Net::Insert(row)) | Some(Net::Replace(row)) => merged(row, new),
+            Some(Net::Insert(row)) | Some(Net::Replace(row)) => {
+                let mut row = row.clone();
+                merge_into(&mut row, new);
+                row
+            }
             _ => return false,
         }
     } else {

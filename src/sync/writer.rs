@@ -6,25 +6,30 @@
 //! failure nothing more runs (the target transaction is aborted anyway, and a later `COMMIT`
 //! must not run) and every later call reports that failure. A piece may be checked (it must
 //! change exactly one row, or the writer fails) or answered (its result is handed back), so a
-//! batch's progress record and `COMMIT` are queued like any other piece. At most [`QUEUE`] pieces wait, so memory stays bounded. The task is
-//! owned by its [`Writer`]: [`Writer::wait`] awaits everything handed over, and dropping the
+//! batch's progress record and `COMMIT` are queued like any other piece. Pieces waiting hold at
+//! most [`BUDGET`] bytes, so memory stays bounded while the stream is read ahead of the target by
+//! a batch or more (a bound of a few pieces would stall reading whenever a batch is handed over
+//! while the target still runs the last one). The task is owned by its [`Writer`]: [`Writer::wait`] awaits everything handed over, and dropping the
 //! `Writer` aborts the task (its connection is dropped with it, so the server rolls back).
 //! The task signals `answered` after each answered piece (a batch's `COMMIT`) and when it
 //! stops, so the pipeline can hand over the next batch as soon as the target is free.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::SinkExt;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
 use super::SyncError;
 use crate::pg::{ConnInfo, PgError};
 
-/// Pieces waiting for the target besides the one it executes.
-const QUEUE: usize = 2;
+/// Bytes of the pieces handed over and not yet run, at most; a piece counts at least
+/// [`PIECE_MIN`], and one larger than the budget waits until the queue is empty.
+const BUDGET: usize = 32 << 20;
+const PIECE_MIN: usize = 4 << 10;
 
 enum Job {
     /// A piece whose statements should change `expect` rows in all.
@@ -39,6 +44,19 @@ enum Job {
     Barrier(oneshot::Sender<()>),
 }
 
+impl Job {
+    /// What the piece counts against [`BUDGET`].
+    fn cost(&self) -> u32 {
+        let bytes = match self {
+            Job::Sql { sql, .. } | Job::One { sql, .. } | Job::Query(sql, _) => sql.len(),
+            Job::Copy { sql, data } => sql.len() + data.len(),
+            Job::Barrier(_) => 0,
+        };
+        // BUDGET fits in u32.
+        bytes.clamp(PIECE_MIN, BUDGET) as u32
+    }
+}
+
 /// Why the writer stopped.
 enum Failure {
     Pg(tokio_postgres::Error),
@@ -47,7 +65,9 @@ enum Failure {
 }
 
 pub struct Writer {
-    jobs: mpsc::Sender<Job>,
+    /// Pieces with their share of the budget, released once they ran.
+    jobs: mpsc::UnboundedSender<(Job, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
     task: Option<JoinHandle<Result<(), Failure>>>,
     conn: ConnInfo,
     /// What the pieces do, for the error message.
@@ -62,7 +82,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the task on `client`; it signals `answered` as the module documentation says.
     pub fn start(client: Arc<Client>, conn: ConnInfo, what: String, answered: Arc<Notify>) -> Self {
-        let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE);
+        let (jobs, mut queue) = mpsc::unbounded_channel();
         let missing = Arc::new(AtomicU64::new(0));
         let counter = missing.clone();
         let task = tokio::spawn(async move {
@@ -72,6 +92,7 @@ impl Writer {
         });
         Writer {
             jobs,
+            budget: Arc::new(Semaphore::new(BUDGET)),
             task: Some(task),
             conn,
             what,
@@ -113,9 +134,15 @@ impl Writer {
         Ok(result)
     }
 
+    /// Queues `job` once the budget has room for it; waits only for that.
     async fn hand_over(&mut self, job: Job) -> Result<(), SyncError> {
-        if self.failed.is_none() && self.jobs.send(job).await.is_ok() {
-            return Ok(());
+        if self.failed.is_none() {
+            // The semaphore is never closed.
+            if let Ok(permit) = self.budget.clone().acquire_many_owned(job.cost()).await {
+                if self.jobs.send((job, permit)).is_ok() {
+                    return Ok(());
+                }
+            }
         }
         Err(self.failure().await)
     }
@@ -123,10 +150,8 @@ impl Writer {
     /// Waits until every piece handed over has run.
     pub async fn wait(&mut self) -> Result<(), SyncError> {
         let (done, ran) = oneshot::channel();
-        if self.failed.is_none()
-            && self.jobs.send(Job::Barrier(done)).await.is_ok()
-            && ran.await.is_ok()
-        {
+        self.hand_over(Job::Barrier(done)).await?;
+        if ran.await.is_ok() {
             return Ok(());
         }
         Err(self.failure().await)
@@ -163,11 +188,15 @@ impl Writer {
 /// Runs the pieces in order until the queue closes or one fails.
 async fn run(
     client: &Client,
-    queue: &mut mpsc::Receiver<Job>,
+    queue: &mut mpsc::UnboundedReceiver<(Job, OwnedSemaphorePermit)>,
     missing: &AtomicU64,
     answered: &Notify,
 ) -> Result<(), Failure> {
-    while let Some(job) = queue.recv().await {
+    // COPY statements by their SQL, prepared once per connection (a COPY per table per batch
+    // would otherwise cost a round trip more each).
+    let mut copies: HashMap<String, Statement> = HashMap::new();
+    // Each piece's permit is released when its iteration ends.
+    while let Some((job, _permit)) = queue.recv().await {
         match job {
             Job::Sql { sql, expect } => {
                 let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
@@ -191,8 +220,15 @@ async fn run(
                 }
             }
             Job::Copy { sql, data } => {
+                let statement = match copies.entry(sql) {
+                    Entry::Occupied(e) => e.get().clone(),
+                    Entry::Vacant(e) => {
+                        let prepared = client.prepare(e.key()).await.map_err(Failure::Pg)?;
+                        e.insert(prepared).clone()
+                    }
+                };
                 let sink = client
-                    .copy_in::<_, bytes::Bytes>(&sql)
+                    .copy_in::<_, bytes::Bytes>(&statement)
                     .await
                     .map_err(Failure::Pg)?;
                 futures::pin_mut!(sink);
