@@ -159,7 +159,6 @@ TOML
       sync_wait "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
       sync_q "$dst" "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
       "$writer" "$base"
-      echo "DEBUG native before enable: $(sync_q "$dst" "SELECT count(*) FILTER (WHERE note = 'upd') FROM public.bench_change") $(sync_q "$dst" "SELECT pid FROM pg_stat_subscription")" >&2
       t0=$(sync_now)
       sync_q "$dst" "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
       sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
