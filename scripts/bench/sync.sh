@@ -73,7 +73,9 @@ TOML
     "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
     local t0 t1
     t0=$(sync_now)
-    /usr/bin/time -v -o "$dir/setup.time" "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create --jobs 4 >/dev/null
+    # Two copy sessions, as the peers: a native subscription's default two table-sync workers,
+    # pg_dump -j2 and pg_restore -j2.
+    /usr/bin/time -v -o "$dir/setup.time" "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create --jobs 2 >/dev/null
     t1=$(sync_now)
     inv_copy+=("$(echo "$t1 - $t0" | bc)")
     inv_rss+=("$(sync_rss_mib "$dir/setup.time")")

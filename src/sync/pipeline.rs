@@ -20,11 +20,10 @@
 //!   must fix (schema, permissions, configuration) stop the pipeline.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use std::sync::Arc;
-
 use tokio::sync::{watch, Notify};
 
 use super::apply::{pg_time, Change, StreamRelation, Target};
