@@ -273,6 +273,11 @@ mod tests {
         vec![t(id), t(a), b]
     }
 
+    /// An update whose old row was sent (`Some`, the key changed) or not.
+    fn update_of<'a>(old: Option<&'a [Value]>, new: &'a [Value]) -> Change<'a> {
+        Change::Update { old, new }
+    }
+
     fn nets(w: &mut Window) -> Vec<(Vec<Value>, Net)> {
         w.take()
             .into_iter()
@@ -287,13 +292,7 @@ mod tests {
         let (r1, r2) = (row("1", "x", t("y")), row("2", "x", t("y")));
         assert!(w.absorb(&r, Change::Insert(&r1)));
         let upd = row("1", "z", Value::Unchanged);
-        assert!(w.absorb(
-            &r,
-            Change::Update {
-                old: None,
-                new: &upd
-            }
-        ));
+        assert!(w.absorb(&r, update_of(None, &upd)));
         assert!(w.absorb(&r, Change::Insert(&r2)));
         assert!(w.absorb(&r, Change::Delete(&r2)));
         let got = nets(&mut w);
@@ -312,20 +311,8 @@ mod tests {
         assert!(w.absorb(&r, Change::Insert(&new)));
         let u1 = row("3", "p", Value::Unchanged);
         let u2 = vec![t("3"), Value::Unchanged, t("q")];
-        assert!(w.absorb(
-            &r,
-            Change::Update {
-                old: None,
-                new: &u1
-            }
-        ));
-        assert!(w.absorb(
-            &r,
-            Change::Update {
-                old: None,
-                new: &u2
-            }
-        ));
+        assert!(w.absorb(&r, update_of(None, &u1)));
+        assert!(w.absorb(&r, update_of(None, &u2)));
         let got = nets(&mut w);
         assert_eq!(got[0].1, Net::Replace(new));
         assert_eq!(got[1].1, Net::Update(row("3", "p", t("q"))));
@@ -337,13 +324,7 @@ mod tests {
         let mut w = Window::default();
         let old = vec![t("1"), Value::Null, Value::Null];
         let new = row("2", "a", t("b"));
-        assert!(w.absorb(
-            &r,
-            Change::Update {
-                old: Some(&old),
-                new: &new
-            }
-        ));
+        assert!(w.absorb(&r, update_of(Some(&old), &new)));
         let got = nets(&mut w);
         assert_eq!(got[0], (vec![t("1")], Net::Delete(old)));
         assert_eq!(got[1], (vec![t("2")], Net::Insert(new)));
@@ -360,24 +341,12 @@ mod tests {
         assert!(w.absorb(&r, Change::Delete(&r1)));
         // Update and delete of a row the window deleted find nothing in source order.
         let upd = row("1", "z", t("z"));
-        assert!(!w.absorb(
-            &r,
-            Change::Update {
-                old: None,
-                new: &upd
-            }
-        ));
+        assert!(!w.absorb(&r, update_of(None, &upd)));
         assert!(!w.absorb(&r, Change::Delete(&r1)));
         // A key change with an unchanged TOAST value of a row the window does not hold.
         let old = vec![t("5"), Value::Null, Value::Null];
         let new = row("6", "a", Value::Unchanged);
-        assert!(!w.absorb(
-            &r,
-            Change::Update {
-                old: Some(&old),
-                new: &new
-            }
-        ));
+        assert!(!w.absorb(&r, update_of(Some(&old), &new)));
         let got = nets(&mut w);
         assert_eq!(got, vec![(vec![t("1")], Net::Nothing)]);
     }
