@@ -2,7 +2,8 @@
 #   initial copy:  invsync sync setup  vs  a native subscription (copy_data)  vs  pg_dump -j2 | pg_restore -j2
 #   catch-up:      invsync sync run    vs  a native subscription, on the same backlog of changes
 #                  (inserts of new rows, updates and deletes of rows both copied before, in transactions
-#                  of 100 rows) written while both were stopped,
+#                  of 100 rows) written while both were stopped, each consumer replicating that one table
+#                  and starting from a checkpoint on both clusters,
 #                  and on one transaction of SYNC_BIG rows (default 5000000; 0 skips it), with sync run's peak RSS
 #   lag:           p99 and max lag under `einvoice-gen load` at SYNC_LAG_RATE rows/s (default 10000)
 #                  on SYNC_LAG_CONNECTIONS connections (default 4)
@@ -48,6 +49,10 @@ targets = ["dst"]
 tables = [$table_list]
 TOML
   local cfg="$dir/invsync.toml"
+  # The catch-up runs replicate the changed table only, for both consumers: copying the whole
+  # database before each run left autovacuum and checkpoint work of that copy running into
+  # whichever measurement came next.
+  sed 's/^tables = .*/tables = ["public.bench_change"]/' "$cfg" > "$dir/catch.toml"
 
   sync_reset_target() {
     sync_q "$dst" "DROP SCHEMA IF EXISTS invsync CASCADE" >/dev/null
@@ -58,8 +63,8 @@ TOML
     sync_q "$dst" "DROP SUBSCRIPTION IF EXISTS bench_native" >/dev/null 2>&1 || true
     sync_q "$src" "DROP PUBLICATION IF EXISTS bench_native" >/dev/null
   }
-  sync_native_subscribe() {
-    sync_q "$src" "CREATE PUBLICATION bench_native FOR TABLE $(echo "$tables" | sed 's/ /, /g')" >/dev/null
+  sync_native_subscribe() { # $1 = copy_data, $2 = the tables (default: all of them)
+    sync_q "$src" "CREATE PUBLICATION bench_native FOR TABLE $(echo "${2:-$tables}" | sed 's/ /, /g')" >/dev/null
     sync_q "$dst" "CREATE SUBSCRIPTION bench_native CONNECTION '$src' PUBLICATION bench_native WITH (copy_data = $1)" >/dev/null
   }
   sync_wait() { # $1 = url, $2 = query that returns t when done
@@ -134,9 +139,16 @@ TOML
   # sync_catch_up invsync|native WRITER ROWS: writes with WRITER while the consumer is stopped,
   # times until the target holds the marker; sets CATCH_RATE (rows/s) and CATCH_RSS (MiB of
   # sync run; empty for native).
+  # Every run starts from a checkpoint on both clusters: a checkpoint the copies' WAL set off
+  # would otherwise spread over whichever runs come next, and the first change to each page
+  # after it writes the whole page to the WAL.
+  sync_checkpoint() {
+    sync_q "$src" "CHECKPOINT" >/dev/null
+    sync_q "$dst" "CHECKPOINT" >/dev/null
+  }
   local base=0
   sync_catch_up() {
-    local kind=$1 writer=$2 rows=$3 t0 t1 pid
+    local kind=$1 writer=$2 rows=$3 t0 t1 pid cfg="$dir/catch.toml"
     sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
     sync_reset_target
     base=$((base + 100000000))
@@ -146,6 +158,7 @@ TOML
       "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
       "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create >/dev/null
       "$writer" "$base"
+      sync_checkpoint
       t0=$(sync_now)
       /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn sync run bench &
       pid=$!
@@ -157,10 +170,11 @@ TOML
       "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
     else
       sync_drop_native
-      sync_native_subscribe true
+      sync_native_subscribe true public.bench_change
       sync_wait "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
       sync_q "$dst" "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
       "$writer" "$base"
+      sync_checkpoint
       t0=$(sync_now)
       sync_q "$dst" "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
       sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
@@ -253,14 +267,16 @@ TOML
   local ic nc dc ir nr
   ic=$(sync_median "${inv_copy[@]}"); nc=$(sync_median "${nat_copy[@]}"); dc=$(sync_median "${dump_copy[@]}")
   ir=$(sync_median "${inv_catch[@]}"); nr=$(sync_median "${nat_catch[@]}")
+  local ilp ilm nlp nlm
+  ilp=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f1)"); ilm=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f2)")
+  nlp=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f1)"); nlm=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f2)")
+  {
   echo "== sync ($INVOICES invoices; backlog $backlog changes; median of $runs runs)"
   printf '%-44s %10s %10s %8s\n' "measure" "invsync" "peer" "ratio"
   printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs native subscription" "$ic" "$nc" "$(echo "$ic / $nc" | bc -l)"
   printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -j2 | pg_restore -j2" "$ic" "$dc" "$(echo "$ic / $dc" | bc -l)"
   printf '%-44s %10s %10s %8.2f\n' "catch-up rows/s vs native subscription" "$ir" "$nr" "$(echo "$ir / $nr" | bc -l)"
-  local ilp ilm nlp nlm
-  ilp=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f1)"); ilm=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f2)")
-  nlp=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f1)"); nlm=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f2)")
+  echo "(catch-up runs, rows/s: invsync ${inv_catch[*]}; native ${nat_catch[*]})"
   if [ "$big" -gt 0 ]; then
     printf '%-44s %10s %10s %8.2f\n' "one ${big}-row transaction rows/s vs native" "$big_inv" "$big_nat" "$(echo "$big_inv / $big_nat" | bc -l)"
   fi
@@ -269,6 +285,7 @@ TOML
   echo "(lag: load reached $(sync_median "${lag_achieved[@]}") rows/s on $lag_conns connections, median of the runs; target $lag_rate)"
   echo "peak RSS: sync setup $(sync_median "${inv_rss[@]}") MiB, sync run (catch-up) $(sync_median "${run_rss[@]}") MiB${big_rss:+, sync run (one ${big}-row transaction) $big_rss MiB}"
   echo "(ratios: time ratio < 1 and rows/s ratio > 1 favour invsync)"
+  } | tee -a "$REPORT"
 }
 
 sync_main

@@ -104,15 +104,25 @@ impl StreamRelation {
     }
 }
 
-/// A change to apply, borrowed from the decoded message.
-#[derive(Clone, Copy)]
-pub enum Change<'a> {
-    Insert(&'a [Value]),
+/// A change to apply, owning its rows: a window keeps them without copying (with several
+/// targets, the last one takes the decoded message's rows and the others a copy).
+#[derive(Clone)]
+pub enum Change {
+    Insert(Vec<Value>),
     Update {
-        old: Option<&'a [Value]>,
-        new: &'a [Value],
+        old: Option<Vec<Value>>,
+        new: Vec<Value>,
     },
-    Delete(&'a [Value]),
+    Delete(Vec<Value>),
+}
+
+impl Change {
+    /// The row that carries every column: the new one, or the old one of a delete.
+    pub fn row(&self) -> &[Value] {
+        match self {
+            Change::Insert(row) | Change::Delete(row) | Change::Update { new: row, .. } => row,
+        }
+    }
 }
 
 fn literal(v: &Value) -> Result<String, SyncError> {
@@ -123,11 +133,19 @@ fn literal(v: &Value) -> Result<String, SyncError> {
 
 /// The text of a value, `None` for NULL.
 fn text_of(v: &Value) -> Result<Option<&str>, SyncError> {
+    text_bytes(v)?
+        .map(|b| {
+            std::str::from_utf8(b)
+                .map_err(|_| SyncError::Protocol("a column value is not valid UTF-8".into()))
+        })
+        .transpose()
+}
+
+/// The bytes of a value's text form, `None` for NULL.
+fn text_bytes(v: &Value) -> Result<Option<&[u8]>, SyncError> {
     match v {
         Value::Null => Ok(None),
-        Value::Text(b) => std::str::from_utf8(b)
-            .map(Some)
-            .map_err(|_| SyncError::Protocol("a column value is not valid UTF-8".into())),
+        Value::Text(b) => Ok(Some(b)),
         Value::Binary(_) => Err(SyncError::Protocol(
             "a column value arrived in binary; invsync streams text values".into(),
         )),
@@ -187,35 +205,37 @@ fn push_element(array: &mut String, v: &Value) -> Result<(), SyncError> {
 }
 
 /// Appends `row` as a line of COPY's text format: tab-separated, `\N` for NULL, backslash,
-/// tab, newline and carriage return escaped.
-fn push_copy_line(out: &mut String, row: &[Value]) -> Result<(), SyncError> {
+/// tab, newline and carriage return escaped. The bytes are not checked for UTF-8 here: the
+/// target's COPY checks them against its session's encoding (UTF-8) and refuses the batch.
+fn push_copy_line(out: &mut Vec<u8>, row: &[Value]) -> Result<(), SyncError> {
     for (i, v) in row.iter().enumerate() {
         if i > 0 {
-            out.push('\t');
+            out.push(b'\t');
         }
-        match text_of(v)? {
-            None => out.push_str("\\N"),
+        match text_bytes(v)? {
+            None => out.extend_from_slice(b"\\N"),
             Some(text)
                 if !text
-                    .bytes()
+                    .iter()
                     .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
             {
-                out.push_str(text)
+                out.extend_from_slice(text)
             }
+            // Byte by byte: these ASCII bytes never occur inside a multi-byte character.
             Some(text) => {
-                for c in text.chars() {
-                    match c {
-                        '\\' => out.push_str("\\\\"),
-                        '\t' => out.push_str("\\t"),
-                        '\n' => out.push_str("\\n"),
-                        '\r' => out.push_str("\\r"),
-                        c => out.push(c),
+                for &b in text {
+                    match b {
+                        b'\\' => out.extend_from_slice(b"\\\\"),
+                        b'\t' => out.extend_from_slice(b"\\t"),
+                        b'\n' => out.extend_from_slice(b"\\n"),
+                        b'\r' => out.extend_from_slice(b"\\r"),
+                        b => out.push(b),
                     }
                 }
             }
         }
     }
-    out.push('\n');
+    out.push(b'\n');
     Ok(())
 }
 
@@ -423,6 +443,16 @@ struct Committing {
     durably: bool,
     /// The target's WAL insert and flush positions read right after the commit.
     positions: oneshot::Receiver<Vec<SimpleQueryMessage>>,
+}
+
+/// Whether an UPDATE group records the keys it touches. A group may hold each key once (one
+/// set-based UPDATE sees each row once), so rows applied in source order are tracked and a
+/// row whose key the group holds closes it; a window's net updates have distinct keys by
+/// construction and skip the bookkeeping, and their group is closed after them.
+#[derive(Clone, Copy)]
+enum Keys {
+    Track,
+    Unique,
 }
 
 /// What opens an array literal in [`Group::arrays`].
@@ -705,6 +735,11 @@ impl Target {
     /// Writes the window's net changes: per table its deletes, then its updates (grouped by the
     /// columns they set), as statements in the batch, then its inserts, as one COPY.
     async fn emit_window(&mut self) -> Result<(), SyncError> {
+        if self.batch.window.is_empty() {
+            return Ok(());
+        }
+        // An open group's keys may meet the window's updates, which record none.
+        self.close_group();
         for table in self.batch.window.take() {
             let rel = &table.rel;
             for net in table.rows.values() {
@@ -726,9 +761,11 @@ impl Target {
                     .collect::<Vec<_>>()
             });
             for row in updates {
-                self.update(rel, None, row)?;
+                self.update(rel, None, row, Keys::Unique)?;
             }
-            let mut data = String::new();
+            // Its keys were not recorded: no later update may join the group.
+            self.close_group();
+            let mut data = Vec::new();
             for net in table.rows.values() {
                 if let Net::Insert(row) | Net::Replace(row) = net {
                     push_copy_line(&mut data, row)?;
@@ -909,28 +946,27 @@ impl Target {
 
     /// Adds one row change to the batch: to the window of net changes where the table allows,
     /// else (after the window) in source order.
-    pub async fn change(
-        &mut self,
-        rel: &StreamRelation,
-        change: Change<'_>,
-    ) -> Result<(), SyncError> {
-        let row = match change {
-            Change::Insert(row) | Change::Delete(row) | Change::Update { new: row, .. } => row,
-        };
-        check_width(rel, row)?;
-        if self.reorderable.get(&rel.rel.id) == Some(&true) && self.batch.window.absorb(rel, change)
-        {
-            self.batch.rows += 1;
-            if self.batch.window.is_full() {
-                self.emit_window().await?;
-                self.send(false).await?;
+    pub async fn change(&mut self, rel: &StreamRelation, change: Change) -> Result<(), SyncError> {
+        check_width(rel, change.row())?;
+        let change = if self.reorderable.get(&rel.rel.id) == Some(&true) {
+            match self.batch.window.absorb(rel, change) {
+                Ok(()) => {
+                    self.batch.rows += 1;
+                    if self.batch.window.is_full() {
+                        self.emit_window().await?;
+                        self.send(false).await?;
+                    }
+                    return Ok(());
+                }
+                Err(refused) => refused,
             }
-            return Ok(());
-        }
+        } else {
+            change
+        };
         self.emit_window().await?;
-        match change {
+        match &change {
             Change::Insert(new) => self.insert(rel, new)?,
-            Change::Update { old, new } => self.update(rel, old, new)?,
+            Change::Update { old, new } => self.update(rel, old.as_deref(), new, Keys::Track)?,
             Change::Delete(old) => self.delete(rel, old)?,
         }
         self.batch.rows += 1;
@@ -1008,11 +1044,14 @@ impl Target {
         Ok(())
     }
 
+    /// Adds an update; `keys` says whether the group must record the keys it touches (see
+    /// [`Keys`]).
     fn update(
         &mut self,
         rel: &StreamRelation,
         old: Option<&[Value]>,
         new: &[Value],
+        keys: Keys,
     ) -> Result<(), SyncError> {
         check_width(rel, new)?;
         let set: Vec<bool> = new.iter().map(|v| *v != Value::Unchanged).collect();
@@ -1041,22 +1080,28 @@ impl Target {
             return Ok(());
         }
         let old_row = old.unwrap_or(new);
-        let old_key = key_literals(rel, old_row)?;
-        let new_key = match old {
-            Some(_) if key_columns(rel).all(|(i, _)| new[i] != Value::Unchanged) => {
-                key_literals(rel, new)?
-            }
-            _ => old_key.clone(),
-        };
         let kind = GroupKind::Update(set.clone());
-        if let Some(g) = &self.batch.group {
-            if g.rel == rel.rel.id
-                && g.kind == kind
-                && (g.keys.contains(&old_key) || g.keys.contains(&new_key))
-            {
-                self.close_group();
+        let touched = match keys {
+            Keys::Unique => None,
+            Keys::Track => {
+                let old_key = key_literals(rel, old_row)?;
+                let new_key = match old {
+                    Some(_) if key_columns(rel).all(|(i, _)| new[i] != Value::Unchanged) => {
+                        key_literals(rel, new)?
+                    }
+                    _ => old_key.clone(),
+                };
+                if let Some(g) = &self.batch.group {
+                    if g.rel == rel.rel.id
+                        && g.kind == kind
+                        && (g.keys.contains(&old_key) || g.keys.contains(&new_key))
+                    {
+                        self.close_group();
+                    }
+                }
+                Some((old_key, new_key))
             }
-        }
+        };
         let sets: Vec<usize> = (0..new.len()).filter(|&i| set[i]).collect();
         let keys: Vec<usize> = key_columns(rel).map(|(i, _)| i).collect();
         let group = self.join_group(rel, kind, sets.len() + keys.len(), |name, types| {
@@ -1091,8 +1136,10 @@ impl Target {
         for (&i, array) in keys.iter().zip(arrays) {
             push_element(array, &old_row[i])?;
         }
-        group.keys.insert(old_key);
-        group.keys.insert(new_key);
+        if let Some((old_key, new_key)) = touched {
+            group.keys.insert(old_key);
+            group.keys.insert(new_key);
+        }
         Ok(())
     }
 
@@ -1233,7 +1280,7 @@ mod tests {
     #[test]
     fn copy_lines_escape_what_copy_text_format_reads_specially() {
         let t = |s: &str| Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes()));
-        let mut out = String::new();
+        let mut out = Vec::new();
         push_copy_line(
             &mut out,
             &[
@@ -1245,7 +1292,10 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(out, "plain 台灣\t\\N\ta\\tb\\nc\\rd\\\\e\t\\\\.\t\n");
+        assert_eq!(
+            out,
+            "plain 台灣\t\\N\ta\\tb\\nc\\rd\\\\e\t\\\\.\t\n".as_bytes()
+        );
         assert!(push_copy_line(&mut out, &[Value::Unchanged]).is_err());
     }
 }

@@ -78,10 +78,10 @@ fn key_of(rel: &StreamRelation, row: &[Value]) -> Option<Vec<Value>> {
 }
 
 /// Sets in `row` every value of `new` that was sent.
-fn merge_into(row: &mut [Value], new: &[Value]) {
+fn merge_into(row: &mut [Value], new: impl IntoIterator<Item = Value>) {
     for (r, n) in row.iter_mut().zip(new) {
         if !matches!(n, Value::Unchanged) {
-            *r = n.clone();
+            *r = n;
         }
     }
 }
@@ -105,34 +105,34 @@ impl Window {
         self.changes >= WINDOW_ROWS || self.bytes >= WINDOW_BYTES
     }
 
-    /// Folds `change` into the window; `false` (and the window unchanged) when it cannot.
-    /// The caller checked that rows have `rel`'s width.
-    pub fn absorb(&mut self, rel: &StreamRelation, change: Change<'_>) -> bool {
+    /// Folds `change` into the window, or gives it back (and leaves the window unchanged)
+    /// when it cannot. The caller checked that rows have `rel`'s width.
+    pub fn absorb(&mut self, rel: &StreamRelation, change: Change) -> Result<(), Change> {
         let id = rel.rel.id;
         if let Some(t) = self.tables.get(&id) {
             if t.rel.generation != rel.generation {
-                return false;
+                return Err(change);
             }
         }
+        let bytes = size(change.row());
         let table = self.tables.entry(id).or_insert_with(|| TableNet {
             rel: rel.clone(),
             rows: Map::default(),
         });
         let absorbed = match change {
-            Change::Insert(new) => insert(table, rel, new.to_vec()),
-            Change::Delete(old) => delete(table, rel, old),
-            Change::Update { old, new } => update(table, rel, old, new),
+            Change::Insert(new) => insert(table, rel, new).map_err(Change::Insert),
+            Change::Delete(old) => delete(table, rel, old).map_err(Change::Delete),
+            Change::Update { old, new } => {
+                update(table, rel, old, new).map_err(|(old, new)| Change::Update { old, new })
+            }
         };
         if table.rows.is_empty() {
             // Only a table entered just now for a refused change is empty: it is the last one.
             self.tables.pop();
         }
-        if absorbed {
+        if absorbed.is_ok() {
             self.changes += 1;
-            self.bytes += match change {
-                Change::Insert(row) | Change::Delete(row) => size(row),
-                Change::Update { new, .. } => size(new),
-            };
+            self.bytes += bytes;
         }
         absorbed
     }
@@ -153,9 +153,10 @@ fn free(table: &TableNet, key: &[Value]) -> bool {
     )
 }
 
-fn insert(table: &mut TableNet, rel: &StreamRelation, new: Vec<Value>) -> bool {
+/// Folds an insert of `new`; gives the row back when it cannot.
+fn insert(table: &mut TableNet, rel: &StreamRelation, new: Vec<Value>) -> Result<(), Vec<Value>> {
     let Some(key) = key_of(rel, &new) else {
-        return false;
+        return Err(new);
     };
     match table.rows.entry(key) {
         Entry::Vacant(e) => {
@@ -165,83 +166,93 @@ fn insert(table: &mut TableNet, rel: &StreamRelation, new: Vec<Value>) -> bool {
             let net = match e.get() {
                 Net::Delete(_) => Net::Replace(new),
                 Net::Nothing => Net::Insert(new),
-                Net::Insert(_) | Net::Replace(_) | Net::Update(_) => return false,
+                Net::Insert(_) | Net::Replace(_) | Net::Update(_) => return Err(new),
             };
             e.insert(net);
         }
     }
-    true
+    Ok(())
 }
 
-fn delete(table: &mut TableNet, rel: &StreamRelation, old: &[Value]) -> bool {
-    let Some(key) = key_of(rel, old) else {
-        return false;
+/// Folds a delete of the row `old` identifies; gives it back when it cannot.
+fn delete(table: &mut TableNet, rel: &StreamRelation, old: Vec<Value>) -> Result<(), Vec<Value>> {
+    let Some(key) = key_of(rel, &old) else {
+        return Err(old);
     };
     match table.rows.entry(key) {
         Entry::Vacant(e) => {
-            e.insert(Net::Delete(old.to_vec()));
+            e.insert(Net::Delete(old));
         }
         Entry::Occupied(mut e) => {
             let net = match e.get() {
-                Net::Update(_) | Net::Replace(_) => Net::Delete(old.to_vec()),
+                Net::Update(_) | Net::Replace(_) => Net::Delete(old),
                 Net::Insert(_) => Net::Nothing,
                 // The row is gone already: in source order the delete finds nothing.
-                Net::Delete(_) | Net::Nothing => return false,
+                Net::Delete(_) | Net::Nothing => return Err(old),
             };
             e.insert(net);
         }
     }
-    true
+    Ok(())
 }
 
+/// The rows of an update: the old key or row (when sent) and the new row.
+type UpdateRows = (Option<Vec<Value>>, Vec<Value>);
+
+/// Folds an update; gives its rows back when it cannot.
 fn update(
     table: &mut TableNet,
     rel: &StreamRelation,
-    old: Option<&[Value]>,
-    new: &[Value],
-) -> bool {
-    let Some(old_key) = key_of(rel, old.unwrap_or(new)) else {
-        return false;
+    old: Option<Vec<Value>>,
+    new: Vec<Value>,
+) -> Result<(), UpdateRows> {
+    let Some(old_key) = key_of(rel, old.as_deref().unwrap_or(&new)) else {
+        return Err((old, new));
     };
-    let new_key = match key_of(rel, new) {
+    let new_key = match key_of(rel, &new) {
         Some(k) => k,
         None if old.is_none() => old_key.clone(),
-        None => return false,
+        None => return Err((old, new)),
     };
     if old_key == new_key {
         match table.rows.entry(old_key) {
             Entry::Vacant(e) => {
-                e.insert(Net::Update(new.to_vec()));
+                e.insert(Net::Update(new));
             }
             Entry::Occupied(mut e) => match e.get_mut() {
                 Net::Insert(row) | Net::Replace(row) | Net::Update(row) => merge_into(row, new),
-                Net::Delete(_) | Net::Nothing => return false,
+                Net::Delete(_) | Net::Nothing => return Err((old, new)),
             },
         }
-        return true;
+        return Ok(());
     }
-    // A key change: the old key's row is deleted and the new key's inserted, with every value.
+    // A key change (rare, so its rows are copied): the old key's row is deleted and the new
+    // key's inserted, with every value.
     let row = if new.contains(&Value::Unchanged) {
         match table.rows.get(&old_key) {
             Some(Net::Insert(row)) | Some(Net::Replace(row)) => {
                 let mut row = row.clone();
-                merge_into(&mut row, new);
+                merge_into(&mut row, new.iter().cloned());
                 row
             }
-            _ => return false,
+            _ => return Err((old, new)),
         }
     } else {
-        new.to_vec()
+        new.clone()
     };
-    let old_row = old.unwrap_or(new);
+    let old_row = old.clone().unwrap_or_else(|| new.clone());
     let deletable = !matches!(
         table.rows.get(&old_key),
         Some(Net::Delete(_)) | Some(Net::Nothing)
     );
-    if !deletable || !free(table, &new_key) {
-        return false;
+    if !deletable
+        || !free(table, &new_key)
+        || delete(table, rel, old_row).is_err()
+        || insert(table, rel, row).is_err()
+    {
+        return Err((old, new));
     }
-    delete(table, rel, old_row) && insert(table, rel, row)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -274,8 +285,11 @@ mod tests {
     }
 
     /// An update whose old row was sent (`Some`, the key changed) or not.
-    fn update_of<'a>(old: Option<&'a [Value]>, new: &'a [Value]) -> Change<'a> {
-        Change::Update { old, new }
+    fn update_of(old: Option<&[Value]>, new: &[Value]) -> Change {
+        Change::Update {
+            old: old.map(<[Value]>::to_vec),
+            new: new.to_vec(),
+        }
     }
 
     fn nets(w: &mut Window) -> Vec<(Vec<Value>, Net)> {
@@ -290,11 +304,11 @@ mod tests {
         let r = rel();
         let mut w = Window::default();
         let (r1, r2) = (row("1", "x", t("y")), row("2", "x", t("y")));
-        assert!(w.absorb(&r, Change::Insert(&r1)));
+        assert!(w.absorb(&r, Change::Insert(r1.clone())).is_ok());
         let upd = row("1", "z", Value::Unchanged);
-        assert!(w.absorb(&r, update_of(None, &upd)));
-        assert!(w.absorb(&r, Change::Insert(&r2)));
-        assert!(w.absorb(&r, Change::Delete(&r2)));
+        assert!(w.absorb(&r, update_of(None, &upd)).is_ok());
+        assert!(w.absorb(&r, Change::Insert(r2.clone())).is_ok());
+        assert!(w.absorb(&r, Change::Delete(r2.clone())).is_ok());
         let got = nets(&mut w);
         assert_eq!(got[0], (vec![t("1")], Net::Insert(row("1", "z", t("y")))));
         assert_eq!(got[1], (vec![t("2")], Net::Nothing));
@@ -306,13 +320,13 @@ mod tests {
         let r = rel();
         let mut w = Window::default();
         let old = row("1", "x", t("y"));
-        assert!(w.absorb(&r, Change::Delete(&old)));
+        assert!(w.absorb(&r, Change::Delete(old.clone())).is_ok());
         let new = row("1", "n", Value::Null);
-        assert!(w.absorb(&r, Change::Insert(&new)));
+        assert!(w.absorb(&r, Change::Insert(new.clone())).is_ok());
         let u1 = row("3", "p", Value::Unchanged);
         let u2 = vec![t("3"), Value::Unchanged, t("q")];
-        assert!(w.absorb(&r, update_of(None, &u1)));
-        assert!(w.absorb(&r, update_of(None, &u2)));
+        assert!(w.absorb(&r, update_of(None, &u1)).is_ok());
+        assert!(w.absorb(&r, update_of(None, &u2)).is_ok());
         let got = nets(&mut w);
         assert_eq!(got[0].1, Net::Replace(new));
         assert_eq!(got[1].1, Net::Update(row("3", "p", t("q"))));
@@ -324,7 +338,7 @@ mod tests {
         let mut w = Window::default();
         let old = vec![t("1"), Value::Null, Value::Null];
         let new = row("2", "a", t("b"));
-        assert!(w.absorb(&r, update_of(Some(&old), &new)));
+        assert!(w.absorb(&r, update_of(Some(&old), &new)).is_ok());
         let got = nets(&mut w);
         assert_eq!(got[0], (vec![t("1")], Net::Delete(old)));
         assert_eq!(got[1], (vec![t("2")], Net::Insert(new)));
@@ -335,18 +349,22 @@ mod tests {
         let r = rel();
         let mut w = Window::default();
         let r1 = row("1", "x", t("y"));
-        assert!(w.absorb(&r, Change::Insert(&r1)));
-        // A second insert of the key: in source order the target reports the duplicate.
-        assert!(!w.absorb(&r, Change::Insert(&r1)));
-        assert!(w.absorb(&r, Change::Delete(&r1)));
+        assert!(w.absorb(&r, Change::Insert(r1.clone())).is_ok());
+        // A second insert of the key: in source order the target reports the duplicate. The
+        // refused change comes back whole, for the caller to apply in order.
+        let Err(Change::Insert(back)) = w.absorb(&r, Change::Insert(r1.clone())) else {
+            panic!("a second insert of a key the window holds was absorbed");
+        };
+        assert_eq!(back, r1);
+        assert!(w.absorb(&r, Change::Delete(r1.clone())).is_ok());
         // Update and delete of a row the window deleted find nothing in source order.
         let upd = row("1", "z", t("z"));
-        assert!(!w.absorb(&r, update_of(None, &upd)));
-        assert!(!w.absorb(&r, Change::Delete(&r1)));
+        assert!(w.absorb(&r, update_of(None, &upd)).is_err());
+        assert!(w.absorb(&r, Change::Delete(r1.clone())).is_err());
         // A key change with an unchanged TOAST value of a row the window does not hold.
         let old = vec![t("5"), Value::Null, Value::Null];
         let new = row("6", "a", Value::Unchanged);
-        assert!(!w.absorb(&r, update_of(Some(&old), &new)));
+        assert!(w.absorb(&r, update_of(Some(&old), &new)).is_err());
         let got = nets(&mut w);
         assert_eq!(got, vec![(vec![t("1")], Net::Nothing)]);
     }
@@ -356,12 +374,12 @@ mod tests {
         let r = rel();
         let mut w = Window::default();
         let r1 = row("1", "x", t("y"));
-        assert!(w.absorb(&r, Change::Insert(&r1)));
+        assert!(w.absorb(&r, Change::Insert(r1.clone())).is_ok());
         let again = StreamRelation::new(r.rel.clone());
         let r2 = row("2", "x", t("y"));
-        assert!(!w.absorb(&again, Change::Insert(&r2)));
+        assert!(w.absorb(&again, Change::Insert(r2.clone())).is_err());
         assert_eq!(w.take().len(), 1);
-        assert!(w.absorb(&again, Change::Insert(&r2)));
+        assert!(w.absorb(&again, Change::Insert(r2.clone())).is_ok());
     }
 
     #[test]
@@ -372,7 +390,7 @@ mod tests {
             let id = i.to_string();
             let r1 = row(&id, "x", Value::Null);
             assert!(!w.is_full());
-            assert!(w.absorb(&r, Change::Insert(&r1)));
+            assert!(w.absorb(&r, Change::Insert(r1.clone())).is_ok());
         }
         assert!(w.is_full());
     }

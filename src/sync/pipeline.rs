@@ -718,19 +718,25 @@ async fn apply_message<'r>(
                 return Ok(());
             }
             let rel = relation(relations, id)?;
-            let change = match &message {
+            let change = match message {
                 Message::Insert { new, .. } => Change::Insert(new),
-                Message::Update { old, new, .. } => Change::Update {
-                    old: old.as_deref(),
-                    new,
-                },
+                Message::Update { old, new, .. } => Change::Update { old, new },
                 Message::Delete { old, .. } => Change::Delete(old),
                 _ => return Ok(()),
             };
-            for &i in &t.targets {
+            // The last target that is up takes the decoded rows, the others a copy.
+            let last = t.targets.iter().rposition(|&i| targets[i].is_up());
+            let mut change = Some(change);
+            for (n, &i) in t.targets.iter().enumerate() {
                 if !targets[i].is_up() {
                     continue;
                 }
+                let taken = if Some(n) == last {
+                    change.take()
+                } else {
+                    change.clone()
+                };
+                let Some(change) = taken else { continue };
                 let r = match targets[i].check_drift(rel, source, source_conn).await {
                     Ok(()) => targets[i].change(rel, change).await,
                     Err(e) => Err(e),

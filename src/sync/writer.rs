@@ -37,7 +37,7 @@ enum Job {
     /// A statement that must change exactly one row; otherwise the writer fails with `error`.
     One { sql: String, error: String },
     /// `COPY .. FROM STDIN` with its data in COPY's text format.
-    Copy { sql: String, data: String },
+    Copy { sql: String, data: Vec<u8> },
     /// A piece whose result is sent back.
     Query(String, oneshot::Sender<Vec<SimpleQueryMessage>>),
     /// Answered once every earlier piece has run.
@@ -108,7 +108,7 @@ impl Writer {
     }
 
     /// Hands over a `COPY .. FROM STDIN` statement and its data (text format).
-    pub async fn copy(&mut self, sql: String, data: String) -> Result<(), SyncError> {
+    pub async fn copy(&mut self, sql: String, data: Vec<u8>) -> Result<(), SyncError> {
         self.hand_over(Job::Copy { sql, data }).await
     }
 
