@@ -772,8 +772,8 @@ impl Target {
                 }
             }
             if !data.is_empty() {
-                // The COPY follows the statements buffered so far, inside the batch.
-                self.close_group();
+                // The COPY follows the statements buffered so far (the group is closed above),
+                // inside the batch.
                 if !self.batch.open && self.batch.sql.is_empty() {
                     // An empty statement, so that `send` has a piece to open the batch with.
                     self.batch.sql.push(';');

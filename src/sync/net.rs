@@ -153,47 +153,48 @@ fn free(table: &TableNet, key: &[Value]) -> bool {
     )
 }
 
-/// Folds an insert of `new`; gives the row back when it cannot.
-fn insert(table: &mut TableNet, rel: &StreamRelation, new: Vec<Value>) -> Result<(), Vec<Value>> {
-    let Some(key) = key_of(rel, &new) else {
-        return Err(new);
+/// Folds a change of one row into the entry of its key: `first` is its net change where the
+/// window does not hold the key, `then` the net change after the one it holds, or the row given
+/// back. The row is given back too when a key column was not sent.
+fn fold(
+    table: &mut TableNet,
+    rel: &StreamRelation,
+    row: Vec<Value>,
+    first: fn(Vec<Value>) -> Net,
+    then: fn(&Net, Vec<Value>) -> Result<Net, Vec<Value>>,
+) -> Result<(), Vec<Value>> {
+    let Some(key) = key_of(rel, &row) else {
+        return Err(row);
     };
     match table.rows.entry(key) {
         Entry::Vacant(e) => {
-            e.insert(Net::Insert(new));
+            e.insert(first(row));
         }
         Entry::Occupied(mut e) => {
-            let net = match e.get() {
-                Net::Delete(_) => Net::Replace(new),
-                Net::Nothing => Net::Insert(new),
-                Net::Insert(_) | Net::Replace(_) | Net::Update(_) => return Err(new),
-            };
+            let net = then(e.get(), row)?;
             e.insert(net);
         }
     }
     Ok(())
 }
 
+/// Folds an insert of `new`; gives the row back when it cannot.
+fn insert(table: &mut TableNet, rel: &StreamRelation, new: Vec<Value>) -> Result<(), Vec<Value>> {
+    fold(table, rel, new, Net::Insert, |net, new| match net {
+        Net::Delete(_) => Ok(Net::Replace(new)),
+        Net::Nothing => Ok(Net::Insert(new)),
+        Net::Insert(_) | Net::Replace(_) | Net::Update(_) => Err(new),
+    })
+}
+
 /// Folds a delete of the row `old` identifies; gives it back when it cannot.
 fn delete(table: &mut TableNet, rel: &StreamRelation, old: Vec<Value>) -> Result<(), Vec<Value>> {
-    let Some(key) = key_of(rel, &old) else {
-        return Err(old);
-    };
-    match table.rows.entry(key) {
-        Entry::Vacant(e) => {
-            e.insert(Net::Delete(old));
-        }
-        Entry::Occupied(mut e) => {
-            let net = match e.get() {
-                Net::Update(_) | Net::Replace(_) => Net::Delete(old),
-                Net::Insert(_) => Net::Nothing,
-                // The row is gone already: in source order the delete finds nothing.
-                Net::Delete(_) | Net::Nothing => return Err(old),
-            };
-            e.insert(net);
-        }
-    }
-    Ok(())
+    fold(table, rel, old, Net::Delete, |net, old| match net {
+        Net::Update(_) | Net::Replace(_) => Ok(Net::Delete(old)),
+        Net::Insert(_) => Ok(Net::Nothing),
+        // The row is gone already: in source order the delete finds nothing.
+        Net::Delete(_) | Net::Nothing => Err(old),
+    })
 }
 
 /// The rows of an update: the old key or row (when sent) and the new row.

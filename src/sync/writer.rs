@@ -9,8 +9,9 @@
 //! batch's progress record and `COMMIT` are queued like any other piece. Pieces waiting hold at
 //! most [`BUDGET`] bytes, so memory stays bounded while the stream is read ahead of the target by
 //! a batch or more (a bound of a few pieces would stall reading whenever a batch is handed over
-//! while the target still runs the last one). The task is owned by its [`Writer`]: [`Writer::wait`] awaits everything handed over, and dropping the
-//! `Writer` aborts the task (its connection is dropped with it, so the server rolls back).
+//! while the target still runs the last one). The task is owned by its [`Writer`]:
+//! [`Writer::wait`] awaits everything handed over, and dropping the `Writer` aborts the task
+//! (its connection is dropped with it, so the server rolls back).
 //! The task signals `answered` after each answered piece (a batch's `COMMIT`) and when it
 //! stops, so the pipeline can hand over the next batch as soon as the target is free.
 
