@@ -137,18 +137,27 @@ TOML
       INSERT INTO public.bench_change (id, note) VALUES (-$base, 'marker');" >/dev/null
   }
   # sync_catch_up invsync|native WRITER ROWS: writes with WRITER while the consumer is stopped,
-  # times until the target holds the marker; sets CATCH_RATE (rows/s) and CATCH_RSS (MiB of
-  # sync run; empty for native).
+  # times until the target holds the marker; sets CATCH_RATE (rows/s), CATCH_RSS (MiB of
+  # sync run; empty for native) and CATCH_CPU: CPU seconds per 1M rows of the source's
+  # walsender and of the consumer (native: its apply worker; invsync: its target session plus
+  # sync run itself), as "walsender consumer". Wall time depends on how the machine schedules
+  # the processes on its cores; CPU per row shows what each consumer costs.
   # Every run starts from a checkpoint on both clusters: a checkpoint the copies' WAL set off
   # would otherwise spread over whichever runs come next, and the first change to each page
   # after it writes the whole page to the WAL.
+  sync_cpu() { # $1 = url, $2 = query for a server process id: its CPU seconds so far
+    local pid
+    pid=$(sync_q "$1" "$2")
+    sed 's/.*) //' "/proc/$pid/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($12 + $13) / hz}'
+  }
+  sync_per_million() { echo "scale=2; $1 * 1000000 / $2" | bc; }
   sync_checkpoint() {
     sync_q "$src" "CHECKPOINT" >/dev/null
     sync_q "$dst" "CHECKPOINT" >/dev/null
   }
   local base=0
   sync_catch_up() {
-    local kind=$1 writer=$2 rows=$3 t0 t1 pid cfg="$dir/catch.toml"
+    local kind=$1 writer=$2 rows=$3 t0 t1 pid cfg="$dir/catch.toml" walsender_cpu consumer_cpu
     sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
     sync_reset_target
     base=$((base + 100000000))
@@ -164,9 +173,12 @@ TOML
       pid=$!
       sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
       t1=$(sync_now)
+      walsender_cpu=$(sync_cpu "$src" "SELECT pid FROM pg_stat_replication")
+      consumer_cpu=$(sync_cpu "$dst" "SELECT pid FROM pg_stat_activity WHERE application_name = 'invsync' AND backend_type = 'client backend'")
       kill -TERM "$(pgrep -P "$pid" invsync || echo "$pid")" 2>/dev/null || true
       wait "$pid" || true
       CATCH_RSS=$(sync_rss_mib "$dir/run.time")
+      consumer_cpu=$(awk -F': ' -v c="$consumer_cpu" '/(User|System) time \(seconds\)/ {c += $2} END {print c}' "$dir/run.time")
       "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
     else
       sync_drop_native
@@ -186,25 +198,28 @@ TOML
       sync_q "$dst" "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
       sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
       t1=$(sync_now)
+      walsender_cpu=$(sync_cpu "$src" "SELECT pid FROM pg_stat_replication")
+      consumer_cpu=$(sync_cpu "$dst" "SELECT pid FROM pg_stat_subscription WHERE subname = 'bench_native' AND relid IS NULL")
       sync_drop_native
     fi
     CATCH_RATE=$(echo "$rows / ($t1 - $t0)" | bc)
+    CATCH_CPU="$(sync_per_million "$walsender_cpu" "$rows") $(sync_per_million "$consumer_cpu" "$rows")"
   }
-  local inv_catch=() nat_catch=() run_rss=()
+  local inv_catch=() nat_catch=() run_rss=() inv_cpu=() nat_cpu=()
   for i in $(seq 1 "$runs"); do
     sync_catch_up invsync sync_backlog "$backlog"
-    inv_catch+=("$CATCH_RATE"); run_rss+=("$CATCH_RSS")
+    inv_catch+=("$CATCH_RATE"); run_rss+=("$CATCH_RSS"); inv_cpu+=("$CATCH_CPU")
     sync_catch_up native sync_backlog "$backlog"
-    nat_catch+=("$CATCH_RATE")
+    nat_catch+=("$CATCH_RATE"); nat_cpu+=("$CATCH_CPU")
   done
   # One source transaction of $big rows, once each: it must stream through, not sit in memory.
   # SYNC_BIG=0 skips it (quicker iterations on the catch-up figure).
-  local big="${SYNC_BIG:-5000000}" big_inv= big_nat= big_rss=
+  local big="${SYNC_BIG:-5000000}" big_inv= big_nat= big_rss= big_inv_cpu= big_nat_cpu=
   if [ "$big" -gt 0 ]; then
     sync_catch_up invsync sync_big_transaction "$big"
-    big_inv=$CATCH_RATE; big_rss=$CATCH_RSS
+    big_inv=$CATCH_RATE; big_rss=$CATCH_RSS; big_inv_cpu=$CATCH_CPU
     sync_catch_up native sync_big_transaction "$big"
-    big_nat=$CATCH_RATE
+    big_nat=$CATCH_RATE; big_nat_cpu=$CATCH_CPU
   fi
   sync_q "$src" "DROP TABLE public.bench_change" >/dev/null
   sync_q "$dst" "DROP TABLE IF EXISTS public.bench_change" >/dev/null
@@ -284,8 +299,16 @@ TOML
   printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -j2 | pg_restore -j2" "$ic" "$dc" "$(echo "$ic / $dc" | bc -l)"
   printf '%-44s %10s %10s %8.2f\n' "catch-up rows/s vs native subscription" "$ir" "$nr" "$(echo "$ir / $nr" | bc -l)"
   echo "(catch-up runs, rows/s: invsync ${inv_catch[*]}; native ${nat_catch[*]})"
+  sync_cpu_line() { # $1 = label, $2 = invsync "walsender consumer" figures, $3 = native's
+    printf '%s CPU s per 1M rows: invsync: walsender %s, target session + sync run %s; native: walsender %s, apply worker %s\n' \
+      "$1" $2 $3
+  }
+  sync_cpu_line "catch-up (median)" \
+    "$(sync_median "$(printf '%s\n' "${inv_cpu[@]}" | cut -d' ' -f1)") $(sync_median "$(printf '%s\n' "${inv_cpu[@]}" | cut -d' ' -f2)")" \
+    "$(sync_median "$(printf '%s\n' "${nat_cpu[@]}" | cut -d' ' -f1)") $(sync_median "$(printf '%s\n' "${nat_cpu[@]}" | cut -d' ' -f2)")"
   if [ "$big" -gt 0 ]; then
     printf '%-44s %10s %10s %8.2f\n' "one ${big}-row transaction rows/s vs native" "$big_inv" "$big_nat" "$(echo "$big_inv / $big_nat" | bc -l)"
+    sync_cpu_line "one ${big}-row transaction" "$big_inv_cpu" "$big_nat_cpu"
   fi
   printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag p99 at $lag_rate rows/s vs native" "$ilp" "$nlp" "$(echo "$ilp / $nlp" | bc -l)"
   printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag max at $lag_rate rows/s vs native" "$ilm" "$nlm" "$(echo "$ilm / $nlm" | bc -l)"
