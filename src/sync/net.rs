@@ -21,6 +21,7 @@
 use foldhash::fast::RandomState;
 use indexmap::map::Entry;
 use indexmap::IndexMap;
+use smallvec::SmallVec;
 
 use super::apply::{Change, StreamRelation};
 use super::decoder::Value;
@@ -29,6 +30,10 @@ use super::decoder::Value;
 pub const WINDOW_ROWS: usize = 50_000;
 /// ...or holds this many bytes of values.
 pub const WINDOW_BYTES: usize = 16 * 1024 * 1024;
+
+/// Keys a table's map has room for before it first grows (a busy stream fills windows with
+/// thousands; growing from a few rows would rehash them again and again).
+const TABLE_ROWS: usize = 4096;
 
 /// The net change to one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +55,14 @@ pub enum Net {
 /// hash would let crafted keys collide.
 type Map<K, V> = IndexMap<K, V, RandomState>;
 
+/// A row's key: the values of its key columns. Most keys have one column, held without an
+/// allocation of its own.
+pub type Key = SmallVec<[Value; 1]>;
+
 /// One table's net changes, by key, in order of each key's first change.
 pub struct TableNet {
     pub rel: StreamRelation,
-    pub rows: Map<Vec<Value>, Net>,
+    pub rows: Map<Key, Net>,
 }
 
 /// Net changes of several tables, by relation id in order of their first change.
@@ -65,8 +74,8 @@ pub struct Window {
 }
 
 /// The key of `row`: its key columns' values; `None` if one was not sent.
-fn key_of(rel: &StreamRelation, row: &[Value]) -> Option<Vec<Value>> {
-    let key: Vec<Value> = rel
+fn key_of(rel: &StreamRelation, row: &[Value]) -> Option<Key> {
+    let key: Key = rel
         .rel
         .columns
         .iter()
@@ -117,7 +126,7 @@ impl Window {
         let bytes = size(change.row());
         let table = self.tables.entry(id).or_insert_with(|| TableNet {
             rel: rel.clone(),
-            rows: Map::default(),
+            rows: Map::with_capacity_and_hasher(TABLE_ROWS, RandomState::default()),
         });
         let absorbed = match change {
             Change::Insert(new) => insert(table, rel, new).map_err(Change::Insert),
@@ -297,6 +306,7 @@ mod tests {
         w.take()
             .into_iter()
             .flat_map(|t| t.rows.into_iter())
+            .map(|(key, net)| (key.to_vec(), net))
             .collect()
     }
 
