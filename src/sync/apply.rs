@@ -25,6 +25,10 @@
 //! column just added) or rows are found by every column (REPLICA IDENTITY FULL), a row gets a
 //! statement of its own.
 //!
+//! A window of net changes (see [`net`](super::net)) is written the same way, but its
+//! set-based statements run over the extended protocol with binary `text[]` parameters
+//! ([`TextArray`]), which spares the target lexing and parsing array literals.
+//!
 //! Values travel in their text form (as pgoutput sends them), as array elements or SQL
 //! literals, and the target reads them with each column's input function (a cast from text),
 //! the way PostgreSQL's own apply does; both sessions pin the formats
@@ -45,7 +49,7 @@ use super::decoder::{
     Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
 };
 use super::net::{Net, Window};
-use super::writer::Writer;
+use super::writer::{TextArray, Writer};
 use super::{copy::settings_sql, names, progress, schema, SyncError};
 use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
@@ -351,6 +355,66 @@ fn key_match(rel: &StreamRelation, types: &[Option<String>], aliases: &mut Vec<S
     conds.join(" AND ")
 }
 
+/// `DELETE .. USING unnest($1, ..)`: deletes the rows whose key the arrays hold (one array per
+/// key column); with the number of parameters.
+fn delete_sql(rel: &StreamRelation, types: &[Option<String>]) -> (String, usize) {
+    let mut aliases = Vec::new();
+    let conds = key_match(rel, types, &mut aliases);
+    let sql = format!(
+        "DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE {}",
+        rel.quoted,
+        placeholders(aliases.len()),
+        aliases.join(", "),
+        conds
+    );
+    (sql, aliases.len())
+}
+
+/// `UPDATE .. FROM unnest($1, ..)`: sets the columns `sets` of the rows whose key the arrays
+/// hold; the parameters are the set columns' new values, then the key columns. With the number
+/// of parameters.
+fn update_sql(rel: &StreamRelation, types: &[Option<String>], sets: &[usize]) -> (String, usize) {
+    let mut assignments = Vec::new();
+    let mut aliases = Vec::new();
+    for &i in sets {
+        assignments.push(format!(
+            "{} = v.n{i}::{}",
+            quote_ident(&rel.rel.columns[i].name),
+            type_of(types, i)
+        ));
+        aliases.push(format!("n{i}"));
+    }
+    let conds = key_match(rel, types, &mut aliases);
+    let sql = format!(
+        "UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE {}",
+        rel.quoted,
+        assignments.join(", "),
+        placeholders(aliases.len()),
+        aliases.join(", "),
+        conds
+    );
+    (sql, aliases.len())
+}
+
+/// `PREPARE name (text[], ..) AS sql`.
+fn prepare_sql(name: &str, (sql, params): (String, usize)) -> String {
+    format!("PREPARE {name} ({}) AS {sql}", text_arrays(params))
+}
+
+/// One array per column in `columns`, holding that column of each of `rows`.
+fn column_arrays<'a>(
+    columns: &[usize],
+    rows: impl Iterator<Item = &'a [Value]>,
+) -> Result<Vec<TextArray>, SyncError> {
+    let mut arrays: Vec<TextArray> = columns.iter().map(|_| TextArray::new()).collect();
+    for row in rows {
+        for (array, &i) in arrays.iter_mut().zip(columns) {
+            array.push(text_bytes(&row[i])?);
+        }
+    }
+    Ok(arrays)
+}
+
 /// The key values of a row as comma-separated literals.
 fn key_literals(rel: &StreamRelation, row: &[Value]) -> Result<String, SyncError> {
     let mut out = String::new();
@@ -443,16 +507,6 @@ struct Committing {
     durably: bool,
     /// The target's WAL insert and flush positions read right after the commit.
     positions: oneshot::Receiver<Vec<SimpleQueryMessage>>,
-}
-
-/// Whether an UPDATE group records the keys it touches. A group may hold each key once (one
-/// set-based UPDATE sees each row once), so rows applied in source order are tracked and a
-/// row whose key the group holds closes it; a window's net updates have distinct keys by
-/// construction and skip the bookkeeping, and their group is closed after them.
-#[derive(Clone, Copy)]
-enum Keys {
-    Track,
-    Unique,
 }
 
 /// What opens an array literal in [`Group::arrays`].
@@ -733,38 +787,49 @@ impl Target {
     }
 
     /// Writes the window's net changes: per table its deletes, then its updates (grouped by the
-    /// columns they set), as statements in the batch, then its inserts, as one COPY.
+    /// columns they set), as set-based statements with binary array parameters, then its
+    /// inserts, as one COPY; each after what the batch holds so far.
     async fn emit_window(&mut self) -> Result<(), SyncError> {
         if self.batch.window.is_empty() {
             return Ok(());
         }
-        // An open group's keys may meet the window's updates, which record none.
-        self.close_group();
         for table in self.batch.window.take() {
             let rel = &table.rel;
-            for net in table.rows.values() {
-                if let Net::Delete(row) | Net::Replace(row) = net {
-                    self.delete(rel, row)?;
-                }
-            }
-            let mut updates: Vec<&Vec<Value>> = table
+            let types = self.types.get(&rel.rel.id).cloned().unwrap_or_default();
+            let keys: Vec<usize> = key_columns(rel).map(|(i, _)| i).collect();
+            let deletes: Vec<&[Value]> = table
                 .rows
                 .values()
-                .filter_map(|n| match n {
-                    Net::Update(row) => Some(row),
+                .filter_map(|net| match net {
+                    Net::Delete(row) | Net::Replace(row) => Some(row.as_slice()),
                     _ => None,
                 })
                 .collect();
-            updates.sort_by_cached_key(|row| {
-                row.iter()
-                    .map(|v| *v == Value::Unchanged)
-                    .collect::<Vec<_>>()
-            });
-            for row in updates {
-                self.update(rel, None, row, Keys::Unique)?;
+            if !deletes.is_empty() {
+                let arrays = column_arrays(&keys, deletes.iter().copied())?;
+                let (sql, _) = delete_sql(rel, &types);
+                self.bind(sql, arrays, deletes.len()).await?;
             }
-            // Its keys were not recorded: no later update may join the group.
-            self.close_group();
+            let mut updates: Vec<(Vec<usize>, &[Value])> = table
+                .rows
+                .values()
+                .filter_map(|net| match net {
+                    Net::Update(row) => {
+                        let sets = (0..row.len()).filter(|&i| row[i] != Value::Unchanged);
+                        Some((sets.collect(), row.as_slice()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            updates.sort_by(|a, b| a.0.cmp(&b.0));
+            for same in updates.chunk_by(|a, b| a.0 == b.0) {
+                let sets = &same[0].0;
+                let rows = same.iter().map(|(_, row)| *row);
+                let columns: Vec<usize> = sets.iter().chain(&keys).copied().collect();
+                let arrays = column_arrays(&columns, rows)?;
+                let (sql, _) = update_sql(rel, &types, sets);
+                self.bind(sql, arrays, same.len()).await?;
+            }
             let mut data = Vec::new();
             for net in table.rows.values() {
                 if let Net::Insert(row) | Net::Replace(row) = net {
@@ -772,13 +837,7 @@ impl Target {
                 }
             }
             if !data.is_empty() {
-                // The COPY follows the statements buffered so far (the group is closed above),
-                // inside the batch.
-                if !self.batch.open && self.batch.sql.is_empty() {
-                    // An empty statement, so that `send` has a piece to open the batch with.
-                    self.batch.sql.push(';');
-                }
-                self.send(true).await?;
+                self.send_before_job().await?;
                 let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
                 writer
                     .copy(
@@ -789,6 +848,29 @@ impl Target {
             }
         }
         Ok(())
+    }
+
+    /// Hands over the statement `sql` with array parameters, which should change `rows` rows,
+    /// after what the batch holds so far.
+    async fn bind(
+        &mut self,
+        sql: String,
+        arrays: Vec<TextArray>,
+        rows: usize,
+    ) -> Result<(), SyncError> {
+        self.send_before_job().await?;
+        let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
+        writer.bind(sql, arrays, rows as u64).await
+    }
+
+    /// Sends what the batch holds (ending an open group) and opens the batch if it is not, so
+    /// that a piece of its own (a COPY, a statement with parameters) follows inside it.
+    async fn send_before_job(&mut self) -> Result<(), SyncError> {
+        if !self.batch.open && self.batch.sql.is_empty() && self.batch.group.is_none() {
+            // An empty statement, so that `send` has a piece to open the batch with.
+            self.batch.sql.push(';');
+        }
+        self.send(true).await
     }
 
     /// Ends an open set-based statement.
@@ -966,7 +1048,7 @@ impl Target {
         self.emit_window().await?;
         match &change {
             Change::Insert(new) => self.insert(rel, new)?,
-            Change::Update { old, new } => self.update(rel, old.as_deref(), new, Keys::Track)?,
+            Change::Update { old, new } => self.update(rel, old.as_deref(), new)?,
             Change::Delete(old) => self.delete(rel, old)?,
         }
         self.batch.rows += 1;
@@ -1027,16 +1109,7 @@ impl Target {
             )));
         }
         let group = self.join_group(rel, GroupKind::Delete, keys.len(), |name, types| {
-            let mut aliases = Vec::new();
-            let conds = key_match(rel, types, &mut aliases);
-            format!(
-                "PREPARE {name} ({}) AS DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE {}",
-                text_arrays(aliases.len()),
-                rel.quoted,
-                placeholders(aliases.len()),
-                aliases.join(", "),
-                conds
-            )
+            prepare_sql(name, delete_sql(rel, types))
         });
         for (array, &i) in group.arrays.iter_mut().zip(&keys) {
             push_element(array, &old[i])?;
@@ -1044,14 +1117,14 @@ impl Target {
         Ok(())
     }
 
-    /// Adds an update; `keys` says whether the group must record the keys it touches (see
-    /// [`Keys`]).
+    /// Adds an update. A group may hold each key once (one set-based UPDATE sees each row
+    /// once), so it records the keys it touches and a row whose old or new key it holds
+    /// closes it.
     fn update(
         &mut self,
         rel: &StreamRelation,
         old: Option<&[Value]>,
         new: &[Value],
-        keys: Keys,
     ) -> Result<(), SyncError> {
         check_width(rel, new)?;
         let set: Vec<bool> = new.iter().map(|v| *v != Value::Unchanged).collect();
@@ -1081,51 +1154,25 @@ impl Target {
         }
         let old_row = old.unwrap_or(new);
         let kind = GroupKind::Update(set.clone());
-        let touched = match keys {
-            Keys::Unique => None,
-            Keys::Track => {
-                let old_key = key_literals(rel, old_row)?;
-                let new_key = match old {
-                    Some(_) if key_columns(rel).all(|(i, _)| new[i] != Value::Unchanged) => {
-                        key_literals(rel, new)?
-                    }
-                    _ => old_key.clone(),
-                };
-                if let Some(g) = &self.batch.group {
-                    if g.rel == rel.rel.id
-                        && g.kind == kind
-                        && (g.keys.contains(&old_key) || g.keys.contains(&new_key))
-                    {
-                        self.close_group();
-                    }
-                }
-                Some((old_key, new_key))
+        let old_key = key_literals(rel, old_row)?;
+        let new_key = match old {
+            Some(_) if key_columns(rel).all(|(i, _)| new[i] != Value::Unchanged) => {
+                key_literals(rel, new)?
             }
+            _ => old_key.clone(),
         };
+        if let Some(g) = &self.batch.group {
+            if g.rel == rel.rel.id
+                && g.kind == kind
+                && (g.keys.contains(&old_key) || g.keys.contains(&new_key))
+            {
+                self.close_group();
+            }
+        }
         let sets: Vec<usize> = (0..new.len()).filter(|&i| set[i]).collect();
         let keys: Vec<usize> = key_columns(rel).map(|(i, _)| i).collect();
         let group = self.join_group(rel, kind, sets.len() + keys.len(), |name, types| {
-            let mut assignments = Vec::new();
-            let mut aliases = Vec::new();
-            for &i in &sets {
-                let c = &rel.rel.columns[i];
-                assignments.push(format!(
-                    "{} = v.n{i}::{}",
-                    quote_ident(&c.name),
-                    type_of(types, i)
-                ));
-                aliases.push(format!("n{i}"));
-            }
-            let conds = key_match(rel, types, &mut aliases);
-            format!(
-                "PREPARE {name} ({}) AS UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE {}",
-                text_arrays(aliases.len()),
-                rel.quoted,
-                assignments.join(", "),
-                placeholders(aliases.len()),
-                aliases.join(", "),
-                conds
-            )
+            prepare_sql(name, update_sql(rel, types, &sets))
         });
         // Set columns' new values, then the old key (zipped from the indexes, which end first,
         // so that no array is skipped).
@@ -1136,10 +1183,8 @@ impl Target {
         for (&i, array) in keys.iter().zip(arrays) {
             push_element(array, &old_row[i])?;
         }
-        if let Some((old_key, new_key)) = touched {
-            group.keys.insert(old_key);
-            group.keys.insert(new_key);
-        }
+        group.keys.insert(old_key);
+        group.keys.insert(new_key);
         Ok(())
     }
 

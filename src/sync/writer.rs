@@ -14,12 +14,17 @@
 //! (its connection is dropped with it, so the server rolls back).
 //! The task signals `answered` after each answered piece (a batch's `COMMIT`) and when it
 //! stops, so the pipeline can hand over the next batch as soon as the target is free.
+//!
+//! COPY statements and statements with [`TextArray`] parameters are prepared once per
+//! connection, by their SQL, and run over the extended protocol; other pieces are simple queries.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::BufMut;
 use futures::SinkExt;
+use postgres_types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, SimpleQueryMessage, Statement};
@@ -39,6 +44,12 @@ enum Job {
     One { sql: String, error: String },
     /// `COPY .. FROM STDIN` with its data in COPY's text format.
     Copy { sql: String, data: Vec<u8> },
+    /// A statement with `text[]` parameters `$1, $2, ..` that should change `expect` rows.
+    Bind {
+        sql: String,
+        params: Vec<TextArray>,
+        expect: u64,
+    },
     /// A piece whose result is sent back.
     Query(String, oneshot::Sender<Vec<SimpleQueryMessage>>),
     /// Answered once every earlier piece has run.
@@ -51,6 +62,9 @@ impl Job {
         let bytes = match self {
             Job::Sql { sql, .. } | Job::One { sql, .. } | Job::Query(sql, _) => sql.len(),
             Job::Copy { sql, data } => sql.len() + data.len(),
+            Job::Bind { sql, params, .. } => {
+                sql.len() + params.iter().map(|p| p.bytes.len()).sum::<usize>()
+            }
             Job::Barrier(_) => 0,
         };
         // BUDGET fits in u32.
@@ -111,6 +125,22 @@ impl Writer {
     /// Hands over a `COPY .. FROM STDIN` statement and its data (text format).
     pub async fn copy(&mut self, sql: String, data: Vec<u8>) -> Result<(), SyncError> {
         self.hand_over(Job::Copy { sql, data }).await
+    }
+
+    /// Hands over `sql`, whose parameters `$1, $2, ..` are `params` in order and which should
+    /// change `expect` rows.
+    pub async fn bind(
+        &mut self,
+        sql: String,
+        params: Vec<TextArray>,
+        expect: u64,
+    ) -> Result<(), SyncError> {
+        self.hand_over(Job::Bind {
+            sql,
+            params,
+            expect,
+        })
+        .await
     }
 
     /// Rows the pieces run so far changed fewer than expected.
@@ -193,9 +223,9 @@ async fn run(
     missing: &AtomicU64,
     answered: &Notify,
 ) -> Result<(), Failure> {
-    // COPY statements by their SQL, prepared once per connection (a COPY per table per batch
-    // would otherwise cost a round trip more each).
-    let mut copies: HashMap<String, Statement> = HashMap::new();
+    // Statements by their SQL, prepared once per connection (a COPY or a set-based statement
+    // per table per batch would otherwise cost a round trip more each).
+    let mut prepared: HashMap<String, Statement> = HashMap::new();
     // Each piece's permit is released when its iteration ends.
     while let Some((job, _permit)) = queue.recv().await {
         match job {
@@ -221,13 +251,7 @@ async fn run(
                 }
             }
             Job::Copy { sql, data } => {
-                let statement = match copies.entry(sql) {
-                    Entry::Occupied(e) => e.get().clone(),
-                    Entry::Vacant(e) => {
-                        let prepared = client.prepare(e.key()).await.map_err(Failure::Pg)?;
-                        e.insert(prepared).clone()
-                    }
-                };
+                let statement = prepare(client, &mut prepared, sql, 0).await?;
                 let sink = client
                     .copy_in::<_, bytes::Bytes>(&statement)
                     .await
@@ -237,6 +261,18 @@ async fn run(
                     .await
                     .map_err(Failure::Pg)?;
                 sink.finish().await.map_err(Failure::Pg)?;
+            }
+            Job::Bind {
+                sql,
+                params,
+                expect,
+            } => {
+                let statement = prepare(client, &mut prepared, sql, params.len()).await?;
+                let changed = client
+                    .execute_raw(&statement, params.iter())
+                    .await
+                    .map_err(Failure::Pg)?;
+                missing.fetch_add(expect.saturating_sub(changed), Ordering::Relaxed);
             }
             Job::Query(sql, answer) => {
                 let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
@@ -251,10 +287,139 @@ async fn run(
     Ok(())
 }
 
+/// The statement prepared for `sql` on this connection, preparing it first if needed, with
+/// `arrays` parameters of type `text[]`.
+async fn prepare(
+    client: &Client,
+    prepared: &mut HashMap<String, Statement>,
+    sql: String,
+    arrays: usize,
+) -> Result<Statement, Failure> {
+    Ok(match prepared.entry(sql) {
+        Entry::Occupied(e) => e.get().clone(),
+        Entry::Vacant(e) => {
+            let types = vec![Type::TEXT_ARRAY; arrays];
+            let statement = client
+                .prepare_typed(e.key(), &types)
+                .await
+                .map_err(Failure::Pg)?;
+            e.insert(statement).clone()
+        }
+    })
+}
+
+/// A one-dimensional `text[]` parameter in PostgreSQL's binary array format, built element by
+/// element. Elements are bytes in the session's encoding (UTF-8); the server checks them.
+pub struct TextArray {
+    bytes: Vec<u8>,
+    len: i32,
+    has_null: bool,
+}
+
+impl TextArray {
+    pub fn new() -> Self {
+        TextArray {
+            bytes: Vec::new(),
+            len: 0,
+            has_null: false,
+        }
+    }
+
+    /// Appends an element, `None` for NULL.
+    pub fn push(&mut self, element: Option<&[u8]>) {
+        match element {
+            None => {
+                self.bytes.put_i32(-1);
+                self.has_null = true;
+            }
+            Some(b) => {
+                // A value's text is far below 2 GiB (a field's limit is 1 GiB).
+                self.bytes.put_i32(b.len() as i32);
+                self.bytes.extend_from_slice(b);
+            }
+        }
+        self.len += 1;
+    }
+}
+
+impl Default for TextArray {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for TextArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TextArray({} elements)", self.len)
+    }
+}
+
+impl ToSql for TextArray {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // Dimensions, null flag, element type, then per dimension its length and lower bound
+        // (an empty array has no dimension), then the elements.
+        let dimensions = i32::from(self.len > 0);
+        out.reserve(20 + self.bytes.len());
+        out.put_i32(dimensions);
+        out.put_i32(i32::from(self.has_null));
+        out.put_u32(Type::TEXT.oid());
+        if dimensions > 0 {
+            out.put_i32(self.len);
+            out.put_i32(1);
+        }
+        out.extend_from_slice(&self.bytes);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT_ARRAY
+    }
+
+    to_sql_checked!();
+}
+
 impl Drop for Writer {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_arrays_use_postgresql_binary_array_format() {
+        let mut a = TextArray::new();
+        a.push(Some("a".as_bytes()));
+        a.push(None);
+        a.push(Some("台".as_bytes()));
+        let mut out = bytes::BytesMut::new();
+        assert!(matches!(
+            a.to_sql(&Type::TEXT_ARRAY, &mut out),
+            Ok(IsNull::No)
+        ));
+        let mut want = Vec::new();
+        for n in [1, 1, 25, 3, 1, 1] {
+            want.extend_from_slice(&i32::to_be_bytes(n));
+        }
+        want.push(b'a');
+        want.extend_from_slice(&i32::to_be_bytes(-1));
+        want.extend_from_slice(&i32::to_be_bytes(3));
+        want.extend_from_slice("台".as_bytes());
+        assert_eq!(&out[..], &want[..]);
+
+        let mut empty = bytes::BytesMut::new();
+        assert!(TextArray::new()
+            .to_sql(&Type::TEXT_ARRAY, &mut empty)
+            .is_ok());
+        assert_eq!(&empty[..], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 25]);
+        assert!(TextArray::accepts(&Type::TEXT_ARRAY) && !TextArray::accepts(&Type::TEXT));
     }
 }
