@@ -297,6 +297,9 @@ async fn types_toast_truncate_and_schema_drift() {
 
     let run = Running::start(&load(&cfg), "p");
     insert_kinds(&src, 10);
+    // Applied first, so the update below reaches the target as an UPDATE (sending every
+    // column's value, each cast to its type) rather than folding into the insert.
+    wait_same(&src, &dst, KINDS).await;
     src.psql(
         "einvoice",
         "UPDATE kinds SET t = t || '!', n = n + 1 WHERE id = 10",
