@@ -22,28 +22,53 @@ fn spawn_run(cfg: &std::path::Path, pipeline: &str) -> Child {
 
 const LEDGER: &str = "SELECT id, amount, memo FROM ledger ORDER BY id";
 const COUNTER: &str = "SELECT n FROM counter";
+/// The journal has no key (REPLICA IDENTITY FULL): a transaction applied twice leaves two equal
+/// rows there instead of failing on a key or rewriting the same row image, so this reads
+/// `rows|distinct rows` and any double apply shows as a difference between the two.
+const JOURNAL: &str = "SELECT count(*), count(DISTINCT (tx, note)) FROM journal";
 const LEDGER_DDL: &str =
     "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric NOT NULL, memo text);
      CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
-     INSERT INTO counter VALUES (1, 0);";
+     INSERT INTO counter VALUES (1, 0);
+     CREATE TABLE journal (tx bigint NOT NULL, note text NOT NULL);
+     ALTER TABLE journal REPLICA IDENTITY FULL;";
 
 /// Creates the ledger tables on `src` and sets up pipeline `p` from `src` to `dst`; returns the
 /// configuration (in the returned directory).
 fn ledger_pipeline(src: &PgCluster, dst: &PgCluster) -> (tempfile::TempDir, std::path::PathBuf) {
     src.psql("einvoice", LEDGER_DDL);
-    set_up_pipeline(src, dst, &["public.ledger", "public.counter"])
+    set_up_pipeline(
+        src,
+        dst,
+        &["public.ledger", "public.counter", "public.journal"],
+    )
 }
 
-/// Writes ledger rows `ids`, one source transaction each, each also bumping the counter.
+/// One source transaction of the ledger workload: a ledger row, a journal row, and the counter
+/// bumped.
+fn ledger_txn(i: i64) -> String {
+    format!(
+        "BEGIN; INSERT INTO ledger VALUES ({i}, {i}.5, 'row {i}'); \
+         INSERT INTO journal VALUES ({i}, 'row {i}'); UPDATE counter SET n = n + 1; COMMIT;"
+    )
+}
+
+/// Writes ledger rows `ids`, one source transaction each.
 async fn write_ledger(client: &tokio_postgres::Client, ids: std::ops::Range<i64>) {
     for i in ids {
-        client
-            .batch_execute(&format!(
-                "BEGIN; INSERT INTO ledger VALUES ({i}, {i}.5, 'row {i}'); UPDATE counter SET n = n + 1; COMMIT;"
-            ))
-            .await
-            .unwrap();
+        client.batch_execute(&ledger_txn(i)).await.unwrap();
     }
+}
+
+/// `(n_tup_ins, n_tup_upd)` of `table` on `cluster` since its statistics were last reset (a
+/// crash resets them).
+fn row_stats(cluster: &PgCluster, table: &str) -> (i64, i64) {
+    let line = cluster.psql(
+        "einvoice",
+        &format!("SELECT n_tup_ins, n_tup_upd FROM pg_stat_user_tables WHERE relname = '{table}'"),
+    );
+    let (ins, upd) = line.split_once('|').unwrap();
+    (ins.parse().unwrap(), upd.parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,12 +93,7 @@ async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
                     .await
                     .unwrap();
             }
-            client
-                .batch_execute(&format!(
-                    "BEGIN; INSERT INTO ledger VALUES ({i}, {i}.5, 'row {i}'); UPDATE counter SET n = n + 1; COMMIT;"
-                ))
-                .await
-                .unwrap();
+            client.batch_execute(&ledger_txn(i)).await.unwrap();
         }
     });
 
@@ -94,6 +114,7 @@ async fn kill_9_mid_stream_then_restart_loses_and_repeats_nothing() {
     wait_same(&src, &dst, COUNTER).await;
     wait_same(&src, &dst, LEDGER).await;
     assert_eq!(dump(&dst, COUNTER), "1503");
+    assert_eq!(dump(&dst, JOURNAL), "1500|1500");
     assert!(
         at_kill.parse::<i64>().unwrap() < 61500,
         "the kill came too late to prove anything"
@@ -128,19 +149,45 @@ async fn a_target_crash_loses_only_unconfirmed_commits_which_are_applied_again()
     let writer = src.client("einvoice").await;
 
     // A crash right after the rows became visible on the target: what it loses comes again.
-    write_ledger(&writer, 0..200).await;
+    // The crash also resets the target's statistics, so the rows inserted there afterwards are
+    // the ones applied again. A probe (an UPDATE that changes nothing) follows on the same apply
+    // session: once its update shows, so do the inserts applied before it. Commits the WAL
+    // writer had reached survive, so a crash may lose nothing: try up to three times.
+    let mut written = 0;
+    let mut reapplied = 0;
+    for _ in 0..3 {
+        write_ledger(&writer, written..written + 200).await;
+        written += 200;
+        wait_same(&src, &dst, COUNTER).await;
+        dst.crash();
+        dst.start_again();
+        writer
+            .batch_execute("UPDATE counter SET n = n")
+            .await
+            .unwrap();
+        wait_for("the probe to reach the target's statistics", || {
+            row_stats(&dst, "counter").1 > 0
+        })
+        .await;
+        reapplied = row_stats(&dst, "ledger").0;
+        if reapplied > 0 {
+            break;
+        }
+    }
+    assert!(
+        reapplied > 0,
+        "three target crashes lost no commit: the re-apply path never ran"
+    );
+    wait_same(&src, &dst, LEDGER).await;
     wait_same(&src, &dst, COUNTER).await;
-    dst.crash();
-    dst.start_again();
-    write_ledger(&writer, 200..300).await;
-    wait_same(&src, &dst, COUNTER).await;
+    assert_eq!(dump(&dst, JOURNAL), format!("{written}|{written}"));
 
     // A crash once the slot is confirmed past everything written: the target must hold it all.
-    let written = src.psql("einvoice", "SELECT pg_current_wal_lsn()");
+    let wal_end = src.psql("einvoice", "SELECT pg_current_wal_lsn()");
     wait_for("the slot to be confirmed past the writes", || {
         src.psql(
             "einvoice",
-            &format!("SELECT confirmed_flush_lsn >= '{written}' FROM pg_replication_slots WHERE slot_name = 'invsync_p'"),
+            &format!("SELECT confirmed_flush_lsn >= '{wal_end}' FROM pg_replication_slots WHERE slot_name = 'invsync_p'"),
         ) == "t"
     })
     .await;
@@ -148,14 +195,19 @@ async fn a_target_crash_loses_only_unconfirmed_commits_which_are_applied_again()
     dst.start_again();
     assert_eq!(
         dump(&dst, COUNTER),
-        "300",
+        written.to_string(),
         "the target lost commits the slot was confirmed for"
     );
-    write_ledger(&writer, 300..400).await;
+    write_ledger(&writer, written..written + 100).await;
+    written += 100;
     wait_same(&src, &dst, LEDGER).await;
     wait_same(&src, &dst, COUNTER).await;
-    assert_eq!(dump(&dst, COUNTER), "400");
-    assert_eq!(dump(&dst, "SELECT count(*) FROM ledger"), "400");
+    assert_eq!(dump(&dst, COUNTER), written.to_string());
+    assert_eq!(
+        dump(&dst, "SELECT count(*) FROM ledger"),
+        written.to_string()
+    );
+    assert_eq!(dump(&dst, JOURNAL), format!("{written}|{written}"));
     run.stop().await;
 }
 
@@ -244,6 +296,7 @@ async fn a_target_down_for_a_while_catches_up_while_the_other_keeps_applying() {
         "INSERT INTO carrier SELECT '3J0002', '/AB' || g, 'o' || g FROM generate_series(1, 100) g",
     );
     wait_same(&src, &t2, q).await;
+    let t2_at_stop = applied_lsn(&t2, "p");
 
     t2.stop();
     for i in 0..20 {
@@ -259,18 +312,34 @@ async fn a_target_down_for_a_while_catches_up_while_the_other_keeps_applying() {
     }
     // The other target keeps applying while t2 is down, and the slot holds what t2 misses.
     wait_same(&src, &t1, q).await;
-    let t2_applied = applied_lsn(&t1, "p");
-    let confirmed = src.psql(
-        "einvoice",
-        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'invsync_p'",
-    );
-    assert!(
+    let t1_applied = applied_lsn(&t1, "p");
+    assert_eq!(
         src.psql(
             "einvoice",
-            &format!("SELECT '{confirmed}'::pg_lsn < '{t2_applied}'::pg_lsn")
-        ) == "t",
-        "slot confirmed {confirmed} although t2 is down and t1 is at {t2_applied}"
+            &format!("SELECT '{t1_applied}'::pg_lsn > '{t2_at_stop}'::pg_lsn")
+        ),
+        "t",
+        "t1 applied nothing while t2 was down"
     );
+    // The run reports its position every 500 ms: watch the slot over several reports. A lower
+    // bound that ignored the down target would move it up to t1's position within this time
+    // (as it does below once t2 is back).
+    let watch_until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < watch_until {
+        let confirmed = src.psql(
+            "einvoice",
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'invsync_p'",
+        );
+        assert_eq!(
+            src.psql(
+                "einvoice",
+                &format!("SELECT '{confirmed}'::pg_lsn <= '{t2_at_stop}'::pg_lsn")
+            ),
+            "t",
+            "slot confirmed {confirmed} although t2 is down at {t2_at_stop} (t1 at {t1_applied})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     t2.start_again();
     wait_same(&src, &t2, q).await;
@@ -286,7 +355,6 @@ async fn a_target_down_for_a_while_catches_up_while_the_other_keeps_applying() {
     .await;
     run.stop().await;
     assert_eq!(dump(&t1, q), dump(&t2, q));
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +365,16 @@ async fn pipelines_in_opposite_directions_do_not_echo() {
         c.psql(
             "einvoice",
             "CREATE TABLE carrier (carrier_id text PRIMARY KEY, owner text, hits int NOT NULL DEFAULT 0);
-             CREATE TABLE invoice (invoice_number text PRIMARY KEY, amount numeric)",
+             CREATE TABLE invoice (invoice_number text PRIMARY KEY, amount numeric);
+             -- Counts every UPDATE of a carrier on this side, the apply session's too: an
+             -- update sent back and forth would count more than once.
+             CREATE TABLE carrier_updates (n int NOT NULL);
+             INSERT INTO carrier_updates VALUES (0);
+             CREATE FUNCTION count_update() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN UPDATE carrier_updates SET n = n + 1; RETURN NULL; END$$;
+             CREATE TRIGGER count_update AFTER UPDATE ON carrier
+               FOR EACH ROW EXECUTE FUNCTION count_update();
+             ALTER TABLE carrier ENABLE ALWAYS TRIGGER count_update;",
         );
     }
     cloud.psql("einvoice", "INSERT INTO carrier VALUES ('/PRE', 'p', 0)");
@@ -359,8 +436,18 @@ async fn pipelines_in_opposite_directions_do_not_echo() {
         })
         .await;
     }
-    assert_eq!(dump(&dc, q), "/CLOUD1|c|1\n/DC1|d|10\n/PRE|p|0");
-    assert_eq!(dump(&cloud, q), "/CLOUD1|c|1\n/DC1|d|10\n/PRE|p|0");
+    // Rows behind the updates in both directions: once they arrive, so would any echo.
+    dc.psql("einvoice", "INSERT INTO invoice VALUES ('AB00000003', 30)");
+    wait_same(&dc, &cloud, "SELECT * FROM invoice ORDER BY 1").await;
+    cloud.psql("einvoice", "INSERT INTO carrier VALUES ('/CLOUD2', 'c', 0)");
+    wait_same(&dc, &cloud, q).await;
+    let expected = "/CLOUD1|c|1\n/CLOUD2|c|0\n/DC1|d|10\n/PRE|p|0";
+    assert_eq!(dump(&dc, q), expected);
+    assert_eq!(dump(&cloud, q), expected);
+    // Each side saw its own update and the other's, once.
+    for side in [&dc, &cloud] {
+        assert_eq!(dump(side, "SELECT n FROM carrier_updates"), "2");
+    }
     down.stop().await;
     up.stop().await;
 }

@@ -174,16 +174,17 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
     );
 
     run.stop().await;
-    // After a clean stop the slot is released and confirmed no further than the target holds.
-    let confirmed = src.psql(
-        "einvoice",
-        &format!(
-            "SELECT active, confirmed_flush_lsn <= (SELECT '{}'::pg_lsn) OR confirmed_flush_lsn IS NULL \
-             FROM pg_replication_slots WHERE slot_name = 'invsync_dc_to_cloud'",
-            applied_lsn(&dst, "dc_to_cloud")
+    // After a clean stop the slot is released. (How far it is confirmed is the subject of
+    // `sync_faults`: with a target down, the slot stays at that target's position; when nothing
+    // is pending it may move past the last applied commit to the keepalive's WAL end, so it is
+    // not bounded by `applied_lsn` here.)
+    assert_eq!(
+        src.psql(
+            "einvoice",
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'invsync_dc_to_cloud'"
         ),
+        "f"
     );
-    assert!(confirmed.starts_with("f|"), "slot state {confirmed}");
 
     // Teardown drops slot and publication, keeps target data.
     let (code, _, _) = invsync(&["--config", cfg_s, "sync", "teardown", "dc_to_cloud"]);
