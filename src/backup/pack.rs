@@ -243,10 +243,23 @@ mod tests {
             recipient: master.identity.to_public(),
             master: Some(master),
         };
+        let id_key = keys.master.as_ref().unwrap().id_key.clone();
         let mut b = PackBuilder::new(&keys).unwrap();
-        b.add(BlobId([1; 32]), b"some data").unwrap();
+        for raw in [&b"some data"[..], b"more data"] {
+            b.add(id_key.id(raw), raw).unwrap();
+        }
         let (bytes, _) = b.finish().unwrap();
-        // Every truncation, and a flipped byte at every position.
+        // Reads the pack as `verify repo --read-data` does: its trailer, then every blob listed.
+        let read_all = |bytes: &[u8]| -> Result<(), CryptoError> {
+            let (key, listed) = read_trailer(&keys, bytes)?;
+            for e in &listed {
+                let sealed = sealed_in(bytes, 0, e).ok_or(CryptoError::Header)?;
+                open_blob(&key, e, sealed, Some(&id_key))?;
+            }
+            Ok(())
+        };
+        read_all(&bytes).unwrap();
+        // Every truncation, and a flipped byte at every position, is an error.
         for n in 0..bytes.len() {
             assert!(
                 read_trailer(&keys, &bytes[..n]).is_err(),
@@ -256,7 +269,7 @@ mod tests {
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x80;
-            let _ = read_trailer(&keys, &bad);
+            assert!(read_all(&bad).is_err(), "byte {i} flipped went unnoticed");
         }
     }
 }
