@@ -39,6 +39,23 @@ ensure_moto() {
   export INVSYNC_MOTO_SERVER
 }
 
+# Azurite, a real Azure Blob API server, from the npm registry into the project's `.azurite/`,
+# and the Azure SDK for Python (in `.venv/`, beside moto) that the tests use to create its
+# container. The tests run it with telemetry off.
+ensure_azurite() {
+  if [ ! -x .azurite/node_modules/.bin/azurite-blob ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+      apt_install nodejs npm
+    fi
+    npm install --silent --no-audit --no-fund --prefix .azurite 'azurite@3' >/dev/null
+  fi
+  if ! .venv/bin/python -c 'import azure.storage.blob' 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check 'azure-storage-blob>=12,<13'
+  fi
+  INVSYNC_AZURITE="$PWD/.azurite/node_modules/.bin/azurite-blob"
+  export INVSYNC_AZURITE
+}
+
 # Command-line tools the tests call: openssl makes TLS certificates for the sslmode tests.
 ensure_test_tools() {
   command -v openssl >/dev/null 2>&1 || apt_install openssl

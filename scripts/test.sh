@@ -8,6 +8,7 @@ source scripts/lib.sh
 
 ensure_postgres
 ensure_moto
+ensure_azurite
 ensure_test_tools
 ensure_rust_tools
 

@@ -456,3 +456,129 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A program installed by the scripts: `$ENV_VAR`, else `DIR/REL` below the project (where
+/// `scripts/test.sh` installs it), else the bare name on PATH.
+fn installed_tool(env_var: &str, rel: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
+        return PathBuf::from(p);
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from(name)
+}
+
+/// A real Azure Blob API server (Azurite, from the npm registry; `scripts/test.sh` installs it
+/// into `.azurite/`) on loopback, in memory, with one container; killed when dropped. Its
+/// telemetry is off: nothing leaves the machine.
+pub struct AzureServer {
+    child: Child,
+    pub port: u16,
+    pub container: String,
+}
+
+impl AzureServer {
+    /// The emulator's well-known development account (public, documented by Azurite).
+    const ACCOUNT: &'static str = "devstoreaccount1";
+    const KEY: &'static str =
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+    pub fn start() -> AzureServer {
+        let port = free_port();
+        let child = Command::new(installed_tool(
+            "INVSYNC_AZURITE",
+            ".azurite/node_modules/.bin/azurite-blob",
+            "azurite-blob",
+        ))
+        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+        .args([
+            "--inMemoryPersistence",
+            "--skipApiVersionCheck",
+            "--disableTelemetry",
+            "--silent",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start azurite-blob (run scripts/test.sh, which installs it into .azurite)");
+        let mut server = AzureServer {
+            child,
+            port,
+            container: "invsync-test".into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("azurite-blob exited: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "azurite did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server.create_container();
+        server
+    }
+
+    /// Creates the container with the Azure SDK for Python (installed beside moto), since
+    /// object_store has no call for it and the request must carry a Shared Key signature.
+    fn create_container(&self) {
+        let python = installed_tool("INVSYNC_PYTHON", ".venv/bin/python", "python3");
+        let script = format!(
+            "from azure.storage.blob import BlobServiceClient\n\
+             BlobServiceClient.from_connection_string('{}').create_container('{}')\n",
+            self.connection_string(),
+            self.container
+        );
+        let out = Command::new(python)
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run python with azure-storage-blob");
+        assert!(
+            out.status.success(),
+            "create container: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName={};AccountKey={};BlobEndpoint={}/{};",
+            Self::ACCOUNT,
+            Self::KEY,
+            self.endpoint(),
+            Self::ACCOUNT
+        )
+    }
+
+    /// `az://CONTAINER/prefix`
+    pub fn url(&self, prefix: &str) -> String {
+        format!("az://{}/{prefix}", self.container)
+    }
+
+    /// Options for `[repositories.NAME] options`: the emulator's account and key.
+    pub fn options_toml(&self) -> String {
+        "{ azure_storage_use_emulator = \"true\" }".into()
+    }
+
+    /// The environment that points object_store's emulator mode at this server.
+    pub fn env(&self) -> [(&'static str, String); 1] {
+        [("AZURITE_BLOB_STORAGE_URL", self.endpoint())]
+    }
+}
+
+impl Drop for AzureServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
