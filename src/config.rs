@@ -391,18 +391,24 @@ impl Config {
     }
 }
 
-/// A database named on the command line: a `postgres://` URL used as it is (labelled with its
-/// password hidden), or the name of a configured database. A name needs a configuration.
+/// A database named on the command line: the name of a configured database, or a libpq
+/// connection string (a `postgres://` URI or `host=... dbname=...` pairs) used as it is and
+/// labelled with its password hidden. A name needs a configuration.
+///
+/// A connection string is never echoed as given, not even in an error: it may hold a password.
 pub fn database_arg(config: Option<&Config>, arg: &str) -> Result<DatabaseConfig, String> {
-    if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
-        let conn = ConnInfo::parse(arg)?;
+    if let Some(config) = config.filter(|c| c.databases.contains_key(arg)) {
+        return config.database(arg).cloned();
+    }
+    if ConnInfo::is_connection_string(arg) {
+        let conn = ConnInfo::parse(arg).map_err(|e| format!("database connection string: {e}"))?;
         return Ok(DatabaseConfig {
             name: conn.to_string(),
             conn,
         });
     }
     let config = config.ok_or_else(|| {
-        format!("database {arg} needs a configuration file; pass --config or a postgres:// URL")
+        format!("database {arg} needs a configuration file; pass --config, a postgres:// URL or host=... dbname=... pairs")
     })?;
     config.database(arg).cloned()
 }

@@ -6,6 +6,7 @@
 
 mod catalog;
 mod conn;
+mod conninfo;
 mod lsn;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};

@@ -85,7 +85,7 @@ async fn db(args: DbArgs, config_flag: Option<&Path>) -> anyhow::Result<ExitCode
         || [&args.source, &args.target]
             .into_iter()
             .flatten()
-            .any(|d| !d.contains("://"));
+            .any(|d| !invsync::pg::ConnInfo::is_connection_string(d));
     let config = if needs_config {
         Some(super::load_config(config_flag)?)
     } else {
