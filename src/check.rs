@@ -7,8 +7,8 @@
 use serde::Serialize;
 
 use crate::backup::store;
-use crate::config::{Config, TablePattern};
-use crate::pg::{self, ConnInfo, PgError};
+use crate::config::Config;
+use crate::pg::{self, ConnInfo, PgError, TablePattern};
 
 /// What the check found, in the shape `--json` prints.
 #[derive(Debug, Serialize)]

@@ -12,6 +12,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::pg::ConnInfo;
+/// Table patterns are parsed in `pg`, where the catalog resolves them; re-exported for callers
+/// that know them as configuration.
+pub use crate::pg::TablePattern;
 
 /// The environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "INVSYNC_CONFIG";
@@ -107,42 +110,6 @@ pub struct RepositoryConfig {
     pub passphrase: Option<Secret>,
     /// Extra options for the object store builder (`aws_endpoint`, `aws_region`, ...).
     pub options: BTreeMap<String, String>,
-}
-
-/// A table name or a whole schema (`schema.*`) in a pipeline's `tables`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TablePattern {
-    pub schema: String,
-    /// `None` stands for every table of the schema.
-    pub table: Option<String>,
-}
-
-impl fmt::Display for TablePattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.table {
-            Some(t) => write!(f, "{}.{}", self.schema, t),
-            None => write!(f, "{}.*", self.schema),
-        }
-    }
-}
-
-impl TablePattern {
-    /// Parses `schema.table`, `schema.*`, or a bare `table` (schema `public`).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (schema, table) = match s.split_once('.') {
-            Some((schema, table)) => (schema, table),
-            None => ("public", s),
-        };
-        if schema.is_empty() || table.is_empty() || table.contains('.') {
-            return Err(format!(
-                "`{s}` is not a table name; write `schema.table` or `schema.*`"
-            ));
-        }
-        Ok(TablePattern {
-            schema: schema.to_string(),
-            table: (table != "*").then(|| table.to_string()),
-        })
-    }
 }
 
 #[derive(Deserialize)]
@@ -710,12 +677,5 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
             e.contains("repositories.offsite.recipients") && e.contains("age-keygen"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn table_patterns() {
-        assert_eq!(TablePattern::parse("invoice").unwrap().schema, "public");
-        assert!(TablePattern::parse("a.b.c").is_err());
-        assert!(TablePattern::parse(".x").is_err());
     }
 }
