@@ -292,3 +292,76 @@ fn quoted_identifiers_name_existing_tables() {
     assert_eq!(table["differences_found"], 1, "{out}");
     assert!(table.to_string().contains("changed"), "{out}");
 }
+
+/// An unset `${VAR}` only fails the commands that use the value holding it, and says which
+/// variable, which key and line, and what needed it.
+#[test]
+fn unset_variable_fails_only_what_uses_it() {
+    let pg = PgCluster::start();
+    pg.psql("einvoice", "CREATE TABLE t (id int PRIMARY KEY)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[databases.src]\nurl = \"{}\"\n\
+             [databases.cloud]\nurl = \"${{INVSYNC_TEST_UNSET_URL}}\"\n\
+             [repositories.local]\nurl = \"file://{}\"\npassphrase = \"test pass\"\n\
+             [repositories.offsite]\nurl = \"file://{}\"\npassphrase = \"${{INVSYNC_TEST_UNSET_PASS}}\"\n",
+            pg.url("einvoice"),
+            dir.path().join("local").display(),
+            dir.path().join("offsite").display(),
+        ),
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        invsync(&all)
+    };
+    for args in [
+        &["repo", "init", "--repo", "local"][..],
+        &[
+            "backup", "--repo", "local", "--db", "src", "--tables", "public.t",
+        ],
+        &[
+            "verify",
+            "db",
+            "--source",
+            "src",
+            "--target",
+            &pg.url("einvoice"),
+        ],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+    }
+    let (code, _, err) = run(&["snapshots", "--repo", "offsite"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("invsync.toml:10: repositories.offsite.passphrase: environment variable INVSYNC_TEST_UNSET_PASS is not set")
+            && err.contains("opening repository `offsite` needs it"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["verify", "db", "--source", "src", "--target", "cloud"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("invsync.toml:4: databases.cloud.url: environment variable INVSYNC_TEST_UNSET_URL is not set")
+            && err.contains("connecting to database `cloud` needs it"),
+        "{err}"
+    );
+    let (code, report, out) = check_json(&config);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        database(&report, "cloud")["problems"]
+            .to_string()
+            .contains("INVSYNC_TEST_UNSET_URL"),
+        "{out}"
+    );
+    assert!(
+        database(&report, "src")["problems"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{out}"
+    );
+    assert!(out.contains("INVSYNC_TEST_UNSET_PASS"), "{out}");
+}
