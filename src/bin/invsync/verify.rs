@@ -39,10 +39,10 @@ pub struct DbArgs {
         required_unless_present = "source"
     )]
     pipeline: Option<String>,
-    /// The source: a configured database name or a postgres:// URL
+    /// The source: a configured database name or a connection string (postgres://... or host=... dbname=...)
     #[arg(long, value_name = "DB", requires = "target")]
     source: Option<String>,
-    /// The target: a configured database name or a postgres:// URL (with --pipeline: one of its targets)
+    /// The target: a configured database name or a connection string (postgres://... or host=... dbname=...) (with --pipeline: one of its targets)
     #[arg(long, value_name = "DB")]
     target: Option<String>,
     /// Tables to compare (`schema.table` or `schema.*`) [default: the pipeline's, or public.*]
