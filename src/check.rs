@@ -7,8 +7,8 @@
 use serde::Serialize;
 
 use crate::backup::store;
-use crate::config::{Config, TablePattern};
-use crate::pg::{self, ConnInfo, PgError};
+use crate::config::Config;
+use crate::pg::{self, ConnInfo, PgError, TablePattern};
 
 /// What the check found, in the shape `--json` prints.
 #[derive(Debug, Serialize)]
@@ -65,10 +65,30 @@ pub async fn check(config: &Config) -> CheckReport {
             .filter(|p| p.targets.contains(name))
             .flat_map(|p| p.tables.iter())
             .collect();
-        databases.push(check_database(name, &db.conn, &sourced, &targeted).await);
+        databases.push(match db {
+            Ok(db) => check_database(name, &db.conn, &sourced, &targeted).await,
+            Err(unset) => DatabaseCheck::unusable(
+                name,
+                unset.needed_for(format!("checking database `{name}`")),
+            ),
+        });
     }
     let mut repositories = Vec::new();
     for (name, repo) in &config.repositories {
+        let repo = match repo {
+            Ok(repo) => repo,
+            Err(unset) => {
+                repositories.push(RepositoryCheck {
+                    name: name.clone(),
+                    url: String::new(),
+                    reachable: false,
+                    problems: vec![unset
+                        .needed_for(format!("checking repository `{name}`"))
+                        .to_string()],
+                });
+                continue;
+            }
+        };
         let mut rc = RepositoryCheck {
             name: name.clone(),
             url: repo.url.to_string(),
@@ -99,6 +119,23 @@ pub async fn check(config: &Config) -> CheckReport {
     }
 }
 
+impl DatabaseCheck {
+    /// A database that was not tried, for the reason given.
+    fn unusable(name: &str, why: impl ToString) -> DatabaseCheck {
+        DatabaseCheck {
+            name: name.to_string(),
+            url: String::new(),
+            reachable: false,
+            server_version: None,
+            wal_level: None,
+            can_replicate: None,
+            missing_tables: Vec::new(),
+            problems: vec![why.to_string()],
+            notes: Vec::new(),
+        }
+    }
+}
+
 async fn check_database(
     name: &str,
     conn: &ConnInfo,
@@ -106,15 +143,9 @@ async fn check_database(
     targeted: &[&TablePattern],
 ) -> DatabaseCheck {
     let mut dc = DatabaseCheck {
-        name: name.to_string(),
         url: conn.to_string(),
-        reachable: false,
-        server_version: None,
-        wal_level: None,
-        can_replicate: None,
-        missing_tables: Vec::new(),
         problems: Vec::new(),
-        notes: Vec::new(),
+        ..DatabaseCheck::unusable(name, "")
     };
     let client = match conn.connect().await {
         Ok(c) => c,

@@ -3,6 +3,12 @@
 //! The key names are a contract that users and outside tests rely on. Every error names the
 //! file, the key and its line, and says what to do. Values that may hold secrets (database URLs,
 //! passphrases) are kept in types whose `Display` and `Debug` never show the secret.
+//!
+//! Everything is validated when the file is loaded, except what depends on an environment
+//! variable that is not set: the database or repository whose value names it is kept as an
+//! [`UnsetVariable`], and only a command that uses that database or repository fails, with an
+//! error naming the variable, the key and line, and the use. A command that never touches it
+//! runs as usual.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +18,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::pg::ConnInfo;
+/// Table patterns are parsed in `pg`, where the catalog resolves them; re-exported for callers
+/// that know them as configuration.
+pub use crate::pg::TablePattern;
 
 /// The environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "INVSYNC_CONFIG";
@@ -69,9 +78,54 @@ impl fmt::Debug for Secret {
 pub struct Config {
     /// The file this configuration was read from.
     pub path: PathBuf,
-    pub databases: BTreeMap<String, DatabaseConfig>,
+    /// Each database, or the variable its settings need that the environment does not set.
+    pub databases: BTreeMap<String, Result<DatabaseConfig, UnsetVariable>>,
     pub pipelines: BTreeMap<String, PipelineConfig>,
-    pub repositories: BTreeMap<String, RepositoryConfig>,
+    /// Each repository, or the variable its settings need that the environment does not set.
+    pub repositories: BTreeMap<String, Result<RepositoryConfig, UnsetVariable>>,
+}
+
+/// A `${NAME}` in a value whose variable is not set when the configuration is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsetVariable {
+    pub variable: String,
+    pub path: PathBuf,
+    pub line: usize,
+    /// The key holding the value, e.g. `repositories.offsite.passphrase`.
+    pub key: String,
+    /// What needs the value, e.g. "opening repository `offsite`"; filled in when it is used.
+    pub needed_for: Option<String>,
+}
+
+impl UnsetVariable {
+    /// The same, saying what needs the value.
+    pub fn needed_for(&self, what: String) -> UnsetVariable {
+        UnsetVariable {
+            needed_for: Some(what),
+            ..self.clone()
+        }
+    }
+}
+
+impl fmt::Display for UnsetVariable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let UnsetVariable {
+            variable,
+            path,
+            line,
+            key,
+            ..
+        } = self;
+        write!(
+            f,
+            "{}:{line}: {key}: environment variable {variable} is not set",
+            path.display()
+        )?;
+        if let Some(what) = &self.needed_for {
+            write!(f, ", and {what} needs it")?;
+        }
+        write!(f, "; export {variable} or edit the value")
+    }
 }
 
 /// `[databases.NAME]`: a PostgreSQL database invsync reads from or writes to.
@@ -107,42 +161,6 @@ pub struct RepositoryConfig {
     pub passphrase: Option<Secret>,
     /// Extra options for the object store builder (`aws_endpoint`, `aws_region`, ...).
     pub options: BTreeMap<String, String>,
-}
-
-/// A table name or a whole schema (`schema.*`) in a pipeline's `tables`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TablePattern {
-    pub schema: String,
-    /// `None` stands for every table of the schema.
-    pub table: Option<String>,
-}
-
-impl fmt::Display for TablePattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.table {
-            Some(t) => write!(f, "{}.{}", self.schema, t),
-            None => write!(f, "{}.*", self.schema),
-        }
-    }
-}
-
-impl TablePattern {
-    /// Parses `schema.table`, `schema.*`, or a bare `table` (schema `public`).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (schema, table) = match s.split_once('.') {
-            Some((schema, table)) => (schema, table),
-            None => ("public", s),
-        };
-        if schema.is_empty() || table.is_empty() || table.contains('.') {
-            return Err(format!(
-                "`{s}` is not a table name; write `schema.table` or `schema.*`"
-            ));
-        }
-        Ok(TablePattern {
-            schema: schema.to_string(),
-            table: (table != "*").then(|| table.to_string()),
-        })
-    }
 }
 
 #[derive(Deserialize)]
@@ -219,10 +237,15 @@ impl Config {
         let mut databases = BTreeMap::new();
         for (name, db) in raw.databases {
             let key = format!("databases.{name}.url");
-            let url = cx.interpolate(&key, &db.url)?;
-            let conn =
-                ConnInfo::parse(&url).map_err(|message| cx.invalid(&key, &db.url, message))?;
-            databases.insert(name.clone(), DatabaseConfig { name, conn });
+            let entry = match cx.interpolate(&key, &db.url)? {
+                Err(unset) => Err(unset),
+                Ok(url) => Ok(DatabaseConfig {
+                    conn: ConnInfo::parse(&url)
+                        .map_err(|message| cx.invalid(&key, &db.url, message))?,
+                    name: name.clone(),
+                }),
+            };
+            databases.insert(name, entry);
         }
 
         let mut pipelines = BTreeMap::new();
@@ -293,13 +316,31 @@ impl Config {
 
         let mut repositories = BTreeMap::new();
         for (name, r) in raw.repositories {
+            // Every value is checked that can be; the first unset variable, if any, is what
+            // keeps the repository from use.
+            let mut unset = None;
+            let mut resolve = |key: String, value: &Spanned<String>| {
+                Ok::<_, ConfigError>(match cx.interpolate(&key, value)? {
+                    Ok(v) => Some(v),
+                    Err(u) => {
+                        unset.get_or_insert(u);
+                        None
+                    }
+                })
+            };
             let key = format!("repositories.{name}.url");
-            let text_url = cx.interpolate(&key, &r.url)?;
-            let url = parse_repository_url(&text_url).map_err(|m| cx.invalid(&key, &r.url, m))?;
+            let url = match resolve(key.clone(), &r.url)? {
+                Some(text) => {
+                    Some(parse_repository_url(&text).map_err(|m| cx.invalid(&key, &r.url, m))?)
+                }
+                None => None,
+            };
             let mut recipients = Vec::new();
             for rec in &r.recipients {
                 let key = format!("repositories.{name}.recipients");
-                let value = cx.interpolate(&key, rec)?;
+                let Some(value) = resolve(key.clone(), rec)? else {
+                    continue;
+                };
                 if value.parse::<age::x25519::Recipient>().is_err() {
                     return Err(cx.invalid(
                         &key,
@@ -310,33 +351,34 @@ impl Config {
                 recipients.push(value);
             }
             let identity_file = match &r.identity_file {
-                Some(v) => Some(PathBuf::from(
-                    cx.interpolate(&format!("repositories.{name}.identity_file"), v)?,
-                )),
+                Some(v) => {
+                    resolve(format!("repositories.{name}.identity_file"), v)?.map(PathBuf::from)
+                }
                 None => None,
             };
             let passphrase = match &r.passphrase {
-                Some(v) => Some(Secret::new(
-                    cx.interpolate(&format!("repositories.{name}.passphrase"), v)?,
-                )),
+                Some(v) => resolve(format!("repositories.{name}.passphrase"), v)?.map(Secret::new),
                 None => None,
             };
             let mut options = BTreeMap::new();
             for (k, v) in &r.options {
-                let value = cx.interpolate(&format!("repositories.{name}.options.{k}"), v)?;
-                options.insert(k.clone(), value);
+                if let Some(value) = resolve(format!("repositories.{name}.options.{k}"), v)? {
+                    options.insert(k.clone(), value);
+                }
             }
-            repositories.insert(
-                name.clone(),
-                RepositoryConfig {
-                    name,
+            let entry = match (unset, url) {
+                (None, Some(url)) => Ok(RepositoryConfig {
+                    name: name.clone(),
                     url,
                     recipients,
                     identity_file,
                     passphrase,
                     options,
-                },
-            );
+                }),
+                (Some(u), _) => Err(u),
+                (None, None) => unreachable!("a URL is missing only when a variable is unset"),
+            };
+            repositories.insert(name, entry);
         }
 
         Ok(Config {
@@ -347,11 +389,16 @@ impl Config {
         })
     }
 
-    /// The database called `name`, or an error listing the ones there are.
+    /// The database called `name`, or an error listing the ones there are, or naming the
+    /// variable its URL needs.
     pub fn database(&self, name: &str) -> Result<&DatabaseConfig, String> {
-        self.databases
-            .get(name)
-            .ok_or_else(|| unknown("database", name, self.databases.keys(), &self.path))
+        match self.databases.get(name) {
+            None => Err(unknown("database", name, self.databases.keys(), &self.path)),
+            Some(Ok(db)) => Ok(db),
+            Some(Err(unset)) => Err(unset
+                .needed_for(format!("connecting to database `{name}`"))
+                .to_string()),
+        }
     }
 
     /// The pipeline called `name`, or an error listing the ones there are.
@@ -362,16 +409,28 @@ impl Config {
     }
 
     /// The repository called `name`; with `None`, the only one configured.
-    pub fn repository(&self, name: Option<&str>) -> Result<&RepositoryConfig, String> {
+    pub fn repository<'a>(&'a self, name: Option<&str>) -> Result<&'a RepositoryConfig, String> {
+        let ready = |name: &str, entry: &'a Result<RepositoryConfig, UnsetVariable>| {
+            entry.as_ref().map_err(|unset| {
+                unset
+                    .needed_for(format!("opening repository `{name}`"))
+                    .to_string()
+            })
+        };
         match name {
-            Some(n) => self
-                .repositories
-                .get(n)
-                .ok_or_else(|| unknown("repository", n, self.repositories.keys(), &self.path)),
+            Some(n) => match self.repositories.get(n) {
+                Some(entry) => ready(n, entry),
+                None => Err(unknown(
+                    "repository",
+                    n,
+                    self.repositories.keys(),
+                    &self.path,
+                )),
+            },
             None => {
-                let mut all = self.repositories.values();
+                let mut all = self.repositories.iter();
                 match (all.next(), all.next()) {
-                    (Some(r), None) => Ok(r),
+                    (Some((n, r)), None) => ready(n, r),
                     (None, _) => Err(format!(
                         "{} has no [repositories.NAME] section; add one",
                         self.path.display()
@@ -391,18 +450,24 @@ impl Config {
     }
 }
 
-/// A database named on the command line: a `postgres://` URL used as it is (labelled with its
-/// password hidden), or the name of a configured database. A name needs a configuration.
+/// A database named on the command line: the name of a configured database, or a libpq
+/// connection string (a `postgres://` URI or `host=... dbname=...` pairs) used as it is and
+/// labelled with its password hidden. A name needs a configuration.
+///
+/// A connection string is never echoed as given, not even in an error: it may hold a password.
 pub fn database_arg(config: Option<&Config>, arg: &str) -> Result<DatabaseConfig, String> {
-    if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
-        let conn = ConnInfo::parse(arg)?;
+    if let Some(config) = config.filter(|c| c.databases.contains_key(arg)) {
+        return config.database(arg).cloned();
+    }
+    if ConnInfo::is_connection_string(arg) {
+        let conn = ConnInfo::parse(arg).map_err(|e| format!("database connection string: {e}"))?;
         return Ok(DatabaseConfig {
             name: conn.to_string(),
             conn,
         });
     }
     let config = config.ok_or_else(|| {
-        format!("database {arg} needs a configuration file; pass --config or a postgres:// URL")
+        format!("database {arg} needs a configuration file; pass --config, a postgres:// URL or host=... dbname=... pairs")
     })?;
     config.database(arg).cloned()
 }
@@ -469,7 +534,13 @@ impl Context<'_> {
     }
 
     /// Replaces each `${NAME}` with the variable's value; `$${` stands for a literal `${`.
-    fn interpolate(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+    /// A malformed reference is an error now; an unset variable is returned for the caller to
+    /// keep until the value is used.
+    fn interpolate(
+        &self,
+        key: &str,
+        value: &Spanned<String>,
+    ) -> Result<Result<String, UnsetVariable>, ConfigError> {
         let s = value.get_ref();
         let mut out = String::with_capacity(s.len());
         let mut rest = s.as_str();
@@ -494,13 +565,13 @@ impl Context<'_> {
                 match (self.env)(name) {
                     Some(v) => out.push_str(&v),
                     None => {
-                        return Err(self.invalid(
-                            key,
-                            value,
-                            format!(
-                            "environment variable {name} is not set; export it or edit the value"
-                        ),
-                        ))
+                        return Ok(Err(UnsetVariable {
+                            variable: name.to_string(),
+                            path: self.path.to_path_buf(),
+                            line: self.line_of(value),
+                            key: key.to_string(),
+                            needed_for: None,
+                        }))
                     }
                 }
                 rest = &tail[end + 1..];
@@ -510,7 +581,7 @@ impl Context<'_> {
             }
         }
         out.push_str(rest);
-        Ok(out)
+        Ok(Ok(out))
     }
 }
 
@@ -621,10 +692,10 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
         );
         assert_eq!(c.pipelines["p"].tables[1].table, None);
         assert_eq!(
-            c.databases["cloud_a"].conn.to_string(),
+            c.database("cloud_a").unwrap().conn.to_string(),
             "postgres://u:***@10.0.0.1/db"
         );
-        assert_eq!(c.repositories["offsite"].url.scheme(), "file");
+        assert_eq!(c.repository(None).unwrap().url.scheme(), "file");
     }
 
     #[test]
@@ -686,9 +757,40 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
     }
 
     #[test]
-    fn missing_env_var_is_named_and_secret_is_not_shown() {
-        let e = err(&GOOD.replace("${CLOUD_URL}", "${NOPE_URL}"));
-        assert!(e.contains("NOPE_URL") && e.contains(":5:"), "{e}");
+    fn unset_variable_fails_only_the_use_that_needs_it() {
+        let text = GOOD.replace("${CLOUD_URL}", "${NOPE_URL}")
+            + "passphrase = \"${NOPE_PASS}\"\n[repositories.other]\nurl = \"file:///tmp/other\"\nrecipients = [\"RCPT\"]\n";
+        let c = parse(&text.replace("RCPT", RECIPIENT)).unwrap();
+        assert!(c.database("maindc").is_ok());
+        assert!(c.repository(Some("other")).is_ok());
+        let e = c.database("cloud_a").unwrap_err();
+        assert_eq!(
+            e,
+            "t.toml:5: databases.cloud_a.url: environment variable NOPE_URL is not set, and \
+             connecting to database `cloud_a` needs it; export NOPE_URL or edit the value"
+        );
+        let e = c.repository(Some("offsite")).unwrap_err();
+        assert!(
+            e.starts_with(
+                "t.toml:13: repositories.offsite.passphrase: environment variable NOPE_PASS"
+            ) && e.contains("opening repository `offsite` needs it"),
+            "{e}"
+        );
+        // The rest of an unusable repository is still checked when the file is loaded.
+        let e = err(&text.replace("RCPT", "age1abc"));
+        assert!(e.contains("repositories.other.recipients"), "{e}");
+        let e = err(&(GOOD.replace(RECIPIENT, "age1abc") + "passphrase = \"${NOPE_PASS}\"\n"));
+        assert!(e.contains("repositories.offsite.recipients"), "{e}");
+        // A malformed reference is still an error at load.
+        let e = err(&GOOD.replace("${CLOUD_URL}", "${CLOUD URL}"));
+        assert!(
+            e.contains(":5:") && e.contains("not an environment variable name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_is_not_shown() {
         let e = err(&GOOD
             .replace("sslmode=prefer", "sslmode=bogus")
             .replace("invsync@127", "invsync:hunter2@127"));
@@ -698,18 +800,11 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
     #[test]
     fn interpolation_escape() {
         let c = parse(&GOOD.replace("/tmp/repo", "/tmp/$${X}")).unwrap();
-        assert_eq!(c.repositories["offsite"].url.path(), "/tmp/$%7BX%7D");
+        assert_eq!(c.repository(None).unwrap().url.path(), "/tmp/$%7BX%7D");
         let e = err(&GOOD.replace(RECIPIENT, "age1abc"));
         assert!(
             e.contains("repositories.offsite.recipients") && e.contains("age-keygen"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn table_patterns() {
-        assert_eq!(TablePattern::parse("invoice").unwrap().schema, "public");
-        assert!(TablePattern::parse("a.b.c").is_err());
-        assert!(TablePattern::parse(".x").is_err());
     }
 }

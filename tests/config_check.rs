@@ -199,3 +199,169 @@ fn init_writes_example_once() {
     assert!(err.contains("refusing to overwrite"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "# mine");
 }
+
+/// Tables named in PostgreSQL's quoted form (spaces, quotes and `.` inside names), in a
+/// pipeline's `tables` and in `--tables` of backup, restore and verify.
+#[test]
+fn quoted_identifiers_name_existing_tables() {
+    let pg = PgCluster::start();
+    let schema_sql = r#"
+        CREATE SCHEMA "Sales Data";
+        CREATE TABLE "Sales Data"."Order" (id int PRIMARY KEY, note text);
+        CREATE SCHEMA "odd.""s";
+        CREATE TABLE "odd.""s"."a.b ""c""" (id int PRIMARY KEY, v text);
+    "#;
+    pg.psql("postgres", "CREATE DATABASE copy");
+    pg.psql("postgres", "CREATE DATABASE restored");
+    pg.psql("einvoice", schema_sql);
+    pg.psql(
+        "einvoice",
+        r#"INSERT INTO "Sales Data"."Order" SELECT g, 'n' || g FROM generate_series(1, 50) g;
+           INSERT INTO "odd.""s"."a.b ""c""" SELECT g, 'v' || g FROM generate_series(1, 50) g;"#,
+    );
+    let order = r#""Sales Data"."Order""#;
+    let odd_table = r#""odd.""s"."a.b ""c""""#;
+    let odd_schema = r#""odd.""s".*"#;
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let toml_string = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[databases.src]\nurl = \"{}\"\n[databases.dst]\nurl = \"{}\"\n\
+             [databases.restored]\nurl = \"{}\"\n\
+             [pipelines.p]\nsource = \"src\"\ntargets = [\"dst\"]\ntables = [{}, {}, {}]\n\
+             [repositories.local]\nurl = \"file://{}\"\npassphrase = \"test pass\"\n",
+            pg.url("einvoice"),
+            pg.url("copy"),
+            pg.url("restored"),
+            toml_string(order),
+            toml_string(odd_table),
+            toml_string(odd_schema),
+            repo_dir.display(),
+        ),
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        invsync(&all)
+    };
+    let ok = |args: &[&str]| {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        out
+    };
+    ok(&["repo", "init"]);
+    let (code, report, out) = check_json(&config);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        database(&report, "src")["missing_tables"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        database(&report, "dst")["missing_tables"],
+        serde_json::json!(["Sales Data.Order", odd_table]),
+        "{out}"
+    );
+
+    ok(&[
+        "backup", "--db", "src", "--tables", order, "--tables", odd_schema,
+    ]);
+    ok(&[
+        "restore", "latest", "--to-db", "restored", "--tables", odd_table,
+    ]);
+    ok(&[
+        "verify", "db", "--source", "src", "--target", "restored", "--tables", odd_schema,
+    ]);
+    // Only the named table was restored.
+    let (code, out, err) = run(&[
+        "verify", "db", "--source", "src", "--target", "restored", "--tables", order,
+    ]);
+    assert_ne!(code, 0, "{out}{err}");
+
+    pg.psql(
+        "restored",
+        r#"UPDATE "odd.""s"."a.b ""c""" SET v = 'changed' WHERE id = 7"#,
+    );
+    let (code, out, err) = run(&[
+        "verify", "db", "--source", "src", "--target", "restored", "--tables", odd_table, "--json",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let table = &report["tables"][0];
+    assert_eq!(table["differences_found"], 1, "{out}");
+    assert!(table.to_string().contains("changed"), "{out}");
+}
+
+/// An unset `${VAR}` only fails the commands that use the value holding it, and says which
+/// variable, which key and line, and what needed it.
+#[test]
+fn unset_variable_fails_only_what_uses_it() {
+    let pg = PgCluster::start();
+    pg.psql("einvoice", "CREATE TABLE t (id int PRIMARY KEY)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[databases.src]\nurl = \"{}\"\n\
+             [databases.cloud]\nurl = \"${{INVSYNC_TEST_UNSET_URL}}\"\n\
+             [repositories.local]\nurl = \"file://{}\"\npassphrase = \"test pass\"\n\
+             [repositories.offsite]\nurl = \"file://{}\"\npassphrase = \"${{INVSYNC_TEST_UNSET_PASS}}\"\n",
+            pg.url("einvoice"),
+            dir.path().join("local").display(),
+            dir.path().join("offsite").display(),
+        ),
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        invsync(&all)
+    };
+    for args in [
+        &["repo", "init", "--repo", "local"][..],
+        &[
+            "backup", "--repo", "local", "--db", "src", "--tables", "public.t",
+        ],
+        &[
+            "verify",
+            "db",
+            "--source",
+            "src",
+            "--target",
+            &pg.url("einvoice"),
+        ],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+    }
+    let (code, _, err) = run(&["snapshots", "--repo", "offsite"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("invsync.toml:10: repositories.offsite.passphrase: environment variable INVSYNC_TEST_UNSET_PASS is not set")
+            && err.contains("opening repository `offsite` needs it"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["verify", "db", "--source", "src", "--target", "cloud"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("invsync.toml:4: databases.cloud.url: environment variable INVSYNC_TEST_UNSET_URL is not set")
+            && err.contains("connecting to database `cloud` needs it"),
+        "{err}"
+    );
+    let (code, report, out) = check_json(&config);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        database(&report, "cloud")["problems"]
+            .to_string()
+            .contains("INVSYNC_TEST_UNSET_URL"),
+        "{out}"
+    );
+    assert!(
+        database(&report, "src")["problems"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{out}"
+    );
+    assert!(out.contains("INVSYNC_TEST_UNSET_PASS"), "{out}");
+}

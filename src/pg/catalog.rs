@@ -3,8 +3,7 @@
 
 use tokio_postgres::Client;
 
-use super::{ConnInfo, PgError, TableName};
-use crate::config::TablePattern;
+use super::{ConnInfo, PgError, TableName, TablePattern};
 
 /// One column of a table, in `attnum` order.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,4 +1,5 @@
-//! Connection settings from a `postgres://` URL, and connecting with TLS (rustls).
+//! Connection settings from a libpq connection string (see [`conninfo`]), and connecting with
+//! TLS (rustls).
 //!
 //! `sslmode` follows libpq: `disable` never uses TLS; `prefer` tries TLS and falls back;
 //! `require` insists on TLS without checking the certificate (unless `sslrootcert` is given, as
@@ -15,7 +16,7 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::config::SslMode as DriverSslMode;
 use tokio_postgres::Client;
 
-use super::PgError;
+use super::{conninfo, PgError};
 
 /// libpq's `sslmode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,22 +46,19 @@ impl FromStr for SslMode {
     }
 }
 
-/// Parsed connection settings. `Display` shows the URL with the password replaced by `***`.
+/// Parsed connection settings. `Display` shows the connection string as written, with every
+/// password replaced by `***`.
 #[derive(Clone)]
 pub struct ConnInfo {
     config: tokio_postgres::Config,
     ssl_mode: SslMode,
     root_cert: Option<std::path::PathBuf>,
-    /// `scheme://user:***@hosts`, for messages.
-    shown_authority: String,
-    /// The query string with secrets hidden, `?...` or empty.
-    shown_query: String,
+    shown: conninfo::Shown,
 }
 
 impl fmt::Display for ConnInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let db = self.config.get_dbname().unwrap_or("");
-        write!(f, "{}/{db}{}", self.shown_authority, self.shown_query)
+        f.write_str(&self.shown.render(self.config.get_dbname().unwrap_or("")))
     }
 }
 
@@ -71,48 +69,41 @@ impl fmt::Debug for ConnInfo {
 }
 
 impl ConnInfo {
-    /// Parses a `postgres://` or `postgresql://` URL. Errors never contain the password.
-    pub fn parse(url_text: &str) -> Result<ConnInfo, String> {
-        const FORM: &str = "write postgres://USER:PASSWORD@HOST:PORT/DATABASE";
-        // libpq URLs allow forms the WHATWG URL parser refuses (`postgres://user@/db?host=/run`),
-        // so only the query is taken apart here; the driver parses the rest.
-        let (scheme, rest) = url_text
-            .split_once("://")
-            .ok_or_else(|| format!("not a URL; {FORM}"))?;
-        if !matches!(scheme, "postgres" | "postgresql") {
-            return Err(format!("scheme `{scheme}:` is not postgres://; {FORM}"));
+    /// True when `text` is a connection string (a `postgres://` URI or `keyword=value` pairs)
+    /// rather than the name of a configured database.
+    pub fn is_connection_string(text: &str) -> bool {
+        conninfo::is_connection_string(text)
+    }
+
+    /// Parses a libpq connection string: a `postgres://` or `postgresql://` URI, or
+    /// `keyword=value` pairs. Errors never contain the password, nor any other value.
+    pub fn parse(text: &str) -> Result<ConnInfo, String> {
+        let parsed = conninfo::parse(text)?;
+        // As in libpq, the last of a repeated keyword wins (a URI's `?host=` replaces its host).
+        let mut params: Vec<(String, String)> = Vec::new();
+        for (k, v) in parsed.params {
+            params.retain(|(seen, _)| *seen != k);
+            params.push((k, v));
         }
-        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut ssl_mode = SslMode::Prefer;
         let mut root_cert = None;
-        let mut kept = url::form_urlencoded::Serializer::new(String::new());
-        let mut shown_query = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match k.as_ref() {
+        // The driver takes the rest in its own keyword/value syntax, which quotes any value
+        // exactly; sslmode and sslrootcert are libpq's, kept here.
+        let mut driver_text = String::new();
+        for (k, v) in &params {
+            match k.as_str() {
                 "sslmode" => ssl_mode = v.parse()?,
-                "sslrootcert" => root_cert = Some(std::path::PathBuf::from(v.as_ref())),
-                "password" => {
-                    kept.append_pair(&k, &v);
-                    shown_query.append_pair(&k, "***");
+                "sslrootcert" => root_cert = Some(std::path::PathBuf::from(v)),
+                _ if !conninfo::is_keyword(k) => {
+                    return Err(format!(
+                    "`{k}` is not a connection parameter; see libpq's list of parameter keywords"
+                ))
                 }
-                _ => {
-                    kept.append_pair(&k, &v);
-                    shown_query.append_pair(&k, &v);
-                }
+                _ => conninfo::push_pair(&mut driver_text, k, v),
             }
         }
-        // Keep the sslmode visible: it matters when a connection fails.
-        if query.contains("sslmode=") {
-            shown_query.append_pair("sslmode", ssl_mode_name(ssl_mode));
-        }
-        let kept = kept.finish();
-        let driver_text = if kept.is_empty() {
-            format!("{scheme}://{location}")
-        } else {
-            format!("{scheme}://{location}?{kept}")
-        };
         let mut config = tokio_postgres::Config::from_str(&driver_text)
-            .map_err(|e| format!("invalid connection URL ({e}); {FORM}"))?;
+            .map_err(|e| format!("invalid connection string ({e})"))?;
         // As in libpq, a unix socket never carries TLS.
         let all_unix = config
             .get_hosts()
@@ -127,25 +118,11 @@ impl ConnInfo {
         if config.get_application_name().is_none() {
             config.application_name("invsync");
         }
-        let authority = location.split('/').next().unwrap_or("");
-        let shown_authority = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{hosts}"),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
-        };
-        let shown_query = shown_query.finish();
         Ok(ConnInfo {
             config,
             ssl_mode,
             root_cert,
-            shown_authority: format!("{scheme}://{shown_authority}"),
-            shown_query: if shown_query.is_empty() {
-                String::new()
-            } else {
-                format!("?{shown_query}")
-            },
+            shown: parsed.shown,
         })
     }
 
@@ -265,14 +242,33 @@ impl ConnInfo {
 }
 
 /// Drives a connection until its client is dropped or the server goes away.
-fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+///
+/// The driver's own loop logs every server notice at INFO; routine ones ("schema ... does not
+/// exist, skipping" from `DROP ... IF EXISTS`) are not news to an operator, so notices go to
+/// debug here and only warnings stay visible.
+fn spawn_connection<S, T>(mut connection: tokio_postgres::Connection<S, T>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use tokio_postgres::error::Severity;
+    use tokio_postgres::AsyncMessage;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("connection closed: {}", super::describe(&e));
+        loop {
+            match futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notice(n))) => match n.parsed_severity() {
+                    Some(Severity::Warning) => {
+                        tracing::warn!("server: {}: {}", n.severity(), n.message())
+                    }
+                    _ => tracing::debug!("server: {}: {}", n.severity(), n.message()),
+                },
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!("connection closed: {}", super::describe(&e));
+                    break;
+                }
+                None => break,
+            }
         }
     });
 }

@@ -6,11 +6,14 @@
 
 mod catalog;
 mod conn;
+mod conninfo;
 mod lsn;
+mod pattern;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};
 pub use conn::{ConnInfo, SslMode};
 pub use lsn::Lsn;
+pub use pattern::TablePattern;
 
 use std::fmt;
 

@@ -100,7 +100,7 @@ pub struct KeyRemoveArgs {
 pub struct BackupArgs {
     #[command(flatten)]
     repo: RepoName,
-    /// The database: a configured name or a postgres:// URL [default: the only one configured,
+    /// The database: a configured name or a connection string (postgres://... or host=...) [default: the only one configured,
     /// when --tables or a pipeline names it]
     #[arg(long, value_name = "DB")]
     db: Option<String>,
@@ -127,7 +127,7 @@ pub struct RestoreArgs {
     repo: RepoName,
     /// Snapshot id (or a unique prefix), or `latest`
     snapshot: String,
-    /// Restore tables into this database (a configured name or a postgres:// URL)
+    /// Restore tables into this database (a configured name or a connection string: postgres://... or host=...)
     #[arg(
         long,
         value_name = "DB",

@@ -39,10 +39,10 @@ pub struct DbArgs {
         required_unless_present = "source"
     )]
     pipeline: Option<String>,
-    /// The source: a configured database name or a postgres:// URL
+    /// The source: a configured database name or a connection string (postgres://... or host=... dbname=...)
     #[arg(long, value_name = "DB", requires = "target")]
     source: Option<String>,
-    /// The target: a configured database name or a postgres:// URL (with --pipeline: one of its targets)
+    /// The target: a configured database name or a connection string (postgres://... or host=... dbname=...) (with --pipeline: one of its targets)
     #[arg(long, value_name = "DB")]
     target: Option<String>,
     /// Tables to compare (`schema.table` or `schema.*`) [default: the pipeline's, or public.*]
@@ -85,7 +85,7 @@ async fn db(args: DbArgs, config_flag: Option<&Path>) -> anyhow::Result<ExitCode
         || [&args.source, &args.target]
             .into_iter()
             .flatten()
-            .any(|d| !d.contains("://"));
+            .any(|d| !invsync::pg::ConnInfo::is_connection_string(d));
     let config = if needs_config {
         Some(super::load_config(config_flag)?)
     } else {
