@@ -6,6 +6,7 @@
 
 mod catalog;
 mod conn;
+pub(crate) mod keyrange;
 mod lsn;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};

@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::keyrange::{BucketSet, Key, KeyRange, Shape};
 use super::recheck::{self, Settle};
 use super::repair;
 use super::side::{Checksum, RowText, Side};
 use super::VerifyError;
 use crate::config::{Config, TablePattern};
+use crate::pg::keyrange::{BucketSet, Key, KeyRange, Shape};
 use crate::pg::{ConnInfo, PgError, TableName};
 
 /// Rows per key hash bucket aimed at: a differing row costs fetching its bucket's rows.

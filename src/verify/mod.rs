@@ -6,7 +6,6 @@
 //! be compared is reported as such, never as identical.
 
 pub mod db;
-pub(crate) mod keyrange;
 mod recheck;
 mod repair;
 pub mod repo;

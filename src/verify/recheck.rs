@@ -13,9 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::db::{ColumnChange, Difference, DifferenceKind};
-use super::keyrange::{Key, Shape};
 use super::side::{RowText, Side};
 use super::VerifyError;
+use crate::pg::keyrange::{Key, Shape};
 use crate::pg::{Lsn, PgError};
 
 /// Keys read per query.

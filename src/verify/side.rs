@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 
 use tokio_postgres::Client;
 
-use super::keyrange::{BucketSet, Key, KeyRange, Shape};
+use crate::pg::keyrange::{BucketSet, Key, KeyRange, Shape};
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// Settings that fix how values are written as text. `extra_float_digits = 3` gives the

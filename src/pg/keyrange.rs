@@ -7,9 +7,10 @@
 //! Keys travel as the text of each key column and come back into SQL as typed literals
 //! (`'v'::type`), which round-trips every type a primary key can have, composite keys included.
 //! Every row is rendered as `ROW(col, ...)::text` over the source's column order, under the
-//! session settings [`super::side`] fixes, so both sides hash byte-identical text for equal rows.
+//! session settings the caller fixes (verification pins every rendering setting), so both sides
+//! hash byte-identical text for equal rows.
 
-use crate::pg::{quote_ident, quote_literal, TableInfo, TableName};
+use super::{quote_ident, quote_literal, TableInfo, TableName};
 
 /// A key: the text of each key column, in key order.
 pub(crate) type Key = Vec<String>;
@@ -65,7 +66,7 @@ impl Shape {
         target: &TableInfo,
         filter: Option<String>,
     ) -> Result<Shape, String> {
-        let col = |c: &crate::pg::Column| Col {
+        let col = |c: &super::Column| Col {
             name: c.name.clone(),
             quoted: quote_ident(&c.name),
             type_name: c.type_name.clone(),
