@@ -1,8 +1,9 @@
 //! `invsync verify db` against real clusters: identical tables pass; every missing, extra and
 //! changed row is found with its kind and columns; repair SQL makes a second run pass; values
 //! compare exactly whatever the servers' settings; every kind of key works; many differences
-//! are counted exactly and listed in key order; bad input is reported while other tables are still verified; and changes in
-//! flight are re-checked instead of reported.
+//! are counted exactly and listed in key order, whatever the two databases' collations; bad
+//! input is reported while other tables are still verified; and changes in flight are
+//! re-checked instead of reported.
 
 mod support;
 
@@ -574,6 +575,109 @@ fn many_differences_counted_exactly_listed_in_key_order_and_all_repaired() {
     apply(&dst, &sql);
     let (code, report) = verify(&src, &dst, &[]);
     assert_eq!(code, 0, "{report}");
+}
+
+/// A source database in the `C` collation against a target whose default collation is ICU
+/// `en-US`, with text keys that the two order differently (case, accents, punctuation): the
+/// differing rows are streamed in key ranges, and each is counted once, exactly.
+#[test]
+fn text_keys_compare_exactly_across_collations() {
+    let cluster = PgCluster::start();
+    let icu = cluster.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_collation WHERE collprovider = 'i' AND collname = 'en-US-x-icu'",
+    );
+    assert_eq!(icu.trim(), "1", "this PostgreSQL has no ICU collations");
+    cluster.psql(
+        "postgres",
+        "CREATE DATABASE bytes TEMPLATE template0 LOCALE 'C'",
+    );
+    cluster.psql(
+        "postgres",
+        "CREATE DATABASE words TEMPLATE template0 LOCALE 'C' LOCALE_PROVIDER icu ICU_LOCALE 'en-US'",
+    );
+    // 60k keys: a prefix that C and en-US sort apart (case, accents, punctuation), a mixed-case
+    // hash, and the number, which keeps them unique. Enough rows in differing buckets for
+    // them to be streamed in eight key ranges.
+    let ddl = "CREATE TABLE account (code text PRIMARY KEY, balance int NOT NULL); \
+         INSERT INTO account SELECT (ARRAY['', 'a', 'B', 'é', 'É', '_', '.', 'z', 'Z', '-', 'Ω', ' '])[i % 12 + 1] \
+           || CASE WHEN i % 3 = 0 THEN upper(substr(md5(i::text), 1, 6)) ELSE substr(md5(i::text), 1, 6) END \
+           || '-' || i, i FROM generate_series(1, 60000) i; ANALYZE";
+    cluster.psql("bytes", ddl);
+    cluster.psql("words", ddl);
+    cluster.psql(
+        "words",
+        "UPDATE account SET balance = -balance WHERE balance % 20 = 0; \
+         DELETE FROM account WHERE balance % 1000 = 1; \
+         INSERT INTO account SELECT 'Extra é.' || i || CASE WHEN i % 2 = 0 THEN 'x' ELSE 'X' END, i \
+           FROM generate_series(1, 40) i",
+    );
+    let want = |sql: &str| -> Vec<String> {
+        let mut keys: Vec<String> = cluster
+            .psql("words", sql)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    };
+    let changed = want("SELECT code FROM account WHERE balance < 0");
+    let extra = want("SELECT code FROM account WHERE code LIKE 'Extra%'");
+    let missing = {
+        let mut keys: Vec<String> = cluster
+            .psql("bytes", "SELECT code FROM account WHERE balance % 1000 = 1")
+            .lines()
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!((changed.len(), missing.len(), extra.len()), (3000, 60, 40));
+
+    let (source, target) = (cluster.url("bytes"), cluster.url("words"));
+    for (from, to) in [(&source, &target), (&target, &source)] {
+        let (code, out, err) =
+            invsync(&["verify", "db", "--source", from, "--target", to, "--json"]);
+        let report: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+        assert_eq!(code, 1, "{report}");
+        let t = table(&report, "public.account");
+        let (missing, extra) = if from == &source {
+            (&missing, &extra)
+        } else {
+            (&extra, &missing)
+        };
+        assert_eq!(
+            (
+                &t["differences_found"],
+                &t["changed"],
+                &t["missing"],
+                &t["extra"]
+            ),
+            (
+                &Value::from(3100),
+                &Value::from(3000),
+                &Value::from(missing.len()),
+                &Value::from(extra.len())
+            ),
+            "{}",
+            t["differences_found"]
+        );
+        let listed = |kind: &str| -> Vec<String> {
+            let mut keys: Vec<String> = t["differences"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["kind"] == kind)
+                .map(|d| d["key"]["code"].as_str().unwrap().to_string())
+                .collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(listed("changed"), changed);
+        assert_eq!(&listed("missing"), missing);
+        assert_eq!(&listed("extra"), extra);
+    }
 }
 
 #[test]

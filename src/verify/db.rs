@@ -18,7 +18,9 @@
 //! may hash into another bucket on each side; both buckets then differ and are compared in the
 //! same slice or key range, where the server's own equality makes it one changed row. Key
 //! ranges are walked in key order and each range's candidates are put in the server's key
-//! order, so differences come out in key order (with a settle window, rows that needed several
+//! order, so differences come out in key order (bytewise for text keys whose collations differ
+//! between the sides, so that a range selects the same rows on both: a row in one range on one
+//! side and another range on the other would be counted in both) (with a settle window, rows that needed several
 //! re-reads come later). Memory is bounded by the slice size, the re-check batch and the number
 //! of differences listed; counts by kind are exact whatever the number, and repair SQL is
 //! spooled to files as differences are proven.
@@ -514,12 +516,22 @@ async fn verify_table(
             });
         }
     }
-    let shape = Shape::agree(&src_info, &dst_info, opts.filter.clone()).map_err(|detail| {
+    let mut shape = Shape::agree(&src_info, &dst_info, opts.filter.clone()).map_err(|detail| {
         VerifyError::ShapeMismatch {
             table: table.to_string(),
             detail,
         }
     })?;
+    // Key ranges must select the same rows on both sides: text keys whose collations differ
+    // (a `C` source, an ICU `en-US` target) are bounded and ordered bytewise on both.
+    let (src_collations, dst_collations) =
+        tokio::try_join!(source.key_collations(&shape), target.key_collations(&shape))?;
+    let bytewise: Vec<bool> = src_collations
+        .iter()
+        .zip(&dst_collations)
+        .map(|(s, d)| s.is_some() && s != d)
+        .collect();
+    shape.order_bytewise(&bytewise);
     let estimate = source.estimated_rows(&shape).await?;
     progress.table_started(&table.to_string(), estimate.max(0.0) as u64);
 
