@@ -85,6 +85,44 @@ fn d(key: &str, kind: &str, cols: &[&str]) -> (String, String, Vec<String>) {
     )
 }
 
+/// Writes a configuration into `dir` with pipeline `name` from `src` (`maindc`) to `dst`
+/// (`cloud`) over `tables`; returns its path.
+fn pipeline_config(
+    dir: &std::path::Path,
+    src: &PgCluster,
+    dst: &PgCluster,
+    name: &str,
+    tables: &[&str],
+) -> String {
+    let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
+    let path = dir.join("invsync.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[databases.maindc]\nurl = \"{}\"\n[databases.cloud]\nurl = \"{}\"\n\
+             [pipelines.{name}]\nsource = \"maindc\"\ntargets = [\"cloud\"]\ntables = [{}]\n",
+            src.url("einvoice"),
+            dst.url("einvoice"),
+            tables.join(", ")
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Waits (up to 60 s) until `count_sql` on `cluster` returns more than `more_than`.
+async fn wait_for_count(cluster: &PgCluster, what: &str, count_sql: &str, more_than: i64) {
+    let client = cluster.client("einvoice").await;
+    wait_until(Duration::from_secs(60), what, || async {
+        client
+            .query_one(count_sql, &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) > more_than)
+            .unwrap_or(false)
+    })
+    .await;
+}
+
 #[test]
 fn finds_every_difference_and_repair_sql_fixes_them() {
     let src = PgCluster::start();
@@ -843,20 +881,11 @@ async fn live_pipeline_reports_no_false_positives() {
             src.port
         ),
     );
-    let source = src.client("einvoice").await;
-    wait_until(
-        Duration::from_secs(60),
+    wait_for_count(
+        &src,
         "the subscription's slot to be streaming",
-        || async {
-            source
-                .query_one(
-                    "SELECT count(*) FROM pg_replication_slots WHERE active",
-                    &[],
-                )
-                .await
-                .map(|r| r.get::<_, i64>(0) > 0)
-                .unwrap_or(false)
-        },
+        "SELECT count(*) FROM pg_replication_slots WHERE active",
+        0,
     )
     .await;
     // Rows 1..=10 are left alone by the load; row 7 is changed by hand on the target.
@@ -889,18 +918,7 @@ async fn live_pipeline_reports_no_false_positives() {
         })
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("invsync.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[databases.maindc]\nurl = \"{}\"\n[databases.cloud]\nurl = \"{}\"\n\
-             [pipelines.live]\nsource = \"maindc\"\ntargets = [\"cloud\"]\ntables = [\"public.invoice\"]\n",
-            src.url("einvoice"),
-            dst.url("einvoice")
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_string();
+    let config = pipeline_config(dir.path(), &src, &dst, "live", &["public.invoice"]);
     let run = |config: String| {
         tokio::task::spawn_blocking(move || {
             invsync(&[
@@ -974,25 +992,19 @@ async fn hot_rows_under_pgbench_are_never_reported_as_different() {
         "einvoice",
         "ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY",
     );
-    let tables = "public.pgbench_accounts,public.pgbench_branches,public.pgbench_tellers,public.pgbench_history";
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("invsync.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[databases.maindc]\nurl = \"{}\"\n[databases.cloud]\nurl = \"{}\"\n\
-             [pipelines.bench]\nsource = \"maindc\"\ntargets = [\"cloud\"]\ntables = [{}]\n",
-            src.url("einvoice"),
-            dst.url("einvoice"),
-            tables
-                .split(',')
-                .map(|t| format!("\"{t}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_string();
+    let config = pipeline_config(
+        dir.path(),
+        &src,
+        &dst,
+        "bench",
+        &[
+            "public.pgbench_accounts",
+            "public.pgbench_branches",
+            "public.pgbench_tellers",
+            "public.pgbench_history",
+        ],
+    );
     let (code, _, err) = invsync(&["--config", &config, "sync", "setup", "bench"]);
     assert_eq!(code, 0, "{err}");
     let mut pipeline = std::process::Command::new(env!("CARGO_BIN_EXE_invsync"))
@@ -1008,17 +1020,11 @@ async fn hot_rows_under_pgbench_are_never_reported_as_different() {
 
     // Once history rows have reached the target, one of them is changed there by hand:
     // pgbench never touches a history row again, so that difference is real.
-    let target = dst.client("einvoice").await;
-    wait_until(
-        Duration::from_secs(60),
+    wait_for_count(
+        &dst,
         "pgbench's history to reach the target",
-        || async {
-            target
-                .query_one("SELECT count(*) FROM pgbench_history", &[])
-                .await
-                .map(|r| r.get::<_, i64>(0) > 100)
-                .unwrap_or(false)
-        },
+        "SELECT count(*) FROM pgbench_history",
+        100,
     )
     .await;
     dst.psql(
