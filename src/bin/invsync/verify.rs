@@ -221,11 +221,13 @@ fn print_report(report: &DbReport) {
         }
     }
     println!(
-        "{} tables identical, {} different ({} rows), {} undecided, {} could not be verified",
+        "{} tables identical, {} different ({} rows), {} with only undecided rows ({} rows undecided \
+         in all), {} could not be verified",
         counts[0],
         counts[1],
         report.differences(),
         counts[3],
+        report.tables.iter().map(|t| t.undecided).sum::<u64>(),
         counts[2]
     );
     if let Some(path) = &report.repair_sql {
