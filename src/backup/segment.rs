@@ -3,7 +3,7 @@
 //! reading the segment's rows.
 //!
 //! A table with a primary key is stored as segments `lo <= key < hi` under the server's
-//! ordering of the key (bounds as the text of each key column, see `verify::keyrange`), in
+//! ordering of the key (bounds as the text of each key column, see `pg::keyrange`), in
 //! key order, covering the whole key space: the first has no `lo`, the last no `hi`, and each
 //! `lo` is the previous `hi`. A table without a primary key is one unbounded segment. Each
 //! segment is dumped with a chunker of its own, so its chunks hold exactly its rows and a
@@ -48,8 +48,8 @@ use tokio_postgres::Client;
 use super::dump::TableSchema;
 use super::snapshot::TableSnapshot;
 use super::BackupError;
+use crate::pg::keyrange::{Col, Key, KeyRange, Shape};
 use crate::pg::{ConnInfo, Lsn, PgError, TableName};
-use crate::verify::keyrange::{Col, Key, KeyRange, Shape};
 
 /// Rows per segment when a range is cut.
 pub const SEGMENT_ROWS: u64 = 65_536;

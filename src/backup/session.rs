@@ -47,8 +47,8 @@ use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
 use super::{failpoint, BackupError};
 use crate::config::TablePattern;
+use crate::pg::keyrange::{Key, KeyRange, Shape};
 use crate::pg::{resolve_tables, ConnInfo, PgError, TableName};
-use crate::verify::keyrange::{Key, KeyRange, Shape};
 
 /// Uploads in flight at once.
 const PARALLEL_UPLOADS: usize = 2;

@@ -7,6 +7,7 @@
 mod catalog;
 mod conn;
 mod conninfo;
+pub(crate) mod keyrange;
 mod lsn;
 mod pattern;
 

@@ -18,7 +18,9 @@
 //! may hash into another bucket on each side; both buckets then differ and are compared in the
 //! same slice or key range, where the server's own equality makes it one changed row. Key
 //! ranges are walked in key order and each range's candidates are put in the server's key
-//! order, so differences come out in key order (with a settle window, rows that needed several
+//! order, so differences come out in key order (bytewise for text keys whose collations differ
+//! between the sides, so that a range selects the same rows on both: a row in one range on one
+//! side and another range on the other would be counted in both) (with a settle window, rows that needed several
 //! re-reads come later). Memory is bounded by the slice size, the re-check batch and the number
 //! of differences listed; counts by kind are exact whatever the number, and repair SQL is
 //! spooled to files as differences are proven.
@@ -29,12 +31,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::keyrange::{BucketSet, Key, KeyRange, Shape};
-use super::recheck::{self, Settle};
+use super::recheck::{self, Settle, Verdict};
 use super::repair;
 use super::side::{Checksum, RowText, Side};
 use super::VerifyError;
 use crate::config::{Config, TablePattern};
+use crate::pg::keyrange::{BucketSet, Key, KeyRange, Shape};
 use crate::pg::{ConnInfo, PgError, TableName};
 
 /// Rows per key hash bucket aimed at: a differing row costs fetching its bucket's rows.
@@ -208,16 +210,16 @@ pub struct DbReport {
 }
 
 impl DbReport {
-    /// 0 identical, 1 differences found, 2 something could not be verified (as `diff` does).
+    /// 0 identical, 1 differences found, 2 something could not be verified (as `diff` does),
+    /// 3 no difference proven but some rows undecided (still moving on a live source).
     pub fn exit_code(&self) -> u8 {
-        if self.tables.iter().any(|t| t.status == TableStatus::Error) {
+        let any = |status| self.tables.iter().any(|t| t.status == status);
+        if any(TableStatus::Error) {
             2
-        } else if self
-            .tables
-            .iter()
-            .any(|t| t.status == TableStatus::Different)
-        {
+        } else if any(TableStatus::Different) {
             1
+        } else if any(TableStatus::Undecided) {
+            3
         } else {
             0
         }
@@ -234,6 +236,9 @@ impl DbReport {
 pub enum TableStatus {
     Identical,
     Different,
+    /// No difference proven, but some rows differed on every read and could not be decided
+    /// (see `undecided`).
+    Undecided,
     /// Could not be compared; see `error`.
     Error,
 }
@@ -263,6 +268,11 @@ pub struct TableReport {
     pub changed: u64,
     /// The first differing rows in key order, at most `max_listed` of them.
     pub differences: Vec<Difference>,
+    /// Rows that differed on every read while the source kept changing them, so that neither
+    /// a difference nor lag could be proven within the settle window: never counted as
+    /// differences. Each listed with the difference last seen, at most `max_listed`.
+    pub undecided: u64,
+    pub undecided_rows: Vec<Difference>,
     pub elapsed_ms: u64,
 }
 
@@ -479,6 +489,8 @@ impl TableReport {
             extra: 0,
             changed: 0,
             differences: Vec::new(),
+            undecided: 0,
+            undecided_rows: Vec::new(),
             elapsed_ms: 0,
         }
     }
@@ -514,12 +526,22 @@ async fn verify_table(
             });
         }
     }
-    let shape = Shape::agree(&src_info, &dst_info, opts.filter.clone()).map_err(|detail| {
+    let mut shape = Shape::agree(&src_info, &dst_info, opts.filter.clone()).map_err(|detail| {
         VerifyError::ShapeMismatch {
             table: table.to_string(),
             detail,
         }
     })?;
+    // Key ranges must select the same rows on both sides: text keys whose collations differ
+    // (a `C` source, an ICU `en-US` target) are bounded and ordered bytewise on both.
+    let (src_collations, dst_collations) =
+        tokio::try_join!(source.key_collations(&shape), target.key_collations(&shape))?;
+    let bytewise: Vec<bool> = src_collations
+        .iter()
+        .zip(&dst_collations)
+        .map(|(s, d)| s.is_some() && s != d)
+        .collect();
+    shape.order_bytewise(&bytewise);
     let estimate = source.estimated_rows(&shape).await?;
     progress.table_started(&table.to_string(), estimate.max(0.0) as u64);
 
@@ -536,6 +558,8 @@ async fn verify_table(
             limit: opts.max_listed,
             listed: Vec::new(),
             counts: [0; 3],
+            undecided: 0,
+            undecided_listed: Vec::new(),
             repair,
         },
         in_flight: 0,
@@ -564,16 +588,20 @@ async fn verify_table(
     let Found {
         listed,
         counts: [missing, extra, changed],
+        undecided,
+        undecided_listed,
         ..
     } = walk.found;
     let differences_found = missing + extra + changed;
     Ok(TableReport {
         table: table.to_string(),
         target: String::new(),
-        status: if differences_found == 0 {
-            TableStatus::Identical
-        } else {
+        status: if differences_found > 0 {
             TableStatus::Different
+        } else if undecided > 0 {
+            TableStatus::Undecided
+        } else {
+            TableStatus::Identical
         },
         error: None,
         key_columns: shape.key.iter().map(|c| c.name.clone()).collect(),
@@ -587,22 +615,43 @@ async fn verify_table(
         extra,
         changed,
         differences: listed,
+        undecided,
+        undecided_rows: undecided_listed,
         elapsed_ms: 0,
     })
 }
 
 /// A table's differences as they are proven: counted exactly, the first `limit` kept for the
-/// report, every one written to the repair file. Memory holds at most `limit` of them.
+/// report, every one written to the repair file; and its undecided rows, counted and listed
+/// apart, never repaired. Memory holds at most `limit` of each.
 struct Found<'a> {
     shape: &'a Shape,
     limit: usize,
     listed: Vec<Difference>,
     /// Missing, extra, changed.
     counts: [u64; 3],
+    undecided: u64,
+    undecided_listed: Vec<Difference>,
     repair: Option<&'a mut repair::RepairFile>,
 }
 
 impl Found<'_> {
+    fn take(&mut self, verdict: Verdict) -> Result<(), VerifyError> {
+        match verdict {
+            Verdict::Proven(difference) => self.add(difference),
+            Verdict::Undecided(difference) => {
+                self.undecided += 1;
+                if self.undecided_listed.len() < self.limit {
+                    self.undecided_listed.push(Difference {
+                        source_row: None,
+                        ..difference
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn add(&mut self, difference: Difference) -> Result<(), VerifyError> {
         self.counts[match difference.kind {
             DifferenceKind::Missing => 0,
@@ -802,7 +851,7 @@ impl Walk<'_> {
             candidates,
             self.settle,
             keep_rows,
-            &mut |d| found.add(d),
+            &mut |verdict| found.take(verdict),
         )
         .await?;
         Ok(())

@@ -2,11 +2,11 @@
 //! differs, and proof that a backup repository is whole ([`repo`]).
 //!
 //! Invariant kept by everything here: a difference is reported only after it has been seen on
-//! fresh reads of both sides (never from one stale snapshot alone), and a table that could not
-//! be compared is reported as such, never as identical.
+//! fresh reads of both sides (never from one stale snapshot alone); a row that keeps changing on
+//! a live source until the settle window ends is reported as undecided, never as a difference;
+//! and a table that could not be compared is reported as such, never as identical.
 
 pub mod db;
-pub(crate) mod keyrange;
 mod recheck;
 mod repair;
 pub mod repo;

@@ -11,8 +11,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::db::{Difference, DifferenceKind};
-use super::keyrange::{typed_literal, Shape};
 use super::VerifyError;
+use crate::pg::keyrange::{typed_literal, Shape};
 
 pub(crate) struct RepairFile {
     path: PathBuf,

@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 
 use tokio_postgres::Client;
 
-use super::keyrange::{BucketSet, Key, KeyRange, Shape};
+use crate::pg::keyrange::{BucketSet, Key, KeyRange, Shape};
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// Settings that fix how values are written as text. `extra_float_digits = 3` gives the
@@ -147,6 +147,35 @@ impl Side {
         Ok(row
             .get::<_, Option<String>>(0)
             .and_then(|s| Lsn::from_str(&s).ok()))
+    }
+
+    /// What orders each key column's text on this server, in key order: the provider, locale
+    /// and recorded version of its collation (the database's for the default one), or None
+    /// for a column without collation (numbers, dates). Read from whole catalog rows as JSON,
+    /// so the columns' names, which change between PostgreSQL versions, need not be known.
+    pub async fn key_collations(&self, shape: &Shape) -> Result<Vec<Option<String>>, PgError> {
+        let names: Vec<&str> = shape.key.iter().map(|c| c.name.as_str()).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT CASE WHEN a.attcollation = 0 THEN NULL \
+                    WHEN a.attcollation = 'pg_catalog.default'::regcollation THEN \
+                      (SELECT string_agg(j.key || '=' || j.value, ' ' ORDER BY j.key) \
+                       FROM pg_database d, jsonb_each_text(to_jsonb(d) - 'datacl') j \
+                       WHERE d.datname = current_database() AND j.key ~ '^dat(locprovider|collate|ctype|icu|locale|collversion)') \
+                    ELSE \
+                      (SELECT string_agg(j.key || '=' || j.value, ' ' ORDER BY j.key) \
+                       FROM pg_collation c, jsonb_each_text(to_jsonb(c)) j \
+                       WHERE c.oid = a.attcollation AND j.key ~ '^coll(provider|isdeterministic|collate|ctype|icu|locale|version)') \
+                    END \
+                 FROM unnest($2::text[]) WITH ORDINALITY k(name, n) \
+                 JOIN pg_attribute a ON a.attrelid = $1::text::regclass AND a.attname = k.name \
+                 ORDER BY k.n",
+                &[&shape.quoted, &names],
+            )
+            .await
+            .map_err(self.err(format!("reading the key's collations of {}", shape.table)))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// The planner's estimate of the table's rows (-1 when never analyzed).

@@ -17,8 +17,10 @@ pub enum VerifyCommand {
     /// Compares checksums of key hash buckets computed inside both databases at once, compares
     /// the rows of differing buckets, and reports every row that is missing on the
     /// target, extra on the target, or changed (with the columns that differ). Rows that differ
-    /// only because a pipeline has not applied them yet are re-checked and not reported.
-    /// Exit status: 0 identical, 1 differences found, 2 could not verify.
+    /// only because a pipeline has not applied them yet are re-checked and not reported; rows
+    /// the source kept changing until --settle ended are reported as undecided, apart.
+    /// Exit status: 0 identical, 1 differences found, 2 could not verify, 3 no difference
+    /// found but some rows undecided.
     Db(DbArgs),
     /// Check that every snapshot of a repository is whole and readable
     ///
@@ -156,7 +158,7 @@ impl Progress for Bar {
 }
 
 fn print_report(report: &DbReport) {
-    let mut counts = [0usize; 3];
+    let mut counts = [0usize; 4];
     for t in &report.tables {
         let on = if t.target.is_empty() {
             String::new()
@@ -185,30 +187,14 @@ fn print_report(report: &DbReport) {
                     t.source_rows,
                     t.target_rows
                 );
-                for d in &t.differences {
-                    let mut line = format!(
-                        "      {:<18} {}",
-                        d.kind.describe(),
-                        d.key_display(&t.key_columns)
-                    );
-                    let changes: Vec<String> = d
-                        .changes
-                        .iter()
-                        .map(|c| {
-                            format!("{}: {} -> {}", c.column, shown(&c.source), shown(&c.target))
-                        })
-                        .collect();
-                    if !changes.is_empty() {
-                        line.push_str(&format!("  {}", changes.join("; ")));
-                    }
-                    println!("{line}");
-                }
-                if t.differences_found > t.differences.len() as u64 {
-                    println!(
-                        "      ... and {} more (raise --max-listed to list them)",
-                        t.differences_found - t.differences.len() as u64
-                    );
-                }
+                print_rows(t, &t.differences, t.differences_found, "");
+            }
+            TableStatus::Undecided => {
+                counts[3] += 1;
+                println!(
+                    "UNDEC {}{on}: no difference proven ({} source rows, {} target rows, {secs:.1} s)",
+                    t.table, t.source_rows, t.target_rows
+                );
             }
             TableStatus::Error => {
                 counts[2] += 1;
@@ -219,6 +205,14 @@ fn print_report(report: &DbReport) {
                 );
             }
         }
+        if t.undecided > 0 {
+            println!(
+                "      {} rows undecided: the source kept changing them until the settle window \
+                 ended (re-run, or raise --settle); last seen:",
+                t.undecided
+            );
+            print_rows(t, &t.undecided_rows, t.undecided, "undecided, ");
+        }
         if t.in_flight > 0 {
             println!(
                 "      ({} rows were in flight and matched on re-check)",
@@ -227,14 +221,44 @@ fn print_report(report: &DbReport) {
         }
     }
     println!(
-        "{} tables identical, {} different ({} rows), {} could not be verified",
+        "{} tables identical, {} different ({} rows), {} with only undecided rows ({} rows undecided \
+         in all), {} could not be verified",
         counts[0],
         counts[1],
         report.differences(),
+        counts[3],
+        report.tables.iter().map(|t| t.undecided).sum::<u64>(),
         counts[2]
     );
     if let Some(path) = &report.repair_sql {
         println!("repair SQL written to {path}");
+    }
+}
+
+/// The listed rows of a table (`prefix` before each kind), and how many more there are of
+/// `total`.
+fn print_rows(t: &TableReport, rows: &[verify::Difference], total: u64, prefix: &str) {
+    for d in rows {
+        let mut line = format!(
+            "      {:<18} {}",
+            format!("{prefix}{}", d.kind.describe()),
+            d.key_display(&t.key_columns)
+        );
+        let changes: Vec<String> = d
+            .changes
+            .iter()
+            .map(|c| format!("{}: {} -> {}", c.column, shown(&c.source), shown(&c.target)))
+            .collect();
+        if !changes.is_empty() {
+            line.push_str(&format!("  {}", changes.join("; ")));
+        }
+        println!("{line}");
+    }
+    if total > rows.len() as u64 {
+        println!(
+            "      ... and {} more (raise --max-listed to list them)",
+            total - rows.len() as u64
+        );
     }
 }
 

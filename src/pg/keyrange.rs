@@ -3,13 +3,19 @@
 //!
 //! Invariants: a range is `lo <= key < hi` under the server's own ordering of the key, with an
 //! absent bound meaning unbounded, so the ranges of one split cover their parent range exactly.
+//! Key columns marked bytewise ([`Shape::order_bytewise`]) are bounded and ordered under
+//! `COLLATE "C"` instead: two servers whose collations differ (a `C` database and an ICU
+//! `en-US` one) then select the same rows for a range and list them in the same order, which
+//! their own orderings would not. Equality never needs it: every deterministic collation
+//! compares equal exactly the byte-equal strings.
 //! A row's bucket depends on its key's text alone, computed the same way on both sides.
 //! Keys travel as the text of each key column and come back into SQL as typed literals
 //! (`'v'::type`), which round-trips every type a primary key can have, composite keys included.
 //! Every row is rendered as `ROW(col, ...)::text` over the source's column order, under the
-//! session settings [`super::side`] fixes, so both sides hash byte-identical text for equal rows.
+//! session settings the caller fixes (verification pins every rendering setting), so both sides
+//! hash byte-identical text for equal rows.
 
-use crate::pg::{quote_ident, quote_literal, TableInfo, TableName};
+use super::{quote_ident, quote_literal, TableInfo, TableName};
 
 /// A key: the text of each key column, in key order.
 pub(crate) type Key = Vec<String>;
@@ -32,6 +38,8 @@ pub(crate) struct Shape {
     pub key: Vec<Col>,
     pub columns: Vec<Col>,
     filter: Option<String>,
+    /// Per key column: bound and order it under `COLLATE "C"` (see the module doc).
+    bytewise: Vec<bool>,
 }
 
 /// `lo <= key < hi`; `None` is unbounded.
@@ -65,7 +73,7 @@ impl Shape {
         target: &TableInfo,
         filter: Option<String>,
     ) -> Result<Shape, String> {
-        let col = |c: &crate::pg::Column| Col {
+        let col = |c: &super::Column| Col {
             name: c.name.clone(),
             quoted: quote_ident(&c.name),
             type_name: c.type_name.clone(),
@@ -116,19 +124,44 @@ impl Shape {
         let key = primary_key
             .iter()
             .filter_map(|k| columns.iter().find(|c| &c.name == k).cloned())
-            .collect();
+            .collect::<Vec<_>>();
         Shape {
             table: table.clone(),
             quoted: table.quoted(),
+            bytewise: vec![false; key.len()],
             key,
             columns,
             filter,
         }
     }
 
+    /// Bounds and orders the key columns flagged in `columns` (in key order) under
+    /// `COLLATE "C"`: for collatable key columns whose collation is not the same on every
+    /// server the ranges are evaluated on. Only then, as an index built under another
+    /// collation cannot serve these comparisons.
+    pub fn order_bytewise(&mut self, columns: &[bool]) {
+        for (flag, set) in self.bytewise.iter_mut().zip(columns) {
+            *flag = *set;
+        }
+    }
+
+    /// `COLLATE "C"` for key column `i` when it is ordered bytewise, else nothing.
+    fn collate(&self, i: usize) -> &'static str {
+        if self.bytewise.get(i).copied().unwrap_or(false) {
+            " COLLATE \"C\""
+        } else {
+            ""
+        }
+    }
+
     /// `"a"` or `("a", "b")`: the key as one comparable SQL value.
     fn key_expr(&self) -> String {
-        let cols: Vec<&str> = self.key.iter().map(|c| c.quoted.as_str()).collect();
+        let cols: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{}{}", c.quoted, self.collate(i)))
+            .collect();
         if cols.len() == 1 {
             cols[0].to_string()
         } else {
@@ -142,7 +175,8 @@ impl Shape {
             .key
             .iter()
             .zip(key)
-            .map(|(c, v)| typed_literal(v, &c.type_name))
+            .enumerate()
+            .map(|(i, (c, v))| format!("{}{}", typed_literal(v, &c.type_name), self.collate(i)))
             .collect();
         if vals.len() == 1 {
             vals[0].clone()
@@ -159,9 +193,10 @@ impl Shape {
         let mut parts = Vec::new();
         let first = |key: &Key, op: &str| match (self.key.first(), key.first()) {
             (Some(c), Some(v)) if self.key.len() > 1 => Some(format!(
-                "{} {op} {}",
+                "{}{collate} {op} {}{collate}",
                 c.quoted,
-                typed_literal(v, &c.type_name)
+                typed_literal(v, &c.type_name),
+                collate = self.collate(0)
             )),
             _ => None,
         };
@@ -228,7 +263,8 @@ impl Shape {
     pub fn key_order(&self) -> String {
         self.key
             .iter()
-            .map(|c| c.quoted.as_str())
+            .enumerate()
+            .map(|(i, c)| format!("{}{}", c.quoted, self.collate(i)))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -328,7 +364,7 @@ impl Shape {
     /// The lookup keys, for ORDER BY: the order of the table's key.
     pub fn lookup_key_order(&self) -> String {
         (0..self.key.len())
-            .map(|i| format!("v.{}", lookup_column(i)))
+            .map(|i| format!("v.{}{}", lookup_column(i), self.collate(i)))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -429,7 +465,37 @@ mod tests {
             key: key.iter().map(|k| col(k)).collect(),
             columns: vec![col("a"), col("b")],
             filter: None,
+            bytewise: vec![false; key.len()],
         }
+    }
+
+    #[test]
+    fn bytewise_key_columns_are_bounded_and_ordered_under_c() {
+        let mut s = shape(&["a", "b"]);
+        s.key[0].type_name = "text".into();
+        s.order_bytewise(&[true, false]);
+        let w = s.range_where(&KeyRange {
+            lo: Some(vec!["É".into(), "1".into()]),
+            hi: Some(vec!["z".into(), "2".into()]),
+        });
+        assert_eq!(
+            w,
+            "(\"a\" COLLATE \"C\", \"b\") >= ('É'::text COLLATE \"C\", '1'::integer) \
+             AND \"a\" COLLATE \"C\" >= 'É'::text COLLATE \"C\" \
+             AND (\"a\" COLLATE \"C\", \"b\") < ('z'::text COLLATE \"C\", '2'::integer) \
+             AND \"a\" COLLATE \"C\" <= 'z'::text COLLATE \"C\""
+        );
+        assert_eq!(s.key_order(), "\"a\" COLLATE \"C\", \"b\"");
+        assert_eq!(
+            s.lookup_key_order(),
+            "v.invsync_k0 COLLATE \"C\", v.invsync_k1"
+        );
+        // Equality keeps the column's collation, so its index still serves lookups.
+        assert_eq!(
+            s.keys_join(&[vec!["x".into(), "1".into()]]),
+            "JOIN (VALUES ('x'::text, '1'::integer, 0)) AS v(invsync_k0, invsync_k1, invsync_n) \
+             ON t.\"a\" = v.invsync_k0 AND t.\"b\" = v.invsync_k1"
+        );
     }
 
     #[test]
