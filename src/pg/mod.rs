@@ -7,6 +7,7 @@
 mod catalog;
 mod conn;
 mod lsn;
+pub mod schema;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};
 pub use conn::{ConnInfo, SslMode};
