@@ -310,6 +310,28 @@ async fn rich_schema_restores_as_pg_dump_sees_it() {
     }
     assert!(before == after, "{}", first_difference(&before, &after));
     assert_rows_identical(&src, &dst, "restored");
+    // Items alone: their foreign key to the invoices, not restored, is skipped (with a
+    // warning), and everything else about them comes back.
+    dst.psql("postgres", "CREATE DATABASE partial");
+    let items_only = RestoreDbOptions {
+        tables: vec![TablePattern::parse("public.item").unwrap()],
+        ..restore_opts(AccessOptions::default())
+    };
+    restore::restore_db(&repo, &snap, &dst.conn("partial"), &items_only)
+        .await
+        .unwrap();
+    assert_eq!(
+        dst.psql(
+            "partial",
+            "SELECT count(*) FILTER (WHERE contype = 'f') || ' ' || count(*) FILTER (WHERE contype = 'x') \
+             FROM pg_constraint WHERE conrelid = 'public.item'::regclass"
+        ),
+        "0 1"
+    );
+    assert_eq!(
+        backup_util::fingerprint(&src, "einvoice", "public.item", "id"),
+        backup_util::fingerprint(&dst, "partial", "public.item", "id")
+    );
     // Sequences continue where the source's stood.
     assert_eq!(
         src.psql("einvoice", "SELECT last_value FROM sales.invoice_id_seq"),
