@@ -124,6 +124,7 @@ async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
         &RestoreDbOptions {
             tables: vec![],
             replace: false,
+            access: Default::default(),
         },
     )
     .await
@@ -288,6 +289,7 @@ async fn memory_store_round_trip() {
     let only_tags = RestoreDbOptions {
         tables: vec![TablePattern::parse("public.tags").unwrap()],
         replace: false,
+        access: Default::default(),
     };
     let done = restore::restore_db(&repo, &snap, &pg.conn("r"), &only_tags)
         .await
@@ -390,6 +392,7 @@ async fn tables_are_cut_at_one_instant_while_writes_go_on() {
         &RestoreDbOptions {
             tables: vec![],
             replace: false,
+            access: Default::default(),
         },
     )
     .await

@@ -14,16 +14,21 @@
 //! racing that statement may sit just below the LSN without being visible; replaying the WAL
 //! archive from this LSN must therefore be idempotent, as sync's apply is.)
 //!
-//! The schema saved per table: columns (type, NOT NULL, default, identity, generation
-//! expression), primary key, unique / check / exclusion constraints, other indexes, and the
-//! state of the sequences its columns own. Not saved: foreign keys (restore loads tables in
-//! any order), triggers, policies, grants, user-defined types (they must exist on the target).
-//! A partitioned table is saved through its parent and restored as one plain table.
+//! The schema saved per table is its [`TableModel`] (see `pg::schema`: the table with its
+//! partitions, types, sequences, constraints, indexes, foreign keys, triggers, policies,
+//! comments, owners and privileges), read inside the cut, beside the few fields older
+//! versions saved (columns, primary key, constraints, indexes, sequence positions), which
+//! segments and the dump still read. A partitioned table is read through its parent, its
+//! rows routed back to their partitions when restored.
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use super::BackupError;
+use crate::pg::schema::constraint::{Constraint, ConstraintKind, Index};
+use crate::pg::schema::sequence::SequenceDef;
+use crate::pg::schema::table::ReplicaIdentityDef;
+use crate::pg::schema::{self, Access, TableDef, TableModel};
 use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableName};
 
 /// What restore needs to recreate one table.
@@ -37,6 +42,10 @@ pub struct TableSchema {
     /// `CREATE INDEX` statements of indexes that back no constraint.
     pub indexes: Vec<String>,
     pub sequences: Vec<SequenceState>,
+    /// The whole definition and what it depends on (absent in snapshots of older versions,
+    /// which restore from the fields above; see [`TableSchema::model`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<TableModel>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,88 +132,56 @@ pub async fn largest_first(
     Ok(sizes.into_iter().map(|(_, i)| i).collect())
 }
 
-/// Reads `table`'s schema inside the cut.
+/// Reads `table`'s schema inside the cut: its [`TableModel`], and the fields older versions
+/// read, derived from it.
 pub async fn load_schema(
     client: &Client,
     conn: &ConnInfo,
     table: &TableName,
 ) -> Result<TableSchema, BackupError> {
-    let q = |what: &str, e| BackupError::Db(PgError::query(format!("{what} of {table}"), conn, e));
-    let rel = table.quoted();
-    let cols = client
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
-               CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END, \
-               NULLIF(a.attidentity::text, ''), \
-               CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END, \
-               pg_get_serial_sequence($1::text, a.attname) \
-             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            &[&rel],
-        )
-        .await
-        .map_err(|e| q("reading the columns", e))?;
-    let mut columns = Vec::new();
-    let mut sequences = Vec::new();
-    for r in &cols {
-        let name: String = r.get(0);
-        if let Some(seq) = r.get::<_, Option<String>>(6) {
-            let row = client
-                .query_one(&format!("SELECT last_value, is_called FROM {seq}"), &[])
-                .await
-                .map_err(|e| q("reading a sequence", e))?;
-            sequences.push(SequenceState {
-                column: name.clone(),
-                name: seq,
-                last_value: row.get(0),
-                is_called: row.get(1),
-            });
-        }
-        columns.push(ColumnDef {
-            name,
-            type_name: r.get(1),
-            not_null: r.get(2),
-            default: r.get(3),
-            identity: r.get(4),
-            generated: r.get(5),
-        });
-    }
-    let cons = client
-        .query(
-            "SELECT conname::text, pg_get_constraintdef(oid), contype::text FROM pg_constraint \
-             WHERE conrelid = $1::text::regclass AND contype IN ('p', 'u', 'c', 'x') \
-             ORDER BY contype <> 'p', conname",
-            &[&rel],
-        )
-        .await
-        .map_err(|e| q("reading the constraints", e))?;
-    let constraints = cons.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let pk = client
-        .query(
-            "SELECT a.attname::text FROM pg_index i \
-             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.ord",
-            &[&rel],
-        )
-        .await
-        .map_err(|e| q("reading the primary key", e))?;
-    let idx = client
-        .query(
-            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = $1::text::regclass \
-             AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid AND c.conrelid = i.indrelid) \
-             ORDER BY 1",
-            &[&rel],
-        )
-        .await
-        .map_err(|e| q("reading the indexes", e))?;
+    let model = TableModel::load(client, conn, table).await?;
+    let root = model.table();
+    let quoted_name = table.quoted();
     Ok(TableSchema {
         name: table.clone(),
-        columns,
-        primary_key: pk.iter().map(|r| r.get(0)).collect(),
-        constraints,
-        indexes: idx.iter().map(|r| r.get(0)).collect(),
-        sequences,
+        columns: root
+            .columns
+            .iter()
+            .map(|c| ColumnDef {
+                name: c.name.clone(),
+                type_name: c.type_name.clone(),
+                not_null: c.not_null,
+                default: c.default.clone(),
+                identity: c.identity.clone(),
+                generated: c.generated.clone(),
+            })
+            .collect(),
+        primary_key: root.primary_key.clone(),
+        constraints: root
+            .constraints
+            .iter()
+            .filter(|c| c.kind != ConstraintKind::ForeignKey)
+            .map(|c| (c.name.clone(), c.definition.clone()))
+            .collect(),
+        indexes: root
+            .indexes
+            .iter()
+            .map(|i| i.create_sql(&quoted_name))
+            .collect(),
+        sequences: model
+            .sequences
+            .iter()
+            .filter_map(|s| {
+                let (_, column) = s.owned_by.as_ref()?;
+                Some(SequenceState {
+                    column: column.clone(),
+                    name: s.name.quoted(),
+                    last_value: s.last_value,
+                    is_called: s.is_called,
+                })
+            })
+            .collect(),
+        model: Some(model),
     })
 }
 
@@ -240,160 +217,203 @@ impl TableSchema {
         )
     }
 
-    /// `COPY staging (cols) FROM STDIN` into the staging table `staging` (see `restore`).
-    pub fn copy_in_sql(&self, staging: &str) -> String {
-        // FREEZE: the table was created in the same transaction, so rows can be written
-        // frozen and need no later vacuum pass to set hint bits.
-        format!(
-            "COPY {staging} ({}) FROM STDIN WITH (FREEZE)",
-            self.copied_columns()
-        )
-    }
-
-    /// The bare table under the name `staging`, for loading: columns, types, NOT NULL and
-    /// generated columns (computed while loading); defaults, identity, constraints and
-    /// indexes come after the data ([`TableSchema::finish_statements`]).
-    pub fn staging_create_sql(&self, staging: &str) -> String {
-        let cols: Vec<String> = self
+    /// The model to restore this table from: the saved one, or for a schema saved by an
+    /// older version (without a model), one made of the fields it has. Such a model knows no
+    /// types, owners, privileges, triggers, policies, foreign keys or partitions, which those
+    /// versions did not save. A saved model that does not describe this table is an error.
+    pub fn model(&self) -> Result<TableModel, BackupError> {
+        if let Some(m) = &self.model {
+            if m.relations.first().map(|r| &r.name) != Some(&self.name) {
+                return Err(BackupError::Invalid(format!(
+                    "the snapshot's schema of {} describes another table; the manifest is damaged",
+                    self.name
+                )));
+            }
+            return Ok(m.clone());
+        }
+        let columns = self
             .columns
             .iter()
-            .map(|c| {
-                let mut d = format!("{} {}", quote_ident(&c.name), c.type_name);
-                if let Some(g) = &c.generated {
-                    d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
-                }
-                if c.not_null {
-                    d.push_str(" NOT NULL");
-                }
-                d
+            .map(|c| schema::ColumnDef {
+                name: c.name.clone(),
+                type_name: c.type_name.clone(),
+                type_oid: 0,
+                not_null: c.not_null,
+                default: c.default.clone(),
+                identity: c.identity.clone(),
+                generated: c.generated.clone(),
+                collation: None,
+                comment: None,
+                acl: None,
             })
             .collect();
-        format!("CREATE TABLE {staging} ({})", cols.join(", "))
-    }
-
-    fn is_identity(&self, column: &str) -> bool {
-        self.columns
-            .iter()
-            .any(|c| c.name == column && c.identity.is_some())
-    }
-
-    /// Constraints (primary key, unique, check, exclusion) and indexes, built on the loaded
-    /// table while it is still called `on`: the costly part of a restore after the data,
-    /// which restore runs on the loading connections, in parallel. `pg_name` is the table's
-    /// name as the server's `quote_ident` writes it (index definitions name their table that
-    /// way). `None` when an index definition does not name the table as expected; then
-    /// `index_statements(&self.name.quoted(), ..)` must run once the table has its final name.
-    pub fn index_statements(&self, on: &str, pg_name: &str) -> Option<Vec<String>> {
-        let mut out: Vec<String> = self
+        let constraints = self
             .constraints
             .iter()
-            .map(|(name, def)| {
-                format!(
-                    "ALTER TABLE {on} ADD CONSTRAINT {} {def}",
-                    quote_ident(name)
-                )
+            .map(|(name, def)| Constraint {
+                name: name.clone(),
+                kind: if def.starts_with("PRIMARY KEY") {
+                    ConstraintKind::PrimaryKey
+                } else if def.starts_with("UNIQUE") {
+                    ConstraintKind::Unique
+                } else if def.starts_with("EXCLUDE") {
+                    ConstraintKind::Exclusion
+                } else {
+                    ConstraintKind::Check
+                },
+                definition: def.clone(),
+                references: None,
+                attach_to: None,
+                comment: None,
             })
             .collect();
-        for def in &self.indexes {
-            let target = format!(" ON {pg_name} ");
-            let only = format!(" ON ONLY {pg_name} ");
-            if def.contains(&target) {
-                out.push(def.replacen(&target, &format!(" ON {on} "), 1));
-            } else if def.contains(&only) {
-                out.push(def.replacen(&only, &format!(" ON ONLY {on} "), 1));
-            } else if on == self.name.quoted() {
-                out.push(def.clone());
-            } else {
-                return None;
-            }
-        }
-        Some(out)
+        let sequences = self
+            .sequences
+            .iter()
+            .map(|s| SequenceDef {
+                name: parse_qualified(&s.name).unwrap_or_else(|| self.name.clone()),
+                settings: None,
+                last_value: s.last_value,
+                is_called: s.is_called,
+                owned_by: Some((self.name.clone(), s.column.clone())),
+                identity: self
+                    .columns
+                    .iter()
+                    .any(|c| c.name == s.column && c.identity.is_some()),
+                access: Access::default(),
+                comment: None,
+            })
+            .collect();
+        Ok(TableModel {
+            relations: vec![TableDef {
+                name: self.name.clone(),
+                columns,
+                primary_key: self.primary_key.clone(),
+                partition_key: None,
+                partition_of: None,
+                options: Vec::new(),
+                constraints,
+                indexes: self.indexes.iter().filter_map(|d| parse_index(d)).collect(),
+                triggers: Vec::new(),
+                row_security: false,
+                force_row_security: false,
+                policies: Vec::new(),
+                replica_identity: ReplicaIdentityDef::Default,
+                access: Access::default(),
+                comment: None,
+            }],
+            types: Vec::new(),
+            sequences,
+            functions: Vec::new(),
+        })
     }
+}
 
-    /// Statements that complete a loaded table once it has its final name (after
-    /// [`TableSchema::index_statements`]): serial sequences and defaults, identity, sequence
-    /// positions.
-    pub fn finish_statements(&self) -> Vec<String> {
-        let table = self.name.quoted();
-        let mut out = Vec::new();
-        for s in &self.sequences {
-            if !self.is_identity(&s.column) {
-                out.push(format!("CREATE SEQUENCE IF NOT EXISTS {}", s.name));
+/// Splits a name as PostgreSQL's `quote_ident` writes it (`a`, `"A b"`) off the front of
+/// `s`; returns the name and the rest.
+fn split_ident(s: &str) -> Option<(String, &str)> {
+    if let Some(rest) = s.strip_prefix('"') {
+        let mut name = String::new();
+        let mut chars = rest.char_indices();
+        while let Some((i, c)) = chars.next() {
+            if c != '"' {
+                name.push(c);
+            } else if rest[i + 1..].starts_with('"') {
+                name.push('"');
+                chars.next();
+            } else {
+                return Some((name, &rest[i + 1..]));
             }
         }
-        for c in &self.columns {
-            if let Some(def) = &c.default {
-                out.push(format!(
-                    "ALTER TABLE {table} ALTER COLUMN {} SET DEFAULT {def}",
-                    quote_ident(&c.name)
-                ));
-            }
-            let kind = match c.identity.as_deref() {
-                Some("a") => "ALWAYS",
-                Some("d") => "BY DEFAULT",
-                _ => continue,
-            };
-            out.push(format!(
-                "ALTER TABLE {table} ALTER COLUMN {} ADD GENERATED {kind} AS IDENTITY",
-                quote_ident(&c.name)
-            ));
-        }
-        for s in &self.sequences {
-            if !self.is_identity(&s.column) {
-                out.push(format!(
-                    "ALTER SEQUENCE {} OWNED BY {table}.{}",
-                    s.name,
-                    quote_ident(&s.column)
-                ));
-            }
-            // Looked up by column: an identity column's new sequence may be named differently.
-            out.push(format!(
-                "SELECT setval(pg_get_serial_sequence({}, {}), {}, {})",
-                crate::pg::quote_literal(&table),
-                crate::pg::quote_literal(&s.column),
-                s.last_value,
-                s.is_called
-            ));
-        }
-        out
+        None
+    } else {
+        let end = s
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(s.len());
+        (end > 0).then(|| (s[..end].to_string(), &s[end..]))
     }
+}
+
+/// `schema.name` as PostgreSQL writes it.
+fn parse_qualified(s: &str) -> Option<TableName> {
+    let (schema, rest) = split_ident(s)?;
+    let (name, rest) = split_ident(rest.strip_prefix('.')?)?;
+    rest.is_empty().then(|| TableName::new(schema, name))
+}
+
+/// A `pg_get_indexdef` statement as saved by older versions.
+fn parse_index(def: &str) -> Option<Index> {
+    let rest = def.strip_prefix("CREATE ")?;
+    let (unique, rest) = match rest.strip_prefix("UNIQUE ") {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    let (name, rest) = split_ident(rest.strip_prefix("INDEX ")?)?;
+    let rest = rest.strip_prefix(" ON ")?;
+    let (only, rest) = match rest.strip_prefix("ONLY ") {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    let (_, rest) = split_ident(rest)?;
+    let rest = rest
+        .strip_prefix('.')
+        .and_then(split_ident)
+        .map_or(rest, |(_, r)| r);
+    Some(Index {
+        name,
+        unique,
+        only,
+        body: rest.strip_prefix(' ')?.to_string(),
+        attach_to: None,
+        clustered: false,
+        comment: None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn schema(indexes: &[&str]) -> TableSchema {
-        TableSchema {
-            name: TableName {
-                schema: "public".into(),
-                name: "user".into(),
-            },
-            columns: vec![],
+    #[test]
+    fn schemas_of_older_versions_become_models() {
+        let old = TableSchema {
+            name: TableName::new("public", "user"),
+            columns: vec![ColumnDef {
+                name: "id".into(),
+                type_name: "bigint".into(),
+                not_null: true,
+                default: None,
+                identity: Some("a".into()),
+                generated: None,
+            }],
             primary_key: vec!["id".into()],
             constraints: vec![("user_pkey".into(), "PRIMARY KEY (id)".into())],
-            indexes: indexes.iter().map(|s| s.to_string()).collect(),
-            sequences: vec![],
-        }
-    }
-
-    #[test]
-    fn indexes_are_pointed_at_the_staging_table() {
-        let s = schema(&["CREATE INDEX user_day ON public.\"user\" USING btree (day)"]);
+            indexes: vec![
+                "CREATE INDEX user_day ON public.\"user\" USING btree (day)".into(),
+                "CREATE UNIQUE INDEX \"Odd \"\"x\" ON ONLY \"S\".t USING btree (a) WHERE (a > 0)"
+                    .into(),
+            ],
+            sequences: vec![SequenceState {
+                column: "id".into(),
+                name: "public.\"user_id_seq\"".into(),
+                last_value: 7,
+                is_called: true,
+            }],
+            model: None,
+        };
+        let m = old.model().unwrap();
+        let t = m.table();
+        assert_eq!(t.constraints[0].kind, ConstraintKind::PrimaryKey);
         assert_eq!(
-            s.index_statements("st.t0", "public.\"user\"").unwrap(),
-            vec![
-                "ALTER TABLE st.t0 ADD CONSTRAINT \"user_pkey\" PRIMARY KEY (id)".to_string(),
-                "CREATE INDEX user_day ON st.t0 USING btree (day)".to_string(),
-            ]
+            t.indexes[0].create_sql("st.t0_0"),
+            "CREATE INDEX \"user_day\" ON st.t0_0 USING btree (day)"
         );
-        // A definition that does not name the table as expected is left for the final name.
-        let odd = schema(&["CREATE INDEX user_day ON other.\"user\" USING btree (day)"]);
-        assert!(odd.index_statements("st.t0", "public.\"user\"").is_none());
-        let final_name = odd.name.quoted();
         assert_eq!(
-            odd.index_statements(&final_name, &final_name).unwrap()[1],
-            "CREATE INDEX user_day ON other.\"user\" USING btree (day)"
+            t.indexes[1].create_sql("x"),
+            "CREATE UNIQUE INDEX \"Odd \"\"x\" ON ONLY x USING btree (a) WHERE (a > 0)"
         );
+        assert_eq!(m.sequences[0].name, TableName::new("public", "user_id_seq"));
+        assert!(m.sequences[0].identity);
+        assert_eq!(parse_qualified("a.b.c"), None);
     }
 }

@@ -137,8 +137,13 @@ pub fn snapshot_body(data: &[u8]) -> bool {
             // Restore builds its SQL from these; building must not panic whatever they hold.
             let _ = t.schema.copy_out_sql("TRUE");
             let _ = super::segment::parent_segments(t, &[], "");
-            let _ = t.schema.staging_create_sql("s.t");
-            let _ = t.schema.finish_statements();
+            if let Ok(model) = t.schema.model() {
+                let plan = crate::pg::schema::Plan::new(vec![&model], Default::default());
+                let at = crate::pg::schema::Placement::Staging("s");
+                let _ = (plan.create_tables(0, at), plan.copy_in_sql(0, at));
+                let _ = (plan.build_statements(0, at), plan.finish_statements(0));
+                let _ = (plan.function_statements(), plan.foreign_key_statements());
+            }
         }
         ok |= safe;
     }

@@ -28,6 +28,7 @@ use super::snapshot::{Snapshot, TableSnapshot};
 use super::tree::{self, EntryKind};
 use super::BackupError;
 use crate::config::TablePattern;
+use crate::pg::schema::{self, AccessOptions, Placement, Plan, TableModel};
 use crate::pg::{quote_ident, ConnInfo, PgError};
 
 /// Largest single read from a pack: neighbouring blobs are fetched together up to this.
@@ -167,6 +168,8 @@ pub struct RestoreDbOptions {
     pub tables: Vec<TablePattern>,
     /// Drop and recreate tables that exist and hold rows.
     pub replace: bool,
+    /// Whether owners and privileges are restored (`--no-owner`, `--no-acl`).
+    pub access: AccessOptions,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -242,6 +245,22 @@ pub async fn restore_db(
     if !refused.is_empty() {
         return Err(refusal(&refused));
     }
+    let models = tables
+        .iter()
+        .map(|t| t.schema.model())
+        .collect::<Result<Vec<TableModel>, _>>()?;
+    let plan = Plan::new(models.iter().collect(), opts.access);
+    let missing = schema::missing_roles(&client, conn, &plan).await?;
+    if !missing.is_empty() {
+        return Err(BackupError::Restore(format!(
+            "role(s) {} own or are granted the saved objects but do not exist on {conn}; \
+             create them, or restore with --no-owner --no-acl; nothing was restored",
+            missing.join(", ")
+        )));
+    }
+    for skipped in plan.skipped_foreign_keys() {
+        tracing::warn!("{skipped}");
+    }
     let staging = format!(
         "invsync_restore_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -251,7 +270,17 @@ pub async fn restore_db(
         .batch_execute(&format!("CREATE SCHEMA {staging}"))
         .await
         .map_err(|e| q("creating the staging schema".into(), e))?;
-    let result = load_and_swap(repo, &loc, &client, conn, &tables, &staging, opts.replace).await;
+    let result = load_and_swap(
+        repo,
+        &loc,
+        &client,
+        conn,
+        &tables,
+        &plan,
+        &staging,
+        opts.replace,
+    )
+    .await;
     if result.is_err() {
         let _ = client.batch_execute("ROLLBACK").await;
         if let Err(e) = client
@@ -323,15 +352,41 @@ fn refusal(refused: &[String]) -> BackupError {
 /// Loads every table into the staging schema, [`PARALLEL_LOADS`] at a time, each committed on
 /// its own connection with its constraints and indexes (when names cannot clash); then, in
 /// one transaction on `client`, replaces the targets, moves the loaded tables into place and
-/// adds defaults, identity, sequences (and any constraints and indexes not built yet). Until that commit
+/// completes them (see `pg::schema`'s phases: sequences, defaults, identity, functions,
+/// triggers, policies, privileges, then foreign keys, validated against the loaded rows). Until that commit
 /// the target schemas are untouched, so a failure or a crash never leaves a table that looks
 /// restored but is not (a crash leaves the `invsync_restore_*` schema, which can be dropped).
+/// The types the tables need are created first, committed, and dropped again if this fails
+/// (a crash can leave them, as it leaves the staging schema).
+#[allow(clippy::too_many_arguments)]
 async fn load_and_swap(
     repo: &Repository,
     loc: &Locator,
     client: &tokio_postgres::Client,
     conn: &ConnInfo,
     tables: &[&TableSnapshot],
+    plan: &Plan<'_>,
+    staging: &str,
+    replace: bool,
+) -> Result<(), BackupError> {
+    let created = schema::create_prerequisites(client, conn, plan).await?;
+    let result =
+        load_and_swap_tables(repo, loc, client, conn, tables, plan, staging, replace).await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+        created.undo(client).await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn load_and_swap_tables(
+    repo: &Repository,
+    loc: &Locator,
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+    tables: &[&TableSnapshot],
+    plan: &Plan<'_>,
     staging: &str,
     replace: bool,
 ) -> Result<(), BackupError> {
@@ -339,25 +394,14 @@ async fn load_and_swap(
     // Biggest first, so the two loaders finish close together.
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(tables[i].bytes));
-    // Constraint and index names are unique within a schema, so tables from one schema can
-    // have theirs built side by side in the staging schema; tables from several might clash.
-    let schemas: HashSet<&str> = tables
-        .iter()
-        .map(|t| t.schema.name.schema.as_str())
-        .collect();
-    let build_early = schemas.len() <= 1;
+    // Index names are unique within a schema: only when no two clash can the tables have
+    // theirs built side by side in the staging schema.
+    let build_early = plan.can_build_in_staging();
     let mut indexed = vec![false; tables.len()];
     for (i, done) in futures::stream::iter(order.iter().map(|&i| async move {
-        load_one(
-            repo,
-            loc,
-            conn,
-            tables[i],
-            format!("{staging}.t{i}"),
-            build_early,
-        )
-        .await
-        .map(|done| (i, done))
+        load_one(repo, loc, conn, tables[i], plan, i, staging, build_early)
+            .await
+            .map(|done| (i, done))
     }))
     .buffer_unordered(PARALLEL_LOADS)
     .try_collect::<Vec<(usize, bool)>>()
@@ -374,39 +418,52 @@ async fn load_and_swap(
     if !refused.is_empty() {
         return Err(refusal(&refused));
     }
-    for (i, t) in tables.iter().enumerate() {
-        let name = &t.schema.name;
-        let mut statements = vec![
-            format!("DROP TABLE IF EXISTS {}", name.quoted()),
-            format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)),
-            format!(
-                "ALTER TABLE {staging}.t{i} RENAME TO {}",
-                quote_ident(&name.name)
-            ),
-            format!(
-                "ALTER TABLE {staging}.{} SET SCHEMA {}",
-                quote_ident(&name.name),
-                quote_ident(&name.schema)
-            ),
-        ];
-        if !indexed[i] {
-            let table = name.quoted();
-            statements.extend(
-                t.schema
-                    .index_statements(&table, &table)
-                    .unwrap_or_default(),
-            );
-        }
-        statements.extend(t.schema.finish_statements());
+    let run = |label: String, statements: Vec<String>| async move {
         for s in statements {
             client.batch_execute(&s).await.map_err(|e| {
                 BackupError::Restore(format!(
-                    "table {name}: {}; nothing was restored",
+                    "{label}: {}; nothing was restored",
                     q(s.clone(), e)
                 ))
             })?;
         }
+        Ok::<(), BackupError>(())
+    };
+    for (i, t) in tables.iter().enumerate() {
+        let model = &plan.models()[i];
+        let mut statements = Vec::new();
+        for (r, rel) in model.relations.iter().enumerate() {
+            let name = &rel.name;
+            statements.extend([
+                format!("DROP TABLE IF EXISTS {}", name.quoted()),
+                format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)),
+                format!(
+                    "ALTER TABLE {} RENAME TO {}",
+                    plan.relation_at(i, r, Placement::Staging(staging)),
+                    quote_ident(&name.name)
+                ),
+                format!(
+                    "ALTER TABLE {}.{} SET SCHEMA {}",
+                    quote_ident(staging),
+                    quote_ident(&name.name),
+                    quote_ident(&name.schema)
+                ),
+            ]);
+        }
+        if !indexed[i] {
+            statements.extend(plan.build_statements(i, Placement::Final));
+        }
+        run(format!("table {}", t.schema.name), statements).await?;
     }
+    run("functions".into(), plan.function_statements()).await?;
+    for (i, t) in tables.iter().enumerate() {
+        run(
+            format!("table {}", t.schema.name),
+            plan.finish_statements(i),
+        )
+        .await?;
+    }
+    run("foreign keys".into(), plan.foreign_key_statements()).await?;
     client
         .batch_execute(&format!("DROP SCHEMA {staging}"))
         .await
@@ -419,12 +476,15 @@ async fn load_and_swap(
 
 /// Creates and fills one staging table on a connection of its own; with `build_indexes`, also
 /// adds its constraints and indexes there. Returns whether they were built.
+#[allow(clippy::too_many_arguments)]
 async fn load_one(
     repo: &Repository,
     loc: &Locator,
     conn: &ConnInfo,
     t: &TableSnapshot,
-    staging: String,
+    plan: &Plan<'_>,
+    i: usize,
+    staging: &str,
     build_indexes: bool,
 ) -> Result<bool, BackupError> {
     let name = &t.schema.name;
@@ -438,12 +498,13 @@ async fn load_one(
         )))
     };
     let client = conn.connect().await?;
+    let at = Placement::Staging(staging);
     client
-        .batch_execute(&format!("BEGIN; {}", t.schema.staging_create_sql(&staging)))
+        .batch_execute(&format!("BEGIN; {}", plan.create_tables(i, at).join("; ")))
         .await
         .map_err(|e| q("creating", e))?;
     let sink = client
-        .copy_in::<_, Bytes>(&t.schema.copy_in_sql(&staging))
+        .copy_in::<_, Bytes>(&plan.copy_in_sql(i, at))
         .await
         .map_err(|e| q("loading", e))?;
     futures::pin_mut!(sink);
@@ -456,32 +517,19 @@ async fn load_one(
             .map_err(|e| q("loading", e))?;
     }
     sink.as_mut().finish().await.map_err(|e| q("loading", e))?;
-    let mut built = false;
     if build_indexes {
-        // Index definitions name the table as the server quotes it.
-        let pg_name: String = client
-            .query_one(
-                "SELECT quote_ident($1) || '.' || quote_ident($2)",
-                &[&name.schema, &name.name],
-            )
-            .await
-            .map_err(|e| q("indexing", e))?
-            .get(0);
-        if let Some(statements) = t.schema.index_statements(&staging, &pg_name) {
-            for s in statements {
-                client
-                    .batch_execute(&s)
-                    .await
-                    .map_err(|e| q(&format!("indexing ({s})"), e))?;
-            }
-            built = true;
+        for s in plan.build_statements(i, at) {
+            client
+                .batch_execute(&s)
+                .await
+                .map_err(|e| q(&format!("indexing ({s})"), e))?;
         }
     }
     client
         .batch_execute("COMMIT")
         .await
         .map_err(|e| q("loading", e))?;
-    Ok(built)
+    Ok(build_indexes)
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

@@ -48,6 +48,9 @@ pub struct Snapshot {
 /// One table's data as of the cut.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TableSnapshot {
+    /// The table's definition; since the table model was added it holds the whole
+    /// `pg::schema::TableModel` (types, partitions, foreign keys, triggers, policies, grants),
+    /// absent in snapshots of older versions, which restore from the other fields.
     pub schema: TableSchema,
     pub rows: u64,
     /// Bytes of COPY text.

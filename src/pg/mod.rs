@@ -1,5 +1,6 @@
 //! PostgreSQL plumbing shared by sync, backup and verify: connection settings with TLS,
-//! LSNs, identifier quoting and the catalog queries that describe a table.
+//! LSNs, identifier quoting, the catalog queries that describe a table, and the one model of
+//! a table with what it depends on ([`schema`]), which backup saves and restore recreates.
 //!
 //! A [`ConnInfo`] never shows its password: its `Display` and `Debug` print `***` in its place,
 //! and errors built from it use that form.
@@ -10,6 +11,7 @@ mod conninfo;
 pub(crate) mod keyrange;
 mod lsn;
 mod pattern;
+pub mod schema;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};
 pub use conn::{ConnInfo, SslMode};

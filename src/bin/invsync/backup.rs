@@ -16,6 +16,7 @@ use invsync::backup::retention::{self, Policy};
 use invsync::backup::session::{self, BackupOptions, DatabaseSource, Progress};
 use invsync::backup::{prune, snapshot};
 use invsync::config::{Config, TablePattern};
+use invsync::pg::schema::AccessOptions;
 use invsync::pg::ConnInfo;
 use invsync::verify::repo::{self as repo_check, RepoCheckOptions, Severity};
 
@@ -141,6 +142,12 @@ pub struct RestoreArgs {
     /// Drop and recreate tables that exist and hold rows
     #[arg(long, requires = "to_db")]
     replace: bool,
+    /// Leave restored objects owned by the connecting role instead of their saved owners
+    #[arg(long, requires = "to_db")]
+    no_owner: bool,
+    /// Do not restore privileges (grants); objects keep their default privileges
+    #[arg(long, requires = "to_db")]
+    no_acl: bool,
     /// Restore configuration trees below this directory
     #[arg(long, value_name = "PATH")]
     to_dir: Option<PathBuf>,
@@ -442,6 +449,10 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                     &RestoreDbOptions {
                         tables,
                         replace: args.replace,
+                        access: AccessOptions {
+                            no_owner: args.no_owner,
+                            no_acl: args.no_acl,
+                        },
                     },
                 )
                 .await?;

@@ -1,0 +1,150 @@
+//! The one model of a table and what it depends on: loaded from the catalogs, saved with a
+//! backup, and turned back into DDL by restore and by sync's setup.
+//!
+//! A [`TableModel`] is one table as a user names it (a partitioned table with all its
+//! partitions, or a plain table) together with what it needs to exist: the user-defined types
+//! its columns use, the sequences its columns own or call, and the functions its triggers
+//! call. It is read in whatever transaction the caller holds, so a backup reads it at its
+//! cut. Definitions are kept as PostgreSQL itself writes them (`format_type`,
+//! `pg_get_constraintdef`, `pg_get_indexdef`, `pg_get_triggerdef`, `pg_get_functiondef`,
+//! `pg_get_expr`, `pg_get_partkeydef`), read with only `pg_catalog` on the search path so that
+//! every name in them is schema-qualified and means the same on another database.
+//!
+//! [`Plan`] turns several models into DDL in pg_dump's phases: pre-data (schemas, types;
+//! tables), the data, post-data (constraints and indexes, then sequences, defaults and
+//! identity, functions, foreign keys, triggers, row-level security and policies, comments,
+//! owners and privileges). Foreign keys are added only between tables of the plan; one to a
+//! table outside it is reported by [`Plan::skipped_foreign_keys`].
+//!
+//! Not modelled (recreate them by hand): column statistics targets and storage modes,
+//! publications, rules, extended statistics, comments on policies, functions that defaults
+//! or checks call (they must exist on the target), and extension-owned types and functions
+//! (install the extension on the target).
+
+pub mod acl;
+pub mod constraint;
+mod create;
+mod phases;
+pub mod policy;
+pub mod sequence;
+pub mod table;
+pub mod trigger;
+pub mod types;
+
+pub use acl::{Access, AccessOptions};
+pub use create::{create_prerequisites, missing_roles, Created};
+pub use phases::{Placement, Plan, SkippedForeignKey};
+pub use table::{ColumnDef, TableDef};
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::{ConnInfo, PgError, TableName};
+
+/// One table with its partitions and everything they depend on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableModel {
+    /// The table, then its partitions, each after its parent.
+    pub relations: Vec<TableDef>,
+    /// User-defined types, each after the types it is built from.
+    pub types: Vec<types::TypeDef>,
+    pub sequences: Vec<sequence::SequenceDef>,
+    pub functions: Vec<trigger::FunctionDef>,
+}
+
+impl TableModel {
+    /// The table itself (not a partition).
+    pub fn table(&self) -> &TableDef {
+        &self.relations[0]
+    }
+
+    pub fn name(&self) -> &TableName {
+        &self.table().name
+    }
+
+    /// Reads `table` and its dependencies in the caller's current transaction, if any.
+    /// `MissingTable` when it does not exist.
+    pub async fn load(
+        client: &Client,
+        conn: &ConnInfo,
+        table: &TableName,
+    ) -> Result<TableModel, PgError> {
+        let q = |e| PgError::query(format!("reading the catalog for {table}"), conn, e);
+        let previous: String = client
+            .query_one("SELECT current_setting('search_path')", &[])
+            .await
+            .map_err(q)?
+            .get(0);
+        client
+            .query_one("SELECT set_config('search_path', 'pg_catalog', false)", &[])
+            .await
+            .map_err(q)?;
+        let loaded = Self::load_qualified(client, conn, table).await;
+        let restored = client
+            .query_one("SELECT set_config('search_path', $1, false)", &[&previous])
+            .await
+            .map_err(q);
+        let model = loaded?;
+        restored?;
+        Ok(model)
+    }
+
+    async fn load_qualified(
+        client: &Client,
+        conn: &ConnInfo,
+        table: &TableName,
+    ) -> Result<TableModel, PgError> {
+        let rows = client
+            .query(
+                // pg_partition_tree lists nothing for a table that is not partitioned.
+                "SELECT c.oid, n.nspname::text, c.relname::text FROM ( \
+                   SELECT to_regclass($1) AS relid, 0 AS level \
+                   UNION ALL SELECT relid, level FROM pg_partition_tree(to_regclass($1)) \
+                   WHERE level > 0) p \
+                 JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') ORDER BY p.level, n.nspname, c.relname",
+                &[&table.quoted()],
+            )
+            .await
+            .map_err(|e| PgError::query(format!("reading the partitions of {table}"), conn, e))?;
+        if rows.is_empty() {
+            return Err(PgError::MissingTable {
+                table: table.to_string(),
+                target: conn.to_string(),
+            });
+        }
+        let mut model = TableModel {
+            relations: Vec::new(),
+            types: Vec::new(),
+            sequences: Vec::new(),
+            functions: Vec::new(),
+        };
+        let mut seen_types = Vec::new();
+        for r in rows {
+            let oid: u32 = r.get(0);
+            let name = TableName::new(r.get::<_, String>(1), r.get::<_, String>(2));
+            let mut rel = table::load(client, conn, &name, oid).await?;
+            for c in &rel.columns {
+                types::load_into(client, conn, c.type_oid, &mut model.types, &mut seen_types)
+                    .await?;
+            }
+            rel.constraints = constraint::load_constraints(client, conn, &name, oid).await?;
+            rel.indexes = constraint::load_indexes(client, conn, &name, oid).await?;
+            let (triggers, functions) = trigger::load(client, conn, &name, oid).await?;
+            rel.triggers = triggers;
+            for f in functions {
+                if !model.functions.iter().any(|g| g.signature == f.signature) {
+                    model.functions.push(f);
+                }
+            }
+            rel.policies = policy::load(client, conn, &name).await?;
+            for s in sequence::load(client, conn, &name, oid).await? {
+                if !model.sequences.iter().any(|t| t.name == s.name) {
+                    model.sequences.push(s);
+                }
+            }
+            model.relations.push(rel);
+        }
+        Ok(model)
+    }
+}

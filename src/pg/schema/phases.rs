@@ -1,0 +1,668 @@
+//! DDL for a set of [`TableModel`]s, in pg_dump's phases, for tables that are created and
+//! loaded somewhere first (a staging schema) and moved into place at the end.
+//!
+//! The order of calls is the order of the phases:
+//! 1. [`Plan::schemas`] and [`Plan::types`]: what the tables' columns need to exist;
+//! 2. [`Plan::create_tables`] at a [`Placement`], then the data ([`Plan::copy_in_sql`]);
+//! 3. [`Plan::build_statements`]: constraints backed by indexes, checks, indexes (the costly
+//!    part after the data, one model at a time, so models can be built in parallel);
+//! 4. once every table has its final name: [`Plan::function_statements`], then each model's
+//!    [`Plan::finish_statements`] (sequences, defaults, identity, triggers, row-level
+//!    security, policies, comments, owners, privileges), then
+//!    [`Plan::foreign_key_statements`], which also validate the loaded rows.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+
+use super::acl::AccessOptions;
+use super::constraint::ConstraintKind;
+use super::sequence;
+use super::table::{ReplicaIdentityDef, TableDef};
+use super::types::TypeDef;
+use super::TableModel;
+use crate::pg::{quote_ident, quote_literal, TableName};
+
+/// Where the relations of a plan are while a statement runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Placement<'a> {
+    /// Under their own names.
+    Final,
+    /// In this (unquoted) staging schema, as `t<model>_<relation>`, and their indexes with
+    /// them.
+    Staging(&'a str),
+}
+
+/// A foreign key that references a table the plan does not create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedForeignKey {
+    pub table: TableName,
+    pub constraint: String,
+    pub references: TableName,
+}
+
+impl fmt::Display for SkippedForeignKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "foreign key {} of {} references {}, which is not restored with it; it was skipped \
+             (add it by hand once {} holds the referenced rows)",
+            self.constraint, self.table, self.references, self.references
+        )
+    }
+}
+
+/// The DDL of several models created together.
+pub struct Plan<'m> {
+    models: Vec<&'m TableModel>,
+    opts: AccessOptions,
+}
+
+impl<'m> Plan<'m> {
+    pub fn new(models: Vec<&'m TableModel>, opts: AccessOptions) -> Plan<'m> {
+        Plan { models, opts }
+    }
+
+    /// The models, in the order given to [`Plan::new`]; `m` in the other methods indexes them.
+    pub fn models(&self) -> &[&'m TableModel] {
+        &self.models
+    }
+
+    /// Relation `r` of model `m` as it is named at `at`, quoted.
+    pub fn relation_at(&self, m: usize, r: usize, at: Placement) -> String {
+        match at {
+            Placement::Final => self.models[m].relations[r].name.quoted(),
+            Placement::Staging(s) => {
+                format!("{}.{}", quote_ident(s), quote_ident(&format!("t{m}_{r}")))
+            }
+        }
+    }
+
+    /// The schema an index of relation `r` of model `m` lives in.
+    fn index_schema(&self, m: usize, r: usize, at: Placement) -> String {
+        match at {
+            Placement::Final => quote_ident(&self.models[m].relations[r].name.schema),
+            Placement::Staging(s) => quote_ident(s),
+        }
+    }
+
+    fn restores(&self, name: &TableName) -> bool {
+        self.models
+            .iter()
+            .any(|m| m.relations.iter().any(|r| &r.name == name))
+    }
+
+    /// Roles that must exist on the target: owners and grantees (unless left out by the
+    /// options) and the roles policies name.
+    pub fn required_roles(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for m in &self.models {
+            for r in &m.relations {
+                out.extend(r.access.roles(self.opts));
+                if !self.opts.no_acl {
+                    for c in &r.columns {
+                        out.extend(c.acl.iter().flatten().filter_map(|g| g.grantee.clone()));
+                    }
+                }
+                for p in &r.policies {
+                    out.extend(p.roles().cloned());
+                }
+            }
+            out.extend(m.types.iter().flat_map(|t| t.access.roles(self.opts)));
+            out.extend(m.sequences.iter().flat_map(|s| s.access.roles(self.opts)));
+            out.extend(m.functions.iter().flat_map(|f| f.access.roles(self.opts)));
+        }
+        out
+    }
+
+    /// Foreign keys to tables outside the plan: not created.
+    pub fn skipped_foreign_keys(&self) -> Vec<SkippedForeignKey> {
+        let mut out = Vec::new();
+        for m in &self.models {
+            for r in &m.relations {
+                for c in &r.constraints {
+                    if let Some(to) = c.references.as_ref().filter(|to| !self.restores(to)) {
+                        out.push(SkippedForeignKey {
+                            table: r.name.clone(),
+                            constraint: c.name.clone(),
+                            references: to.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Schemas the tables, types and sequences live in, by name.
+    pub fn schemas(&self) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for m in &self.models {
+            out.extend(m.relations.iter().map(|r| r.name.schema.clone()));
+            out.extend(m.types.iter().map(|t| t.name.schema.clone()));
+            out.extend(m.types.iter().filter_map(|t| match &t.kind {
+                super::types::TypeKind::Range { multirange, .. } => Some(multirange.schema.clone()),
+                _ => None,
+            }));
+            out.extend(m.sequences.iter().map(|s| s.name.schema.clone()));
+        }
+        out.into_iter().collect()
+    }
+
+    /// The user-defined types the tables need, each after those it is built from, once each.
+    pub fn types(&self) -> Vec<&'m TypeDef> {
+        let mut out: Vec<&TypeDef> = Vec::new();
+        for t in self.models.iter().flat_map(|m| m.types.iter()) {
+            if !out.iter().any(|o| o.name == t.name) {
+                out.push(t);
+            }
+        }
+        out
+    }
+
+    /// The statements that create type `t` with its comment, owner and privileges.
+    pub fn type_statements(&self, t: &TypeDef) -> Vec<String> {
+        t.create_statements(self.opts)
+    }
+
+    /// True when every index and index-backed constraint of the plan has a name of its own,
+    /// so all of them can be built side by side in one staging schema.
+    pub fn can_build_in_staging(&self) -> bool {
+        let mut names = HashSet::new();
+        self.models
+            .iter()
+            .flat_map(|m| m.relations.iter())
+            .all(|r| {
+                r.constraints
+                    .iter()
+                    .filter(|c| c.kind.has_index())
+                    .map(|c| &c.name)
+                    .chain(r.indexes.iter().map(|i| &i.name))
+                    .all(|n| names.insert(n.clone()))
+            })
+    }
+
+    /// `CREATE TABLE` of model `m`'s relations at `at`, parents before partitions.
+    pub fn create_tables(&self, m: usize, at: Placement) -> Vec<String> {
+        let model = self.models[m];
+        model
+            .relations
+            .iter()
+            .enumerate()
+            .map(|(r, rel)| {
+                let parent = rel.partition_of.as_ref().and_then(|p| {
+                    model
+                        .relations
+                        .iter()
+                        .position(|x| x.name == p.parent)
+                        .map(|pr| self.relation_at(m, pr, at))
+                });
+                rel.create_sql(&self.relation_at(m, r, at), parent.as_deref())
+            })
+            .collect()
+    }
+
+    /// `COPY ... FROM STDIN` into model `m`'s table at `at`. A plain table created in the same
+    /// transaction is loaded FROZEN (no later vacuum pass to set hint bits); a partitioned one
+    /// cannot be.
+    pub fn copy_in_sql(&self, m: usize, at: Placement) -> String {
+        let table = self.models[m].table();
+        let cols: Vec<String> = table
+            .copied_columns()
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect();
+        format!(
+            "COPY {} ({}) FROM STDIN{}",
+            self.relation_at(m, 0, at),
+            cols.join(", "),
+            if table.partition_key.is_none() {
+                " WITH (FREEZE)"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// Index-backed constraints, checks and indexes of model `m` at `at`, then the
+    /// attachment of partitions' indexes to their parents', deepest partitions first.
+    pub fn build_statements(&self, m: usize, at: Placement) -> Vec<String> {
+        let model = self.models[m];
+        let mut out = Vec::new();
+        for (r, rel) in model.relations.iter().enumerate() {
+            let table = self.relation_at(m, r, at);
+            for c in &rel.constraints {
+                let only = match c.kind {
+                    k if k.has_index() => "ONLY ",
+                    ConstraintKind::Check => "",
+                    _ => continue,
+                };
+                out.push(format!(
+                    "ALTER TABLE {only}{table} ADD CONSTRAINT {} {}",
+                    quote_ident(&c.name),
+                    c.definition
+                ));
+            }
+            out.extend(rel.indexes.iter().map(|i| i.create_sql(&table)));
+        }
+        for (r, rel) in model.relations.iter().enumerate().rev() {
+            let Some(parent) = rel
+                .partition_of
+                .as_ref()
+                .and_then(|p| model.relations.iter().position(|x| x.name == p.parent))
+            else {
+                continue;
+            };
+            let attached = rel
+                .constraints
+                .iter()
+                .filter(|c| c.kind.has_index())
+                .map(|c| (&c.name, &c.attach_to))
+                .chain(rel.indexes.iter().map(|i| (&i.name, &i.attach_to)));
+            for (name, to) in attached {
+                if let Some(to) = to {
+                    out.push(format!(
+                        "ALTER INDEX {}.{} ATTACH PARTITION {}.{}",
+                        self.index_schema(m, parent, at),
+                        quote_ident(to),
+                        self.index_schema(m, r, at),
+                        quote_ident(name)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The trigger functions of every model, before the triggers that call them.
+    pub fn function_statements(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for f in self.models.iter().flat_map(|m| m.functions.iter()) {
+            if !seen.insert(&f.signature) {
+                continue;
+            }
+            out.push(f.definition.clone());
+            if let Some(c) = &f.comment {
+                out.push(format!(
+                    "COMMENT ON FUNCTION {} IS {}",
+                    f.signature,
+                    quote_literal(c)
+                ));
+            }
+            out.extend(f.access.statements("FUNCTION", &f.signature, self.opts));
+        }
+        out
+    }
+
+    /// What completes model `m` once its relations have their final names.
+    pub fn finish_statements(&self, m: usize) -> Vec<String> {
+        let model = self.models[m];
+        let mut out = Vec::new();
+        for s in model.sequences.iter().filter(|s| !s.identity) {
+            out.push(s.create_sql());
+        }
+        for rel in &model.relations {
+            let table = rel.name.quoted();
+            for c in &rel.columns {
+                let col = quote_ident(&c.name);
+                if let Some(d) = &c.default {
+                    out.push(format!(
+                        "ALTER TABLE {table} ALTER COLUMN {col} SET DEFAULT {d}"
+                    ));
+                }
+                let kind = match c.identity.as_deref() {
+                    Some("a") => "ALWAYS",
+                    Some("d") => "BY DEFAULT",
+                    _ => continue,
+                };
+                let seq = model.sequences.iter().find(|s| {
+                    s.identity && s.owned_by.as_ref() == Some(&(rel.name.clone(), c.name.clone()))
+                });
+                let options = seq
+                    .map(|s| format!(" (SEQUENCE NAME {}{})", s.name.quoted(), s.options()))
+                    .unwrap_or_default();
+                out.push(format!(
+                    "ALTER TABLE {table} ALTER COLUMN {col} ADD GENERATED {kind} AS IDENTITY{options}"
+                ));
+            }
+        }
+        for s in &model.sequences {
+            out.extend(sequence::owned_by_sql(s));
+            out.extend(s.finish_statements(self.opts));
+        }
+        for rel in &model.relations {
+            out.extend(self.relation_statements(rel));
+        }
+        out
+    }
+
+    fn relation_statements(&self, rel: &TableDef) -> Vec<String> {
+        let table = rel.name.quoted();
+        let mut out = Vec::new();
+        match &rel.replica_identity {
+            ReplicaIdentityDef::Default => {}
+            ReplicaIdentityDef::Full => {
+                out.push(format!("ALTER TABLE {table} REPLICA IDENTITY FULL"))
+            }
+            ReplicaIdentityDef::Nothing => {
+                out.push(format!("ALTER TABLE {table} REPLICA IDENTITY NOTHING"))
+            }
+            ReplicaIdentityDef::Index(i) => out.push(format!(
+                "ALTER TABLE {table} REPLICA IDENTITY USING INDEX {}",
+                quote_ident(i)
+            )),
+        }
+        for i in rel.indexes.iter().filter(|i| i.clustered) {
+            out.push(format!(
+                "ALTER TABLE {table} CLUSTER ON {}",
+                quote_ident(&i.name)
+            ));
+        }
+        for t in &rel.triggers {
+            out.push(t.definition.clone());
+            out.extend(t.state_sql(&table));
+        }
+        if rel.row_security {
+            out.push(format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"));
+        }
+        if rel.force_row_security {
+            out.push(format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"));
+        }
+        out.extend(rel.policies.iter().map(|p| p.create_sql(&table)));
+        let comment =
+            |on: String, text: &str| format!("COMMENT ON {on} IS {}", quote_literal(text));
+        if let Some(c) = &rel.comment {
+            out.push(comment(format!("TABLE {table}"), c));
+        }
+        for col in &rel.columns {
+            if let Some(c) = &col.comment {
+                out.push(comment(
+                    format!("COLUMN {table}.{}", quote_ident(&col.name)),
+                    c,
+                ));
+            }
+        }
+        for con in &rel.constraints {
+            // Foreign keys come later, with their comments.
+            if con.kind == ConstraintKind::ForeignKey {
+                continue;
+            }
+            if let Some(c) = &con.comment {
+                out.push(comment(
+                    format!("CONSTRAINT {} ON {table}", quote_ident(&con.name)),
+                    c,
+                ));
+            }
+        }
+        for i in &rel.indexes {
+            if let Some(c) = &i.comment {
+                out.push(comment(
+                    format!(
+                        "INDEX {}.{}",
+                        quote_ident(&rel.name.schema),
+                        quote_ident(&i.name)
+                    ),
+                    c,
+                ));
+            }
+        }
+        for t in &rel.triggers {
+            if let Some(c) = &t.comment {
+                out.push(comment(
+                    format!("TRIGGER {} ON {table}", quote_ident(&t.name)),
+                    c,
+                ));
+            }
+        }
+        out.extend(rel.access.statements("TABLE", &table, self.opts));
+        if !self.opts.no_acl {
+            for col in &rel.columns {
+                for g in col.acl.iter().flatten() {
+                    let to = g
+                        .grantee
+                        .as_deref()
+                        .map(quote_ident)
+                        .unwrap_or("PUBLIC".into());
+                    out.push(format!(
+                        "GRANT {} ({}) ON TABLE {table} TO {to}{}",
+                        g.privilege,
+                        quote_ident(&col.name),
+                        if g.grantable {
+                            " WITH GRANT OPTION"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// A constraint the plan creates (a foreign key only when it references a restored table).
+    fn restores_constraint(&self, c: &super::constraint::Constraint) -> bool {
+        c.references.as_ref().is_none_or(|to| self.restores(to))
+    }
+
+    /// Foreign keys between the plan's tables, with their comments (foreign keys to other
+    /// tables are in [`Plan::skipped_foreign_keys`]). Adding one checks the loaded rows.
+    pub fn foreign_key_statements(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for rel in self.models.iter().flat_map(|m| m.relations.iter()) {
+            let table = rel.name.quoted();
+            for c in &rel.constraints {
+                if c.kind == ConstraintKind::ForeignKey && self.restores_constraint(c) {
+                    out.push(format!(
+                        "ALTER TABLE {table} ADD CONSTRAINT {} {}",
+                        quote_ident(&c.name),
+                        c.definition
+                    ));
+                    if let Some(text) = &c.comment {
+                        out.push(format!(
+                            "COMMENT ON CONSTRAINT {} ON {table} IS {}",
+                            quote_ident(&c.name),
+                            quote_literal(text)
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::acl::Access;
+    use super::super::constraint::{Constraint, Index};
+    use super::super::table::{ColumnDef, PartitionOf};
+    use super::*;
+
+    fn relation(name: &str, partition_of: Option<&str>) -> TableDef {
+        TableDef {
+            name: TableName::new("sales", name),
+            columns: Vec::new(),
+            primary_key: vec!["id".into()],
+            partition_key: None,
+            partition_of: partition_of.map(|p| PartitionOf {
+                parent: TableName::new("sales", p),
+                bound: "DEFAULT".into(),
+            }),
+            options: Vec::new(),
+            constraints: Vec::new(),
+            indexes: Vec::new(),
+            triggers: Vec::new(),
+            row_security: false,
+            force_row_security: false,
+            policies: Vec::new(),
+            replica_identity: ReplicaIdentityDef::Default,
+            access: Access {
+                owner: Some("app".into()),
+                acl: None,
+            },
+            comment: None,
+        }
+    }
+
+    fn pk(name: &str, attach_to: Option<&str>) -> Constraint {
+        Constraint {
+            name: name.into(),
+            kind: ConstraintKind::PrimaryKey,
+            definition: "PRIMARY KEY (id)".into(),
+            references: None,
+            attach_to: attach_to.map(str::to_string),
+            comment: None,
+        }
+    }
+
+    /// `sales.invoice` partitioned, with one partition, and a foreign key to `public.seller`.
+    fn invoice() -> TableModel {
+        let mut parent = relation("invoice", None);
+        parent.partition_key = Some("RANGE (id)".into());
+        parent.columns.push(ColumnDef {
+            name: "id".into(),
+            type_name: "bigint".into(),
+            type_oid: 20,
+            not_null: true,
+            default: None,
+            identity: None,
+            generated: None,
+            collation: None,
+            comment: None,
+            acl: None,
+        });
+        parent.constraints = vec![
+            pk("invoice_pkey", None),
+            Constraint {
+                name: "invoice_seller_fkey".into(),
+                kind: ConstraintKind::ForeignKey,
+                definition: "FOREIGN KEY (id) REFERENCES public.seller(id)".into(),
+                references: Some(TableName::new("public", "seller")),
+                attach_to: None,
+                comment: None,
+            },
+        ];
+        parent.indexes = vec![Index {
+            name: "invoice_day".into(),
+            unique: false,
+            only: true,
+            body: "USING btree (day)".into(),
+            attach_to: None,
+            clustered: false,
+            comment: None,
+        }];
+        let mut part = relation("invoice_other", Some("invoice"));
+        part.constraints = vec![pk("invoice_other_pkey", Some("invoice_pkey"))];
+        part.indexes = vec![Index {
+            name: "invoice_other_day_idx".into(),
+            unique: false,
+            only: false,
+            body: "USING btree (day)".into(),
+            attach_to: Some("invoice_day".into()),
+            clustered: false,
+            comment: None,
+        }];
+        TableModel {
+            relations: vec![parent, part],
+            types: Vec::new(),
+            sequences: Vec::new(),
+            functions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn partitions_are_created_loaded_and_attached_in_staging() {
+        let m = invoice();
+        let plan = Plan::new(vec![&m], AccessOptions::default());
+        let at = Placement::Staging("st");
+        assert_eq!(
+            plan.create_tables(0, at),
+            vec![
+                "CREATE TABLE \"st\".\"t0_0\" (\"id\" bigint NOT NULL) PARTITION BY RANGE (id)",
+                "CREATE TABLE \"st\".\"t0_1\" PARTITION OF \"st\".\"t0_0\" DEFAULT",
+            ]
+        );
+        // Rows go through the parent; a partitioned table cannot be loaded FROZEN.
+        assert_eq!(
+            plan.copy_in_sql(0, at),
+            "COPY \"st\".\"t0_0\" (\"id\") FROM STDIN"
+        );
+        assert_eq!(
+            plan.build_statements(0, at),
+            vec![
+                "ALTER TABLE ONLY \"st\".\"t0_0\" ADD CONSTRAINT \"invoice_pkey\" PRIMARY KEY (id)",
+                "CREATE INDEX \"invoice_day\" ON ONLY \"st\".\"t0_0\" USING btree (day)",
+                "ALTER TABLE ONLY \"st\".\"t0_1\" ADD CONSTRAINT \"invoice_other_pkey\" PRIMARY KEY (id)",
+                "CREATE INDEX \"invoice_other_day_idx\" ON \"st\".\"t0_1\" USING btree (day)",
+                "ALTER INDEX \"st\".\"invoice_pkey\" ATTACH PARTITION \"st\".\"invoice_other_pkey\"",
+                "ALTER INDEX \"st\".\"invoice_day\" ATTACH PARTITION \"st\".\"invoice_other_day_idx\"",
+            ]
+        );
+        assert_eq!(
+            plan.build_statements(0, Placement::Final)[4],
+            "ALTER INDEX \"sales\".\"invoice_pkey\" ATTACH PARTITION \"sales\".\"invoice_other_pkey\""
+        );
+        assert!(plan.can_build_in_staging());
+    }
+
+    #[test]
+    fn foreign_keys_only_between_restored_tables() {
+        let m = invoice();
+        let alone = Plan::new(vec![&m], AccessOptions::default());
+        assert!(alone.foreign_key_statements().is_empty());
+        let skipped = alone.skipped_foreign_keys();
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].to_string().contains("references public.seller"));
+
+        let mut seller = relation("seller", None);
+        seller.name = TableName::new("public", "seller");
+        let s = TableModel {
+            relations: vec![seller],
+            types: Vec::new(),
+            sequences: Vec::new(),
+            functions: Vec::new(),
+        };
+        let both = Plan::new(vec![&m, &s], AccessOptions::default());
+        assert!(both.skipped_foreign_keys().is_empty());
+        assert_eq!(
+            both.foreign_key_statements(),
+            vec!["ALTER TABLE \"sales\".\"invoice\" ADD CONSTRAINT \"invoice_seller_fkey\" FOREIGN KEY (id) REFERENCES public.seller(id)"]
+        );
+    }
+
+    #[test]
+    fn roles_and_clashing_index_names() {
+        let m = invoice();
+        let mut other = invoice();
+        other.relations[0].name = TableName::new("archive", "invoice");
+        other.relations[1]
+            .policies
+            .push(super::super::policy::Policy {
+                name: "p".into(),
+                permissive: true,
+                command: "SELECT".into(),
+                roles: vec!["public".into(), "auditor".into()],
+                using: Some("true".into()),
+                with_check: None,
+            });
+        let plan = Plan::new(vec![&m, &other], AccessOptions::default());
+        assert_eq!(
+            plan.required_roles().into_iter().collect::<Vec<_>>(),
+            vec!["app", "auditor"]
+        );
+        // Same index names in two schemas: they cannot share one staging schema.
+        assert!(!plan.can_build_in_staging());
+        let no_owner = Plan::new(
+            vec![&m, &other],
+            AccessOptions {
+                no_owner: true,
+                no_acl: true,
+            },
+        );
+        // Policies still name their roles.
+        assert_eq!(
+            no_owner.required_roles().into_iter().collect::<Vec<_>>(),
+            vec!["auditor"]
+        );
+    }
+}
