@@ -7,8 +7,10 @@
 //! records where blobs live in index objects ([`index`]) and writes the snapshot manifest
 //! ([`snapshot`]) last, so a snapshot is visible only once everything it references exists.
 //! [`restore`] reads them back; [`retention`] forgets snapshots and [`prune`] removes data no
-//! snapshot references, coordinating with running backups through [`lock`].
+//! snapshot references, coordinating with running backups and readers (restores, checks)
+//! through [`lock`]; [`check`] proves a repository whole (`invsync verify repo`).
 
+pub mod check;
 pub mod chunker;
 pub mod crypto;
 pub mod dump;
@@ -58,6 +60,9 @@ pub enum BackupError {
     /// job ran, not damaged in place.
     #[error("object {object} was there when this job started and is gone now (removed while it ran, e.g. by a prune of an older invsync or by hand); run the job again, and `invsync verify repo` if it stays missing")]
     Vanished { object: String },
+    /// The job was stopped by a signal; what it had written was discarded.
+    #[error("{0}")]
+    Interrupted(String),
     #[error(transparent)]
     Db(#[from] PgError),
     #[error("{path}: {message}")]
