@@ -401,3 +401,320 @@ fn unreachable_repository_and_database_give_one_line_errors() {
     );
     assert_eq!(files(&repo), before, "nothing written");
 }
+
+// ---- Restores beside other sessions, other restores, prune and signals ----
+
+/// A config naming the source, a target database `r` and a new file repository (initialised,
+/// empty); returns it and the repository's directory.
+fn repository_and_target(f: &Fixture) -> (std::path::PathBuf, std::path::PathBuf) {
+    let repo = f.dir.path().join("repo");
+    let cfg = write_config(
+        f.dir.path(),
+        "c.toml",
+        &[("src", f.pg.url("einvoice")), ("r", f.pg.url("r"))],
+        &format!("file://{}", repo.display()),
+        &format!(
+            "recipients = [\"{}\"]\nidentity_file = \"{}\"",
+            f.recipient,
+            f.key.display()
+        ),
+    );
+    ok(&cfg, &["repo", "init"]);
+    f.pg.psql("postgres", "CREATE DATABASE r");
+    (cfg, repo)
+}
+
+/// A repository with one snapshot of `public.*`, restored once into `r`; returns the config.
+fn restored_target(f: &Fixture) -> std::path::PathBuf {
+    let (cfg, _) = repository_and_target(f);
+    ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
+    ok(&cfg, &["restore", "latest", "--to-db", "r"]);
+    cfg
+}
+
+/// Starts `invsync --config cfg ARGS` in the background, its stderr captured.
+fn spawn(cfg: &Path, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn send(child: &std::process::Child, signal: &str) {
+    let st = std::process::Command::new("kill")
+        .args(["-s", signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Waits (up to a minute) for `child` to exit; returns its exit code (minus the signal
+/// number when a signal ended it) and its stderr.
+async fn finish(mut child: std::process::Child) -> (i32, String) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "invsync did not exit");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let code = status
+        .code()
+        .unwrap_or_else(|| -status.signal().unwrap_or(0));
+    (code, err)
+}
+
+fn staging_schemas(f: &Fixture) -> String {
+    f.pg.psql(
+        "r",
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'invsync\\_restore\\_%'",
+    )
+}
+
+/// Waits until a session other than `except` waits for a lock on `table` in `r`.
+async fn queued_on(f: &Fixture, table: &str) {
+    let watch = f.pg.client("r").await;
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = '{table}'::regclass"
+    );
+    support::wait_until(
+        std::time::Duration::from_secs(60),
+        "the restore to queue for the table lock",
+        || async { watch.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) > 0 },
+    )
+    .await;
+}
+
+/// A test session reading `items` in `r` (returned, its transaction open) and a
+/// `restore --replace` into `r` queued behind it, with all the time in the world.
+async fn replace_behind_a_reader(
+    f: &Fixture,
+    cfg: &Path,
+) -> (tokio_postgres::Client, std::process::Child) {
+    let holder = f.pg.client("r").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let child = spawn(
+        cfg,
+        &[
+            "restore",
+            "latest",
+            "--to-db",
+            "r",
+            "--replace",
+            "--lock-wait",
+            "600",
+        ],
+    );
+    queued_on(f, "items").await;
+    (holder, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_stops_a_restore_waiting_for_a_lock_and_leaves_nothing_behind() {
+    let f = fixture();
+    let cfg = restored_target(&f);
+    f.pg.psql("r", "UPDATE items SET note = 'target' WHERE id = 1");
+    let before = backup_util::fingerprint(&f.pg, "r", "items", "id");
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let (holder, child) = replace_behind_a_reader(&f, &cfg).await;
+        assert_eq!(
+            staging_schemas(&f),
+            "1",
+            "the restore has loaded its staging schema"
+        );
+        send(&child, signal);
+        let (exit, err) = finish(child).await;
+        assert_eq!(exit, code, "SIG{signal}: {err}");
+        assert!(
+            err.contains(&format!("stopped by SIG{signal}"))
+                && err.contains("nothing was restored")
+                && err.contains("was dropped"),
+            "{err}"
+        );
+        assert_eq!(staging_schemas(&f), "0", "SIG{signal}: {err}");
+        holder.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(backup_util::fingerprint(&f.pg, "r", "items", "id"), before);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_behind_a_long_lock_gives_up_naming_the_session_holding_it() {
+    let f = fixture();
+    let cfg = restored_target(&f);
+    let before = backup_util::fingerprint(&f.pg, "r", "tags", "kind, name");
+    let holder = f.pg.client("r").await;
+    holder
+        .batch_execute(
+            "SET application_name = 'month-end-report'; BEGIN; LOCK TABLE tags IN ACCESS SHARE MODE",
+        )
+        .await
+        .unwrap();
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let started = std::time::Instant::now();
+    let (code, _, err) = run(
+        &cfg,
+        &[
+            "restore",
+            "latest",
+            "--to-db",
+            "r",
+            "--replace",
+            "--lock-wait",
+            "3",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3));
+    assert!(
+        err.contains("stayed locked for 3s")
+            && err.contains(&format!("pid {pid}"))
+            && err.contains("month-end-report")
+            && err.contains("idle in transaction")
+            && err.contains("nothing was restored"),
+        "{err}"
+    );
+    assert_eq!(
+        err.trim().lines().last().map(|l| l.starts_with("error:")),
+        Some(true),
+        "{err}"
+    );
+    assert_eq!(staging_schemas(&f), "0");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        backup_util::fingerprint(&f.pg, "r", "tags", "kind, name"),
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_restore_into_the_same_database_is_refused_and_leftovers_are_dropped() {
+    let f = fixture();
+    let cfg = restored_target(&f);
+    let (holder, first) = replace_behind_a_reader(&f, &cfg).await;
+
+    // A second restore meanwhile: a clear refusal, and the first one's schema is untouched.
+    let (code, _, err) = run(&cfg, &["restore", "latest", "--to-db", "r", "--replace"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("another restore into database r is running (pid ")
+            && !err.contains("duplicate key"),
+        "{err}"
+    );
+    assert_eq!(staging_schemas(&f), "1");
+
+    // The first one is killed outright: its staging schema stays behind...
+    send(&first, "KILL");
+    let (exit, _) = finish(first).await;
+    assert_eq!(exit, -9);
+    holder.batch_execute("COMMIT").await.unwrap();
+    let watch = f.pg.client("r").await;
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        "the killed restore's sessions to end",
+        || async {
+            watch
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        },
+    )
+    .await;
+    assert_eq!(staging_schemas(&f), "1");
+
+    // ...and the next restore drops it, then restores.
+    let (code, _, err) = run(&cfg, &["restore", "latest", "--to-db", "r", "--replace"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("dropped schema invsync_restore_")
+            && err.contains("left behind by an interrupted restore"),
+        "{err}"
+    );
+    assert_eq!(staging_schemas(&f), "0");
+    assert_eq!(
+        backup_util::fingerprint(&f.pg, "einvoice", "items", "id"),
+        backup_util::fingerprint(&f.pg, "r", "items", "id")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_beside_a_paused_restore_deletes_nothing_it_reads() {
+    let f = fixture();
+    let (cfg, repo) = repository_and_target(&f);
+    ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
+    let tables_snapshot = backup_util::files(&repo)
+        .into_iter()
+        .find_map(|p| p.strip_prefix("snapshots/").map(str::to_string))
+        .unwrap();
+    // The newest snapshot holds only a configuration tree: once the first is forgotten, all
+    // table data is garbage to a prune.
+    ok(&cfg, &["backup", "--config-dir", f.tree.to_str().unwrap()]);
+
+    // The restore of the first snapshot pauses on the empty target's `items`, held by a test
+    // session, after it has located its blobs and before it reads them.
+    f.pg.psql("r", "CREATE TABLE items (id int)");
+    let holder = f.pg.client("r").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let restore = spawn(&cfg, &["restore", &tables_snapshot[..8], "--to-db", "r"]);
+    queued_on(&f, "items").await;
+
+    let packs = |repo: &Path| {
+        files(repo)
+            .into_iter()
+            .filter(|p| p.starts_with("data/"))
+            .collect::<Vec<_>>()
+    };
+    let before = packs(&repo);
+    let out = ok(&cfg, &["forget", "--keep-last", "1", "--prune", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["prune"]["running_readers"], 1, "{report}");
+    assert_eq!(report["prune"]["packs_deleted"], 0, "{report}");
+    assert_eq!(
+        packs(&repo),
+        before,
+        "prune deleted packs the restore reads"
+    );
+
+    // The restore goes on and restores the forgotten snapshot whole.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (code, err) = finish(restore).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("WARNING"), "{err}");
+    assert_eq!(
+        backup_util::fingerprint(&f.pg, "einvoice", "items", "id"),
+        backup_util::fingerprint(&f.pg, "r", "items", "id")
+    );
+    // With the restore gone, a prune removes the forgotten data.
+    let report: serde_json::Value = serde_json::from_str(&ok(&cfg, &["prune", "--json"])).unwrap();
+    assert_eq!(report["running_readers"], 0, "{report}");
+    assert!(report["packs_deleted"].as_u64().unwrap() >= 1, "{report}");
+}

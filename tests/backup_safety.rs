@@ -6,7 +6,9 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
+use invsync::backup::check::{check_repo, RepoCheckOptions};
 use invsync::backup::lock::{Lock, LockKind};
 use invsync::backup::repository::Repository;
 use invsync::backup::restore::{self, RestoreDbOptions};
@@ -16,7 +18,6 @@ use invsync::backup::snapshot::{self, Snapshot};
 use invsync::backup::tree::{EntryKind, TreeEntry, TreeSnapshot};
 use invsync::backup::{prune, BackupError};
 use invsync::config::{RepositoryConfig, TablePattern};
-use invsync::verify::repo::{check_repo, RepoCheckOptions};
 use support::PgCluster;
 
 fn repo_config(url: &str, key: &Path, recipient: &str) -> RepositoryConfig {
@@ -125,7 +126,9 @@ async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
             tables: vec![],
             replace: false,
             access: Default::default(),
+            lock_wait: Duration::from_secs(10),
         },
+        std::future::pending(),
     )
     .await
     .unwrap();
@@ -290,10 +293,17 @@ async fn memory_store_round_trip() {
         tables: vec![TablePattern::parse("public.tags").unwrap()],
         replace: false,
         access: Default::default(),
+        lock_wait: Duration::from_secs(10),
     };
-    let done = restore::restore_db(&repo, &snap, &pg.conn("r"), &only_tags)
-        .await
-        .unwrap();
+    let done = restore::restore_db(
+        &repo,
+        &snap,
+        &pg.conn("r"),
+        &only_tags,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     assert_eq!(done.len(), 1);
     assert_eq!(
         backup_util::fingerprint(&pg, "einvoice", "tags", "kind, name"),
@@ -393,7 +403,9 @@ async fn tables_are_cut_at_one_instant_while_writes_go_on() {
             tables: vec![],
             replace: false,
             access: Default::default(),
+            lock_wait: Duration::from_secs(10),
         },
+        std::future::pending(),
     )
     .await
     .unwrap();

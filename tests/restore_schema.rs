@@ -221,6 +221,7 @@ fn restore_opts(access: AccessOptions) -> RestoreDbOptions {
         tables: vec![],
         replace: false,
         access,
+        lock_wait: std::time::Duration::from_secs(10),
     }
 }
 
@@ -275,6 +276,7 @@ async fn rich_schema_restores_as_pg_dump_sees_it() {
         &snap,
         &dst.conn("restored"),
         &restore_opts(AccessOptions::default()),
+        std::future::pending(),
     )
     .await
     .unwrap();
@@ -317,9 +319,15 @@ async fn rich_schema_restores_as_pg_dump_sees_it() {
         tables: vec![TablePattern::parse("public.item").unwrap()],
         ..restore_opts(AccessOptions::default())
     };
-    restore::restore_db(&repo, &snap, &dst.conn("partial"), &items_only)
-        .await
-        .unwrap();
+    restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("partial"),
+        &items_only,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         dst.psql(
             "partial",
@@ -357,6 +365,7 @@ async fn missing_roles_refuse_before_writing_unless_owners_and_grants_are_left_o
         &snap,
         &dst.conn("restored"),
         &restore_opts(AccessOptions::default()),
+        std::future::pending(),
     )
     .await
     .unwrap_err()
@@ -433,6 +442,7 @@ async fn snapshots_without_a_model_still_restore() {
         &old,
         &pg.conn("restored"),
         &restore_opts(AccessOptions::default()),
+        std::future::pending(),
     )
     .await
     .unwrap();

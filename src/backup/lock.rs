@@ -1,27 +1,33 @@
-//! Locks: how prune and running backups stay out of each other's way.
+//! Locks: how prune stays out of the way of running backups and readers.
 //!
-//! A backup or prune announces itself by creating `locks/<kind>-<start ms>-<uuid>` (body:
-//! host, pid, start; encrypted) and deletes it when done; while it runs, the lock is
-//! rewritten every [`REFRESH`] so its modification time stays recent. A lock is *live* unless
-//! it has not been refreshed for [`STALE_AFTER`], or it was taken on this host by a process
-//! that no longer exists (a killed backup).
+//! A backup, a reader (a restore, a repository check) or a prune announces itself by creating
+//! `locks/<kind>-<start ms>-<uuid>` (kind `backup`, `read` or `prune`; body: host, pid, start;
+//! encrypted) and deletes it when done; while it runs, the lock is rewritten every [`REFRESH`]
+//! so its modification time stays recent. A lock is *live* unless it has not been refreshed
+//! for [`STALE_AFTER`], or it was taken on this host by a process that no longer exists (a
+//! killed backup).
 //!
 //! The protocol, given the stores' read-after-write listing:
 //! - each job creates its lock first and lists the others second, so of two jobs that start
 //!   together at least one sees the other;
-//! - a backup that sees a live prune lock waits for it to go before it reads the index;
+//! - a backup or reader that sees a live prune lock waits for it to go before it reads the
+//!   index;
 //! - a prune that sees another live prune lock gives up (prunes are exclusive);
-//! - a prune that sees live backup locks runs, but in *shared* mode (see `prune`): it keeps
-//!   every indexed pack (a running backup may deduplicate against any of them) and deletes
-//!   only unindexed packs older than the oldest running backup's start (leftovers of crashed
-//!   backups; a running backup only references indexed blobs and packs it wrote itself).
+//! - a prune that sees live backup or read locks runs, but in *shared* mode (see `prune`): it
+//!   keeps every indexed pack (a running backup may deduplicate against any of them, a reader
+//!   may be reading any of them, even of a snapshot forgotten since it started) and deletes
+//!   only unindexed packs older than the oldest running job's start (leftovers of crashed
+//!   backups; a running backup only references indexed blobs and packs it wrote itself, a
+//!   reader only reads indexed packs).
 //!
-//! Backups started after a prune took its lock wait, so a prune never races a backup it did
-//! not see.
+//! Jobs started after a prune took its lock wait, so a prune never races a job it did not see.
+//! (Prunes of invsync versions without `read` locks ignore them; run prune from this version.)
 //!
 //! A backup whose lock could not be refreshed for half of [`STALE_AFTER`] (store unreachable,
 //! process suspended) may have been taken for dead: it then writes neither index nor snapshot
-//! ([`Lock::held`]), so it can never publish a snapshot whose packs a prune deleted.
+//! ([`Lock::held`]), so it can never publish a snapshot whose packs a prune deleted. A reader
+//! in that case may find a pack gone; it reports that as a pack that vanished while it read,
+//! never as damage.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +48,8 @@ pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockKind {
     Backup,
+    /// A restore or a repository check: reads packs, writes nothing.
+    Read,
     Prune,
 }
 
@@ -49,6 +57,7 @@ impl LockKind {
     fn as_str(self) -> &'static str {
         match self {
             LockKind::Backup => "backup",
+            LockKind::Read => "read",
             LockKind::Prune => "prune",
         }
     }
@@ -179,7 +188,7 @@ impl Lock {
                         message: msg,
                     });
                 }
-                (LockKind::Backup, Some(_)) => {
+                (LockKind::Backup | LockKind::Read, Some(_)) => {
                     tracing::info!(repo = %repo.name, "a prune is running; waiting for it to finish");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
@@ -227,6 +236,7 @@ async fn live_locks(repo: &Repository, own: &str) -> Result<Vec<OtherLock>, Back
         let mut parts = name.splitn(3, '-');
         let kind = match parts.next() {
             Some("backup") => LockKind::Backup,
+            Some("read") => LockKind::Read,
             Some("prune") => LockKind::Prune,
             _ => continue,
         };

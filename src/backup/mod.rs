@@ -7,8 +7,10 @@
 //! records where blobs live in index objects ([`index`]) and writes the snapshot manifest
 //! ([`snapshot`]) last, so a snapshot is visible only once everything it references exists.
 //! [`restore`] reads them back; [`retention`] forgets snapshots and [`prune`] removes data no
-//! snapshot references, coordinating with running backups through [`lock`].
+//! snapshot references, coordinating with running backups and readers (restores, checks)
+//! through [`lock`]; [`check`] proves a repository whole (`invsync verify repo`).
 
+pub mod check;
 pub mod chunker;
 pub mod crypto;
 pub mod dump;
@@ -45,6 +47,22 @@ pub enum BackupError {
     WriteOnly { repo: String, action: String },
     #[error("object {object} is damaged: {reason}; run `invsync verify repo`")]
     Corrupt { object: String, reason: String },
+    /// The store failed or refused a request (after its own retries): weather or access,
+    /// never damage. The object_store error, with its kind, is the source.
+    #[error("repository {repo}: could not {action}; check the store's endpoint, the network and the credentials, then try again")]
+    Unreachable {
+        repo: String,
+        action: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// An object located when the job started was gone when it was read: removed while the
+    /// job ran, not damaged in place.
+    #[error("object {object} was there when this job started and is gone now (removed while it ran, e.g. by a prune of an older invsync or by hand); run the job again, and `invsync verify repo` if it stays missing")]
+    Vanished { object: String },
+    /// The job was stopped by a signal; what it had written was discarded.
+    #[error("{0}")]
+    Interrupted(String),
     #[error(transparent)]
     Db(#[from] PgError),
     #[error("{path}: {message}")]
@@ -70,6 +88,16 @@ impl BackupError {
     pub fn is_transient(&self) -> bool {
         match self {
             BackupError::Store { .. } | BackupError::Locked { .. } => true,
+            BackupError::Unreachable { source, .. } => !matches!(
+                source,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+            ),
+            BackupError::Vanished { .. } => true,
             BackupError::Db(e) => e.is_transient(),
             _ => false,
         }
@@ -83,5 +111,43 @@ pub(crate) fn failpoint(name: &str) {
     if std::env::var_os("INVSYNC_FAILPOINT").is_some_and(|v| v == name) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackupError;
+
+    fn unreachable(source: object_store::Error) -> BackupError {
+        BackupError::Unreachable {
+            repo: "r".into(),
+            action: "read data/ab/cd".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn a_denied_request_is_not_worth_retrying_a_failed_one_is() {
+        let denied = unreachable(object_store::Error::PermissionDenied {
+            path: "data/ab/cd".into(),
+            source: "403 Forbidden".into(),
+        });
+        assert!(!denied.is_transient());
+        let failed = unreachable(object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused".into(),
+        });
+        assert!(failed.is_transient());
+        assert!(
+            failed.to_string().contains("could not read data/ab/cd")
+                && !failed.to_string().contains("damaged"),
+            "{failed}"
+        );
+        // The store's error, with its kind, stays reachable as the source.
+        let source = std::error::Error::source(&failed).unwrap();
+        assert!(
+            source.to_string().contains("connection refused"),
+            "{source}"
+        );
     }
 }

@@ -7,12 +7,14 @@
 //! whose index entry or pack was removed, because only packs without a referenced blob go.
 //! Packs that hold some referenced blobs are kept whole (no repacking in this version).
 //!
-//! Running backups (see `lock`): prune holds an exclusive prune lock. If backups were running
-//! when it took the lock, it works in *shared* mode: a running backup may reference any blob
-//! the index listed when it started, and the packs it is writing, so prune then keeps every
-//! indexed pack, does not touch the index, and deletes only unindexed packs older than the
-//! oldest running backup's start (minus a margin for clock skew between hosts and the store):
-//! leftovers of backups that died. Everything else waits for a prune with no backup beside it.
+//! Running backups and readers (see `lock`): prune holds an exclusive prune lock. If backups,
+//! restores or checks were running when it took the lock, it works in *shared* mode: a running
+//! backup may reference any blob the index listed when it started, and the packs it is
+//! writing; a running restore reads packs it located when it started, possibly of a snapshot
+//! forgotten since. So prune then keeps every indexed pack, does not touch the index, and
+//! deletes only unindexed packs older than the oldest running job's start (minus a margin for
+//! clock skew between hosts and the store): leftovers of backups that died. Everything else
+//! waits for a prune with no job beside it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -36,11 +38,13 @@ pub struct PruneReport {
     pub packs: usize,
     pub packs_deleted: usize,
     pub bytes_deleted: u64,
-    /// Unreferenced packs kept because backups were running.
+    /// Unreferenced packs kept because backups or readers were running.
     pub packs_deferred: usize,
     pub index_objects_replaced: usize,
     /// Backups that were running (prune worked in shared mode).
     pub running_backups: usize,
+    /// Restores and repository checks that were running (prune worked in shared mode).
+    pub running_readers: usize,
     pub dry_run: bool,
 }
 
@@ -57,8 +61,15 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
         dry_run,
         ..Default::default()
     };
+    // Every other live lock is a backup's or a reader's (`Lock::acquire` refuses beside
+    // another prune); both hold off deletion of indexed packs the same way.
     let oldest_backup = lock.others.iter().map(|o| o.started).min();
-    report.running_backups = lock.others.len();
+    report.running_backups = lock
+        .others
+        .iter()
+        .filter(|o| o.kind == LockKind::Backup)
+        .count();
+    report.running_readers = lock.others.len() - report.running_backups;
 
     // What the snapshots reference. An unreadable snapshot stops prune: its blobs are unknown.
     let snaps = snapshot::list(repo).await?;

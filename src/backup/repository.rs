@@ -32,8 +32,20 @@
 //!
 //! A reader (recipient or passphrase) is added or removed by writing or deleting one `keys/`
 //! object; removal cannot take back a master key someone already unwrapped.
+//!
+//! # Damage and weather
+//!
+//! Only what the repository's bytes say is damage (`Corrupt`): an object that does not
+//! decrypt, parse or match its hash, or one that does not exist where the format says it
+//! must. A store that fails or refuses a request, after the store client's own retries
+//! (bounded by the repository option `retry_timeout`), is `Unreachable`, keeping the
+//! object_store error as its source, so callers tell a network blip or a denied credential
+//! from a damaged repository. While a request goes unanswered, a line is logged every
+//! [`SLOW_NOTICE`], so a hung endpoint is never silent.
 
+use std::future::Future;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use age::secrecy::SecretString;
 use bytes::Bytes;
@@ -49,6 +61,8 @@ use super::{chunker, BackupError};
 use crate::config::RepositoryConfig;
 
 pub const FORMAT: &str = "invsync-repository";
+/// How often a store request that has not answered yet is reported.
+pub const SLOW_NOTICE: Duration = Duration::from_secs(10);
 pub const VERSION: u32 = 1;
 
 /// The plaintext `config` object.
@@ -165,20 +179,24 @@ impl Repository {
         let location = store::open(cfg, false)?;
         let raw = {
             let path = location.prefix.clone().join("config");
-            match location.store.get(&path).await {
-                Ok(r) => r.bytes().await,
-                Err(e) => Err(e),
-            }
+            let read = async {
+                match location.store.get(&path).await {
+                    Ok(r) => r.bytes().await,
+                    Err(e) => Err(e),
+                }
+            };
+            watched(&label, "read config", location.retry_timeout, read).await
         };
         let raw = match raw {
             Ok(b) => b,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(BackupError::NotInitialised { repo: label })
             }
-            Err(e) => {
-                return Err(BackupError::Store {
+            Err(source) => {
+                return Err(BackupError::Unreachable {
                     repo: label,
-                    message: e.to_string().replace('\n', " "),
+                    action: "read config".into(),
+                    source,
                 })
             }
         };
@@ -277,86 +295,97 @@ impl Repository {
         p
     }
 
-    fn store_err(&self, e: object_store::Error) -> BackupError {
-        BackupError::Store {
+    fn unreachable(&self, action: String, source: object_store::Error) -> BackupError {
+        BackupError::Unreachable {
             repo: self.name.clone(),
-            message: e.to_string().replace('\n', " "),
+            action,
+            source,
         }
     }
 
+    /// Runs one store request for `action`, reporting it while it goes unanswered.
+    async fn watched<T>(&self, action: &str, request: impl Future<Output = T>) -> T {
+        watched(&self.name, action, self.location.retry_timeout, request).await
+    }
+
     pub async fn exists(&self, rel: &str) -> Result<bool, BackupError> {
-        match self.location.store.head(&self.path(rel)).await {
+        let action = format!("look for {rel}");
+        match self
+            .watched(&action, self.location.store.head(&self.path(rel)))
+            .await
+        {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.store_err(e)),
+            Err(e) => Err(self.unreachable(action, e)),
         }
     }
 
     /// Writes a new object; `Exists` if something is already there.
     pub async fn put_create(&self, rel: &str, bytes: Vec<u8>) -> Result<(), BackupError> {
-        put_create_at(
-            &self.location.store,
-            &self.path(rel),
-            bytes,
-            &format!("{}/{rel}", self.name),
-        )
-        .await
+        let (path, label) = (self.path(rel), format!("{}/{rel}", self.name));
+        let write = put_create_at(&self.location.store, &path, bytes, &label);
+        self.watched(&format!("write {rel}"), write).await
     }
 
-    /// An object's bytes; a missing object is `Corrupt` ("does not exist").
+    /// An object's bytes; a missing object is `Corrupt` ("does not exist"): callers read
+    /// what the format says must be there.
     pub async fn get(&self, rel: &str) -> Result<Bytes, BackupError> {
-        let res = self.location.store.get(&self.path(rel)).await;
-        let res = match res {
-            Ok(r) => r.bytes().await,
-            Err(e) => Err(e),
+        let action = format!("read {rel}");
+        let read = async {
+            match self.location.store.get(&self.path(rel)).await {
+                Ok(r) => r.bytes().await,
+                Err(e) => Err(e),
+            }
         };
-        res.map_err(|e| match e {
+        self.watched(&action, read).await.map_err(|e| match e {
             object_store::Error::NotFound { .. } => BackupError::Corrupt {
                 object: format!("{}/{rel}", self.name),
                 reason: "it does not exist".into(),
             },
-            e => self.store_err(e),
+            e => self.unreachable(action, e),
         })
     }
 
+    /// A byte range of an object that was listed when the job started; its absence now is
+    /// `Vanished` (removed meanwhile), not damage.
     pub async fn get_range(
         &self,
         rel: &str,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes, BackupError> {
-        self.location
-            .store
-            .get_range(&self.path(rel), range)
-            .await
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => BackupError::Corrupt {
-                    object: format!("{}/{rel}", self.name),
-                    reason: "it does not exist".into(),
-                },
-                e => BackupError::Corrupt {
-                    object: format!("{}/{rel}", self.name),
-                    reason: e.to_string().replace('\n', " "),
-                },
-            })
+        let action = format!("read {rel}");
+        self.watched(
+            &action,
+            self.location.store.get_range(&self.path(rel), range),
+        )
+        .await
+        .map_err(|e| match e {
+            object_store::Error::NotFound { .. } => BackupError::Vanished {
+                object: format!("{}/{rel}", self.name),
+            },
+            e => self.unreachable(action, e),
+        })
     }
 
     pub async fn delete(&self, rel: &str) -> Result<(), BackupError> {
-        match self.location.store.delete(&self.path(rel)).await {
+        let action = format!("delete {rel}");
+        match self
+            .watched(&action, self.location.store.delete(&self.path(rel)))
+            .await
+        {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.store_err(e)),
+            Err(e) => Err(self.unreachable(action, e)),
         }
     }
 
     /// Objects below `dir`, with paths relative to `dir`.
     pub async fn list(&self, dir: &str) -> Result<Vec<(String, ObjectMeta)>, BackupError> {
         let base = self.path(dir);
+        let action = format!("list {dir}/");
         let metas: Vec<ObjectMeta> = self
-            .location
-            .store
-            .list(Some(&base))
-            .try_collect()
+            .watched(&action, self.location.store.list(Some(&base)).try_collect())
             .await
-            .map_err(|e| self.store_err(e))?;
+            .map_err(|e| self.unreachable(action, e))?;
         let mut out: Vec<(String, ObjectMeta)> = metas
             .into_iter()
             .filter_map(|m| {
@@ -568,9 +597,10 @@ pub async fn put_create_at(
     bytes: Vec<u8>,
     label: &str,
 ) -> Result<(), BackupError> {
-    let store_err = |e: object_store::Error| BackupError::Store {
+    let store_err = |source: object_store::Error| BackupError::Unreachable {
         repo: label.to_string(),
-        message: e.to_string().replace('\n', " "),
+        action: "write it".into(),
+        source,
     };
     let exists = || BackupError::Exists {
         repo: label.to_string(),
@@ -593,5 +623,28 @@ pub async fn put_create_at(
             Err(e) => Err(store_err(e)),
         },
         Err(e) => Err(store_err(e)),
+    }
+}
+
+/// Awaits `request`, logging every [`SLOW_NOTICE`] while it has not answered: the store
+/// client retries a failing request silently for up to `retry_timeout`.
+async fn watched<T>(
+    repo: &str,
+    action: &str,
+    retry_timeout: Duration,
+    request: impl Future<Output = T>,
+) -> T {
+    let mut request = std::pin::pin!(request);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + SLOW_NOTICE, SLOW_NOTICE);
+    loop {
+        tokio::select! {
+            answer = &mut request => return answer,
+            _ = tick.tick() => tracing::warn!(
+                "repository {repo}: still trying to {action}, no answer for {}s; retrying for up to {}s (repository option `retry_timeout`)",
+                started.elapsed().as_secs(),
+                retry_timeout.as_secs()
+            ),
+        }
     }
 }

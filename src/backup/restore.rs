@@ -12,16 +12,38 @@
 //!
 //! A directory restore never writes outside its target: entry paths must be plain names,
 //! symlinks must resolve inside the target, and no existing symlink is followed.
+//!
+//! # Restores beside other work
+//!
+//! - Prune: a restore holds a read lock in the repository (see `lock`) from before it reads the
+//!   index until it has read its last blob, so a prune beside it deletes none of its packs; a
+//!   pack that is gone all the same is reported as vanished, never as damage.
+//! - Other restores: a database restore holds the session-level advisory lock
+//!   ([`RESTORE_LOCK_CLASS`], 0) of the target database on its main connection from before it
+//!   creates its staging schema until that schema is committed into place or dropped. A second
+//!   restore into the same database fails at once, naming the first. Holding that lock also
+//!   proves that every `invsync_restore_*` schema found in the database belongs to a restore
+//!   that has ended (killed, or its target stopped), so a restore drops such leftovers first.
+//! - Readers and writers of the replaced tables: the swap transaction waits for each table
+//!   lock for at most [`LOCK_ATTEMPT`] at a time (while it waits, queries on that table queue
+//!   behind it), rolls back and tries again after a pause that lets them through, and after
+//!   `lock_wait` fails naming the sessions holding the locks.
+//! - Signals: the caller's `stop` future ends the restore: its sessions are terminated, the
+//!   staging schema is dropped and the error says so. Should the target stop answering, the
+//!   schema stays behind until the next restore removes it.
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
 
 use super::crypto::BlobId;
 use super::index::{Location, Locator, PackRef};
+use super::lock::{Lock, LockKind};
 use super::pack::{self, pack_path};
 use super::repository::Repository;
 use super::snapshot::{Snapshot, TableSnapshot};
@@ -30,11 +52,20 @@ use super::BackupError;
 use crate::config::TablePattern;
 use crate::pg::schema::{self, AccessOptions, Placement, Plan, TableModel};
 use crate::pg::{quote_ident, ConnInfo, PgError};
+use tokio_postgres::error::SqlState;
 
 /// Largest single read from a pack: neighbouring blobs are fetched together up to this.
 const MAX_READ: u64 = 8 * 1024 * 1024;
 /// Reads in flight at once.
 const PARALLEL_READS: usize = 4;
+/// The advisory lock class of database restores (`pg_advisory_lock(class, 0)`): "invs".
+pub const RESTORE_LOCK_CLASS: i32 = 0x696e_7673;
+/// The longest the swap transaction queues for one lock before letting others through.
+pub const LOCK_ATTEMPT: Duration = Duration::from_secs(2);
+/// The pause between two attempts, in which queries queued behind the restore run.
+const LOCK_PAUSE: Duration = Duration::from_millis(500);
+/// How staging schemas are named: this prefix and 12 hex digits.
+const STAGING_PREFIX: &str = "invsync_restore_";
 
 /// Locates `wanted` and checks their packs exist. Returns the locator, or the blobs that
 /// cannot be read with the reason.
@@ -170,6 +201,8 @@ pub struct RestoreDbOptions {
     pub replace: bool,
     /// Whether owners and privileges are restored (`--no-owner`, `--no-acl`).
     pub access: AccessOptions,
+    /// How long to keep trying for the locks on the tables to replace before failing.
+    pub lock_wait: Duration,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -183,14 +216,41 @@ fn matches(p: &TablePattern, schema: &str, name: &str) -> bool {
     p.schema == schema && p.table.as_deref().is_none_or(|t| t == name)
 }
 
-/// Restores tables of `snap` into the database at `conn`: all of them, or none.
+/// Restores tables of `snap` into the database at `conn`: all of them, or none. When `stop`
+/// completes (with what stopped it, e.g. `SIGTERM`) the restore ends as if it had failed.
 pub async fn restore_db(
     repo: &Repository,
     snap: &Snapshot,
     conn: &ConnInfo,
     opts: &RestoreDbOptions,
+    stop: impl Future<Output = String>,
 ) -> Result<Vec<RestoredTable>, BackupError> {
     repo.master("restore")?;
+    let mut stop = std::pin::pin!(stop);
+    let lock = tokio::select! {
+        lock = Lock::acquire(repo, LockKind::Read) => lock?,
+        what = &mut stop => return Err(BackupError::Interrupted(format!("restore stopped by {what}; nothing was restored"))),
+    };
+    let staging = Staging::default();
+    let result = tokio::select! {
+        r = restore_tables(repo, snap, conn, opts, &staging) => r,
+        what = &mut stop => Err(BackupError::Interrupted(format!("restore stopped by {what}"))),
+    };
+    let result = match result {
+        Ok(done) => Ok(done),
+        Err(e) => Err(staging.abandon(conn, e).await),
+    };
+    lock.release(repo).await;
+    result
+}
+
+async fn restore_tables(
+    repo: &Repository,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    opts: &RestoreDbOptions,
+    staging: &Staging,
+) -> Result<Vec<RestoredTable>, BackupError> {
     for p in &opts.tables {
         if !snap
             .tables
@@ -240,6 +300,15 @@ pub async fn restore_db(
         )));
     }
     let client = conn.connect().await?;
+    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
+    // Server notices (`drop cascades to ...`) are not the operator's business.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .await
+        .map_err(|e| q("preparing the restore session".into(), e))?;
+    staging.enlist(&client, conn).await?;
+    lock_database(&client, conn).await?;
+    drop_leftovers(&client, conn).await?;
     // Fail fast, before loading anything; checked again when the tables are swapped in.
     let refused = refused_tables(&client, conn, &tables, opts.replace).await?;
     if !refused.is_empty() {
@@ -261,37 +330,16 @@ pub async fn restore_db(
     for skipped in plan.skipped_foreign_keys() {
         tracing::warn!("{skipped}");
     }
-    let staging = format!(
-        "invsync_restore_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
-    client
-        .batch_execute(&format!("CREATE SCHEMA {staging}"))
-        .await
-        .map_err(|e| q("creating the staging schema".into(), e))?;
+    let name = staging.create(&client, conn).await?;
+    // The types the tables need are created and committed before the load, and dropped again
+    // if the restore fails (a crash or a signal can leave them, as it can the staging schema).
+    let created = schema::create_prerequisites(&client, conn, &plan).await?;
     let result = load_and_swap(
-        repo,
-        &loc,
-        &client,
-        conn,
-        &tables,
-        &plan,
-        &staging,
-        opts.replace,
+        repo, &loc, &client, conn, &tables, &plan, &name, staging, opts,
     )
     .await;
     if result.is_err() {
-        let _ = client.batch_execute("ROLLBACK").await;
-        if let Err(e) = client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {staging} CASCADE"))
-            .await
-        {
-            tracing::warn!(
-                "cannot drop staging schema {staging}: {}",
-                crate::pg::describe(&e)
-            );
-        }
+        created.undo(&client).await;
     }
     result?;
     Ok(tables
@@ -306,6 +354,200 @@ pub async fn restore_db(
 
 /// Tables loaded at once, each on its own connection.
 const PARALLEL_LOADS: usize = 2;
+
+/// This restore's staging schema and the database sessions working in it, so that a restore
+/// that fails or is stopped can end them and drop the schema.
+#[derive(Default)]
+struct Staging {
+    name: Mutex<Option<String>>,
+    /// (pid, backend start) of each session: a pid alone may have been reused since.
+    sessions: Mutex<Vec<(i32, String)>>,
+}
+
+impl Staging {
+    /// Records `client`'s session as one of this restore's.
+    async fn enlist(
+        &self,
+        client: &tokio_postgres::Client,
+        conn: &ConnInfo,
+    ) -> Result<(), BackupError> {
+        let row = client
+            .query_one(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| PgError::query("identifying the restore session", conn, e))?;
+        lock_ignoring_poison(&self.sessions).push((row.get(0), row.get(1)));
+        Ok(())
+    }
+
+    /// Creates the staging schema (the caller holds the database's restore lock).
+    async fn create(
+        &self,
+        client: &tokio_postgres::Client,
+        conn: &ConnInfo,
+    ) -> Result<String, BackupError> {
+        let name = format!(
+            "{STAGING_PREFIX}{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        // Recorded before it exists: abandoning drops it if it exists.
+        *lock_ignoring_poison(&self.name) = Some(name.clone());
+        client
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .map_err(|e| PgError::query("creating the staging schema", conn, e))?;
+        Ok(name)
+    }
+
+    /// After `cause` ended the restore: terminates its sessions (a loader may be in the middle
+    /// of a COPY or an index build, the swap may be queued for a lock), drops the staging
+    /// schema, and returns the error to report.
+    async fn abandon(&self, conn: &ConnInfo, cause: BackupError) -> BackupError {
+        let Some(name) = lock_ignoring_poison(&self.name).clone() else {
+            return match cause {
+                BackupError::Interrupted(m) => {
+                    BackupError::Interrupted(format!("{m}; nothing was restored"))
+                }
+                e => e,
+            };
+        };
+        let sessions = lock_ignoring_poison(&self.sessions).clone();
+        let dropped = drop_staging(conn, &name, sessions).await;
+        if let Err(reason) = &dropped {
+            tracing::warn!("cannot drop the staging schema {name}: {reason}; the next restore into this database drops it");
+        }
+        match (cause, dropped) {
+            (BackupError::Interrupted(m), Ok(())) => BackupError::Interrupted(format!(
+                "{m}; nothing was restored (its staging schema {name} was dropped)"
+            )),
+            (BackupError::Interrupted(m), Err(reason)) => BackupError::Interrupted(format!(
+                "{m}; nothing was restored, but its staging schema {name} could not be dropped ({reason}); the next restore into this database drops it"
+            )),
+            (e, _) => e,
+        }
+    }
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// On a connection of its own: ends `sessions` and drops the schema `name`.
+async fn drop_staging(
+    conn: &ConnInfo,
+    name: &str,
+    sessions: Vec<(i32, String)>,
+) -> Result<(), String> {
+    let ctl = conn.connect().await.map_err(|e| e.to_string())?;
+    let (pids, starts): (Vec<i32>, Vec<String>) = sessions.into_iter().unzip();
+    let sql = format!(
+        "SET client_min_messages = warning;
+         SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+           JOIN unnest('{{{}}}'::int4[], '{{{}}}'::text[]) AS o(pid, started)
+             ON a.pid = o.pid AND a.backend_start::text = o.started;
+         DROP SCHEMA IF EXISTS {} CASCADE",
+        pids.iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        starts
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(","),
+        quote_ident(name)
+    );
+    ctl.batch_execute(&sql)
+        .await
+        .map_err(|e| crate::pg::describe(&e))
+}
+
+/// Takes the database's restore lock on `client`'s session (held until it ends), or fails
+/// naming the restore that holds it.
+async fn lock_database(
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+) -> Result<(), BackupError> {
+    let q = |e| PgError::query("taking the database's restore lock", conn, e);
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&RESTORE_LOCK_CLASS])
+        .await
+        .map_err(q)?
+        .get(0);
+    if got {
+        return Ok(());
+    }
+    let holder = client
+        .query_opt(
+            "SELECT a.pid, coalesce(a.application_name, ''),
+                    coalesce(to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ'), '?')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND l.classid = ($1::int4)::oid AND l.objid = 0 AND l.objsubid = 2",
+            &[&RESTORE_LOCK_CLASS],
+        )
+        .await
+        .map_err(q)?
+        .map(|r| {
+            format!(
+                " (pid {}, application_name '{}', connected since {})",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            )
+        })
+        .unwrap_or_default();
+    Err(BackupError::Restore(format!(
+        "another restore into database {} is running{holder}; wait for it to finish and try again; nothing was restored",
+        conn.dbname()
+    )))
+}
+
+/// Drops staging schemas left by restores that ended without cleaning up (killed, or their
+/// target stopped). Safe only while holding the database's restore lock: every restore holds
+/// it from before creating its staging schema until the schema is gone, so no schema found
+/// then belongs to a running restore. A schema still locked (a loader of the dead restore
+/// finishing an index build) is left for the next restore.
+async fn drop_leftovers(
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+) -> Result<(), BackupError> {
+    let rows = client
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1) ORDER BY 1",
+            &[&STAGING_PREFIX],
+        )
+        .await
+        .map_err(|e| PgError::query("looking for leftover staging schemas", conn, e))?;
+    for r in rows {
+        let name: String = r.get(0);
+        let dropped = client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = {}; DROP SCHEMA {} CASCADE; COMMIT",
+                LOCK_ATTEMPT.as_millis(),
+                quote_ident(&name)
+            ))
+            .await;
+        match dropped {
+            Ok(()) => {
+                tracing::info!("dropped schema {name}, left behind by an interrupted restore")
+            }
+            Err(e) => {
+                client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| PgError::query("dropping a leftover staging schema", conn, e))?;
+                tracing::warn!(
+                    "cannot drop schema {name}, left behind by an interrupted restore, yet: {}; the next restore tries again",
+                    crate::pg::describe(&e)
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Existing, non-empty tables among `tables` (none when `replace`).
 async fn refused_tables(
@@ -353,11 +595,10 @@ fn refusal(refused: &[String]) -> BackupError {
 /// its own connection with its constraints and indexes (when names cannot clash); then, in
 /// one transaction on `client`, replaces the targets, moves the loaded tables into place and
 /// completes them (see `pg::schema`'s phases: sequences, defaults, identity, functions,
-/// triggers, policies, privileges, then foreign keys, validated against the loaded rows). Until that commit
-/// the target schemas are untouched, so a failure or a crash never leaves a table that looks
-/// restored but is not (a crash leaves the `invsync_restore_*` schema, which can be dropped).
-/// The types the tables need are created first, committed, and dropped again if this fails
-/// (a crash can leave them, as it leaves the staging schema).
+/// triggers, policies, privileges, then foreign keys, validated against the loaded rows).
+/// Until that commit the target schemas are untouched, so a failure or a crash never leaves a
+/// table that looks restored but is not (a crash leaves the `invsync_restore_*` schema, which
+/// the next restore drops).
 #[allow(clippy::too_many_arguments)]
 async fn load_and_swap(
     repo: &Repository,
@@ -367,30 +608,9 @@ async fn load_and_swap(
     tables: &[&TableSnapshot],
     plan: &Plan<'_>,
     staging: &str,
-    replace: bool,
+    sessions: &Staging,
+    opts: &RestoreDbOptions,
 ) -> Result<(), BackupError> {
-    let created = schema::create_prerequisites(client, conn, plan).await?;
-    let result =
-        load_and_swap_tables(repo, loc, client, conn, tables, plan, staging, replace).await;
-    if result.is_err() {
-        let _ = client.batch_execute("ROLLBACK").await;
-        created.undo(client).await;
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn load_and_swap_tables(
-    repo: &Repository,
-    loc: &Locator,
-    client: &tokio_postgres::Client,
-    conn: &ConnInfo,
-    tables: &[&TableSnapshot],
-    plan: &Plan<'_>,
-    staging: &str,
-    replace: bool,
-) -> Result<(), BackupError> {
-    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
     // Biggest first, so the two loaders finish close together.
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(tables[i].bytes));
@@ -399,9 +619,19 @@ async fn load_and_swap_tables(
     let build_early = plan.can_build_in_staging();
     let mut indexed = vec![false; tables.len()];
     for (i, done) in futures::stream::iter(order.iter().map(|&i| async move {
-        load_one(repo, loc, conn, tables[i], plan, i, staging, build_early)
-            .await
-            .map(|done| (i, done))
+        load_one(
+            repo,
+            loc,
+            conn,
+            sessions,
+            tables[i],
+            plan,
+            i,
+            staging,
+            build_early,
+        )
+        .await
+        .map(|done| (i, done))
     }))
     .buffer_unordered(PARALLEL_LOADS)
     .try_collect::<Vec<(usize, bool)>>()
@@ -410,21 +640,124 @@ async fn load_and_swap_tables(
         indexed[i] = done;
     }
 
+    let deadline = Instant::now() + opts.lock_wait;
+    loop {
+        match swap(client, conn, tables, plan, staging, &indexed, opts.replace).await {
+            Err(e) if lock_timed_out(&e) => {
+                if Instant::now() >= deadline {
+                    return Err(BackupError::Restore(format!(
+                        "the tables to replace stayed locked for {}s; {}; try again when they are done or end them; nothing was restored",
+                        opts.lock_wait.as_secs(),
+                        lock_holders(client, conn, tables).await
+                    )));
+                }
+                tracing::info!(
+                    "a table to replace is in use; trying again (for up to {}s)",
+                    opts.lock_wait.as_secs()
+                );
+                tokio::time::sleep(LOCK_PAUSE).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// True for an error of a lock not granted within `lock_timeout`.
+fn lock_timed_out(e: &BackupError) -> bool {
+    matches!(e, BackupError::Db(PgError::Query { code: Some(c), .. })
+        if c == SqlState::LOCK_NOT_AVAILABLE.code())
+}
+
+/// Who holds locks on `tables` now, for the message of a restore that gave up waiting.
+async fn lock_holders(
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+    tables: &[&TableSnapshot],
+) -> String {
+    let names: Vec<String> = tables.iter().map(|t| t.schema.name.quoted()).collect();
+    let rows = client
+        .query(
+            "SELECT DISTINCT l.relation::regclass::text, a.pid, coalesce(a.application_name, ''),
+                    coalesce(a.state, ''), coalesce(to_char(a.query_start, 'YYYY-MM-DD HH24:MI:SS TZ'), '?')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+               AND l.relation IN (SELECT to_regclass(n) FROM unnest($1::text[]) n)
+             ORDER BY 2 LIMIT 5",
+            &[&names],
+        )
+        .await;
+    match rows {
+        Ok(rows) if !rows.is_empty() => rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} is held by pid {} (application_name '{}', state {}, query started {})",
+                    r.get::<_, String>(0),
+                    r.get::<_, i32>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3),
+                    r.get::<_, String>(4)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Ok(_) => "the sessions holding them have finished since".into(),
+        Err(e) => format!(
+            "the sessions holding them could not be listed ({})",
+            PgError::query("reading pg_locks", conn, e)
+        ),
+    }
+}
+
+/// One attempt at the swap transaction: replaces the targets by the staging tables, every
+/// lock waited for at most [`LOCK_ATTEMPT`]. On any error the transaction is rolled back.
+async fn swap(
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+    tables: &[&TableSnapshot],
+    plan: &Plan<'_>,
+    staging: &str,
+    indexed: &[bool],
+    replace: bool,
+) -> Result<(), BackupError> {
+    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
     client
-        .batch_execute("BEGIN")
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = {}",
+            LOCK_ATTEMPT.as_millis()
+        ))
         .await
         .map_err(|e| q("starting the restore transaction".into(), e))?;
+    let result = swap_in(client, conn, tables, plan, staging, indexed, replace).await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let ended = client.batch_execute(end).await;
+    result?;
+    ended.map_err(|e| q("committing the restore".into(), e))
+}
+
+async fn swap_in(
+    client: &tokio_postgres::Client,
+    conn: &ConnInfo,
+    tables: &[&TableSnapshot],
+    plan: &Plan<'_>,
+    staging: &str,
+    indexed: &[bool],
+    replace: bool,
+) -> Result<(), BackupError> {
+    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
     let refused = refused_tables(client, conn, tables, replace).await?;
     if !refused.is_empty() {
         return Err(refusal(&refused));
     }
+    // A lock not granted in time is returned as it is, for the caller to try again.
     let run = |label: String, statements: Vec<String>| async move {
         for s in statements {
             client.batch_execute(&s).await.map_err(|e| {
-                BackupError::Restore(format!(
-                    "{label}: {}; nothing was restored",
-                    q(s.clone(), e)
-                ))
+                let e = q(s.clone(), e);
+                if lock_timed_out(&e) {
+                    return e;
+                }
+                BackupError::Restore(format!("{label}: {e}; nothing was restored"))
             })?;
         }
         Ok::<(), BackupError>(())
@@ -465,13 +798,9 @@ async fn load_and_swap_tables(
     }
     run("foreign keys".into(), plan.foreign_key_statements()).await?;
     client
-        .batch_execute(&format!("DROP SCHEMA {staging}"))
+        .batch_execute(&format!("DROP SCHEMA {}", quote_ident(staging)))
         .await
-        .map_err(|e| q("dropping the staging schema".into(), e))?;
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| q("committing the restore".into(), e))
+        .map_err(|e| q("dropping the staging schema".into(), e))
 }
 
 /// Creates and fills one staging table on a connection of its own; with `build_indexes`, also
@@ -481,6 +810,7 @@ async fn load_one(
     repo: &Repository,
     loc: &Locator,
     conn: &ConnInfo,
+    sessions: &Staging,
     t: &TableSnapshot,
     plan: &Plan<'_>,
     i: usize,
@@ -498,6 +828,7 @@ async fn load_one(
         )))
     };
     let client = conn.connect().await?;
+    sessions.enlist(&client, conn).await?;
     let at = Placement::Staging(staging);
     client
         .batch_execute(&format!("BEGIN; {}", plan.create_tables(i, at).join("; ")))

@@ -3,11 +3,18 @@
 //! `s3://`, `gs://` and `az://` builders start from the standard environment credentials
 //! (`AWS_*`, `GOOGLE_*`, `AZURE_*`) and then apply the repository's `options`; an unknown option
 //! is an error rather than silently ignored. `file://` repositories live in a local directory.
+//!
+//! Two options are invsync's own, for any cloud store: `retry_timeout` (a duration such as
+//! `30s` or `2m`; default 3 minutes), how long a failing request is retried before the command
+//! reports the store unreachable, and `max_retries` (default 10), how many times at most.
+//! A hung endpoint is thus reported after `retry_timeout`, and meanwhile logged (see
+//! `repository`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, RetryConfig};
 
 use super::BackupError;
 use crate::config::RepositoryConfig;
@@ -19,6 +26,8 @@ pub struct Location {
     pub prefix: Path,
     /// The repository URL, for messages (it holds no secret: credentials live in options).
     pub url: String,
+    /// How long the store client retries a failing request (for messages while it does).
+    pub retry_timeout: Duration,
 }
 
 /// Builds the store for `repo`. With `create`, a missing local directory is created (for
@@ -32,12 +41,36 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
     let prefix_of = |path: &str| {
         Path::parse(path.trim_matches('/')).map_err(|e| err(format!("invalid path: {e}")))
     };
+    let mut retry = RetryConfig::default();
+    let mut store_options = Vec::new();
+    for (k, v) in &repo.options {
+        match k.as_str() {
+            "retry_timeout" => {
+                retry.retry_timeout = humantime::parse_duration(v).map_err(|e| {
+                    err(format!(
+                        "option retry_timeout = \"{v}\": {e}; write a duration such as \"30s\" or \"2m\""
+                    ))
+                })?
+            }
+            "max_retries" => {
+                retry.max_retries = v.parse().map_err(|_| {
+                    err(format!(
+                        "option max_retries = \"{v}\" is not a whole number; write e.g. \"3\""
+                    ))
+                })?
+            }
+            _ => store_options.push((k, v)),
+        }
+    }
+    let retry_timeout = retry.retry_timeout;
     // The three cloud builders share no trait: each starts from the environment's credentials,
     // then takes the repository's options, refusing keys it does not know.
     macro_rules! cloud_store {
         ($builder:ty, $kind:literal) => {{
-            let mut b = <$builder>::from_env().with_url(url.as_str());
-            for (k, v) in &repo.options {
+            let mut b = <$builder>::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry.clone());
+            for &(k, v) in &store_options {
                 let key = k
                     .parse()
                     .map_err(|_| err(format!("unknown {} option `{k}`", $kind)))?;
@@ -69,6 +102,7 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
                 store: Arc::new(fs),
                 prefix: Path::default(),
                 url: url.to_string(),
+                retry_timeout,
             });
         }
         "memory" => Arc::new(object_store::memory::InMemory::new()),
@@ -83,6 +117,7 @@ pub fn open(repo: &RepositoryConfig, create: bool) -> Result<Location, BackupErr
         store,
         prefix: prefix_of(url.path())?,
         url: url.to_string(),
+        retry_timeout,
     })
 }
 
@@ -119,10 +154,16 @@ mod tests {
             );
         }
         let loc = open(
-            &repo("s3://b/some/prefix", &[("aws_region", "ap-northeast-1")]),
+            &repo(
+                "s3://b/some/prefix",
+                &[("aws_region", "ap-northeast-1"), ("retry_timeout", "20s")],
+            ),
             false,
         )
         .unwrap();
         assert_eq!(loc.prefix.as_ref(), "some/prefix");
+        assert_eq!(loc.retry_timeout, Duration::from_secs(20));
+        let e = open(&repo("s3://b/p", &[("retry_timeout", "soon")]), false).unwrap_err();
+        assert!(e.to_string().contains("retry_timeout"), "{e}");
     }
 }

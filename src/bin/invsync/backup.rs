@@ -1,24 +1,27 @@
 //! `invsync repo|key|backup|snapshots|restore|forget|prune` and `invsync verify repo`:
 //! options, one library call each, and output for people or `--json`.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use invsync::backup::check::{self as repo_check, RepoCheckOptions, Severity};
 use invsync::backup::repository::Repository;
 use invsync::backup::restore::{self, RestoreDbOptions};
 use invsync::backup::retention::{self, Policy};
 use invsync::backup::session::{self, BackupOptions, DatabaseSource, Progress};
-use invsync::backup::{prune, snapshot};
+use invsync::backup::{prune, snapshot, BackupError};
 use invsync::config::{Config, TablePattern};
 use invsync::pg::schema::AccessOptions;
 use invsync::pg::ConnInfo;
-use invsync::verify::repo::{self as repo_check, RepoCheckOptions, Severity};
 
 #[derive(Subcommand)]
 pub enum BackupCommand {
@@ -148,6 +151,10 @@ pub struct RestoreArgs {
     /// Do not restore privileges (grants); objects keep their default privileges
     #[arg(long, requires = "to_db")]
     no_acl: bool,
+    /// With --replace: seconds to keep trying for the locks on tables in use (queries on them
+    /// are let through between attempts), then fail naming the sessions holding them
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "to_db")]
+    lock_wait: u64,
     /// Restore configuration trees below this directory
     #[arg(long, value_name = "PATH")]
     to_dir: Option<PathBuf>,
@@ -442,7 +449,9 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                     .iter()
                     .map(|t| TablePattern::parse(t).map_err(|e| anyhow!(e)))
                     .collect::<anyhow::Result<_>>()?;
-                let done = restore::restore_db(
+                let caught = Arc::new(AtomicU8::new(0));
+                let stop = first_signal(caught.clone())?;
+                let done = match restore::restore_db(
                     &repo,
                     &snap,
                     &conn,
@@ -453,9 +462,19 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                             no_owner: args.no_owner,
                             no_acl: args.no_acl,
                         },
+                        lock_wait: Duration::from_secs(args.lock_wait),
                     },
+                    stop,
                 )
-                .await?;
+                .await
+                {
+                    Err(e @ BackupError::Interrupted(_)) => {
+                        eprintln!("error: {e}");
+                        // The shell's convention for a process ended by signal N.
+                        return Ok(ExitCode::from(128 + caught.load(Ordering::Relaxed)));
+                    }
+                    other => other?,
+                };
                 if args.json {
                     json(&done)?;
                 } else {
@@ -535,6 +554,22 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
+/// Catches SIGINT and SIGTERM from now on; the future completes at the first, with its name,
+/// and `caught` holds its number, so a job can clean up and exit as the signal asked.
+fn first_signal(caught: Arc<AtomicU8>) -> anyhow::Result<impl Future<Output = String>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    Ok(async move {
+        let (name, number) = tokio::select! {
+            _ = int.recv() => ("SIGINT", 2),
+            _ = term.recv() => ("SIGTERM", 15),
+        };
+        caught.store(number, Ordering::Relaxed);
+        name.to_string()
+    })
+}
+
 fn print_prune(p: &prune::PruneReport) {
     let verb = if p.dry_run { "would delete" } else { "deleted" };
     println!(
@@ -544,10 +579,10 @@ fn print_prune(p: &prune::PruneReport) {
         human_bytes(p.bytes_deleted),
         p.snapshots
     );
-    if p.running_backups > 0 {
+    if p.running_backups + p.running_readers > 0 {
         println!(
-            "{} backup(s) running: {} unreferenced pack(s) kept for now; prune again later",
-            p.running_backups, p.packs_deferred
+            "{} backup(s) and {} restore(s) or check(s) running: {} unreferenced pack(s) kept for now; prune again later",
+            p.running_backups, p.running_readers, p.packs_deferred
         );
     }
 }

@@ -8,20 +8,24 @@
 //! against the index, and each blob decrypted, decompressed and hashed.
 //!
 //! Damage is data here, not an error: the check reports every finding with the object and
-//! the snapshots, tables and files it affects, and carries on. Only a repository that cannot
-//! be opened or listed at all is an error. Memory: the index is held whole while checking.
+//! the snapshots, tables and files it affects, and carries on. A repository that cannot be
+//! read (the store unreachable, access denied) is an error, never a finding: weather is not
+//! damage. The check holds a read lock (see `lock`), so a prune beside it deletes nothing it
+//! may still look at, and a pack it finds gone is really missing. Memory: the index is held
+//! whole while checking.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rand::Rng;
 use serde::Serialize;
 
-use crate::backup::crypto::{BlobId, IdKey};
-use crate::backup::index::{IndexFile, KIND_INDEX};
-use crate::backup::pack::{self, pack_path, PackEntry};
-use crate::backup::repository::Repository;
-use crate::backup::snapshot::{Snapshot, KIND_SNAPSHOT};
-use crate::backup::BackupError;
+use super::crypto::{BlobId, IdKey};
+use super::index::{IndexFile, KIND_INDEX};
+use super::lock::{Lock, LockKind};
+use super::pack::{self, pack_path, PackEntry};
+use super::repository::Repository;
+use super::snapshot::{Snapshot, KIND_SNAPSHOT};
+use super::BackupError;
 
 /// How much to read.
 #[derive(Debug, Clone, Default)]
@@ -95,11 +99,19 @@ impl RepoReport {
 /// Who uses each blob: `snapshot ID: table T` strings.
 type Users = HashMap<BlobId, BTreeSet<String>>;
 
+/// Checks `repo` (see the module documentation), holding off prune meanwhile.
 pub async fn check_repo(
     repo: &Repository,
     opts: &RepoCheckOptions,
 ) -> Result<RepoReport, BackupError> {
     repo.master("verify repo")?;
+    let lock = Lock::acquire(repo, LockKind::Read).await?;
+    let report = check(repo, opts).await;
+    lock.release(repo).await;
+    report
+}
+
+async fn check(repo: &Repository, opts: &RepoCheckOptions) -> Result<RepoReport, BackupError> {
     let mut report = RepoReport {
         repository: repo.name.clone(),
         ..Default::default()
