@@ -21,8 +21,10 @@
 //! connection in the same cut, see `dump`), which chunk, hash and compress; one writer (the
 //! session's own task) seals blobs into packs and hands packs to at most
 //! [`PARALLEL_UPLOADS`] uploads. Readers reach the writer through a bounded channel, so memory
-//! stays bounded however fast the database is: about `jobs` × (a chunk being cut + the
-//! chunks in flight) + one pack being built + the packs uploading.
+//! stays bounded however fast the database is: about `jobs` × (the COPY row being read + a
+//! chunk being cut + the chunks in flight) + one pack being built + the packs uploading. A
+//! row is the one piece held whole (the client library receives it as one message), so the
+//! largest value sets the floor: a `bytea` of N bytes is a row of 2N bytes of hex text.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
@@ -589,36 +591,25 @@ impl Reader {
         let mut chunker = Chunker::new();
         let mut chunks = Vec::new();
         let (mut rows, mut bytes, mut unreported) = (0u64, 0u64, 0u64);
-        let mut finished = false;
-        while !finished {
-            let ready = match stream.next().await {
-                Some(piece) => {
-                    let piece =
-                        piece.map_err(|e| PgError::query(format!("reading {t}"), conn, e))?;
-                    rows += piece.iter().filter(|&&b| b == b'\n').count() as u64;
-                    bytes += piece.len() as u64;
-                    unreported += piece.len() as u64;
-                    chunker.push(&piece)
-                }
-                None => {
-                    finished = true;
-                    std::mem::take(&mut chunker).finish()
-                }
-            };
-            for c in ready {
-                let (id, new) = self.dedup.prepare(&c)?;
-                chunks.push(id);
-                if let Some(b) = new {
-                    self.tx.send(Piece::Blob(b)).await.map_err(|_| stopped())?;
-                }
+        // A piece is one row of COPY text, however large; its chunks are cut and sent one at
+        // a time, so a huge value costs itself and a few chunks, not a copy per chunk.
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| PgError::query(format!("reading {t}"), conn, e))?;
+            rows += piece.iter().filter(|&&b| b == b'\n').count() as u64;
+            bytes += piece.len() as u64;
+            unreported += piece.len() as u64;
+            for c in chunker.push(&piece) {
+                self.emit(&c, &mut chunks).await?;
             }
-            if unreported >= PROGRESS_STEP || (finished && unreported > 0) {
-                self.tx
-                    .send(Piece::Read(i, unreported))
-                    .await
-                    .map_err(|_| stopped())?;
-                unreported = 0;
+            if unreported >= PROGRESS_STEP {
+                self.report(i, std::mem::take(&mut unreported)).await?;
             }
+        }
+        for c in chunker.finish() {
+            self.emit(&c, &mut chunks).await?;
+        }
+        if unreported > 0 {
+            self.report(i, unreported).await?;
         }
         Ok(Part {
             segment: Segment {
@@ -631,6 +622,24 @@ impl Reader {
             chunks,
             reused: false,
         })
+    }
+
+    /// Names `chunk`, appends its id to `chunks`, and sends it to the writer when it is new.
+    async fn emit(&self, chunk: &[u8], chunks: &mut Vec<BlobId>) -> Result<(), BackupError> {
+        let (id, new) = self.dedup.prepare(chunk)?;
+        chunks.push(id);
+        if let Some(b) = new {
+            self.tx.send(Piece::Blob(b)).await.map_err(|_| stopped())?;
+        }
+        Ok(())
+    }
+
+    /// Tells the writer that `bytes` more of table `i` were read.
+    async fn report(&self, i: usize, bytes: u64) -> Result<(), BackupError> {
+        self.tx
+            .send(Piece::Read(i, bytes))
+            .await
+            .map_err(|_| stopped())
     }
 }
 
