@@ -44,7 +44,7 @@ use super::index::{self, IndexFile, KIND_INDEX, PACKS_PER_INDEX};
 use super::lock::{self, Lock, LockKind};
 use super::pack::{self, pack_path, PackBuilder, PackEntry, TARGET_PACK_SIZE};
 use super::repository::{put_create_at, Repository};
-use super::segment::{self, Segment, Segments, Since};
+use super::segment::{self, KeyCollation, Reread, Segment, Segments, Since};
 use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
 use super::{failpoint, BackupError};
@@ -94,6 +94,15 @@ pub struct BackupSummary {
     pub tables: usize,
     pub rows: u64,
     pub files: usize,
+    /// Tables read whole although an earlier snapshot holds them, and why.
+    pub reread: Vec<RereadTable>,
+}
+
+/// A table whose segments in the parent snapshot could not be reused.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RereadTable {
+    pub table: String,
+    pub reason: String,
 }
 
 /// Takes one snapshot.
@@ -133,6 +142,7 @@ async fn run(
     let mut lsn = None;
     let mut cut = None;
     let mut source = None;
+    let mut reread = Vec::new();
     if let (Some(src), Some((client, names))) = (&opts.database, db) {
         let conn = &src.conn;
         let label = format!("{} ({conn})", src.label);
@@ -161,7 +171,7 @@ async fn run(
                 Some(Parent { snapshot: p, since })
             })
             .collect();
-        tables = read_tables(client, src, names, &parents, &mut w, progress).await?;
+        (tables, reread) = read_tables(client, src, names, &parents, &mut w, progress).await?;
         client
             .batch_execute("COMMIT")
             .await
@@ -211,6 +221,7 @@ async fn run(
         tables: snap.tables.len(),
         rows,
         files,
+        reread,
     })
 }
 
@@ -228,6 +239,7 @@ struct TablePlan {
     shape: Option<Shape>,
     relations: Vec<u32>,
     text_shape: String,
+    key_collations: Vec<KeyCollation>,
 }
 
 /// A piece of work for a reader: a key range of a table, with the parent's segment of that
@@ -270,7 +282,7 @@ struct Parent<'p> {
 /// segment (reused when unchanged, else read again); without, one item, cut into segments as
 /// it is read. Readers chunk, hash and
 /// compress; new blobs reach `w` through a bounded channel. Returns the tables in the order
-/// of `names`.
+/// of `names`, and those read whole although a parent holds them, with the reason.
 async fn read_tables(
     client: &tokio_postgres::Client,
     src: &DatabaseSource,
@@ -278,7 +290,7 @@ async fn read_tables(
     parents: &[Parent<'_>],
     w: &mut Writer<'_>,
     progress: &dyn Progress,
-) -> Result<Vec<TableSnapshot>, BackupError> {
+) -> Result<(Vec<TableSnapshot>, Vec<RereadTable>), BackupError> {
     let conn = &src.conn;
     let snapshot = dump::export_snapshot(client, conn).await?;
     let mut plans = Vec::with_capacity(names.len());
@@ -288,10 +300,12 @@ async fn read_tables(
             shape: segment::key_shape(&schema),
             relations: segment::relations(client, conn, t).await?,
             text_shape: segment::text_shape(client, conn, &schema).await?,
+            key_collations: segment::key_collations(client, conn, &schema).await?,
             schema,
         });
     }
     let mut queue = VecDeque::new();
+    let mut reread = Vec::new();
     for i in dump::largest_first(client, conn, names).await? {
         let plan = &plans[i];
         let reusable = parents.iter().find_map(|p| {
@@ -303,7 +317,15 @@ async fn read_tables(
             Some((p, t))
         });
         let reusable = reusable.and_then(|(p, t)| {
-            segment::parent_segments(t, &plan.relations, &plan.text_shape)
+            let segments = segment::parent_segments(
+                t,
+                &plan.relations,
+                &plan.text_shape,
+                &plan.key_collations,
+            );
+            segments
+                .map_err(|why| reread.push(said_reread(&names[i], &why)))
+                .ok()
                 .map(|segments| (p, segments))
         });
         match reusable {
@@ -405,11 +427,27 @@ async fn read_tables(
         t.segments = Some(Segments {
             relations: plan.relations,
             text_shape: plan.text_shape,
+            key_collations: Some(plan.key_collations),
             list,
         });
         tables.push(t);
     }
-    Ok(tables)
+    Ok((tables, reread))
+}
+
+/// Logs why `table` is read whole although a parent holds it; the entry for the report.
+fn said_reread(table: &TableName, why: &Reread) -> RereadTable {
+    // A collation that changed under a running database also puts its indexes in doubt,
+    // which the operator should hear about; the other reasons follow from their own changes.
+    if why.is_collation() {
+        tracing::warn!(%table, "reading the whole table again: {why}");
+    } else {
+        tracing::info!(%table, "reading the whole table again: {why}");
+    }
+    RereadTable {
+        table: table.to_string(),
+        reason: why.to_string(),
+    }
 }
 
 /// What readers send the writer.
