@@ -23,8 +23,9 @@
 //! [`PARALLEL_UPLOADS`] uploads. Readers reach the writer through a bounded channel, so memory
 //! stays bounded however fast the database is: about `jobs` × (the COPY row being read + a
 //! chunk being cut + the chunks in flight) + one pack being built + the packs uploading. A
-//! row is the one piece held whole (the client library receives it as one message), so the
-//! largest value sets the floor: a `bytea` of N bytes is a row of 2N bytes of hex text.
+//! row is the one piece held whole (the client library receives it as one message, and may
+//! hold the next few rows it has read ahead), so the largest value sets the floor: a `bytea`
+//! of N bytes is a row of 2N bytes of hex text.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
