@@ -307,3 +307,81 @@ fn a_table_swapped_in_by_rename_is_read_again() {
     let third = backup(&cfg);
     assert_eq!(segments(&third), (2, 0), "{third}");
 }
+
+/// The tables of `summary` read whole although a parent holds them, with the reasons.
+fn reread(summary: &serde_json::Value) -> Vec<(String, String)> {
+    summary["reread"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["table"].as_str().unwrap().to_string(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_changed_collation_version_forces_a_reread() {
+    let pg = PgCluster::start();
+    // Text keys under an ICU collation and under the database's own, and an integer key.
+    pg.psql(
+        "einvoice",
+        r#"CREATE TABLE sellers (name text COLLATE "en-US-x-icu" PRIMARY KEY, v int);
+         INSERT INTO sellers SELECT CASE WHEN g % 2 = 0 THEN 'a' ELSE 'B' END || g, g FROM generate_series(1, 1000) g;
+         CREATE TABLE buyers (name text PRIMARY KEY, v int);
+         INSERT INTO buyers SELECT 'b' || g, g FROM generate_series(1, 1000) g;
+         CREATE TABLE items (id int PRIMARY KEY, v int);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 1000) g;"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(&pg, dir.path());
+    let first = backup(&cfg);
+    assert_eq!(segments(&first), (0, 3), "{first}");
+    let second = backup(&cfg);
+    assert_eq!(segments(&second), (3, 0), "{second}");
+    assert_eq!(reread(&second), vec![]);
+
+    // What an ICU upgrade leaves in the catalog: another version recorded for the collation.
+    pg.psql(
+        "einvoice",
+        "UPDATE pg_collation SET collversion = '1.0' WHERE collname = 'en-US-x-icu'",
+    );
+    let third = backup(&cfg);
+    assert_eq!(segments(&third), (2, 1), "{third}");
+    let why = reread(&third);
+    assert_eq!(why.len(), 1, "{third}");
+    assert_eq!(why[0].0, "public.sellers");
+    assert!(
+        why[0].1.contains("key column name") && why[0].1.contains("version 1.0 recorded"),
+        "{}",
+        why[0].1
+    );
+    // The new snapshot recorded the new version: nothing to read again.
+    assert_eq!(segments(&backup(&cfg)), (3, 0));
+
+    // The database's own collation (libc here) gets another version: its text key is read again.
+    pg.psql(
+        "postgres",
+        "UPDATE pg_database SET datcollversion = '9.99' WHERE datname = 'einvoice'",
+    );
+    let fifth = backup(&cfg);
+    assert_eq!(segments(&fifth), (2, 1), "{fifth}");
+    let why = reread(&fifth);
+    assert_eq!(why.len(), 1, "{fifth}");
+    assert_eq!(why[0].0, "public.buyers");
+    // Compared in one byte order: the restored column's collation is not what is tested here.
+    assert_restores_to(
+        &pg,
+        &cfg,
+        "latest",
+        "einvoice",
+        &[
+            ("sellers", r#"name COLLATE "C""#),
+            ("buyers", "name"),
+            ("items", "id"),
+        ],
+    );
+}

@@ -1,7 +1,7 @@
 # Benchmark section: backup and restore, invsync beside restic and borg (and pg_dump/pg_restore).
 # Sourced by scripts/bench.sh (see its conventions). Works on a copy of SRC's database
 # (`bench_backup`), so SRC's `einvoice` is left as it was; DST's tables are dropped after
-# every restore.
+# every restore. BACKUP_ONLY=large runs only the part on a table of large values.
 #
 # The peers cannot read a database: their timed part includes dumping the same tables with
 # `COPY (SELECT * FROM t ORDER BY pk) TO` into files, which they then back up. invsync reads
@@ -67,6 +67,62 @@ size_of() { du -sb "$1" | cut -f1; }
 # "N reused unread, M read" from invsync's backup summary.
 segments_of() { sed -n 's/.*table segments: \([0-9]* reused unread, [0-9]* read\).*/\1/p' "$1"; }
 
+# ---- large values: 20 values of 32 MB in one table (scanned documents, XML), alternating ----
+# Every other value is incompressible (md5 output), the others repetitive XML. Its own
+# database and repositories; BACKUP_ONLY=large runs just this part.
+LDB_URL="$SRC_BASE/bench_large?sslmode=disable"
+psql -X -qtA -v ON_ERROR_STOP=1 "$SRC_BASE/postgres?sslmode=disable" \
+  -c "DROP DATABASE IF EXISTS bench_large" -c "CREATE DATABASE bench_large"
+psql -X -qtA -v ON_ERROR_STOP=1 "$LDB_URL" -c "CREATE TABLE scans (id int PRIMARY KEY, doc bytea)" \
+  -c "INSERT INTO scans SELECT i, CASE WHEN i % 2 = 0
+        THEN (SELECT decode(string_agg(md5((i * 100000000 + g)::text), '' ORDER BY g), 'hex') FROM generate_series(1, 32 * 65536) g)
+        ELSE convert_to(substr(repeat('<invoice><no>AB' || lpad(i::text, 8, '0') || '</no></invoice>', 900000), 1, 32 * 1048576), 'UTF8') END
+      FROM generate_series(1, 20) i"
+{
+  echo "[databases.large]"
+  echo "url = \"$LDB_URL\""
+  for i in 1 2 3; do
+    echo "[repositories.l$i]"
+    echo "url = \"file://$B/large-invsync-$i\""
+    echo "recipients = [\"$RECIPIENT\"]"
+    echo "identity_file = \"$B/key.txt\""
+  done
+} >>"$B/invsync.toml"
+dump_large() {
+  rm -rf "$B/large-dump" && mkdir -p "$B/large-dump" &&
+    psql -X -qtA -v ON_ERROR_STOP=1 "$LDB_URL" -c "\\copy (SELECT * FROM scans ORDER BY id) TO '$B/large-dump/scans.copy'"
+}
+export -f dump_large
+export LDB_URL
+inv_t=() res_t=() borg_t=() inv_m=() res_m=() borg_m=()
+for i in 1 2 3; do
+  inv repo init --repo "l$i" >/dev/null
+  timeit large_invsync "$INVSYNC" --config "$B/invsync.toml" --log warn backup --repo "l$i" --db large --tables public.scans
+  inv_t+=("$TIME_S") inv_m+=("$RSS_MB")
+  restic init --repo "$B/large-restic-$i" >/dev/null 2>&1
+  timeit large_restic bash -c "dump_large && restic backup --repo '$B/large-restic-$i' '$B/large-dump'"
+  res_t+=("$TIME_S") res_m+=("$RSS_MB")
+  borg init --encryption=repokey "$B/large-borg-$i" >/dev/null 2>&1
+  timeit large_borg bash -c "dump_large && borg create '$B/large-borg-$i::first' '$B/large-dump'"
+  borg_t+=("$TIME_S") borg_m+=("$RSS_MB")
+done
+report_row "large values backup, s (peer: restic)" "$(median "${inv_t[@]}")" "$(median "${res_t[@]}")" s
+report_row "large values backup, s (peer: borg)" "$(median "${inv_t[@]}")" "$(median "${borg_t[@]}")" s
+report_row "large values backup peak RSS, MB (restic)" "$(median "${inv_m[@]}")" "$(median "${res_m[@]}")" MB
+report_row "large values backup peak RSS, MB (borg)" "$(median "${inv_m[@]}")" "$(median "${borg_m[@]}")" MB
+report_row "large values stored, bytes (peer: restic)" "$(size_of "$B/large-invsync-3")" "$(size_of "$B/large-restic-3")" B
+drop_dst_tables
+timeit large_restore_invsync "$INVSYNC" --config "$B/invsync.toml" --log warn restore latest --repo l3 --to-db dst
+report_value "large values restore, invsync" "$TIME_S" s
+report_value "large values restore peak RSS, invsync" "$RSS_MB" MB
+drop_dst_tables
+rm -rf "$B"/large-*
+psql -X -qtA "$SRC_BASE/postgres?sslmode=disable" -c "DROP DATABASE IF EXISTS bench_large" >/dev/null
+if [ "${BACKUP_ONLY:-}" = large ]; then
+  cleanup_backup
+  trap - EXIT
+  return 0
+fi
 
 # ---- first backup: three runs each, alternating ----
 inv_t=() res_t=() borg_t=() inv_m=() res_m=() borg_m=()

@@ -2,10 +2,15 @@
 //!
 //! Cut points depend only on the bytes around them, so an insertion or change early in a table
 //! dump moves chunk boundaries only locally and the rest of the dump produces the same chunks
-//! (and blob ids) as yesterday. The chunker buffers at most [`MAX_CHUNK`] bytes plus one
-//! input piece: a cut is only taken once `MAX_CHUNK` bytes are available after the chunk's
-//! start (or the stream ended), which makes the result identical to chunking the whole stream
-//! at once however the input is split.
+//! (and blob ids) as yesterday. A cut is only taken once [`MAX_CHUNK`] bytes are available
+//! after the chunk's start (or the stream ended), which makes the result identical to chunking
+//! the whole stream at once however the input is split.
+//!
+//! Memory and time: the chunker keeps fewer than [`MAX_CHUNK`] bytes of its own between
+//! pieces, and hands out the chunks of a piece one at a time as they are cut, each copied once
+//! into a buffer of its own size. A piece of any size (one COPY row holding a value of
+//! hundreds of MB) therefore costs the piece itself plus one chunk, and time linear in its
+//! length.
 
 use fastcdc::v2020::FastCDC;
 
@@ -13,10 +18,12 @@ pub const MIN_CHUNK: usize = 64 * 1024;
 pub const AVG_CHUNK: usize = 256 * 1024;
 pub const MAX_CHUNK: usize = 1024 * 1024;
 
-/// Accumulates input and hands out complete chunks.
+/// Cuts a stream fed in pieces into chunks.
 #[derive(Default)]
 pub struct Chunker {
-    buf: Vec<u8>,
+    /// The stream's bytes after the last cut, while fewer than `MAX_CHUNK` (more only when a
+    /// [`Chunks`] was dropped before its end).
+    pending: Vec<u8>,
 }
 
 impl Chunker {
@@ -24,36 +31,76 @@ impl Chunker {
         Chunker::default()
     }
 
-    /// Adds `data` and returns the chunks that are now final.
-    pub fn push(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
-        self.buf.extend_from_slice(data);
-        let mut out = Vec::new();
-        while self.buf.len() >= MAX_CHUNK {
-            out.push(self.take_one());
+    /// Adds `data` to the stream: an iterator over the chunks that become final, cut lazily.
+    /// What it has not handed out when dropped stays in the stream.
+    pub fn push<'c>(&'c mut self, data: &'c [u8]) -> Chunks<'c> {
+        Chunks {
+            pending: &mut self.pending,
+            rest: data,
+            end: false,
         }
-        out
     }
 
-    /// Ends the stream: the remaining chunks.
-    pub fn finish(mut self) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        while !self.buf.is_empty() {
-            out.push(self.take_one());
+    /// Ends the stream: an iterator over the remaining chunks.
+    pub fn finish(&mut self) -> Chunks<'_> {
+        Chunks {
+            pending: &mut self.pending,
+            rest: &[],
+            end: true,
         }
-        out
     }
+}
 
-    fn take_one(&mut self) -> Vec<u8> {
-        let cdc = FastCDC::new(
-            &self.buf,
-            MIN_CHUNK as u32,
-            AVG_CHUNK as u32,
-            MAX_CHUNK as u32,
-        );
-        let (_, cut) = cdc.cut(0, self.buf.len());
-        let cut = cut.clamp(1, self.buf.len());
-        let rest = self.buf.split_off(cut);
-        std::mem::replace(&mut self.buf, rest)
+/// The chunks of one [`Chunker::push`] or [`Chunker::finish`], in stream order.
+pub struct Chunks<'c> {
+    pending: &'c mut Vec<u8>,
+    /// The pushed bytes not yet moved into `pending` nor cut.
+    rest: &'c [u8],
+    /// The stream ends after `rest`: cut what remains even below `MAX_CHUNK`.
+    end: bool,
+}
+
+/// Where the chunk starting at `data[0]` ends (`data` holds at least `MAX_CHUNK` bytes, or
+/// the stream's last bytes).
+fn cut_point(data: &[u8]) -> usize {
+    let cdc = FastCDC::new(data, MIN_CHUNK as u32, AVG_CHUNK as u32, MAX_CHUNK as u32);
+    let (_, cut) = cdc.cut(0, data.len());
+    cut.clamp(1, data.len())
+}
+
+impl Iterator for Chunks<'_> {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if self.pending.len() >= MAX_CHUNK || (self.end && !self.pending.is_empty()) {
+                let cut = cut_point(self.pending);
+                let chunk = self.pending[..cut].to_vec();
+                self.pending.drain(..cut);
+                return Some(chunk);
+            }
+            // Nothing carried over: cut straight from the piece, without copying it first.
+            if self.pending.is_empty() && self.rest.len() >= MAX_CHUNK {
+                let cut = cut_point(self.rest);
+                let (chunk, rest) = self.rest.split_at(cut);
+                self.rest = rest;
+                return Some(chunk.to_vec());
+            }
+            if self.rest.is_empty() {
+                return None;
+            }
+            let take = (MAX_CHUNK - self.pending.len()).min(self.rest.len());
+            let (head, rest) = self.rest.split_at(take);
+            self.pending.extend_from_slice(head);
+            self.rest = rest;
+        }
+    }
+}
+
+impl Drop for Chunks<'_> {
+    fn drop(&mut self) {
+        // Keeps the stream whole when the caller stops early.
+        self.pending.extend_from_slice(self.rest);
     }
 }
 

@@ -136,7 +136,7 @@ pub fn snapshot_body(data: &[u8]) -> bool {
         for t in &snap.tables {
             // Restore builds its SQL from these; building must not panic whatever they hold.
             let _ = t.schema.copy_out_sql("TRUE");
-            let _ = super::segment::parent_segments(t, &[], "");
+            let _ = super::segment::parent_segments(t, &[], "", &[]);
             if let Ok(model) = t.schema.model() {
                 let plan = crate::pg::schema::Plan::new(vec![&model], Default::default());
                 let at = crate::pg::schema::Placement::Staging("s");

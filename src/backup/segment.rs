@@ -37,7 +37,17 @@
 //! - the same text for the same tuples: same copied columns and types, same key, same labels
 //!   of the enums the columns use (`ALTER TYPE .. RENAME VALUE` changes no tuple), and the
 //!   readers' session settings that shape COPY text are fixed (see [`SESSION`]);
+//! - the same order of text keys: a range `lo <= key < hi` over a collatable key column holds
+//!   the rows its collation puts there, so each such column must compare under the same
+//!   collation at the same version, both the version the catalog records
+//!   (`pg_collation.collversion`, or `pg_database.datcollversion` for the database's own) and
+//!   the one its library reports now (an operating system or ICU upgrade changes that one
+//!   first) (see [`KeyCollation`]); a parent that did not record them is not trusted for a
+//!   table with such a key;
 //! - every chunk of the segment is still listed in the repository's index.
+//!
+//! A table whose parent segments cannot be reused is read whole, and the backup says why
+//! ([`Reread`]).
 //!
 //! A segment that is read again keeps its bounds; one grown past [`SPLIT_ROWS`] (where new
 //! keys land, usually the last) is cut into pieces of [`SEGMENT_ROWS`] rows.
@@ -81,6 +91,10 @@ pub struct Segments {
     pub relations: Vec<u32>,
     /// What the rows' text depends on besides the tuples ([`text_shape`]).
     pub text_shape: String,
+    /// The collations of the collatable key columns, in key order ([`key_collations`]);
+    /// `None` in snapshots written before they were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_collations: Option<Vec<KeyCollation>>,
     /// In key order, covering the key space.
     pub list: Vec<Segment>,
 }
@@ -261,6 +275,158 @@ pub async fn text_shape(
     ))
 }
 
+/// The collation a collatable key column compares under, with what tells whether its order
+/// may have changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCollation {
+    pub column: String,
+    /// Schema-qualified and quoted (`pg_catalog."default"` for the database's own).
+    pub collation: String,
+    /// `c` (libc), `i` (ICU) or `b` (builtin); the database's provider for its own collation.
+    pub provider: String,
+    /// The version the catalog records: `pg_collation.collversion`, or the database's
+    /// `datcollversion` for its own collation (PostgreSQL 15 and later).
+    pub recorded: Option<String>,
+    /// The version of the collation library the server uses now.
+    pub actual: Option<String>,
+}
+
+impl std::fmt::Display for KeyCollation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+        write!(
+            f,
+            "{} (provider {}, version {} recorded, {} in use)",
+            self.collation,
+            self.provider,
+            v(&self.recorded),
+            v(&self.actual)
+        )
+    }
+}
+
+/// Per collatable key column in key order: its collation, provider, recorded and actual
+/// version; for the database's own collation (oid 100) the database's. Before PostgreSQL 15
+/// the database records no version of its collation (always libc then): the version of
+/// libc's collations stands in for it, unless the database sorts as `C`/`POSIX`, which never
+/// changes.
+fn key_collations_sql(server_version: i32) -> String {
+    let (provider, recorded, actual) = match server_version >= 150000 {
+        true => (
+            "d.datlocprovider::text",
+            "d.datcollversion",
+            "pg_database_collation_actual_version(d.oid)",
+        ),
+        false => (
+            "'c'",
+            "NULL",
+            "CASE WHEN d.datcollate IN ('C', 'POSIX') THEN NULL \
+               ELSE (SELECT pg_collation_actual_version(l.oid) FROM pg_collation l \
+                 WHERE l.collprovider = 'c' AND l.collcollate NOT IN ('C', 'POSIX') \
+                 ORDER BY l.oid LIMIT 1) END",
+        ),
+    };
+    format!(
+        "SELECT k.col, format('%I.%I', n.nspname, c.collname), \
+           CASE WHEN c.oid = 100 THEN {provider} ELSE c.collprovider::text END, \
+           CASE WHEN c.oid = 100 THEN {recorded} ELSE c.collversion END, \
+           CASE WHEN c.oid = 100 THEN {actual} ELSE pg_collation_actual_version(c.oid) END \
+         FROM unnest($2::text[]) WITH ORDINALITY k(col, i) \
+         JOIN pg_attribute a ON a.attrelid = $1::text::regclass AND a.attname = k.col \
+         JOIN pg_collation c ON c.oid = a.attcollation \
+         JOIN pg_namespace n ON n.oid = c.collnamespace \
+         CROSS JOIN pg_database d WHERE d.datname = current_database() \
+         ORDER BY k.i"
+    )
+}
+
+/// The collations of `schema`'s collatable key columns (text, varchar, domains and arrays of
+/// them), in key order, as the server has them now.
+pub async fn key_collations(
+    client: &Client,
+    conn: &ConnInfo,
+    schema: &TableSchema,
+) -> Result<Vec<KeyCollation>, BackupError> {
+    let err = |e| {
+        PgError::query(
+            format!("reading the key collations of {}", schema.name),
+            conn,
+            e,
+        )
+    };
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    let rows = client
+        .query(
+            &key_collations_sql(version),
+            &[&schema.name.quoted(), &schema.primary_key],
+        )
+        .await
+        .map_err(err)?;
+    Ok(rows
+        .iter()
+        .map(|r| KeyCollation {
+            column: r.get(0),
+            collation: r.get(1),
+            provider: r.get(2),
+            recorded: r.get(3),
+            actual: r.get(4),
+        })
+        .collect())
+}
+
+/// Why a table was read whole although a parent snapshot holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reread {
+    /// The parent stored the table as one piece, or as segments that do not cover its key
+    /// space.
+    NotSegmented,
+    /// The name now reads other relations (a table renamed into place, partitions attached
+    /// or detached).
+    OtherRelations,
+    /// Columns, their types, the key or an enum's labels changed.
+    OtherText,
+    /// The parent did not record the collation of this key column.
+    CollationUnrecorded { column: String },
+    /// The key column compares under another collation, or another version of it.
+    CollationChanged {
+        column: String,
+        before: Box<KeyCollation>,
+        now: Box<KeyCollation>,
+    },
+}
+
+impl std::fmt::Display for Reread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reread::NotSegmented => write!(f, "the previous snapshot does not hold it as key-range segments"),
+            Reread::OtherRelations => write!(f, "its name now reads other relations (renamed, or partitions attached or detached)"),
+            Reread::OtherText => write!(f, "its columns, key or enum labels changed"),
+            Reread::CollationUnrecorded { column } => write!(
+                f,
+                "the previous snapshot did not record the collation of key column {column}"
+            ),
+            Reread::CollationChanged { column, before, now } => write!(
+                f,
+                "key column {column} compared under {before} and now under {now}, which may order keys differently; if the collation library was upgraded, rebuild the indexes using it and run ALTER COLLATION .. REFRESH VERSION (or ALTER DATABASE .. REFRESH COLLATION VERSION)"
+            ),
+        }
+    }
+}
+
+impl Reread {
+    /// Whether the reason concerns key order, which may also affect the table's indexes.
+    pub fn is_collation(&self) -> bool {
+        matches!(
+            self,
+            Reread::CollationUnrecorded { .. } | Reread::CollationChanged { .. }
+        )
+    }
+}
+
 /// Rows and pages of `relations` by the planner's statistics; `None` when one of them was
 /// never analyzed.
 pub async fn estimate(
@@ -343,17 +509,22 @@ pub(crate) fn check_sql(
 }
 
 /// The parent's segments of a table, with each segment's chunk list, when they may be
-/// reused: the parent holds the table as well-formed segments with the same relations and
-/// text shape.
+/// reused: the parent holds the table as well-formed segments with the same relations, text
+/// shape and key collations (see the module documentation); otherwise why not.
 pub fn parent_segments<'a>(
     parent: &'a TableSnapshot,
     relations: &[u32],
     text_shape: &str,
-) -> Option<Vec<(&'a Segment, &'a [super::crypto::BlobId])>> {
-    let segs = parent.segments.as_ref()?;
-    if segs.relations != relations || segs.text_shape != text_shape || segs.list.is_empty() {
-        return None;
+    collations: &[KeyCollation],
+) -> Result<Vec<(&'a Segment, &'a [super::crypto::BlobId])>, Reread> {
+    let segs = parent.segments.as_ref().ok_or(Reread::NotSegmented)?;
+    if segs.relations != relations {
+        return Err(Reread::OtherRelations);
     }
+    if segs.text_shape != text_shape {
+        return Err(Reread::OtherText);
+    }
+    same_collations(segs.key_collations.as_deref(), collations)?;
     let mut out = Vec::with_capacity(segs.list.len());
     let mut at = 0usize;
     let mut prev_hi: Option<&Key> = None;
@@ -365,14 +536,50 @@ pub fn parent_segments<'a>(
             s.lo.is_some() && s.lo.as_ref() == prev_hi
         };
         if !starts_right {
-            return None;
+            return Err(Reread::NotSegmented);
         }
         prev_hi = s.hi.as_ref();
-        let chunks = parent.chunks.get(at..at.checked_add(s.chunks)?)?;
+        let chunks = at
+            .checked_add(s.chunks)
+            .and_then(|end| parent.chunks.get(at..end))
+            .ok_or(Reread::NotSegmented)?;
         at += s.chunks;
         out.push((s, chunks));
     }
-    (prev_hi.is_none() && at == parent.chunks.len()).then_some(out)
+    match !out.is_empty() && prev_hi.is_none() && at == parent.chunks.len() {
+        true => Ok(out),
+        false => Err(Reread::NotSegmented),
+    }
+}
+
+/// Whether the key collations recorded with a parent (`None`: not recorded) are `now`'s.
+fn same_collations(before: Option<&[KeyCollation]>, now: &[KeyCollation]) -> Result<(), Reread> {
+    let Some(before) = before else {
+        return match now.first() {
+            Some(k) => Err(Reread::CollationUnrecorded {
+                column: k.column.clone(),
+            }),
+            None => Ok(()),
+        };
+    };
+    for k in now {
+        match before.iter().find(|b| b.column == k.column) {
+            Some(b) if b == k => {}
+            Some(b) => {
+                return Err(Reread::CollationChanged {
+                    column: k.column.clone(),
+                    before: Box::new(b.clone()),
+                    now: Box::new(k.clone()),
+                })
+            }
+            None => {
+                return Err(Reread::CollationUnrecorded {
+                    column: k.column.clone(),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -413,6 +620,35 @@ mod tests {
         assert_eq!(s.newer_rows(12), "age(xmin) <= 22");
         // Right at the cut.
         assert_eq!(s.newer_rows(5), "age(xmin) <= 15");
+    }
+
+    #[test]
+    fn key_collations_must_match() {
+        let k = |column: &str, recorded: &str| KeyCollation {
+            column: column.into(),
+            collation: "pg_catalog.\"en-US-x-icu\"".into(),
+            provider: "i".into(),
+            recorded: Some(recorded.into()),
+            actual: Some("153.120".into()),
+        };
+        let now = [k("code", "153.120")];
+        assert_eq!(same_collations(Some(&now), &now), Ok(()));
+        // Neither before nor now a collatable key.
+        assert_eq!(same_collations(None, &[]), Ok(()));
+        assert!(matches!(
+            same_collations(None, &now),
+            Err(Reread::CollationUnrecorded { column }) if column == "code"
+        ));
+        assert!(matches!(
+            same_collations(Some(&[k("code", "x")]), &now),
+            Err(Reread::CollationChanged { column, .. }) if column == "code"
+        ));
+        let mut other = now[0].clone();
+        other.actual = Some("154.1".into());
+        assert!(same_collations(Some(&now), &[other.clone()]).is_err());
+        other.actual = now[0].actual.clone();
+        other.collation = "pg_catalog.\"C\"".into();
+        assert!(same_collations(Some(&now), &[other]).is_err());
     }
 
     #[test]

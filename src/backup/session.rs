@@ -21,8 +21,11 @@
 //! connection in the same cut, see `dump`), which chunk, hash and compress; one writer (the
 //! session's own task) seals blobs into packs and hands packs to at most
 //! [`PARALLEL_UPLOADS`] uploads. Readers reach the writer through a bounded channel, so memory
-//! stays bounded however fast the database is: about `jobs` × (a chunk being cut + the
-//! chunks in flight) + one pack being built + the packs uploading.
+//! stays bounded however fast the database is: about `jobs` × (the COPY row being read + a
+//! chunk being cut + the chunks in flight) + one pack being built + the packs uploading. A
+//! row is the one piece held whole (the client library receives it as one message, and may
+//! hold the next few rows it has read ahead), so the largest value sets the floor: a `bytea`
+//! of N bytes is a row of 2N bytes of hex text.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
@@ -42,7 +45,7 @@ use super::index::{self, IndexFile, KIND_INDEX, PACKS_PER_INDEX};
 use super::lock::{self, Lock, LockKind};
 use super::pack::{self, pack_path, PackBuilder, PackEntry, TARGET_PACK_SIZE};
 use super::repository::{put_create_at, Repository};
-use super::segment::{self, Segment, Segments, Since};
+use super::segment::{self, KeyCollation, Reread, Segment, Segments, Since};
 use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
 use super::{failpoint, BackupError};
@@ -92,6 +95,15 @@ pub struct BackupSummary {
     pub tables: usize,
     pub rows: u64,
     pub files: usize,
+    /// Tables read whole although an earlier snapshot holds them, and why.
+    pub reread: Vec<RereadTable>,
+}
+
+/// A table whose segments in the parent snapshot could not be reused.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RereadTable {
+    pub table: String,
+    pub reason: String,
 }
 
 /// Takes one snapshot.
@@ -131,6 +143,7 @@ async fn run(
     let mut lsn = None;
     let mut cut = None;
     let mut source = None;
+    let mut reread = Vec::new();
     if let (Some(src), Some((client, names))) = (&opts.database, db) {
         let conn = &src.conn;
         let label = format!("{} ({conn})", src.label);
@@ -159,7 +172,7 @@ async fn run(
                 Some(Parent { snapshot: p, since })
             })
             .collect();
-        tables = read_tables(client, src, names, &parents, &mut w, progress).await?;
+        (tables, reread) = read_tables(client, src, names, &parents, &mut w, progress).await?;
         client
             .batch_execute("COMMIT")
             .await
@@ -209,6 +222,7 @@ async fn run(
         tables: snap.tables.len(),
         rows,
         files,
+        reread,
     })
 }
 
@@ -226,6 +240,7 @@ struct TablePlan {
     shape: Option<Shape>,
     relations: Vec<u32>,
     text_shape: String,
+    key_collations: Vec<KeyCollation>,
 }
 
 /// A piece of work for a reader: a key range of a table, with the parent's segment of that
@@ -268,7 +283,7 @@ struct Parent<'p> {
 /// segment (reused when unchanged, else read again); without, one item, cut into segments as
 /// it is read. Readers chunk, hash and
 /// compress; new blobs reach `w` through a bounded channel. Returns the tables in the order
-/// of `names`.
+/// of `names`, and those read whole although a parent holds them, with the reason.
 async fn read_tables(
     client: &tokio_postgres::Client,
     src: &DatabaseSource,
@@ -276,7 +291,7 @@ async fn read_tables(
     parents: &[Parent<'_>],
     w: &mut Writer<'_>,
     progress: &dyn Progress,
-) -> Result<Vec<TableSnapshot>, BackupError> {
+) -> Result<(Vec<TableSnapshot>, Vec<RereadTable>), BackupError> {
     let conn = &src.conn;
     let snapshot = dump::export_snapshot(client, conn).await?;
     let mut plans = Vec::with_capacity(names.len());
@@ -286,10 +301,12 @@ async fn read_tables(
             shape: segment::key_shape(&schema),
             relations: segment::relations(client, conn, t).await?,
             text_shape: segment::text_shape(client, conn, &schema).await?,
+            key_collations: segment::key_collations(client, conn, &schema).await?,
             schema,
         });
     }
     let mut queue = VecDeque::new();
+    let mut reread = Vec::new();
     for i in dump::largest_first(client, conn, names).await? {
         let plan = &plans[i];
         let reusable = parents.iter().find_map(|p| {
@@ -301,7 +318,15 @@ async fn read_tables(
             Some((p, t))
         });
         let reusable = reusable.and_then(|(p, t)| {
-            segment::parent_segments(t, &plan.relations, &plan.text_shape)
+            let segments = segment::parent_segments(
+                t,
+                &plan.relations,
+                &plan.text_shape,
+                &plan.key_collations,
+            );
+            segments
+                .map_err(|why| reread.push(said_reread(&names[i], &why)))
+                .ok()
                 .map(|segments| (p, segments))
         });
         match reusable {
@@ -403,11 +428,27 @@ async fn read_tables(
         t.segments = Some(Segments {
             relations: plan.relations,
             text_shape: plan.text_shape,
+            key_collations: Some(plan.key_collations),
             list,
         });
         tables.push(t);
     }
-    Ok(tables)
+    Ok((tables, reread))
+}
+
+/// Logs why `table` is read whole although a parent holds it; the entry for the report.
+fn said_reread(table: &TableName, why: &Reread) -> RereadTable {
+    // A collation that changed under a running database also puts its indexes in doubt,
+    // which the operator should hear about; the other reasons follow from their own changes.
+    if why.is_collation() {
+        tracing::warn!(%table, "reading the whole table again: {why}");
+    } else {
+        tracing::info!(%table, "reading the whole table again: {why}");
+    }
+    RereadTable {
+        table: table.to_string(),
+        reason: why.to_string(),
+    }
 }
 
 /// What readers send the writer.
@@ -589,36 +630,25 @@ impl Reader {
         let mut chunker = Chunker::new();
         let mut chunks = Vec::new();
         let (mut rows, mut bytes, mut unreported) = (0u64, 0u64, 0u64);
-        let mut finished = false;
-        while !finished {
-            let ready = match stream.next().await {
-                Some(piece) => {
-                    let piece =
-                        piece.map_err(|e| PgError::query(format!("reading {t}"), conn, e))?;
-                    rows += piece.iter().filter(|&&b| b == b'\n').count() as u64;
-                    bytes += piece.len() as u64;
-                    unreported += piece.len() as u64;
-                    chunker.push(&piece)
-                }
-                None => {
-                    finished = true;
-                    std::mem::take(&mut chunker).finish()
-                }
-            };
-            for c in ready {
-                let (id, new) = self.dedup.prepare(&c)?;
-                chunks.push(id);
-                if let Some(b) = new {
-                    self.tx.send(Piece::Blob(b)).await.map_err(|_| stopped())?;
-                }
+        // A piece is one row of COPY text, however large; its chunks are cut and sent one at
+        // a time, so a huge value costs itself and a few chunks, not a copy per chunk.
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| PgError::query(format!("reading {t}"), conn, e))?;
+            rows += piece.iter().filter(|&&b| b == b'\n').count() as u64;
+            bytes += piece.len() as u64;
+            unreported += piece.len() as u64;
+            for c in chunker.push(&piece) {
+                self.emit(&c, &mut chunks).await?;
             }
-            if unreported >= PROGRESS_STEP || (finished && unreported > 0) {
-                self.tx
-                    .send(Piece::Read(i, unreported))
-                    .await
-                    .map_err(|_| stopped())?;
-                unreported = 0;
+            if unreported >= PROGRESS_STEP {
+                self.report(i, std::mem::take(&mut unreported)).await?;
             }
+        }
+        for c in chunker.finish() {
+            self.emit(&c, &mut chunks).await?;
+        }
+        if unreported > 0 {
+            self.report(i, unreported).await?;
         }
         Ok(Part {
             segment: Segment {
@@ -631,6 +661,24 @@ impl Reader {
             chunks,
             reused: false,
         })
+    }
+
+    /// Names `chunk`, appends its id to `chunks`, and sends it to the writer when it is new.
+    async fn emit(&self, chunk: &[u8], chunks: &mut Vec<BlobId>) -> Result<(), BackupError> {
+        let (id, new) = self.dedup.prepare(chunk)?;
+        chunks.push(id);
+        if let Some(b) = new {
+            self.tx.send(Piece::Blob(b)).await.map_err(|_| stopped())?;
+        }
+        Ok(())
+    }
+
+    /// Tells the writer that `bytes` more of table `i` were read.
+    async fn report(&self, i: usize, bytes: u64) -> Result<(), BackupError> {
+        self.tx
+            .send(Piece::Read(i, bytes))
+            .await
+            .map_err(|_| stopped())
     }
 }
 
