@@ -50,21 +50,11 @@ fn a_wrong_key_changes_nothing_and_a_dry_run_prune_deletes_nothing() {
     make_tables(&pg, "einvoice", 2000);
     pg.psql("postgres", "CREATE DATABASE restored");
     let dir = tempfile::tempdir().unwrap();
-    let (owner_key, owner) = identity(dir.path(), "owner");
     let (stranger_key, _) = identity(dir.path(), "stranger");
     let repo_dir = dir.path().join("repo");
     let url = format!("file://{}", repo_dir.display());
     let dbs = [("src", pg.url("einvoice"))];
-    let owner_cfg = write_config(
-        dir.path(),
-        "owner.toml",
-        &dbs,
-        &url,
-        &format!(
-            "recipients = [\"{owner}\"]\nidentity_file = \"{}\"",
-            owner_key.display()
-        ),
-    );
+    let (owner_cfg, _) = owner_config(dir.path(), &dbs, &url);
     let stranger_cfg = write_config(
         dir.path(),
         "stranger.toml",
@@ -160,19 +150,9 @@ fn key_add_passphrase_env_lets_that_passphrase_read() {
     let pg = PgCluster::start();
     make_tables(&pg, "einvoice", 200);
     let dir = tempfile::tempdir().unwrap();
-    let (owner_key, owner) = identity(dir.path(), "owner");
     let url = format!("file://{}", dir.path().join("repo").display());
     let dbs = [("src", pg.url("einvoice"))];
-    let owner_cfg = write_config(
-        dir.path(),
-        "owner.toml",
-        &dbs,
-        &url,
-        &format!(
-            "recipients = [\"{owner}\"]\nidentity_file = \"{}\"",
-            owner_key.display()
-        ),
-    );
+    let (owner_cfg, _) = owner_config(dir.path(), &dbs, &url);
     let pass_cfg = write_config(
         dir.path(),
         "pass.toml",

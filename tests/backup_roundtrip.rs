@@ -6,7 +6,7 @@ mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use backup_util::{fingerprint, identity, make_tables, ok, run, write_config};
+use backup_util::{fingerprint, identity, make_tables, ok, owner_config, run, write_config};
 use support::PgCluster;
 
 fn config_tree(root: &std::path::Path) {
@@ -227,22 +227,12 @@ fn keys_wrong_key_passphrase_and_write_only_hosts() {
     let pg = PgCluster::start();
     make_tables(&pg, "einvoice", 2000);
     let dir = tempfile::tempdir().unwrap();
-    let (owner_key, owner) = identity(dir.path(), "owner");
     let (other_key, other) = identity(dir.path(), "other");
     let (stranger_key, _) = identity(dir.path(), "stranger");
     let repo_dir = dir.path().join("repo");
     let url = format!("file://{}", repo_dir.display());
     let dbs = [("src", pg.url("einvoice"))];
-    let owner_cfg = write_config(
-        dir.path(),
-        "owner.toml",
-        &dbs,
-        &url,
-        &format!(
-            "recipients = [\"{owner}\"]\nidentity_file = \"{}\"",
-            owner_key.display()
-        ),
-    );
+    let (owner_cfg, owner) = owner_config(dir.path(), &dbs, &url);
     let writer_cfg = write_config(
         dir.path(),
         "writer.toml",

@@ -34,6 +34,23 @@ pub fn write_config(
     path
 }
 
+/// A fresh identity `owner` in `dir` and `dir/owner.toml` for a repository at `url` that it
+/// reads and writes; returns the config and the owner's recipient.
+pub fn owner_config(dir: &Path, dbs: &[(&str, String)], url: &str) -> (PathBuf, String) {
+    let (key, recipient) = identity(dir, "owner");
+    let cfg = write_config(
+        dir,
+        "owner.toml",
+        dbs,
+        url,
+        &format!(
+            "recipients = [\"{recipient}\"]\nidentity_file = \"{}\"",
+            key.display()
+        ),
+    );
+    (cfg, recipient)
+}
+
 /// Runs invsync with `--config cfg` and the args.
 pub fn run(cfg: &Path, args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["--config", cfg.to_str().unwrap()];
