@@ -640,9 +640,18 @@ async fn load_and_swap(
         indexed[i] = done;
     }
 
+    let swap = Swap {
+        client,
+        conn,
+        tables,
+        plan,
+        staging,
+        indexed: &indexed,
+        replace: opts.replace,
+    };
     let deadline = Instant::now() + opts.lock_wait;
     loop {
-        match swap(client, conn, tables, plan, staging, &indexed, opts.replace).await {
+        match swap.attempt().await {
             Err(e) if lock_timed_out(&e) => {
                 if Instant::now() >= deadline {
                     return Err(BackupError::Restore(format!(
@@ -709,98 +718,107 @@ async fn lock_holders(
     }
 }
 
-/// One attempt at the swap transaction: replaces the targets by the staging tables, every
-/// lock waited for at most [`LOCK_ATTEMPT`]. On any error the transaction is rolled back.
-async fn swap(
-    client: &tokio_postgres::Client,
-    conn: &ConnInfo,
-    tables: &[&TableSnapshot],
-    plan: &Plan<'_>,
-    staging: &str,
-    indexed: &[bool],
+/// The final transaction of a database restore: what it moves into place and how.
+struct Swap<'a> {
+    client: &'a tokio_postgres::Client,
+    conn: &'a ConnInfo,
+    tables: &'a [&'a TableSnapshot],
+    plan: &'a Plan<'a>,
+    staging: &'a str,
+    /// Per table, whether its constraints and indexes were built in the staging schema.
+    indexed: &'a [bool],
     replace: bool,
-) -> Result<(), BackupError> {
-    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
-    client
-        .batch_execute(&format!(
-            "BEGIN; SET LOCAL lock_timeout = {}",
-            LOCK_ATTEMPT.as_millis()
-        ))
-        .await
-        .map_err(|e| q("starting the restore transaction".into(), e))?;
-    let result = swap_in(client, conn, tables, plan, staging, indexed, replace).await;
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    let ended = client.batch_execute(end).await;
-    result?;
-    ended.map_err(|e| q("committing the restore".into(), e))
 }
 
-async fn swap_in(
-    client: &tokio_postgres::Client,
-    conn: &ConnInfo,
-    tables: &[&TableSnapshot],
-    plan: &Plan<'_>,
-    staging: &str,
-    indexed: &[bool],
-    replace: bool,
-) -> Result<(), BackupError> {
-    let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
-    let refused = refused_tables(client, conn, tables, replace).await?;
-    if !refused.is_empty() {
-        return Err(refusal(&refused));
+impl Swap<'_> {
+    /// One attempt at the swap transaction: replaces the targets by the staging tables, every
+    /// lock waited for at most [`LOCK_ATTEMPT`]. On any error the transaction is rolled back.
+    async fn attempt(&self) -> Result<(), BackupError> {
+        let conn = self.conn;
+        let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
+        self.client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = {}",
+                LOCK_ATTEMPT.as_millis()
+            ))
+            .await
+            .map_err(|e| q("starting the restore transaction".into(), e))?;
+        let result = self.statements().await;
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = self.client.batch_execute(end).await;
+        result?;
+        ended.map_err(|e| q("committing the restore".into(), e))
     }
-    // A lock not granted in time is returned as it is, for the caller to try again.
-    let run = |label: String, statements: Vec<String>| async move {
-        for s in statements {
-            client.batch_execute(&s).await.map_err(|e| {
-                let e = q(s.clone(), e);
-                if lock_timed_out(&e) {
-                    return e;
-                }
-                BackupError::Restore(format!("{label}: {e}; nothing was restored"))
-            })?;
+
+    /// The transaction's statements, in pg_dump's order for what follows the data.
+    async fn statements(&self) -> Result<(), BackupError> {
+        let Swap {
+            client,
+            conn,
+            tables,
+            plan,
+            staging,
+            indexed,
+            replace,
+        } = *self;
+        let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
+        let refused = refused_tables(client, conn, tables, replace).await?;
+        if !refused.is_empty() {
+            return Err(refusal(&refused));
         }
-        Ok::<(), BackupError>(())
-    };
-    for (i, t) in tables.iter().enumerate() {
-        let model = &plan.models()[i];
-        let mut statements = Vec::new();
-        for (r, rel) in model.relations.iter().enumerate() {
-            let name = &rel.name;
-            statements.extend([
-                format!("DROP TABLE IF EXISTS {}", name.quoted()),
-                format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)),
-                format!(
-                    "ALTER TABLE {} RENAME TO {}",
-                    plan.relation_at(i, r, Placement::Staging(staging)),
-                    quote_ident(&name.name)
-                ),
-                format!(
-                    "ALTER TABLE {}.{} SET SCHEMA {}",
-                    quote_ident(staging),
-                    quote_ident(&name.name),
-                    quote_ident(&name.schema)
-                ),
-            ]);
+        // A lock not granted in time is returned as it is, for the caller to try again.
+        let run = |label: String, statements: Vec<String>| async move {
+            for s in statements {
+                client.batch_execute(&s).await.map_err(|e| {
+                    let e = q(s.clone(), e);
+                    if lock_timed_out(&e) {
+                        return e;
+                    }
+                    BackupError::Restore(format!("{label}: {e}; nothing was restored"))
+                })?;
+            }
+            Ok::<(), BackupError>(())
+        };
+        for (i, t) in tables.iter().enumerate() {
+            let model = &plan.models()[i];
+            let mut statements = Vec::new();
+            for (r, rel) in model.relations.iter().enumerate() {
+                let name = &rel.name;
+                statements.extend([
+                    format!("DROP TABLE IF EXISTS {}", name.quoted()),
+                    format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)),
+                    format!(
+                        "ALTER TABLE {} RENAME TO {}",
+                        plan.relation_at(i, r, Placement::Staging(staging)),
+                        quote_ident(&name.name)
+                    ),
+                    format!(
+                        "ALTER TABLE {}.{} SET SCHEMA {}",
+                        quote_ident(staging),
+                        quote_ident(&name.name),
+                        quote_ident(&name.schema)
+                    ),
+                ]);
+            }
+            if !indexed[i] {
+                statements.extend(plan.build_statements(i, Placement::Final));
+            }
+            run(format!("table {}", t.schema.name), statements).await?;
         }
-        if !indexed[i] {
-            statements.extend(plan.build_statements(i, Placement::Final));
+        run("functions".into(), plan.function_statements()).await?;
+        for (i, t) in tables.iter().enumerate() {
+            run(
+                format!("table {}", t.schema.name),
+                plan.finish_statements(i),
+            )
+            .await?;
         }
-        run(format!("table {}", t.schema.name), statements).await?;
+        run("foreign keys".into(), plan.foreign_key_statements()).await?;
+        client
+            .batch_execute(&format!("DROP SCHEMA {}", quote_ident(staging)))
+            .await
+            .map_err(|e| q("dropping the staging schema".into(), e))
     }
-    run("functions".into(), plan.function_statements()).await?;
-    for (i, t) in tables.iter().enumerate() {
-        run(
-            format!("table {}", t.schema.name),
-            plan.finish_statements(i),
-        )
-        .await?;
-    }
-    run("foreign keys".into(), plan.foreign_key_statements()).await?;
-    client
-        .batch_execute(&format!("DROP SCHEMA {}", quote_ident(staging)))
-        .await
-        .map_err(|e| q("dropping the staging schema".into(), e))
 }
 
 /// Creates and fills one staging table on a connection of its own; with `build_indexes`, also
