@@ -661,6 +661,26 @@ recipients = ["age1..."]                       # age public keys that can read t
 identity_file = "/etc/invsync/backup.key"      # age secret key: restore, verify, prune
 # passphrase = "${INVSYNC_PASSPHRASE}"         # alternative to identities
 # options = { aws_endpoint = "http://127.0.0.1:9000", aws_region = "ap-northeast-1" }
+
+# Scheduled jobs and the peak calendar; `invsync agent --check` prints their next runs.
+# [agent]
+# time_zone = "Asia/Taipei"                    # schedules and windows are read on its clock
+#
+# [[schedules]]
+# name = "nightly-backup"
+# cron = "0 30 2 * * *"                        # sec min hour day-of-month month day-of-week
+# job = "backup"                               # backup | verify | forget | prune
+# repo = "offsite"
+# db = "maindc"
+# missed = "run-once"                          # or "skip": runs missed while the agent was down
+# during_blackout = "defer"                    # or "skip", "ignore"
+#
+# [[blackouts]]                                # heavy jobs do not start on its databases
+# name = "prize-draw"
+# months = "odd"
+# start_day = 24                               # 24th 00:00 to 26th 24:00
+# end_day = 26
+# databases = ["maindc"]
 "#;
 
 /// Writes the example configuration to `path`; never overwrites an existing file.
@@ -747,6 +767,19 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
         })
         .unwrap();
         assert_eq!(c.pipelines.len(), 1);
+        // The commented agent sections are valid once uncommented.
+        let (head, agent) = text.split_at(text.find("# [agent]").unwrap());
+        let agent: Vec<&str> = agent
+            .lines()
+            .map(|l| l.strip_prefix('#').unwrap_or(l))
+            .collect();
+        let text = format!("{head}{}", agent.join("\n"));
+        let c = Config::parse(Path::new("e.toml"), &text, &|_| {
+            Some("postgres://x@h/db".into())
+        })
+        .unwrap();
+        assert_eq!(c.schedules[0].name, "nightly-backup");
+        assert_eq!(c.blackouts[0].databases, Some(vec!["maindc".to_string()]));
     }
 
     fn err(text: &str) -> String {
