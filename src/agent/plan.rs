@@ -171,3 +171,24 @@ pub fn parse_instant(text: &str, zone: Tz) -> Result<DateTime<Utc>, String> {
 fn on(zone: Tz, at: DateTime<Utc>) -> DateTime<FixedOffset> {
     at.with_timezone(&zone).fixed_offset()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instants_from_the_command_line() {
+        let taipei = chrono_tz::Asia::Taipei;
+        let want: DateTime<Utc> = "2026-03-12T04:00:00Z".parse().unwrap();
+        for text in [
+            "2026-03-12 12:00",
+            "2026-03-12T12:00:00",
+            "2026-03-12T04:00:00Z",
+            "2026-03-12T13:00:00+09:00",
+        ] {
+            assert_eq!(parse_instant(text, taipei), Ok(want), "{text}");
+        }
+        let e = parse_instant("next tuesday", taipei).unwrap_err();
+        assert!(e.contains("Asia/Taipei time"), "{e}");
+    }
+}

@@ -662,6 +662,45 @@ mod tests {
     }
 
     #[test]
+    fn a_deferred_run_meeting_a_new_window_waits_again() {
+        let s = schedule("0 30 2 * * *", TAIPEI);
+        let mut state = ScheduleState::resume(s, None, utc("2026-01-23T00:00:00Z"));
+        let seen = drive(&mut state, &prize_draw(), utc("2026-01-26T00:00:00Z"));
+        assert_eq!(seen.len(), 3, "deferred, then two runs skipped: {seen:?}");
+        assert_eq!(state.deferred().unwrap().until, utc("2026-01-26T16:00:00Z"));
+        // The calendar changed (a reloaded configuration) and a window is open at the end.
+        let late = Calendar::new(
+            prize_draw()
+                .windows()
+                .iter()
+                .cloned()
+                .chain([BlackoutConfig {
+                    name: "maintenance".into(),
+                    when: BlackoutWhen::Dated {
+                        start: TimeOfDay::parse("23:00")
+                            .unwrap()
+                            .on(chrono::NaiveDate::from_ymd_opt(2026, 1, 26).unwrap()),
+                        end: TimeOfDay::parse("04:00")
+                            .unwrap()
+                            .on(chrono::NaiveDate::from_ymd_opt(2026, 1, 27).unwrap()),
+                    },
+                    time_zone: TAIPEI,
+                    databases: None,
+                }])
+                .collect(),
+        );
+        assert_eq!(
+            state.tick(utc("2026-01-26T16:00:00Z"), &late),
+            vec![Event::Deferred {
+                due: utc("2026-01-23T18:30:00Z"),
+                until: utc("2026-01-26T20:00:00Z"),
+                windows: vec!["maintenance".into()]
+            }]
+        );
+        assert_eq!(state.next_wake(), Some(utc("2026-01-26T18:30:00Z")));
+    }
+
+    #[test]
     fn a_late_tick_runs_once() {
         let cal = Calendar::new(Vec::new());
         let s = schedule("0 */10 * * * *", TAIPEI);
