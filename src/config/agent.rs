@@ -271,6 +271,8 @@ enum RawMonths {
     List(Vec<u32>),
 }
 
+const DATABASE: (&str, &str) = ("database", "databases");
+
 /// What the rest of the configuration offers the agent's sections to refer to.
 pub(super) struct Names<'a> {
     pub databases: &'a BTreeMap<String, Result<DatabaseConfig, UnsetVariable>>,
@@ -310,23 +312,18 @@ impl Context<'_> {
         Ok(agent)
     }
 
-    /// `v`, the name of a `kind` the configuration defines in `known`.
+    /// `v`, the name of a `kind` the configuration defines in `known`, its `[section.NAME]`s.
     fn named<V>(
         &self,
         key: &str,
         v: &Spanned<String>,
-        kind: &str,
+        (kind, section): (&str, &str),
         known: &BTreeMap<String, V>,
     ) -> Result<String, ConfigError> {
         let name = v.get_ref();
         if known.contains_key(name) {
             return Ok(name.clone());
         }
-        let section = match kind {
-            "repository" => "repositories",
-            "database" => "databases",
-            _ => "pipelines",
-        };
         Err(self.invalid(
             key,
             v,
@@ -486,7 +483,7 @@ impl Context<'_> {
         }
 
         let database =
-            |key: &str, v: &Spanned<String>| self.named(&at(key), v, "database", names.databases);
+            |key: &str, v: &Spanned<String>| self.named(&at(key), v, DATABASE, names.databases);
         let tables = || -> Result<Vec<TablePattern>, ConfigError> {
             let Some(list) = &s.tables else {
                 return Ok(Vec::new());
@@ -540,7 +537,12 @@ impl Context<'_> {
             }
             "verify" => match (&s.pipeline, &s.source, &s.target) {
                 (Some(p), None, None) if s.repo.is_none() && s.read_data.is_none() => {
-                    let name = self.named(&at("pipeline"), p, "pipeline", names.pipelines)?;
+                    let name = self.named(
+                        &at("pipeline"),
+                        p,
+                        ("pipeline", "pipelines"),
+                        names.pipelines,
+                    )?;
                     let pipeline = &names.pipelines[&name];
                     let mut databases = vec![pipeline.source.clone()];
                     databases.extend(pipeline.targets.iter().cloned());
@@ -626,7 +628,12 @@ impl Context<'_> {
         names: &Names,
     ) -> Result<String, ConfigError> {
         match &s.repo {
-            Some(r) => self.named(&at("repo"), r, "repository", names.repositories),
+            Some(r) => self.named(
+                &at("repo"),
+                r,
+                ("repository", "repositories"),
+                names.repositories,
+            ),
             None => {
                 let mut all = names.repositories.keys();
                 match (all.next(), all.next()) {
@@ -672,7 +679,7 @@ impl Context<'_> {
                 Some(list) => Some(
                     list.get_ref()
                         .iter()
-                        .map(|d| self.named(&at("databases"), d, "database", names.databases))
+                        .map(|d| self.named(&at("databases"), d, DATABASE, names.databases))
                         .collect::<Result<_, _>>()?,
                 ),
             };
