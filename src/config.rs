@@ -18,9 +18,15 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::pg::ConnInfo;
+
+mod agent;
 /// Table patterns are parsed in `pg`, where the catalog resolves them; re-exported for callers
 /// that know them as configuration.
 pub use crate::pg::TablePattern;
+pub use agent::{
+    AgentConfig, BlackoutConfig, BlackoutWhen, DuringBlackout, JobSpec, KeepPolicy, MissedRuns,
+    ScheduleConfig, TimeOfDay, DEFAULT_TIME_ZONE,
+};
 
 /// The environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "INVSYNC_CONFIG";
@@ -83,6 +89,12 @@ pub struct Config {
     pub pipelines: BTreeMap<String, PipelineConfig>,
     /// Each repository, or the variable its settings need that the environment does not set.
     pub repositories: BTreeMap<String, Result<RepositoryConfig, UnsetVariable>>,
+    /// `[agent]`, with its defaults when the section is absent.
+    pub agent: AgentConfig,
+    /// `[[schedules]]`, in the order of the file.
+    pub schedules: Vec<ScheduleConfig>,
+    /// `[[blackouts]]`: the peak calendar, in the order of the file.
+    pub blackouts: Vec<BlackoutConfig>,
 }
 
 /// A `${NAME}` in a value whose variable is not set when the configuration is loaded.
@@ -172,6 +184,11 @@ struct RawConfig {
     pipelines: BTreeMap<String, RawPipeline>,
     #[serde(default)]
     repositories: BTreeMap<String, RawRepository>,
+    agent: Option<agent::RawAgent>,
+    #[serde(default)]
+    schedules: Vec<agent::RawSchedule>,
+    #[serde(default)]
+    blackouts: Vec<agent::RawBlackout>,
 }
 
 #[derive(Deserialize)]
@@ -381,11 +398,23 @@ impl Config {
             repositories.insert(name, entry);
         }
 
+        let agent = cx.agent(raw.agent)?;
+        let names = agent::Names {
+            databases: &databases,
+            pipelines: &pipelines,
+            repositories: &repositories,
+        };
+        let schedules = cx.schedules(raw.schedules, agent.time_zone, &names)?;
+        let blackouts = cx.blackouts(raw.blackouts, agent.time_zone, &names)?;
+
         Ok(Config {
             path: path.to_path_buf(),
             databases,
             pipelines,
             repositories,
+            agent,
+            schedules,
+            blackouts,
         })
     }
 
@@ -525,9 +554,14 @@ impl Context<'_> {
     }
 
     fn invalid<T>(&self, key: &str, at: &Spanned<T>, message: String) -> ConfigError {
+        self.invalid_at(key, at.span().start, message)
+    }
+
+    /// The same for a value known by its byte offset in the file.
+    fn invalid_at(&self, key: &str, offset: usize, message: String) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
-            line: self.line_of(at),
+            line: line_at(self.text, offset),
             key: key.to_string(),
             message,
         }
@@ -627,6 +661,26 @@ recipients = ["age1..."]                       # age public keys that can read t
 identity_file = "/etc/invsync/backup.key"      # age secret key: restore, verify, prune
 # passphrase = "${INVSYNC_PASSPHRASE}"         # alternative to identities
 # options = { aws_endpoint = "http://127.0.0.1:9000", aws_region = "ap-northeast-1" }
+
+# Scheduled jobs and the peak calendar; `invsync agent --check` prints their next runs.
+# [agent]
+# time_zone = "Asia/Taipei"                    # schedules and windows are read on its clock
+#
+# [[schedules]]
+# name = "nightly-backup"
+# cron = "0 30 2 * * *"                        # sec min hour day-of-month month day-of-week
+# job = "backup"                               # backup | verify | forget | prune
+# repo = "offsite"
+# db = "maindc"
+# missed = "run-once"                          # or "skip": runs missed while the agent was down
+# during_blackout = "defer"                    # or "skip", "ignore"
+#
+# [[blackouts]]                                # heavy jobs do not start on its databases
+# name = "prize-draw"
+# months = "odd"
+# start_day = 24                               # 24th 00:00 to 26th 24:00
+# end_day = 26
+# databases = ["maindc"]
 "#;
 
 /// Writes the example configuration to `path`; never overwrites an existing file.
@@ -713,6 +767,19 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
         })
         .unwrap();
         assert_eq!(c.pipelines.len(), 1);
+        // The commented agent sections are valid once uncommented.
+        let (head, agent) = text.split_at(text.find("# [agent]").unwrap());
+        let agent: Vec<&str> = agent
+            .lines()
+            .map(|l| l.strip_prefix('#').unwrap_or(l))
+            .collect();
+        let text = format!("{head}{}", agent.join("\n"));
+        let c = Config::parse(Path::new("e.toml"), &text, &|_| {
+            Some("postgres://x@h/db".into())
+        })
+        .unwrap();
+        assert_eq!(c.schedules[0].name, "nightly-backup");
+        assert_eq!(c.blackouts[0].databases, Some(vec!["maindc".to_string()]));
     }
 
     fn err(text: &str) -> String {

@@ -2,6 +2,7 @@
 //!
 //! The library holds all behaviour; `src/bin/invsync.rs` only parses options and renders output.
 
+pub mod agent;
 pub mod backup;
 pub mod check;
 pub mod config;

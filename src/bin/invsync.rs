@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use invsync::config::{self, Config};
 
+#[path = "invsync/agent.rs"]
+mod agent;
 #[path = "invsync/backup.rs"]
 mod backup;
 #[path = "invsync/sync.rs"]
@@ -67,6 +69,11 @@ enum Command {
     /// CDC replication pipelines: setup, run, status, teardown
     #[command(subcommand)]
     Sync(sync::SyncCommand),
+    /// The scheduler of backup, verify, forget and prune jobs around the peak calendar
+    ///
+    /// With --check: validates `[agent]`, `[[schedules]]` and `[[blackouts]]` and prints each
+    /// schedule's next runs, and for each whether a blackout window defers or skips it.
+    Agent(agent::AgentArgs),
 }
 
 #[derive(Subcommand)]
@@ -159,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(command) => backup::run(command, cli.config.as_deref()).await,
         Command::Verify(command) => verify::run(command, cli.config.as_deref()).await,
         Command::Sync(cmd) => sync::run(load_config(cli.config.as_deref())?, cmd).await,
+        Command::Agent(args) => agent::run(load_config(cli.config.as_deref())?, args),
         Command::Config(ConfigCommand::Check(flags)) => {
             let config = load_config(cli.config.as_deref())?;
             let report = invsync::check::check(&config).await;

@@ -1,0 +1,112 @@
+//! `invsync agent --check`: options, one library call, and the plan for people or `--json`.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use chrono::{DateTime, FixedOffset, Utc};
+use clap::Args;
+
+use invsync::agent::plan::{self, Action, Plan};
+use invsync::config::Config;
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Validate the schedules and blackout windows, print each schedule's next runs and what
+    /// the windows do to them, and exit (running the agent itself is not built yet)
+    #[arg(long, required = true)]
+    check: bool,
+    /// Count the runs from this time: "YYYY-MM-DD HH:MM" on the agent's time zone, or RFC 3339
+    /// [default: now]
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// How many runs of each schedule (and openings of each window) to show
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    count: u16,
+    /// Print the plan as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(config: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let from = match &args.from {
+        Some(text) => {
+            plan::parse_instant(text, config.agent.time_zone).map_err(|e| anyhow!("--from: {e}"))?
+        }
+        None => Utc::now(),
+    };
+    let plan = plan::plan(&config, from, args.count.into());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).context("rendering JSON")?
+        );
+    } else {
+        print_plan(&plan);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn time(t: &DateTime<FixedOffset>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S %:z").to_string()
+}
+
+fn print_plan(plan: &Plan) {
+    println!(
+        "config {}: {} schedule(s), {} blackout window(s) valid; from {} ({})",
+        plan.config,
+        plan.schedules.len(),
+        plan.blackouts.len(),
+        time(&plan.from),
+        plan.time_zone
+    );
+    for s in &plan.schedules {
+        let on = if s.databases.is_empty() {
+            "no database".to_string()
+        } else {
+            s.databases.join(", ")
+        };
+        println!(
+            "\nschedule {}: {} ({on}), cron \"{}\" in {}, missed: {}, during blackout: {}",
+            s.name,
+            s.job,
+            s.cron,
+            s.time_zone,
+            serde_plain(&s.missed),
+            serde_plain(&s.during_blackout)
+        );
+        if s.runs.is_empty() {
+            println!("  no future runs");
+        }
+        for r in &s.runs {
+            let windows = r.windows.join(", ");
+            let what = match (r.action, &r.until) {
+                (Action::Defer, Some(until)) => format!("defer to {} ({windows})", time(until)),
+                (Action::Skip, _) => format!("skip ({windows})"),
+                (Action::RunInWindow, _) => format!("run, ignoring {windows}"),
+                _ => "run".to_string(),
+            };
+            println!("  {}  {what}", time(&r.at));
+        }
+    }
+    for w in &plan.blackouts {
+        let covers = match &w.databases {
+            None => "every database".to_string(),
+            Some(list) => list.join(", "),
+        };
+        println!("\nblackout {} ({covers}) in {}", w.name, w.time_zone);
+        if w.next.is_empty() {
+            println!("  no future openings");
+        }
+        for o in &w.next {
+            println!("  {} to {}", time(&o.start), time(&o.end));
+        }
+    }
+}
+
+/// A unit enum's serde name (`run-once`, `defer`), as the configuration spells it.
+fn serde_plain<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
