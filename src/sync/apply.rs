@@ -50,7 +50,8 @@ use super::decoder::{
 };
 use super::net::{Net, Window};
 use super::writer::{TextArray, Writer};
-use super::{copy::settings_sql, names, progress, schema, SyncError};
+use super::{copy::settings_sql, names, progress, SyncError};
+use crate::pg::schema::TableModel;
 use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// SQL is sent to the target once this much is buffered, also inside a transaction.
@@ -983,11 +984,11 @@ impl Target {
             .map(|c| c.name.as_str())
             .collect();
         if !missing.is_empty() {
-            let src = TableInfo::load(source, source_conn, &table).await?;
+            let src = TableModel::load(source, source_conn, &table).await?;
             let mut ddl = Vec::new();
             for name in &missing {
-                match src.columns.iter().find(|c| c.name == *name) {
-                    Some(c) => ddl.push(schema::add_column_sql(&src, c)),
+                match src.table().columns.iter().find(|c| c.name == *name) {
+                    Some(c) => ddl.push(c.add_sql(&table)),
                     None => {
                         return Err(SyncError::SchemaDrift {
                             table: table.to_string(),
