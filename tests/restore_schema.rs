@@ -5,9 +5,13 @@
 //! security and policies, comments, owners and grants to two roles) is backed up and restored
 //! into an empty database of another cluster. `pg_dump --schema-only` of the whole restored
 //! database equals the source's, and `verify db` finds every row identical.
+//!
+//! Values keep their value between servers whose text defaults differ (`lc_monetary`,
+//! `TimeZone`, `extra_float_digits`), through backup and restore and through sync.
 
 mod backup_util;
 mod support;
+mod sync_common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,7 +25,7 @@ use invsync::pg::schema::AccessOptions;
 use support::rich_schema::{
     assert_rows_identical, assert_same_dump, rich_schema, schema_dump, ROLES, TABLE_KINDS,
 };
-use support::PgCluster;
+use support::{ClusterOptions, PgCluster};
 
 /// A new repository in `dir`, with its key there too.
 async fn repository(dir: &Path) -> Repository {
@@ -274,4 +278,90 @@ async fn snapshots_without_a_model_still_restore() {
         ),
         "t"
     );
+}
+
+/// A server whose defaults write money, floats and timestamptz in other text forms than C's:
+/// Taiwan's monetary locale, Taipei's time zone, floats rounded to 15 digits.
+fn taiwanese_server() -> PgCluster {
+    let locales = std::process::Command::new("locale")
+        .arg("-a")
+        .output()
+        .expect("run locale -a");
+    assert!(
+        String::from_utf8_lossy(&locales.stdout)
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("zh_TW.utf8")),
+        "the zh_TW.UTF-8 locale is missing: run scripts/test.sh, which installs it \
+         (Debian's locales-all)"
+    );
+    PgCluster::start_with(ClusterOptions {
+        extra_conf: vec![
+            "lc_monetary = 'zh_TW.UTF-8'".into(),
+            "timezone = 'Asia/Taipei'".into(),
+            "extra_float_digits = 0".into(),
+        ],
+        ..ClusterOptions::default()
+    })
+}
+
+/// The values of `public.amounts` in one fixed text form, whatever the server's defaults.
+const AMOUNTS: &str = "SET lc_monetary = 'C'; SET TimeZone = 'UTC'; SET extra_float_digits = 3; \
+    SELECT string_agg(concat_ws('|', id, price, ratio, share, at), E'\\n' ORDER BY id) \
+    FROM public.amounts";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_floats_and_times_keep_their_values_across_servers_text_defaults() {
+    let src = taiwanese_server();
+    src.psql(
+        "einvoice",
+        "CREATE TABLE public.amounts (id int PRIMARY KEY, price money, ratio float8, \
+           share float4, at timestamptz); \
+         INSERT INTO public.amounts VALUES \
+           (1, 1234567.89, 0.1 + 0.2, 1::float4 / 3, '2024-03-15 23:30:00.123456+00'), \
+           (2, -0.01, 1e-300 / 3, 3.4e38, '1999-12-31 16:00:00+00'), \
+           (3, 21474836.47, 'NaN', '-Infinity', 'infinity')",
+    );
+    // The source writes these in its own forms, so the test means something.
+    assert_eq!(
+        src.psql(
+            "einvoice",
+            "SELECT price || ' ' || ratio || ' ' || at FROM public.amounts WHERE id = 1"
+        ),
+        "NT$1,234,567.89 0.3 2024-03-16 07:30:00.123456+08"
+    );
+    let expected = src.psql("einvoice", AMOUNTS);
+    // A target with C's monetary locale and another time zone.
+    let dst = PgCluster::start_with(ClusterOptions {
+        extra_conf: vec![
+            "lc_monetary = 'C'".into(),
+            "timezone = 'America/Los_Angeles'".into(),
+        ],
+        ..ClusterOptions::default()
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path()).await;
+    let snap = backup_tables(&repo, &src, &["public.amounts"]).await;
+    dst.psql("postgres", "CREATE DATABASE restored");
+    restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("restored"),
+        &restore_opts(AccessOptions::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(dst.psql("restored", AMOUNTS), expected, "after restore");
+
+    // Copied, then streamed.
+    let (_sync_dir, cfg) = sync_common::set_up_pipeline(&src, &dst, &["public.amounts"]);
+    assert_eq!(dst.psql("einvoice", AMOUNTS), expected, "after the copy");
+    let run = sync_common::Running::start(&sync_common::load(&cfg), "p");
+    src.psql(
+        "einvoice",
+        "INSERT INTO public.amounts SELECT id + 10, price * 3, ratio / 7, share / 7, \
+           at + interval '1 microsecond' FROM public.amounts",
+    );
+    sync_common::wait_same(&src, &dst, AMOUNTS).await;
+    run.stop().await;
 }
