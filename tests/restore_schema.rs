@@ -70,6 +70,18 @@ async fn backup_tables(repo: &Repository, pg: &PgCluster, tables: &[&str]) -> Sn
     snapshot::find(repo, &summary.snapshot).await.unwrap().1
 }
 
+/// Restores all of `snap` into database `restored` of `pg`, with owners and grants.
+async fn restore_whole(repo: &Repository, snap: &Snapshot, pg: &PgCluster) {
+    restore::restore_db(
+        repo,
+        snap,
+        &pg.conn("restored"),
+        &restore_opts(AccessOptions::default()),
+    )
+    .await
+    .unwrap();
+}
+
 fn restore_opts(access: AccessOptions) -> RestoreDbOptions {
     RestoreDbOptions {
         tables: vec![],
@@ -104,14 +116,7 @@ async fn rich_schema_restores_as_pg_dump_sees_it() {
     let repo = repository(dir.path()).await;
     let snap = backup(&repo, &src).await;
 
-    restore::restore_db(
-        &repo,
-        &snap,
-        &dst.conn("restored"),
-        &restore_opts(AccessOptions::default()),
-    )
-    .await
-    .unwrap();
+    restore_whole(&repo, &snap, &dst).await;
     let (before, after) = (schema_dump(&src, "einvoice"), schema_dump(&dst, "restored"));
     // The comparison covers every kind of object the schema holds.
     assert_same_dump(
@@ -252,14 +257,7 @@ async fn snapshots_without_a_model_still_restore() {
     let id = snapshot::save(&repo, &snap).await.unwrap();
     let (_, old) = snapshot::find(&repo, &id).await.unwrap();
     assert!(old.tables.iter().all(|t| t.schema.model.is_none()));
-    restore::restore_db(
-        &repo,
-        &old,
-        &pg.conn("restored"),
-        &restore_opts(AccessOptions::default()),
-    )
-    .await
-    .unwrap();
+    restore_whole(&repo, &old, &pg).await;
     for (table, order) in [("items", "id"), ("tags", "kind, name")] {
         assert_eq!(
             backup_util::fingerprint(&pg, "einvoice", table, order),
@@ -343,14 +341,7 @@ async fn money_floats_and_times_keep_their_values_across_servers_text_defaults()
     let repo = repository(dir.path()).await;
     let snap = backup_tables(&repo, &src, &["public.amounts"]).await;
     dst.psql("postgres", "CREATE DATABASE restored");
-    restore::restore_db(
-        &repo,
-        &snap,
-        &dst.conn("restored"),
-        &restore_opts(AccessOptions::default()),
-    )
-    .await
-    .unwrap();
+    restore_whole(&repo, &snap, &dst).await;
     assert_eq!(dst.psql("restored", AMOUNTS), expected, "after restore");
 
     // Copied, then streamed.
