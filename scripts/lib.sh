@@ -76,6 +76,14 @@ ensure_age() {
   fi
 }
 
+# A non-C monetary locale (zh_TW.UTF-8), for the tests of values across servers whose
+# lc_monetary differs.
+ensure_locales() {
+  if ! locale -a 2>/dev/null | grep -qix 'zh_TW.utf8'; then
+    apt_install locales-all
+  fi
+}
+
 # /usr/bin/time, for the benchmarks' peak memory.
 ensure_time() {
   if [ ! -x /usr/bin/time ]; then

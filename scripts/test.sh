@@ -11,6 +11,7 @@ ensure_moto
 ensure_azurite
 ensure_test_tools
 ensure_rust_tools
+ensure_locales
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -848,8 +848,13 @@ async fn load_one(
     let client = conn.connect().await?;
     sessions.enlist(&client, conn).await?;
     let at = Placement::Staging(staging);
+    // Rows are read in the text form they were dumped in.
     client
-        .batch_execute(&format!("BEGIN; {}", plan.create_tables(i, at).join("; ")))
+        .batch_execute(&format!(
+            "{} BEGIN; {}",
+            crate::pg::settings::set_text_form_sql(),
+            plan.create_tables(i, at).join("; ")
+        ))
         .await
         .map_err(|e| q("creating", e))?;
     let sink = client

@@ -36,7 +36,8 @@
 //!   it have the same oids (a table renamed into place, `ATTACH PARTITION` of old rows);
 //! - the same text for the same tuples: same copied columns and types, same key, same labels
 //!   of the enums the columns use (`ALTER TYPE .. RENAME VALUE` changes no tuple), and the
-//!   readers' session settings that shape COPY text are fixed (see [`SESSION`]);
+//!   readers' session settings that shape COPY text are fixed (see
+//!   [`TEXT_FORM`](crate::pg::settings::TEXT_FORM));
 //! - the same order of text keys: a range `lo <= key < hi` over a collatable key column holds
 //!   the rows its collation puts there, so each such column must compare under the same
 //!   collation at the same version, both the version the catalog records
@@ -65,12 +66,6 @@ use crate::pg::{ConnInfo, Lsn, PgError, TableName};
 pub const SEGMENT_ROWS: u64 = 65_536;
 /// A segment read again is cut when it holds more rows than this.
 pub const SPLIT_ROWS: u64 = 2 * SEGMENT_ROWS;
-
-/// Session settings of every backup connection that shape COPY text and key bounds: dates,
-/// intervals and byte strings in one output form, so the same tuple is the same text in
-/// every backup and bounds read back as the values they were written from.
-pub const SESSION: &str =
-    "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'";
 
 /// Where a cut lies in the source's transaction history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -480,7 +480,7 @@ async fn read_queue(
 ) -> Result<ReaderOutput, BackupError> {
     let client = r.conn.connect().await?;
     client
-        .batch_execute(segment::SESSION)
+        .batch_execute(&crate::pg::settings::set_text_form_sql())
         .await
         .map_err(|e| PgError::query("setting up a table reader", &r.conn, e))?;
     dump::join_cut(&client, &r.conn, &snapshot).await?;

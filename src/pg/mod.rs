@@ -1,6 +1,7 @@
 //! PostgreSQL plumbing shared by sync, backup and verify: connection settings with TLS,
 //! LSNs, identifier quoting, the catalog queries that describe a table, and the one model of
-//! a table with what it depends on ([`schema`]), which backup saves and restore recreates.
+//! a table with what it depends on ([`schema`]), which backup saves and restore recreates, and
+//! the session settings that fix how values are written as text ([`settings`]).
 //!
 //! A [`ConnInfo`] never shows its password: its `Display` and `Debug` print `***` in its place,
 //! and errors built from it use that form.
@@ -12,6 +13,7 @@ pub(crate) mod keyrange;
 mod lsn;
 mod pattern;
 pub mod schema;
+pub mod settings;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};
 pub use conn::{ConnInfo, SslMode};

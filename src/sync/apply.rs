@@ -32,7 +32,7 @@
 //! Values travel in their text form (as pgoutput sends them), as array elements or SQL
 //! literals, and the target reads them with each column's input function (a cast from text),
 //! the way PostgreSQL's own apply does; both sessions pin the formats
-//! ([`SESSION_SETTINGS`](super::slot::SESSION_SETTINGS)). Columns sent as unchanged TOAST are left
+//! ([`TEXT_FORM`](crate::pg::settings::TEXT_FORM)). Columns sent as unchanged TOAST are left
 //! out of the UPDATE, so they keep their value. Apply sessions carry the replication origin
 //! [`names::origin`](super::names::origin), so what they write is recognisable
 //! and not streamed back by a pipeline in the opposite direction.
@@ -50,7 +50,9 @@ use super::decoder::{
 };
 use super::net::{Net, Window};
 use super::writer::{TextArray, Writer};
-use super::{copy::settings_sql, names, progress, schema, SyncError};
+use super::{names, progress, SyncError};
+use crate::pg::schema::TableModel;
+use crate::pg::settings::set_text_form_sql;
 use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableInfo, TableName};
 
 /// SQL is sent to the target once this much is buffered, also inside a transaction.
@@ -572,10 +574,10 @@ impl Target {
                 // its plan, which must not scan a table that was small when it was planned. No JIT:
                 // statements are planned often and run briefly, and compiling them would cost
                 // more than it saves (those workers do not plan at all).
-                "{} SET standard_conforming_strings = on; SET synchronous_commit = off; \
+                "{} SET synchronous_commit = off; \
                  SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; \
                  SET jit = off;",
-                settings_sql()
+                set_text_form_sql()
             ))
             .await
             .map_err(q("preparing the apply session"))?;
@@ -983,11 +985,11 @@ impl Target {
             .map(|c| c.name.as_str())
             .collect();
         if !missing.is_empty() {
-            let src = TableInfo::load(source, source_conn, &table).await?;
+            let src = TableModel::load(source, source_conn, &table).await?;
             let mut ddl = Vec::new();
             for name in &missing {
-                match src.columns.iter().find(|c| c.name == *name) {
-                    Some(c) => ddl.push(schema::add_column_sql(&src, c)),
+                match src.table().columns.iter().find(|c| c.name == *name) {
+                    Some(c) => ddl.push(c.add_sql(&table)),
                     None => {
                         return Err(SyncError::SchemaDrift {
                             table: table.to_string(),

@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{names, progress, slot::SESSION_SETTINGS, SyncError};
+use super::{names, progress, SyncError};
+use crate::pg::settings::set_text_form_sql;
 use crate::pg::{quote_ident, ConnInfo, PgError, TableInfo};
 
 /// Bytes gathered from the source before they are sent to the target.
@@ -42,15 +43,6 @@ pub struct CopyStats {
     pub rows: u64,
     pub bytes: u64,
     pub binary: bool,
-}
-
-/// `SET` statements that pin the text formats on a session.
-pub fn settings_sql() -> String {
-    SESSION_SETTINGS
-        .iter()
-        .map(|(k, v)| format!("SET {k} = '{v}';"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Streamed columns: all but generated ones, which the target computes itself.
@@ -264,7 +256,7 @@ async fn copy_piece(
     let format = if binary { "binary" } else { "text" };
 
     let mut src = source_conn.connect().await?;
-    src.batch_execute(&settings_sql())
+    src.batch_execute(&set_text_form_sql())
         .await
         .map_err(|e| PgError::query("setting session formats", source_conn, e))?;
     let src_tx = src
@@ -283,7 +275,7 @@ async fn copy_piece(
         .map_err(|e| PgError::query("importing the slot's snapshot", source_conn, e))?;
 
     let mut dst = job.target_conn.connect().await?;
-    dst.batch_execute(&settings_sql())
+    dst.batch_execute(&set_text_form_sql())
         .await
         .map_err(|e| PgError::query("setting session formats", &job.target_conn, e))?;
     if let Some(origin) = origin {

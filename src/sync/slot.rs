@@ -5,24 +5,13 @@
 //! The stream itself is `pgwire-replication`'s; this module only builds its configuration from a
 //! [`ConnInfo`] so the replication connection uses the same host, credentials and TLS settings
 //! as the SQL connections. Both sides of a pipeline pin the session settings that shape text
-//! output ([`SESSION_SETTINGS`]), so a value's text form is read back into the same value.
+//! output ([`TEXT_FORM`](crate::pg::settings::TEXT_FORM)), so a value's text form is read back into the same value.
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_postgres::Client;
 
 use super::SyncError;
 use crate::pg::{ConnInfo, Lsn, PgError, SslMode};
-
-/// Settings pinned on the walsender and on every apply and copy session, so dates, intervals,
-/// floats and money are written and read in one format whatever the servers' defaults.
-pub const SESSION_SETTINGS: &[(&str, &str)] = &[
-    ("datestyle", "ISO"),
-    ("intervalstyle", "postgres"),
-    ("timezone", "UTC"),
-    ("extra_float_digits", "3"),
-    ("lc_monetary", "C"),
-    ("bytea_output", "hex"),
-];
 
 /// The slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone)]
@@ -149,15 +138,11 @@ pub fn replication_config(
         SslMode::Require | SslMode::VerifyCa => TlsConfig::verify_ca(root),
         SslMode::VerifyFull => TlsConfig::verify_full(root),
     };
-    let options: Vec<String> = SESSION_SETTINGS
-        .iter()
-        .map(|(k, v)| format!("-c {k}={v}"))
-        .collect();
     Ok(
         ReplicationConfig::new(host, user, password, conn.dbname(), slot, publication)
             .with_port(port)
             .with_tls(tls)
-            .with_options(options.join(" "))
+            .with_options(crate::pg::settings::text_form_options())
             .with_application_name(format!("invsync {slot}")),
     )
 }

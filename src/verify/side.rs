@@ -13,15 +13,13 @@ use futures::TryStreamExt;
 use tokio_postgres::Client;
 
 use crate::pg::keyrange::{BucketSet, Key, KeyRange, Shape};
+use crate::pg::settings::set_text_form_sql;
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
 
-/// Settings that fix how values are written as text. `extra_float_digits = 3` gives the
-/// shortest exact form of floats; `ISO, YMD` and `UTC` make dates and timestamptz absolute.
-/// JIT is off: compiling the checksum expressions costs more than it saves.
-const SESSION: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
-     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-     SET lc_monetary = 'C'; SET standard_conforming_strings = on; SET xmloption = content; \
-     SET statement_timeout = 0; SET jit = off; SET application_name = 'invsync verify'";
+/// Settings of a scan besides the text form ([`set_text_form_sql`]): JIT is off, as
+/// compiling the checksum expressions costs more than it saves.
+const SCAN: &str =
+    "SET statement_timeout = 0; SET jit = off; SET application_name = 'invsync verify'";
 
 /// The checksum of one bucket: how many rows and the sum of their 64-bit hashes (exact below
 /// 2^63 rows).
@@ -70,7 +68,7 @@ impl Side {
     pub async fn open(conn: &ConnInfo) -> Result<Side, PgError> {
         let client = conn.connect().await?;
         client
-            .batch_execute(SESSION)
+            .batch_execute(&format!("{} {SCAN}", set_text_form_sql()))
             .await
             .map_err(|e| PgError::query("fixing the session's output settings", conn, e))?;
         Ok(Side {

@@ -6,6 +6,8 @@
 //! Clusters are copied from one `initdb` made per test process, so starting one is cheap.
 #![allow(dead_code)]
 
+pub mod rich_schema;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

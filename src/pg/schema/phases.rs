@@ -294,8 +294,20 @@ impl<'m> Plan<'m> {
         out
     }
 
-    /// What completes model `m` once its relations have their final names.
+    /// What completes model `m` once its relations have their final names: its
+    /// [`Plan::column_statements`], then replica identity, clustering, triggers, row-level
+    /// security, policies, comments, owners and privileges.
     pub fn finish_statements(&self, m: usize) -> Vec<String> {
+        let mut out = self.column_statements(m);
+        for rel in &self.models[m].relations {
+            out.extend(self.relation_statements(rel));
+        }
+        out
+    }
+
+    /// Sequences (with their positions), defaults and identity of model `m`'s columns, once
+    /// its relations have their final names.
+    pub fn column_statements(&self, m: usize) -> Vec<String> {
         let model = self.models[m];
         let mut out = Vec::new();
         for s in model.sequences.iter().filter(|s| !s.identity) {
@@ -330,28 +342,22 @@ impl<'m> Plan<'m> {
             out.extend(sequence::owned_by_sql(s));
             out.extend(s.finish_statements(self.opts));
         }
-        for rel in &model.relations {
-            out.extend(self.relation_statements(rel));
-        }
         out
+    }
+
+    /// `REPLICA IDENTITY` of model `m`'s relations that do not use the default, once their
+    /// indexes exist under their final names.
+    pub fn replica_identity_statements(&self, m: usize) -> Vec<String> {
+        self.models[m]
+            .relations
+            .iter()
+            .filter_map(replica_identity_sql)
+            .collect()
     }
 
     fn relation_statements(&self, rel: &TableDef) -> Vec<String> {
         let table = rel.name.quoted();
-        let mut out = Vec::new();
-        match &rel.replica_identity {
-            ReplicaIdentityDef::Default => {}
-            ReplicaIdentityDef::Full => {
-                out.push(format!("ALTER TABLE {table} REPLICA IDENTITY FULL"))
-            }
-            ReplicaIdentityDef::Nothing => {
-                out.push(format!("ALTER TABLE {table} REPLICA IDENTITY NOTHING"))
-            }
-            ReplicaIdentityDef::Index(i) => out.push(format!(
-                "ALTER TABLE {table} REPLICA IDENTITY USING INDEX {}",
-                quote_ident(i)
-            )),
-        }
+        let mut out: Vec<String> = replica_identity_sql(rel).into_iter().collect();
         for i in rel.indexes.iter().filter(|i| i.clustered) {
             out.push(format!(
                 "ALTER TABLE {table} CLUSTER ON {}",
@@ -468,6 +474,21 @@ impl<'m> Plan<'m> {
             }
         }
         out
+    }
+}
+
+fn replica_identity_sql(rel: &TableDef) -> Option<String> {
+    let table = rel.name.quoted();
+    match &rel.replica_identity {
+        ReplicaIdentityDef::Default => None,
+        ReplicaIdentityDef::Full => Some(format!("ALTER TABLE {table} REPLICA IDENTITY FULL")),
+        ReplicaIdentityDef::Nothing => {
+            Some(format!("ALTER TABLE {table} REPLICA IDENTITY NOTHING"))
+        }
+        ReplicaIdentityDef::Index(i) => Some(format!(
+            "ALTER TABLE {table} REPLICA IDENTITY USING INDEX {}",
+            quote_ident(i)
+        )),
     }
 }
 

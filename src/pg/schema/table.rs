@@ -30,6 +30,40 @@ pub struct ColumnDef {
     pub acl: Option<Vec<acl::Grant>>,
 }
 
+impl ColumnDef {
+    /// The column as CREATE TABLE names it: type, collation, generation and NOT NULL, without
+    /// its default and identity (those come after a data load, see `Plan::column_statements`).
+    pub fn create_sql(&self) -> String {
+        let mut d = format!("{} {}", quote_ident(&self.name), self.type_name);
+        if let Some(coll) = &self.collation {
+            d.push_str(&format!(" COLLATE {coll}"));
+        }
+        if let Some(g) = &self.generated {
+            d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
+        }
+        if self.not_null {
+            d.push_str(" NOT NULL");
+        }
+        d
+    }
+
+    /// `ALTER TABLE ... ADD COLUMN` of this column on `table`, which has rows: NOT NULL only
+    /// when the default fills them.
+    pub fn add_sql(&self, table: &TableName) -> String {
+        let mut c = self.clone();
+        c.not_null &= c.default.is_some();
+        let mut s = format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}",
+            table.quoted(),
+            c.create_sql()
+        );
+        if let Some(d) = &c.default {
+            s.push_str(&format!(" DEFAULT {d}"));
+        }
+        s
+    }
+}
+
 /// How rows of a partition are chosen: `FOR VALUES ...` or `DEFAULT`, under `parent`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionOf {
@@ -89,23 +123,7 @@ impl TableDef {
                 format!("CREATE TABLE {at} PARTITION OF {parent} {}", p.bound)
             }
             _ => {
-                let cols: Vec<String> = self
-                    .columns
-                    .iter()
-                    .map(|c| {
-                        let mut d = format!("{} {}", quote_ident(&c.name), c.type_name);
-                        if let Some(coll) = &c.collation {
-                            d.push_str(&format!(" COLLATE {coll}"));
-                        }
-                        if let Some(g) = &c.generated {
-                            d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
-                        }
-                        if c.not_null {
-                            d.push_str(" NOT NULL");
-                        }
-                        d
-                    })
-                    .collect();
+                let cols: Vec<String> = self.columns.iter().map(ColumnDef::create_sql).collect();
                 format!("CREATE TABLE {at} ({})", cols.join(", "))
             }
         };
