@@ -6,31 +6,12 @@
 mod backup_util;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use backup_util::{fingerprint, identity, ok, write_config};
+use backup_util::{fingerprint, ok, restore_setup};
 use support::PgCluster;
 
 /// A repository and a config naming `src` (database `einvoice`) and `dst` (`restored`).
-fn setup(pg: &PgCluster, dir: &Path) -> PathBuf {
-    pg.psql("postgres", "CREATE DATABASE restored");
-    // User-defined types must exist on the target (restore does not create them).
-    pg.psql("restored", "CREATE TYPE mood AS ENUM ('ok', 'sad')");
-    let (key, recipient) = identity(dir, "owner");
-    let cfg = write_config(
-        dir,
-        "invsync.toml",
-        &[("src", pg.url("einvoice")), ("dst", pg.url("restored"))],
-        &format!("file://{}", dir.join("repo").display()),
-        &format!(
-            "recipients = [\"{recipient}\"]\nidentity_file = \"{}\"",
-            key.display()
-        ),
-    );
-    ok(&cfg, &["repo", "init"]);
-    cfg
-}
-
 /// Backs up `public.*`; returns the summary.
 fn backup(cfg: &Path) -> serde_json::Value {
     let out = ok(
@@ -96,7 +77,7 @@ fn second_backup_reuses_unchanged_segments_and_restores_exactly() {
     let pg = PgCluster::start();
     make_tables(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(&pg, dir.path());
+    let cfg = restore_setup(&pg, dir.path());
 
     let first = backup(&cfg);
     // inv is cut into segments of about 65 536 rows; the three small tables are one each.
@@ -178,7 +159,7 @@ fn rows_frozen_after_the_parent_cut_are_not_taken_for_old_ones() {
     let pg = PgCluster::start();
     make_tables(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(&pg, dir.path());
+    let cfg = restore_setup(&pg, dir.path());
     backup(&cfg);
 
     // Within the first segment, as many rows deleted as inserted (its row count is
@@ -222,7 +203,7 @@ async fn incremental_backup_during_writes_is_the_state_at_its_cut() {
     pg.psql("einvoice", step);
     pg.psql("postgres", "CREATE DATABASE expected TEMPLATE einvoice");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(&pg, dir.path());
+    let cfg = restore_setup(&pg, dir.path());
     {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || backup(&cfg))
@@ -292,7 +273,7 @@ fn a_table_swapped_in_by_rename_is_read_again() {
          INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 1000) g;",
     );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(&pg, dir.path());
+    let cfg = restore_setup(&pg, dir.path());
     backup(&cfg);
     pg.psql(
         "einvoice",
@@ -337,7 +318,7 @@ fn a_changed_collation_version_forces_a_reread() {
          INSERT INTO items SELECT g, g FROM generate_series(1, 1000) g;"#,
     );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(&pg, dir.path());
+    let cfg = restore_setup(&pg, dir.path());
     let first = backup(&cfg);
     assert_eq!(segments(&first), (0, 3), "{first}");
     let second = backup(&cfg);

@@ -6,7 +6,9 @@ mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use backup_util::{fingerprint, identity, make_tables, ok, owner_config, run, write_config};
+use backup_util::{
+    fingerprint, identity, make_tables, ok, owner_config, restore_setup, run, write_config,
+};
 use support::PgCluster;
 
 fn config_tree(root: &std::path::Path) {
@@ -435,25 +437,6 @@ fn ok_within(cfg: &std::path::Path, args: &[&str], limit: u64) -> String {
     out
 }
 
-/// A config with database `src` (`einvoice`), `dst` (`restored`, created) and an initialised
-/// repository.
-fn large_value_setup(pg: &PgCluster, dir: &std::path::Path) -> std::path::PathBuf {
-    pg.psql("postgres", "CREATE DATABASE restored");
-    let (key, recipient) = identity(dir, "owner");
-    let cfg = write_config(
-        dir,
-        "invsync.toml",
-        &[("src", pg.url("einvoice")), ("dst", pg.url("restored"))],
-        &format!("file://{}", dir.join("repo").display()),
-        &format!(
-            "recipients = [\"{recipient}\"]\nidentity_file = \"{}\"",
-            key.display()
-        ),
-    );
-    ok(&cfg, &["repo", "init"]);
-    cfg
-}
-
 /// SQL for `mib` MiB of bytes that do not compress (md5 output), numbered by `seed`.
 fn incompressible(mib: u32, seed: u32) -> String {
     format!(
@@ -474,7 +457,7 @@ fn a_32_mb_value_backs_up_in_bounded_memory_and_restores_byte_identical() {
         ),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = large_value_setup(&pg, dir.path());
+    let cfg = restore_setup(&pg, dir.path());
 
     let out = ok_within(
         &cfg,
@@ -517,7 +500,7 @@ fn values_of_tens_of_mb_among_small_rows_round_trip() {
         ),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = large_value_setup(&pg, dir.path());
+    let cfg = restore_setup(&pg, dir.path());
     let out = ok_within(
         &cfg,
         &["backup", "--db", "src", "--tables", "public.docs", "--json"],

@@ -51,6 +51,25 @@ pub fn owner_config(dir: &Path, dbs: &[(&str, String)], url: &str) -> (PathBuf, 
     (cfg, recipient)
 }
 
+/// `dir/invsync.toml` with database `src` (`einvoice`), `dst` (`restored`, created here, empty)
+/// and an initialised file repository that the owner reads and writes.
+pub fn restore_setup(pg: &PgCluster, dir: &Path) -> PathBuf {
+    pg.psql("postgres", "CREATE DATABASE restored");
+    let (key, recipient) = identity(dir, "owner");
+    let cfg = write_config(
+        dir,
+        "invsync.toml",
+        &[("src", pg.url("einvoice")), ("dst", pg.url("restored"))],
+        &format!("file://{}", dir.join("repo").display()),
+        &format!(
+            "recipients = [\"{recipient}\"]\nidentity_file = \"{}\"",
+            key.display()
+        ),
+    );
+    ok(&cfg, &["repo", "init"]);
+    cfg
+}
+
 /// Runs invsync with `--config cfg` and the args.
 pub fn run(cfg: &Path, args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["--config", cfg.to_str().unwrap()];
