@@ -9,7 +9,7 @@ use std::path::Path;
 use backup_util::{
     copy_dir, files, findings, identity, make_tables, ok, run, run_env, write_config,
 };
-use support::PgCluster;
+use support::{finish, send_signal, PgCluster};
 
 struct Fixture {
     pg: PgCluster,
@@ -445,40 +445,6 @@ fn spawn(cfg: &Path, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-fn send(child: &std::process::Child, signal: &str) {
-    let st = std::process::Command::new("kill")
-        .args(["-s", signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-/// Waits (up to a minute) for `child` to exit; returns its exit code (minus the signal
-/// number when a signal ended it) and its stderr.
-async fn finish(mut child: std::process::Child) -> (i32, String) {
-    use std::io::Read;
-    use std::os::unix::process::ExitStatusExt;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "invsync did not exit");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let code = status
-        .code()
-        .unwrap_or_else(|| -status.signal().unwrap_or(0));
-    (code, err)
-}
-
 fn staging_schemas(f: &Fixture) -> String {
     f.pg.psql(
         "r",
@@ -540,7 +506,7 @@ async fn a_signal_stops_a_restore_waiting_for_a_lock_and_leaves_nothing_behind()
             "1",
             "the restore has loaded its staging schema"
         );
-        send(&child, signal);
+        send_signal(&child, signal);
         let (exit, err) = finish(child).await;
         assert_eq!(exit, code, "SIG{signal}: {err}");
         assert!(
@@ -625,7 +591,7 @@ async fn a_second_restore_into_the_same_database_is_refused_and_leftovers_are_dr
     assert_eq!(staging_schemas(&f), "1");
 
     // The first one is killed outright: its staging schema stays behind...
-    send(&first, "KILL");
+    send_signal(&first, "KILL");
     let (exit, _) = finish(first).await;
     assert_eq!(exit, -9);
     holder.batch_execute("COMMIT").await.unwrap();

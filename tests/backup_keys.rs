@@ -50,18 +50,11 @@ fn a_wrong_key_changes_nothing_and_a_dry_run_prune_deletes_nothing() {
     make_tables(&pg, "einvoice", 2000);
     pg.psql("postgres", "CREATE DATABASE restored");
     let dir = tempfile::tempdir().unwrap();
-    let (stranger_key, _) = identity(dir.path(), "stranger");
     let repo_dir = dir.path().join("repo");
     let url = format!("file://{}", repo_dir.display());
     let dbs = [("src", pg.url("einvoice"))];
     let (owner_cfg, _) = owner_config(dir.path(), &dbs, &url);
-    let stranger_cfg = write_config(
-        dir.path(),
-        "stranger.toml",
-        &dbs,
-        &url,
-        &format!("identity_file = \"{}\"", stranger_key.display()),
-    );
+    let (stranger_cfg, _) = reader_config(dir.path(), "stranger", &dbs, &url);
     ok(&owner_cfg, &["repo", "init"]);
     let backup = ["backup", "--db", "src", "--tables", "public.items"];
     ok(&owner_cfg, &backup);

@@ -7,7 +7,8 @@ mod support;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use backup_util::{
-    fingerprint, identity, make_tables, ok, owner_config, restore_setup, run, write_config,
+    fingerprint, identity, make_tables, ok, owner_config, reader_config, restore_setup, run,
+    write_config,
 };
 use support::PgCluster;
 
@@ -229,8 +230,6 @@ fn keys_wrong_key_passphrase_and_write_only_hosts() {
     let pg = PgCluster::start();
     make_tables(&pg, "einvoice", 2000);
     let dir = tempfile::tempdir().unwrap();
-    let (other_key, other) = identity(dir.path(), "other");
-    let (stranger_key, _) = identity(dir.path(), "stranger");
     let repo_dir = dir.path().join("repo");
     let url = format!("file://{}", repo_dir.display());
     let dbs = [("src", pg.url("einvoice"))];
@@ -242,20 +241,8 @@ fn keys_wrong_key_passphrase_and_write_only_hosts() {
         &url,
         &format!("recipients = [\"{owner}\"]"),
     );
-    let stranger_cfg = write_config(
-        dir.path(),
-        "stranger.toml",
-        &dbs,
-        &url,
-        &format!("identity_file = \"{}\"", stranger_key.display()),
-    );
-    let other_cfg = write_config(
-        dir.path(),
-        "other.toml",
-        &dbs,
-        &url,
-        &format!("identity_file = \"{}\"", other_key.display()),
-    );
+    let (stranger_cfg, _) = reader_config(dir.path(), "stranger", &dbs, &url);
+    let (other_cfg, other) = reader_config(dir.path(), "other", &dbs, &url);
     ok(&owner_cfg, &["repo", "init"]);
 
     let count = || walk_count(&repo_dir);

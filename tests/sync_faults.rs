@@ -7,7 +7,7 @@ mod sync_common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{invsync, ClusterOptions, PgCluster};
+use support::{finish, invsync, send_signal, ClusterOptions, PgCluster};
 use sync_common::*;
 
 fn spawn_run(cfg: &std::path::Path, pipeline: &str) -> Child {
@@ -212,26 +212,10 @@ async fn a_target_crash_loses_only_unconfirmed_commits_which_are_applied_again()
 }
 
 /// Sends SIGTERM to `child` and returns whether it exited 0, with its standard error.
-async fn terminate(mut child: Child) -> (bool, String) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    tokio::task::spawn_blocking(move || {
-        let s = child.wait().unwrap();
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (s.success(), err)
-    })
-    .await
-    .unwrap()
+async fn terminate(child: Child) -> (bool, String) {
+    send_signal(&child, "TERM");
+    let (code, err) = finish(child).await;
+    (code == 0, err)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,6 +51,25 @@ pub fn owner_config(dir: &Path, dbs: &[(&str, String)], url: &str) -> (PathBuf, 
     (cfg, recipient)
 }
 
+/// A fresh identity `name` in `dir` and `dir/NAME.toml` naming only its key file, so it opens
+/// the repository at `url` only once that key is added; returns the config and the recipient.
+pub fn reader_config(
+    dir: &Path,
+    name: &str,
+    dbs: &[(&str, String)],
+    url: &str,
+) -> (PathBuf, String) {
+    let (key, recipient) = identity(dir, name);
+    let cfg = write_config(
+        dir,
+        &format!("{name}.toml"),
+        dbs,
+        url,
+        &format!("identity_file = \"{}\"", key.display()),
+    );
+    (cfg, recipient)
+}
+
 /// `dir/invsync.toml` with database `src` (`einvoice`), `dst` (`restored`, created here, empty)
 /// and an initialised file repository that the owner reads and writes.
 pub fn restore_setup(pg: &PgCluster, dir: &Path) -> PathBuf {

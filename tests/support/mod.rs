@@ -584,3 +584,38 @@ impl Drop for AzureServer {
         let _ = self.child.wait();
     }
 }
+
+/// Sends `signal` (a name such as `TERM`) to `child`.
+pub fn send_signal(child: &Child, signal: &str) {
+    let st = Command::new("kill")
+        .args(["-s", signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Waits (up to a minute) for `child` to exit; returns its exit code (minus the signal
+/// number when a signal ended it) and its stderr.
+pub async fn finish(mut child: Child) -> (i32, String) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "invsync did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let code = status
+        .code()
+        .unwrap_or_else(|| -status.signal().unwrap_or(0));
+    (code, err)
+}
