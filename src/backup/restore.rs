@@ -212,10 +212,6 @@ pub struct RestoredTable {
     pub bytes: u64,
 }
 
-fn matches(p: &TablePattern, schema: &str, name: &str) -> bool {
-    p.schema == schema && p.table.as_deref().is_none_or(|t| t == name)
-}
-
 /// Restores tables of `snap` into the database at `conn`: all of them, or none. When `stop`
 /// completes (with what stopped it, e.g. `SIGTERM`) the restore ends as if it had failed.
 pub async fn restore_db(
@@ -252,11 +248,7 @@ async fn restore_tables(
     staging: &Staging,
 ) -> Result<Vec<RestoredTable>, BackupError> {
     for p in &opts.tables {
-        if !snap
-            .tables
-            .iter()
-            .any(|t| matches(p, &t.schema.name.schema, &t.schema.name.name))
-        {
+        if !snap.tables.iter().any(|t| p.matches(&t.schema.name)) {
             return Err(BackupError::Invalid(format!(
                 "the snapshot holds no table {p}; it has: {}",
                 snap.tables
@@ -270,13 +262,7 @@ async fn restore_tables(
     let tables: Vec<_> = snap
         .tables
         .iter()
-        .filter(|t| {
-            opts.tables.is_empty()
-                || opts
-                    .tables
-                    .iter()
-                    .any(|p| matches(p, &t.schema.name.schema, &t.schema.name.name))
-        })
+        .filter(|t| opts.tables.is_empty() || opts.tables.iter().any(|p| p.matches(&t.schema.name)))
         .collect();
     let wanted: HashSet<BlobId> = tables
         .iter()

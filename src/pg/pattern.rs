@@ -19,6 +19,11 @@ pub struct TablePattern {
 }
 
 impl TablePattern {
+    /// True when `table` is the named table or lies in the named schema (`schema.*`).
+    pub fn matches(&self, table: &super::TableName) -> bool {
+        self.schema == table.schema && self.table.as_deref().is_none_or(|t| t == table.name)
+    }
+
     /// Parses `schema.table`, `schema.*` or `table`; each part raw or `"quoted"`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let bad = |why: &str| {
