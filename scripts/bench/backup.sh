@@ -88,9 +88,10 @@ psql -X -qtA -v ON_ERROR_STOP=1 "$LDB_URL" -c "CREATE TABLE scans (id int PRIMAR
     echo "identity_file = \"$B/key.txt\""
   done
 } >>"$B/invsync.toml"
+# dump_large DIR: the table's COPY text into DIR (made afresh).
 dump_large() {
-  rm -rf "$B/large-dump" && mkdir -p "$B/large-dump" &&
-    psql -X -qtA -v ON_ERROR_STOP=1 "$LDB_URL" -c "\\copy (SELECT * FROM scans ORDER BY id) TO '$B/large-dump/scans.copy'"
+  rm -rf "$1" && mkdir -p "$1" &&
+    psql -X -qtA -v ON_ERROR_STOP=1 "$LDB_URL" -c "\\copy (SELECT * FROM scans ORDER BY id) TO '$1/scans.copy'"
 }
 export -f dump_large
 export LDB_URL
@@ -100,10 +101,10 @@ for i in 1 2 3; do
   timeit large_invsync "$INVSYNC" --config "$B/invsync.toml" --log warn backup --repo "l$i" --db large --tables public.scans
   inv_t+=("$TIME_S") inv_m+=("$RSS_MB")
   restic init --repo "$B/large-restic-$i" >/dev/null 2>&1
-  timeit large_restic bash -c "dump_large && restic backup --repo '$B/large-restic-$i' '$B/large-dump'"
+  timeit large_restic bash -c "dump_large '$B/large-dump' && restic backup --repo '$B/large-restic-$i' '$B/large-dump'"
   res_t+=("$TIME_S") res_m+=("$RSS_MB")
   borg init --encryption=repokey "$B/large-borg-$i" >/dev/null 2>&1
-  timeit large_borg bash -c "dump_large && borg create '$B/large-borg-$i::first' '$B/large-dump'"
+  timeit large_borg bash -c "dump_large '$B/large-dump' && borg create '$B/large-borg-$i::first' '$B/large-dump'"
   borg_t+=("$TIME_S") borg_m+=("$RSS_MB")
 done
 report_row "large values backup, s (peer: restic)" "$(median "${inv_t[@]}")" "$(median "${res_t[@]}")" s
