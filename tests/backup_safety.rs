@@ -90,7 +90,8 @@ async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
     let r = prune::prune(&repo, false).await.unwrap();
     assert_eq!(r.running_backups, 1);
     assert_eq!(r.packs_deleted, 0);
-    assert!(r.packs_deferred >= 1);
+    // Every pack of the forgotten snapshot is unreferenced now, and each is kept.
+    assert_eq!(r.packs_deferred, item_packs.len());
     for p in &item_packs {
         assert!(
             repo_dir.join(p).exists(),
@@ -99,14 +100,34 @@ async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
     }
     running.release(&repo).await;
 
-    // A real backup that reuses those blobs, racing a real prune: whichever goes first, the
-    // snapshot is whole.
-    let (b, p) = tokio::join!(
-        session::backup(&repo, &items, &Quiet),
-        prune::prune(&repo, false)
-    );
+    // A real backup that reuses those blobs, paused mid-way (after it took its lock and began
+    // its cut, before it reads `items`, which a test session holds), and a real prune run
+    // while it waits: both locks are seen at once, and the snapshot the backup then publishes
+    // is whole.
+    let holder = pg.client("einvoice").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (b, p) = tokio::join!(session::backup(&repo, &items, &Quiet), async {
+        backup_util::queued_on(&pg, "einvoice", "items").await;
+        assert_eq!(
+            lock_files(&repo_dir, "backup"),
+            1,
+            "the backup holds its lock"
+        );
+        let p = prune::prune(&repo, false).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+        p
+    });
     let summary = b.unwrap();
-    p.unwrap();
+    let p = p.unwrap();
+    assert_eq!(
+        (p.running_backups, p.packs_deleted, p.packs_deferred),
+        (1, 0, item_packs.len()),
+        "prune saw the paused backup and kept what it reuses: {p:?}"
+    );
+    assert_eq!(lock_files(&repo_dir, "backup"), 0);
     let report = check_repo(
         &repo,
         &RepoCheckOptions {
@@ -137,9 +158,103 @@ async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
         backup_util::fingerprint(&pg, "r", "items", "id")
     );
 
-    // With nothing running, a second prune is exclusive and finds nothing left to defer.
+    // With nothing running, a second prune is exclusive and finds nothing left to defer, nor
+    // to delete: the new snapshot references the item packs again.
     let r = prune::prune(&repo, false).await.unwrap();
-    assert_eq!((r.running_backups, r.packs_deferred), (0, 0));
+    assert_eq!(
+        (r.running_backups, r.packs_deferred, r.packs_deleted),
+        (0, 0, 0)
+    );
+}
+
+/// How many `locks/KIND-*` objects the file repository in `repo_dir` holds.
+fn lock_files(repo_dir: &Path, kind: &str) -> usize {
+    backup_util::files(repo_dir)
+        .iter()
+        .filter(|p| p.starts_with(&format!("locks/{kind}-")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_prune_processes_at_once_leave_a_whole_snapshot() {
+    let pg = PgCluster::start();
+    backup_util::make_tables(&pg, "einvoice", 5000);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = backup_util::restore_setup(&pg, dir.path());
+    let repo_dir = dir.path().join("repo");
+    let tree = dir.path().join("conf");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("x"), "y").unwrap();
+    let items = [
+        "backup",
+        "--db",
+        "src",
+        "--tables",
+        "public.items",
+        "--json",
+    ];
+    backup_util::ok(&cfg, &items);
+    let item_packs = packs(&repo_dir);
+    backup_util::ok(&cfg, &["backup", "--config-dir", tree.to_str().unwrap()]);
+    backup_util::ok(&cfg, &["forget", "--keep-last", "1"]);
+
+    // The backup process pauses before it reads `items` (held by a test session), its lock
+    // taken; the prune process runs to its end meanwhile.
+    let holder = pg.client("einvoice").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let backup = backup_util::spawn(&cfg, &items);
+    backup_util::queued_on(&pg, "einvoice", "items").await;
+    assert_eq!(
+        lock_files(&repo_dir, "backup"),
+        1,
+        "the backup holds its lock"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&backup_util::ok(&cfg, &["prune", "--json"])).unwrap();
+    assert_eq!(report["running_backups"], 1, "{report}");
+    assert_eq!(report["packs_deleted"], 0, "{report}");
+    assert_eq!(report["packs_deferred"], item_packs.len(), "{report}");
+    assert_eq!(packs(&repo_dir).len(), item_packs.len() + 1, "{report}");
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    let out = tokio::task::spawn_blocking(move || backup.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = summary["snapshot"].as_str().unwrap();
+    // Every pack reads back whole; the one finding is the index of the forgotten snapshot's
+    // session, which the prune left in place because a backup was running.
+    let verified = backup_util::ok(&cfg, &["verify", "repo", "--read-data", "--json"]);
+    let kinds: Vec<String> = backup_util::findings(&verified)
+        .into_iter()
+        .map(|f| f.0)
+        .collect();
+    assert_eq!(kinds, ["missing_snapshot"], "{verified}");
+    // With nothing beside it, a prune compacts the index and deletes nothing: the new
+    // snapshot references the item packs again. Then the repository checks clean.
+    let report: serde_json::Value =
+        serde_json::from_str(&backup_util::ok(&cfg, &["prune", "--json"])).unwrap();
+    assert_eq!(
+        (&report["running_backups"], &report["packs_deleted"]),
+        (&serde_json::json!(0), &serde_json::json!(0)),
+        "{report}"
+    );
+    let verified = backup_util::ok(&cfg, &["verify", "repo", "--read-data", "--json"]);
+    assert!(backup_util::findings(&verified).is_empty(), "{verified}");
+    backup_util::ok(&cfg, &["restore", &id[..8], "--to-db", "dst"]);
+    assert_eq!(
+        backup_util::fingerprint(&pg, "einvoice", "items", "id"),
+        backup_util::fingerprint(&pg, "restored", "items", "id")
+    );
 }
 
 fn entry(path: &str, kind: EntryKind, target: Option<&str>) -> TreeEntry {
@@ -365,21 +480,23 @@ async fn tables_are_cut_at_one_instant_while_writes_go_on() {
         config_dirs: vec![],
         tags: vec![],
     };
-    let before: i64 = pg
-        .psql("einvoice", "SELECT count(*) FROM a_pairs")
-        .parse()
-        .unwrap();
+    // The backup starts once the writer is under way.
+    let watch = pg.client("einvoice").await;
+    let count = || async {
+        watch
+            .query_one("SELECT count(*) FROM a_pairs", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    support::wait_until(Duration::from_secs(60), "the writer to start", || async {
+        count().await > 100
+    })
+    .await;
     let s = session::backup(&repo, &opts, &Quiet).await.unwrap();
-    let after: i64 = pg
-        .psql("einvoice", "SELECT count(*) FROM a_pairs")
-        .parse()
-        .unwrap();
+    let after = count().await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let written = writer.await.unwrap();
-    assert!(
-        after > before && written > 0,
-        "the writer ran during the backup"
-    );
+    writer.await.unwrap();
 
     let (_, snap) = snapshot::find(&repo, &s.snapshot).await.unwrap();
     let rows = |name: &str| {
@@ -393,6 +510,13 @@ async fn tables_are_cut_at_one_instant_while_writes_go_on() {
         rows("a_pairs"),
         rows("c_pairs"),
         "both tables at the same instant"
+    );
+    // The cut lies inside the writer's run: it wrote before it (waited for) and after it,
+    // while the backup read b_big (about 26 MB) and the pairs.
+    assert!(
+        rows("a_pairs") > 100 && (rows("a_pairs") as i64) < after,
+        "the writer did not run during the backup: {} rows at the cut, {after} after",
+        rows("a_pairs")
     );
     pg.psql("postgres", "CREATE DATABASE r");
     restore::restore_db(

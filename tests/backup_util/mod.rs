@@ -224,3 +224,31 @@ pub fn findings(report: &str) -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// Starts `invsync --config cfg ARGS` in the background, its stderr captured.
+pub fn spawn(cfg: &Path, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to a minute) until some session of database `db` waits for a lock on `table`:
+/// a job the test paused by holding that lock has reached it.
+pub async fn queued_on(pg: &PgCluster, db: &str, table: &str) {
+    let watch = pg.client(db).await;
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = '{table}'::regclass"
+    );
+    crate::support::wait_until(
+        std::time::Duration::from_secs(60),
+        &format!("a session to queue for the lock on {table}"),
+        || async { watch.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) > 0 },
+    )
+    .await;
+}
