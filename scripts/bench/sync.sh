@@ -1,5 +1,7 @@
 # sync section of scripts/bench.sh (sourced). Compares, on the same two clusters and data:
-#   initial copy:  invsync sync setup  vs  a native subscription (copy_data)  vs  pg_dump -j2 | pg_restore -j2
+#   initial copy:  invsync sync setup  vs  a native subscription (copy_data; timed to "data
+#                  copied", every table's copy done, and to "ready")  vs  `pg_dump -a | psql`
+#                  (one stream)  vs  `pg_dump -Fd -Z0 -j2` then `pg_restore -j2` (through disk)
 #   catch-up:      invsync sync run    vs  a native subscription, on the same backlog of changes
 #                  (inserts of new rows, updates and deletes of rows both copied before, in transactions
 #                  of 100 rows) written while both were stopped, each consumer replicating that one table
@@ -9,12 +11,14 @@
 #                  on SYNC_LAG_CONNECTIONS connections (default 4)
 #                  for SYNC_LAG_SECS s (default 30), in a database bench_lag of its own: a probe row
 #                  written every 50 ms, the age of the newest visible probe sampled every 50 ms
-# Three runs each, alternating; prints medians, the ratios invsync/peer, and peak RSS of invsync.
+# Three runs each (the 5M-row transaction too), each round in another order (`rotate`), every
+# timed step from a checkpoint on both clusters (`settle`); prints medians, the ratios
+# invsync/peer, and peak RSS of invsync.
 # Expects from bench.sh: SRC_URL DST_URL BENCH_DIR INVSYNC EINVOICE_GEN INVOICES.
-# SYNC_BACKLOG sets the number of changes (default 1000000), SYNC_RUNS the runs (default 3).
+# SYNC_BACKLOG sets the number of changes (default 1000000), SYNC_RUNS the runs (default BENCH_RUNS).
 
 sync_main() {
-  local runs="${SYNC_RUNS:-3}" backlog="${SYNC_BACKLOG:-1000000}"
+  local runs="${SYNC_RUNS:-$BENCH_RUNS}" backlog="${SYNC_BACKLOG:-1000000}"
   local dir="$BENCH_DIR/sync"
   mkdir -p "$dir"
   local src="$SRC_URL" dst="$DST_URL"
@@ -71,37 +75,67 @@ TOML
     until [ "$(sync_q "$1" "$2")" = t ]; do sleep 0.1; done
   }
 
-  # ---- initial copy
-  local inv_copy=() nat_copy=() dump_copy=() inv_rss=()
+  # ---- initial copy: each round in another order, each copy into emptied tables from a checkpoint
+  local inv_copy=() nat_copy=() nat_data=() pipe_copy=() dir_copy=() inv_rss=()
+  local t0 t1 td side
   for i in $(seq 1 "$runs"); do
-    sync_reset_target
-    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
-    local t0 t1
-    t0=$(sync_now)
-    # Two copy sessions, as the peers: a native subscription's default two table-sync workers,
-    # pg_dump -j2 and pg_restore -j2.
-    /usr/bin/time -v -o "$dir/setup.time" "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create --jobs 2 >/dev/null
-    t1=$(sync_now)
-    inv_copy+=("$(echo "$t1 - $t0" | bc)")
-    inv_rss+=("$(sync_rss_mib "$dir/setup.time")")
-    "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
-
-    sync_reset_target
-    sync_drop_native
-    t0=$(sync_now)
-    sync_native_subscribe true
-    sync_wait "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
-    t1=$(sync_now)
-    nat_copy+=("$(echo "$t1 - $t0" | bc)")
-    sync_drop_native
-
-    sync_reset_target
-    rm -rf "$dir/dump"
-    t0=$(sync_now)
-    pg_dump -Fd -j2 -a "${dump_args[@]}" -f "$dir/dump" "$src"
-    pg_restore -j2 -a -d "$dst" "$dir/dump"
-    t1=$(sync_now)
-    dump_copy+=("$(echo "$t1 - $t0" | bc)")
+    for side in $(rotate "$i" invsync native pipe dir); do
+      sync_reset_target
+      case $side in
+      invsync)
+        "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
+        settle
+        t0=$(sync_now)
+        # Two copy sessions, as the peers: a native subscription's default two table-sync
+        # workers, pg_dump -j2 and pg_restore -j2.
+        /usr/bin/time -v -o "$dir/setup.time" "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create --jobs 2 >/dev/null
+        t1=$(sync_now)
+        inv_copy+=("$(echo "$t1 - $t0" | bc)")
+        inv_rss+=("$(sync_rss_mib "$dir/setup.time")")
+        "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null
+        ;;
+      native)
+        sync_drop_native
+        settle
+        t0=$(sync_now)
+        sync_native_subscribe true
+        # "Data copied": every table's copy finished (f, s or r); "ready": every table
+        # handed over to the apply worker (r).
+        td=
+        until [ "$(sync_q "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel")" = t ]; do
+          if [ -z "$td" ] && [ "$(sync_q "$dst" "SELECT count(*) > 0 AND bool_and(srsubstate IN ('f', 's', 'r')) FROM pg_subscription_rel")" = t ]; then
+            td=$(sync_now)
+          fi
+          sleep 0.1
+        done
+        t1=$(sync_now)
+        nat_copy+=("$(echo "$t1 - $t0" | bc)")
+        nat_data+=("$(echo "${td:-$t1} - $t0" | bc)")
+        sync_drop_native
+        ;;
+      pipe)
+        # One stream: the data as COPY text straight into the target, its triggers (and so its
+        # foreign key checks) off during the load, as invsync's replica role has them.
+        settle
+        t0=$(sync_now)
+        pg_dump -a --disable-triggers "${dump_args[@]}" "$src" |
+          PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -d "$dst" >/dev/null
+        t1=$(sync_now)
+        pipe_copy+=("$(echo "$t1 - $t0" | bc)")
+        ;;
+      dir)
+        # Two sessions each way, through disk: an uncompressed directory dump, then its restore.
+        rm -rf "$dir/dump"
+        settle
+        t0=$(sync_now)
+        pg_dump -Fd -Z0 -j2 -a "${dump_args[@]}" -f "$dir/dump" "$src"
+        pg_restore -j2 -a --disable-triggers -d "$dst" "$dir/dump"
+        t1=$(sync_now)
+        dir_copy+=("$(echo "$t1 - $t0" | bc)")
+        rm -rf "$dir/dump"
+        ;;
+      esac
+    done
   done
 
   # ---- catch-up: both consumers stopped while the same changes are written, then started
@@ -142,7 +176,7 @@ TOML
   # walsender and of the consumer (native: its apply worker; invsync: its target session plus
   # sync run itself), as "walsender consumer". Wall time depends on how the machine schedules
   # the processes on its cores; CPU per row shows what each consumer costs.
-  # Every run starts from a checkpoint on both clusters: a checkpoint the copies' WAL set off
+  # Every run starts from a checkpoint on both clusters (`settle`): a checkpoint the copies' WAL set off
   # would otherwise spread over whichever runs come next, and the first change to each page
   # after it writes the whole page to the WAL.
   sync_cpu() { # $1 = url, $2 = query for a server process id: its CPU seconds so far
@@ -151,10 +185,6 @@ TOML
     sed 's/.*) //' "/proc/$pid/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($12 + $13) / hz}'
   }
   sync_per_million() { echo "scale=2; $1 * 1000000 / $2" | bc; }
-  sync_checkpoint() {
-    sync_q "$src" "CHECKPOINT" >/dev/null
-    sync_q "$dst" "CHECKPOINT" >/dev/null
-  }
   local base=0
   sync_catch_up() {
     local kind=$1 writer=$2 rows=$3 t0 t1 pid cfg="$dir/catch.toml" walsender_cpu consumer_cpu
@@ -167,7 +197,7 @@ TOML
       "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
       "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create >/dev/null
       "$writer" "$base"
-      sync_checkpoint
+      settle
       t0=$(sync_now)
       /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn sync run bench &
       pid=$!
@@ -193,7 +223,7 @@ TOML
       # started would wait out the rest of it, which is not catch-up. Outside the timed part.
       retry=$(sync_q "$dst" "SELECT setting::numeric / 1000 FROM pg_settings WHERE name = 'wal_retrieve_retry_interval'")
       sleep "$(echo "x = $started + $retry + 0.5 - $(sync_now); if (x > 0) x else 0" | bc)"
-      sync_checkpoint
+      settle
       t0=$(sync_now)
       sync_q "$dst" "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
       sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
@@ -207,19 +237,29 @@ TOML
   }
   local inv_catch=() nat_catch=() run_rss=() inv_cpu=() nat_cpu=()
   for i in $(seq 1 "$runs"); do
-    sync_catch_up invsync sync_backlog "$backlog"
-    inv_catch+=("$CATCH_RATE"); run_rss+=("$CATCH_RSS"); inv_cpu+=("$CATCH_CPU")
-    sync_catch_up native sync_backlog "$backlog"
-    nat_catch+=("$CATCH_RATE"); nat_cpu+=("$CATCH_CPU")
+    for side in $(rotate "$i" invsync native); do
+      sync_catch_up "$side" sync_backlog "$backlog"
+      if [ "$side" = invsync ]; then
+        inv_catch+=("$CATCH_RATE"); run_rss+=("$CATCH_RSS"); inv_cpu+=("$CATCH_CPU")
+      else
+        nat_catch+=("$CATCH_RATE"); nat_cpu+=("$CATCH_CPU")
+      fi
+    done
   done
-  # One source transaction of $big rows, once each: it must stream through, not sit in memory.
-  # SYNC_BIG=0 skips it (quicker iterations on the catch-up figure).
-  local big="${SYNC_BIG:-5000000}" big_inv= big_nat= big_rss= big_inv_cpu= big_nat_cpu=
+  # One source transaction of $big rows, $runs runs each: it must stream through, not sit in
+  # memory. SYNC_BIG=0 skips it (quicker iterations on the catch-up figure).
+  local big="${SYNC_BIG:-5000000}" big_inv=() big_nat=() big_rss=() big_inv_cpu=() big_nat_cpu=()
   if [ "$big" -gt 0 ]; then
-    sync_catch_up invsync sync_big_transaction "$big"
-    big_inv=$CATCH_RATE; big_rss=$CATCH_RSS; big_inv_cpu=$CATCH_CPU
-    sync_catch_up native sync_big_transaction "$big"
-    big_nat=$CATCH_RATE; big_nat_cpu=$CATCH_CPU
+    for i in $(seq 1 "$runs"); do
+      for side in $(rotate "$i" invsync native); do
+        sync_catch_up "$side" sync_big_transaction "$big"
+        if [ "$side" = invsync ]; then
+          big_inv+=("$CATCH_RATE"); big_rss+=("$CATCH_RSS"); big_inv_cpu+=("$CATCH_CPU")
+        else
+          big_nat+=("$CATCH_RATE"); big_nat_cpu+=("$CATCH_CPU")
+        fi
+      done
+    done
   fi
   sync_q "$src" "DROP TABLE public.bench_change" >/dev/null
   sync_q "$dst" "DROP TABLE IF EXISTS public.bench_change" >/dev/null
@@ -266,54 +306,66 @@ TOML
     "$cfg" > "$dir/lag.toml"
   local lag_pid lag_tables="public.invoice, public.invoice_item, public.allowance, public.carrier, public.bench_probe"
   for i in $(seq 1 "$runs"); do
-    sync_lag_db
-    "$INVSYNC" --config "$dir/lag.toml" --log warn sync setup bench --no-create >/dev/null
-    "$INVSYNC" --config "$dir/lag.toml" --log warn sync run bench &
-    lag_pid=$!
-    sync_lag_measure >"$dir/lag.out"
-    inv_lag+=("$(cat "$dir/lag.out")")
-    kill -TERM "$lag_pid"; wait "$lag_pid" || true
-    "$INVSYNC" --config "$dir/lag.toml" sync teardown bench --yes >/dev/null
-
-    sync_lag_db
-    sync_q "$lsrc" "CREATE PUBLICATION bench_native FOR TABLE $lag_tables" >/dev/null
-    sync_q "$ldst" "CREATE SUBSCRIPTION bench_native CONNECTION '$lsrc' PUBLICATION bench_native" >/dev/null
-    sync_wait "$ldst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
-    sync_lag_measure >"$dir/lag.out"
-    nat_lag+=("$(cat "$dir/lag.out")")
-    sync_q "$ldst" "DROP SUBSCRIPTION bench_native" >/dev/null
+    for side in $(rotate "$i" invsync native); do
+      sync_lag_db
+      settle
+      if [ "$side" = invsync ]; then
+        "$INVSYNC" --config "$dir/lag.toml" --log warn sync setup bench --no-create >/dev/null
+        "$INVSYNC" --config "$dir/lag.toml" --log warn sync run bench &
+        lag_pid=$!
+        sync_lag_measure >"$dir/lag.out"
+        inv_lag+=("$(cat "$dir/lag.out")")
+        kill -TERM "$lag_pid"; wait "$lag_pid" || true
+        "$INVSYNC" --config "$dir/lag.toml" sync teardown bench --yes >/dev/null
+      else
+        sync_q "$lsrc" "CREATE PUBLICATION bench_native FOR TABLE $lag_tables" >/dev/null
+        sync_q "$ldst" "CREATE SUBSCRIPTION bench_native CONNECTION '$lsrc' PUBLICATION bench_native" >/dev/null
+        sync_wait "$ldst" "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel"
+        sync_lag_measure >"$dir/lag.out"
+        nat_lag+=("$(cat "$dir/lag.out")")
+        sync_q "$ldst" "DROP SUBSCRIPTION bench_native" >/dev/null
+      fi
+    done
   done
   sync_q "${src/\/einvoice\?//postgres?}" "DROP DATABASE bench_lag WITH (FORCE)" >/dev/null
   sync_q "${dst/\/einvoice\?//postgres?}" "DROP DATABASE bench_lag WITH (FORCE)" >/dev/null
 
-  local ic nc dc ir nr
-  ic=$(sync_median "${inv_copy[@]}"); nc=$(sync_median "${nat_copy[@]}"); dc=$(sync_median "${dump_copy[@]}")
+  local ic nc nd pc dc ir nr
+  ic=$(sync_median "${inv_copy[@]}"); nc=$(sync_median "${nat_copy[@]}"); nd=$(sync_median "${nat_data[@]}")
+  pc=$(sync_median "${pipe_copy[@]}"); dc=$(sync_median "${dir_copy[@]}")
   ir=$(sync_median "${inv_catch[@]}"); nr=$(sync_median "${nat_catch[@]}")
   local ilp ilm nlp nlm
   ilp=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f1)"); ilm=$(sync_median "$(printf '%s\n' "${inv_lag[@]}" | cut -d' ' -f2)")
   nlp=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f1)"); nlm=$(sync_median "$(printf '%s\n' "${nat_lag[@]}" | cut -d' ' -f2)")
+  # sync_cpu_median "walsender consumer"...: the medians of each column, as "walsender consumer".
+  sync_cpu_median() {
+    echo "$(sync_median $(printf '%s\n' "$@" | cut -d' ' -f1)) $(sync_median $(printf '%s\n' "$@" | cut -d' ' -f2))"
+  }
   {
-  echo "== sync ($INVOICES invoices; backlog $backlog changes; median of $runs runs)"
+  echo "== sync ($INVOICES invoices; backlog $backlog changes; median of $runs runs, each round in another order)"
   printf '%-44s %10s %10s %8s\n' "measure" "invsync" "peer" "ratio"
-  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs native subscription" "$ic" "$nc" "$(echo "$ic / $nc" | bc -l)"
-  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -j2 | pg_restore -j2" "$ic" "$dc" "$(echo "$ic / $dc" | bc -l)"
+  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs native subscription, ready" "$ic" "$nc" "$(echo "$ic / $nc" | bc -l)"
+  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs native subscription, data copied" "$ic" "$nd" "$(echo "$ic / $nd" | bc -l)"
+  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -a | psql (one stream)" "$ic" "$pc" "$(echo "$ic / $pc" | bc -l)"
+  printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -Fd -Z0 -j2, then pg_restore -j2" "$ic" "$dc" "$(echo "$ic / $dc" | bc -l)"
   printf '%-44s %10s %10s %8.2f\n' "catch-up rows/s vs native subscription" "$ir" "$nr" "$(echo "$ir / $nr" | bc -l)"
   echo "(catch-up runs, rows/s: invsync ${inv_catch[*]}; native ${nat_catch[*]})"
   sync_cpu_line() { # $1 = label, $2 = invsync "walsender consumer" figures, $3 = native's
     printf '%s CPU s per 1M rows: invsync: walsender %s, target session + sync run %s; native: walsender %s, apply worker %s\n' \
       "$1" $2 $3
   }
-  sync_cpu_line "catch-up (median)" \
-    "$(sync_median "$(printf '%s\n' "${inv_cpu[@]}" | cut -d' ' -f1)") $(sync_median "$(printf '%s\n' "${inv_cpu[@]}" | cut -d' ' -f2)")" \
-    "$(sync_median "$(printf '%s\n' "${nat_cpu[@]}" | cut -d' ' -f1)") $(sync_median "$(printf '%s\n' "${nat_cpu[@]}" | cut -d' ' -f2)")"
+  sync_cpu_line "catch-up (median)" "$(sync_cpu_median "${inv_cpu[@]}")" "$(sync_cpu_median "${nat_cpu[@]}")"
   if [ "$big" -gt 0 ]; then
-    printf '%-44s %10s %10s %8.2f\n' "one ${big}-row transaction rows/s vs native" "$big_inv" "$big_nat" "$(echo "$big_inv / $big_nat" | bc -l)"
-    sync_cpu_line "one ${big}-row transaction" "$big_inv_cpu" "$big_nat_cpu"
+    local bi bn
+    bi=$(sync_median "${big_inv[@]}"); bn=$(sync_median "${big_nat[@]}")
+    printf '%-44s %10s %10s %8.2f\n' "one ${big}-row transaction rows/s vs native" "$bi" "$bn" "$(echo "$bi / $bn" | bc -l)"
+    echo "(one ${big}-row transaction runs, rows/s: invsync ${big_inv[*]}; native ${big_nat[*]})"
+    sync_cpu_line "one ${big}-row transaction (median)" "$(sync_cpu_median "${big_inv_cpu[@]}")" "$(sync_cpu_median "${big_nat_cpu[@]}")"
   fi
   printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag p99 at $lag_rate rows/s vs native" "$ilp" "$nlp" "$(echo "$ilp / $nlp" | bc -l)"
   printf '%-44s %9.3fs %9.3fs %8.2f\n' "lag max at $lag_rate rows/s vs native" "$ilm" "$nlm" "$(echo "$ilm / $nlm" | bc -l)"
   echo "(lag: load reached $(sync_median "${lag_achieved[@]}") rows/s on $lag_conns connections, median of the runs; target $lag_rate)"
-  echo "peak RSS: sync setup $(sync_median "${inv_rss[@]}") MiB, sync run (catch-up) $(sync_median "${run_rss[@]}") MiB${big_rss:+, sync run (one ${big}-row transaction) $big_rss MiB}"
+  echo "peak RSS: sync setup $(sync_median "${inv_rss[@]}") MiB, sync run (catch-up) $(sync_median "${run_rss[@]}") MiB${big_rss[0]:+, sync run (one ${big}-row transaction) $(sync_median "${big_rss[@]}") MiB}"
   echo "(ratios: time ratio < 1 and rows/s ratio > 1 favour invsync)"
   } | tee -a "$REPORT"
 }
