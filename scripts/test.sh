@@ -12,6 +12,7 @@ ensure_azurite
 ensure_test_tools
 ensure_rust_tools
 ensure_locales
+ensure_prometheus
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
