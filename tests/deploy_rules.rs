@@ -129,3 +129,38 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         "the dashboard does not show {missing:?}"
     );
 }
+
+#[test]
+fn the_kubernetes_configmap_holds_a_valid_configuration() {
+    let manifest = std::fs::read_to_string(deploy("kubernetes/invsync-agent.yaml")).unwrap();
+    // The block scalar after `invsync.toml: |`, indented four spaces, up to the next document.
+    let start = manifest
+        .find("invsync.toml: |\n")
+        .expect("the ConfigMap holds invsync.toml");
+    let toml: String = manifest[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("---"))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let secrets = ["MAINDC_PASSWORD", "CLOUD_PASSWORD", "INVSYNC_PASSPHRASE"];
+    let config = invsync::config::Config::parse(Path::new("invsync.toml"), &toml, &|var: &str| {
+        secrets.contains(&var).then(|| "s3cret".to_string())
+    })
+    .unwrap_or_else(|e| panic!("the ConfigMap's invsync.toml: {e}"));
+    assert_eq!(config.agent.listen.to_string(), "0.0.0.0:9187");
+    assert_eq!(config.schedules.len(), 2);
+    // Every variable it uses is one the Secret's instructions create.
+    let used: BTreeSet<&str> = toml
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(var, _)| var))
+        .collect();
+    assert_eq!(used, secrets.into_iter().collect());
+    for var in secrets {
+        assert!(
+            manifest.contains(&format!("--from-literal={var}=")),
+            "{var} is not in the Secret"
+        );
+    }
+}

@@ -55,6 +55,8 @@ pub enum LeaseError {
     Pg(#[from] PgError),
     #[error("{0}")]
     Config(String),
+    #[error("lease {lease} on {database}: its row vanished while it was acquired; do not delete rows of invsync.lease while agents run")]
+    Vanished { lease: String, database: String },
     #[error("lease {lease} on {database}: no answer before the renew deadline; the database may be unreachable")]
     Timeout { lease: String, database: String },
 }
@@ -65,7 +67,7 @@ impl LeaseError {
         match self {
             LeaseError::Pg(e) => e.is_transient(),
             LeaseError::Config(_) => false,
-            LeaseError::Timeout { .. } => true,
+            LeaseError::Vanished { .. } | LeaseError::Timeout { .. } => true,
         }
     }
 }
@@ -190,12 +192,11 @@ impl LeaseStore<'_> {
                 epoch: row.epoch,
                 expires_at: row.expires_at,
             }),
-            // Released and deleted between the two statements: not by invsync, which never
-            // deletes a lease row; report it as held by nobody known.
-            None => Err(LeaseError::Config(format!(
-                "lease {name} on {}: the lease row vanished while it was acquired; do not delete rows of invsync.lease",
-                self.conn
-            ))),
+            // Deleted between the two statements: not by invsync, which never deletes a lease.
+            None => Err(LeaseError::Vanished {
+                lease: name.to_string(),
+                database: self.conn.to_string(),
+            }),
         }
     }
 

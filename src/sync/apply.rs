@@ -611,9 +611,6 @@ impl Target {
             .await
             .map_err(q("naming the apply session"))?;
         progress::ensure_origin(&client, &self.conn, &origin).await?;
-        if self.fence.is_some() {
-            progress::prepare_fence(&client, &self.conn).await?;
-        }
         if let Err(e) = client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await
@@ -636,6 +633,9 @@ impl Target {
                 pipeline: self.pipeline.clone(),
                 target: self.conn.to_string(),
             })?;
+        if self.fence.is_some() {
+            progress::prepare_fence(&client, &self.conn).await?;
+        }
         self.applied = p.applied;
         self.durable = p.applied;
         self.committing.clear();
