@@ -80,6 +80,13 @@ ensure_prometheus() {
   fi
 }
 
+# systemd-analyze, to verify the systemd unit in deploy/systemd (systemd need not be running).
+ensure_systemd_analyze() {
+  if ! command -v systemd-analyze >/dev/null 2>&1; then
+    apt_install --no-install-recommends systemd
+  fi
+}
+
 # age-keygen, to make the demo repository's key.
 ensure_age() {
   if ! command -v age-keygen >/dev/null 2>&1; then

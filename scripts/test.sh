@@ -13,6 +13,7 @@ ensure_test_tools
 ensure_rust_tools
 ensure_locales
 ensure_prometheus
+ensure_systemd_analyze
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -164,3 +164,30 @@ fn the_kubernetes_configmap_holds_a_valid_configuration() {
         );
     }
 }
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    // The unit as installed, with the binary where this build put it.
+    let unit = std::fs::read_to_string(deploy("systemd/invsync-agent.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/invsync "));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("invsync-agent.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/invsync", env!("CARGO_BIN_EXE_invsync")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run systemd-analyze ({e}); install it: bash -c 'source scripts/lib.sh; ensure_systemd_analyze'")
+        });
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
