@@ -720,6 +720,44 @@ pub async fn take_over_pipeline(config: &Config, pipeline: &str) -> Result<TakeO
 mod tests {
     use super::*;
 
+    fn config(agent: &str) -> Config {
+        let text = format!(
+            "[databases.maindc]\nurl = \"postgres://u@10.0.0.1/einvoice\"\n\
+             [databases.cloud_a]\nurl = \"postgres://u@10.0.0.2/einvoice\"\n\
+             [pipelines.up]\nsource = \"cloud_a\"\ntargets = [\"maindc\"]\ntables = [\"public.t\"]\n\
+             [repositories.offsite]\nurl = \"file:///tmp/r\"\n{agent}\n\
+             [[schedules]]\nname = \"b\"\ncron = \"0 0 2 * * *\"\njob = \"backup\"\ndb = \"maindc\"\n\
+             [[schedules]]\nname = \"p\"\ncron = \"0 0 3 * * *\"\njob = \"prune\"\n"
+        );
+        Config::parse(std::path::Path::new("a.toml"), &text, &|_| None).unwrap()
+    }
+
+    #[test]
+    fn each_lease_lives_with_its_work_unless_lease_db_says_otherwise() {
+        let c = config("");
+        let at = |p: Result<LeasePlace, LeaseError>| {
+            let p = p.unwrap();
+            (p.name, p.database)
+        };
+        assert_eq!(
+            at(pipeline_lease(&c, "up")),
+            ("pipeline/up".into(), "cloud_a".into())
+        );
+        assert_eq!(
+            at(schedule_lease(&c, &c.schedules[0])),
+            ("schedule/b".into(), "maindc".into())
+        );
+        // A job that reads no database: the first database by name.
+        assert_eq!(
+            at(schedule_lease(&c, &c.schedules[1])),
+            ("schedule/p".into(), "cloud_a".into())
+        );
+        let c = config("[agent]\nlease_db = \"maindc\"");
+        assert_eq!(at(pipeline_lease(&c, "up")).1, "maindc");
+        assert_eq!(at(schedule_lease(&c, &c.schedules[1])).1, "maindc");
+        assert!(pipeline_lease(&c, "down").is_err());
+    }
+
     fn timing() -> LeaseTiming {
         LeaseTiming::default()
     }
