@@ -69,6 +69,24 @@ ensure_rust_tools() {
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 }
 
+# promtool (Debian's `prometheus` package), to check and unit-test the alert rules in
+# deploy/prometheus. Only the tool is wanted: the package's service is not started here.
+ensure_prometheus() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    apt_install --no-install-recommends prometheus
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+  fi
+}
+
+# systemd-analyze, to verify the systemd unit in deploy/systemd (systemd need not be running).
+ensure_systemd_analyze() {
+  if ! command -v systemd-analyze >/dev/null 2>&1; then
+    apt_install --no-install-recommends systemd
+  fi
+}
+
 # age-keygen, to make the demo repository's key.
 ensure_age() {
   if ! command -v age-keygen >/dev/null 2>&1; then

@@ -12,6 +12,8 @@ ensure_azurite
 ensure_test_tools
 ensure_rust_tools
 ensure_locales
+ensure_prometheus
+ensure_systemd_analyze
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -24,8 +24,8 @@ mod agent;
 /// that know them as configuration.
 pub use crate::pg::TablePattern;
 pub use agent::{
-    AgentConfig, BlackoutConfig, BlackoutWhen, DuringBlackout, JobSpec, KeepPolicy, MissedRuns,
-    ScheduleConfig, TimeOfDay, DEFAULT_TIME_ZONE,
+    AgentConfig, BlackoutConfig, BlackoutWhen, DuringBlackout, JobSpec, KeepPolicy, LeaseTiming,
+    MissedRuns, ScheduleConfig, TimeOfDay, DEFAULT_TIME_ZONE,
 };
 
 /// The environment variable that names the config file when `--config` is not given.
@@ -398,7 +398,7 @@ impl Config {
             repositories.insert(name, entry);
         }
 
-        let agent = cx.agent(raw.agent)?;
+        let agent = cx.agent(raw.agent, &databases)?;
         let names = agent::Names {
             databases: &databases,
             pipelines: &pipelines,
@@ -665,6 +665,10 @@ identity_file = "/etc/invsync/backup.key"      # age secret key: restore, verify
 # Scheduled jobs and the peak calendar; `invsync agent --check` prints their next runs.
 # [agent]
 # time_zone = "Asia/Taipei"                    # schedules and windows are read on its clock
+# lease_duration = 15                          # seconds; a standby takes over within 30 s
+# renew_interval = 5                           # the holder stops work 10 s after its last renewal
+# lease_db = "maindc"                          # one database for every lease (default: each
+#                                              # pipeline's or job's own database)
 #
 # [[schedules]]
 # name = "nightly-backup"

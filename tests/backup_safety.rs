@@ -4,7 +4,6 @@
 mod backup_util;
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,28 +16,8 @@ use invsync::backup::session::{self, BackupOptions, DatabaseSource, Quiet};
 use invsync::backup::snapshot::{self, Snapshot};
 use invsync::backup::tree::{EntryKind, TreeEntry, TreeSnapshot};
 use invsync::backup::{prune, BackupError};
-use invsync::config::{RepositoryConfig, TablePattern};
+use invsync::config::TablePattern;
 use support::PgCluster;
-
-fn repo_config(url: &str, key: &Path, recipient: &str) -> RepositoryConfig {
-    RepositoryConfig {
-        name: "r".into(),
-        url: url.parse().unwrap(),
-        recipients: vec![recipient.to_string()],
-        identity_file: Some(key.to_path_buf()),
-        passphrase: None,
-        options: BTreeMap::new(),
-    }
-}
-
-fn tables_of(pg: &PgCluster, pattern: &str) -> DatabaseSource {
-    DatabaseSource {
-        label: "src".into(),
-        conn: pg.conn("einvoice"),
-        tables: vec![TablePattern::parse(pattern).unwrap()],
-        jobs: 2,
-    }
-}
 
 fn packs(dir: &Path) -> Vec<String> {
     backup_util::files(dir)
@@ -54,7 +33,7 @@ async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
     let dir = tempfile::tempdir().unwrap();
     let (key, recipient) = backup_util::identity(dir.path(), "k");
     let repo_dir = dir.path().join("repo");
-    let cfg = repo_config(&format!("file://{}", repo_dir.display()), &key, &recipient);
+    let cfg = backup_util::repo_config(&format!("file://{}", repo_dir.display()), &key, &recipient);
     Repository::init(&cfg).await.unwrap();
     let repo = Repository::open(&cfg).await.unwrap();
     let tree = dir.path().join("conf");
@@ -62,14 +41,16 @@ async fn prune_beside_a_running_backup_never_deletes_what_it_will_reference() {
     std::fs::write(tree.join("x"), "y").unwrap();
 
     let items = BackupOptions {
-        database: Some(tables_of(&pg, "public.items")),
+        database: Some(backup_util::tables_of(&pg, "public.items")),
         config_dirs: vec![],
         tags: vec![],
+        fence: None,
     };
     let conf_only = BackupOptions {
         database: None,
         config_dirs: vec![tree.clone()],
         tags: vec![],
+        fence: None,
     };
     session::backup(&repo, &items, &Quiet).await.unwrap();
     let item_packs = packs(&repo_dir);
@@ -299,7 +280,7 @@ fn hostile_snapshot(root: &str, entries: Vec<TreeEntry>) -> Snapshot {
 async fn hostile_paths_in_a_snapshot_are_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let (key, recipient) = backup_util::identity(dir.path(), "k");
-    let repo = Repository::init(&repo_config("memory:///", &key, &recipient))
+    let repo = Repository::init(&backup_util::repo_config("memory:///", &key, &recipient))
         .await
         .unwrap();
     let cases: Vec<(&str, Snapshot)> = vec![
@@ -387,13 +368,14 @@ async fn memory_store_round_trip() {
     backup_util::make_tables(&pg, "einvoice", 3000);
     let dir = tempfile::tempdir().unwrap();
     let (key, recipient) = backup_util::identity(dir.path(), "k");
-    let repo = Repository::init(&repo_config("memory:///", &key, &recipient))
+    let repo = Repository::init(&backup_util::repo_config("memory:///", &key, &recipient))
         .await
         .unwrap();
     let opts = BackupOptions {
-        database: Some(tables_of(&pg, "public.*")),
+        database: Some(backup_util::tables_of(&pg, "public.*")),
         config_dirs: vec![],
         tags: vec!["m".into()],
+        fence: None,
     };
     let s = session::backup(&repo, &opts, &Quiet).await.unwrap();
     assert_eq!(s.tables, 2);
@@ -452,7 +434,7 @@ async fn tables_are_cut_at_one_instant_while_writes_go_on() {
     );
     let dir = tempfile::tempdir().unwrap();
     let (key, recipient) = backup_util::identity(dir.path(), "k");
-    let repo = Repository::init(&repo_config("memory:///", &key, &recipient))
+    let repo = Repository::init(&backup_util::repo_config("memory:///", &key, &recipient))
         .await
         .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -475,10 +457,11 @@ async fn tables_are_cut_at_one_instant_while_writes_go_on() {
     let opts = BackupOptions {
         database: Some(DatabaseSource {
             jobs: 3,
-            ..tables_of(&pg, "public.*")
+            ..backup_util::tables_of(&pg, "public.*")
         }),
         config_dirs: vec![],
         tags: vec![],
+        fence: None,
     };
     // The backup starts once the writer is under way.
     let watch = pg.client("einvoice").await;

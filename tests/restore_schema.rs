@@ -65,6 +65,7 @@ async fn backup_tables(repo: &Repository, pg: &PgCluster, tables: &[&str]) -> Sn
         }),
         config_dirs: vec![],
         tags: vec![],
+        fence: None,
     };
     let summary = session::backup(repo, &opts, &Quiet).await.unwrap();
     snapshot::find(repo, &summary.snapshot).await.unwrap().1
@@ -255,6 +256,7 @@ async fn snapshots_without_a_model_still_restore() {
         }),
         config_dirs: vec![],
         tags: vec![],
+        fence: None,
     };
     let summary = session::backup(&repo, &opts, &Quiet).await.unwrap();
     let (_, mut snap) = snapshot::find(&repo, &summary.snapshot).await.unwrap();

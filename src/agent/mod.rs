@@ -8,10 +8,15 @@
 //! - [`local_time`]: the daylight-saving rules shared by both;
 //! - [`plan`]: the report of `invsync agent --check`, the next runs of every schedule.
 //!
+//! And what lets two agents share a deployment: [`lease`], which agent runs each pipeline and
+//! job (a lease row in PostgreSQL with an epoch that fences writes), and the take-over of a
+//! pipeline from a holder that lost its lease.
+//!
 //! Every instant is a `DateTime<Utc>`; wall-clock times exist only in the configuration and
 //! in rendered reports.
 
 pub mod calendar;
+pub mod lease;
 pub mod local_time;
 pub mod plan;
 pub mod schedule;

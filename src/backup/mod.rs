@@ -8,12 +8,14 @@
 //! ([`snapshot`]) last, so a snapshot is visible only once everything it references exists.
 //! [`restore`] reads them back; [`retention`] forgets snapshots and [`prune`] removes data no
 //! snapshot references, coordinating with running backups and readers (restores, checks)
-//! through [`lock`]; [`check`] proves a repository whole (`invsync verify repo`).
+//! through [`lock`]; [`check`] proves a repository whole (`invsync verify repo`). A backup run
+//! under an agent's lease publishes nothing once a newer holder started ([`fence`]).
 
 pub mod check;
 pub mod chunker;
 pub mod crypto;
 pub mod dump;
+pub mod fence;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod index;
@@ -69,6 +71,13 @@ pub enum BackupError {
     Io { path: String, message: String },
     #[error("repository {repo}: {message}")]
     Locked { repo: String, message: String },
+    #[error("repository {repo}: fenced: this backup runs under lease {lease} with epoch {epoch}, but epoch {newer} has started since (another agent runs this job now); no snapshot was written")]
+    Fenced {
+        repo: String,
+        lease: String,
+        epoch: i64,
+        newer: i64,
+    },
     #[error("cannot restore: {0}")]
     Restore(String),
     #[error("{0}")]

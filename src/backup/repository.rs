@@ -12,6 +12,7 @@
 //! | `index/<id>` | an encrypted, zstd-compressed JSON [`IndexFile`](super::index::IndexFile) |
 //! | `snapshots/<id>` | an encrypted, zstd-compressed JSON [`Snapshot`](super::snapshot::Snapshot), written last |
 //! | `locks/<kind>-<ms>-<uuid>` | an encrypted lock body (see [`lock`](super::lock)) |
+//! | `fences/<lease id>/<epoch>` | an encrypted record of an agent lease's epoch that ran a backup (see [`fence`](super::fence)); create-only |
 //!
 //! Encrypted objects start with the plaintext header `INVSYNC1 | kind | wrapped object key`.
 //! Object names other than locks and keys are the blake3 hash of the object's bytes, and every

@@ -1,7 +1,8 @@
 //! A backup session: reads the tables and trees, stores new chunks, writes the snapshot.
 //!
 //! Order of writes, which is what makes an interrupted backup harmless: packs, then the index
-//! objects listing them, then the snapshot manifest. Until the manifest exists nothing refers
+//! objects listing them, then the snapshot manifest (after the fence check, for a backup run
+//! under an agent's lease: see `fence`). Until the manifest exists nothing refers
 //! to the session's packs; prune removes them later (see `lock` for why it never removes them
 //! while the session runs).
 //!
@@ -48,10 +49,10 @@ use super::repository::{put_create_at, Repository};
 use super::segment::{self, KeyCollation, Reread, Segment, Segments, Since};
 use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
-use super::{failpoint, BackupError};
+use super::{failpoint, fence, BackupError};
 use crate::config::TablePattern;
 use crate::pg::keyrange::{Key, KeyRange, Shape};
-use crate::pg::{resolve_tables, ConnInfo, PgError, TableName};
+use crate::pg::{resolve_tables, ConnInfo, Fence, PgError, TableName};
 
 /// Uploads in flight at once.
 const PARALLEL_UPLOADS: usize = 2;
@@ -61,6 +62,9 @@ pub struct BackupOptions {
     pub database: Option<DatabaseSource>,
     pub config_dirs: Vec<PathBuf>,
     pub tags: Vec<String>,
+    /// The agent's lease for this job: no snapshot is written once a newer epoch started (see
+    /// [`fence`](super::fence)). `None` on the command line.
+    pub fence: Option<Fence>,
 }
 
 /// A database to back up.
@@ -123,6 +127,10 @@ pub async fn backup(
         let client = src.conn.connect().await?;
         let tables = resolve_tables(&client, &src.conn, &src.tables).await?;
         db = Some((client, tables));
+    }
+    // A stale holder stops here, before it reads anything.
+    if let Some(f) = &opts.fence {
+        fence::raise(repo, f).await?;
     }
     let lock = Lock::acquire(repo, LockKind::Backup).await?;
     let result = run(repo, opts, db.as_ref(), progress, &lock).await;
@@ -198,6 +206,9 @@ async fn run(
     w.finish().await?;
     failpoint("backup-before-snapshot");
     check_held(repo, lock)?;
+    if let Some(f) = &opts.fence {
+        fence::check(repo, f).await?;
+    }
     let mut stats = w.stats.clone();
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let rows = tables.iter().map(|t| t.rows).sum();

@@ -38,6 +38,11 @@ pub struct AgentConfig {
     pub time_zone: Tz,
     /// The bound on stopping after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// How long leases last and when their holder renews them or gives up.
+    pub lease: LeaseTiming,
+    /// The database holding every lease; `None`: each lease lives in the database its work
+    /// reads from.
+    pub lease_db: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -46,6 +51,33 @@ impl Default for AgentConfig {
             listen: DEFAULT_LISTEN.parse().expect("a valid socket address"),
             time_zone: DEFAULT_TIME_ZONE,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            lease: LeaseTiming::default(),
+            lease_db: None,
+        }
+    }
+}
+
+/// The timing of an agent's leases (`lease_duration`, `renew_interval`, `renew_deadline`).
+///
+/// Kept: `renew_interval < renew_deadline < duration`. The holder renews every
+/// `renew_interval`; if no renewal sent within the last `renew_deadline` (on its own monotonic
+/// clock) has succeeded, it stops all work, which is before the lease (`duration` from the
+/// database's clock at the last renewal) can have expired. A standby tries to acquire every
+/// `renew_interval`, so it takes over at most `duration + renew_interval` after the holder's
+/// last renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    pub duration: Duration,
+    pub renew_interval: Duration,
+    pub renew_deadline: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            duration: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(5),
+            renew_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -221,6 +253,13 @@ pub(super) struct RawAgent {
     time_zone: Option<Spanned<String>>,
     /// Seconds.
     shutdown_timeout: Option<Spanned<u64>>,
+    /// Seconds.
+    lease_duration: Option<Spanned<u64>>,
+    /// Seconds.
+    renew_interval: Option<Spanned<u64>>,
+    /// Seconds.
+    renew_deadline: Option<Spanned<u64>>,
+    lease_db: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -281,7 +320,11 @@ pub(super) struct Names<'a> {
 }
 
 impl Context<'_> {
-    pub(super) fn agent(&self, raw: Option<RawAgent>) -> Result<AgentConfig, ConfigError> {
+    pub(super) fn agent(
+        &self,
+        raw: Option<RawAgent>,
+        databases: &BTreeMap<String, Result<DatabaseConfig, UnsetVariable>>,
+    ) -> Result<AgentConfig, ConfigError> {
         let raw = raw.unwrap_or_default();
         let mut agent = AgentConfig::default();
         if let Some(listen) = &raw.listen {
@@ -309,7 +352,63 @@ impl Context<'_> {
             }
             agent.shutdown_timeout = Duration::from_secs(*secs.get_ref());
         }
+        agent.lease = self.lease_timing(&raw)?;
+        if let Some(db) = &raw.lease_db {
+            agent.lease_db = Some(self.named("agent.lease_db", db, DATABASE, databases)?);
+        }
         Ok(agent)
+    }
+
+    /// `lease_duration`, `renew_interval` and `renew_deadline`; the deadline defaults to the
+    /// duration less the interval. See [`LeaseTiming`] for the order they must keep.
+    fn lease_timing(&self, raw: &RawAgent) -> Result<LeaseTiming, ConfigError> {
+        let default = LeaseTiming::default();
+        let secs = |v: &Option<Spanned<u64>>| v.as_ref().map(|s| Duration::from_secs(*s.get_ref()));
+        let duration = secs(&raw.lease_duration).unwrap_or(default.duration);
+        let renew_interval = secs(&raw.renew_interval).unwrap_or(default.renew_interval);
+        let renew_deadline =
+            secs(&raw.renew_deadline).unwrap_or_else(|| duration.saturating_sub(renew_interval));
+        if let Some(v) = raw.renew_interval.as_ref().filter(|v| *v.get_ref() == 0) {
+            return Err(self.invalid(
+                "agent.renew_interval",
+                v,
+                "must be at least 1 second (the default is 5)".into(),
+            ));
+        }
+        // Report on the key that was written, the later one when several were.
+        let written = [
+            ("agent.renew_deadline", &raw.renew_deadline),
+            ("agent.renew_interval", &raw.renew_interval),
+            ("agent.lease_duration", &raw.lease_duration),
+        ];
+        let blame = |message: String| {
+            let (key, at) = written
+                .iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| (*k, v)))
+                .max_by_key(|(_, v)| v.span().start)
+                .expect("defaults keep the order, so some key was written");
+            self.invalid(key, at, message)
+        };
+        let s = |d: Duration| d.as_secs();
+        if renew_deadline >= duration {
+            return Err(blame(format!(
+                "the renew deadline ({} s) must be shorter than the lease ({} s), so a holder stops work before its lease can expire; lower renew_deadline or raise lease_duration",
+                s(renew_deadline),
+                s(duration)
+            )));
+        }
+        if renew_interval >= renew_deadline {
+            return Err(blame(format!(
+                "renew_interval ({} s) must be shorter than the renew deadline ({} s), so a holder gets more than one try to renew; lower renew_interval or raise lease_duration",
+                s(renew_interval),
+                s(renew_deadline)
+            )));
+        }
+        Ok(LeaseTiming {
+            duration,
+            renew_interval,
+            renew_deadline,
+        })
     }
 
     /// `v`, the name of a `kind` the configuration defines in `known`, its `[section.NAME]`s.
@@ -908,6 +1007,41 @@ url = "file:///tmp/repo"
         assert_eq!(c.agent.shutdown_timeout, Duration::from_secs(5));
         let e = parse("[agent]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(e.starts_with("a.toml:9: agent.listen: `localhost`"), "{e}");
+    }
+
+    #[test]
+    fn lease_keys_defaults_and_order() {
+        let c = parse("").unwrap();
+        assert_eq!(c.agent.lease, LeaseTiming::default());
+        assert_eq!(c.agent.lease.renew_deadline, Duration::from_secs(10));
+        assert_eq!(c.agent.lease_db, None);
+        let c =
+            parse("[agent]\nlease_duration = 30\nrenew_interval = 10\nlease_db = \"cloud_a\"\n")
+                .unwrap();
+        assert_eq!(c.agent.lease.duration, Duration::from_secs(30));
+        assert_eq!(c.agent.lease.renew_deadline, Duration::from_secs(20));
+        assert_eq!(c.agent.lease_db.as_deref(), Some("cloud_a"));
+
+        let e = parse("[agent]\nlease_duration = 10\nrenew_deadline = 10\n").unwrap_err();
+        assert!(
+            e.starts_with("a.toml:10: agent.renew_deadline: the renew deadline (10 s) must be shorter than the lease (10 s)"),
+            "{e}"
+        );
+        let e = parse("[agent]\nlease_duration = 6\n").unwrap_err();
+        assert!(
+            e.starts_with("a.toml:9: agent.lease_duration: renew_interval (5 s) must be shorter than the renew deadline (1 s)"),
+            "{e}"
+        );
+        let e = parse("[agent]\nrenew_interval = 0\n").unwrap_err();
+        assert!(
+            e.contains("agent.renew_interval: must be at least 1 second"),
+            "{e}"
+        );
+        let e = parse("[agent]\nlease_db = \"nowhere\"\n").unwrap_err();
+        assert!(
+            e.starts_with("a.toml:9: agent.lease_db: no database named `nowhere`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! PostgreSQL plumbing shared by sync, backup and verify: connection settings with TLS,
 //! LSNs, identifier quoting, the catalog queries that describe a table, and the one model of
 //! a table with what it depends on ([`schema`]), which backup saves and restore recreates, and
-//! the session settings that fix how values are written as text ([`settings`]).
+//! the session settings that fix how values are written as text ([`settings`]), and the fencing
+//! token that sync and backup check before a write becomes durable ([`Fence`]).
 //!
 //! A [`ConnInfo`] never shows its password: its `Display` and `Debug` print `***` in its place,
 //! and errors built from it use that form.
@@ -9,6 +10,7 @@
 mod catalog;
 mod conn;
 mod conninfo;
+mod fence;
 pub(crate) mod keyrange;
 mod lsn;
 mod pattern;
@@ -17,6 +19,7 @@ pub mod settings;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};
 pub use conn::{ConnInfo, SslMode};
+pub use fence::Fence;
 pub use lsn::Lsn;
 pub use pattern::TablePattern;
 

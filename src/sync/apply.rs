@@ -53,7 +53,7 @@ use super::writer::{TextArray, Writer};
 use super::{names, progress, SyncError};
 use crate::pg::schema::TableModel;
 use crate::pg::settings::set_text_form_sql;
-use crate::pg::{quote_ident, ConnInfo, Lsn, PgError, TableInfo, TableName};
+use crate::pg::{quote_ident, ConnInfo, Fence, Lsn, PgError, TableInfo, TableName};
 
 /// SQL is sent to the target once this much is buffered, also inside a transaction.
 const PIECE_BYTES: usize = 256 * 1024;
@@ -435,6 +435,9 @@ pub struct Target {
     pub name: String,
     pub conn: ConnInfo,
     pipeline: String,
+    /// The lease under which this run applies: every batch checks and raises the target's
+    /// recorded epoch before it commits (see [`progress::fence`]).
+    fence: Option<Fence>,
     client: Option<Arc<Client>>,
     /// Executes the batch's pieces while the next ones are built.
     writer: Option<Writer>,
@@ -529,12 +532,20 @@ pub fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
 
 impl Target {
     /// A target of `pipeline`, not connected yet; its writer signals `answered` whenever a
-    /// batch's commit is back.
-    pub fn new(pipeline: &str, name: &str, conn: ConnInfo, answered: Arc<Notify>) -> Self {
+    /// batch's commit is back. With a `fence`, no batch commits once a newer epoch wrote the
+    /// target.
+    pub fn new(
+        pipeline: &str,
+        name: &str,
+        conn: ConnInfo,
+        answered: Arc<Notify>,
+        fence: Option<Fence>,
+    ) -> Self {
         Target {
             name: name.to_string(),
             conn,
             pipeline: pipeline.to_string(),
+            fence,
             client: None,
             writer: None,
             answered,
@@ -590,6 +601,15 @@ impl Target {
             tracing::debug!(target = %self.name, "session_replication_role not set: {}", crate::pg::describe(&e));
         }
         let origin = names::origin(&self.pipeline, &self.name);
+        // Named after its origin (at most 63 bytes, so never truncated), so that an agent
+        // taking the pipeline over can find and end the session of a holder that lost it.
+        client
+            .batch_execute(&format!(
+                "SET application_name = {}",
+                crate::pg::quote_literal(&origin)
+            ))
+            .await
+            .map_err(q("naming the apply session"))?;
         progress::ensure_origin(&client, &self.conn, &origin).await?;
         if let Err(e) = client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
@@ -613,6 +633,9 @@ impl Target {
                 pipeline: self.pipeline.clone(),
                 target: self.conn.to_string(),
             })?;
+        if self.fence.is_some() {
+            progress::prepare_fence(&client, &self.conn).await?;
+        }
         self.applied = p.applied;
         self.durable = p.applied;
         self.committing.clear();
@@ -1231,7 +1254,7 @@ impl Target {
             // The progress record must change the pipeline's row, or the writer stops before
             // COMMIT. WAL is flushed in order: once the target's flush position passes the
             // insert position read right after this commit, the commit is durable.
-            let (record, error) =
+            let (record, check) =
                 progress::record(&self.conn, &self.pipeline, end, self.batch.last_time);
             let commit = if durably {
                 "SET LOCAL synchronous_commit = on; COMMIT;"
@@ -1239,7 +1262,11 @@ impl Target {
                 "COMMIT;"
             };
             let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
-            writer.execute_one(record, error).await?;
+            if let Some(fence) = &self.fence {
+                let (sql, check) = progress::fence(&self.conn, &self.name, &self.pipeline, fence);
+                writer.execute_checked(sql, check).await?;
+            }
+            writer.execute_checked(record, check).await?;
             let positions = writer
                 .query(format!(
                     "{commit} SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"

@@ -93,6 +93,14 @@ pub enum SyncError {
         target: String,
         reason: String,
     },
+    #[error("pipeline `{pipeline}` on {target}: fenced: this agent holds {lease} with epoch {epoch}, but epoch {newer} has written the target since (another agent runs the pipeline now); nothing was committed")]
+    Fenced {
+        pipeline: String,
+        target: String,
+        lease: String,
+        epoch: i64,
+        newer: i64,
+    },
     #[error("{0}")]
     Protocol(String),
 }

@@ -38,7 +38,7 @@ pub fn publication(pipeline: &str) -> String {
 
 /// The replication origin that `pipeline`'s apply sessions carry on `target`. One per target,
 /// because PostgreSQL lets one session at a time use an origin, and two targets of a pipeline
-/// may live in one cluster.
+/// may live in one cluster. The apply session's `application_name` is the same name.
 pub fn origin(pipeline: &str, target: &str) -> String {
     derive(&[pipeline, target])
 }

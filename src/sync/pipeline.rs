@@ -31,7 +31,7 @@ use super::copy::{self, CopyStats, TableCopy};
 use super::decoder::{self, Message};
 use super::{names, progress, publication, schema, slot, SyncError};
 use crate::config::{Config, PipelineConfig};
-use crate::pg::{resolve_tables, ConnInfo, Lsn, PgError, TableInfo};
+use crate::pg::{resolve_tables, ConnInfo, Fence, Lsn, PgError, TableInfo};
 
 /// A batch is committed, even while a target still works on an earlier one, once it holds this
 /// many changes...
@@ -314,17 +314,28 @@ enum SessionEnd {
 }
 
 /// Streams `pipeline` until `stop` turns true (or its sender is dropped). See the module
-/// documentation for what is promised.
+/// documentation for what is promised. With a `fence` (the agent's lease), a batch commits on a
+/// target only while no newer epoch has written it; otherwise the run stops with
+/// [`SyncError::Fenced`].
 pub async fn run(
     config: &Config,
     pipeline: &str,
     mut stop: watch::Receiver<bool>,
+    fence: Option<&Fence>,
 ) -> Result<(), SyncError> {
     let (_, source_conn, target_conns) = lookup(config, pipeline)?;
     let answered = Arc::new(Notify::new());
     let mut targets: Vec<Target> = target_conns
         .iter()
-        .map(|(name, conn)| Target::new(pipeline, name, conn.clone(), answered.clone()))
+        .map(|(name, conn)| {
+            Target::new(
+                pipeline,
+                name,
+                conn.clone(),
+                answered.clone(),
+                fence.cloned(),
+            )
+        })
         .collect();
     let mut backoff = Duration::from_millis(500);
     let mut slot_busy_since: Option<Instant> = None;

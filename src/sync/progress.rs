@@ -6,12 +6,21 @@
 //! disagree with the data: after a crash, resuming from it neither loses nor repeats a change.
 //! It only moves forward; an attempt to move it back (a second process applying the same
 //! pipeline) is an error.
+//!
+//! Fencing: a pipeline run by the agent carries its lease's [`Fence`]. The pipeline's row keeps
+//! in `fence_epoch` the highest epoch that has committed a batch on this target, and each fenced
+//! batch raises it with [`fence`] in the batch's own transaction, just before [`record`]: a batch
+//! whose epoch is lower fails (and rolls back) with [`SyncError::Fenced`]. The row lock that
+//! statement takes is held until the batch commits, so two holders' batches are serialised and
+//! the older one, whichever reaches the row second, is refused. A run without a fence (the
+//! command line) neither checks nor raises the epoch.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, GenericClient};
 
+use super::writer::{changed, one_row, Check};
 use super::SyncError;
-use crate::pg::{quote_literal, ConnInfo, Lsn, PgError, TableName};
+use crate::pg::{quote_literal, ConnInfo, Fence, Lsn, PgError, TableName};
 
 const INSTALL: &str = "
 CREATE SCHEMA IF NOT EXISTS invsync;
@@ -22,7 +31,8 @@ CREATE TABLE IF NOT EXISTS invsync.pipeline (
     state text NOT NULL CHECK (state IN ('copying', 'streaming')),
     applied_lsn pg_lsn,
     applied_commit_time timestamptz,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    fence_epoch bigint
 );
 CREATE TABLE IF NOT EXISTS invsync.pipeline_table (
     pipeline text NOT NULL REFERENCES invsync.pipeline ON DELETE CASCADE,
@@ -31,7 +41,16 @@ CREATE TABLE IF NOT EXISTS invsync.pipeline_table (
     phase text NOT NULL CHECK (phase IN ('copying', 'streaming')),
     rows_copied bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (pipeline, table_schema, table_name)
-);";
+);
+ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint;";
+
+/// Adds `fence_epoch` to a pipeline table created by an older version, without taking the
+/// table's lock when it is there already.
+const ADD_FENCE_COLUMN: &str = "DO $$ BEGIN \
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'invsync.pipeline'::regclass \
+                   AND attname = 'fence_epoch' AND NOT attisdropped) THEN \
+        ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint; \
+    END IF; END $$";
 
 /// Where a pipeline stands on one target.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -209,14 +228,63 @@ pub async fn finish_copy(
     Ok(())
 }
 
-/// The statement that records `end_lsn` as applied in the batch being committed, and the error
-/// to report when it does not change exactly one row (then the batch must not commit).
+/// Makes sure the pipeline table can record fences (a target set up by an older version has no
+/// `fence_epoch` yet). Called once per session by a fenced run.
+pub async fn prepare_fence(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> {
+    client
+        .batch_execute(ADD_FENCE_COLUMN)
+        .await
+        .map_err(q(conn, "adding the fence column to invsync.pipeline"))?;
+    Ok(())
+}
+
+/// The statements that raise the pipeline's `fence_epoch` to `fence`'s epoch in the batch being
+/// committed, and their check: it fails with [`SyncError::Fenced`] when a newer epoch wrote the
+/// target already (then the batch must not commit). The second statement reads the epoch again
+/// in a fresh snapshot, so the error names the epoch that won.
+pub fn fence(conn: &ConnInfo, target: &str, pipeline: &str, fence: &Fence) -> (String, Check) {
+    let p = quote_literal(pipeline);
+    let epoch = fence.epoch;
+    let sql = format!(
+        "UPDATE invsync.pipeline SET fence_epoch = {epoch} \
+         WHERE pipeline = {p} AND COALESCE(fence_epoch, 0) <= {epoch}; \
+         SELECT COALESCE(fence_epoch, 0)::text FROM invsync.pipeline WHERE pipeline = {p}"
+    );
+    let (pipeline, target, fence) = (pipeline.to_string(), target.to_string(), fence.clone());
+    let conn = conn.to_string();
+    let check: Check = Box::new(move |messages| {
+        if changed(messages, 0) == Some(1) {
+            return Ok(());
+        }
+        let newer = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        });
+        match newer {
+            Some(newer) => Err(SyncError::Fenced {
+                pipeline,
+                target,
+                lease: fence.lease,
+                epoch: fence.epoch,
+                newer,
+            }),
+            None => Err(SyncError::NotSetUp {
+                pipeline,
+                target: conn,
+            }),
+        }
+    });
+    (sql, check)
+}
+
+/// The statement that records `end_lsn` as applied in the batch being committed, and its check:
+/// it must change exactly one row, or the batch must not commit.
 pub fn record(
     conn: &ConnInfo,
     pipeline: &str,
     end_lsn: Lsn,
     commit_time: Option<DateTime<Utc>>,
-) -> (String, String) {
+) -> (String, Check) {
     let lsn = quote_literal(&end_lsn.to_string());
     let time = commit_time.map_or("NULL".to_string(), |t| quote_literal(&t.to_rfc3339()));
     (
@@ -225,9 +293,9 @@ pub fn record(
              updated_at = now() WHERE pipeline = {} AND state = 'streaming' AND applied_lsn < {lsn}::pg_lsn",
             quote_literal(pipeline)
         ),
-        format!(
+        one_row(SyncError::Protocol(format!(
             "{conn}: pipeline {pipeline} is already applied past {end_lsn} or not set up; is another `invsync sync run {pipeline}` running?"
-        ),
+        ))),
     )
 }
 

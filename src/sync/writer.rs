@@ -4,9 +4,10 @@
 //!
 //! Invariants: pieces run one at a time, in order, on the one connection; after the first
 //! failure nothing more runs (the target transaction is aborted anyway, and a later `COMMIT`
-//! must not run) and every later call reports that failure. A piece may be checked (it must
-//! change exactly one row, or the writer fails) or answered (its result is handed back), so a
-//! batch's progress record and `COMMIT` are queued like any other piece. Pieces waiting hold at
+//! must not run) and every later call reports that failure. A piece may be checked (its result
+//! must pass a check, e.g. change exactly one row, or the writer fails with the check's error)
+//! or answered (its result is handed back), so a batch's fence check, progress record and
+//! `COMMIT` are queued like any other piece. Pieces waiting hold at
 //! most [`BUDGET`] bytes, so memory stays bounded while the stream is read ahead of the target by
 //! a batch or more (a bound of a few pieces would stall reading whenever a batch is handed over
 //! while the target still runs the last one). The task is owned by its [`Writer`]:
@@ -40,8 +41,8 @@ const PIECE_MIN: usize = 4 << 10;
 enum Job {
     /// A piece whose statements should change `expect` rows in all.
     Sql { sql: String, expect: u64 },
-    /// A statement that must change exactly one row; otherwise the writer fails with `error`.
-    One { sql: String, error: String },
+    /// Statements whose result must pass `check`; otherwise the writer fails with its error.
+    Checked { sql: String, check: Check },
     /// `COPY .. FROM STDIN` with its data in COPY's text format.
     Copy { sql: String, data: Vec<u8> },
     /// A statement with `text[]` parameters `$1, $2, ..` that should change `expect` rows.
@@ -60,7 +61,7 @@ impl Job {
     /// What the piece counts against [`BUDGET`].
     fn cost(&self) -> u32 {
         let bytes = match self {
-            Job::Sql { sql, .. } | Job::One { sql, .. } | Job::Query(sql, _) => sql.len(),
+            Job::Sql { sql, .. } | Job::Checked { sql, .. } | Job::Query(sql, _) => sql.len(),
             Job::Copy { sql, data } => sql.len() + data.len(),
             Job::Bind { sql, params, .. } => {
                 sql.len() + params.iter().map(|p| p.bytes.len()).sum::<usize>()
@@ -72,11 +73,36 @@ impl Job {
     }
 }
 
+/// Judges a checked piece's result: `Err` stops the writer with that error.
+pub type Check = Box<dyn FnOnce(&[SimpleQueryMessage]) -> Result<(), SyncError> + Send>;
+
+/// A [`Check`] that the piece's first statement changed exactly one row, else `error`.
+pub fn one_row(error: SyncError) -> Check {
+    Box::new(move |messages| {
+        if changed(messages, 0) == Some(1) {
+            Ok(())
+        } else {
+            Err(error)
+        }
+    })
+}
+
+/// The row count of the `n`th statement of a simple query's result.
+pub fn changed(messages: &[SimpleQueryMessage], n: usize) -> Option<u64> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .nth(n)
+}
+
 /// Why the writer stopped.
 enum Failure {
     Pg(tokio_postgres::Error),
-    /// A checked statement did not change exactly one row.
-    Check(String),
+    /// A checked piece failed its check.
+    Check(SyncError),
 }
 
 pub struct Writer {
@@ -148,10 +174,10 @@ impl Writer {
         self.missing.load(Ordering::Relaxed)
     }
 
-    /// Hands over a statement that must change exactly one row; if it does not, nothing after
-    /// it runs and the writer fails with `error`.
-    pub async fn execute_one(&mut self, sql: String, error: String) -> Result<(), SyncError> {
-        self.hand_over(Job::One { sql, error }).await
+    /// Hands over statements whose result must pass `check`; if it does not, nothing after them
+    /// runs and the writer fails with the check's error.
+    pub async fn execute_checked(&mut self, sql: String, check: Check) -> Result<(), SyncError> {
+        self.hand_over(Job::Checked { sql, check }).await
     }
 
     /// Hands `sql` over; its result arrives on the returned receiver once it has run (the
@@ -198,8 +224,8 @@ impl Writer {
                     return e;
                 }
                 Ok(Err(Failure::Check(error))) => {
-                    self.failed = Some(error.clone());
-                    return SyncError::Protocol(error);
+                    self.failed = Some(error.to_string());
+                    return error;
                 }
                 Ok(Ok(())) => "the writer stopped".to_string(),
                 Err(e) => format!("the writer failed: {e}"),
@@ -240,15 +266,9 @@ async fn run(
                     .sum();
                 missing.fetch_add(expect.saturating_sub(changed), Ordering::Relaxed);
             }
-            Job::One { sql, error } => {
+            Job::Checked { sql, check } => {
                 let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
-                let changed = result.iter().find_map(|m| match m {
-                    SimpleQueryMessage::CommandComplete(n) => Some(*n),
-                    _ => None,
-                });
-                if changed != Some(1) {
-                    return Err(Failure::Check(error));
-                }
+                check(&result).map_err(Failure::Check)?;
             }
             Job::Copy { sql, data } => {
                 let statement = prepare(client, &mut prepared, sql, 0).await?;

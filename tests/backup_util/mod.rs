@@ -1,9 +1,12 @@
 //! Helpers shared by the backup tests: keys, config files, and a table with many types.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use age::secrecy::ExposeSecret;
+use invsync::backup::session::DatabaseSource;
+use invsync::config::{RepositoryConfig, TablePattern};
 
 use crate::support::{invsync, PgCluster};
 
@@ -13,6 +16,29 @@ pub fn identity(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(format!("{name}.key"));
     std::fs::write(&path, format!("{}\n", id.to_string().expose_secret())).unwrap();
     (path, id.to_public().to_string())
+}
+
+/// Repository `r` at `url`, written for `recipient` and read with the identity in `key`, for
+/// tests that call the library.
+pub fn repo_config(url: &str, key: &Path, recipient: &str) -> RepositoryConfig {
+    RepositoryConfig {
+        name: "r".into(),
+        url: url.parse().unwrap(),
+        recipients: vec![recipient.to_string()],
+        identity_file: Some(key.to_path_buf()),
+        passphrase: None,
+        options: BTreeMap::new(),
+    }
+}
+
+/// The tables of `pg`'s `einvoice` database matching `pattern`, as a backup source `src`.
+pub fn tables_of(pg: &PgCluster, pattern: &str) -> DatabaseSource {
+    DatabaseSource {
+        label: "src".into(),
+        conn: pg.conn("einvoice"),
+        tables: vec![TablePattern::parse(pattern).unwrap()],
+        jobs: 2,
+    }
 }
 
 /// Writes a config with one database `src` (and optionally `dst`) and repository `r`.

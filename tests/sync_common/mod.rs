@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use invsync::config::Config;
+use invsync::pg::Fence;
 use tokio::sync::watch;
 
 use crate::support::{invsync, wait_until, PgCluster};
@@ -71,10 +72,17 @@ pub struct Running {
 
 impl Running {
     pub fn start(config: &Config, pipeline: &str) -> Running {
+        Running::start_fenced(config, pipeline, None)
+    }
+
+    /// Runs the pipeline as an agent holding `fence` would.
+    pub fn start_fenced(config: &Config, pipeline: &str, fence: Option<Fence>) -> Running {
         let (stop, rx) = watch::channel(false);
         let config = config.clone();
         let pipeline = pipeline.to_string();
-        let task = tokio::spawn(async move { invsync::sync::run(&config, &pipeline, rx).await });
+        let task = tokio::spawn(async move {
+            invsync::sync::run(&config, &pipeline, rx, fence.as_ref()).await
+        });
         Running { stop, task }
     }
 

@@ -373,6 +373,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 database,
                 config_dirs: args.config_dir,
                 tags: args.tag,
+                fence: None,
             };
             let bar = Bar::new(!args.json);
             let summary = session::backup(&repo, &opts, &bar).await;

@@ -107,7 +107,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
                 wait_for_signal().await;
                 let _ = tx.send(true);
             });
-            let result = sync::run(&config, &pipeline, rx).await;
+            let result = sync::run(&config, &pipeline, rx, None).await;
             signals.abort();
             result?;
             Ok(ExitCode::SUCCESS)
