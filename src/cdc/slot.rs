@@ -10,7 +10,7 @@
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_postgres::Client;
 
-use super::CdcError;
+use super::{decoder, CdcError};
 use crate::pg::{ConnInfo, Lsn, PgError, SslMode};
 
 /// The slot as `pg_replication_slots` shows it.
@@ -254,4 +254,140 @@ pub async fn stream(
 /// A stream error as a [`CdcError`].
 pub fn stream_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> CdcError {
     replication_error(conn, e)
+}
+
+/// A temporary slot with the snapshot it exported: a cut of the source at a stream position.
+/// The snapshot shows exactly the transactions committed before [`consistent_point`]; the slot
+/// streams exactly those committed after it. The slot is TEMPORARY: it belongs to this session
+/// and is dropped by the server when the session ends, on every path (dropping this value, the
+/// process dying), and it never touches another slot.
+///
+/// [`consistent_point`]: TemporarySlot::consistent_point
+pub struct TemporarySlot {
+    session: ReplicationClient,
+    conn: ConnInfo,
+    /// Changes committed after this point are streamed; the snapshot sees everything before.
+    pub consistent_point: Lsn,
+    /// The exported snapshot's name, for `SET TRANSACTION SNAPSHOT`; usable until
+    /// [`TemporarySlot::changes_until`] starts the stream.
+    pub snapshot: String,
+}
+
+/// A slot name no other session uses: the prefix and a random suffix.
+fn unique_slot_name(prefix: &str) -> String {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let keep = prefix.len().min(63 - 13);
+    format!("{}_{}", &prefix[..keep], &suffix[..12])
+}
+
+/// Creates a temporary slot (plugin pgoutput, streaming `publication`) named after `prefix`,
+/// exporting its snapshot.
+pub async fn create_temporary(
+    conn: &ConnInfo,
+    prefix: &str,
+    publication: &str,
+) -> Result<TemporarySlot, CdcError> {
+    let name = unique_slot_name(prefix);
+    // A logical slot starts from its confirmed position when asked to start at 0/0: the
+    // consistent point.
+    let cfg = replication_config(conn, &name, publication)?
+        .with_status_interval(std::time::Duration::from_millis(500))
+        .with_buffer_size(4096);
+    let mut session = ReplicationClient::connect_gated(cfg)
+        .await
+        .map_err(|e| replication_error(conn, e))?;
+    let rows = session
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+        ))
+        .await
+        .map_err(|e| replication_error(conn, e))?;
+    let text = |col: usize| -> Option<String> {
+        rows.first()
+            .and_then(|r| r.get(col))
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let (Some(consistent_point), Some(snapshot)) = (text(1).and_then(|s| s.parse().ok()), text(2))
+    else {
+        return Err(CdcError::Protocol(format!(
+            "{conn}: CREATE_REPLICATION_SLOT returned no consistent point or snapshot"
+        )));
+    };
+    Ok(TemporarySlot {
+        session,
+        conn: conn.clone(),
+        consistent_point,
+        snapshot,
+    })
+}
+
+impl TemporarySlot {
+    /// Streams the transactions committed after the consistent point up to `until` (the end
+    /// of a source commit, as a pipeline's target records it), handing each of their decoded
+    /// messages to `each` in commit order, then drops the slot. A transaction is included
+    /// exactly when its commit ends at or before `until`. The exported snapshot is gone once
+    /// this starts.
+    pub async fn changes_until(
+        mut self,
+        until: Lsn,
+        each: &mut dyn FnMut(decoder::Message) -> Result<(), CdcError>,
+    ) -> Result<(), CdcError> {
+        use pgwire_replication::ReplicationEvent as E;
+        if until <= self.consistent_point {
+            self.session.abort();
+            return Ok(());
+        }
+        let conn = self.conn.clone();
+        self.session
+            .start()
+            .await
+            .map_err(|e| replication_error(&conn, e))?;
+        self.session
+            .wait_started()
+            .await
+            .map_err(|e| replication_error(&conn, e))?;
+        let mut in_transaction = false;
+        loop {
+            let event = match self.session.recv().await {
+                Ok(Some(event)) => event,
+                Ok(None) => {
+                    return Err(CdcError::Replication {
+                        target: conn.to_string(),
+                        reason: "the replication stream ended".into(),
+                        transient: true,
+                    })
+                }
+                Err(e) => return Err(replication_error(&conn, e)),
+            };
+            match event {
+                // Commits do not overlap: one that starts before `until` ends at or before it.
+                E::Begin { final_lsn, .. } if Lsn(final_lsn.0) >= until => break,
+                E::Begin { .. } => in_transaction = true,
+                E::Commit { end_lsn, .. } => {
+                    in_transaction = false;
+                    if Lsn(end_lsn.0) >= until {
+                        break;
+                    }
+                }
+                E::XLogData { data, .. } => {
+                    let message = decoder::decode(&data).map_err(|error| CdcError::Decode {
+                        target: conn.to_string(),
+                        error,
+                    })?;
+                    each(message)?;
+                }
+                // Everything before the server's position has been sent.
+                E::KeepAlive { wal_end, .. } if !in_transaction && Lsn(wal_end.0) >= until => break,
+                E::KeepAlive { .. } | E::Message { .. } | E::StoppedAt { .. } => {}
+            }
+        }
+        self.session.abort();
+        Ok(())
+    }
+
+    /// Ends the session, which drops the slot and its snapshot.
+    pub fn release(mut self) {
+        self.session.abort();
+    }
 }
