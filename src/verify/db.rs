@@ -1008,7 +1008,21 @@ impl Walk<'_> {
         );
         let mut seen = HashSet::new();
         self.candidates.retain(|k| seen.insert(k.clone()));
-        let mut replay = Replay::new(self.shape, &seen, filtered);
+        drop(seen);
+        // The stream sends keys as their types' output functions render them, which a key's
+        // text may not be (`character(n)`): the replay knows the candidates in that form.
+        let mut wanted = HashSet::with_capacity(self.candidates.len());
+        let mut renamed: HashMap<Key, Key> = HashMap::new();
+        for chunk in self.candidates.chunks(recheck::BATCH) {
+            let forms = self.source.output_forms(self.shape, chunk).await?;
+            for (key, form) in chunk.iter().zip(forms) {
+                if &form != key {
+                    renamed.insert(key.clone(), form.clone());
+                }
+                wanted.insert(form);
+            }
+        }
+        let mut replay = Replay::new(self.shape, &wanted, filtered);
         let read = cut
             .slot
             .changes_until(cut.applied, &mut |message| {
@@ -1030,7 +1044,8 @@ impl Walk<'_> {
             )?;
             for key in chunk {
                 let (s, t) = (at_cut.remove(key), on_target.remove(key));
-                let verdict = match replay.decide(key, s.as_ref(), t.as_ref()) {
+                let form = renamed.get(key).unwrap_or(key);
+                let verdict = match replay.decide(form, s.as_ref(), t.as_ref()) {
                     Outcome::Lag => None,
                     Outcome::Differs(source_row) => {
                         recheck::difference(self.shape, key, source_row.as_ref(), t.as_ref())

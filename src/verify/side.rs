@@ -404,6 +404,28 @@ impl Side {
             .collect())
     }
 
+    /// `keys` (each column's text) as their types' output functions render them, in order.
+    pub async fn output_forms(&self, shape: &Shape, keys: &[Key]) -> Result<Vec<Key>, PgError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = shape.key.len();
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY v.invsync_n",
+            shape.lookup_key_output(),
+            shape.keys_values(keys),
+        );
+        let rows = self
+            .client
+            .query(&sql, &[])
+            .await
+            .map_err(self.err(format!("rendering keys of {}", shape.table)))?;
+        Ok(rows
+            .iter()
+            .map(|r| (0..n).map(|i| r.get::<_, String>(i)).collect())
+            .collect())
+    }
+
     /// The rows with these keys (that pass the filter), each column as its type's output
     /// function renders it.
     pub async fn fetch_rows(
