@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod cdc;
 pub mod check;
 pub mod config;
 pub mod pg;

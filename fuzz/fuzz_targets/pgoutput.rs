@@ -8,5 +8,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let bytes = bytes::Bytes::copy_from_slice(data);
-    let _ = invsync::sync::decoder::decode(&bytes);
+    let _ = invsync::cdc::decoder::decode(&bytes);
 });

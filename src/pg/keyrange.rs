@@ -361,6 +361,16 @@ impl Shape {
             .join(", ")
     }
 
+    /// The lookup keys as their types' output functions render them (as the change stream
+    /// sends them), for SELECT lists: a cast to text may differ (`character(n)` drops its
+    /// padding).
+    pub fn lookup_key_output(&self) -> String {
+        (0..self.key.len())
+            .map(|i| format!("format('%s', v.{})", lookup_column(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The lookup keys, for ORDER BY: the order of the table's key.
     pub fn lookup_key_order(&self) -> String {
         (0..self.key.len())

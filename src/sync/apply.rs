@@ -34,7 +34,7 @@
 //! the way PostgreSQL's own apply does; both sessions pin the formats
 //! ([`TEXT_FORM`](crate::pg::settings::TEXT_FORM)). Columns sent as unchanged TOAST are left
 //! out of the UPDATE, so they keep their value. Apply sessions carry the replication origin
-//! [`names::origin`](super::names::origin), so what they write is recognisable
+//! [`names::origin`](crate::cdc::names::origin), so what they write is recognisable
 //! and not streamed back by a pipeline in the opposite direction.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -45,12 +45,13 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{oneshot, Notify};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::decoder::{
-    Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
-};
 use super::net::{Net, Window};
 use super::writer::{TextArray, Writer};
-use super::{names, progress, SyncError};
+use super::{progress, SyncError};
+use crate::cdc::decoder::{
+    Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
+};
+use crate::cdc::names;
 use crate::pg::schema::TableModel;
 use crate::pg::settings::set_text_form_sql;
 use crate::pg::{quote_ident, ConnInfo, Fence, Lsn, PgError, TableInfo, TableName};

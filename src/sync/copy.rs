@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{names, progress, SyncError};
+use super::{progress, SyncError};
+use crate::cdc::names;
 use crate::pg::settings::set_text_form_sql;
 use crate::pg::{quote_ident, ConnInfo, PgError, TableInfo};
 

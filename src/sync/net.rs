@@ -24,7 +24,7 @@ use indexmap::IndexMap;
 use smallvec::SmallVec;
 
 use super::apply::{Change, StreamRelation};
-use super::decoder::Value;
+use crate::cdc::decoder::Value;
 
 /// A window is applied once it has absorbed this many changes...
 pub const WINDOW_ROWS: usize = 50_000;
@@ -268,7 +268,7 @@ fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::decoder::{Relation, RelationColumn};
+    use crate::cdc::decoder::{Relation, RelationColumn};
 
     fn rel() -> StreamRelation {
         let col = |name: &str, key: bool| RelationColumn {

@@ -28,8 +28,9 @@ use tokio::sync::{watch, Notify};
 
 use super::apply::{pg_time, Change, StreamRelation, Target};
 use super::copy::{self, CopyStats, TableCopy};
-use super::decoder::{self, Message};
-use super::{names, progress, publication, schema, slot, SyncError};
+use super::{progress, schema, SyncError};
+use crate::cdc::decoder::{self, Message};
+use crate::cdc::{names, publication, slot, CdcError};
 use crate::config::{Config, PipelineConfig};
 use crate::pg::{resolve_tables, ConnInfo, Fence, Lsn, PgError, TableInfo};
 
@@ -357,7 +358,7 @@ pub async fn run(
                 for t in &mut targets {
                     t.disconnect();
                 }
-                if let SyncError::SlotInUse { .. } = e {
+                if let SyncError::Cdc(CdcError::SlotInUse { .. }) = e {
                     let since = *slot_busy_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > SLOT_BUSY_GRACE {
                         return Err(e);
@@ -461,17 +462,18 @@ async fn session(
     let source = source_conn.connect().await?;
     let slot_state = slot::state(&source, source_conn, &slot_name)
         .await?
-        .ok_or_else(|| SyncError::SlotMissing {
+        .ok_or_else(|| CdcError::SlotMissing {
             slot: slot_name.clone(),
             target: source_conn.to_string(),
             pipeline: pipeline.to_string(),
         })?;
     if let Some(pid) = slot_state.active_pid {
-        return Err(SyncError::SlotInUse {
+        return Err(CdcError::SlotInUse {
             slot: slot_name,
             target: source_conn.to_string(),
             pid,
-        });
+        }
+        .into());
     }
     let mut last_error = None;
     for t in targets.iter_mut() {
@@ -586,16 +588,16 @@ async fn session(
             event = stream.recv() => {
                 let event = match event {
                     Ok(Some(ev)) => ev,
-                    Ok(None) => return Err(SyncError::Replication {
+                    Ok(None) => return Err(CdcError::Replication {
                         target: source_conn.to_string(),
                         reason: "the replication stream ended".into(),
                         transient: true,
-                    }),
+                    }.into()),
                     Err(e) => {
                         if txn.is_none() {
                             flush_all(targets, false).await?;
                         }
-                        return Err(slot::stream_error(source_conn, e));
+                        return Err(slot::stream_error(source_conn, e).into());
                     }
                 };
                 use pgwire_replication::ReplicationEvent as E;
@@ -632,7 +634,7 @@ async fn session(
                         progressed = true;
                     }
                     E::XLogData { data, .. } => {
-                        let message = decoder::decode(&data).map_err(|error| SyncError::Decode {
+                        let message = decoder::decode(&data).map_err(|error| CdcError::Decode {
                             target: source_conn.to_string(),
                             error,
                         })?;

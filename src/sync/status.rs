@@ -3,7 +3,8 @@
 
 use chrono::Utc;
 
-use super::{names, progress, slot, SyncError};
+use super::{progress, SyncError};
+use crate::cdc::{names, slot};
 use crate::config::Config;
 use crate::pg::Lsn;
 

@@ -10,7 +10,12 @@
 //! are few, or, when many buckets differ, streamed in key ranges cut at sampled keys, each
 //! holding a bounded number of them. Candidate keys are re-read fresh from both sides on a
 //! second pair of sessions ([`super::recheck`]), in batches while the walk goes on, so that
-//! changes in flight are not reported.
+//! changes in flight are not reported; or, when a named pipeline feeds the target, the source's
+//! snapshot is a temporary slot's cut and the target's is taken at its pipeline's position past
+//! it, and the candidates, kept whole for the table, are decided by replaying the source's
+//! changes in between ([`super::replay`]) inside the same snapshots. Without REPLICATION on the
+//! source, or a target that does not get past the cut, verify says so in one log line and
+//! re-checks instead.
 //!
 //! Invariants: a table that cannot be compared (no primary key, missing on a side, different
 //! columns, a query failing) is reported as an error, never as identical, and the other tables
@@ -22,10 +27,11 @@
 //! between the sides, so that a range selects the same rows on both: a row in one range on one
 //! side and another range on the other would be counted in both) (with a settle window, rows that needed several
 //! re-reads come later). Memory is bounded by the slice size, the re-check batch and the number
-//! of differences listed; counts by kind are exact whatever the number, and repair SQL is
-//! spooled to files as differences are proven.
+//! of differences listed (and, when decided against the stream, by the table's differing keys);
+//! counts by kind are exact whatever the number, and repair SQL is spooled to files as
+//! differences are proven.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,11 +39,14 @@ use serde::Serialize;
 
 use super::recheck::{self, Settle, Verdict};
 use super::repair;
+use super::replay::{Outcome, Replay};
 use super::side::{Checksum, RowText, Side};
 use super::VerifyError;
+use crate::cdc::names;
+use crate::cdc::slot::{self, TemporarySlot};
 use crate::config::{Config, TablePattern};
 use crate::pg::keyrange::{BucketSet, Key, KeyRange, Shape};
-use crate::pg::{ConnInfo, PgError, TableName};
+use crate::pg::{ConnInfo, Lsn, PgError, TableName};
 
 /// Rows per key hash bucket aimed at: a differing row costs fetching its bucket's rows.
 const ROWS_PER_BUCKET: f64 = 1024.0;
@@ -60,6 +69,8 @@ const SAMPLED_KEYS_PER_RANGE: f64 = 16.0;
 /// Candidate keys are re-checked (and their differences handed on) in batches of this many
 /// while the walk goes on, so memory does not grow with the number of differences.
 const RECHECK_BATCH: usize = 4096;
+/// The least time allowed for cutting the source with a temporary slot.
+const CUT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Differing rows listed per table in the report unless asked otherwise; counts stay exact.
 pub const DEFAULT_MAX_LISTED: usize = 10_000;
 
@@ -93,7 +104,8 @@ pub struct DbVerifyOptions {
     /// An SQL condition restricting the rows compared on both sides.
     pub filter: Option<String>,
     /// How long differing rows are re-read before being reported (for targets fed by a live
-    /// pipeline); zero re-reads them once.
+    /// pipeline); zero re-reads them once. With a pipeline, also how long its target may take to
+    /// apply past the source's cut.
     pub settle: Duration,
     /// The pipeline feeding the targets, whose replication slot shows how far they have caught up.
     pub pipeline: Option<String>,
@@ -273,6 +285,10 @@ pub struct TableReport {
     /// differences. Each listed with the difference last seen, at most `max_listed`.
     pub undecided: u64,
     pub undecided_rows: Vec<Difference>,
+    /// True when the differing rows were decided against the source's change stream (the
+    /// target read at its pipeline's position, the source at a cut before it, the changes in
+    /// between replayed); false when they were re-read until they settled.
+    pub exact: bool,
     pub elapsed_ms: u64,
 }
 
@@ -384,6 +400,10 @@ pub async fn verify_db(
             Side::open(&opts.source.conn),
             Side::open(&target.conn)
         )?;
+        let mut exact = match &opts.pipeline {
+            Some(pipeline) => Exact::find(&source, pipeline).await,
+            None => None,
+        };
         let mut names = resolve(&source, &opts.tables).await;
         // Tables the patterns select on the target alone: the source lost them, or the target
         // holds data nobody replicates. Either way the copies are not the same.
@@ -409,6 +429,7 @@ pub async fn verify_db(
                         &table,
                         opts,
                         &settle,
+                        &mut exact,
                         repair_file.as_mut(),
                         progress,
                     )
@@ -491,6 +512,7 @@ impl TableReport {
             differences: Vec::new(),
             undecided: 0,
             undecided_rows: Vec::new(),
+            exact: false,
             elapsed_ms: 0,
         }
     }
@@ -503,6 +525,7 @@ async fn verify_table(
     table: &TableName,
     opts: &DbVerifyOptions,
     settle: &Settle,
+    exact: &mut Option<Exact>,
     repair: Option<&mut repair::RepairFile>,
     progress: &dyn Progress,
 ) -> Result<TableReport, VerifyError> {
@@ -565,10 +588,45 @@ async fn verify_table(
         in_flight: 0,
         buckets_checked: 0,
         rows_compared: 0,
+        exact: false,
     };
-    let snapshots = open_snapshots(source, target, settle).await;
+    let cut = match exact.as_ref() {
+        Some(e) if !e.published.contains(table) => {
+            tracing::warn!(
+                "verify db: {table} is not in pipeline `{}`'s publication; re-checking its differing rows until they settle instead",
+                e.pipeline
+            );
+            None
+        }
+        Some(e) => match e.open_cut(source, target, &opts.source.conn, settle).await {
+            Ok(cut) => cut,
+            Err(error) => {
+                tracing::warn!(
+                    "verify db: cannot cut the source at a stream position ({error}); \
+                     re-checking differing rows until they settle instead"
+                );
+                *exact = None;
+                None
+            }
+        },
+        None => None,
+    };
+    walk.exact = cut.is_some();
+    let snapshots = match cut {
+        Some(_) => Ok(()),
+        None => open_snapshots(source, target, settle).await,
+    };
     let compared = match snapshots {
-        Ok(()) => walk.run(estimate).await,
+        Ok(()) => match walk.run(estimate).await {
+            Ok(totals) => match cut {
+                Some(cut) => walk
+                    .replay(cut, opts.filter.is_some())
+                    .await
+                    .map(|()| totals),
+                None => Ok(totals),
+            },
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     // End both snapshots whatever happened, then report the first failure.
@@ -617,6 +675,7 @@ async fn verify_table(
         differences: listed,
         undecided,
         undecided_rows: undecided_listed,
+        exact: walk.exact,
         elapsed_ms: 0,
     })
 }
@@ -671,6 +730,102 @@ impl Found<'_> {
     }
 }
 
+/// A named pipeline's stream, for comparing its target exactly ([`super::replay`]).
+struct Exact {
+    pipeline: String,
+    publication: String,
+    /// The tables the publication streams: only theirs are replayed.
+    published: Vec<TableName>,
+}
+
+/// The source cut at a stream position, and the target's position past it: the source's
+/// snapshot shows the commits before the slot's consistent point C, the target's everything
+/// its pipeline applied up to `applied` (T >= C).
+struct Cut {
+    slot: TemporarySlot,
+    applied: Lsn,
+}
+
+impl Exact {
+    /// The pipeline's stream on the source, or None (with a log line saying why) when there is
+    /// no publication to follow.
+    async fn find(source: &Side, pipeline: &str) -> Option<Exact> {
+        let publication = names::publication(pipeline);
+        match source.published(&publication).await {
+            Ok(Some(published)) => Some(Exact {
+                pipeline: pipeline.to_string(),
+                publication,
+                published,
+            }),
+            Ok(None) => {
+                tracing::warn!("verify db: pipeline `{pipeline}` has no publication {publication} on the source (not set up?); re-checking differing rows until they settle instead");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("verify db: cannot read publication {publication} ({e}); re-checking differing rows until they settle instead");
+                None
+            }
+        }
+    }
+
+    /// Cuts the source with a temporary slot and opens both snapshots: the source's at the
+    /// cut, the target's once its pipeline has applied past the cut (waiting at most the
+    /// settle window). `Ok(None)` (no snapshot open) when the target does not get there, or
+    /// is not fed by the pipeline; an error when the source cannot be cut (no REPLICATION
+    /// role, wal_level not logical).
+    async fn open_cut(
+        &self,
+        source: &Side,
+        target: &Side,
+        source_conn: &ConnInfo,
+        settle: &Settle,
+    ) -> Result<Option<Cut>, VerifyError> {
+        // Creating a slot waits for the transactions running on the source to end.
+        let slot = tokio::time::timeout(
+            settle.window.max(CUT_TIMEOUT),
+            slot::create_temporary(
+                source_conn,
+                &names::verify_slot(&self.pipeline),
+                &self.publication,
+            ),
+        )
+        .await
+        .map_err(|_| VerifyError::CutTimeout {
+            conn: source_conn.to_string(),
+            waited: settle.window.max(CUT_TIMEOUT),
+        })??;
+        let cut = slot.consistent_point;
+        source.begin_snapshot_at(&slot.snapshot).await?;
+        let deadline = Instant::now() + settle.window;
+        loop {
+            match target.applied_position(&self.pipeline).await? {
+                Some(applied) if applied >= cut => break,
+                Some(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                applied => {
+                    tracing::warn!(
+                        "verify db: the target has applied pipeline `{}` up to {}, not past the cut at {cut} within {:?}; re-checking differing rows until they settle instead",
+                        self.pipeline,
+                        applied.map_or("nothing".to_string(), |a| a.to_string()),
+                        settle.window
+                    );
+                    slot.release();
+                    source.end_snapshot().await?;
+                    return Ok(None);
+                }
+            }
+        }
+        target.begin_snapshot().await?;
+        // Read inside the snapshot: the position of exactly the rows it shows.
+        let applied = target
+            .applied_position(&self.pipeline)
+            .await?
+            .unwrap_or_default();
+        Ok(Some(Cut { slot, applied }))
+    }
+}
+
 /// Opens a snapshot on each side. When a pipeline's slot shows how far the target has applied,
 /// the target's snapshot waits (within the settle window) until it includes everything the
 /// source's does, so rows in flight rarely show up at all; otherwise both are taken at once.
@@ -710,6 +865,9 @@ struct Walk<'a> {
     in_flight: u64,
     buckets_checked: u64,
     rows_compared: u64,
+    /// The snapshots are a cut of the source and the target at its pipeline's position: the
+    /// candidates are kept whole and decided by [`Walk::replay`], not re-read.
+    exact: bool,
 }
 
 /// How many key hash buckets a table of about `rows` rows is cut into: a power of two.
@@ -828,10 +986,89 @@ impl Walk<'_> {
             keys = self.fresh.0.sort_keys(self.shape, &keys).await?;
         }
         self.candidates.extend(keys);
-        if self.candidates.len() >= RECHECK_BATCH {
+        if self.candidates.len() >= RECHECK_BATCH && !self.exact {
             self.recheck().await?;
         }
         Ok(compared)
+    }
+
+    /// Decides the candidates against the source's stream: the changes committed between the
+    /// cut and the target's position are replayed onto the candidates' source rows at the cut
+    /// (only the candidates' changes are kept), and each is compared with its target row;
+    /// both read in the still open snapshots. If the stream cannot be read, the candidates are
+    /// left for [`Walk::recheck`].
+    async fn replay(&mut self, cut: Cut, filtered: bool) -> Result<(), VerifyError> {
+        if self.candidates.is_empty() {
+            cut.slot.release();
+            return Ok(());
+        }
+        self.progress.advance(
+            0,
+            "replaying the source's changes up to the target's position",
+        );
+        let mut seen = HashSet::new();
+        self.candidates.retain(|k| seen.insert(k.clone()));
+        drop(seen);
+        // The stream sends keys as their types' output functions render them, which a key's
+        // text may not be (`character(n)`): the replay knows the candidates in that form.
+        let mut wanted = HashSet::with_capacity(self.candidates.len());
+        let mut renamed: HashMap<Key, Key> = HashMap::new();
+        for chunk in self.candidates.chunks(recheck::BATCH) {
+            let forms = self.source.output_forms(self.shape, chunk).await?;
+            for (key, form) in chunk.iter().zip(forms) {
+                if &form != key {
+                    renamed.insert(key.clone(), form.clone());
+                }
+                wanted.insert(form);
+            }
+        }
+        let mut replay = Replay::new(self.shape, &wanted, filtered);
+        let read = cut
+            .slot
+            .changes_until(cut.applied, &mut |message| {
+                replay.absorb(message);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = read {
+            tracing::warn!("verify db: cannot read the source's changes of {} ({e}); re-checking its differing rows until they settle instead", self.shape.table);
+            self.exact = false;
+            return Ok(());
+        }
+        let candidates = std::mem::take(&mut self.candidates);
+        let keep_rows = self.found.repair.is_some();
+        for chunk in candidates.chunks(recheck::BATCH) {
+            let (mut at_cut, mut on_target) = tokio::try_join!(
+                self.source.fetch_rows(self.shape, chunk),
+                self.target.fetch_rows(self.shape, chunk)
+            )?;
+            for key in chunk {
+                let (s, t) = (at_cut.remove(key), on_target.remove(key));
+                let form = renamed.get(key).unwrap_or(key);
+                let verdict = match replay.decide(form, s.as_ref(), t.as_ref()) {
+                    Outcome::Lag => None,
+                    Outcome::Differs(source_row) => {
+                        recheck::difference(self.shape, key, source_row.as_ref(), t.as_ref())
+                            .map(Verdict::Proven)
+                    }
+                    Outcome::Undecided => {
+                        recheck::difference(self.shape, key, s.as_ref(), t.as_ref())
+                            .map(Verdict::Undecided)
+                    }
+                };
+                match verdict {
+                    Some(mut verdict) => {
+                        if !keep_rows {
+                            let (Verdict::Proven(d) | Verdict::Undecided(d)) = &mut verdict;
+                            d.source_row = None;
+                        }
+                        self.found.take(verdict)?;
+                    }
+                    None => self.in_flight += 1,
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Re-reads the candidates found so far on the fresh sessions and hands on the

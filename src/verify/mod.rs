@@ -2,14 +2,17 @@
 //! differs. (The proof that a backup repository is whole is built from the repository's own
 //! structures, so it lives in the backup area: `backup::check`.)
 //!
-//! Invariant kept by everything here: a difference is reported only after it has been seen on
-//! fresh reads of both sides (never from one stale snapshot alone); a row that keeps changing on
-//! a live source until the settle window ends is reported as undecided, never as a difference;
-//! and a table that could not be compared is reported as such, never as identical.
+//! Invariant kept by everything here: a difference is reported only with proof: against the
+//! source's change stream when a pipeline feeds the target ([`replay`]: the source read at a
+//! cut, the target at its pipeline's position past it, the changes in between replayed), or
+//! else after it has been seen on fresh reads of both sides ([`recheck`]), never from one stale
+//! snapshot alone; a row that can be decided neither way is reported as undecided, never as a
+//! difference; and a table that could not be compared is reported as such, never as identical.
 
 pub mod db;
 mod recheck;
 mod repair;
+mod replay;
 mod side;
 
 pub use db::{
@@ -17,6 +20,7 @@ pub use db::{
     TableStatus,
 };
 
+use crate::cdc::CdcError;
 use crate::pg::PgError;
 
 /// Everything that can go wrong while verifying.
@@ -24,6 +28,8 @@ use crate::pg::PgError;
 pub enum VerifyError {
     #[error(transparent)]
     Pg(#[from] PgError),
+    #[error(transparent)]
+    Cdc(#[from] CdcError),
     #[error("table {table} has no primary key on {side}; add one (ALTER TABLE {table} ADD PRIMARY KEY (...)) so rows can be matched")]
     NoPrimaryKey { table: String, side: &'static str },
     #[error("table {table} does not exist on the {side} ({conn}); create it or leave it out with --tables")]
@@ -36,6 +42,11 @@ pub enum VerifyError {
     ShapeMismatch { table: String, detail: String },
     #[error("{0}")]
     Options(String),
+    #[error("creating a temporary slot on {conn} took longer than {waited:?}: a long transaction on the source holds it back; end it, or run verify again later")]
+    CutTimeout {
+        conn: String,
+        waited: std::time::Duration,
+    },
     #[error(
         "cannot write repair SQL to {path}: {reason}; check the directory exists and is writable"
     )]
@@ -48,6 +59,8 @@ impl VerifyError {
     pub fn is_transient(&self) -> bool {
         match self {
             VerifyError::Pg(e) => e.is_transient(),
+            VerifyError::Cdc(e) => e.is_transient(),
+            VerifyError::CutTimeout { .. } => true,
             _ => false,
         }
     }

@@ -23,7 +23,7 @@ use crate::pg::keyrange::{Key, Shape};
 use crate::pg::{Lsn, PgError};
 
 /// Keys read per query.
-const BATCH: usize = 500;
+pub(crate) const BATCH: usize = 500;
 
 /// What re-reading a candidate key decided.
 pub(crate) enum Verdict {

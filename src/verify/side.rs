@@ -90,6 +90,14 @@ impl Side {
         crate::pg::resolve_tables(&self.client, &self.conn, std::slice::from_ref(pattern)).await
     }
 
+    /// The tables `publication` streams, or `None` if it does not exist.
+    pub async fn published(
+        &self,
+        publication: &str,
+    ) -> Result<Option<Vec<TableName>>, crate::cdc::CdcError> {
+        crate::cdc::publication::tables(&self.client, &self.conn, publication).await
+    }
+
     pub async fn describe(&self, table: &TableName) -> Result<TableInfo, PgError> {
         TableInfo::load(&self.client, &self.conn, table).await
     }
@@ -102,6 +110,46 @@ impl Side {
             .await
             .map_err(self.err("starting a snapshot"))?;
         self.current_lsn().await
+    }
+
+    /// Opens a read-only repeatable-read transaction on the snapshot another session exported
+    /// (a temporary slot's, see [`crate::cdc::slot::TemporarySlot`]).
+    pub async fn begin_snapshot_at(&self, snapshot: &str) -> Result<(), PgError> {
+        self.client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                crate::pg::quote_literal(snapshot)
+            ))
+            .await
+            .map_err(self.err("importing the source's snapshot"))
+    }
+
+    /// The end of the last source commit that `pipeline` has applied to this target, as the
+    /// pipeline records it in the same transaction as the applied changes (the `invsync.pipeline`
+    /// row of `sync`); None when the pipeline does not stream into this database. Inside a
+    /// snapshot, it is the position of exactly the rows the snapshot shows.
+    pub async fn applied_position(&self, pipeline: &str) -> Result<Option<Lsn>, PgError> {
+        let installed = self
+            .client
+            .query_one("SELECT to_regclass('invsync.pipeline') IS NOT NULL", &[])
+            .await
+            .map_err(self.err("looking for the pipeline's progress"))?
+            .get::<_, bool>(0);
+        if !installed {
+            return Ok(None);
+        }
+        let row = self
+            .client
+            .query_opt(
+                "SELECT applied_lsn::text FROM invsync.pipeline \
+                 WHERE pipeline = $1 AND state = 'streaming'",
+                &[&pipeline],
+            )
+            .await
+            .map_err(self.err("reading the pipeline's progress"))?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|s| Lsn::from_str(&s).ok()))
     }
 
     /// Ends the snapshot transaction (it only read).
@@ -356,7 +404,30 @@ impl Side {
             .collect())
     }
 
-    /// The rows with these keys (that pass the filter), each column as text.
+    /// `keys` (each column's text) as their types' output functions render them, in order.
+    pub async fn output_forms(&self, shape: &Shape, keys: &[Key]) -> Result<Vec<Key>, PgError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = shape.key.len();
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY v.invsync_n",
+            shape.lookup_key_output(),
+            shape.keys_values(keys),
+        );
+        let rows = self
+            .client
+            .query(&sql, &[])
+            .await
+            .map_err(self.err(format!("rendering keys of {}", shape.table)))?;
+        Ok(rows
+            .iter()
+            .map(|r| (0..n).map(|i| r.get::<_, String>(i)).collect())
+            .collect())
+    }
+
+    /// The rows with these keys (that pass the filter), each column as its type's output
+    /// function renders it.
     pub async fn fetch_rows(
         &self,
         shape: &Shape,
@@ -371,7 +442,14 @@ impl Side {
         let cols: Vec<String> = shape
             .columns
             .iter()
-            .map(|c| format!("t.{}::text", c.quoted))
+            // The type's output function, as the change stream renders values: a cast to text
+            // may differ (`character(n)` drops its padding).
+            .map(|c| {
+                format!(
+                    "CASE WHEN t.{q} IS NOT NULL THEN format('%s', t.{q}) END",
+                    q = c.quoted
+                )
+            })
             .collect();
         let sql = format!(
             "SELECT {}, {} FROM {} AS t {} WHERE TRUE{}",

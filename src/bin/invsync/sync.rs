@@ -138,8 +138,8 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
             if !yes {
                 println!(
                     "would drop slot {} and publication {} on the source, and the bookkeeping of {pipeline} on its targets (their data stays); run again with --yes",
-                    sync::names::slot(&pipeline),
-                    sync::names::publication(&pipeline)
+                    invsync::cdc::names::slot(&pipeline),
+                    invsync::cdc::names::publication(&pipeline)
                 );
                 return Ok(ExitCode::FAILURE);
             }

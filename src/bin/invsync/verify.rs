@@ -16,9 +16,11 @@ pub enum VerifyCommand {
     ///
     /// Compares checksums of key hash buckets computed inside both databases at once, compares
     /// the rows of differing buckets, and reports every row that is missing on the
-    /// target, extra on the target, or changed (with the columns that differ). Rows that differ
-    /// only because a pipeline has not applied them yet are re-checked and not reported; rows
-    /// the source kept changing until --settle ended are reported as undecided, apart.
+    /// target, extra on the target, or changed (with the columns that differ). With --pipeline,
+    /// rows that differ only because the pipeline has not applied them yet are proven to lag
+    /// against the source's change stream (a temporary slot; needs REPLICATION on the source),
+    /// else re-checked until --settle ends; rows neither proven equal nor different are
+    /// reported as undecided, apart.
     /// Exit status: 0 identical, 1 differences found, 2 could not verify, 3 no difference
     /// found but some rows undecided.
     Db(DbArgs),
@@ -53,8 +55,8 @@ pub struct DbArgs {
     /// Compare only rows matching this SQL condition (on both sides)
     #[arg(long = "where", value_name = "SQL")]
     filter: Option<String>,
-    /// Seconds to keep re-checking differing rows before reporting them, for a target fed by
-    /// a live pipeline [default: 15 with --pipeline, else 0]
+    /// Seconds to wait for a pipeline's target to apply past the source's cut, or to keep
+    /// re-checking differing rows before reporting them [default: 15 with --pipeline, else 0]
     #[arg(long, value_name = "SECS")]
     settle: Option<f64>,
     /// Write SQL statements that make the target match the source to FILE
@@ -205,7 +207,14 @@ fn print_report(report: &DbReport) {
                 );
             }
         }
-        if t.undecided > 0 {
+        if t.undecided > 0 && t.exact {
+            println!(
+                "      {} rows undecided: the source's change stream does not show all their \
+                 values (unchanged TOAST values, generated columns); last seen:",
+                t.undecided
+            );
+            print_rows(t, &t.undecided_rows, t.undecided, "undecided, ");
+        } else if t.undecided > 0 {
             println!(
                 "      {} rows undecided: the source kept changing them until the settle window \
                  ended (re-run, or raise --settle); last seen:",
@@ -213,7 +222,12 @@ fn print_report(report: &DbReport) {
             );
             print_rows(t, &t.undecided_rows, t.undecided, "undecided, ");
         }
-        if t.in_flight > 0 {
+        if t.in_flight > 0 && t.exact {
+            println!(
+                "      ({} rows only lagged: the source's changes up to the target's position make them equal)",
+                t.in_flight
+            );
+        } else if t.in_flight > 0 {
             println!(
                 "      ({} rows were in flight and matched on re-check)",
                 t.in_flight

@@ -36,6 +36,12 @@ pub fn publication(pipeline: &str) -> String {
     derive(&[pipeline])
 }
 
+/// The prefix of the temporary slots `verify db` creates on `pipeline`'s source to cut it at a
+/// stream position (each gets a random suffix).
+pub fn verify_slot(pipeline: &str) -> String {
+    derive(&[pipeline, "verify"])
+}
+
 /// The replication origin that `pipeline`'s apply sessions carry on `target`. One per target,
 /// because PostgreSQL lets one session at a time use an origin, and two targets of a pipeline
 /// may live in one cluster. The apply session's `application_name` is the same name.

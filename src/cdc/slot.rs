@@ -10,7 +10,7 @@
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_postgres::Client;
 
-use super::SyncError;
+use super::{decoder, CdcError};
 use crate::pg::{ConnInfo, Lsn, PgError, SslMode};
 
 /// The slot as `pg_replication_slots` shows it.
@@ -32,7 +32,7 @@ fn lsn_column(v: Option<String>) -> Option<Lsn> {
 
 /// Refuses a source that cannot feed a pipeline: `wal_level` not logical, or a role without
 /// REPLICATION.
-pub async fn check_source(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> {
+pub async fn check_source(client: &Client, conn: &ConnInfo) -> Result<(), CdcError> {
     let row = client
         .query_one(
             "SELECT current_setting('wal_level'), r.rolreplication OR r.rolsuper, current_user::text \
@@ -43,13 +43,13 @@ pub async fn check_source(client: &Client, conn: &ConnInfo) -> Result<(), SyncEr
         .map_err(|e| PgError::query("checking wal_level and role", conn, e))?;
     let level: String = row.get(0);
     if level != "logical" {
-        return Err(SyncError::WalLevel {
+        return Err(CdcError::WalLevel {
             target: conn.to_string(),
             level,
         });
     }
     if !row.get::<_, bool>(1) {
-        return Err(SyncError::NoReplicationRole {
+        return Err(CdcError::NoReplicationRole {
             target: conn.to_string(),
             role: row.get(2),
         });
@@ -62,7 +62,7 @@ pub async fn state(
     client: &Client,
     conn: &ConnInfo,
     slot: &str,
-) -> Result<Option<SlotState>, SyncError> {
+) -> Result<Option<SlotState>, CdcError> {
     let row = client
         .query_opt(
             "SELECT s.active_pid, s.confirmed_flush_lsn::text, s.restart_lsn::text, \
@@ -83,13 +83,13 @@ pub async fn state(
 }
 
 /// Drops the slot if it exists. Refuses while a process streams from it.
-pub async fn drop(client: &Client, conn: &ConnInfo, slot: &str) -> Result<bool, SyncError> {
+pub async fn drop(client: &Client, conn: &ConnInfo, slot: &str) -> Result<bool, CdcError> {
     match state(client, conn, slot).await? {
         None => Ok(false),
         Some(SlotState {
             active_pid: Some(pid),
             ..
-        }) => Err(SyncError::SlotInUse {
+        }) => Err(CdcError::SlotInUse {
             slot: slot.to_string(),
             target: conn.to_string(),
             pid,
@@ -109,7 +109,7 @@ pub fn replication_config(
     conn: &ConnInfo,
     slot: &str,
     publication: &str,
-) -> Result<ReplicationConfig, SyncError> {
+) -> Result<ReplicationConfig, CdcError> {
     let c = conn.config();
     let host = match c.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -118,13 +118,13 @@ pub fn replication_config(
     };
     let port = c.get_ports().first().copied().unwrap_or(5432);
     let user = c.get_user().ok_or_else(|| {
-        SyncError::Config(format!(
+        CdcError::Config(format!(
             "{conn}: the URL names no user; add USER@ before the host"
         ))
     })?;
     let password = match c.get_password() {
         Some(p) => String::from_utf8(p.to_vec())
-            .map_err(|_| SyncError::Config(format!("{conn}: the password is not UTF-8")))?,
+            .map_err(|_| CdcError::Config(format!("{conn}: the password is not UTF-8")))?,
         None => String::new(),
     };
     let root = conn.root_cert().map(|p| p.to_path_buf());
@@ -147,7 +147,7 @@ pub fn replication_config(
     )
 }
 
-fn replication_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> SyncError {
+fn replication_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> CdcError {
     use pgwire_replication::PgWireError as E;
     let reason = e.to_string();
     // The server's errors carry their SQLSTATE in the text: connection failures (08), shutdown
@@ -159,7 +159,7 @@ fn replication_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> Syn
             && ["SQLSTATE 08", "SQLSTATE 57P", "SQLSTATE 53"]
                 .iter()
                 .any(|c| reason.contains(c)));
-    SyncError::Replication {
+    CdcError::Replication {
         target: conn.to_string(),
         transient,
         reason,
@@ -190,7 +190,7 @@ pub async fn create(
     slot: &str,
     publication: &str,
     export: bool,
-) -> Result<CreatedSlot, SyncError> {
+) -> Result<CreatedSlot, CdcError> {
     let cfg = replication_config(conn, slot, publication)?;
     let mut session = ReplicationClient::connect_gated(cfg)
         .await
@@ -209,7 +209,7 @@ pub async fn create(
             .map(|b| String::from_utf8_lossy(b).into_owned())
     };
     let consistent_point = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
-        SyncError::Protocol(format!(
+        CdcError::Protocol(format!(
             "{conn}: CREATE_REPLICATION_SLOT returned no consistent point"
         ))
     })?;
@@ -228,7 +228,7 @@ pub async fn stream(
     publication: &str,
     start: Lsn,
     confirmed: Lsn,
-) -> Result<ReplicationClient, SyncError> {
+) -> Result<ReplicationClient, CdcError> {
     let cfg = replication_config(conn, slot, publication)?
         .with_start_lsn(pgwire_replication::Lsn(start.0))
         .with_ack_lsn(pgwire_replication::Lsn(confirmed.0))
@@ -240,7 +240,7 @@ pub async fn stream(
     if let Err(e) = client.wait_started().await {
         // Another session took the slot between our check and the start.
         if e.to_string().contains("SQLSTATE 55006") {
-            return Err(SyncError::SlotInUse {
+            return Err(CdcError::SlotInUse {
                 slot: slot.to_string(),
                 target: conn.to_string(),
                 pid: 0,
@@ -251,7 +251,143 @@ pub async fn stream(
     Ok(client)
 }
 
-/// A stream error as a [`SyncError`].
-pub fn stream_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> SyncError {
+/// A stream error as a [`CdcError`].
+pub fn stream_error(conn: &ConnInfo, e: pgwire_replication::PgWireError) -> CdcError {
     replication_error(conn, e)
+}
+
+/// A temporary slot with the snapshot it exported: a cut of the source at a stream position.
+/// The snapshot shows exactly the transactions committed before [`consistent_point`]; the slot
+/// streams exactly those committed after it. The slot is TEMPORARY: it belongs to this session
+/// and is dropped by the server when the session ends, on every path (dropping this value, the
+/// process dying), and it never touches another slot.
+///
+/// [`consistent_point`]: TemporarySlot::consistent_point
+pub struct TemporarySlot {
+    session: ReplicationClient,
+    conn: ConnInfo,
+    /// Changes committed after this point are streamed; the snapshot sees everything before.
+    pub consistent_point: Lsn,
+    /// The exported snapshot's name, for `SET TRANSACTION SNAPSHOT`; usable until
+    /// [`TemporarySlot::changes_until`] starts the stream.
+    pub snapshot: String,
+}
+
+/// A slot name no other session uses: the prefix and a random suffix.
+fn unique_slot_name(prefix: &str) -> String {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let keep = prefix.len().min(63 - 13);
+    format!("{}_{}", &prefix[..keep], &suffix[..12])
+}
+
+/// Creates a temporary slot (plugin pgoutput, streaming `publication`) named after `prefix`,
+/// exporting its snapshot.
+pub async fn create_temporary(
+    conn: &ConnInfo,
+    prefix: &str,
+    publication: &str,
+) -> Result<TemporarySlot, CdcError> {
+    let name = unique_slot_name(prefix);
+    // A logical slot starts from its confirmed position when asked to start at 0/0: the
+    // consistent point.
+    let cfg = replication_config(conn, &name, publication)?
+        .with_status_interval(std::time::Duration::from_millis(500))
+        .with_buffer_size(4096);
+    let mut session = ReplicationClient::connect_gated(cfg)
+        .await
+        .map_err(|e| replication_error(conn, e))?;
+    let rows = session
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+        ))
+        .await
+        .map_err(|e| replication_error(conn, e))?;
+    let text = |col: usize| -> Option<String> {
+        rows.first()
+            .and_then(|r| r.get(col))
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let (Some(consistent_point), Some(snapshot)) = (text(1).and_then(|s| s.parse().ok()), text(2))
+    else {
+        return Err(CdcError::Protocol(format!(
+            "{conn}: CREATE_REPLICATION_SLOT returned no consistent point or snapshot"
+        )));
+    };
+    Ok(TemporarySlot {
+        session,
+        conn: conn.clone(),
+        consistent_point,
+        snapshot,
+    })
+}
+
+impl TemporarySlot {
+    /// Streams the transactions committed after the consistent point up to `until` (the end
+    /// of a source commit, as a pipeline's target records it), handing each of their decoded
+    /// messages to `each` in commit order, then drops the slot. A transaction is included
+    /// exactly when its commit ends at or before `until`. The exported snapshot is gone once
+    /// this starts.
+    pub async fn changes_until(
+        mut self,
+        until: Lsn,
+        each: &mut dyn FnMut(decoder::Message) -> Result<(), CdcError>,
+    ) -> Result<(), CdcError> {
+        use pgwire_replication::ReplicationEvent as E;
+        if until <= self.consistent_point {
+            self.session.abort();
+            return Ok(());
+        }
+        let conn = self.conn.clone();
+        self.session
+            .start()
+            .await
+            .map_err(|e| replication_error(&conn, e))?;
+        self.session
+            .wait_started()
+            .await
+            .map_err(|e| replication_error(&conn, e))?;
+        let mut in_transaction = false;
+        loop {
+            let event = match self.session.recv().await {
+                Ok(Some(event)) => event,
+                Ok(None) => {
+                    return Err(CdcError::Replication {
+                        target: conn.to_string(),
+                        reason: "the replication stream ended".into(),
+                        transient: true,
+                    })
+                }
+                Err(e) => return Err(replication_error(&conn, e)),
+            };
+            match event {
+                // Commits do not overlap: one that starts before `until` ends at or before it.
+                E::Begin { final_lsn, .. } if Lsn(final_lsn.0) >= until => break,
+                E::Begin { .. } => in_transaction = true,
+                E::Commit { end_lsn, .. } => {
+                    in_transaction = false;
+                    if Lsn(end_lsn.0) >= until {
+                        break;
+                    }
+                }
+                E::XLogData { data, .. } => {
+                    let message = decoder::decode(&data).map_err(|error| CdcError::Decode {
+                        target: conn.to_string(),
+                        error,
+                    })?;
+                    each(message)?;
+                }
+                // Everything before the server's position has been sent.
+                E::KeepAlive { wal_end, .. } if !in_transaction && Lsn(wal_end.0) >= until => break,
+                E::KeepAlive { .. } | E::Message { .. } | E::StoppedAt { .. } => {}
+            }
+        }
+        self.session.abort();
+        Ok(())
+    }
+
+    /// Ends the session, which drops the slot and its snapshot.
+    pub fn release(mut self) {
+        self.session.abort();
+    }
 }

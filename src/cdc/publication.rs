@@ -6,11 +6,11 @@
 
 use tokio_postgres::Client;
 
-use super::SyncError;
+use super::CdcError;
 use crate::pg::{ConnInfo, PgError, ReplicaIdentity, TableInfo, TableName};
 
 /// Refuses the tables that have neither a primary key nor a replica identity, naming each.
-pub fn check_identity(tables: &[TableInfo]) -> Result<(), SyncError> {
+pub fn check_identity(tables: &[TableInfo]) -> Result<(), CdcError> {
     let bad: Vec<String> = tables
         .iter()
         .filter(|t| t.replica_identity == ReplicaIdentity::Nothing)
@@ -19,7 +19,7 @@ pub fn check_identity(tables: &[TableInfo]) -> Result<(), SyncError> {
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(SyncError::NoReplicaIdentity {
+        Err(CdcError::NoReplicaIdentity {
             tables: bad.join(", "),
         })
     }
@@ -31,7 +31,7 @@ pub async fn ensure(
     conn: &ConnInfo,
     name: &str,
     tables: &[TableInfo],
-) -> Result<(), SyncError> {
+) -> Result<(), CdcError> {
     let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
     let exists = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
@@ -60,7 +60,7 @@ pub async fn ensure(
 }
 
 /// Drops the publication if it exists.
-pub async fn drop(client: &Client, conn: &ConnInfo, name: &str) -> Result<(), SyncError> {
+pub async fn drop(client: &Client, conn: &ConnInfo, name: &str) -> Result<(), CdcError> {
     client
         .batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {}",
@@ -76,7 +76,7 @@ pub async fn tables(
     client: &Client,
     conn: &ConnInfo,
     name: &str,
-) -> Result<Option<Vec<TableName>>, SyncError> {
+) -> Result<Option<Vec<TableName>>, CdcError> {
     let exists = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
         .await
