@@ -34,9 +34,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
+use crate::cdc::names;
 use crate::config::{Config, LeaseTiming, ScheduleConfig};
 use crate::pg::{ConnInfo, Fence, PgError};
-use crate::sync::names;
 
 const INSTALL: &str = "
 CREATE SCHEMA IF NOT EXISTS invsync;
