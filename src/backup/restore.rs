@@ -28,6 +28,10 @@
 //!   lock for at most [`LOCK_ATTEMPT`] at a time (while it waits, queries on that table queue
 //!   behind it), rolls back and tries again after a pause that lets them through, and after
 //!   `lock_wait` fails naming the sessions holding the locks.
+//! - What the database built on the replaced tables: views and materialized views on them and
+//!   other tables' foreign keys into them are read in the swap transaction, dropped there, and
+//!   created again once the new tables are complete (see `pg::schema::dependents`), so a
+//!   foreign key the restored rows break fails the whole transaction and changes nothing.
 //! - Signals: the caller's `stop` future ends the restore: its sessions are terminated, the
 //!   staging schema is dropped and the error says so. Should the target stop answering, the
 //!   schema stays behind until the next restore removes it.
@@ -50,8 +54,8 @@ use super::snapshot::{Snapshot, TableSnapshot};
 use super::tree::{self, EntryKind};
 use super::BackupError;
 use crate::config::TablePattern;
-use crate::pg::schema::{self, AccessOptions, Placement, Plan, TableModel};
-use crate::pg::{quote_ident, ConnInfo, PgError};
+use crate::pg::schema::{self, AccessOptions, Dependents, Placement, Plan, TableModel};
+use crate::pg::{quote_ident, ConnInfo, PgError, TableName};
 use tokio_postgres::error::SqlState;
 
 /// Largest single read from a pack: neighbouring blobs are fetched together up to this.
@@ -765,13 +769,38 @@ impl Swap<'_> {
             }
             Ok::<(), BackupError>(())
         };
+        // Views on the tables and other tables' foreign keys into them would stop the drops:
+        // they are taken down here and put back once the new tables are complete.
+        let replaced: Vec<TableName> = plan
+            .models()
+            .iter()
+            .flat_map(|m| m.relations.iter().map(|r| r.name.clone()))
+            .collect();
+        let dependents = schema::read_qualified(
+            client,
+            conn,
+            "reading what depends on the tables to replace",
+            Dependents::load(client, conn, &replaced),
+        )
+        .await?;
+        run(
+            "taking down the views and foreign keys that depend on the tables to replace".into(),
+            dependents.drop_statements(),
+        )
+        .await?;
+        // In one statement, so that foreign keys among them do not hold any of them back.
+        let quoted: Vec<String> = replaced.iter().map(TableName::quoted).collect();
+        run(
+            "replacing the tables".into(),
+            vec![format!("DROP TABLE IF EXISTS {}", quoted.join(", "))],
+        )
+        .await?;
         for (i, t) in tables.iter().enumerate() {
             let model = &plan.models()[i];
             let mut statements = Vec::new();
             for (r, rel) in model.relations.iter().enumerate() {
                 let name = &rel.name;
                 statements.extend([
-                    format!("DROP TABLE IF EXISTS {}", name.quoted()),
                     format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)),
                     format!(
                         "ALTER TABLE {} RENAME TO {}",
@@ -800,6 +829,27 @@ impl Swap<'_> {
             .await?;
         }
         run("foreign keys".into(), plan.foreign_key_statements()).await?;
+        for k in &dependents.foreign_keys {
+            run(
+                format!(
+                    "foreign key {} of {} (a table not restored) does not hold for the restored rows",
+                    k.name, k.table
+                ),
+                k.add_statements(),
+            )
+            .await?;
+        }
+        for v in &dependents.views {
+            run(
+                format!(
+                    "{} {}, built on the restored tables, cannot be created again on them",
+                    v.kind().to_lowercase(),
+                    v.name
+                ),
+                v.statements(),
+            )
+            .await?;
+        }
         client
             .batch_execute(&format!("DROP SCHEMA {}", quote_ident(staging)))
             .await

@@ -14,7 +14,8 @@
 //! tables), the data, post-data (constraints and indexes, then sequences, defaults and
 //! identity, functions, foreign keys, triggers, row-level security and policies, comments,
 //! owners and privileges). Foreign keys are added only between tables of the plan; one to a
-//! table outside it is reported by [`Plan::skipped_foreign_keys`].
+//! table outside it is reported by [`Plan::skipped_foreign_keys`]. [`Dependents`] are the
+//! other side: what a database built on tables that a plan is about to replace.
 //!
 //! Not modelled (recreate them by hand): column statistics targets and storage modes,
 //! publications, rules, extended statistics, comments on policies, functions that defaults
@@ -24,6 +25,7 @@
 pub mod acl;
 pub mod constraint;
 mod create;
+pub mod dependents;
 mod phases;
 pub mod policy;
 pub mod sequence;
@@ -33,8 +35,11 @@ pub mod types;
 
 pub use acl::{Access, AccessOptions};
 pub use create::{create_prerequisites, missing_roles, Created};
+pub use dependents::Dependents;
 pub use phases::{Placement, Plan, SkippedForeignKey};
 pub use table::{ColumnDef, TableDef};
+
+use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
@@ -69,24 +74,13 @@ impl TableModel {
         conn: &ConnInfo,
         table: &TableName,
     ) -> Result<TableModel, PgError> {
-        let q = |e| PgError::query(format!("reading the catalog for {table}"), conn, e);
-        let previous: String = client
-            .query_one("SELECT current_setting('search_path')", &[])
-            .await
-            .map_err(q)?
-            .get(0);
-        client
-            .query_one("SELECT set_config('search_path', 'pg_catalog', false)", &[])
-            .await
-            .map_err(q)?;
-        let loaded = Self::load_qualified(client, conn, table).await;
-        let restored = client
-            .query_one("SELECT set_config('search_path', $1, false)", &[&previous])
-            .await
-            .map_err(q);
-        let model = loaded?;
-        restored?;
-        Ok(model)
+        read_qualified(
+            client,
+            conn,
+            &format!("reading the catalog for {table}"),
+            Self::load_qualified(client, conn, table),
+        )
+        .await
     }
 
     async fn load_qualified(
@@ -147,4 +141,33 @@ impl TableModel {
         }
         Ok(model)
     }
+}
+
+/// Runs `read` with only `pg_catalog` on `client`'s search path, so that the definitions
+/// PostgreSQL writes for it (`pg_get_viewdef`, `format_type`, ...) name everything with its
+/// schema; the caller's path is set back afterwards. `what` names the reading in errors.
+pub async fn read_qualified<T>(
+    client: &Client,
+    conn: &ConnInfo,
+    what: &str,
+    read: impl Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    let q = |e| PgError::query(what, conn, e);
+    let previous: String = client
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .map_err(q)?
+        .get(0);
+    client
+        .query_one("SELECT set_config('search_path', 'pg_catalog', false)", &[])
+        .await
+        .map_err(q)?;
+    let read = read.await;
+    let restored = client
+        .query_one("SELECT set_config('search_path', $1, false)", &[&previous])
+        .await
+        .map_err(q);
+    let value = read?;
+    restored?;
+    Ok(value)
 }
