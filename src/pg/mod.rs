@@ -12,6 +12,7 @@ mod conninfo;
 pub(crate) mod keyrange;
 mod lsn;
 mod pattern;
+pub mod privilege;
 pub mod schema;
 pub mod settings;
 
