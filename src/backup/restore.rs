@@ -21,7 +21,7 @@
 //! - Other restores: a database restore holds the session-level advisory lock
 //!   ([`RESTORE_LOCK_CLASS`], 0) of the target database on its main connection from before it
 //!   creates its staging schema until that schema is committed into place or dropped. A second
-//!   restore into the same database fails at once, naming the first. Holding that lock also
+//!   restore into the same database fails within [`LOCK_RELEASE`], naming the first. Holding that lock also
 //!   proves that every `invsync_restore_*` schema found in the database belongs to a restore
 //!   that has ended (killed, or its target stopped), so a restore drops such leftovers first.
 //! - Readers and writers of the replaced tables: the swap transaction waits for each table
@@ -68,6 +68,9 @@ pub const RESTORE_LOCK_CLASS: i32 = 0x696e_7673;
 pub const LOCK_ATTEMPT: Duration = Duration::from_secs(2);
 /// The pause between two attempts, in which queries queued behind the restore run.
 const LOCK_PAUSE: Duration = Duration::from_millis(500);
+/// How long a restore waits for the database's restore lock to be let go by a restore that
+/// has just ended (its session closing) before it reports another restore as running.
+const LOCK_RELEASE: Duration = Duration::from_secs(2);
 /// How staging schemas are named: this prefix and 12 hex digits.
 const STAGING_PREFIX: &str = "invsync_restore_";
 
@@ -461,13 +464,22 @@ async fn lock_database(
     conn: &ConnInfo,
 ) -> Result<(), BackupError> {
     let q = |e| PgError::query("taking the database's restore lock", conn, e);
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&RESTORE_LOCK_CLASS])
-        .await
-        .map_err(q)?
-        .get(0);
-    if got {
-        return Ok(());
+    // A restore that has just ended may hold the lock a moment longer, until the server has
+    // seen its session close.
+    let deadline = Instant::now() + LOCK_RELEASE;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&RESTORE_LOCK_CLASS])
+            .await
+            .map_err(q)?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let holder = client
         .query_opt(
