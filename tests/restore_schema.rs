@@ -584,3 +584,109 @@ async fn replace_keeps_what_is_built_on_the_tables_or_changes_nothing() {
         "{refused}"
     );
 }
+
+/// The types (and schemas) a restore creates before its load are dropped with its staging
+/// schema when it does not complete: at once when it fails, and by the next restore into the
+/// database when it was killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_a_restore_created_go_when_it_does_not_complete() {
+    let src = PgCluster::start();
+    src.psql("postgres", ROLES);
+    rich_schema(&src, "einvoice");
+    let dst = PgCluster::start();
+    dst.psql("postgres", ROLES);
+    dst.psql("postgres", "CREATE DATABASE restored");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path()).await;
+    let snap = backup(&repo, &src).await;
+    // An empty table of the same name, held by a reader: the swap waits behind it, after the
+    // types are created.
+    dst.psql(
+        "restored",
+        "CREATE SCHEMA sales; CREATE TABLE sales.invoice (id int)",
+    );
+    let before = user_objects(&dst, "restored");
+    assert!(!before.contains("invoice_status"), "{before}");
+    let holder = dst.client("restored").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE sales.invoice IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+
+    // Failing: the lock is not let go in time.
+    let err = restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("restored"),
+        &RestoreDbOptions {
+            lock_wait: std::time::Duration::from_secs(1),
+            ..restore_opts(AccessOptions::default())
+        },
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stayed locked"), "{err}");
+    assert_eq!(user_objects(&dst, "restored"), before);
+
+    // Killed while it waits.
+    let config = backup_util::write_config(
+        dir.path(),
+        "invsync.toml",
+        &[("dst", dst.url("restored"))],
+        &format!("file://{}", dir.path().join("repo").display()),
+        &format!("identity_file = \"{}\"", dir.path().join("k.key").display()),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .args(["--config", config.to_str().unwrap()])
+        .args(["restore", "latest", "--to-db", "dst", "--lock-wait", "600"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watch = dst.client("restored").await;
+    support::wait_until(
+        std::time::Duration::from_secs(60),
+        "the restore to queue behind the reader",
+        || async {
+            watch
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'sales.invoice'::regclass",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = user_objects(&dst, "restored");
+    assert!(
+        left.contains("invoice_status") && left.contains("invsync_restore_"),
+        "{left}"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    // The next restore, of a table that needs none of those types, drops them.
+    src.psql(
+        "einvoice",
+        "CREATE TABLE public.plain (id int PRIMARY KEY); INSERT INTO public.plain VALUES (1)",
+    );
+    let plain = backup_tables(&repo, &src, &["public.plain"]).await;
+    restore_whole(&repo, &plain, &dst).await;
+    let sorted = |list: &str| {
+        let mut v: Vec<String> = list.split(", ").map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    // What was there, and the new table (its row type and array type, and its key).
+    assert_eq!(
+        sorted(&user_objects(&dst, "restored")),
+        sorted(&format!("{before}, plain, plain, _plain, plain_pkey"))
+    );
+}

@@ -54,7 +54,7 @@ use super::snapshot::{Snapshot, TableSnapshot};
 use super::tree::{self, EntryKind};
 use super::BackupError;
 use crate::config::TablePattern;
-use crate::pg::schema::{self, AccessOptions, Dependents, Placement, Plan, TableModel};
+use crate::pg::schema::{self, AccessOptions, Created, Dependents, Placement, Plan, TableModel};
 use crate::pg::{quote_ident, ConnInfo, PgError, TableName};
 use tokio_postgres::error::SqlState;
 
@@ -324,17 +324,14 @@ async fn restore_tables(
         tracing::warn!("{skipped}");
     }
     let name = staging.create(&client, conn).await?;
-    // The types the tables need are created and committed before the load, and dropped again
-    // if the restore fails (a crash or a signal can leave them, as it can the staging schema).
-    let created = schema::create_prerequisites(&client, conn, &plan).await?;
-    let result = load_and_swap(
+    // The types the tables need are created and committed before the load, and recorded in
+    // the staging schema's comment: whoever drops that schema without the swap having
+    // committed (this restore failing or stopped, or the next one after a crash) drops them.
+    schema::create_prerequisites(&client, conn, &plan, Some(&name)).await?;
+    load_and_swap(
         repo, &loc, &client, conn, &tables, &plan, &name, staging, opts,
     )
-    .await;
-    if result.is_err() {
-        created.undo(&client).await;
-    }
-    result?;
+    .await?;
     Ok(tables
         .iter()
         .map(|t| RestoredTable {
@@ -427,7 +424,8 @@ fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// On a connection of its own: ends `sessions` and drops the schema `name`.
+/// On a connection of its own: ends `sessions`, drops the schema `name`, then the types and
+/// schemas its restore created for its tables.
 async fn drop_staging(
     conn: &ConnInfo,
     name: &str,
@@ -452,9 +450,30 @@ async fn drop_staging(
             .join(","),
         quote_ident(name)
     );
+    let created = record_of(&ctl, name)
+        .await
+        .map_err(|e| crate::pg::describe(&e))?;
     ctl.batch_execute(&sql)
         .await
-        .map_err(|e| crate::pg::describe(&e))
+        .map_err(|e| crate::pg::describe(&e))?;
+    created.undo(&ctl).await;
+    Ok(())
+}
+
+/// The schemas and types the restore that made staging schema `name` created for its tables
+/// (see `pg::schema::create_prerequisites`): to drop with the schema.
+async fn record_of(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<Created, tokio_postgres::Error> {
+    let comment: Option<String> = client
+        .query_one(
+            "SELECT obj_description(to_regnamespace($1), 'pg_namespace')",
+            &[&quote_ident(name)],
+        )
+        .await?
+        .get(0);
+    Ok(Created::recorded(comment.as_deref()))
 }
 
 /// Takes the database's restore lock on `client`'s session (held until it ends), or fails
@@ -508,7 +527,7 @@ async fn lock_database(
 }
 
 /// Drops staging schemas left by restores that ended without cleaning up (killed, or their
-/// target stopped). Safe only while holding the database's restore lock: every restore holds
+/// target stopped), and the types and schemas those restores created for their tables. Safe only while holding the database's restore lock: every restore holds
 /// it from before creating its staging schema until the schema is gone, so no schema found
 /// then belongs to a running restore. A schema still locked (a loader of the dead restore
 /// finishing an index build) is left for the next restore.
@@ -525,6 +544,9 @@ async fn drop_leftovers(
         .map_err(|e| PgError::query("looking for leftover staging schemas", conn, e))?;
     for r in rows {
         let name: String = r.get(0);
+        let created = record_of(client, &name)
+            .await
+            .map_err(|e| PgError::query("reading a leftover staging schema", conn, e))?;
         let dropped = client
             .batch_execute(&format!(
                 "BEGIN; SET LOCAL lock_timeout = {}; DROP SCHEMA {} CASCADE; COMMIT",
@@ -534,7 +556,8 @@ async fn drop_leftovers(
             .await;
         match dropped {
             Ok(()) => {
-                tracing::info!("dropped schema {name}, left behind by an interrupted restore")
+                tracing::info!("dropped schema {name}, left behind by an interrupted restore");
+                created.undo(client).await;
             }
             Err(e) => {
                 client
