@@ -1,7 +1,8 @@
 //! Managed databases give no superuser. A pipeline (setup, copy, streaming), `verify db`, a
 //! backup and a restore run entirely as roles created `NOSUPERUSER` with only the grants the
 //! README's "Least-privilege roles" lists; `config check` passes with them and names the exact
-//! `GRANT` or `ALTER` when one of them is taken away.
+//! `GRANT` or `ALTER` when one of them is taken away. A target with foreign keys of its own,
+//! which fire without superuser, is copied parents first; a cycle of them is refused.
 
 mod backup_util;
 mod support;
@@ -303,5 +304,77 @@ async fn pipeline_verify_backup_and_restore_run_without_superuser() {
                || ' ' || pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'public.item'::regclass"
         ),
         "1 1 restorer"
+    );
+}
+
+/// A target whose tables exist with their own foreign key (items to invoices): without
+/// superuser the key fires during the copy, so invoices are copied before their items.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_s_own_foreign_keys_are_respected_by_the_copy() {
+    let (src, dst) = clusters();
+    dst.psql(
+        "einvoice",
+        "CREATE TABLE public.invoice (id int PRIMARY KEY, seller text NOT NULL, \
+           amount numeric(12,2) NOT NULL, updated_at timestamptz); \
+         CREATE TABLE public.item (id int PRIMARY KEY, \
+           invoice_id int NOT NULL REFERENCES public.invoice, qty int NOT NULL); \
+         ALTER TABLE public.invoice OWNER TO applier; ALTER TABLE public.item OWNER TO applier",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // Items first in the configuration, and copied by several sessions.
+    let cfg = sync_common::write_config(
+        dir.path(),
+        &[
+            ("maindc", src.url_as("replicator", "einvoice")),
+            ("cloud", dst.url_as("applier", "einvoice")),
+        ],
+        &[(
+            "p",
+            "maindc",
+            &["cloud"],
+            &["public.item", "public.invoice"],
+        )],
+    );
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "sync",
+        "setup",
+        "p",
+        "--jobs",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    sync_common::wait_same(&src, &dst, ROWS).await;
+    sync_common::wait_same(
+        &src,
+        &dst,
+        "SELECT count(*) || ':' || sum(qty) FROM public.item",
+    )
+    .await;
+    // A cycle of foreign keys cannot be loaded in any order: refused, saying what to do.
+    dst.psql(
+        "einvoice",
+        "ALTER TABLE public.invoice ADD COLUMN first_item int REFERENCES public.item",
+    );
+    src.psql(
+        "einvoice",
+        "ALTER TABLE public.invoice ADD COLUMN first_item int",
+    );
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "sync",
+        "teardown",
+        "p",
+        "--yes",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    dst.psql("einvoice", "TRUNCATE public.item, public.invoice");
+    let (code, out, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("cycle") && err.contains("public.invoice") && err.contains("public.item"),
+        "{err}"
     );
 }
