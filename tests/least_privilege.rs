@@ -352,6 +352,21 @@ async fn a_target_s_own_foreign_keys_are_respected_by_the_copy() {
         "SELECT count(*) || ':' || sum(qty) FROM public.item",
     )
     .await;
+    // Streaming with the key firing: parents and children written together, and removed
+    // children first, as the source committed them.
+    let run = sync_common::Running::start(&sync_common::load(&cfg), "p");
+    src.psql(
+        "einvoice",
+        "BEGIN; INSERT INTO public.invoice SELECT g, 'new', g FROM generate_series(3001, 3200) g;          INSERT INTO public.item SELECT g, g - 3000, 1 FROM generate_series(6001, 6200) g; COMMIT;          BEGIN; DELETE FROM public.item WHERE invoice_id BETWEEN 100 AND 199;          DELETE FROM public.invoice WHERE id BETWEEN 100 AND 199;          UPDATE public.item SET invoice_id = 3001 WHERE id BETWEEN 6100 AND 6150; COMMIT",
+    );
+    sync_common::wait_same(&src, &dst, ROWS).await;
+    sync_common::wait_same(
+        &src,
+        &dst,
+        "SELECT string_agg(concat_ws('|', id, invoice_id, qty), ',' ORDER BY id) FROM public.item",
+    )
+    .await;
+    run.stop().await;
     // A cycle of foreign keys cannot be loaded in any order: refused, saying what to do.
     dst.psql(
         "einvoice",
