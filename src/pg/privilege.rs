@@ -62,7 +62,7 @@ pub struct MissingPrivilege {
 }
 
 /// The replication-origin functions apply and teardown call, with what calls them.
-pub const ORIGIN_FUNCTIONS: &[(&str, &str)] = &[
+const ORIGIN_FUNCTIONS: &[(&str, &str)] = &[
     ("pg_replication_origin_oid(text)", "sync setup and run"),
     ("pg_replication_origin_create(text)", "sync setup and run"),
     (
