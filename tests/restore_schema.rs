@@ -128,6 +128,9 @@ async fn rich_schema_restores_as_pg_dump_sees_it() {
         &[
             TABLE_KINDS,
             &[
+                "ALTER SCHEMA sales OWNER TO app_owner",
+                "GRANT USAGE ON SCHEMA sales TO app_reader",
+                "COMMENT ON SCHEMA sales IS",
                 "CREATE FUNCTION sales.touch()",
                 "FOREIGN KEY (invoice_id, issued_at) REFERENCES sales.invoice(id, issued_at)",
                 "CREATE TRIGGER invoice_touch",

@@ -327,9 +327,18 @@ async fn restore_tables(
     // The types the tables need are created and committed before the load, and recorded in
     // the staging schema's comment: whoever drops that schema without the swap having
     // committed (this restore failing or stopped, or the next one after a crash) drops them.
-    schema::create_prerequisites(&client, conn, &plan, Some(&name)).await?;
+    let created = schema::create_prerequisites(&client, conn, &plan, Some(&name)).await?;
     load_and_swap(
-        repo, &loc, &client, conn, &tables, &plan, &name, staging, opts,
+        repo,
+        &loc,
+        &client,
+        conn,
+        &tables,
+        &plan,
+        &name,
+        staging,
+        opts,
+        &created.schemas(),
     )
     .await?;
     Ok(tables
@@ -635,6 +644,7 @@ async fn load_and_swap(
     staging: &str,
     sessions: &Staging,
     opts: &RestoreDbOptions,
+    created_schemas: &[String],
 ) -> Result<(), BackupError> {
     // Biggest first, so the two loaders finish close together.
     let mut order: Vec<usize> = (0..tables.len()).collect();
@@ -673,6 +683,7 @@ async fn load_and_swap(
         staging,
         indexed: &indexed,
         replace: opts.replace,
+        created_schemas,
     };
     let deadline = Instant::now() + opts.lock_wait;
     loop {
@@ -753,6 +764,8 @@ struct Swap<'a> {
     /// Per table, whether its constraints and indexes were built in the staging schema.
     indexed: &'a [bool],
     replace: bool,
+    /// The schemas this restore created, which get the saved owners, privileges and comments.
+    created_schemas: &'a [String],
 }
 
 impl Swap<'_> {
@@ -785,6 +798,7 @@ impl Swap<'_> {
             staging,
             indexed,
             replace,
+            created_schemas,
         } = *self;
         let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
         let refused = refused_tables(client, conn, tables, replace).await?;
@@ -864,6 +878,7 @@ impl Swap<'_> {
             .await?;
         }
         run("foreign keys".into(), plan.foreign_key_statements()).await?;
+        run("schemas".into(), plan.schema_statements(created_schemas)).await?;
         for k in &dependents.foreign_keys {
             run(
                 format!(

@@ -137,6 +137,17 @@ pub async fn create_prerequisites(
 const RECORD_PREFIX: &str = "invsync created: ";
 
 impl Created {
+    /// The schemas among what was created.
+    pub fn schemas(&self) -> Vec<String> {
+        self.objects
+            .iter()
+            .filter_map(|o| match o {
+                CreatedObject::Schema(s) => Some(s.clone()),
+                CreatedObject::Type(_) => None,
+            })
+            .collect()
+    }
+
     /// What [`create_prerequisites`] recorded in a schema's `comment`; nothing for a comment
     /// it did not write.
     pub fn recorded(comment: Option<&str>) -> Created {

@@ -3,8 +3,9 @@
 //!
 //! A [`TableModel`] is one table as a user names it (a partitioned table with all its
 //! partitions, or a plain table) together with what it needs to exist: the user-defined types
-//! its columns use, the sequences its columns own or call, and the functions its triggers
-//! call. It is read in whatever transaction the caller holds, so a backup reads it at its
+//! its columns use, the sequences its columns own or call, the functions its triggers call,
+//! and the schemas all of these live in (with owners, privileges and comments, given to a
+//! schema only where a restore creates it). It is read in whatever transaction the caller holds, so a backup reads it at its
 //! cut. Definitions are kept as PostgreSQL itself writes them (`format_type`,
 //! `pg_get_constraintdef`, `pg_get_indexdef`, `pg_get_triggerdef`, `pg_get_functiondef`,
 //! `pg_get_expr`, `pg_get_partkeydef`), read with only `pg_catalog` on the search path so that
@@ -55,6 +56,18 @@ pub struct TableModel {
     pub types: Vec<types::TypeDef>,
     pub sequences: Vec<sequence::SequenceDef>,
     pub functions: Vec<trigger::FunctionDef>,
+    /// The schemas all of these live in (none in manifests written before schemas were
+    /// saved: a restore then creates them owned by the restoring role, with default privileges).
+    #[serde(default)]
+    pub schemas: Vec<SchemaDef>,
+}
+
+/// A schema with its owner, privileges and comment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaDef {
+    pub name: String,
+    pub comment: Option<String>,
+    pub access: Access,
 }
 
 impl TableModel {
@@ -112,6 +125,7 @@ impl TableModel {
             types: Vec::new(),
             sequences: Vec::new(),
             functions: Vec::new(),
+            schemas: Vec::new(),
         };
         let mut seen_types = Vec::new();
         for r in rows {
@@ -139,6 +153,38 @@ impl TableModel {
             }
             model.relations.push(rel);
         }
+        let mut names: Vec<String> = model
+            .relations
+            .iter()
+            .map(|r| r.name.schema.clone())
+            .chain(model.types.iter().flat_map(types::TypeDef::schemas))
+            .chain(model.sequences.iter().map(|s| s.name.schema.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT nspname::text, obj_description(oid, 'pg_namespace'), \
+                       pg_get_userbyid(nspowner)::text, {} \
+                     FROM pg_namespace WHERE nspname = ANY($1) ORDER BY 1",
+                    acl::select("nspacl")
+                ),
+                &[&names],
+            )
+            .await
+            .map_err(|e| PgError::query(format!("reading the schemas of {table}"), conn, e))?;
+        model.schemas = rows
+            .iter()
+            .map(|r| SchemaDef {
+                name: r.get(0),
+                comment: r.get(1),
+                access: Access {
+                    owner: Some(r.get(2)),
+                    acl: acl::parse(r.get(3)),
+                },
+            })
+            .collect();
         Ok(model)
     }
 }
