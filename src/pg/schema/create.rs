@@ -13,13 +13,25 @@ use tokio_postgres::Client;
 use super::Plan;
 use crate::pg::{quote_ident, quote_literal, ConnInfo, PgError, TableName};
 
-/// Roles the plan needs that the target lacks, by name.
+/// Roles the plan needs that the target lacks, by name (a schema's only if the target lacks
+/// the schema, which the plan then creates).
 pub async fn missing_roles(
     client: &Client,
     conn: &ConnInfo,
     plan: &Plan<'_>,
 ) -> Result<Vec<String>, PgError> {
-    let wanted: Vec<String> = plan.required_roles().into_iter().collect();
+    let mut wanted = plan.required_roles();
+    let absent = client
+        .query(
+            "SELECT s FROM unnest($1::text[]) s WHERE to_regnamespace(quote_ident(s)) IS NULL",
+            &[&plan.schemas()],
+        )
+        .await
+        .map_err(|e| PgError::query("looking up schemas", conn, e))?;
+    for r in absent {
+        wanted.extend(plan.schema_roles(r.get(0)));
+    }
+    let wanted: Vec<String> = wanted.into_iter().collect();
     let rows = client
         .query(
             "SELECT r FROM unnest($1::text[]) r \

@@ -92,7 +92,8 @@ impl<'m> Plan<'m> {
     }
 
     /// Roles that must exist on the target: owners and grantees (unless left out by the
-    /// options) and the roles policies name.
+    /// options) and the roles policies name; a schema's only if the plan creates it (see
+    /// [`Plan::schema_roles`]).
     pub fn required_roles(&self) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for m in &self.models {
@@ -110,9 +111,19 @@ impl<'m> Plan<'m> {
             out.extend(m.types.iter().flat_map(|t| t.access.roles(self.opts)));
             out.extend(m.sequences.iter().flat_map(|s| s.access.roles(self.opts)));
             out.extend(m.functions.iter().flat_map(|f| f.access.roles(self.opts)));
-            out.extend(m.schemas.iter().flat_map(|s| s.access.roles(self.opts)));
         }
         out
+    }
+
+    /// Roles schema `name` needs on the target if the plan creates it (its owner and grantees
+    /// under the options).
+    pub fn schema_roles(&self, name: &str) -> Vec<String> {
+        self.models
+            .iter()
+            .flat_map(|m| m.schemas.iter())
+            .find(|s| s.name == name)
+            .map(|s| s.access.roles(self.opts))
+            .unwrap_or_default()
     }
 
     /// The comments, owners and privileges of the schemas named in `created` (those the
