@@ -1,14 +1,19 @@
 //! `invsync config check`: is everything the configuration names there and usable?
 //!
 //! Connects to every database (server version, `wal_level`, whether the role may replicate,
-//! which pipeline tables are missing) and every repository (reachable or not). Each finding is
-//! a [`Problem`] with what to do; the check passes only when there are none.
+//! which pipeline tables are missing, and every privilege the configured role lacks for the
+//! part it plays, with the `GRANT` that gives it: see `pg::privilege`) and every repository
+//! (reachable or not). Each problem says what to do; the check passes only when there are
+//! none. What a restore into a database would lack is a note, since any database may become
+//! a restore's target.
 
 use serde::Serialize;
 
 use crate::backup::store;
+use crate::cdc::names;
 use crate::config::Config;
-use crate::pg::{self, ConnInfo, PgError, TablePattern};
+use crate::pg::privilege::{self, MissingPrivilege, Part};
+use crate::pg::{self, ConnInfo, PgError, TableName, TablePattern};
 
 /// What the check found, in the shape `--json` prints.
 #[derive(Debug, Serialize)]
@@ -37,6 +42,8 @@ pub struct DatabaseCheck {
     pub can_replicate: Option<bool>,
     /// Pipeline tables absent here (as a source: an error; as a target: created by setup).
     pub missing_tables: Vec<String>,
+    /// Privileges the role lacks, as a source, a target or a restore's target.
+    pub missing_privileges: Vec<MissingPrivilege>,
     pub problems: Vec<String>,
     pub notes: Vec<String>,
 }
@@ -59,6 +66,12 @@ pub async fn check(config: &Config) -> CheckReport {
             .filter(|p| &p.source == name)
             .flat_map(|p| p.tables.iter())
             .collect();
+        let publications: Vec<String> = config
+            .pipelines
+            .iter()
+            .filter(|(_, p)| &p.source == name)
+            .map(|(pipeline, _)| names::publication(pipeline))
+            .collect();
         let targeted: Vec<&TablePattern> = config
             .pipelines
             .values()
@@ -66,7 +79,7 @@ pub async fn check(config: &Config) -> CheckReport {
             .flat_map(|p| p.tables.iter())
             .collect();
         databases.push(match db {
-            Ok(db) => check_database(name, &db.conn, &sourced, &targeted).await,
+            Ok(db) => check_database(name, &db.conn, &sourced, &publications, &targeted).await,
             Err(unset) => DatabaseCheck::unusable(
                 name,
                 unset.needed_for(format!("checking database `{name}`")),
@@ -130,6 +143,7 @@ impl DatabaseCheck {
             wal_level: None,
             can_replicate: None,
             missing_tables: Vec::new(),
+            missing_privileges: Vec::new(),
             problems: vec![why.to_string()],
             notes: Vec::new(),
         }
@@ -140,6 +154,7 @@ async fn check_database(
     name: &str,
     conn: &ConnInfo,
     sourced: &[&TablePattern],
+    publications: &[String],
     targeted: &[&TablePattern],
 ) -> DatabaseCheck {
     let mut dc = DatabaseCheck {
@@ -159,7 +174,10 @@ async fn check_database(
     let facts = client
         .query_one(
             "SELECT current_setting('server_version'), current_setting('wal_level'), \
-                    rolreplication OR rolsuper, current_user::text \
+                    rolreplication OR rolsuper OR EXISTS (SELECT 1 FROM pg_roles g \
+                      WHERE g.rolname = 'rds_replication' \
+                        AND pg_has_role(current_user, g.oid, 'MEMBER')), \
+                    current_user::text \
              FROM pg_roles WHERE rolname = current_user",
             &[],
         )
@@ -179,26 +197,27 @@ async fn check_database(
     dc.wal_level = Some(wal_level.clone());
     dc.can_replicate = Some(can_replicate);
 
-    if !sourced.is_empty() {
-        if wal_level != "logical" {
-            dc.problems.push(format!(
-                "wal_level is {wal_level}, but a pipeline reads from this database; \
-                 set wal_level = logical in postgresql.conf and restart the server"
-            ));
-        }
-        if !can_replicate {
-            dc.problems.push(format!(
-                "role {user} may not replicate, but a pipeline reads from this database; \
-                 run ALTER ROLE {} REPLICATION",
-                pg::quote_ident(&user)
-            ));
-        }
+    if !sourced.is_empty() && wal_level != "logical" {
+        dc.problems.push(format!(
+            "wal_level is {wal_level}, but a pipeline reads from this database; \
+             set wal_level = logical in postgresql.conf and restart the server"
+        ));
     }
+    // Tables as each part sees them: those that exist, and (for a target) those setup creates.
+    let (mut source_tables, mut target_tables) = (Vec::<TableName>::new(), Vec::<TableName>::new());
     for (patterns, is_source) in [(sourced, true), (targeted, false)] {
         for p in patterns.iter() {
+            let tables = if is_source {
+                &mut source_tables
+            } else {
+                &mut target_tables
+            };
             match pg::resolve_tables(&client, conn, std::slice::from_ref(*p)).await {
-                Ok(_) => {}
+                Ok(found) => tables.extend(found),
                 Err(PgError::MissingTable { table, .. }) => {
+                    if let (false, Some(t)) = (is_source, &p.table) {
+                        tables.push(TableName::new(p.schema.clone(), t.clone()));
+                    }
                     if dc.missing_tables.contains(&table) {
                         continue;
                     }
@@ -216,6 +235,41 @@ async fn check_database(
                 Err(e) if is_source => dc.problems.push(e.to_string()),
                 Err(e) => dc.notes.push(e.to_string()),
             }
+        }
+    }
+    let mut parts = Vec::new();
+    if !sourced.is_empty() {
+        parts.push(Part::Source {
+            tables: &source_tables,
+            publications,
+        });
+    }
+    if !targeted.is_empty() {
+        parts.push(Part::Target {
+            tables: &target_tables,
+        });
+    }
+    parts.push(Part::Restore);
+    for part in &parts {
+        match privilege::missing(&client, conn, part).await {
+            Ok(missing) => {
+                for m in missing {
+                    if dc.missing_privileges.iter().any(|n| n.grant == m.grant) {
+                        continue;
+                    }
+                    let line = format!(
+                        "role {user} lacks {}, which {} needs; run as an administrator: {}",
+                        m.privilege, m.needed_for, m.grant
+                    );
+                    if matches!(part, Part::Restore) {
+                        dc.notes.push(line);
+                    } else {
+                        dc.problems.push(line);
+                    }
+                    dc.missing_privileges.push(m);
+                }
+            }
+            Err(e) => dc.problems.push(e.to_string()),
         }
     }
     dc

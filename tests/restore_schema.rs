@@ -23,7 +23,8 @@ use invsync::backup::snapshot::{self, Snapshot};
 use invsync::config::{RepositoryConfig, TablePattern};
 use invsync::pg::schema::AccessOptions;
 use support::rich_schema::{
-    assert_rows_identical, assert_same_dump, rich_schema, schema_dump, ROLES, TABLE_KINDS,
+    assert_rows_identical, assert_same_dump, rich_schema, schema_dump, schema_dump_with, ROLES,
+    TABLE_KINDS,
 };
 use support::{ClusterOptions, PgCluster};
 
@@ -128,6 +129,9 @@ async fn rich_schema_restores_as_pg_dump_sees_it() {
         &[
             TABLE_KINDS,
             &[
+                "ALTER SCHEMA sales OWNER TO app_owner",
+                "GRANT USAGE ON SCHEMA sales TO app_reader",
+                "COMMENT ON SCHEMA sales IS",
                 "CREATE FUNCTION sales.touch()",
                 "FOREIGN KEY (invoice_id, issued_at) REFERENCES sales.invoice(id, issued_at)",
                 "CREATE TRIGGER invoice_touch",
@@ -366,4 +370,328 @@ async fn money_floats_and_times_keep_their_values_across_servers_text_defaults()
     );
     sync_common::wait_same(&src, &dst, AMOUNTS).await;
     run.stop().await;
+}
+
+/// Invoices and their items, the tables a live database replaces from a backup.
+const INVOICES: &str = "CREATE SCHEMA sales; \
+    CREATE TABLE sales.invoice (id int PRIMARY KEY, seller text NOT NULL, amount numeric(12,2) NOT NULL); \
+    CREATE TABLE sales.item (id int PRIMARY KEY, invoice_id int NOT NULL REFERENCES sales.invoice (id), qty int NOT NULL); \
+    INSERT INTO sales.invoice SELECT g, 'seller' || g % 7, g * 1.5 FROM generate_series(1, 3000) g; \
+    INSERT INTO sales.item SELECT g, 1 + g % 3000, g % 5 + 1 FROM generate_series(1, 9000) g";
+
+/// What an application builds on those tables in the live database: another table's foreign
+/// key into them, views (one on another, one with a check option), an `INSTEAD OF` trigger, a
+/// materialized view with an index, comments and grants.
+const DEPENDENTS: &str = r#"
+    CREATE TABLE public.payment (id int PRIMARY KEY, invoice_id int NOT NULL, paid numeric(12,2));
+    ALTER TABLE public.payment ADD CONSTRAINT payment_invoice_fkey FOREIGN KEY (invoice_id)
+        REFERENCES sales.invoice (id) ON DELETE CASCADE DEFERRABLE;
+    COMMENT ON CONSTRAINT payment_invoice_fkey ON public.payment IS 'paid what was issued';
+    INSERT INTO public.payment SELECT g, g * 3, 1 FROM generate_series(1, 500) g;
+    CREATE VIEW public.invoice_totals WITH (security_barrier) AS
+        SELECT i.id, i.seller, i.amount, sum(t.qty) AS qty
+        FROM sales.invoice i JOIN sales.item t ON t.invoice_id = i.id GROUP BY i.id;
+    COMMENT ON VIEW public.invoice_totals IS 'one line per invoice';
+    COMMENT ON COLUMN public.invoice_totals.qty IS 'items on it';
+    GRANT SELECT ON public.invoice_totals TO app_reader;
+    CREATE VIEW public.big_invoices AS SELECT id, seller FROM public.invoice_totals WHERE qty > 10;
+    CREATE FUNCTION public.read_only() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN RAISE EXCEPTION 'read only'; END $$;
+    CREATE TRIGGER big_invoices_read_only INSTEAD OF INSERT ON public.big_invoices
+        FOR EACH ROW EXECUTE FUNCTION public.read_only();
+    CREATE VIEW public.many_items AS SELECT id, invoice_id, qty FROM sales.item WHERE qty > 1
+        WITH CASCADED CHECK OPTION;
+    CREATE MATERIALIZED VIEW public.seller_totals AS
+        SELECT seller, sum(amount) AS amount, count(*) AS n FROM sales.invoice GROUP BY seller;
+    CREATE UNIQUE INDEX seller_totals_seller ON public.seller_totals (seller);
+    COMMENT ON MATERIALIZED VIEW public.seller_totals IS 'for the dashboard';
+    GRANT SELECT ON public.seller_totals TO app_reader;
+"#;
+
+/// `pg_dump --schema-only` of the objects [`DEPENDENTS`] creates.
+fn dependents_dump(pg: &PgCluster, db: &str) -> String {
+    let mut args = Vec::new();
+    for t in [
+        "public.payment",
+        "public.invoice_totals",
+        "public.big_invoices",
+        "public.many_items",
+        "public.seller_totals",
+    ] {
+        args.extend(["-t", t]);
+    }
+    schema_dump_with(pg, db, &args)
+}
+
+/// Row counts and checksums of every table and view of the live database.
+fn live_rows(pg: &PgCluster, db: &str) -> Vec<String> {
+    [
+        ("sales.invoice", "id"),
+        ("sales.item", "id"),
+        ("public.payment", "id"),
+        ("public.invoice_totals", "id"),
+        ("public.many_items", "id"),
+        ("public.seller_totals", "seller"),
+    ]
+    .iter()
+    .map(|(t, order)| format!("{t} {}", backup_util::fingerprint(pg, db, t, order)))
+    .collect()
+}
+
+/// `restore --replace` into a database in use, whose tables carry views, a materialized view
+/// and another table's foreign key. When the restored rows break that foreign key the restore
+/// fails whole, naming it, and the database keeps its rows and objects exactly; once they fit,
+/// the restore waits for a reader to finish, replaces the tables, and the dependents are
+/// back as they were, working on the restored rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_keeps_what_is_built_on_the_tables_or_changes_nothing() {
+    let pg = PgCluster::start();
+    pg.psql("postgres", "CREATE ROLE app_reader");
+    pg.psql("einvoice", INVOICES);
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path()).await;
+    let snap = backup_tables(&repo, &pg, &["sales.*"]).await;
+    pg.psql("postgres", "CREATE DATABASE restored");
+    restore_whole(&repo, &snap, &pg).await;
+    pg.psql("restored", DEPENDENTS);
+    // The live database moves on from the snapshot: an invoice issued since, and paid.
+    pg.psql(
+        "restored",
+        "UPDATE sales.invoice SET amount = amount + 1 WHERE id % 3 = 0; \
+         DELETE FROM sales.item WHERE id % 10 = 0; \
+         INSERT INTO sales.invoice VALUES (5000, 'seller1', 99); \
+         INSERT INTO public.payment VALUES (5000, 5000, 99); \
+         REFRESH MATERIALIZED VIEW public.seller_totals",
+    );
+    let replace = RestoreDbOptions {
+        replace: true,
+        ..restore_opts(AccessOptions::default())
+    };
+    let (dump, rows) = (schema_dump(&pg, "restored"), live_rows(&pg, "restored"));
+    let dependents = dependents_dump(&pg, "restored");
+    for kind in [
+        "CREATE VIEW public.big_invoices",
+        "WITH (security_barrier='true')",
+        "WITH CASCADED CHECK OPTION",
+        "CREATE TRIGGER big_invoices_read_only INSTEAD OF INSERT",
+        "CREATE MATERIALIZED VIEW public.seller_totals",
+        "CREATE UNIQUE INDEX seller_totals_seller",
+        "COMMENT ON COLUMN public.invoice_totals.qty",
+        "GRANT SELECT ON TABLE public.seller_totals TO app_reader",
+        "FOREIGN KEY (invoice_id) REFERENCES sales.invoice(id) ON DELETE CASCADE DEFERRABLE",
+        "COMMENT ON CONSTRAINT payment_invoice_fkey",
+    ] {
+        assert!(dependents.contains(kind), "{kind} not in:\n{dependents}");
+    }
+
+    // Invoice 5000 is not in the snapshot, and a payment references it.
+    let err = restore::restore_db(
+        &repo,
+        &snap,
+        &pg.conn("restored"),
+        &replace,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("foreign key payment_invoice_fkey of public.payment")
+            && err.contains("nothing was restored"),
+        "{err}"
+    );
+    assert_eq!(
+        live_rows(&pg, "restored"),
+        rows,
+        "a failed restore changed rows"
+    );
+    assert_same_dump(&dump, &schema_dump(&pg, "restored"), &[]);
+    assert_eq!(
+        pg.psql(
+            "restored",
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'invsync\\_restore\\_%'"
+        ),
+        "0"
+    );
+
+    // Without that payment, and with a reader in the middle of a query on a view.
+    pg.psql("restored", "DELETE FROM public.payment WHERE id = 5000");
+    let payments = backup_util::fingerprint(&pg, "restored", "public.payment", "id");
+    let reader = pg.client("restored").await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM public.big_invoices")
+        .await
+        .unwrap();
+    let watch = pg.client("restored").await;
+    let target = pg.conn("restored");
+    let (restored, ()) = tokio::join!(
+        restore::restore_db(&repo, &snap, &target, &replace, std::future::pending()),
+        async {
+            support::wait_until(
+                std::time::Duration::from_secs(60),
+                "the restore to queue behind the reader",
+                || async {
+                    watch
+                        .query_one(
+                            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'relation'",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get::<_, i64>(0)
+                        > 0
+                },
+            )
+            .await;
+            reader.batch_execute("COMMIT").await.unwrap();
+        }
+    );
+    restored.unwrap();
+    assert_same_dump(&dependents, &dependents_dump(&pg, "restored"), &[]);
+    for (table, order) in [("sales.invoice", "id"), ("sales.item", "id")] {
+        assert_eq!(
+            backup_util::fingerprint(&pg, "einvoice", table, order),
+            backup_util::fingerprint(&pg, "restored", table, order)
+        );
+    }
+    // The views read the restored rows; the materialized view was filled from them.
+    assert_eq!(
+        backup_util::fingerprint(&pg, "restored", "public.seller_totals", "seller"),
+        backup_util::fingerprint(
+            &pg,
+            "einvoice",
+            "(SELECT seller, sum(amount) AS amount, count(*) AS n FROM sales.invoice GROUP BY seller)",
+            "seller"
+        )
+    );
+    assert_eq!(
+        backup_util::fingerprint(&pg, "restored", "public.invoice_totals", "id"),
+        backup_util::fingerprint(
+            &pg,
+            "einvoice",
+            "(SELECT i.id, i.seller, i.amount, sum(t.qty) AS qty FROM sales.invoice i \
+              JOIN sales.item t ON t.invoice_id = i.id GROUP BY i.id)",
+            "id"
+        )
+    );
+    // The payments are untouched, and their foreign key is back in force.
+    assert_eq!(
+        backup_util::fingerprint(&pg, "restored", "public.payment", "id"),
+        payments
+    );
+    let refused = watch
+        .execute("INSERT INTO public.payment VALUES (9999, 9999, 1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.as_db_error().and_then(|e| e.constraint()),
+        Some("payment_invoice_fkey"),
+        "{refused}"
+    );
+}
+
+/// The types (and schemas) a restore creates before its load are dropped with its staging
+/// schema when it does not complete: at once when it fails, and by the next restore into the
+/// database when it was killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_a_restore_created_go_when_it_does_not_complete() {
+    let src = PgCluster::start();
+    src.psql("postgres", ROLES);
+    rich_schema(&src, "einvoice");
+    let dst = PgCluster::start();
+    dst.psql("postgres", ROLES);
+    dst.psql("postgres", "CREATE DATABASE restored");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path()).await;
+    let snap = backup(&repo, &src).await;
+    // An empty table of the same name, held by a reader: the swap waits behind it, after the
+    // types are created.
+    dst.psql(
+        "restored",
+        "CREATE SCHEMA sales; CREATE TABLE sales.invoice (id int)",
+    );
+    let before = user_objects(&dst, "restored");
+    assert!(!before.contains("invoice_status"), "{before}");
+    let holder = dst.client("restored").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE sales.invoice IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+
+    // Failing: the lock is not let go in time.
+    let err = restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("restored"),
+        &RestoreDbOptions {
+            lock_wait: std::time::Duration::from_secs(1),
+            ..restore_opts(AccessOptions::default())
+        },
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stayed locked"), "{err}");
+    assert_eq!(user_objects(&dst, "restored"), before);
+
+    // Killed while it waits.
+    let config = backup_util::write_config(
+        dir.path(),
+        "invsync.toml",
+        &[("dst", dst.url("restored"))],
+        &format!("file://{}", dir.path().join("repo").display()),
+        &format!("identity_file = \"{}\"", dir.path().join("k.key").display()),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .args(["--config", config.to_str().unwrap()])
+        .args(["restore", "latest", "--to-db", "dst", "--lock-wait", "600"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watch = dst.client("restored").await;
+    support::wait_until(
+        std::time::Duration::from_secs(60),
+        "the restore to queue behind the reader",
+        || async {
+            watch
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'sales.invoice'::regclass",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = user_objects(&dst, "restored");
+    assert!(
+        left.contains("invoice_status") && left.contains("invsync_restore_"),
+        "{left}"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    // The next restore, of a table that needs none of those types, drops them.
+    src.psql(
+        "einvoice",
+        "CREATE TABLE public.plain (id int PRIMARY KEY); INSERT INTO public.plain VALUES (1)",
+    );
+    let plain = backup_tables(&repo, &src, &["public.plain"]).await;
+    restore_whole(&repo, &plain, &dst).await;
+    let sorted = |list: &str| {
+        let mut v: Vec<String> = list.split(", ").map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    // What was there, and the new table (its row type and array type, and its key).
+    assert_eq!(
+        sorted(&user_objects(&dst, "restored")),
+        sorted(&format!("{before}, plain, plain, _plain, plain_pkey"))
+    );
 }

@@ -305,6 +305,7 @@ impl TableSchema {
             types: Vec::new(),
             sequences,
             functions: Vec::new(),
+            schemas: Vec::new(),
         })
     }
 }

@@ -21,13 +21,17 @@
 //! - Other restores: a database restore holds the session-level advisory lock
 //!   ([`RESTORE_LOCK_CLASS`], 0) of the target database on its main connection from before it
 //!   creates its staging schema until that schema is committed into place or dropped. A second
-//!   restore into the same database fails at once, naming the first. Holding that lock also
+//!   restore into the same database fails within [`LOCK_RELEASE`], naming the first. Holding that lock also
 //!   proves that every `invsync_restore_*` schema found in the database belongs to a restore
 //!   that has ended (killed, or its target stopped), so a restore drops such leftovers first.
 //! - Readers and writers of the replaced tables: the swap transaction waits for each table
 //!   lock for at most [`LOCK_ATTEMPT`] at a time (while it waits, queries on that table queue
 //!   behind it), rolls back and tries again after a pause that lets them through, and after
 //!   `lock_wait` fails naming the sessions holding the locks.
+//! - What the database built on the replaced tables: views and materialized views on them and
+//!   other tables' foreign keys into them are read in the swap transaction, dropped there, and
+//!   created again once the new tables are complete (see `pg::schema::dependents`), so a
+//!   foreign key the restored rows break fails the whole transaction and changes nothing.
 //! - Signals: the caller's `stop` future ends the restore: its sessions are terminated, the
 //!   staging schema is dropped and the error says so. Should the target stop answering, the
 //!   schema stays behind until the next restore removes it.
@@ -50,8 +54,8 @@ use super::snapshot::{Snapshot, TableSnapshot};
 use super::tree::{self, EntryKind};
 use super::BackupError;
 use crate::config::TablePattern;
-use crate::pg::schema::{self, AccessOptions, Placement, Plan, TableModel};
-use crate::pg::{quote_ident, ConnInfo, PgError};
+use crate::pg::schema::{self, AccessOptions, Created, Dependents, Placement, Plan, TableModel};
+use crate::pg::{quote_ident, ConnInfo, PgError, TableName};
 use tokio_postgres::error::SqlState;
 
 /// Largest single read from a pack: neighbouring blobs are fetched together up to this.
@@ -64,6 +68,9 @@ pub const RESTORE_LOCK_CLASS: i32 = 0x696e_7673;
 pub const LOCK_ATTEMPT: Duration = Duration::from_secs(2);
 /// The pause between two attempts, in which queries queued behind the restore run.
 const LOCK_PAUSE: Duration = Duration::from_millis(500);
+/// How long a restore waits for the database's restore lock to be let go by a restore that
+/// has just ended (its session closing) before it reports another restore as running.
+const LOCK_RELEASE: Duration = Duration::from_secs(2);
 /// How staging schemas are named: this prefix and 12 hex digits.
 const STAGING_PREFIX: &str = "invsync_restore_";
 
@@ -317,17 +324,23 @@ async fn restore_tables(
         tracing::warn!("{skipped}");
     }
     let name = staging.create(&client, conn).await?;
-    // The types the tables need are created and committed before the load, and dropped again
-    // if the restore fails (a crash or a signal can leave them, as it can the staging schema).
-    let created = schema::create_prerequisites(&client, conn, &plan).await?;
-    let result = load_and_swap(
-        repo, &loc, &client, conn, &tables, &plan, &name, staging, opts,
+    // The types the tables need are created and committed before the load, and recorded in
+    // the staging schema's comment: whoever drops that schema without the swap having
+    // committed (this restore failing or stopped, or the next one after a crash) drops them.
+    let created = schema::create_prerequisites(&client, conn, &plan, Some(&name)).await?;
+    load_and_swap(
+        repo,
+        &loc,
+        &client,
+        conn,
+        &tables,
+        &plan,
+        &name,
+        staging,
+        opts,
+        &created.schemas(),
     )
-    .await;
-    if result.is_err() {
-        created.undo(&client).await;
-    }
-    result?;
+    .await?;
     Ok(tables
         .iter()
         .map(|t| RestoredTable {
@@ -420,7 +433,8 @@ fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// On a connection of its own: ends `sessions` and drops the schema `name`.
+/// On a connection of its own: ends `sessions`, drops the schema `name`, then the types and
+/// schemas its restore created for its tables.
 async fn drop_staging(
     conn: &ConnInfo,
     name: &str,
@@ -445,9 +459,30 @@ async fn drop_staging(
             .join(","),
         quote_ident(name)
     );
+    let created = record_of(&ctl, name)
+        .await
+        .map_err(|e| crate::pg::describe(&e))?;
     ctl.batch_execute(&sql)
         .await
-        .map_err(|e| crate::pg::describe(&e))
+        .map_err(|e| crate::pg::describe(&e))?;
+    created.undo(&ctl).await;
+    Ok(())
+}
+
+/// The schemas and types the restore that made staging schema `name` created for its tables
+/// (see `pg::schema::create_prerequisites`): to drop with the schema.
+async fn record_of(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<Created, tokio_postgres::Error> {
+    let comment: Option<String> = client
+        .query_one(
+            "SELECT obj_description(to_regnamespace($1), 'pg_namespace')",
+            &[&quote_ident(name)],
+        )
+        .await?
+        .get(0);
+    Ok(Created::recorded(comment.as_deref()))
 }
 
 /// Takes the database's restore lock on `client`'s session (held until it ends), or fails
@@ -457,13 +492,22 @@ async fn lock_database(
     conn: &ConnInfo,
 ) -> Result<(), BackupError> {
     let q = |e| PgError::query("taking the database's restore lock", conn, e);
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&RESTORE_LOCK_CLASS])
-        .await
-        .map_err(q)?
-        .get(0);
-    if got {
-        return Ok(());
+    // A restore that has just ended may hold the lock a moment longer, until the server has
+    // seen its session close.
+    let deadline = Instant::now() + LOCK_RELEASE;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&RESTORE_LOCK_CLASS])
+            .await
+            .map_err(q)?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let holder = client
         .query_opt(
@@ -492,7 +536,7 @@ async fn lock_database(
 }
 
 /// Drops staging schemas left by restores that ended without cleaning up (killed, or their
-/// target stopped). Safe only while holding the database's restore lock: every restore holds
+/// target stopped), and the types and schemas those restores created for their tables. Safe only while holding the database's restore lock: every restore holds
 /// it from before creating its staging schema until the schema is gone, so no schema found
 /// then belongs to a running restore. A schema still locked (a loader of the dead restore
 /// finishing an index build) is left for the next restore.
@@ -509,6 +553,9 @@ async fn drop_leftovers(
         .map_err(|e| PgError::query("looking for leftover staging schemas", conn, e))?;
     for r in rows {
         let name: String = r.get(0);
+        let created = record_of(client, &name)
+            .await
+            .map_err(|e| PgError::query("reading a leftover staging schema", conn, e))?;
         let dropped = client
             .batch_execute(&format!(
                 "BEGIN; SET LOCAL lock_timeout = {}; DROP SCHEMA {} CASCADE; COMMIT",
@@ -518,7 +565,8 @@ async fn drop_leftovers(
             .await;
         match dropped {
             Ok(()) => {
-                tracing::info!("dropped schema {name}, left behind by an interrupted restore")
+                tracing::info!("dropped schema {name}, left behind by an interrupted restore");
+                created.undo(client).await;
             }
             Err(e) => {
                 client
@@ -596,6 +644,7 @@ async fn load_and_swap(
     staging: &str,
     sessions: &Staging,
     opts: &RestoreDbOptions,
+    created_schemas: &[String],
 ) -> Result<(), BackupError> {
     // Biggest first, so the two loaders finish close together.
     let mut order: Vec<usize> = (0..tables.len()).collect();
@@ -634,6 +683,7 @@ async fn load_and_swap(
         staging,
         indexed: &indexed,
         replace: opts.replace,
+        created_schemas,
     };
     let deadline = Instant::now() + opts.lock_wait;
     loop {
@@ -714,6 +764,8 @@ struct Swap<'a> {
     /// Per table, whether its constraints and indexes were built in the staging schema.
     indexed: &'a [bool],
     replace: bool,
+    /// The schemas this restore created, which get the saved owners, privileges and comments.
+    created_schemas: &'a [String],
 }
 
 impl Swap<'_> {
@@ -746,6 +798,7 @@ impl Swap<'_> {
             staging,
             indexed,
             replace,
+            created_schemas,
         } = *self;
         let q = |what: String, e| BackupError::Db(PgError::query(what, conn, e));
         let refused = refused_tables(client, conn, tables, replace).await?;
@@ -765,13 +818,38 @@ impl Swap<'_> {
             }
             Ok::<(), BackupError>(())
         };
+        // Views on the tables and other tables' foreign keys into them would stop the drops:
+        // they are taken down here and put back once the new tables are complete.
+        let replaced: Vec<TableName> = plan
+            .models()
+            .iter()
+            .flat_map(|m| m.relations.iter().map(|r| r.name.clone()))
+            .collect();
+        let dependents = schema::read_qualified(
+            client,
+            conn,
+            "reading what depends on the tables to replace",
+            Dependents::load(client, conn, &replaced),
+        )
+        .await?;
+        run(
+            "taking down the views and foreign keys that depend on the tables to replace".into(),
+            dependents.drop_statements(),
+        )
+        .await?;
+        // In one statement, so that foreign keys among them do not hold any of them back.
+        let quoted: Vec<String> = replaced.iter().map(TableName::quoted).collect();
+        run(
+            "replacing the tables".into(),
+            vec![format!("DROP TABLE IF EXISTS {}", quoted.join(", "))],
+        )
+        .await?;
         for (i, t) in tables.iter().enumerate() {
             let model = &plan.models()[i];
             let mut statements = Vec::new();
             for (r, rel) in model.relations.iter().enumerate() {
                 let name = &rel.name;
                 statements.extend([
-                    format!("DROP TABLE IF EXISTS {}", name.quoted()),
                     format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)),
                     format!(
                         "ALTER TABLE {} RENAME TO {}",
@@ -800,6 +878,28 @@ impl Swap<'_> {
             .await?;
         }
         run("foreign keys".into(), plan.foreign_key_statements()).await?;
+        run("schemas".into(), plan.schema_statements(created_schemas)).await?;
+        for k in &dependents.foreign_keys {
+            run(
+                format!(
+                    "foreign key {} of {} (a table not restored) does not hold for the restored rows",
+                    k.name, k.table
+                ),
+                k.add_statements(),
+            )
+            .await?;
+        }
+        for v in &dependents.views {
+            run(
+                format!(
+                    "{} {}, built on the restored tables, cannot be created again on them",
+                    v.kind().to_lowercase(),
+                    v.name
+                ),
+                v.statements(),
+            )
+            .await?;
+        }
         client
             .batch_execute(&format!("DROP SCHEMA {}", quote_ident(staging)))
             .await

@@ -14,6 +14,7 @@ mod fence;
 pub(crate) mod keyrange;
 mod lsn;
 mod pattern;
+pub mod privilege;
 pub mod schema;
 pub mod settings;
 

@@ -11,6 +11,12 @@
 //! from the start by setup, which empties the tables it was filling. Copy sessions carry
 //! replication origins like apply sessions, so a pipeline in the opposite direction does not
 //! stream the copied rows back.
+//!
+//! A target role that is not superuser cannot turn off the target's own foreign keys
+//! (`session_replication_role`), so they check every piece as it commits: the copy then runs
+//! in waves, each table after the tables it references among those copied ([`waves`]), and a
+//! table that references itself in one piece. A cycle of such keys cannot be loaded in any
+//! order and is refused before anything is copied.
 
 use std::collections::HashMap;
 
@@ -117,6 +123,7 @@ pub async fn copy_all(
     let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let style = ProgressStyle::with_template("{prefix:40} {bar:30} {bytes:>10} {elapsed}")
         .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let order = CopyOrder::load(&tables).await?;
     let mut pieces = Vec::new();
     let mut stats = Vec::new();
     let mut progress_bars = Vec::new();
@@ -130,7 +137,7 @@ pub async fn copy_all(
             .map_err(|e| PgError::query(format!("sizing {}", job.source.name), source_conn, e))?
             .get(0);
         let pages = size / 8192;
-        if pages > PIECE_PAGES {
+        if pages > PIECE_PAGES && !order.whole[i] {
             let mut from = 0;
             while from < pages {
                 let to = from + PIECE_PAGES;
@@ -189,23 +196,29 @@ pub async fn copy_all(
         pipeline,
     };
 
-    let results: Vec<(usize, u64, u64)> = futures::stream::iter(pieces)
-        .map(|piece| {
-            let job = &tables[piece.job];
-            let bar = &progress_bars[piece.job];
-            let binary = stats[piece.job].binary;
-            let origins = &origins;
-            let from = &from;
-            async move {
-                let origin = origins.take(&job.target_name);
-                let (rows, bytes) =
-                    copy_piece(from, job, piece.pages, binary, bar, origin.name.as_deref()).await?;
-                Ok::<_, SyncError>((piece.job, rows, bytes))
-            }
-        })
-        .buffer_unordered(jobs)
-        .try_collect()
-        .await?;
+    let mut results: Vec<(usize, u64, u64)> = Vec::new();
+    for wave in 0..=order.waves.iter().copied().max().unwrap_or(0) {
+        let this_wave = pieces.iter().filter(|p| order.waves[p.job] == wave);
+        let done: Vec<(usize, u64, u64)> = futures::stream::iter(this_wave)
+            .map(|piece| {
+                let job = &tables[piece.job];
+                let bar = &progress_bars[piece.job];
+                let binary = stats[piece.job].binary;
+                let origins = &origins;
+                let from = &from;
+                async move {
+                    let origin = origins.take(&job.target_name);
+                    let (rows, bytes) =
+                        copy_piece(from, job, piece.pages, binary, bar, origin.name.as_deref())
+                            .await?;
+                    Ok::<_, SyncError>((piece.job, rows, bytes))
+                }
+            })
+            .buffer_unordered(jobs)
+            .try_collect()
+            .await?;
+        results.extend(done);
+    }
     for (job, rows, bytes) in results {
         stats[job].rows += rows;
         stats[job].bytes += bytes;
@@ -218,6 +231,116 @@ pub async fn copy_all(
         progress::drop_origins(&client, conn, &origin_names(name)).await?;
     }
     Ok(stats)
+}
+
+/// In which order the tables are copied: all at once where each target's foreign keys are
+/// off during the copy (a superuser's session), else in [`waves`].
+struct CopyOrder {
+    /// Per table (index into the copy's tables): its wave, from 0.
+    waves: Vec<usize>,
+    /// Per table: copied in one piece (it references itself and its keys fire).
+    whole: Vec<bool>,
+}
+
+impl CopyOrder {
+    async fn load(tables: &[TableCopy]) -> Result<CopyOrder, SyncError> {
+        let mut order = CopyOrder {
+            waves: vec![0; tables.len()],
+            whole: vec![false; tables.len()],
+        };
+        let mut targets: Vec<&str> = tables.iter().map(|t| t.target_name.as_str()).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for target in targets {
+            let jobs: Vec<usize> = (0..tables.len())
+                .filter(|&i| tables[i].target_name == target)
+                .collect();
+            let conn = &tables[jobs[0]].target_conn;
+            let client = conn.connect().await?;
+            let q = |e| PgError::query("reading the target's foreign keys", conn, e);
+            let superuser: bool = client
+                .query_one(
+                    "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                    &[],
+                )
+                .await
+                .map_err(q)?
+                .get(0);
+            if superuser {
+                continue;
+            }
+            let names: Vec<String> = jobs
+                .iter()
+                .map(|&i| tables[i].target.name.quoted())
+                .collect();
+            let rows = client
+                .query(
+                    "SELECT a.i::int, b.i::int FROM pg_constraint k \
+                     JOIN unnest($1::text[]) WITH ORDINALITY a(t, i) ON k.conrelid = to_regclass(a.t) \
+                     JOIN unnest($1::text[]) WITH ORDINALITY b(t, i) ON k.confrelid = to_regclass(b.t) \
+                     WHERE k.contype = 'f' AND k.conparentid = 0",
+                    &[&names],
+                )
+                .await
+                .map_err(q)?;
+            // Positions in `jobs`, from SQL's 1-based ordinality.
+            let edges: Vec<(usize, usize)> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, i32>(0) as usize - 1,
+                        r.get::<_, i32>(1) as usize - 1,
+                    )
+                })
+                .collect();
+            for &(child, parent) in &edges {
+                if child == parent {
+                    order.whole[jobs[child]] = true;
+                }
+            }
+            match waves(jobs.len(), &edges) {
+                Ok(w) => {
+                    for (k, &i) in jobs.iter().enumerate() {
+                        order.waves[i] = w[k];
+                    }
+                }
+                Err(cycle) => {
+                    let names: Vec<String> = cycle
+                        .iter()
+                        .map(|&k| tables[jobs[k]].target.name.to_string())
+                        .collect();
+                    return Err(SyncError::Config(format!(
+                        "foreign keys on {conn} form a cycle among {}: without superuser they \
+                         are checked during the initial copy, and no order of the tables \
+                         satisfies them; drop one of them on the target until setup is done \
+                         and add it back then, or run setup as a superuser",
+                        names.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(order)
+    }
+}
+
+/// The wave of each of `n` tables, given foreign keys as (referencing, referenced): every table
+/// in a later wave than those it references (a table referencing itself is no constraint on
+/// order). Err with the tables on or behind a cycle.
+fn waves(n: usize, edges: &[(usize, usize)]) -> Result<Vec<usize>, Vec<usize>> {
+    let mut wave = vec![0; n];
+    for _ in 0..=n {
+        let mut changed = false;
+        for &(child, parent) in edges {
+            if child != parent && wave[child] <= wave[parent] {
+                wave[child] = wave[parent] + 1;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(wave);
+        }
+    }
+    Err((0..n).filter(|&i| wave[i] >= n).collect())
 }
 
 /// Where pieces are read from: the source and the snapshot its slot exported.
@@ -381,4 +504,19 @@ async fn copy_piece(
         .await
         .map_err(|e| PgError::query("ending the copy transaction", source_conn, e))?;
     Ok((rows, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::waves;
+
+    #[test]
+    fn tables_come_after_those_they_reference_and_cycles_are_named() {
+        // 0 items -> 1 invoices -> 2 sellers; 3 references itself; 4 stands alone.
+        assert_eq!(
+            waves(5, &[(0, 1), (1, 2), (0, 2), (3, 3)]),
+            Ok(vec![2, 1, 0, 0, 0])
+        );
+        assert_eq!(waves(3, &[(0, 1), (1, 0), (2, 0)]), Err(vec![0, 1, 2]));
+    }
 }

@@ -102,7 +102,7 @@ async fn create_table(
     model: &TableModel,
 ) -> Result<(), SyncError> {
     let plan = Plan::new(vec![model], ACCESS);
-    let created = create_prerequisites(target, conn, &plan).await?;
+    let created = create_prerequisites(target, conn, &plan, None).await?;
     let statements: Vec<String> = [
         plan.create_tables(0, Placement::Final),
         plan.build_statements(0, Placement::Final),

@@ -31,6 +31,9 @@ pub fn rich_schema(pg: &PgCluster, db: &str) {
         db,
         r#"
         CREATE SCHEMA sales;
+        ALTER SCHEMA sales OWNER TO app_owner;
+        GRANT USAGE ON SCHEMA sales TO app_reader;
+        COMMENT ON SCHEMA sales IS 'invoices and what they are made of';
         CREATE DOMAIN public.ban AS text CONSTRAINT ban_digits CHECK (VALUE ~ '^[0-9]{8}$');
         CREATE TYPE sales.money_pair AS (net numeric(12,2), tax numeric(12,2));
         CREATE TYPE public.amount_range AS RANGE (subtype = numeric);

@@ -1,18 +1,37 @@
 //! What must exist on a target before a plan's tables can be created and loaded elsewhere
 //! (roles, schemas, types), checked and created here; and undone when what follows fails.
+//!
+//! What was created is also recorded, in the same transaction, in the comment of a schema the
+//! caller names (a restore's staging schema), as names only: whoever finds that schema left
+//! behind by a process that died reads the record back ([`Created::recorded`]) and undoes it.
+//! Nothing in the record is run as SQL; the `DROP`s are written from the names, without
+//! `CASCADE`, so an object someone has started using since is kept.
 
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use super::Plan;
-use crate::pg::{quote_ident, ConnInfo, PgError};
+use crate::pg::{quote_ident, quote_literal, ConnInfo, PgError, TableName};
 
-/// Roles the plan needs that the target lacks, by name.
+/// Roles the plan needs that the target lacks, by name (a schema's only if the target lacks
+/// the schema, which the plan then creates).
 pub async fn missing_roles(
     client: &Client,
     conn: &ConnInfo,
     plan: &Plan<'_>,
 ) -> Result<Vec<String>, PgError> {
-    let wanted: Vec<String> = plan.required_roles().into_iter().collect();
+    let mut wanted = plan.required_roles();
+    let absent = client
+        .query(
+            "SELECT s FROM unnest($1::text[]) s WHERE to_regnamespace(quote_ident(s)) IS NULL",
+            &[&plan.schemas()],
+        )
+        .await
+        .map_err(|e| PgError::query("looking up schemas", conn, e))?;
+    for r in absent {
+        wanted.extend(plan.schema_roles(r.get(0)));
+    }
+    let wanted: Vec<String> = wanted.into_iter().collect();
     let rows = client
         .query(
             "SELECT r FROM unnest($1::text[]) r \
@@ -24,19 +43,39 @@ pub async fn missing_roles(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Schemas and types created by [`create_prerequisites`], to drop if the restore fails.
-#[derive(Debug, Default)]
+/// One object created by [`create_prerequisites`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum CreatedObject {
+    Schema(String),
+    Type(TableName),
+}
+
+impl CreatedObject {
+    fn drop_sql(&self) -> String {
+        match self {
+            CreatedObject::Schema(s) => format!("DROP SCHEMA IF EXISTS {}", quote_ident(s)),
+            CreatedObject::Type(t) => format!("DROP TYPE IF EXISTS {}", t.quoted()),
+        }
+    }
+}
+
+/// Schemas and types created by [`create_prerequisites`] (or read back from its record), to
+/// drop if what they were created for does not complete.
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Created {
-    /// `DROP` statements, in the order to run them.
-    undo: Vec<String>,
+    /// In the order to drop them: later types (built on earlier ones) first, schemas last.
+    objects: Vec<CreatedObject>,
 }
 
 /// Creates, in one transaction of its own on `client`, the schemas and user-defined types of
-/// `plan` that the target lacks. A type that exists under the same name is taken as it is.
+/// `plan` that the target lacks, and records them in the comment of schema `record_in` (which
+/// exists) when given. A type that exists under the same name is taken as it is.
 pub async fn create_prerequisites(
     client: &Client,
     conn: &ConnInfo,
     plan: &Plan<'_>,
+    record_in: Option<&str>,
 ) -> Result<Created, PgError> {
     let q = |what: String| move |e| PgError::query(what, conn, e);
     client
@@ -59,9 +98,7 @@ pub async fn create_prerequisites(
                     .batch_execute(&format!("CREATE SCHEMA {}", quote_ident(&schema)))
                     .await
                     .map_err(q(format!("creating schema {schema}")))?;
-                created
-                    .undo
-                    .push(format!("DROP SCHEMA IF EXISTS {}", quote_ident(&schema)));
+                created.objects.push(CreatedObject::Schema(schema));
             }
         }
         for t in plan.types() {
@@ -79,9 +116,20 @@ pub async fn create_prerequisites(
                     .await
                     .map_err(q(format!("creating type {} (`{s}`)", t.name)))?;
             }
-            created
-                .undo
-                .push(format!("DROP TYPE IF EXISTS {}", t.name.quoted()));
+            created.objects.push(CreatedObject::Type(t.name.clone()));
+        }
+        // Types before the schemas that hold them, later types (built on earlier ones) first.
+        created.objects.reverse();
+        if let Some(record_in) = record_in.filter(|_| !created.objects.is_empty()) {
+            let record = serde_json::to_string(&created.objects).unwrap_or_default();
+            client
+                .batch_execute(&format!(
+                    "COMMENT ON SCHEMA {} IS {}",
+                    quote_ident(record_in),
+                    quote_literal(&format!("{RECORD_PREFIX}{record}"))
+                ))
+                .await
+                .map_err(q(format!("recording the new types in schema {record_in}")))?;
         }
         Ok(())
     }
@@ -94,26 +142,81 @@ pub async fn create_prerequisites(
         .batch_execute("COMMIT")
         .await
         .map_err(q("committing the new types".into()))?;
-    // Types before the schemas that hold them, later types (built on earlier ones) first.
-    created.undo.reverse();
     Ok(created)
 }
 
+/// What a record in a schema's comment starts with.
+const RECORD_PREFIX: &str = "invsync created: ";
+
 impl Created {
-    /// Drops what was created, in one transaction; a failure is logged, not returned, as
-    /// this runs while another error is being reported.
+    /// The schemas among what was created.
+    pub fn schemas(&self) -> Vec<String> {
+        self.objects
+            .iter()
+            .filter_map(|o| match o {
+                CreatedObject::Schema(s) => Some(s.clone()),
+                CreatedObject::Type(_) => None,
+            })
+            .collect()
+    }
+
+    /// What [`create_prerequisites`] recorded in a schema's `comment`; nothing for a comment
+    /// it did not write.
+    pub fn recorded(comment: Option<&str>) -> Created {
+        let objects = comment
+            .and_then(|c| c.strip_prefix(RECORD_PREFIX))
+            .and_then(|r| serde_json::from_str(r).ok())
+            .unwrap_or_default();
+        Created { objects }
+    }
+
+    /// Drops what was created, each on its own (one in use since is kept, and the schema
+    /// holding it with it); a failure is logged, not returned, as this runs while another
+    /// error is being reported or while cleaning up.
     pub async fn undo(&self, client: &Client) {
-        if self.undo.is_empty() {
-            return;
+        for o in &self.objects {
+            if let Err(e) = client.batch_execute(&o.drop_sql()).await {
+                tracing::warn!(
+                    "cannot drop what a restore created ({}): {}",
+                    o.drop_sql(),
+                    crate::pg::describe(&e)
+                );
+            }
         }
-        let sql = format!("BEGIN; {}; COMMIT", self.undo.join("; "));
-        if let Err(e) = client.batch_execute(&sql).await {
-            let _ = client.batch_execute("ROLLBACK").await;
-            tracing::warn!(
-                "cannot drop the types and schemas the restore created ({}): {}",
-                self.undo.join("; "),
-                crate::pg::describe(&e)
-            );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_read_back_as_names_and_nothing_else_is() {
+        let created = Created {
+            objects: vec![
+                CreatedObject::Type(TableName::new("sales", "mood")),
+                CreatedObject::Schema("sales".into()),
+            ],
+        };
+        let comment = format!(
+            "{RECORD_PREFIX}{}",
+            serde_json::to_string(&created.objects).unwrap()
+        );
+        assert_eq!(Created::recorded(Some(&comment)), created);
+        assert_eq!(
+            created
+                .objects
+                .iter()
+                .map(CreatedObject::drop_sql)
+                .collect::<Vec<_>>(),
+            vec![
+                "DROP TYPE IF EXISTS \"sales\".\"mood\"",
+                "DROP SCHEMA IF EXISTS \"sales\""
+            ]
+        );
+        // Someone else's comment, or SQL, is never a record.
+        for other in [None, Some("staging"), Some("invsync created: DROP TABLE t")] {
+            assert_eq!(Created::recorded(other), Created::default());
         }
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! A [`TableModel`] is one table as a user names it (a partitioned table with all its
 //! partitions, or a plain table) together with what it needs to exist: the user-defined types
-//! its columns use, the sequences its columns own or call, and the functions its triggers
-//! call. It is read in whatever transaction the caller holds, so a backup reads it at its
+//! its columns use, the sequences its columns own or call, the functions its triggers call,
+//! and the schemas all of these live in (with owners, privileges and comments, given to a
+//! schema only where a restore creates it). It is read in whatever transaction the caller holds, so a backup reads it at its
 //! cut. Definitions are kept as PostgreSQL itself writes them (`format_type`,
 //! `pg_get_constraintdef`, `pg_get_indexdef`, `pg_get_triggerdef`, `pg_get_functiondef`,
 //! `pg_get_expr`, `pg_get_partkeydef`), read with only `pg_catalog` on the search path so that
@@ -14,7 +15,8 @@
 //! tables), the data, post-data (constraints and indexes, then sequences, defaults and
 //! identity, functions, foreign keys, triggers, row-level security and policies, comments,
 //! owners and privileges). Foreign keys are added only between tables of the plan; one to a
-//! table outside it is reported by [`Plan::skipped_foreign_keys`].
+//! table outside it is reported by [`Plan::skipped_foreign_keys`]. [`Dependents`] are the
+//! other side: what a database built on tables that a plan is about to replace.
 //!
 //! Not modelled (recreate them by hand): column statistics targets and storage modes,
 //! publications, rules, extended statistics, comments on policies, functions that defaults
@@ -24,6 +26,7 @@
 pub mod acl;
 pub mod constraint;
 mod create;
+pub mod dependents;
 mod phases;
 pub mod policy;
 pub mod sequence;
@@ -33,8 +36,11 @@ pub mod types;
 
 pub use acl::{Access, AccessOptions};
 pub use create::{create_prerequisites, missing_roles, Created};
+pub use dependents::Dependents;
 pub use phases::{Placement, Plan, SkippedForeignKey};
 pub use table::{ColumnDef, TableDef};
+
+use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
@@ -50,6 +56,18 @@ pub struct TableModel {
     pub types: Vec<types::TypeDef>,
     pub sequences: Vec<sequence::SequenceDef>,
     pub functions: Vec<trigger::FunctionDef>,
+    /// The schemas all of these live in (none in manifests written before schemas were
+    /// saved: a restore then creates them owned by the restoring role, with default privileges).
+    #[serde(default)]
+    pub schemas: Vec<SchemaDef>,
+}
+
+/// A schema with its owner, privileges and comment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaDef {
+    pub name: String,
+    pub comment: Option<String>,
+    pub access: Access,
 }
 
 impl TableModel {
@@ -69,24 +87,13 @@ impl TableModel {
         conn: &ConnInfo,
         table: &TableName,
     ) -> Result<TableModel, PgError> {
-        let q = |e| PgError::query(format!("reading the catalog for {table}"), conn, e);
-        let previous: String = client
-            .query_one("SELECT current_setting('search_path')", &[])
-            .await
-            .map_err(q)?
-            .get(0);
-        client
-            .query_one("SELECT set_config('search_path', 'pg_catalog', false)", &[])
-            .await
-            .map_err(q)?;
-        let loaded = Self::load_qualified(client, conn, table).await;
-        let restored = client
-            .query_one("SELECT set_config('search_path', $1, false)", &[&previous])
-            .await
-            .map_err(q);
-        let model = loaded?;
-        restored?;
-        Ok(model)
+        read_qualified(
+            client,
+            conn,
+            &format!("reading the catalog for {table}"),
+            Self::load_qualified(client, conn, table),
+        )
+        .await
     }
 
     async fn load_qualified(
@@ -118,6 +125,7 @@ impl TableModel {
             types: Vec::new(),
             sequences: Vec::new(),
             functions: Vec::new(),
+            schemas: Vec::new(),
         };
         let mut seen_types = Vec::new();
         for r in rows {
@@ -145,6 +153,67 @@ impl TableModel {
             }
             model.relations.push(rel);
         }
+        let mut names: Vec<String> = model
+            .relations
+            .iter()
+            .map(|r| r.name.schema.clone())
+            .chain(model.types.iter().flat_map(types::TypeDef::schemas))
+            .chain(model.sequences.iter().map(|s| s.name.schema.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT nspname::text, obj_description(oid, 'pg_namespace'), \
+                       pg_get_userbyid(nspowner)::text, {} \
+                     FROM pg_namespace WHERE nspname = ANY($1) ORDER BY 1",
+                    acl::select("nspacl")
+                ),
+                &[&names],
+            )
+            .await
+            .map_err(|e| PgError::query(format!("reading the schemas of {table}"), conn, e))?;
+        model.schemas = rows
+            .iter()
+            .map(|r| SchemaDef {
+                name: r.get(0),
+                comment: r.get(1),
+                access: Access {
+                    owner: Some(r.get(2)),
+                    acl: acl::parse(r.get(3)),
+                },
+            })
+            .collect();
         Ok(model)
     }
+}
+
+/// Runs `read` with only `pg_catalog` on `client`'s search path, so that the definitions
+/// PostgreSQL writes for it (`pg_get_viewdef`, `format_type`, ...) name everything with its
+/// schema; the caller's path is set back afterwards. `what` names the reading in errors.
+pub async fn read_qualified<T>(
+    client: &Client,
+    conn: &ConnInfo,
+    what: &str,
+    read: impl Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    let q = |e| PgError::query(what, conn, e);
+    let previous: String = client
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .map_err(q)?
+        .get(0);
+    client
+        .query_one("SELECT set_config('search_path', 'pg_catalog', false)", &[])
+        .await
+        .map_err(q)?;
+    let read = read.await;
+    let restored = client
+        .query_one("SELECT set_config('search_path', $1, false)", &[&previous])
+        .await
+        .map_err(q);
+    let value = read?;
+    restored?;
+    Ok(value)
 }

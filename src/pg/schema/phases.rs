@@ -92,7 +92,8 @@ impl<'m> Plan<'m> {
     }
 
     /// Roles that must exist on the target: owners and grantees (unless left out by the
-    /// options) and the roles policies name.
+    /// options) and the roles policies name; a schema's only if the plan creates it (see
+    /// [`Plan::schema_roles`]).
     pub fn required_roles(&self) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for m in &self.models {
@@ -110,6 +111,43 @@ impl<'m> Plan<'m> {
             out.extend(m.types.iter().flat_map(|t| t.access.roles(self.opts)));
             out.extend(m.sequences.iter().flat_map(|s| s.access.roles(self.opts)));
             out.extend(m.functions.iter().flat_map(|f| f.access.roles(self.opts)));
+        }
+        out
+    }
+
+    /// Roles schema `name` needs on the target if the plan creates it (its owner and grantees
+    /// under the options).
+    pub fn schema_roles(&self, name: &str) -> Vec<String> {
+        self.models
+            .iter()
+            .flat_map(|m| m.schemas.iter())
+            .find(|s| s.name == name)
+            .map(|s| s.access.roles(self.opts))
+            .unwrap_or_default()
+    }
+
+    /// The comments, owners and privileges of the schemas named in `created` (those the
+    /// restore created), once everything in them exists: run earlier, privileges that leave
+    /// the restoring role out would keep it from creating the rest.
+    pub fn schema_statements(&self, created: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in created {
+            let Some(def) = self
+                .models
+                .iter()
+                .flat_map(|m| m.schemas.iter())
+                .find(|s| &s.name == name)
+            else {
+                continue;
+            };
+            let quoted = quote_ident(name);
+            if let Some(c) = &def.comment {
+                out.push(format!(
+                    "COMMENT ON SCHEMA {quoted} IS {}",
+                    quote_literal(c)
+                ));
+            }
+            out.extend(def.access.statements("SCHEMA", &quoted, self.opts));
         }
         out
     }
@@ -138,11 +176,7 @@ impl<'m> Plan<'m> {
         let mut out = BTreeSet::new();
         for m in &self.models {
             out.extend(m.relations.iter().map(|r| r.name.schema.clone()));
-            out.extend(m.types.iter().map(|t| t.name.schema.clone()));
-            out.extend(m.types.iter().filter_map(|t| match &t.kind {
-                super::types::TypeKind::Range { multirange, .. } => Some(multirange.schema.clone()),
-                _ => None,
-            }));
+            out.extend(m.types.iter().flat_map(TypeDef::schemas));
             out.extend(m.sequences.iter().map(|s| s.name.schema.clone()));
         }
         out.into_iter().collect()
@@ -588,6 +622,7 @@ mod tests {
             types: Vec::new(),
             sequences: Vec::new(),
             functions: Vec::new(),
+            schemas: Vec::new(),
         }
     }
 
@@ -642,6 +677,7 @@ mod tests {
             types: Vec::new(),
             sequences: Vec::new(),
             functions: Vec::new(),
+            schemas: Vec::new(),
         };
         let both = Plan::new(vec![&m, &s], AccessOptions::default());
         assert!(both.skipped_foreign_keys().is_empty());

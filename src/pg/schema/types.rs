@@ -44,6 +44,15 @@ pub enum TypeKind {
 }
 
 impl TypeDef {
+    /// The schemas this type (and, for a range, its multirange) lives in.
+    pub fn schemas(&self) -> Vec<String> {
+        let mut out = vec![self.name.schema.clone()];
+        if let TypeKind::Range { multirange, .. } = &self.kind {
+            out.push(multirange.schema.clone());
+        }
+        out
+    }
+
     /// `CREATE TYPE` / `CREATE DOMAIN`, then its comment, owner and privileges.
     pub fn create_statements(&self, opts: AccessOptions) -> Vec<String> {
         let name = self.name.quoted();
