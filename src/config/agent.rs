@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub time_zone: Tz,
     /// The bound on stopping after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// Where the agent records each schedule's last run (`agent-state.json`), so that a
+    /// restart knows which runs it missed; relative to the configuration file's directory.
+    /// `None`: that directory itself.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -46,6 +50,7 @@ impl Default for AgentConfig {
             listen: DEFAULT_LISTEN.parse().expect("a valid socket address"),
             time_zone: DEFAULT_TIME_ZONE,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            state_dir: None,
         }
     }
 }
@@ -221,6 +226,7 @@ pub(super) struct RawAgent {
     time_zone: Option<Spanned<String>>,
     /// Seconds.
     shutdown_timeout: Option<Spanned<u64>>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +315,7 @@ impl Context<'_> {
             }
             agent.shutdown_timeout = Duration::from_secs(*secs.get_ref());
         }
+        agent.state_dir = raw.state_dir;
         Ok(agent)
     }
 

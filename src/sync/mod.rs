@@ -26,7 +26,9 @@ pub mod slot;
 pub mod status;
 mod writer;
 
-pub use pipeline::{run, setup, teardown, SetupOptions, SetupOutcome, TeardownReport};
+pub use pipeline::{
+    run, run_observed, setup, teardown, Observer, SetupOptions, SetupOutcome, TeardownReport,
+};
 pub use status::{status, PipelineStatus};
 
 use crate::pg::PgError;

@@ -313,12 +313,37 @@ enum SessionEnd {
     Restart,
 }
 
+/// What a running pipeline tells whoever watches it (the agent's metrics and `/status`).
+/// Calls come from the pipeline's task, in order; they must be cheap and must not block.
+pub trait Observer: Send + Sync {
+    /// The stream from the slot started (`true`) or ended (`false`: reconnecting or stopped).
+    fn streaming(&self, up: bool);
+    /// `target` received one more whole source transaction (committed there with its batch).
+    fn applied(&self, target: &str);
+}
+
+/// Nobody watches (the CLI's `sync run`).
+impl Observer for () {
+    fn streaming(&self, _: bool) {}
+    fn applied(&self, _: &str) {}
+}
+
 /// Streams `pipeline` until `stop` turns true (or its sender is dropped). See the module
 /// documentation for what is promised.
 pub async fn run(
     config: &Config,
     pipeline: &str,
+    stop: watch::Receiver<bool>,
+) -> Result<(), SyncError> {
+    run_observed(config, pipeline, stop, &()).await
+}
+
+/// [`run`], telling `observer` when the stream is up and what each target applies.
+pub async fn run_observed(
+    config: &Config,
+    pipeline: &str,
     mut stop: watch::Receiver<bool>,
+    observer: &dyn Observer,
 ) -> Result<(), SyncError> {
     let (_, source_conn, target_conns) = lookup(config, pipeline)?;
     let answered = Arc::new(Notify::new());
@@ -333,7 +358,17 @@ pub async fn run(
             return Ok(());
         }
         let started = Instant::now();
-        match session(pipeline, &source_conn, &mut targets, &answered, &mut stop).await {
+        let ended = session(
+            pipeline,
+            &source_conn,
+            &mut targets,
+            &answered,
+            &mut stop,
+            observer,
+        )
+        .await;
+        observer.streaming(false);
+        match ended {
             Ok(SessionEnd::Stopped) => return Ok(()),
             Ok(SessionEnd::Restart) => {
                 tracing::info!(
@@ -445,6 +480,7 @@ async fn session(
     targets: &mut [Target],
     answered: &Notify,
     stop: &mut watch::Receiver<bool>,
+    observer: &dyn Observer,
 ) -> Result<SessionEnd, SyncError> {
     let slot_name = names::slot(pipeline);
     let source = source_conn.connect().await?;
@@ -502,6 +538,7 @@ async fn session(
         targets_up = targets.iter().filter(|t| t.is_up()).count(),
         "streaming"
     );
+    observer.streaming(true);
 
     let mut relations: HashMap<u32, StreamRelation> = HashMap::new();
     let mut txn: Option<Txn> = None;
@@ -604,6 +641,7 @@ async fn session(
                                 for &i in &t.targets {
                                     if targets[i].is_up() {
                                         targets[i].end_source_transaction(end, time);
+                                        observer.applied(&targets[i].name);
                                     }
                                 }
                                 if !t.targets.is_empty() {

@@ -104,7 +104,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
         SyncCommand::Run { pipeline } => {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let signals = tokio::spawn(async move {
-                wait_for_signal().await;
+                super::wait_for_signal().await;
                 let _ = tx.send(true);
             });
             let result = sync::run(&config, &pipeline, rx).await;
@@ -158,21 +158,6 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn bytes(n: i64) -> String {
