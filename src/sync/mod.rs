@@ -26,6 +26,7 @@ pub mod slot;
 pub mod status;
 mod writer;
 
+pub use copy::{CopyProgress, NoCopyProgress};
 pub use pipeline::{
     run, run_observed, setup, teardown, Observer, SetupOptions, SetupOutcome, TeardownReport,
 };

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Notify};
 
 use super::apply::{pg_time, Change, StreamRelation, Target};
-use super::copy::{self, CopyStats, TableCopy};
+use super::copy::{self, CopyProgress, CopyStats, TableCopy};
 use super::decoder::{self, Message};
 use super::{names, progress, publication, schema, slot, SyncError};
 use crate::config::{Config, PipelineConfig};
@@ -105,12 +105,14 @@ fn lookup<'a>(config: &'a Config, pipeline: &str) -> Result<Resolved<'a>, SyncEr
     Ok((p, source, targets))
 }
 
-/// Sets up `pipeline`: see the module documentation. Safe to re-run: a complete setup is left
+/// Sets up `pipeline`: see the module documentation; the initial copy reports to `progress`.
+/// Safe to re-run: a complete setup is left
 /// alone, an interrupted one is redone from the start.
 pub async fn setup(
     config: &Config,
     pipeline: &str,
     opts: &SetupOptions,
+    progress: &dyn CopyProgress,
 ) -> Result<SetupOutcome, SyncError> {
     let (p, source_conn, target_conns) = lookup(config, pipeline)?;
     let slot_name = names::slot(pipeline);
@@ -256,7 +258,15 @@ pub async fn setup(
     let consistent_point = created.consistent_point;
     let copied = match &created.snapshot {
         Some(snapshot) => {
-            copy::copy_all(&source_conn, snapshot, pipeline, copies, opts.jobs).await?
+            copy::copy_all(
+                &source_conn,
+                snapshot,
+                pipeline,
+                copies,
+                opts.jobs,
+                progress,
+            )
+            .await?
         }
         None => Vec::new(),
     };

@@ -14,10 +14,11 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use invsync::backup::check::{self as repo_check, RepoCheckOptions, Severity};
-use invsync::backup::repository::Repository;
+use invsync::backup::repository::{KeySummary, Repository};
 use invsync::backup::restore::{self, RestoreDbOptions};
 use invsync::backup::retention::{self, Policy};
 use invsync::backup::session::{self, BackupOptions, DatabaseSource, Progress};
+use invsync::backup::snapshot::SnapshotSummary;
 use invsync::backup::{prune, snapshot, BackupError};
 use invsync::config::{Config, TablePattern};
 use invsync::pg::schema::AccessOptions;
@@ -303,10 +304,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             let repo = open(&config, &args.repo).await?;
             let keys = repo.list_keys().await?;
             if args.json {
-                let rows: Vec<_> = keys
-                    .iter()
-                    .map(|k| serde_json::json!({"id": k.id, "kind": k.kind, "recipient": k.recipient, "created": k.created}))
-                    .collect();
+                let rows: Vec<KeySummary> = keys.iter().map(KeySummary::from).collect();
                 json(&rows)?;
             } else {
                 for k in &keys {
@@ -365,21 +363,9 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             let repo = open(&config, &args.repo).await?;
             let snaps = snapshot::list(&repo).await?;
             if args.json {
-                let rows: Vec<_> = snaps
+                let rows: Vec<SnapshotSummary> = snaps
                     .iter()
-                    .map(|(id, s)| {
-                        serde_json::json!({
-                            "id": id,
-                            "time": s.time,
-                            "host": s.host,
-                            "tags": s.tags,
-                            "source": s.source,
-                            "lsn": s.lsn,
-                            "tables": s.tables.iter().map(|t| serde_json::json!({"table": t.schema.name.to_string(), "rows": t.rows, "bytes": t.bytes})).collect::<Vec<_>>(),
-                            "config_paths": s.trees.iter().map(|t| t.root.clone()).collect::<Vec<_>>(),
-                            "stats": s.stats,
-                        })
-                    })
+                    .map(|(id, s)| SnapshotSummary::new(id, s))
                     .collect();
                 json(&rows)?;
             } else {
