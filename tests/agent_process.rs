@@ -422,3 +422,79 @@ fn bad_listen_addresses_are_one_line_each() {
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test]
+async fn runs_missed_while_down_run_once_or_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("invsync.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[repositories.r]
+url = "file://{repo}"
+passphrase = "correct horse"
+[agent]
+listen = "127.0.0.1:{port}"
+state_dir = "state"
+[[schedules]]
+name = "catch-up"
+cron = "0 * * * * *"
+job = "prune"
+repo = "r"
+missed = "run-once"
+[[schedules]]
+name = "no-catch-up"
+cron = "0 * * * * *"
+job = "prune"
+repo = "r"
+missed = "skip"
+"#,
+            repo = dir.path().join("repo").display()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (code, _, err) = invsync(&["--config", c, "repo", "init", "--repo", "r"]);
+    assert_eq!(code, 0, "{err}");
+    // The agent last dealt with both schedules ten and a half minutes ago.
+    let then = (chrono::Utc::now() - chrono::Duration::seconds(630)).to_rfc3339();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state/agent-state.json"),
+        format!(
+            r#"{{"schedules": {{"catch-up": {{"handled_until": "{then}"}},
+                "no-catch-up": {{"handled_until": "{then}"}}}}}}"#
+        ),
+    )
+    .unwrap();
+
+    let log = dir.path().join("agent.log");
+    let mut agent = start_agent(&cfg, &log);
+    wait_until(Duration::from_secs(30), "the catch-up run", || async {
+        match get(port, "/status").await {
+            Some((200, body)) => {
+                let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+                schedule(&s, "catch-up")["last_run"]["result"] == "success"
+            }
+            _ => false,
+        }
+    })
+    .await;
+    let scrape = Scrape::take(port).await;
+    let missed = |s: &str| {
+        scrape.get(
+            "invsync_job_skipped_total",
+            &[("schedule", s), ("reason", "missed")],
+        )
+    };
+    // Ten or eleven runs fell due while it was down: one runs, the other schedule counts them.
+    assert!(missed("no-catch-up") >= 10.0, "{}", missed("no-catch-up"));
+    assert_eq!(missed("catch-up"), 0.0);
+    send_signal(&agent, "TERM");
+    let (code, _) = exit_within(&mut agent, Duration::from_secs(30)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("catch_up=true"), "{text}");
+    assert!(!text.contains("correct horse"), "{text}");
+}
