@@ -105,6 +105,8 @@ async fn run_local(
             addr,
             reason: e.to_string(),
         })?;
+    // The port chosen when `:0` was asked for.
+    let bound = listener.local_addr().unwrap_or(addr);
     let store = Arc::new(StateStore::open(&config)?);
     let config = Arc::new(config);
     let calendar = Arc::new(Calendar::new(config.blackouts.clone()));
@@ -148,7 +150,7 @@ async fn run_local(
     }
     tracing::info!(
         event = "agent_started",
-        listen = %addr,
+        listen = %bound,
         pipelines = config.pipelines.len(),
         schedules = config.schedules.len(),
         state_file = %store.path().display(),
@@ -159,14 +161,14 @@ async fn run_local(
         // Every task ended by itself (none should): nothing is left to run.
         _ = join_all(&mut tasks) => {}
     }
-    let bound = config.agent.shutdown_timeout;
+    let limit = config.agent.shutdown_timeout;
     tracing::info!(
         event = "agent_stopping",
-        timeout_s = bound.as_secs(),
+        timeout_s = limit.as_secs(),
         "finishing pipeline batches and abandoning running jobs"
     );
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(bound, join_all(&mut tasks))
+    if tokio::time::timeout(limit, join_all(&mut tasks))
         .await
         .is_err()
     {
