@@ -187,6 +187,76 @@ find "$DEMO_DIR/restored" | sort
 section "verify the repository: every reference resolves and 100% of the data reads back"
 "$INVSYNC" --config "$CONFIG" verify repo --repo offsite --read-data
 
+section "agent: the pipeline and two schedules in one process, around a blackout window"
+# The agent runs the pipeline itself: the `sync run` above steps aside while it runs.
+stop_sync
+AGENT_PORT="${AGENT_PORT:-19187}"
+AGENT_CONFIG="$DEMO_DIR/agent.toml"
+cp "$CONFIG" "$AGENT_CONFIG"
+cat >>"$AGENT_CONFIG" <<TOML
+
+[agent]
+listen = "127.0.0.1:$AGENT_PORT"
+state_dir = "agent-state"
+
+[[schedules]]
+name = "verify-replica"              # fires every 10 s during the demo
+cron = "*/10 * * * * *"
+job = "verify"
+pipeline = "invoices_to_cloud"
+during_blackout = "ignore"
+
+[[schedules]]
+name = "backup-maindc"               # deferred: the window below covers maindc now
+cron = "*/15 * * * * *"
+job = "backup"
+repo = "offsite"
+db = "maindc"
+
+[[blackouts]]
+name = "demo-peak"
+time_zone = "UTC"
+start = "$(date -u -d '-1 minute' '+%Y-%m-%d %H:%M')"
+end = "$(date -u -d '+2 hours' '+%Y-%m-%d %H:%M')"
+databases = ["maindc"]
+TOML
+mkdir -p "$DEMO_DIR/agent-state"
+"$INVSYNC" --config "$AGENT_CONFIG" agent --check --count 2
+"$INVSYNC" --config "$AGENT_CONFIG" agent >"$DEMO_DIR/agent.log" 2>&1 &
+AGENT_PID=$!
+"$EINVOICE_GEN" load --url "$MAINDC_URL" --rate 500 --duration 25 >/dev/null
+python3 - "$AGENT_PORT" <<'PY'
+import json, sys, urllib.error, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+try:
+    ready = urllib.request.urlopen(base + "/readyz").read().decode()
+except urllib.error.HTTPError as e:
+    ready = e.read().decode()
+print("/readyz:", ready.strip())
+s = json.load(urllib.request.urlopen(base + "/status"))
+for p in s["pipelines"]:
+    for t in p["targets"]:
+        print(f"pipeline {p['name']}: {p['state']}, target {t['name']} applied {t['applied_lsn']}, "
+              f"lag {t['lag_bytes']} B, {t['applied_transactions']} transactions")
+for j in s["schedules"]:
+    last = j["last_run"] or {}
+    d = j["deferred"]
+    line = f"schedule {j['name']}: last run {last.get('result', '-')}, next {j['next_run']}"
+    if d:
+        line += f", deferred to {d['until']} by {','.join(d['windows'])}"
+    print(line)
+print("windows open:", ", ".join(s["windows_active"]) or "none")
+wanted = ("pipeline_lag_bytes", "pipeline_applied_transactions_total", "job_runs_total",
+          "job_deferred_total", "blackout_active")
+for line in urllib.request.urlopen(base + "/metrics").read().decode().splitlines():
+    if line.startswith(tuple("invsync_" + w for w in wanted)):
+        print(line)
+PY
+kill -TERM "$AGENT_PID"
+wait "$AGENT_PID" && echo "agent stopped on SIGTERM (exit 0); log: $DEMO_DIR/agent.log"
+"$INVSYNC" --config "$CONFIG" sync run invoices_to_cloud >>"$DEMO_DIR/sync.log" 2>&1 &
+echo $! >"$DEMO_DIR/sync.pid"
+
 section "done"
 cat <<TXT
 The clusters keep running:

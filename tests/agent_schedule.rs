@@ -332,9 +332,9 @@ fn each_mistake_is_one_clear_line() {
         assert!(e.contains(want), "{to}: {e}");
     }
 
-    // `invsync agent` without --check does not pretend to run anything.
+    // The plan's options belong to --check (without it, `invsync agent` runs the agent).
     let cfg = config(d, GOOD);
-    let (code, _, err) = invsync(&["--config", &cfg, "agent"]);
+    let (code, _, err) = invsync(&["--config", &cfg, "agent", "--from", "2026-01-01 00:00"]);
     assert_ne!(code, 0);
     assert!(err.contains("--check"), "{err}");
     // A bad --from is named too.

@@ -246,6 +246,12 @@ impl ScheduleState {
         events
     }
 
+    /// The job starts again at `now` outside the schedule's runs (a retry after a failure):
+    /// runs falling due while it runs are overlaps.
+    pub fn start_retry(&mut self, now: DateTime<Utc>) {
+        self.running_since = Some(now);
+    }
+
     /// The job started by the last `Start` event has ended (whatever its result).
     pub fn finished(&mut self) {
         self.running_since = None;

@@ -94,6 +94,26 @@ pub struct KeyFile {
     pub wrapped: String,
 }
 
+/// What `invsync key list --json` shows of a key: everything but the wrapped key.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeySummary {
+    pub created: DateTime<Utc>,
+    pub id: String,
+    pub kind: KeyKind,
+    pub recipient: Option<String>,
+}
+
+impl From<&KeyFile> for KeySummary {
+    fn from(k: &KeyFile) -> KeySummary {
+        KeySummary {
+            created: k.created,
+            id: k.id.clone(),
+            kind: k.kind,
+            recipient: k.recipient.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyKind {

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Serialize;
 
+use super::prune::{self, PruneReport};
 use super::repository::Repository;
 use super::snapshot;
 use super::BackupError;
@@ -119,6 +120,35 @@ pub async fn forget(
         }
     }
     Ok(decisions)
+}
+
+/// What `invsync forget` did: the decision for every snapshot, and the prune after it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForgetReport {
+    pub dry_run: bool,
+    /// `None` unless a prune was asked for (and this was no dry run).
+    pub prune: Option<PruneReport>,
+    pub snapshots: Vec<Decision>,
+}
+
+/// [`forget`], then, when `then_prune` is set and this is no dry run, [`prune::prune`].
+pub async fn forget_and_prune(
+    repo: &Repository,
+    policy: &Policy,
+    dry_run: bool,
+    then_prune: bool,
+) -> Result<ForgetReport, BackupError> {
+    let snapshots = forget(repo, policy, dry_run).await?;
+    let prune = if then_prune && !dry_run {
+        Some(prune::prune(repo, false).await?)
+    } else {
+        None
+    };
+    Ok(ForgetReport {
+        dry_run,
+        prune,
+        snapshots,
+    })
 }
 
 #[cfg(test)]

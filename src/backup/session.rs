@@ -50,7 +50,7 @@ use super::segment::{self, KeyCollation, Reread, Segment, Segments, Since};
 use super::snapshot::{self, Snapshot, SnapshotStats, TableSnapshot};
 use super::tree::{EntryKind, TreeSnapshot};
 use super::{failpoint, fence, BackupError};
-use crate::config::TablePattern;
+use crate::config::{Config, TablePattern};
 use crate::pg::keyrange::{Key, KeyRange, Shape};
 use crate::pg::{resolve_tables, ConnInfo, Fence, PgError, TableName};
 
@@ -77,6 +77,66 @@ pub struct DatabaseSource {
     /// Tables read at once, each on a connection of its own (the backup uses one more to
     /// hold the cut); at least 1.
     pub jobs: usize,
+}
+
+impl DatabaseSource {
+    /// The database a backup reads, as `invsync backup` and a backup schedule name it: `db` (a
+    /// configured name or a connection string), else the only configured database unless only
+    /// configuration directories were asked for; its `tables`, else the tables of the
+    /// pipelines that read from or write to it. `None`: no database (configuration trees only).
+    pub fn select(
+        config: &Config,
+        db: Option<&str>,
+        tables: &[TablePattern],
+        with_config_dirs: bool,
+        jobs: usize,
+    ) -> Result<Option<DatabaseSource>, BackupError> {
+        let arg = match (db, config.databases.len()) {
+            (Some(d), _) => d.to_string(),
+            (None, 1) if !with_config_dirs || !tables.is_empty() => {
+                match config.databases.keys().next() {
+                    Some(name) => name.clone(),
+                    None => return Ok(None),
+                }
+            }
+            (None, n) if n > 1 && !tables.is_empty() => {
+                return Err(BackupError::Invalid(
+                    "several databases are configured; choose one with --db".into(),
+                ))
+            }
+            _ => return Ok(None),
+        };
+        let database =
+            crate::config::database_arg(Some(config), &arg).map_err(BackupError::Invalid)?;
+        let tables = if tables.is_empty() {
+            let mut patterns: Vec<TablePattern> = Vec::new();
+            for p in config
+                .pipelines
+                .values()
+                .filter(|p| p.source == arg || p.targets.contains(&arg))
+            {
+                for t in &p.tables {
+                    if !patterns.contains(t) {
+                        patterns.push(t.clone());
+                    }
+                }
+            }
+            if patterns.is_empty() {
+                return Err(BackupError::Invalid(format!(
+                    "no pipeline reads from or writes to database {arg}; name the tables with --tables"
+                )));
+            }
+            patterns
+        } else {
+            tables.to_vec()
+        };
+        Ok(Some(DatabaseSource {
+            label: database.name,
+            conn: database.conn,
+            tables,
+            jobs,
+        }))
+    }
 }
 
 /// Told about progress, for a progress bar. Calls come from the backup task, in order.

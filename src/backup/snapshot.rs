@@ -45,6 +45,52 @@ pub struct Snapshot {
     pub id_key: Option<String>,
 }
 
+/// A snapshot as `invsync snapshots --json` lists it: its facts without its chunk lists.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    pub config_paths: Vec<String>,
+    pub host: String,
+    pub id: String,
+    pub lsn: Option<Lsn>,
+    pub source: Option<String>,
+    pub stats: SnapshotStats,
+    pub tables: Vec<TableSummary>,
+    pub tags: Vec<String>,
+    pub time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TableSummary {
+    /// Bytes of COPY text.
+    pub bytes: u64,
+    pub rows: u64,
+    pub table: String,
+}
+
+impl SnapshotSummary {
+    pub fn new(id: &str, s: &Snapshot) -> SnapshotSummary {
+        SnapshotSummary {
+            config_paths: s.trees.iter().map(|t| t.root.clone()).collect(),
+            host: s.host.clone(),
+            id: id.to_string(),
+            lsn: s.lsn,
+            source: s.source.clone(),
+            stats: s.stats.clone(),
+            tables: s
+                .tables
+                .iter()
+                .map(|t| TableSummary {
+                    bytes: t.bytes,
+                    rows: t.rows,
+                    table: t.schema.name.to_string(),
+                })
+                .collect(),
+            tags: s.tags.clone(),
+            time: s.time,
+        }
+    }
+}
+
 /// One table's data as of the cut.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TableSnapshot {

@@ -69,10 +69,15 @@ enum Command {
     /// CDC replication pipelines: setup, run, status, teardown
     #[command(subcommand)]
     Sync(sync::SyncCommand),
-    /// The scheduler of backup, verify, forget and prune jobs around the peak calendar
+    /// Run every pipeline and every scheduled job until SIGTERM/SIGINT, serving health and
+    /// metrics
     ///
-    /// With --check: validates `[agent]`, `[[schedules]]` and `[[blackouts]]` and prints each
-    /// schedule's next runs, and for each whether a blackout window defers or skips it.
+    /// Pipelines stream through blackout windows; backup, verify, forget and prune jobs run on
+    /// their cron schedules around them. Serves /healthz, /readyz, /status (JSON) and /metrics
+    /// (Prometheus). On SIGTERM or SIGINT, commits every pipeline's batch and exits 0 within
+    /// [agent] shutdown_timeout. With --check: validates `[agent]`, `[[schedules]]` and
+    /// `[[blackouts]]` and prints each schedule's next runs, and for each whether a blackout
+    /// window defers or skips it.
     Agent(agent::AgentArgs),
 }
 
@@ -134,6 +139,19 @@ fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ").replace('\n', " ")
 }
 
+/// Completes at the first SIGINT or SIGTERM.
+pub(crate) async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    if let Ok(mut term) = signal(SignalKind::terminate()) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 fn init_logging(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
@@ -166,7 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(command) => backup::run(command, cli.config.as_deref()).await,
         Command::Verify(command) => verify::run(command, cli.config.as_deref()).await,
         Command::Sync(cmd) => sync::run(load_config(cli.config.as_deref())?, cmd).await,
-        Command::Agent(args) => agent::run(load_config(cli.config.as_deref())?, args),
+        Command::Agent(args) => agent::run(load_config(cli.config.as_deref())?, args).await,
         Command::Config(ConfigCommand::Check(flags)) => {
             let config = load_config(cli.config.as_deref())?;
             let report = invsync::check::check(&config).await;

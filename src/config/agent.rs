@@ -43,6 +43,10 @@ pub struct AgentConfig {
     /// The database holding every lease; `None`: each lease lives in the database its work
     /// reads from.
     pub lease_db: Option<String>,
+    /// Where the agent records each schedule's last run (`agent-state.json`), so that a
+    /// restart knows which runs it missed; relative to the configuration file's directory.
+    /// `None`: that directory itself.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -53,6 +57,7 @@ impl Default for AgentConfig {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             lease: LeaseTiming::default(),
             lease_db: None,
+            state_dir: None,
         }
     }
 }
@@ -260,6 +265,7 @@ pub(super) struct RawAgent {
     /// Seconds.
     renew_deadline: Option<Spanned<u64>>,
     lease_db: Option<Spanned<String>>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -356,6 +362,7 @@ impl Context<'_> {
         if let Some(db) = &raw.lease_db {
             agent.lease_db = Some(self.named("agent.lease_db", db, DATABASE, databases)?);
         }
+        agent.state_dir = raw.state_dir;
         Ok(agent)
     }
 

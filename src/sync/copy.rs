@@ -21,7 +21,6 @@
 use std::collections::HashMap;
 
 use futures::{SinkExt, StreamExt, TryStreamExt};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{progress, SyncError};
 use crate::cdc::names;
@@ -111,6 +110,27 @@ struct Piece {
     pages: Option<(i64, Option<i64>)>,
 }
 
+/// Told how the initial copy advances, for progress bars. Calls come from the copy sessions,
+/// several at once; they must be cheap and must not block.
+pub trait CopyProgress: Send + Sync {
+    /// Table number `index` (counted from 0, each announced once, in order) is copied from
+    /// `table` into `target`; it holds about `bytes` bytes on the source.
+    fn table(&self, index: usize, table: &str, target: &str, bytes: u64);
+    /// `bytes` more of table number `index` were copied.
+    fn copied(&self, index: usize, bytes: u64);
+    /// Every table is copied.
+    fn finished(&self);
+}
+
+/// No progress reporting.
+pub struct NoCopyProgress;
+
+impl CopyProgress for NoCopyProgress {
+    fn table(&self, _: usize, _: &str, _: &str, _: u64) {}
+    fn copied(&self, _: usize, _: u64) {}
+    fn finished(&self) {}
+}
+
 /// Copies every table in `jobs` concurrent sessions, reading the snapshot `snapshot`.
 pub async fn copy_all(
     source_conn: &ConnInfo,
@@ -118,15 +138,12 @@ pub async fn copy_all(
     pipeline: &str,
     tables: Vec<TableCopy>,
     jobs: usize,
+    progress: &dyn CopyProgress,
 ) -> Result<Vec<CopyStats>, SyncError> {
     let source = source_conn.connect().await?;
-    let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template("{prefix:40} {bar:30} {bytes:>10} {elapsed}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
     let order = CopyOrder::load(&tables).await?;
     let mut pieces = Vec::new();
     let mut stats = Vec::new();
-    let mut progress_bars = Vec::new();
     for (i, job) in tables.iter().enumerate() {
         let size: i64 = source
             .query_one(
@@ -153,10 +170,12 @@ pub async fn copy_all(
                 pages: None,
             });
         }
-        let bar = bars.add(ProgressBar::new(size.max(0) as u64));
-        bar.set_style(style.clone());
-        bar.set_prefix(format!("{} -> {}", job.source.name, job.target_name));
-        progress_bars.push(bar);
+        progress.table(
+            i,
+            &job.source.name.to_string(),
+            &job.target_name,
+            size.max(0) as u64,
+        );
         stats.push(CopyStats {
             table: job.source.name.to_string(),
             target: job.target_name.clone(),
@@ -202,15 +221,20 @@ pub async fn copy_all(
         let done: Vec<(usize, u64, u64)> = futures::stream::iter(this_wave)
             .map(|piece| {
                 let job = &tables[piece.job];
-                let bar = &progress_bars[piece.job];
                 let binary = stats[piece.job].binary;
                 let origins = &origins;
                 let from = &from;
                 async move {
                     let origin = origins.take(&job.target_name);
-                    let (rows, bytes) =
-                        copy_piece(from, job, piece.pages, binary, bar, origin.name.as_deref())
-                            .await?;
+                    let (rows, bytes) = copy_piece(
+                        from,
+                        job,
+                        piece.pages,
+                        binary,
+                        (progress, piece.job),
+                        origin.name.as_deref(),
+                    )
+                    .await?;
                     Ok::<_, SyncError>((piece.job, rows, bytes))
                 }
             })
@@ -223,9 +247,7 @@ pub async fn copy_all(
         stats[job].rows += rows;
         stats[job].bytes += bytes;
     }
-    for bar in progress_bars {
-        bar.finish();
-    }
+    progress.finished();
     for (name, conn) in &targets {
         let client = conn.connect().await?;
         progress::drop_origins(&client, conn, &origin_names(name)).await?;
@@ -355,7 +377,7 @@ async fn copy_piece(
     job: &TableCopy,
     pages: Option<(i64, Option<i64>)>,
     binary: bool,
-    bar: &ProgressBar,
+    (progress, index): (&dyn CopyProgress, usize),
     origin: Option<&str>,
 ) -> Result<(u64, u64), SyncError> {
     let (source_conn, snapshot, pipeline) = (from.conn, from.name, from.pipeline);
@@ -457,14 +479,14 @@ async fn copy_piece(
         bytes += chunk.len() as u64;
         buf.extend_from_slice(&chunk);
         if buf.len() >= COPY_BUFFER {
-            bar.inc(buf.len() as u64);
+            progress.copied(index, buf.len() as u64);
             sink.feed(buf.split().freeze())
                 .await
                 .map_err(|e| fail(format!("writing: {}", crate::pg::describe(&e))))?;
         }
     }
     if !buf.is_empty() {
-        bar.inc(buf.len() as u64);
+        progress.copied(index, buf.len() as u64);
         sink.feed(buf.freeze())
             .await
             .map_err(|e| fail(format!("writing: {}", crate::pg::describe(&e))))?;

@@ -22,7 +22,10 @@ pub mod schema;
 pub mod status;
 mod writer;
 
-pub use pipeline::{run, setup, teardown, SetupOptions, SetupOutcome, TeardownReport};
+pub use copy::{CopyProgress, NoCopyProgress};
+pub use pipeline::{
+    run, run_observed, setup, teardown, Observer, SetupOptions, SetupOutcome, TeardownReport,
+};
 pub use status::{status, PipelineStatus};
 
 use crate::cdc::CdcError;

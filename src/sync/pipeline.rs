@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Notify};
 
 use super::apply::{pg_time, Change, StreamRelation, Target};
-use super::copy::{self, CopyStats, TableCopy};
+use super::copy::{self, CopyProgress, CopyStats, TableCopy};
 use super::{progress, schema, SyncError};
 use crate::cdc::decoder::{self, Message};
 use crate::cdc::{names, publication, slot, CdcError};
@@ -106,12 +106,14 @@ fn lookup<'a>(config: &'a Config, pipeline: &str) -> Result<Resolved<'a>, SyncEr
     Ok((p, source, targets))
 }
 
-/// Sets up `pipeline`: see the module documentation. Safe to re-run: a complete setup is left
+/// Sets up `pipeline`: see the module documentation; the initial copy reports to `progress`.
+/// Safe to re-run: a complete setup is left
 /// alone, an interrupted one is redone from the start.
 pub async fn setup(
     config: &Config,
     pipeline: &str,
     opts: &SetupOptions,
+    progress: &dyn CopyProgress,
 ) -> Result<SetupOutcome, SyncError> {
     let (p, source_conn, target_conns) = lookup(config, pipeline)?;
     let slot_name = names::slot(pipeline);
@@ -257,7 +259,15 @@ pub async fn setup(
     let consistent_point = created.consistent_point;
     let copied = match &created.snapshot {
         Some(snapshot) => {
-            copy::copy_all(&source_conn, snapshot, pipeline, copies, opts.jobs).await?
+            copy::copy_all(
+                &source_conn,
+                snapshot,
+                pipeline,
+                copies,
+                opts.jobs,
+                progress,
+            )
+            .await?
         }
         None => Vec::new(),
     };
@@ -314,6 +324,21 @@ enum SessionEnd {
     Restart,
 }
 
+/// What a running pipeline tells whoever watches it (the agent's metrics and `/status`).
+/// Calls come from the pipeline's task, in order; they must be cheap and must not block.
+pub trait Observer: Send + Sync {
+    /// The stream from the slot started (`true`) or ended (`false`: reconnecting or stopped).
+    fn streaming(&self, up: bool);
+    /// `target` received one more whole source transaction (committed there with its batch).
+    fn applied(&self, target: &str);
+}
+
+/// Nobody watches (the CLI's `sync run`).
+impl Observer for () {
+    fn streaming(&self, _: bool) {}
+    fn applied(&self, _: &str) {}
+}
+
 /// Streams `pipeline` until `stop` turns true (or its sender is dropped). See the module
 /// documentation for what is promised. With a `fence` (the agent's lease), a batch commits on a
 /// target only while no newer epoch has written it; otherwise the run stops with
@@ -321,8 +346,19 @@ enum SessionEnd {
 pub async fn run(
     config: &Config,
     pipeline: &str,
+    stop: watch::Receiver<bool>,
+    fence: Option<&Fence>,
+) -> Result<(), SyncError> {
+    run_observed(config, pipeline, stop, fence, &()).await
+}
+
+/// [`run`], telling `observer` when the stream is up and what each target applies.
+pub async fn run_observed(
+    config: &Config,
+    pipeline: &str,
     mut stop: watch::Receiver<bool>,
     fence: Option<&Fence>,
+    observer: &dyn Observer,
 ) -> Result<(), SyncError> {
     let (_, source_conn, target_conns) = lookup(config, pipeline)?;
     let answered = Arc::new(Notify::new());
@@ -345,7 +381,17 @@ pub async fn run(
             return Ok(());
         }
         let started = Instant::now();
-        match session(pipeline, &source_conn, &mut targets, &answered, &mut stop).await {
+        let ended = session(
+            pipeline,
+            &source_conn,
+            &mut targets,
+            &answered,
+            &mut stop,
+            observer,
+        )
+        .await;
+        observer.streaming(false);
+        match ended {
             Ok(SessionEnd::Stopped) => return Ok(()),
             Ok(SessionEnd::Restart) => {
                 tracing::info!(
@@ -457,6 +503,7 @@ async fn session(
     targets: &mut [Target],
     answered: &Notify,
     stop: &mut watch::Receiver<bool>,
+    observer: &dyn Observer,
 ) -> Result<SessionEnd, SyncError> {
     let slot_name = names::slot(pipeline);
     let source = source_conn.connect().await?;
@@ -515,6 +562,7 @@ async fn session(
         targets_up = targets.iter().filter(|t| t.is_up()).count(),
         "streaming"
     );
+    observer.streaming(true);
 
     let mut relations: HashMap<u32, StreamRelation> = HashMap::new();
     let mut txn: Option<Txn> = None;
@@ -617,6 +665,7 @@ async fn session(
                                 for &i in &t.targets {
                                     if targets[i].is_up() {
                                         targets[i].end_source_transaction(end, time);
+                                        observer.applied(&targets[i].name);
                                     }
                                 }
                                 if !t.targets.is_empty() {

@@ -1,5 +1,7 @@
-//! `invsync agent --check`: options, one library call, and the plan for people or `--json`.
+//! `invsync agent`: runs the agent until SIGTERM/SIGINT; with `--check`, prints the plan of the
+//! schedules for people or `--json`.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
@@ -7,27 +9,46 @@ use chrono::{DateTime, FixedOffset, Utc};
 use clap::Args;
 
 use invsync::agent::plan::{self, Action, Plan};
+use invsync::agent::AgentOptions;
 use invsync::config::Config;
 
 #[derive(Args)]
 pub struct AgentArgs {
     /// Validate the schedules and blackout windows, print each schedule's next runs and what
-    /// the windows do to them, and exit (running the agent itself is not built yet)
-    #[arg(long, required = true)]
+    /// the windows do to them, and exit
+    #[arg(long)]
     check: bool,
-    /// Count the runs from this time: "YYYY-MM-DD HH:MM" on the agent's time zone, or RFC 3339
-    /// [default: now]
-    #[arg(long, value_name = "TIME")]
+    /// With --check: count the runs from this time: "YYYY-MM-DD HH:MM" on the agent's time
+    /// zone, or RFC 3339 [default: now]
+    #[arg(long, value_name = "TIME", requires = "check")]
     from: Option<String>,
-    /// How many runs of each schedule (and openings of each window) to show
+    /// With --check: how many runs of each schedule (and openings of each window) to show
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
     count: u16,
-    /// Print the plan as JSON
-    #[arg(long)]
+    /// With --check: print the plan as JSON
+    #[arg(long, requires = "check")]
     json: bool,
+    /// Serve /healthz, /readyz, /status and /metrics here [default: [agent] listen, or
+    /// 127.0.0.1:9187]
+    #[arg(long, value_name = "ADDR", conflicts_with = "check")]
+    listen: Option<String>,
 }
 
-pub fn run(config: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(config: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
+    if args.check {
+        return check(config, args);
+    }
+    let listen = match &args.listen {
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            anyhow!("--listen: `{text}` is not an address and port; write e.g. 127.0.0.1:9187 or [::1]:9187")
+        })?),
+        None => None,
+    };
+    invsync::agent::run(config, AgentOptions { listen }, super::wait_for_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(config: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
     let from = match &args.from {
         Some(text) => {
             plan::parse_instant(text, config.agent.time_zone).map_err(|e| anyhow!("--from: {e}"))?

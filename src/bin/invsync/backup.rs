@@ -14,10 +14,11 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use invsync::backup::check::{self as repo_check, RepoCheckOptions, Severity};
-use invsync::backup::repository::Repository;
+use invsync::backup::repository::{KeySummary, Repository};
 use invsync::backup::restore::{self, RestoreDbOptions};
 use invsync::backup::retention::{self, Policy};
 use invsync::backup::session::{self, BackupOptions, DatabaseSource, Progress};
+use invsync::backup::snapshot::SnapshotSummary;
 use invsync::backup::{prune, snapshot, BackupError};
 use invsync::config::{Config, TablePattern};
 use invsync::pg::schema::AccessOptions;
@@ -303,10 +304,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             let repo = open(&config, &args.repo).await?;
             let keys = repo.list_keys().await?;
             if args.json {
-                let rows: Vec<_> = keys
-                    .iter()
-                    .map(|k| serde_json::json!({"id": k.id, "kind": k.kind, "recipient": k.recipient, "created": k.created}))
-                    .collect();
+                let rows: Vec<KeySummary> = keys.iter().map(KeySummary::from).collect();
                 json(&rows)?;
             } else {
                 for k in &keys {
@@ -322,53 +320,18 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
         }
         BackupCommand::Backup(args) => {
             let repo = open(&config, &args.repo).await?;
-            let db_arg = match (&args.db, config.databases.len()) {
-                (Some(d), _) => Some(d.clone()),
-                (None, 1) if args.config_dir.is_empty() || !args.tables.is_empty() => {
-                    config.databases.keys().next().cloned()
-                }
-                (None, n) if n > 1 && !args.tables.is_empty() => {
-                    return Err(anyhow!(
-                        "several databases are configured; choose one with --db"
-                    ))
-                }
-                _ => None,
-            };
-            let database = match db_arg {
-                Some(arg) => {
-                    let (label, conn) = database(&config, &arg)?;
-                    let tables = if args.tables.is_empty() {
-                        let mut pats: Vec<TablePattern> = Vec::new();
-                        for p in config
-                            .pipelines
-                            .values()
-                            .filter(|p| p.source == arg || p.targets.contains(&arg))
-                        {
-                            for t in &p.tables {
-                                if !pats.contains(t) {
-                                    pats.push(t.clone());
-                                }
-                            }
-                        }
-                        if pats.is_empty() {
-                            return Err(anyhow!("no pipeline reads from or writes to database {arg}; name the tables with --tables"));
-                        }
-                        pats
-                    } else {
-                        args.tables
-                            .iter()
-                            .map(|t| TablePattern::parse(t).map_err(|e| anyhow!(e)))
-                            .collect::<anyhow::Result<_>>()?
-                    };
-                    Some(DatabaseSource {
-                        label,
-                        conn,
-                        tables,
-                        jobs: args.jobs.into(),
-                    })
-                }
-                None => None,
-            };
+            let tables = args
+                .tables
+                .iter()
+                .map(|t| TablePattern::parse(t).map_err(|e| anyhow!(e)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let database = DatabaseSource::select(
+                &config,
+                args.db.as_deref(),
+                &tables,
+                !args.config_dir.is_empty(),
+                args.jobs.into(),
+            )?;
             let opts = BackupOptions {
                 database,
                 config_dirs: args.config_dir,
@@ -401,21 +364,9 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             let repo = open(&config, &args.repo).await?;
             let snaps = snapshot::list(&repo).await?;
             if args.json {
-                let rows: Vec<_> = snaps
+                let rows: Vec<SnapshotSummary> = snaps
                     .iter()
-                    .map(|(id, s)| {
-                        serde_json::json!({
-                            "id": id,
-                            "time": s.time,
-                            "host": s.host,
-                            "tags": s.tags,
-                            "source": s.source,
-                            "lsn": s.lsn,
-                            "tables": s.tables.iter().map(|t| serde_json::json!({"table": t.schema.name.to_string(), "rows": t.rows, "bytes": t.bytes})).collect::<Vec<_>>(),
-                            "config_paths": s.trees.iter().map(|t| t.root.clone()).collect::<Vec<_>>(),
-                            "stats": s.stats,
-                        })
-                    })
+                    .map(|(id, s)| SnapshotSummary::new(id, s))
                     .collect();
                 json(&rows)?;
             } else {
@@ -514,18 +465,12 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 keep_weekly: args.keep_weekly,
                 keep_monthly: args.keep_monthly,
             };
-            let decisions = retention::forget(&repo, &policy, args.dry_run).await?;
-            let pruned = if args.prune && !args.dry_run {
-                Some(prune::prune(&repo, false).await?)
-            } else {
-                None
-            };
+            let report =
+                retention::forget_and_prune(&repo, &policy, args.dry_run, args.prune).await?;
             if args.json {
-                json(
-                    &serde_json::json!({"dry_run": args.dry_run, "snapshots": decisions, "prune": pruned}),
-                )?;
+                json(&report)?;
             } else {
-                for d in &decisions {
+                for d in &report.snapshots {
                     let verb = match (d.keep, args.dry_run) {
                         (true, _) => format!("keep   ({})", d.reasons.join(", ")),
                         (false, true) => "would forget".into(),
@@ -537,7 +482,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                         d.time.format("%Y-%m-%d %H:%M:%S")
                     );
                 }
-                if let Some(p) = &pruned {
+                if let Some(p) = &report.prune {
                     print_prune(p);
                 }
             }

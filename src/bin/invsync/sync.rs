@@ -6,7 +6,10 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use invsync::config::Config;
-use invsync::sync::{self, SetupOptions, SetupOutcome};
+use std::sync::Mutex;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use invsync::sync::{self, CopyProgress, SetupOptions, SetupOutcome};
 
 #[derive(Subcommand)]
 pub enum SyncCommand {
@@ -68,7 +71,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
                 copy: !a.no_copy,
                 jobs: a.jobs,
             };
-            let outcome = sync::setup(&config, &a.pipeline, &opts).await?;
+            let outcome = sync::setup(&config, &a.pipeline, &opts, &CopyBars::new()).await?;
             if a.json {
                 println!(
                     "{}",
@@ -104,7 +107,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
         SyncCommand::Run { pipeline } => {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let signals = tokio::spawn(async move {
-                wait_for_signal().await;
+                super::wait_for_signal().await;
                 let _ = tx.send(true);
             });
             let result = sync::run(&config, &pipeline, rx, None).await;
@@ -160,19 +163,45 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+/// One progress bar per table of the initial copy, on stderr (hidden when it is no terminal).
+struct CopyBars {
+    bars: MultiProgress,
+    style: ProgressStyle,
+    tables: Mutex<Vec<ProgressBar>>,
+}
+
+impl CopyBars {
+    fn new() -> CopyBars {
+        CopyBars {
+            bars: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            style: ProgressStyle::with_template("{prefix:40} {bar:30} {bytes:>10} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            tables: Mutex::new(Vec::new()),
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Vec<ProgressBar>> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl CopyProgress for CopyBars {
+    fn table(&self, _index: usize, table: &str, target: &str, bytes: u64) {
+        let bar = self.bars.add(ProgressBar::new(bytes));
+        bar.set_style(self.style.clone());
+        bar.set_prefix(format!("{table} -> {target}"));
+        self.tables().push(bar);
+    }
+    fn copied(&self, index: usize, bytes: u64) {
+        if let Some(bar) = self.tables().get(index) {
+            bar.inc(bytes);
+        }
+    }
+    fn finished(&self) {
+        for bar in self.tables().iter() {
+            bar.finish();
+        }
+    }
 }
 
 fn bytes(n: i64) -> String {

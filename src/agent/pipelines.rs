@@ -1,0 +1,211 @@
+//! The agent's pipelines: each runs `sync::run_observed` (the code of `invsync sync run`) in a
+//! task that restarts it with capped exponential backoff when it fails, and one poller reads
+//! every pipeline's slot and targets (`sync::status`, the code of `invsync sync status`) for
+//! lag, retained WAL and reachability.
+//!
+//! `sync::run` already reconnects after transient failures on its own; what reaches this
+//! supervisor is a failure a person may have to fix (a schema drift, a missing slot). It is
+//! retried anyway, since the person may fix it while the agent runs, and it is shown in the
+//! log, `/status` and `invsync_pipeline_restarts_total` meanwhile. One pipeline's failure never
+//! touches another's task.
+//!
+//! Lag in seconds is the status command's figure: 0 when the target holds everything the
+//! source has, else now minus the commit time of the last transaction the target applied.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use super::metrics::Metrics;
+use super::status::PipelineState;
+use super::Shared;
+use crate::config::Config;
+use crate::sync::{self, Observer};
+
+/// The first wait before restarting a failed pipeline; it doubles with each failure...
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// ...up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A pipeline that ran this long before failing starts its backoff over.
+const HEALTHY_RUN: Duration = Duration::from_secs(120);
+/// How often the slots and targets are read.
+pub const POLL: Duration = Duration::from_secs(2);
+
+/// Counts what `sync::run` reports into the metrics and the status.
+struct Watcher<'a> {
+    pipeline: &'a str,
+    shared: &'a Shared,
+    streaming: AtomicBool,
+}
+
+impl Observer for Watcher<'_> {
+    fn streaming(&self, up: bool) {
+        if self.streaming.swap(up, Ordering::Relaxed) == up {
+            return;
+        }
+        self.shared
+            .metrics
+            .pipeline_up
+            .get_or_create(&Metrics::pipeline(self.pipeline))
+            .set(up.into());
+        self.shared.board.pipeline(self.pipeline, |p| {
+            if up {
+                p.state = PipelineState::Streaming;
+                p.last_error = None;
+                p.retry_at = None;
+            } else if p.state == PipelineState::Streaming {
+                p.state = PipelineState::Starting;
+            }
+        });
+        if up {
+            tracing::info!(event = "pipeline_streaming", pipeline = self.pipeline);
+        }
+    }
+
+    fn applied(&self, target: &str) {
+        self.shared
+            .metrics
+            .applied_transactions
+            .get_or_create(&Metrics::target(self.pipeline, target))
+            .inc();
+    }
+}
+
+/// Runs `pipeline` until `stop`, restarting it after failures.
+pub async fn supervise(
+    config: Arc<Config>,
+    pipeline: String,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let started = std::time::Instant::now();
+        let watcher = Watcher {
+            pipeline: &pipeline,
+            shared: &shared,
+            streaming: AtomicBool::new(false),
+        };
+        let result = sync::run_observed(&config, &pipeline, stop.clone(), None, &watcher).await;
+        watcher.streaming(false);
+        let error = match result {
+            Ok(()) => {
+                shared
+                    .board
+                    .pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
+                tracing::info!(event = "pipeline_stopped", pipeline = %pipeline);
+                return;
+            }
+            Err(e) => e,
+        };
+        if started.elapsed() > HEALTHY_RUN {
+            backoff = FIRST_BACKOFF;
+        }
+        let retry_at = Utc::now() + backoff;
+        shared
+            .metrics
+            .pipeline_restarts
+            .get_or_create(&Metrics::pipeline(&pipeline))
+            .inc();
+        shared.board.pipeline(&pipeline, |p| {
+            p.state = PipelineState::Retrying;
+            p.restarts += 1;
+            p.last_error = Some(error.to_string());
+            p.retry_at = Some(retry_at);
+        });
+        tracing::error!(
+            event = "pipeline_failed",
+            pipeline = %pipeline,
+            error = %error,
+            retry_in_ms = backoff.as_millis() as u64,
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {
+                shared.board.pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
+                return;
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tracing::info!(event = "pipeline_restarting", pipeline = %pipeline);
+    }
+}
+
+/// Reads every pipeline's slot and targets each [`POLL`] until `stop`.
+pub async fn poll(config: Arc<Config>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        for name in config.pipelines.keys() {
+            let read = tokio::select! {
+                r = sync::status(&config, Some(name)) => r,
+                _ = stop.changed() => return,
+            };
+            match read {
+                Ok(all) => {
+                    for p in &all {
+                        record(&shared, p);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pipeline = %name, error = %e, "cannot read the pipeline's status")
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn record(shared: &Shared, p: &sync::PipelineStatus) {
+    let m = &shared.metrics;
+    let retained = p.slot_state.as_ref().map(|s| s.retained_bytes);
+    if let Some(r) = retained {
+        m.slot_retained_wal_bytes
+            .get_or_create(&Metrics::pipeline(&p.pipeline))
+            .set(r);
+    }
+    for t in &p.targets {
+        let labels = Metrics::target(&p.pipeline, &t.target);
+        let up = t.error.is_none() && t.state.is_some();
+        m.target_up.get_or_create(&labels).set(up.into());
+        if let Some(b) = t.lag_bytes {
+            m.lag_bytes.get_or_create(&labels).set(b);
+        }
+        if let Some(s) = t.lag_seconds {
+            m.lag_seconds.get_or_create(&labels).set(s);
+        }
+    }
+    let applied = |target: &str| {
+        m.applied_transactions
+            .get_or_create(&Metrics::target(&p.pipeline, target))
+            .get()
+    };
+    shared.board.pipeline(&p.pipeline, |view| {
+        view.slot_retained_wal_bytes = retained;
+        view.polled = Some(Utc::now());
+        for tv in &mut view.targets {
+            let Some(t) = p.targets.iter().find(|t| t.target == tv.name) else {
+                continue;
+            };
+            tv.up = t.error.is_none() && t.state.is_some();
+            tv.applied_lsn = t.applied_lsn;
+            tv.lag_bytes = t.lag_bytes;
+            tv.lag_seconds = t.lag_seconds;
+            tv.applied_transactions = applied(&t.target);
+            tv.error = match (&t.error, &t.state) {
+                (Some(e), _) => Some(e.clone()),
+                (None, None) => Some("not set up".into()),
+                (None, Some(_)) => None,
+            };
+        }
+        if view.state != PipelineState::Streaming {
+            if let Some(e) = &p.source_error {
+                view.last_error.get_or_insert_with(|| e.clone());
+            }
+        }
+    });
+}
