@@ -65,7 +65,7 @@ pub enum KeyCommand {
 pub struct RepoName {
     /// The repository [default: the only one configured]
     #[arg(long, value_name = "NAME")]
-    repo: Option<String>,
+    pub repo: Option<String>,
 }
 
 #[derive(Args)]
@@ -221,11 +221,11 @@ pub struct VerifyRepoArgs {
     json: bool,
 }
 
-fn load(config: Option<&Path>) -> anyhow::Result<Config> {
+pub fn load(config: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(&invsync::config::resolve_path(config))?)
 }
 
-async fn open(config: &Config, name: &RepoName) -> anyhow::Result<Repository> {
+pub async fn open(config: &Config, name: &RepoName) -> anyhow::Result<Repository> {
     let cfg = config
         .repository(name.repo.as_deref())
         .map_err(|e| anyhow!(e))?;
@@ -233,12 +233,45 @@ async fn open(config: &Config, name: &RepoName) -> anyhow::Result<Repository> {
 }
 
 /// A database argument: a configured name or a URL. Returns (label, connection).
-fn database(config: &Config, arg: &str) -> anyhow::Result<(String, ConnInfo)> {
+pub fn database(config: &Config, arg: &str) -> anyhow::Result<(String, ConnInfo)> {
     let db = invsync::config::database_arg(Some(config), arg).map_err(|e| anyhow!(e))?;
     Ok((db.name, db.conn))
 }
 
-fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+/// The tables to read from database `arg`: `--tables` if given, else the tables of the
+/// pipelines that read from or write to it.
+pub fn table_patterns(
+    config: &Config,
+    arg: &str,
+    tables: &[String],
+) -> anyhow::Result<Vec<TablePattern>> {
+    if !tables.is_empty() {
+        return tables
+            .iter()
+            .map(|t| TablePattern::parse(t).map_err(|e| anyhow!(e)))
+            .collect();
+    }
+    let mut pats: Vec<TablePattern> = Vec::new();
+    for p in config
+        .pipelines
+        .values()
+        .filter(|p| p.source == arg || p.targets.iter().any(|t| t == arg))
+    {
+        for t in &p.tables {
+            if !pats.contains(t) {
+                pats.push(t.clone());
+            }
+        }
+    }
+    if pats.is_empty() {
+        return Err(anyhow!(
+            "no pipeline reads from or writes to database {arg}; name the tables with --tables"
+        ));
+    }
+    Ok(pats)
+}
+
+pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(v).context("rendering JSON")?
@@ -337,29 +370,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             let database = match db_arg {
                 Some(arg) => {
                     let (label, conn) = database(&config, &arg)?;
-                    let tables = if args.tables.is_empty() {
-                        let mut pats: Vec<TablePattern> = Vec::new();
-                        for p in config
-                            .pipelines
-                            .values()
-                            .filter(|p| p.source == arg || p.targets.contains(&arg))
-                        {
-                            for t in &p.tables {
-                                if !pats.contains(t) {
-                                    pats.push(t.clone());
-                                }
-                            }
-                        }
-                        if pats.is_empty() {
-                            return Err(anyhow!("no pipeline reads from or writes to database {arg}; name the tables with --tables"));
-                        }
-                        pats
-                    } else {
-                        args.tables
-                            .iter()
-                            .map(|t| TablePattern::parse(t).map_err(|e| anyhow!(e)))
-                            .collect::<anyhow::Result<_>>()?
-                    };
+                    let tables = table_patterns(&config, &arg, &args.tables)?;
                     Some(DatabaseSource {
                         label,
                         conn,
@@ -557,7 +568,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
 
 /// Catches SIGINT and SIGTERM from now on; the future completes at the first, with its name,
 /// and `caught` holds its number, so a job can clean up and exit as the signal asked.
-fn first_signal(caught: Arc<AtomicU8>) -> anyhow::Result<impl Future<Output = String>> {
+pub fn first_signal(caught: Arc<AtomicU8>) -> anyhow::Result<impl Future<Output = String>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
     let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
