@@ -7,7 +7,7 @@
 //! (LSNs), in commit order, read through the archive's own slot. Each transaction keeps its
 //! xid, commit LSN, end LSN, commit time, and its **raw `pgoutput` messages** (Relation,
 //! Insert, Update with the old key when the key changed, Delete, Truncate, ...), so
-//! [`decoder::decode`](crate::cdc::decoder::decode) reads them back exactly as the stream
+//! [`decoder::decode`] reads them back exactly as the stream
 //! sent them. A segment is self-contained: before the first change to a table in a segment,
 //! the table's Relation message (as of that moment) is repeated, so a reader starting at any
 //! segment knows every column it meets.
@@ -302,7 +302,10 @@ impl ChangeSink for SegmentWriter<'_> {
                 &SegmentManifest { data, ..manifest },
             )
             .await?;
-        failpoint("archive-after-segment");
+        if manifest.transactions > 0 {
+            // Stored, not yet confirmed: a restart must not store these transactions again.
+            failpoint("archive-after-segment");
+        }
         tracing::info!(
             db = %self.db,
             start = %self.start,
