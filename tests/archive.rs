@@ -290,4 +290,47 @@ async fn the_archive_holds_every_transaction_once_across_crashes_and_chains_onto
         st[0]["earliest"].is_null(),
         "no snapshot after the gap: {st}"
     );
+
+    // A prune beside a running archive works as if alone (the archive holds no backup lock),
+    // and a snapshot after the gap starts the window again.
+    let n = segments(&repo).await.len();
+    let run = archiver(&cfg, None);
+    wait_for_segments(&repo, n).await;
+    let (third_snap, _) = backup(&cfg);
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        &cfg,
+        &["forget", "--keep-last", "1", "--prune", "--json"],
+    ))
+    .unwrap();
+    let text = report.to_string();
+    assert!(text.contains("\"running_backups\":0"), "{text}");
+    assert!(text.contains("\"packs_deferred\":0"), "{text}");
+    send_signal(&run, "TERM");
+    let (code, err) = finish(run).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, st) = status(&cfg);
+    assert_eq!(
+        code, 0,
+        "the segments before the only snapshot are gone: {st}"
+    );
+    assert_eq!(st[0]["earliest"]["snapshot"], third_snap.as_str(), "{st}");
+}
+
+#[test]
+fn status_of_a_repository_without_an_archive_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let (cfg, _) = owner_config(
+        dir.path(),
+        &[("src", "postgres://u@127.0.0.1:1/x".into())],
+        &url,
+    );
+    ok(&cfg, &["repo", "init"]);
+    let (code, out, err) = invsync(&["--config", cfg.to_str().unwrap(), "archive", "status"]);
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(
+        err.contains("holds no change archive") && err.contains("invsync archive run"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -578,7 +578,7 @@ async fn find_slot(
 
 /// Archives `opts.conn`'s change stream into `repo` until `stop` turns true (the open segment
 /// is stored first) or the stream fails. Creates the archive's publication and slot on first
-/// use. Holds a backup lock, so prune keeps what it is writing.
+/// use. Holds an archive lock, so prune keeps what it is writing.
 pub async fn run(
     repo: &Repository,
     opts: &ArchiveOptions,
@@ -598,7 +598,7 @@ pub async fn run(
     let prefix = names::archive(&repo.config.id, &db);
     publication::ensure(&client, conn, &prefix, &tables).await?;
 
-    let lock = Lock::acquire(repo, LockKind::Backup).await?;
+    let lock = Lock::acquire(repo, LockKind::Archive).await?;
     let result = async {
         let (slot_name, mut start) = match find_slot(&client, conn, &prefix).await? {
             Some((name, confirmed)) => (name, confirmed.unwrap_or_default()),

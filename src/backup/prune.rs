@@ -65,19 +65,31 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
     };
     // Every other live lock is a backup's or a reader's (`Lock::acquire` refuses beside
     // another prune); both hold off deletion of indexed packs the same way.
-    let oldest_backup = lock.others.iter().map(|o| o.started).min();
+    // Archives write no packs and read no index: they hold off only the deletion of archive
+    // segment data (see `archive_prune`).
+    let oldest_backup = lock
+        .others
+        .iter()
+        .filter(|o| o.kind != LockKind::Archive)
+        .map(|o| o.started)
+        .min();
+    let oldest_job = lock.others.iter().map(|o| o.started).min();
     report.running_backups = lock
         .others
         .iter()
         .filter(|o| o.kind == LockKind::Backup)
         .count();
-    report.running_readers = lock.others.len() - report.running_backups;
+    report.running_readers = lock
+        .others
+        .iter()
+        .filter(|o| o.kind == LockKind::Read)
+        .count();
 
     // What the snapshots reference. An unreadable snapshot stops prune: its blobs are unknown.
     let snaps = snapshot::list(repo).await?;
     report.snapshots = snaps.len();
     let referenced: HashSet<BlobId> = snaps.iter().flat_map(|(_, s)| s.blobs().copied()).collect();
-    archive_prune(repo, &snaps, &mut report, oldest_backup, lock).await?;
+    archive_prune(repo, &snaps, &mut report, oldest_job, lock).await?;
     drop(snaps);
 
     // The index, whole: an unreadable index object stops prune, since its packs would look
