@@ -209,6 +209,28 @@ async fn the_archive_holds_every_transaction_once_across_crashes_and_chains_onto
         txns.len(),
         "some transaction is stored in two segments"
     );
+    // Each segment is self-contained: read alone, every change follows its table's Relation.
+    for m in segments(&repo).await {
+        let mut known = HashSet::new();
+        for t in archive::read_segment(&repo, &m).await.unwrap() {
+            for msg in t.decode().unwrap() {
+                match msg {
+                    Message::Relation(r) => {
+                        known.insert(r.id);
+                    }
+                    Message::Insert { relation, .. }
+                    | Message::Update { relation, .. }
+                    | Message::Delete { relation, .. } => assert!(
+                        known.contains(&relation),
+                        "segment {}..{}: a change to relation {relation} before its description",
+                        m.start,
+                        m.end
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
     let mut net: BTreeMap<String, i64> = BTreeMap::new();
     let mut names = std::collections::HashMap::new();
     for t in &txns {
