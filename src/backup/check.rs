@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use rand::Rng;
 use serde::Serialize;
 
+use super::archive::{self, SegmentManifest};
 use super::crypto::{BlobId, IdKey};
 use super::index::{IndexFile, KIND_INDEX};
 use super::lock::{Lock, LockKind};
@@ -56,6 +57,10 @@ pub enum FindingKind {
     MissingSnapshot,
     /// A stored pack no index lists (left by an interrupted backup; prune removes it).
     UnindexedPack,
+    /// An archive segment's manifest cannot be read, or its data is missing or damaged.
+    CorruptSegment,
+    /// A database's archive has a gap (see `archive`): changes there cannot be replayed.
+    ArchiveGap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -87,6 +92,9 @@ pub struct RepoReport {
     pub packs: usize,
     pub packs_read: usize,
     pub blobs_checked: u64,
+    /// Archive segments checked (their data read with `read_data`).
+    #[serde(default)]
+    pub segments: usize,
     pub findings: Vec<Finding>,
 }
 
@@ -386,9 +394,82 @@ async fn check(repo: &Repository, opts: &RepoCheckOptions) -> Result<RepoReport,
             }
         }
     }
+    check_archive(repo, opts, &mut report, &mut findings).await?;
     findings.sort_by(|a, b| a.kind.cmp(&b.kind).then(a.object.cmp(&b.object)));
     report.findings = findings;
     Ok(report)
+}
+
+/// Archive segments: each manifest reads, its data object exists (and, with `read_data`,
+/// matches its name and manifest), and each database's segments chain without gaps.
+async fn check_archive(
+    repo: &Repository,
+    opts: &RepoCheckOptions,
+    report: &mut RepoReport,
+    findings: &mut Vec<Finding>,
+) -> Result<(), BackupError> {
+    let data: HashSet<String> = repo
+        .list_names(archive::DATA_DIR)
+        .await?
+        .into_iter()
+        .collect();
+    let mut manifests = Vec::new();
+    for name in repo.list_names(archive::SEGMENTS_DIR).await? {
+        let object = format!("{}/{name}", archive::SEGMENTS_DIR);
+        let bad = |message: String, object: String| Finding {
+            kind: FindingKind::CorruptSegment,
+            severity: Severity::Error,
+            affects: Vec::new(),
+            message,
+            object,
+        };
+        let m: SegmentManifest = match repo.read_object(archive::KIND_SEGMENT, &object).await {
+            Ok(m) => m,
+            Err(BackupError::Corrupt { reason, .. }) => {
+                findings.push(bad(
+                    format!("archive segment manifest {object} cannot be read: {reason}"),
+                    object,
+                ));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        report.segments += 1;
+        let data_object = format!("{}/{}", archive::DATA_DIR, m.data);
+        let what = format!("archive segment {} {}..{}", m.db, m.start, m.end);
+        if !data.contains(&m.data) {
+            findings.push(bad(
+                format!("{what}: its data {data_object} is missing"),
+                data_object,
+            ));
+        } else if opts.read_data.is_some() {
+            let bytes = repo.get(&data_object).await?;
+            if blake3::hash(&bytes).to_hex().as_str() != m.data {
+                findings.push(bad(
+                    format!("{what}: its data {data_object} does not match its name"),
+                    data_object,
+                ));
+            } else if let Err(e) = archive::read_segment(repo, &m).await {
+                findings.push(bad(format!("{what}: {e}"), data_object));
+            }
+        }
+        manifests.push(m);
+    }
+    for db in archive::status(&manifests, &[]) {
+        for gap in db.gaps {
+            findings.push(Finding {
+                kind: FindingKind::ArchiveGap,
+                severity: Severity::Warning,
+                object: archive::SEGMENTS_DIR.to_string(),
+                affects: vec![format!("archive of {}", db.db)],
+                message: format!(
+                    "archive of {}: gap after {}: {}",
+                    db.db, gap.after, gap.reason
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn short(id: &str) -> &str {

@@ -1,7 +1,7 @@
 //! Locks: how prune stays out of the way of running backups and readers.
 //!
 //! A backup, a reader (a restore, a repository check) or a prune announces itself by creating
-//! `locks/<kind>-<start ms>-<uuid>` (kind `backup`, `read` or `prune`; body: host, pid, start;
+//! `locks/<kind>-<start ms>-<uuid>` (kind `backup`, `read`, `prune` or `archive`; body: host, pid, start;
 //! encrypted) and deletes it when done; while it runs, the lock is rewritten every [`REFRESH`]
 //! so its modification time stays recent. A lock is *live* unless it has not been refreshed
 //! for [`STALE_AFTER`], or it was taken on this host by a process that no longer exists (a
@@ -19,6 +19,10 @@
 //!   only unindexed packs older than the oldest running job's start (leftovers of crashed
 //!   backups; a running backup only references indexed blobs and packs it wrote itself, a
 //!   reader only reads indexed packs).
+//!
+//! An archive (`archive run`, which may run for weeks) holds an `archive` lock: a prune beside
+//! it works as if alone, except that it keeps archive segment data newer than the archive's
+//! start (a segment's data is written before its manifest).
 //!
 //! Jobs started after a prune took its lock wait, so a prune never races a job it did not see.
 //! (Prunes of invsync versions without `read` locks ignore them; run prune from this version.)
@@ -51,6 +55,9 @@ pub enum LockKind {
     /// A restore or a repository check: reads packs, writes nothing.
     Read,
     Prune,
+    /// A change archive (`archive run`): writes only archive segments, so prune keeps only
+    /// the segment data it may be writing, and otherwise works as if it were not there.
+    Archive,
 }
 
 impl LockKind {
@@ -59,6 +66,7 @@ impl LockKind {
             LockKind::Backup => "backup",
             LockKind::Read => "read",
             LockKind::Prune => "prune",
+            LockKind::Archive => "archive",
         }
     }
 }
@@ -188,7 +196,7 @@ impl Lock {
                         message: msg,
                     });
                 }
-                (LockKind::Backup | LockKind::Read, Some(_)) => {
+                (LockKind::Backup | LockKind::Read | LockKind::Archive, Some(_)) => {
                     tracing::info!(repo = %repo.name, "a prune is running; waiting for it to finish");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
@@ -238,6 +246,7 @@ async fn live_locks(repo: &Repository, own: &str) -> Result<Vec<OtherLock>, Back
             Some("backup") => LockKind::Backup,
             Some("read") => LockKind::Read,
             Some("prune") => LockKind::Prune,
+            Some("archive") => LockKind::Archive,
             _ => continue,
         };
         let Some(started) = parts

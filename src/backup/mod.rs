@@ -8,9 +8,11 @@
 //! ([`snapshot`]) last, so a snapshot is visible only once everything it references exists.
 //! [`restore`] reads them back; [`retention`] forgets snapshots and [`prune`] removes data no
 //! snapshot references, coordinating with running backups and readers (restores, checks)
-//! through [`lock`]; [`check`] proves a repository whole (`invsync verify repo`). A backup run
+//! through [`lock`]; [`archive`] stores a database's change stream as segments that chain
+//! onto its snapshots; [`check`] proves a repository whole (`invsync verify repo`). A backup run
 //! under an agent's lease publishes nothing once a newer holder started ([`fence`]).
 
+pub mod archive;
 pub mod check;
 pub mod chunker;
 pub mod crypto;
@@ -67,6 +69,9 @@ pub enum BackupError {
     Interrupted(String),
     #[error(transparent)]
     Db(#[from] PgError),
+    /// The source's change stream (archive).
+    #[error(transparent)]
+    Stream(#[from] crate::cdc::CdcError),
     #[error("{path}: {message}")]
     Io { path: String, message: String },
     #[error("repository {repo}: {message}")]
@@ -108,6 +113,7 @@ impl BackupError {
             ),
             BackupError::Vanished { .. } => true,
             BackupError::Db(e) => e.is_transient(),
+            BackupError::Stream(e) => e.is_transient(),
             _ => false,
         }
     }

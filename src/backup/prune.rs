@@ -27,7 +27,7 @@ use super::lock::{Lock, LockKind};
 use super::pack::{pack_path, PackEntry};
 use super::repository::Repository;
 use super::snapshot;
-use super::{failpoint, BackupError};
+use super::{archive, failpoint, BackupError};
 
 /// Allowance for clocks of backup hosts and the store disagreeing.
 const CLOCK_MARGIN_MINUTES: i64 = 10;
@@ -45,6 +45,8 @@ pub struct PruneReport {
     pub running_backups: usize,
     /// Restores and repository checks that were running (prune worked in shared mode).
     pub running_readers: usize,
+    /// Archive segments that end before their database's oldest snapshot (see `archive`).
+    pub segments_deleted: usize,
     pub dry_run: bool,
 }
 
@@ -63,18 +65,31 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
     };
     // Every other live lock is a backup's or a reader's (`Lock::acquire` refuses beside
     // another prune); both hold off deletion of indexed packs the same way.
-    let oldest_backup = lock.others.iter().map(|o| o.started).min();
+    // Archives write no packs and read no index: they hold off only the deletion of archive
+    // segment data (see `archive_prune`).
+    let oldest_backup = lock
+        .others
+        .iter()
+        .filter(|o| o.kind != LockKind::Archive)
+        .map(|o| o.started)
+        .min();
+    let oldest_job = lock.others.iter().map(|o| o.started).min();
     report.running_backups = lock
         .others
         .iter()
         .filter(|o| o.kind == LockKind::Backup)
         .count();
-    report.running_readers = lock.others.len() - report.running_backups;
+    report.running_readers = lock
+        .others
+        .iter()
+        .filter(|o| o.kind == LockKind::Read)
+        .count();
 
     // What the snapshots reference. An unreadable snapshot stops prune: its blobs are unknown.
     let snaps = snapshot::list(repo).await?;
     report.snapshots = snaps.len();
     let referenced: HashSet<BlobId> = snaps.iter().flat_map(|(_, s)| s.blobs().copied()).collect();
+    archive_prune(repo, &snaps, &mut report, oldest_job, lock).await?;
     drop(snaps);
 
     // The index, whole: an unreadable index object stops prune, since its packs would look
@@ -166,4 +181,42 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
         repo.delete(&pack_path(id)).await?;
     }
     Ok(report)
+}
+
+/// Deletes the archive segments no kept snapshot needs to reach forward (manifest first, then
+/// its data, so a listed segment's data always exists), and segment data no manifest names that
+/// is older than every running job (left by an archiver that died between the two writes).
+/// While a restore or check runs, nothing of the archive is deleted.
+async fn archive_prune(
+    repo: &Repository,
+    snaps: &[(String, snapshot::Snapshot)],
+    report: &mut PruneReport,
+    oldest_job: Option<chrono::DateTime<chrono::Utc>>,
+    lock: &Lock,
+) -> Result<(), BackupError> {
+    if lock.others.iter().any(|o| o.kind == LockKind::Read) {
+        return Ok(());
+    }
+    let segments = archive::list_segments(repo).await?;
+    let doomed = archive::forgettable(&segments, snaps);
+    report.segments_deleted = doomed.len();
+    if report.dry_run {
+        return Ok(());
+    }
+    for (name, m) in &doomed {
+        repo.delete(&format!("{}/{name}", archive::SEGMENTS_DIR))
+            .await?;
+        repo.delete(&format!("{}/{}", archive::DATA_DIR, m.data))
+            .await?;
+    }
+    let named: HashSet<&str> = segments.iter().map(|(_, m)| m.data.as_str()).collect();
+    for (name, meta) in repo.list(archive::DATA_DIR).await? {
+        let old_enough = oldest_job
+            .is_none_or(|t| meta.last_modified < t - Duration::minutes(CLOCK_MARGIN_MINUTES));
+        if !named.contains(name.as_str()) && old_enough {
+            repo.delete(&format!("{}/{name}", archive::DATA_DIR))
+                .await?;
+        }
+    }
+    Ok(())
 }

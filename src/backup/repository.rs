@@ -12,6 +12,8 @@
 //! | `index/<id>` | an encrypted, zstd-compressed JSON [`IndexFile`](super::index::IndexFile) |
 //! | `snapshots/<id>` | an encrypted, zstd-compressed JSON [`Snapshot`](super::snapshot::Snapshot), written last |
 //! | `locks/<kind>-<ms>-<uuid>` | an encrypted lock body (see [`lock`](super::lock)) |
+//! | `archive/data/<hash>` | an encrypted, zstd-compressed JSON [`SegmentData`](super::archive::SegmentData): one archive segment's transactions as raw `pgoutput` messages (see [`archive`](super::archive)) |
+//! | `archive/segments/<hash>` | an encrypted, zstd-compressed JSON [`SegmentManifest`](super::archive::SegmentManifest) (database, slot, LSN and commit-time range, transaction count, its data object), written after its data |
 //! | `fences/<lease id>/<epoch>` | an encrypted record of an agent lease's epoch that ran a backup (see [`fence`](super::fence)); create-only |
 //!
 //! Encrypted objects start with the plaintext header `INVSYNC1 | kind | wrapped object key`.

@@ -171,6 +171,12 @@ pub struct RereadTable {
 }
 
 /// Takes one snapshot.
+/// How snapshots (and archive segments) name the database they come from: the configured
+/// name and the URL without its password.
+pub fn source_label(label: &str, conn: &ConnInfo) -> String {
+    format!("{label} ({conn})")
+}
+
 pub async fn backup(
     repo: &Repository,
     opts: &BackupOptions,
@@ -214,7 +220,7 @@ async fn run(
     let mut reread = Vec::new();
     if let (Some(src), Some((client, names))) = (&opts.database, db) {
         let conn = &src.conn;
-        let label = format!("{} ({conn})", src.label);
+        let label = source_label(&src.label, conn);
         // Earlier snapshots of the same database, newest first, if this host can read
         // snapshots (a write-only host hashes with an id key of its own, so it could not
         // reuse their chunks anyway).

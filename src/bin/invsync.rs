@@ -11,6 +11,8 @@ use invsync::config::{self, Config};
 
 #[path = "invsync/agent.rs"]
 mod agent;
+#[path = "invsync/archive.rs"]
+mod archive;
 #[path = "invsync/backup.rs"]
 mod backup;
 #[path = "invsync/sync.rs"]
@@ -63,6 +65,9 @@ enum Command {
     Config(ConfigCommand),
     #[command(flatten)]
     Backup(backup::BackupCommand),
+    /// The change archive: a database's committed transactions as segments in a repository
+    #[command(subcommand)]
+    Archive(archive::ArchiveCommand),
     /// Prove that copies hold exactly the source's data and that repositories are whole
     #[command(subcommand)]
     Verify(verify::VerifyCommand),
@@ -182,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backup(command) => backup::run(command, cli.config.as_deref()).await,
+        Command::Archive(command) => archive::run(command, cli.config.as_deref()).await,
         Command::Verify(command) => verify::run(command, cli.config.as_deref()).await,
         Command::Sync(cmd) => sync::run(load_config(cli.config.as_deref())?, cmd).await,
         Command::Agent(args) => agent::run(load_config(cli.config.as_deref())?, args).await,

@@ -1,7 +1,8 @@
 //! cdc: the change stream of a PostgreSQL source as a concept, below the jobs that consume it.
 //!
 //! A stream is a logical replication slot ([`slot`]) decoding with `pgoutput` the tables of a
-//! publication ([`publication`]); its messages are parsed by [`decoder`]. The objects a pipeline
+//! publication ([`publication`]); its messages are parsed by [`decoder`]; a consumer implements [`sink::ChangeSink`] and is fed by
+//! [`sink::drive`]. The objects a pipeline
 //! owns on its source are named by [`names`]. Sync applies the stream to targets; verify reads a
 //! temporary slot's stream to prove that a target only lags. Neither reaches into the other:
 //! what both need lives here.
@@ -13,6 +14,7 @@
 pub mod decoder;
 pub mod names;
 pub mod publication;
+pub mod sink;
 pub mod slot;
 
 use crate::pg::PgError;

@@ -49,6 +49,15 @@ pub fn origin(pipeline: &str, target: &str) -> String {
     derive(&[pipeline, target])
 }
 
+/// The prefix of the slot and the name of the publication through which repository
+/// `repo_id` archives database `db` (see `backup::archive`). The slot's full name adds a random
+/// suffix chosen when it is created: that name is the slot's identity, so a slot dropped and
+/// created again is told apart from the one it replaces.
+pub fn archive(repo_id: &str, db: &str) -> String {
+    let hash = blake3::hash(format!("{repo_id}\n{db}").as_bytes()).to_hex();
+    format!("invsync_archive_{}", &hash[..16])
+}
+
 /// Most concurrent copy sessions per target (each needs its own origin).
 pub const MAX_COPY_JOBS: usize = 32;
 

@@ -66,7 +66,7 @@ pub enum KeyCommand {
 pub struct RepoName {
     /// The repository [default: the only one configured]
     #[arg(long, value_name = "NAME")]
-    repo: Option<String>,
+    pub repo: Option<String>,
 }
 
 #[derive(Args)]
@@ -222,11 +222,11 @@ pub struct VerifyRepoArgs {
     json: bool,
 }
 
-fn load(config: Option<&Path>) -> anyhow::Result<Config> {
+pub fn load(config: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(&invsync::config::resolve_path(config))?)
 }
 
-async fn open(config: &Config, name: &RepoName) -> anyhow::Result<Repository> {
+pub async fn open(config: &Config, name: &RepoName) -> anyhow::Result<Repository> {
     let cfg = config
         .repository(name.repo.as_deref())
         .map_err(|e| anyhow!(e))?;
@@ -239,7 +239,7 @@ fn database(config: &Config, arg: &str) -> anyhow::Result<(String, ConnInfo)> {
     Ok((db.name, db.conn))
 }
 
-fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(v).context("rendering JSON")?
@@ -502,7 +502,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
 
 /// Catches SIGINT and SIGTERM from now on; the future completes at the first, with its name,
 /// and `caught` holds its number, so a job can clean up and exit as the signal asked.
-fn first_signal(caught: Arc<AtomicU8>) -> anyhow::Result<impl Future<Output = String>> {
+pub fn first_signal(caught: Arc<AtomicU8>) -> anyhow::Result<impl Future<Output = String>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
     let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
