@@ -97,4 +97,46 @@ async fn a_promoted_target_hands_out_ids_the_source_never_used() {
         .unwrap_or_else(|| panic!("{seqs:?}"));
     assert_eq!(ticket["target_value"], 1000);
     assert!(ticket["source_value"].as_i64().unwrap() >= 57, "{ticket}");
+
+    // verify db names a target sequence set back, with the setval that fixes it (the rows
+    // inserted on the promoted target differ too: no re-checks for them).
+    dst.psql("einvoice", "SELECT setval('item_id_seq', 5)");
+    let verify = |json: bool| {
+        let mut args = vec![
+            "--config",
+            cfg_s,
+            "verify",
+            "db",
+            "--pipeline",
+            "p",
+            "--settle",
+            "0",
+        ];
+        if json {
+            args.push("--json");
+        }
+        invsync(&args)
+    };
+    let (code, out, err) = verify(true);
+    assert_eq!(code, 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let behind = v["sequences_behind"].as_array().unwrap();
+    assert_eq!(behind.len(), 1, "{behind:?}");
+    assert_eq!(behind[0]["sequence"], "public.item_id_seq");
+    assert_eq!(behind[0]["target_value"], 5);
+    assert_eq!(behind[0]["source_max_key"], 600);
+    let fix = behind[0]["fix"].as_str().unwrap().to_string();
+    assert!(
+        fix.starts_with("SELECT setval('\"public\".\"item_id_seq\"', "),
+        "{fix}"
+    );
+    let (_, out, _) = verify(false);
+    assert!(
+        out.contains("SEQUENCE public.item_id_seq on b: at 5"),
+        "{out}"
+    );
+    dst.psql("einvoice", &fix);
+    let (_, out, err) = verify(true);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{err}"));
+    assert_eq!(v["sequences_behind"], serde_json::json!([]), "{out}");
 }

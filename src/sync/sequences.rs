@@ -14,7 +14,7 @@
 use tokio_postgres::Client;
 
 use super::SyncError;
-use crate::pg::{ConnInfo, PgError, TableName};
+use crate::pg::{self, ConnInfo, PgError, TableName};
 
 /// The sequences owned by `tables` (serial and identity columns) and the `listed` ones, each once,
 /// by name.
@@ -24,24 +24,12 @@ pub async fn of_tables(
     tables: &[TableName],
     listed: &[TableName],
 ) -> Result<Vec<TableName>, SyncError> {
-    let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
-    let rows = source
-        .query(
-            "SELECT DISTINCT n.nspname::text, s.relname::text \
-             FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
-             JOIN pg_namespace n ON n.oid = s.relnamespace \
-             WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
-               AND d.deptype IN ('a', 'i') \
-               AND d.refobjid IN (SELECT t::regclass::oid FROM unnest($1::text[]) t) \
-             ORDER BY 1, 2",
-            &[&quoted],
-        )
-        .await
-        .map_err(|e| PgError::query("listing the tables' sequences", conn, e))?;
-    let mut out: Vec<TableName> = rows
-        .iter()
-        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect();
+    let mut out: Vec<TableName> = Vec::new();
+    for o in pg::sequences::owned(source, conn, tables).await? {
+        if !out.contains(&o.sequence) {
+            out.push(o.sequence);
+        }
+    }
     for s in listed {
         if !out.contains(s) {
             out.push(s.clone());
@@ -51,38 +39,27 @@ pub async fn of_tables(
 }
 
 /// The last value of each of `sequences` on one database (`None`: never used, or missing when
-/// `missing_ok`).
+/// `missing_ok`; otherwise a missing one is an error naming it).
 pub async fn last_values(
     client: &Client,
     conn: &ConnInfo,
     sequences: &[TableName],
     missing_ok: bool,
 ) -> Result<Vec<Option<i64>>, SyncError> {
-    let quoted: Vec<String> = sequences.iter().map(TableName::quoted).collect();
-    let rows = client
-        .query(
-            "SELECT pg_sequence_last_value(to_regclass(s)) FROM unnest($1::text[]) WITH ORDINALITY AS u(s, i) ORDER BY i",
-            &[&quoted],
-        )
-        .await
-        .map_err(|e| PgError::query("reading sequences", conn, e))?;
-    if !missing_ok {
-        let exists = client
-            .query_one(
-                "SELECT array_agg(s) FILTER (WHERE to_regclass(s) IS NULL) FROM unnest($1::text[]) s",
-                &[&quoted],
-            )
-            .await
-            .map_err(|e| PgError::query("reading sequences", conn, e))?
-            .get::<_, Option<Vec<String>>>(0);
-        if let Some(missing) = exists {
-            return Err(SyncError::Config(format!(
-                "{conn}: sequence(s) {} do not exist; fix `sequences` in the pipeline's configuration",
-                missing.join(", ")
-            )));
-        }
+    let values = pg::sequences::last_values(client, conn, sequences).await?;
+    let missing: Vec<String> = sequences
+        .iter()
+        .zip(&values)
+        .filter(|(_, (exists, _))| !exists)
+        .map(|(s, _)| s.to_string())
+        .collect();
+    if !missing_ok && !missing.is_empty() {
+        return Err(SyncError::Config(format!(
+            "{conn}: sequence(s) {} do not exist; fix `sequences` in the pipeline's configuration",
+            missing.join(", ")
+        )));
     }
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(values.into_iter().map(|(_, v)| v).collect())
 }
 
 /// The statement that moves each target sequence forward to its source value (see the module
