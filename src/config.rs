@@ -156,6 +156,42 @@ pub struct PipelineConfig {
     pub targets: Vec<String>,
     /// Table patterns: `schema.table` or `schema.*`.
     pub tables: Vec<TablePattern>,
+    /// What an UPDATE or DELETE whose row is not on a target does (`missing_rows`).
+    pub missing_rows: MissingRows,
+    /// Sequences brought to the targets besides those the tables' columns own (`sequences`).
+    pub sequences: Vec<crate::pg::TableName>,
+    /// How often `sync run` brings the sequences to the targets (`sequence_interval`).
+    pub sequence_interval: std::time::Duration,
+}
+
+/// How often `sync run` brings sequences to the targets unless `sequence_interval` says.
+pub const DEFAULT_SEQUENCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `missing_rows`: what applying an UPDATE or DELETE does when the target lacks the row (the
+/// target differs from the source: rows deleted or never copied there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingRows {
+    /// Count the row, log a warning, and go on (the change is lost on that target).
+    #[default]
+    Warn,
+    /// Stop the pipeline before the batch commits, naming the table and key.
+    Stop,
+    /// Insert the row an UPDATE carries whole (else stop); a DELETE of it does nothing.
+    Apply,
+}
+
+impl MissingRows {
+    fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "warn" => Ok(MissingRows::Warn),
+            "stop" => Ok(MissingRows::Stop),
+            "apply" => Ok(MissingRows::Apply),
+            other => Err(format!(
+                "`{other}` is not a policy; use \"warn\" (count and go on), \"stop\" (stop the pipeline) or \"apply\" (insert what an update carries)"
+            )),
+        }
+    }
 }
 
 /// `[repositories.NAME]`: a backup repository in object storage.
@@ -203,6 +239,10 @@ struct RawPipeline {
     source: Spanned<String>,
     targets: Spanned<Vec<Spanned<String>>>,
     tables: Spanned<Vec<Spanned<String>>>,
+    missing_rows: Option<Spanned<String>>,
+    #[serde(default)]
+    sequences: Vec<Spanned<String>>,
+    sequence_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -320,6 +360,45 @@ impl Config {
                     .map_err(|m| cx.invalid(&format!("pipelines.{name}.tables"), t, m))?;
                 tables.push(pattern);
             }
+            let missing_rows = match &p.missing_rows {
+                None => MissingRows::default(),
+                Some(v) => MissingRows::parse(v.get_ref())
+                    .map_err(|m| cx.invalid(&format!("pipelines.{name}.missing_rows"), v, m))?,
+            };
+            let mut sequences = Vec::new();
+            for q in &p.sequences {
+                let key = format!("pipelines.{name}.sequences");
+                match TablePattern::parse(q.get_ref()) {
+                    Ok(TablePattern {
+                        schema,
+                        table: Some(seq),
+                    }) => sequences.push(crate::pg::TableName::new(&schema, &seq)),
+                    Ok(_) => {
+                        return Err(cx.invalid(
+                            &key,
+                            q,
+                            "name one sequence (`schema.sequence`), not a schema".into(),
+                        ))
+                    }
+                    Err(m) => return Err(cx.invalid(&key, q, m)),
+                }
+            }
+            let sequence_interval = match &p.sequence_interval {
+                None => DEFAULT_SEQUENCE_INTERVAL,
+                Some(v) => match humantime::parse_duration(v.get_ref()) {
+                    Ok(d) if !d.is_zero() => d,
+                    _ => {
+                        return Err(cx.invalid(
+                            &format!("pipelines.{name}.sequence_interval"),
+                            v,
+                            format!(
+                                "`{}` is not a duration; write e.g. \"30s\" or \"5m\"",
+                                v.get_ref()
+                            ),
+                        ))
+                    }
+                },
+            };
             pipelines.insert(
                 name.clone(),
                 PipelineConfig {
@@ -327,6 +406,9 @@ impl Config {
                     source,
                     targets,
                     tables,
+                    missing_rows,
+                    sequences,
+                    sequence_interval,
                 },
             );
         }
@@ -754,6 +836,36 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
             "postgres://u:***@10.0.0.1/db"
         );
         assert_eq!(c.repository(None).unwrap().url.scheme(), "file");
+    }
+
+    #[test]
+    fn missing_rows_policy_defaults_to_warn_and_refuses_other_words() {
+        assert_eq!(
+            parse(GOOD).unwrap().pipelines["p"].missing_rows,
+            MissingRows::Warn
+        );
+        let with = |policy: &str| {
+            GOOD.replace(
+                "tables = [\"public.invoice\", \"audit.*\"]",
+                &format!("tables = [\"public.invoice\", \"audit.*\"]\nmissing_rows = \"{policy}\""),
+            )
+        };
+        assert_eq!(
+            parse(&with("stop")).unwrap().pipelines["p"].missing_rows,
+            MissingRows::Stop
+        );
+        assert_eq!(
+            parse(&with("apply")).unwrap().pipelines["p"].missing_rows,
+            MissingRows::Apply
+        );
+        let e = parse(&with("insert")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "t.toml:10: pipelines.p.missing_rows: `insert` is not a policy; use \"warn\""
+            ),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

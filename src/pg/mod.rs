@@ -16,6 +16,7 @@ mod lsn;
 mod pattern;
 pub mod privilege;
 pub mod schema;
+pub mod sequences;
 pub mod settings;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};

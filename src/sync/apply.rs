@@ -46,12 +46,13 @@ use tokio::sync::{oneshot, Notify};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::net::{Net, Window};
-use super::writer::{TextArray, Writer};
+use super::writer::{Judge, TextArray, Writer};
 use super::{progress, SyncError};
 use crate::cdc::decoder::{
     Relation, RelationColumn, Value, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY,
 };
 use crate::cdc::names;
+use crate::config::MissingRows;
 use crate::pg::schema::TableModel;
 use crate::pg::settings::set_text_form_sql;
 use crate::pg::{quote_ident, ConnInfo, Fence, Lsn, PgError, TableInfo, TableName};
@@ -464,6 +465,8 @@ pub struct Target {
     /// Per relation, whether its changes may be applied as net changes (see [`net`](super::net)),
     /// as the target's catalog said when the relation's definition was checked.
     reorderable: HashMap<u32, bool>,
+    /// What an update or delete whose row is not on the target does.
+    missing_rows: MissingRows,
     /// Of the writer's count of rows that updates and deletes did not find, what was logged.
     missing_reported: u64,
     batch: Batch,
@@ -534,13 +537,14 @@ pub fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
 impl Target {
     /// A target of `pipeline`, not connected yet; its writer signals `answered` whenever a
     /// batch's commit is back. With a `fence`, no batch commits once a newer epoch wrote the
-    /// target.
+    /// target. `missing_rows` is the pipeline's policy for updates and deletes that find no row.
     pub fn new(
         pipeline: &str,
         name: &str,
         conn: ConnInfo,
         answered: Arc<Notify>,
         fence: Option<Fence>,
+        missing_rows: MissingRows,
     ) -> Self {
         Target {
             name: name.to_string(),
@@ -558,6 +562,7 @@ impl Target {
             checked: HashMap::new(),
             types: HashMap::new(),
             reorderable: HashMap::new(),
+            missing_rows,
             missing_reported: 0,
             batch: Batch::default(),
             prepared: HashMap::new(),
@@ -634,9 +639,7 @@ impl Target {
                 pipeline: self.pipeline.clone(),
                 target: self.conn.to_string(),
             })?;
-        if self.fence.is_some() {
-            progress::prepare_fence(&client, &self.conn).await?;
-        }
+        progress::upgrade(&client, &self.conn).await?;
         self.applied = p.applied;
         self.durable = p.applied;
         self.committing.clear();
@@ -739,9 +742,13 @@ impl Target {
     fn report_missing(&mut self) {
         let missing = self.writer.as_ref().map_or(0, Writer::missing);
         if missing > self.missing_reported {
+            let done = match self.missing_rows {
+                MissingRows::Apply => "updates inserted their rows, deletes did nothing",
+                _ => "their changes were skipped",
+            };
             tracing::warn!(
                 target = %self.name,
-                "{} rows to update or delete were not on the target ({missing} in this session): \
+                "{} rows to update or delete were not on the target ({missing} in this session): {done}; \
                  it differs from the source; `invsync verify db` names the rows that differ",
                 missing - self.missing_reported
             );
@@ -998,8 +1005,12 @@ impl Target {
             .await
             .map_err(|e| PgError::query(format!("reading the indexes of {table}"), &self.conn, e))?
             .get::<_, bool>(0);
-        // Net changes need every column's target type (the in-order path copes without).
-        let reorderable = reorderable && !rel.full_identity && self.has_types(rel, |_| true);
+        // Net changes need every column's target type (the in-order path copes without), and
+        // hide which row an update or delete missed, which only the `warn` policy does not need.
+        let reorderable = reorderable
+            && !rel.full_identity
+            && self.has_types(rel, |_| true)
+            && self.missing_rows == MissingRows::Warn;
         self.reorderable.insert(rel.rel.id, reorderable);
         let missing: Vec<&str> = rel
             .rel
@@ -1074,8 +1085,8 @@ impl Target {
         self.emit_window().await?;
         match &change {
             Change::Insert(new) => self.insert(rel, new)?,
-            Change::Update { old, new } => self.update(rel, old.as_deref(), new)?,
-            Change::Delete(old) => self.delete(rel, old)?,
+            Change::Update { old, new } => self.update(rel, old.as_deref(), new).await?,
+            Change::Delete(old) => self.delete(rel, old).await?,
         }
         self.batch.rows += 1;
         self.send(false).await
@@ -1115,8 +1126,13 @@ impl Target {
         Ok(())
     }
 
-    fn delete(&mut self, rel: &StreamRelation, old: &[Value]) -> Result<(), SyncError> {
+    async fn delete(&mut self, rel: &StreamRelation, old: &[Value]) -> Result<(), SyncError> {
         check_width(rel, old)?;
+        if self.missing_rows == MissingRows::Stop {
+            let sql = format!("DELETE FROM {} WHERE {}", rel.quoted, row_filter(rel, old)?);
+            let judge = self.missing_judge(rel, "DELETE", old, String::new())?;
+            return self.row(sql, judge).await;
+        }
         self.batch.expect += 1;
         let is_key = |i: usize| rel.rel.columns[i].key;
         if rel.full_identity || !self.has_types(rel, is_key) {
@@ -1146,7 +1162,7 @@ impl Target {
     /// Adds an update. A group may hold each key once (one set-based UPDATE sees each row
     /// once), so it records the keys it touches and a row whose old or new key it holds
     /// closes it.
-    fn update(
+    async fn update(
         &mut self,
         rel: &StreamRelation,
         old: Option<&[Value]>,
@@ -1156,6 +1172,9 @@ impl Target {
         let set: Vec<bool> = new.iter().map(|v| *v != Value::Unchanged).collect();
         if !set.contains(&true) {
             return Ok(());
+        }
+        if self.missing_rows != MissingRows::Warn {
+            return self.update_row(rel, old, new).await;
         }
         self.batch.expect += 1;
         let needed = |i: usize| set[i] || rel.rel.columns[i].key;
@@ -1214,6 +1233,115 @@ impl Target {
         Ok(())
     }
 
+    /// Adds an update as a statement of its own whose row count is checked, under the `stop`
+    /// and `apply` policies: a missing row stops the pipeline, or, with `apply` and a change
+    /// that carries the whole row, is inserted (one statement: the INSERT runs only when the
+    /// UPDATE found nothing, and its count is the rows found missing).
+    async fn update_row(
+        &mut self,
+        rel: &StreamRelation,
+        old: Option<&[Value]>,
+        new: &[Value],
+    ) -> Result<(), SyncError> {
+        let mut sets = Vec::new();
+        for (col, v) in rel.rel.columns.iter().zip(new) {
+            if *v != Value::Unchanged {
+                sets.push(format!("{} = {}", quote_ident(&col.name), literal(v)?));
+            }
+        }
+        let old_row = old.unwrap_or(new);
+        let update = format!(
+            "UPDATE {} SET {} WHERE {}",
+            rel.quoted,
+            sets.join(", "),
+            row_filter(rel, old_row)?
+        );
+        let why = if self.missing_rows != MissingRows::Apply {
+            None
+        } else if new.contains(&Value::Unchanged) {
+            Some("; the update does not carry the whole row (unchanged TOAST values), so `apply` cannot insert it")
+        } else if !self.has_types(rel, |_| true) {
+            Some("; the target's types of the row's columns are not known yet, so `apply` cannot insert it")
+        } else {
+            None
+        };
+        if self.missing_rows == MissingRows::Stop || why.is_some() {
+            let judge =
+                self.missing_judge(rel, "UPDATE", old_row, why.unwrap_or_default().into())?;
+            return self.row(update, judge).await;
+        }
+        let types = self.types.get(&rel.rel.id).map_or(&[][..], Vec::as_slice);
+        let mut values = Vec::new();
+        for (i, v) in new.iter().enumerate() {
+            values.push(format!("{}::{}", literal(v)?, type_of(types, i)));
+        }
+        let sql = format!(
+            "WITH u AS ({update} RETURNING 1) INSERT INTO {} ({}) SELECT {} WHERE NOT EXISTS (SELECT FROM u)",
+            rel.quoted,
+            column_list(rel),
+            values.join(", ")
+        );
+        self.row(sql, Box::new(Ok)).await
+    }
+
+    /// A [`Judge`] for a statement that must change the one row `row` names: any other count
+    /// stops the pipeline with [`SyncError::MissingRow`].
+    fn missing_judge(
+        &self,
+        rel: &StreamRelation,
+        change: &'static str,
+        row: &[Value],
+        why: String,
+    ) -> Result<Judge, SyncError> {
+        let key = if rel.full_identity {
+            "(the row equal in every column the source sent)".to_string()
+        } else {
+            let names: Vec<String> = key_columns(rel)
+                .map(|(_, c)| quote_ident(&c.name))
+                .collect();
+            format!("({}) = ({})", names.join(", "), key_literals(rel, row)?)
+        };
+        let error = SyncError::MissingRow(Box::new(super::MissingRow {
+            pipeline: self.pipeline.clone(),
+            target: self.name.clone(),
+            change,
+            table: rel.table().to_string(),
+            key,
+            policy: match self.missing_rows {
+                MissingRows::Warn => "warn",
+                MissingRows::Stop => "stop",
+                MissingRows::Apply => "apply",
+            },
+            why,
+        }));
+        Ok(Box::new(
+            move |changed| {
+                if changed == 1 {
+                    Ok(0)
+                } else {
+                    Err(error)
+                }
+            },
+        ))
+    }
+
+    /// Hands over one statement judged by `judge`, after what the batch holds so far.
+    async fn row(&mut self, sql: String, judge: Judge) -> Result<(), SyncError> {
+        self.send_before_job().await?;
+        let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
+        writer.row(sql, judge).await
+    }
+
+    /// Hands over `sql`, which is not one of the stream's changes (bringing sequences forward),
+    /// to run in order with the batch's statements; its result is not awaited, and an error
+    /// fails the writer as a change's would.
+    pub async fn aside(&mut self, sql: String) -> Result<(), SyncError> {
+        self.emit_window().await?;
+        self.send(true).await?;
+        let writer = self.writer.as_mut().ok_or_else(|| gone(&self.conn))?;
+        writer.query(sql).await.map(drop)
+    }
+
     /// Adds a TRUNCATE of `rels` to the batch.
     pub async fn truncate(
         &mut self,
@@ -1267,7 +1395,7 @@ impl Target {
                 let (sql, check) = progress::fence(&self.conn, &self.name, &self.pipeline, fence);
                 writer.execute_checked(sql, check).await?;
             }
-            writer.execute_checked(record, check).await?;
+            writer.tally(record, check).await?;
             let positions = writer
                 .query(format!(
                     "{commit} SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"

@@ -11,7 +11,8 @@
 //! - transactions that carry a replication origin (changes some replicator applied, invsync
 //!   included) are dropped, so pipelines in opposite directions do not echo ([`crate::cdc::decoder`]);
 //! - the initial copy reads the snapshot the slot exported, so streaming starts exactly where
-//!   the copy ends ([`copy`]).
+//!   the copy ends ([`copy`]);
+//! - a target's sequences only move forward, to at or past the source's ([`sequences`]).
 
 pub mod apply;
 pub mod copy;
@@ -19,6 +20,7 @@ mod net;
 pub mod pipeline;
 pub mod progress;
 pub mod schema;
+pub mod sequences;
 pub mod status;
 mod writer;
 
@@ -74,6 +76,8 @@ pub enum SyncError {
         epoch: i64,
         newer: i64,
     },
+    #[error(transparent)]
+    MissingRow(Box<MissingRow>),
     #[error("{0}")]
     Protocol(String),
 }
@@ -90,4 +94,21 @@ impl SyncError {
             _ => false,
         }
     }
+}
+
+/// An update or delete whose row is not on a target, under the `stop` policy (or `apply` with a
+/// change that does not carry the whole row).
+#[derive(Debug, thiserror::Error)]
+#[error("pipeline `{pipeline}` on {target}: {change} of {table} {key} finds no row there; stopped before committing the batch (missing_rows = \"{policy}\"{why}): put the row back on the target (`invsync verify db` names the rows that differ), or set missing_rows = \"warn\" or \"apply\" in [pipelines.{pipeline}]")]
+pub struct MissingRow {
+    pub pipeline: String,
+    pub target: String,
+    /// `UPDATE` or `DELETE`.
+    pub change: &'static str,
+    pub table: String,
+    /// `(a, b) = (1, 2)`, or what finds the row without a key.
+    pub key: String,
+    pub policy: &'static str,
+    /// Why `apply` could not insert the row, with a leading `; `.
+    pub why: String,
 }

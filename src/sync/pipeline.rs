@@ -16,6 +16,9 @@
 //!   old.
 //! - A stop request (SIGINT/SIGTERM in the CLI) finishes the source transaction being received,
 //!   commits every target's batch with its progress, and returns `Ok`.
+//! - Every `sequence_interval` (and when a session starts), the sequences move forward on the
+//!   targets to the source's values ([`sequences`]), queued on each target's writer between
+//!   the changes, so apply does not wait for them.
 //! - A source or stream failure reconnects with backoff and says so in the log; errors a person
 //!   must fix (schema, permissions, configuration) stop the pipeline.
 
@@ -28,7 +31,7 @@ use tokio::sync::{watch, Notify};
 
 use super::apply::{pg_time, Change, StreamRelation, Target};
 use super::copy::{self, CopyProgress, CopyStats, TableCopy};
-use super::{progress, schema, SyncError};
+use super::{progress, schema, sequences, SyncError};
 use crate::cdc::decoder::{self, Message};
 use crate::cdc::{names, publication, slot, CdcError};
 use crate::config::{Config, PipelineConfig};
@@ -271,8 +274,10 @@ pub async fn setup(
         }
         None => Vec::new(),
     };
+    let seqs = sequences::of_tables(&source, &source_conn, &table_names, &p.sequences).await?;
     for (_, conn, client, _) in &targets {
         progress::finish_copy(client, conn, pipeline, consistent_point).await?;
+        sequences::bring(&source, &source_conn, client, conn, &seqs).await?;
     }
     created.release();
     tracing::info!(pipeline, %consistent_point, "pipeline set up");
@@ -360,7 +365,7 @@ pub async fn run_observed(
     fence: Option<&Fence>,
     observer: &dyn Observer,
 ) -> Result<(), SyncError> {
-    let (_, source_conn, target_conns) = lookup(config, pipeline)?;
+    let (p, source_conn, target_conns) = lookup(config, pipeline)?;
     let answered = Arc::new(Notify::new());
     let mut targets: Vec<Target> = target_conns
         .iter()
@@ -371,6 +376,7 @@ pub async fn run_observed(
                 conn.clone(),
                 answered.clone(),
                 fence.cloned(),
+                p.missing_rows,
             )
         })
         .collect();
@@ -382,7 +388,7 @@ pub async fn run_observed(
         }
         let started = Instant::now();
         let ended = session(
-            pipeline,
+            p,
             &source_conn,
             &mut targets,
             &answered,
@@ -498,15 +504,18 @@ async fn flush_all(targets: &mut [Target], durably: bool) -> Result<(), SyncErro
 }
 
 async fn session(
-    pipeline: &str,
+    p: &PipelineConfig,
     source_conn: &ConnInfo,
     targets: &mut [Target],
     answered: &Notify,
     stop: &mut watch::Receiver<bool>,
     observer: &dyn Observer,
 ) -> Result<SessionEnd, SyncError> {
+    let pipeline = p.name.as_str();
     let slot_name = names::slot(pipeline);
     let source = source_conn.connect().await?;
+    let table_names = resolve_tables(&source, source_conn, &p.tables).await?;
+    let seqs = sequences::of_tables(&source, source_conn, &table_names, &p.sequences).await?;
     let slot_state = slot::state(&source, source_conn, &slot_name)
         .await?
         .ok_or_else(|| CdcError::SlotMissing {
@@ -571,6 +580,7 @@ async fn session(
     let mut stopping = false;
     let mut confirmed = ack;
     let mut flush_checked = Instant::now();
+    let mut sequences_at = Instant::now();
 
     loop {
         let flush_at = batch_started.map(|s| s + BATCH_TIME);
@@ -613,6 +623,19 @@ async fn session(
                 }
                 flush_checked = Instant::now();
                 progressed = true;
+            }
+            _ = sleep_until(Some(sequences_at)), if txn.is_none() && !stopping && !seqs.is_empty() => {
+                let values = sequences::last_values(&source, source_conn, &seqs, false).await?;
+                if let Some(sql) = sequences::advance_sql(&seqs, &values) {
+                    for i in 0..targets.len() {
+                        if targets[i].is_up() {
+                            if let Err(e) = targets[i].aside(sql.clone()).await {
+                                target_failed(targets, i, e)?;
+                            }
+                        }
+                    }
+                }
+                sequences_at = Instant::now() + p.sequence_interval;
             }
             _ = sleep_until(retry_at), if txn.is_none() && retry_at.is_some() && !stopping => {
                 for i in 0..targets.len() {

@@ -42,14 +42,16 @@ CREATE TABLE IF NOT EXISTS invsync.pipeline_table (
     rows_copied bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (pipeline, table_schema, table_name)
 );
-ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint;";
+ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint;
+ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS missing_rows bigint NOT NULL DEFAULT 0;";
 
-/// Adds `fence_epoch` to a pipeline table created by an older version, without taking the
-/// table's lock when it is there already.
-const ADD_FENCE_COLUMN: &str = "DO $$ BEGIN \
-    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'invsync.pipeline'::regclass \
-                   AND attname = 'fence_epoch' AND NOT attisdropped) THEN \
-        ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint; \
+/// Adds the columns newer versions keep (`fence_epoch`, `missing_rows`) to a pipeline table
+/// created by an older version, without taking the table's lock when they are there already.
+const ADD_COLUMNS: &str = "DO $$ BEGIN \
+    IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'invsync.pipeline'::regclass \
+        AND attname IN ('fence_epoch', 'missing_rows') AND NOT attisdropped) < 2 THEN \
+        ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint, \
+            ADD COLUMN IF NOT EXISTS missing_rows bigint NOT NULL DEFAULT 0; \
     END IF; END $$";
 
 /// Where a pipeline stands on one target.
@@ -69,6 +71,9 @@ pub struct TargetProgress {
     /// End LSN of the last applied source commit.
     pub applied: Lsn,
     pub applied_commit_time: Option<DateTime<Utc>>,
+    /// Updates and deletes whose row was not on the target, applied since setup (0 on a target
+    /// set up by a version that did not count them).
+    pub missing_rows: i64,
 }
 
 /// One table's phase on a target.
@@ -110,8 +115,11 @@ pub async fn load(
     }
     let row = client
         .query_opt(
-            "SELECT state, COALESCE(applied_lsn, '0/0')::text, applied_commit_time \
-             FROM invsync.pipeline WHERE pipeline = $1",
+            // Through jsonb, so that a table without `missing_rows` (an older version's, read
+            // by `status`, which changes nothing) reads as 0.
+            "SELECT state, COALESCE(applied_lsn, '0/0')::text, applied_commit_time, \
+             COALESCE((to_jsonb(p) ->> 'missing_rows')::bigint, 0) \
+             FROM invsync.pipeline p WHERE pipeline = $1",
             &[&pipeline],
         )
         .await
@@ -124,6 +132,7 @@ pub async fn load(
         },
         applied: r.get::<_, String>(1).parse().unwrap_or_default(),
         applied_commit_time: r.get(2),
+        missing_rows: r.get(3),
     }))
 }
 
@@ -228,13 +237,13 @@ pub async fn finish_copy(
     Ok(())
 }
 
-/// Makes sure the pipeline table can record fences (a target set up by an older version has no
-/// `fence_epoch` yet). Called once per session by a fenced run.
-pub async fn prepare_fence(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> {
+/// Makes sure the pipeline table can record fences and missing rows (a target set up by an
+/// older version lacks their columns). Called once per apply session.
+pub async fn upgrade(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> {
     client
-        .batch_execute(ADD_FENCE_COLUMN)
+        .batch_execute(ADD_COLUMNS)
         .await
-        .map_err(q(conn, "adding the fence column to invsync.pipeline"))?;
+        .map_err(q(conn, "adding columns to invsync.pipeline"))?;
     Ok(())
 }
 
@@ -277,22 +286,28 @@ pub fn fence(conn: &ConnInfo, target: &str, pipeline: &str, fence: &Fence) -> (S
     (sql, check)
 }
 
-/// The statement that records `end_lsn` as applied in the batch being committed, and its check:
+/// The statement that records `end_lsn` as applied in the batch being committed, written when
+/// its turn comes with the rows the batch found missing (see [`Writer::tally`]), and its check:
 /// it must change exactly one row, or the batch must not commit.
+///
+/// [`Writer::tally`]: super::writer::Writer::tally
 pub fn record(
     conn: &ConnInfo,
     pipeline: &str,
     end_lsn: Lsn,
     commit_time: Option<DateTime<Utc>>,
-) -> (String, Check) {
+) -> (Box<dyn FnOnce(u64) -> String + Send>, Check) {
     let lsn = quote_literal(&end_lsn.to_string());
     let time = commit_time.map_or("NULL".to_string(), |t| quote_literal(&t.to_rfc3339()));
+    let p = quote_literal(pipeline);
     (
-        format!(
-            "UPDATE invsync.pipeline SET applied_lsn = {lsn}::pg_lsn, applied_commit_time = {time}::timestamptz, \
-             updated_at = now() WHERE pipeline = {} AND state = 'streaming' AND applied_lsn < {lsn}::pg_lsn",
-            quote_literal(pipeline)
-        ),
+        Box::new(move |missing| {
+            format!(
+                "UPDATE invsync.pipeline SET applied_lsn = {lsn}::pg_lsn, applied_commit_time = {time}::timestamptz, \
+                 missing_rows = missing_rows + {missing}, updated_at = now() \
+                 WHERE pipeline = {p} AND state = 'streaming' AND applied_lsn < {lsn}::pg_lsn"
+            )
+        }),
         one_row(SyncError::Protocol(format!(
             "{conn}: pipeline {pipeline} is already applied past {end_lsn} or not set up; is another `invsync sync run {pipeline}` running?"
         ))),

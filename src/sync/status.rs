@@ -3,10 +3,10 @@
 
 use chrono::Utc;
 
-use super::{progress, SyncError};
+use super::{progress, sequences, SyncError};
 use crate::cdc::{names, slot};
-use crate::config::Config;
-use crate::pg::Lsn;
+use crate::config::{Config, MissingRows};
+use crate::pg::{resolve_tables, Lsn};
 
 /// Lag above this many bytes shows a table as catching up rather than streaming.
 const CATCHING_UP_BYTES: i64 = 16 * 1024 * 1024;
@@ -16,6 +16,8 @@ pub struct PipelineStatus {
     pub pipeline: String,
     pub source: String,
     pub slot: String,
+    /// The pipeline's `missing_rows` policy.
+    pub missing_rows: MissingRows,
     /// `None` when the source could not be read (see `source_error`) or the slot is missing.
     pub slot_state: Option<SlotStatus>,
     pub source_error: Option<String>,
@@ -41,8 +43,21 @@ pub struct TargetStatus {
     pub applied_lsn: Option<Lsn>,
     pub lag_bytes: Option<i64>,
     pub lag_seconds: Option<f64>,
+    /// Updates and deletes whose row was not on this target, since setup.
+    pub missing_rows: i64,
+    /// The pipeline's sequences on the source and on this target.
+    pub sequences: Vec<SequenceStatus>,
     pub tables: Vec<progress::TablePhase>,
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SequenceStatus {
+    pub sequence: String,
+    /// Last value on the source (`None`: never used, or the source could not be read).
+    pub source_value: Option<i64>,
+    /// Last value on the target (`None`: never used or missing there).
+    pub target_value: Option<i64>,
 }
 
 /// Status of `pipeline`, or of every configured pipeline.
@@ -65,8 +80,9 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
     let p = config.pipeline(pipeline).map_err(SyncError::Config)?;
     let source_conn = &config.database(&p.source).map_err(SyncError::Config)?.conn;
     let slot_name = names::slot(pipeline);
-    let (slot_state, source_error) = match source_conn.connect().await {
-        Ok(client) => match slot::state(&client, source_conn, &slot_name).await {
+    let source = source_conn.connect().await;
+    let (slot_state, mut source_error) = match &source {
+        Ok(client) => match slot::state(client, source_conn, &slot_name).await {
             Ok(Some(s)) => (Some(s), None),
             Ok(None) => (
                 None,
@@ -78,6 +94,21 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
         },
         Err(e) => (None, Some(e.to_string())),
     };
+    // The pipeline's sequences and their source values (none when the source cannot be read).
+    let mut seqs = Vec::new();
+    let mut source_values = Vec::new();
+    if let Ok(client) = &source {
+        let read: Result<(), SyncError> = async {
+            let tables = resolve_tables(client, source_conn, &p.tables).await?;
+            seqs = sequences::of_tables(client, source_conn, &tables, &p.sequences).await?;
+            source_values = sequences::last_values(client, source_conn, &seqs, true).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = read {
+            source_error.get_or_insert(e.to_string());
+        }
+    }
     let mut targets = Vec::new();
     for t in &p.targets {
         let conn = &config.database(t).map_err(SyncError::Config)?.conn;
@@ -87,6 +118,8 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
             applied_lsn: None,
             lag_bytes: None,
             lag_seconds: None,
+            missing_rows: 0,
+            sequences: Vec::new(),
             tables: Vec::new(),
             error: None,
         };
@@ -118,6 +151,18 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
                     }
                 }
             }
+            ts.missing_rows = pr.missing_rows;
+            let target_values = sequences::last_values(&client, conn, &seqs, true).await?;
+            ts.sequences = seqs
+                .iter()
+                .zip(&source_values)
+                .zip(target_values)
+                .map(|((s, &source_value), target_value)| SequenceStatus {
+                    sequence: s.to_string(),
+                    source_value,
+                    target_value,
+                })
+                .collect();
             ts.state = Some(pr.state);
             ts.tables = tables;
             Ok(())
@@ -132,6 +177,7 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
         pipeline: pipeline.to_string(),
         source: p.source.clone(),
         slot: slot_name,
+        missing_rows: p.missing_rows,
         slot_state: slot_state.map(|s| SlotStatus {
             active: s.active_pid.is_some(),
             active_pid: s.active_pid,

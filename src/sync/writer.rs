@@ -51,6 +51,15 @@ enum Job {
         params: Vec<TextArray>,
         expect: u64,
     },
+    /// One statement whose row count `judge` turns into rows found missing, or an error that
+    /// stops the writer.
+    Row { sql: String, judge: Judge },
+    /// Statements built, when their turn comes, from the rows found missing since the last
+    /// tally (so a batch's progress record can count its own), and checked like `Checked`.
+    Tally {
+        build: Box<dyn FnOnce(u64) -> String + Send>,
+        check: Check,
+    },
     /// A piece whose result is sent back.
     Query(String, oneshot::Sender<Vec<SimpleQueryMessage>>),
     /// Answered once every earlier piece has run.
@@ -61,12 +70,15 @@ impl Job {
     /// What the piece counts against [`BUDGET`].
     fn cost(&self) -> u32 {
         let bytes = match self {
-            Job::Sql { sql, .. } | Job::Checked { sql, .. } | Job::Query(sql, _) => sql.len(),
+            Job::Sql { sql, .. }
+            | Job::Checked { sql, .. }
+            | Job::Row { sql, .. }
+            | Job::Query(sql, _) => sql.len(),
             Job::Copy { sql, data } => sql.len() + data.len(),
             Job::Bind { sql, params, .. } => {
                 sql.len() + params.iter().map(|p| p.bytes.len()).sum::<usize>()
             }
-            Job::Barrier(_) => 0,
+            Job::Barrier(_) | Job::Tally { .. } => 0,
         };
         // BUDGET fits in u32.
         bytes.clamp(PIECE_MIN, BUDGET) as u32
@@ -75,6 +87,10 @@ impl Job {
 
 /// Judges a checked piece's result: `Err` stops the writer with that error.
 pub type Check = Box<dyn FnOnce(&[SimpleQueryMessage]) -> Result<(), SyncError> + Send>;
+
+/// Judges a [`Job::Row`] statement's row count: `Ok` with the rows it found missing, or `Err`,
+/// which stops the writer with that error.
+pub type Judge = Box<dyn FnOnce(u64) -> Result<u64, SyncError> + Send>;
 
 /// A [`Check`] that the piece's first statement changed exactly one row, else `error`.
 pub fn one_row(error: SyncError) -> Check {
@@ -174,6 +190,22 @@ impl Writer {
         self.missing.load(Ordering::Relaxed)
     }
 
+    /// Hands over one statement whose row count `judge` turns into rows found missing; if it
+    /// refuses the count, nothing after it runs and the writer fails with its error.
+    pub async fn row(&mut self, sql: String, judge: Judge) -> Result<(), SyncError> {
+        self.hand_over(Job::Row { sql, judge }).await
+    }
+
+    /// Hands over statements that `build` writes, when their turn comes, from the rows found
+    /// missing since the last tally, checked by `check` as [`Writer::execute_checked`] does.
+    pub async fn tally(
+        &mut self,
+        build: Box<dyn FnOnce(u64) -> String + Send>,
+        check: Check,
+    ) -> Result<(), SyncError> {
+        self.hand_over(Job::Tally { build, check }).await
+    }
+
     /// Hands over statements whose result must pass `check`; if it does not, nothing after them
     /// runs and the writer fails with the check's error.
     pub async fn execute_checked(&mut self, sql: String, check: Check) -> Result<(), SyncError> {
@@ -252,6 +284,8 @@ async fn run(
     // Statements by their SQL, prepared once per connection (a COPY or a set-based statement
     // per table per batch would otherwise cost a round trip more each).
     let mut prepared: HashMap<String, Statement> = HashMap::new();
+    // What `missing` held at the last tally.
+    let mut tallied = 0;
     // Each piece's permit is released when its iteration ends.
     while let Some((job, _permit)) = queue.recv().await {
         match job {
@@ -269,6 +303,18 @@ async fn run(
             Job::Checked { sql, check } => {
                 let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
                 check(&result).map_err(Failure::Check)?;
+            }
+            Job::Row { sql, judge } => {
+                let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                let found = judge(changed(&result, 0).unwrap_or(0)).map_err(Failure::Check)?;
+                missing.fetch_add(found, Ordering::Relaxed);
+            }
+            Job::Tally { build, check } => {
+                let now = missing.load(Ordering::Relaxed);
+                let sql = build(now - tallied);
+                let result = client.simple_query(&sql).await.map_err(Failure::Pg)?;
+                check(&result).map_err(Failure::Check)?;
+                tallied = now;
             }
             Job::Copy { sql, data } => {
                 let statement = prepare(client, &mut prepared, sql, 0).await?;

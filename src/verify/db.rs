@@ -219,11 +219,32 @@ pub struct DbReport {
     pub tables: Vec<TableReport>,
     /// Where the repair SQL was written, if asked for.
     pub repair_sql: Option<String>,
+    /// Target sequences behind the source's (see [`SequenceBehind`]); reported, not counted in
+    /// the exit code.
+    pub sequences_behind: Vec<SequenceBehind>,
+}
+
+/// A target sequence whose last value is behind the source sequence's, or behind the largest
+/// value its column holds on the source: once that target is promoted, the application's
+/// defaults would hand out keys the source already used.
+#[derive(Debug, Serialize)]
+pub struct SequenceBehind {
+    pub target: String,
+    pub sequence: String,
+    /// The column that owns it, `schema.table.column`.
+    pub owned_by: String,
+    pub source_value: Option<i64>,
+    pub source_max_key: Option<i64>,
+    /// `None`: never used, or missing on the target.
+    pub target_value: Option<i64>,
+    /// The statement that brings it forward, to run on the target.
+    pub fix: String,
 }
 
 impl DbReport {
     /// 0 identical, 1 differences found, 2 something could not be verified (as `diff` does),
-    /// 3 no difference proven but some rows undecided (still moving on a live source).
+    /// 3 no difference proven but some rows undecided (still moving on a live source). Sequences
+    /// behind do not count: a live pipeline brings them only every `sequence_interval`.
     pub fn exit_code(&self) -> u8 {
         let any = |status| self.tables.iter().any(|t| t.status == status);
         if any(TableStatus::Error) {
@@ -391,6 +412,7 @@ pub async fn verify_db(
         slot_hint: opts.pipeline.clone(),
     };
     let mut tables = Vec::new();
+    let mut sequences_behind = Vec::new();
     for target in &opts.targets {
         // A second pair of sessions re-reads differing rows fresh while the first pair's
         // snapshots are still being walked.
@@ -419,6 +441,10 @@ pub async fn verify_db(
                 )));
             }
         }
+        let compared: Vec<TableName> = names
+            .iter()
+            .filter_map(|n| n.as_ref().ok().cloned())
+            .collect();
         for name in names {
             let started = Instant::now();
             let mut report = match name {
@@ -451,6 +477,7 @@ pub async fn verify_db(
             progress.table_finished(&report);
             tables.push(report);
         }
+        sequences_behind.extend(sequences_behind_on(&opts.source, target, &compared).await?);
     }
     let repair_sql = match repair_file {
         Some(file) => Some(file.finish()?),
@@ -460,7 +487,64 @@ pub async fn verify_db(
         source: opts.source.name.clone(),
         tables,
         repair_sql,
+        sequences_behind,
     })
+}
+
+/// The sequences that `tables`' columns own on the source and that are behind on `target`
+/// (see [`SequenceBehind`]). Read on sessions of their own: sequences are not transactional.
+async fn sequences_behind_on(
+    source: &Endpoint,
+    target: &Endpoint,
+    tables: &[TableName],
+) -> Result<Vec<SequenceBehind>, VerifyError> {
+    let (src, dst) = tokio::try_join!(source.conn.connect(), target.conn.connect())?;
+    let owned = crate::pg::sequences::owned(&src, &source.conn, tables).await?;
+    let names: Vec<TableName> = owned.iter().map(|o| o.sequence.clone()).collect();
+    let source_values = crate::pg::sequences::last_values(&src, &source.conn, &names).await?;
+    let target_values = crate::pg::sequences::last_values(&dst, &target.conn, &names).await?;
+    let mut out = Vec::new();
+    for ((o, (_, source_value)), (_, target_value)) in
+        owned.iter().zip(source_values).zip(target_values)
+    {
+        let max_key: Option<i64> = src
+            .query_one(
+                &format!(
+                    "SELECT max({})::bigint FROM {}",
+                    crate::pg::quote_ident(&o.column),
+                    o.table.quoted()
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| {
+                PgError::query(
+                    format!("reading the largest {} of {}", o.column, o.table),
+                    &source.conn,
+                    e,
+                )
+            })?
+            .get(0);
+        let Some(needed) = source_value.max(max_key) else {
+            continue;
+        };
+        if target_value.is_some_and(|t| t >= needed) {
+            continue;
+        }
+        out.push(SequenceBehind {
+            target: target.name.clone(),
+            sequence: o.sequence.to_string(),
+            owned_by: format!("{}.{}", o.table, o.column),
+            source_value,
+            source_max_key: max_key,
+            target_value,
+            fix: format!(
+                "SELECT setval({}, {needed});",
+                crate::pg::quote_literal(&o.sequence.quoted())
+            ),
+        });
+    }
+    Ok(out)
 }
 
 /// The source's tables for each pattern; a pattern matching nothing is an error entry.

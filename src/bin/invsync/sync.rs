@@ -245,7 +245,7 @@ fn print_status(p: &sync::PipelineStatus) {
         match (&t.state, &t.error) {
             (_, Some(e)) => println!("  target {}: {e}", t.target),
             (Some(state), None) => println!(
-                "  target {}: {}, applied {}, lag {} / {:.1} s",
+                "  target {}: {}, applied {}, lag {} / {:.1} s, {} missing rows ({})",
                 t.target,
                 serde_json::to_value(state)
                     .ok()
@@ -255,7 +255,12 @@ fn print_status(p: &sync::PipelineStatus) {
                     .map(|l| l.to_string())
                     .unwrap_or_else(|| "-".into()),
                 t.lag_bytes.map(bytes).unwrap_or_else(|| "?".into()),
-                t.lag_seconds.unwrap_or(0.0)
+                t.lag_seconds.unwrap_or(0.0),
+                t.missing_rows,
+                serde_json::to_value(p.missing_rows)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
             ),
             (None, None) => println!("  target {}: unknown", t.target),
         }
@@ -263,6 +268,15 @@ fn print_status(p: &sync::PipelineStatus) {
             println!(
                 "    {:40} {:12} {} rows copied",
                 table.table, table.phase, table.rows_copied
+            );
+        }
+        let value = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+        for s in &t.sequences {
+            println!(
+                "    sequence {:31} source {} target {}",
+                s.sequence,
+                value(s.source_value),
+                value(s.target_value)
             );
         }
     }

@@ -244,6 +244,19 @@ fn print_report(report: &DbReport) {
         report.tables.iter().map(|t| t.undecided).sum::<u64>(),
         counts[2]
     );
+    let value = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+    for b in &report.sequences_behind {
+        println!(
+            "SEQUENCE {} on {}: at {}, behind the source's {} (largest {} there: {}); run on the target: {}",
+            b.sequence,
+            b.target,
+            value(b.target_value),
+            value(b.source_value),
+            b.owned_by,
+            value(b.source_max_key),
+            b.fix
+        );
+    }
     if let Some(path) = &report.repair_sql {
         println!("repair SQL written to {path}");
     }
