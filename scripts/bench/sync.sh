@@ -7,6 +7,8 @@
 #                  of 100 rows) written while both were stopped, each consumer replicating that one table
 #                  and starting from a checkpoint on both clusters,
 #                  and on one transaction of SYNC_BIG rows (default 5000000; 0 skips it), with sync run's peak RSS
+#   agent:         catch-up of the same backlog by `invsync agent` running the pipeline, vs `sync run`;
+#                  the agent at rest (pipeline idle, a backup each minute): CPU % of a core and peak RSS
 #   lag:           p99 and max lag under `einvoice-gen load` at SYNC_LAG_RATE rows/s (default 10000)
 #                  on SYNC_LAG_CONNECTIONS connections (default 4)
 #                  for SYNC_LAG_SECS s (default 30), in a database bench_lag of its own: a probe row
@@ -193,18 +195,23 @@ TOML
     base=$((base + 100000000))
     sync_prefill "$base"
     CATCH_RSS=
-    if [ "$kind" = invsync ]; then
+    if [ "$kind" != native ]; then
       "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
       "$INVSYNC" --config "$cfg" --log warn sync setup bench --no-create >/dev/null
       "$writer" "$base"
       settle
       t0=$(sync_now)
-      /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn sync run bench &
+      if [ "$kind" = agent ]; then
+        # The same pipeline run by the agent (endpoint, metrics poller, supervision beside it).
+        /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn agent --listen 127.0.0.1:0 &
+      else
+        /usr/bin/time -v -o "$dir/run.time" "$INVSYNC" --config "$cfg" --log warn sync run bench &
+      fi
       pid=$!
       sync_wait "$dst" "SELECT EXISTS (SELECT 1 FROM public.bench_change WHERE id = -$base)"
       t1=$(sync_now)
       walsender_cpu=$(sync_cpu "$src" "SELECT pid FROM pg_stat_replication")
-      consumer_cpu=$(sync_cpu "$dst" "SELECT pid FROM pg_stat_activity WHERE application_name = 'invsync' AND backend_type = 'client backend'")
+      consumer_cpu=$(sync_cpu "$dst" "SELECT pid FROM pg_stat_activity WHERE application_name = 'invsync_bench_dst' AND backend_type = 'client backend'")
       kill -TERM "$(pgrep -P "$pid" invsync || echo "$pid")" 2>/dev/null || true
       wait "$pid" || true
       CATCH_RSS=$(sync_rss_mib "$dir/run.time")
@@ -235,17 +242,66 @@ TOML
     CATCH_RATE=$(echo "$rows / ($t1 - $t0)" | bc)
     CATCH_CPU="$(sync_per_million "$walsender_cpu" "$rows") $(sync_per_million "$consumer_cpu" "$rows")"
   }
-  local inv_catch=() nat_catch=() run_rss=() inv_cpu=() nat_cpu=()
+  local inv_catch=() nat_catch=() run_rss=() inv_cpu=() nat_cpu=() agent_catch=() agent_rss=()
   for i in $(seq 1 "$runs"); do
-    for side in $(rotate "$i" invsync native); do
+    for side in $(rotate "$i" invsync agent native); do
       sync_catch_up "$side" sync_backlog "$backlog"
       if [ "$side" = invsync ]; then
         inv_catch+=("$CATCH_RATE"); run_rss+=("$CATCH_RSS"); inv_cpu+=("$CATCH_CPU")
+      elif [ "$side" = agent ]; then
+        agent_catch+=("$CATCH_RATE"); agent_rss+=("$CATCH_RSS")
       else
         nat_catch+=("$CATCH_RATE"); nat_cpu+=("$CATCH_CPU")
       fi
     done
   done
+  # The agent at rest: the catch-up pipeline streaming with nothing to do and a backup of its
+  # table (10,000 rows) every minute into a local repository, for AGENT_IDLE_S seconds after a
+  # 5 s start-up. Its CPU (user + system, from /proc) and peak RSS (VmHWM) are the agent's own.
+  AGENT_IDLE_S="${AGENT_IDLE_S:-125}"
+  local acfg="$dir/agent.toml" arepo="$dir/agent-repo" apid c0 c1 hz
+  rm -rf "$arepo" "$dir/agent-state.json" "$dir/agent.key"
+  # An age key file, as a production agent has: a passphrase would add scrypt's memory (sized
+  # at `repo init`) to every backup, which is the key's cost, not the agent's.
+  ensure_age
+  age-keygen -o "$dir/agent.key" 2>/dev/null
+  {
+    cat "$dir/catch.toml"
+    cat <<TOML
+[repositories.agentbench]
+url = "file://$arepo"
+recipients = ["$(age-keygen -y "$dir/agent.key")"]
+identity_file = "$dir/agent.key"
+[[schedules]]
+name = "minute-backup"
+cron = "0 * * * * *"
+job = "backup"
+repo = "agentbench"
+db = "src"
+tables = ["public.bench_change"]
+TOML
+  } > "$acfg"
+  sync_q "$src" "TRUNCATE public.bench_change; INSERT INTO public.bench_change (id, invoice_number, amount, note) SELECT g, 'AB' || g, g, 'note' FROM generate_series(1, 10000) g" >/dev/null
+  sync_reset_target
+  "$INVSYNC" --config "$acfg" repo init --repo agentbench >/dev/null
+  "$INVSYNC" --config "$acfg" sync teardown bench --yes >/dev/null 2>&1 || true
+  "$INVSYNC" --config "$acfg" --log warn sync setup bench --no-create >/dev/null
+  "$INVSYNC" --config "$acfg" --log warn agent --listen 127.0.0.1:0 >"$dir/agent-idle.log" 2>&1 &
+  apid=$!
+  sleep 5
+  hz=$(getconf CLK_TCK)
+  c0=$(sed 's/.*) //' "/proc/$apid/stat" | awk '{print $12 + $13}')
+  sleep "$AGENT_IDLE_S"
+  c1=$(sed 's/.*) //' "/proc/$apid/stat" | awk '{print $12 + $13}')
+  AGENT_IDLE_RSS=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$apid/status")
+  AGENT_IDLE_CPU=$(echo "scale=2; ($c1 - $c0) * 100 / $hz / $AGENT_IDLE_S" | bc)
+  kill -TERM "$apid"
+  wait "$apid" || true
+  AGENT_IDLE_BACKUPS=$("$INVSYNC" --config "$acfg" snapshots --repo agentbench --json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))')
+  "$INVSYNC" --config "$acfg" sync teardown bench --yes >/dev/null
+  sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
+  sync_reset_target
+
   # One source transaction of $big rows, $runs runs each: it must stream through, not sit in
   # memory. SYNC_BIG=0 skips it (quicker iterations on the catch-up figure).
   local big="${SYNC_BIG:-5000000}" big_inv=() big_nat=() big_rss=() big_inv_cpu=() big_nat_cpu=()
@@ -350,6 +406,11 @@ TOML
   printf '%-44s %9.2fs %9.2fs %8.2f\n' "initial copy vs pg_dump -Fd -Z0 -j2, then pg_restore -j2" "$ic" "$dc" "$(echo "$ic / $dc" | bc -l)"
   printf '%-44s %10s %10s %8.2f\n' "catch-up rows/s vs native subscription" "$ir" "$nr" "$(echo "$ir / $nr" | bc -l)"
   echo "(catch-up runs, rows/s: invsync ${inv_catch[*]}; native ${nat_catch[*]})"
+  local ar
+  ar=$(sync_median "${agent_catch[@]}")
+  printf '%-44s %10s %10s %8.2f\n' "catch-up rows/s: invsync agent vs sync run" "$ar" "$ir" "$(echo "$ar / $ir" | bc -l)"
+  echo "(agent catch-up runs, rows/s: ${agent_catch[*]}; peak RSS agent $(sync_median "${agent_rss[@]}") MiB)"
+  echo "agent with the pipeline idle and a backup schedule each minute, over $AGENT_IDLE_S s: $AGENT_IDLE_CPU% of one core, peak RSS $AGENT_IDLE_RSS MiB ($AGENT_IDLE_BACKUPS backups ran)"
   sync_cpu_line() { # $1 = label, $2 = invsync "walsender consumer" figures, $3 = native's
     printf '%s CPU s per 1M rows: invsync: walsender %s, target session + sync run %s; native: walsender %s, apply worker %s\n' \
       "$1" $2 $3
