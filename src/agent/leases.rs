@@ -8,6 +8,8 @@
 //!   standby takes over at once, never while the work still writes.
 //! - The keepers run apart from the work they license: a database that is down stops only the
 //!   leases (and so the work) that live in it.
+//! - A configuration without any database (only repository jobs) has nowhere to keep leases:
+//!   its schedules hold a lease of epoch 0 that is never contested, and run no fence.
 
 use std::sync::Arc;
 
@@ -58,7 +60,7 @@ pub fn start(
     stop: &watch::Receiver<bool>,
 ) -> Result<Leases, AgentError> {
     let config_error = |e: lease::LeaseError| AgentError::Config(e.to_string());
-    let mut keep = |place: LeasePlace| {
+    let keep = |place: LeasePlace, tasks: &mut JoinSet<()>| {
         let (tx, rx) = watch::channel(LeaseStatus {
             lease: place.name.clone(),
             held: false,
@@ -78,17 +80,50 @@ pub fn start(
     let mut pipelines = Vec::new();
     for name in config.pipelines.keys() {
         let place = lease::pipeline_lease(config, name).map_err(config_error)?;
-        pipelines.push((name.clone(), keep(place)));
+        pipelines.push((name.clone(), keep(place, tasks)));
     }
     let mut schedules = Vec::new();
     for s in &config.schedules {
-        let place = lease::schedule_lease(config, s).map_err(config_error)?;
-        schedules.push((s.name.clone(), keep(place)));
+        let rx = if config.databases.is_empty() && config.agent.lease_db.is_none() {
+            unleased(format!("schedule/{}", s.name), tasks, stop)
+        } else {
+            keep(
+                lease::schedule_lease(config, s).map_err(config_error)?,
+                tasks,
+            )
+        };
+        schedules.push((s.name.clone(), rx));
     }
     Ok(Leases {
         pipelines,
         schedules,
     })
+}
+
+/// A lease that is always held, with epoch 0 (no fence), for a configuration without any
+/// database to keep leases in: its jobs run on every agent started with it.
+fn unleased(
+    name: String,
+    tasks: &mut JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) -> watch::Receiver<LeaseStatus> {
+    tracing::warn!(
+        lease = %name,
+        "the configuration has no database to keep this schedule's lease in: its job runs on every agent using this configuration"
+    );
+    let (tx, rx) = watch::channel(LeaseStatus {
+        lease: name,
+        held: true,
+        epoch: 0,
+        holder: None,
+    });
+    let mut stop = stop.clone();
+    // The status stays held until the leases are released.
+    tasks.spawn(async move {
+        let _held = tx;
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    rx
 }
 
 /// Copies every change of one lease into the metrics and `/status`, until its keeper ends.

@@ -10,6 +10,8 @@
 //! - A run starts only while this agent holds the schedule's lease; on a standby the run is
 //!   skipped (counted with reason `standby`), as the holder runs it. A running job is dropped
 //!   as soon as the lease is lost; the fence it carries refuses what it might still write.
+//!   At start the first tick waits (up to `renew_deadline`) until the lease's holder is known,
+//!   so a missed run due at start is not skipped only because the keeper has not asked yet.
 //! - At shutdown a running job is abandoned (dropped): every job is safe to stop at any point
 //!   (a backup's snapshot is written last, a prune's deletions are of unreferenced data), and
 //!   its next run starts over.
@@ -105,6 +107,14 @@ impl Scheduler {
         mut lease: watch::Receiver<LeaseStatus>,
         mut stop: watch::Receiver<bool>,
     ) {
+        // The first tick may start a missed run: first learn who holds the lease (this agent
+        // or another), unless its database does not answer within the renew deadline.
+        let known = lease.wait_for(|s| s.held || s.holder.is_some());
+        let bound = self.config.agent.lease.renew_deadline;
+        tokio::select! {
+            _ = tokio::time::timeout(bound, known) => {}
+            _ = stop.changed() => return,
+        }
         let mut job: Option<(Running, DateTime<Utc>)> = None;
         loop {
             let now = Utc::now();
@@ -223,7 +233,9 @@ impl Scheduler {
             .set(now.timestamp_millis() as f64 / 1000.0);
         let config = self.config.clone();
         let job = self.state.schedule().job.clone();
-        Box::pin(async move { jobs::run(&config, &job, Some(&fence)).await })
+        // Epoch 0: a lease with nowhere to live (see `leases`), nothing to fence.
+        let fence = (fence.epoch > 0).then_some(fence);
+        Box::pin(async move { jobs::run(&config, &job, fence.as_ref()).await })
     }
 
     fn set_running(&self, running: bool) {
