@@ -4,110 +4,15 @@
 //! `/status`, `/readyz` and Prometheus `/metrics`, and stops cleanly on SIGTERM with nothing
 //! lost. Bad start-up input is one line and a non-zero exit.
 
+mod agent_common;
 mod backup_util;
 mod support;
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use agent_common::*;
 use support::{free_port, invsync, send_signal, wait_until, PgCluster};
-
-/// Starts `invsync agent` on `cfg`, its log in `log`.
-fn start_agent(cfg: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_invsync"))
-        .args(["--config", cfg.to_str().unwrap(), "agent"])
-        .env_remove("INVSYNC_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start invsync agent")
-}
-
-/// Waits up to `bound` for `child` to exit; returns its exit code and how long it took.
-async fn exit_within(child: &mut Child, bound: Duration) -> (Option<i32>, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status.code(), start.elapsed());
-        }
-        assert!(
-            start.elapsed() < bound,
-            "the agent did not exit within {bound:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .ok()?;
-    let code = r.status().as_u16();
-    Some((code, r.text().await.ok()?))
-}
-
-async fn status(port: u16) -> serde_json::Value {
-    let (code, body) = get(port, "/status").await.expect("GET /status");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn schedule<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    status["schedules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("schedule {name} in {status}"))
-}
-
-/// `/metrics` parsed by a Prometheus text parser: value by metric name and labels.
-struct Scrape(HashMap<(String, Vec<(String, String)>), f64>);
-
-impl Scrape {
-    async fn take(port: u16) -> Scrape {
-        let (code, body) = get(port, "/metrics").await.expect("GET /metrics");
-        assert_eq!(code, 200);
-        let lines = body.lines().map(|l| Ok(l.to_string()));
-        let parsed = prometheus_parse::Scrape::parse(lines).expect("parse /metrics");
-        let mut out = HashMap::new();
-        for s in parsed.samples {
-            let mut labels: Vec<(String, String)> = s
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            labels.sort();
-            let v = match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                other => panic!("unexpected sample {other:?}"),
-            };
-            out.insert((s.metric, labels), v);
-        }
-        Scrape(out)
-    }
-
-    /// The value of `name` with exactly `labels`; fails when the series is absent.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut want: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        want.sort();
-        *self
-            .0
-            .get(&(name.to_string(), want.clone()))
-            .unwrap_or_else(|| {
-                let names: Vec<_> = self.0.keys().filter(|k| k.0 == name).collect();
-                panic!("no series {name} {want:?}; have {names:?}")
-            })
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_replicates_runs_jobs_reports_and_stops_cleanly() {
@@ -162,6 +67,11 @@ identity_file = "{key}"
 [agent]
 listen = "127.0.0.1:{port}"
 shutdown_timeout = 20
+
+[[blackouts]]
+name = "past-migration"
+start = "2020-01-01 20:00"
+end = "2020-01-02 06:00"
 
 [[schedules]]
 name = "backup-a"
@@ -319,6 +229,23 @@ db = "a"
     }
     later.get("invsync_job_deferred_total", &sa);
     later.get("invsync_job_running", &sa);
+    assert_eq!(
+        later.get("invsync_blackout_active", &[("window", "past-migration")]),
+        0.0
+    );
+    let lease = [("lease", "pipeline/p")];
+    assert_eq!(later.get("invsync_lease_held", &lease), 1.0);
+    assert!(later.get("invsync_lease_epoch", &lease) >= 1.0);
+    // Every metric the alert rules and the dashboard use is in this live agent's /metrics.
+    let live = later.names();
+    let (rules, dashboard) = deploy_metric_names();
+    for (what, used) in [("alerts.yml", rules), ("invsync.json", dashboard)] {
+        let missing: Vec<_> = used.difference(&live).collect();
+        assert!(
+            missing.is_empty(),
+            "{what} uses metrics absent from /metrics: {missing:?}"
+        );
+    }
 
     // A stopped target makes the agent unready, and ready again once it is back.
     dst.stop();

@@ -1,6 +1,9 @@
 //! The deployment files: Prometheus's own tool checks the alert rules and runs their unit
 //! tests (the lag, stale-backup and lease alerts fire when they should and not when healthy),
-//! and every metric the rules and the Grafana dashboard use is one the agent exports.
+//! and every metric the rules and the Grafana dashboard use is one the agent exports (this list;
+//! `tests/agent_ha.rs` checks them against a live agent's `/metrics`).
+
+mod agent_common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -54,14 +57,6 @@ fn promtool(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The `invsync_*` names in `text`.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|t| t.starts_with("invsync_"))
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let (ok, out) = promtool(&["check", "rules", "alerts.yml"]);
@@ -88,21 +83,9 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
 
 #[test]
 fn rules_and_dashboard_use_only_exported_metrics() {
-    let rules = std::fs::read_to_string(deploy("prometheus/alerts.yml")).unwrap();
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(deploy("grafana/invsync.json")).unwrap())
-            .expect("the dashboard is JSON");
-    let mut exprs = Vec::new();
-    for panel in dashboard["panels"].as_array().expect("panels") {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            exprs.push(target["expr"].as_str().expect("every target has a query"));
-        }
-    }
+    let (rules, dashboard) = agent_common::deploy_metric_names();
     let exported: BTreeSet<String> = EXPORTED.iter().map(|s| s.to_string()).collect();
-    for (what, used) in [
-        ("alerts.yml", metric_names(&rules)),
-        ("invsync.json", metric_names(&exprs.join("\n"))),
-    ] {
+    for (what, used) in [("alerts.yml", &rules), ("invsync.json", &dashboard)] {
         let unknown: Vec<_> = used.difference(&exported).collect();
         assert!(
             unknown.is_empty(),
@@ -110,7 +93,7 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         );
     }
     // The rules watch lag, backups, slots, jobs, verify and leases.
-    let watched = metric_names(&rules);
+    let watched = &rules;
     for metric in [
         "invsync_pipeline_lag_seconds",
         "invsync_backup_last_success_timestamp_seconds",
@@ -122,8 +105,8 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         assert!(watched.contains(metric), "no alert on {metric}");
     }
     // The dashboard shows every exported metric.
-    let shown = metric_names(&exprs.join("\n"));
-    let missing: Vec<_> = exported.difference(&shown).collect();
+    let shown = &dashboard;
+    let missing: Vec<_> = exported.difference(shown).collect();
     assert!(
         missing.is_empty(),
         "the dashboard does not show {missing:?}"

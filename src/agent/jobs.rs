@@ -9,11 +9,13 @@ use serde::Serialize;
 
 use super::AgentError;
 use crate::backup::check::{self as repo_check, RepoCheckOptions, RepoReport};
+use crate::backup::fence as backup_fence;
 use crate::backup::prune::{self, PruneReport};
 use crate::backup::repository::Repository;
 use crate::backup::retention::{self, ForgetReport, Policy};
 use crate::backup::session::{self, BackupOptions, BackupSummary, DatabaseSource, Quiet};
 use crate::config::{Config, JobSpec};
+use crate::pg::Fence;
 use crate::verify::{self, DbReport, DbVerifyOptions};
 
 /// Tables a scheduled backup reads at once (as `invsync backup`'s default `--jobs`).
@@ -63,8 +65,14 @@ impl JobReport {
     }
 }
 
-/// Runs `job` to its end.
-pub async fn run(config: &Config, job: &JobSpec) -> Result<JobReport, AgentError> {
+/// Runs `job` to its end, under the fence of its schedule's lease when there is one: a
+/// backup first raises the repository's fence to this epoch, then writes its snapshot only if
+/// no newer epoch started meanwhile.
+pub async fn run(
+    config: &Config,
+    job: &JobSpec,
+    fence: Option<&Fence>,
+) -> Result<JobReport, AgentError> {
     let open = |name: &str| {
         let name = name.to_string();
         async move {
@@ -81,6 +89,9 @@ pub async fn run(config: &Config, job: &JobSpec) -> Result<JobReport, AgentError
             tags,
         } => {
             let repository = open(repo).await?;
+            if let Some(f) = fence {
+                backup_fence::raise(&repository, f).await?;
+            }
             let database = DatabaseSource::select(
                 config,
                 db.as_deref(),
@@ -93,7 +104,7 @@ pub async fn run(config: &Config, job: &JobSpec) -> Result<JobReport, AgentError
                 database,
                 config_dirs: config_dirs.clone(),
                 tags: tags.clone(),
-                fence: None,
+                fence: fence.cloned(),
             };
             JobReport::Backup {
                 repo: repo.clone(),

@@ -43,7 +43,7 @@ pub struct RunLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SkipLabels {
     pub schedule: String,
-    /// `overlap`, `blackout` or `missed`.
+    /// `overlap`, `blackout`, `missed` or `standby`.
     pub reason: String,
 }
 
@@ -56,6 +56,12 @@ pub struct BackupLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WindowLabels {
     pub window: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    /// `pipeline/NAME` or `schedule/NAME`.
+    pub lease: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +94,8 @@ pub struct Metrics {
     pub backup_last_success: Family<BackupLabels, Seconds>,
     pub verify_differences: Family<ScheduleLabels, Gauge>,
     pub blackout_active: Family<WindowLabels, Gauge>,
+    pub lease_held: Family<LeaseLabels, Gauge>,
+    pub lease_epoch: Family<LeaseLabels, Gauge>,
 }
 
 impl Metrics {
@@ -125,6 +133,8 @@ impl Metrics {
             backup_last_success: Family::default(),
             verify_differences: Family::default(),
             blackout_active: Family::default(),
+            lease_held: Family::default(),
+            lease_epoch: Family::default(),
             registry: Registry::default(),
         };
         let Metrics {
@@ -148,6 +158,8 @@ impl Metrics {
             backup_last_success,
             verify_differences,
             blackout_active,
+            lease_held,
+            lease_epoch,
         } = &m;
         let r = &mut registry;
         r.register(
@@ -192,7 +204,7 @@ impl Metrics {
         );
         r.register(
             "job_skipped",
-            "Runs not started, by reason (overlap, blackout, missed)",
+            "Runs not started, by reason (overlap, blackout, missed, standby: another agent holds the schedule's lease)",
             job_skipped.clone(),
         );
         r.register(
@@ -245,7 +257,20 @@ impl Metrics {
             "1 while the blackout window is open",
             blackout_active.clone(),
         );
+        r.register(
+            "lease_held",
+            "1 while this agent holds the lease and runs its work",
+            lease_held.clone(),
+        );
+        r.register(
+            "lease_epoch",
+            "The lease's epoch: this agent's term while it holds it, else the holder's last seen (0: none)",
+            lease_epoch.clone(),
+        );
         for (name, p) in &config.pipelines {
+            let ll = Metrics::lease(&format!("pipeline/{name}"));
+            let _ = lease_held.get_or_create(&ll);
+            let _ = lease_epoch.get_or_create(&ll);
             let pl = PipelineLabels {
                 pipeline: name.clone(),
             };
@@ -264,6 +289,9 @@ impl Metrics {
             }
         }
         for s in &config.schedules {
+            let ll = Metrics::lease(&format!("schedule/{}", s.name));
+            let _ = lease_held.get_or_create(&ll);
+            let _ = lease_epoch.get_or_create(&ll);
             let sl = ScheduleLabels {
                 schedule: s.name.clone(),
             };
@@ -274,7 +302,7 @@ impl Metrics {
                     result: result.to_string(),
                 });
             }
-            for reason in ["overlap", "blackout", "missed"] {
+            for reason in ["overlap", "blackout", "missed", "standby"] {
                 let _ = job_skipped.get_or_create(&SkipLabels {
                     schedule: s.name.clone(),
                     reason: reason.to_string(),
@@ -317,6 +345,12 @@ impl Metrics {
         TargetLabels {
             pipeline: pipeline.to_string(),
             target: target.to_string(),
+        }
+    }
+
+    pub fn lease(lease: &str) -> LeaseLabels {
+        LeaseLabels {
+            lease: lease.to_string(),
         }
     }
 

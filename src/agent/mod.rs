@@ -17,17 +17,20 @@
 //!
 //! And what lets two agents share a deployment: [`lease`], which agent runs each pipeline and
 //! job (a lease row in PostgreSQL with an epoch that fences writes), and the take-over of a
-//! pipeline from a holder that lost its lease.
+//! pipeline from a holder that lost its lease; [`leases`], the keeper of every lease of the
+//! configuration. Pipelines and jobs run only while their lease is held, with its fence.
 //!
 //! Every task is owned by [`run`]'s `JoinSet` and watches one shutdown channel; after the
-//! signal, pipelines commit their batches with their progress, jobs are abandoned, and `run`
-//! returns within `[agent] shutdown_timeout` whatever a task does. Every instant is a
+//! signal, pipelines commit their batches with their progress, jobs are abandoned, then the
+//! leases are released (their keepers live in a second `JoinSet` with their own signal), and
+//! `run` returns within `[agent] shutdown_timeout` whatever a task does. Every instant is a
 //! `DateTime<Utc>`; wall-clock times exist only in the configuration and in rendered reports.
 
 pub mod calendar;
 pub mod endpoint;
 pub mod jobs;
 pub mod lease;
+pub mod leases;
 pub mod local_time;
 pub mod metrics;
 pub mod pipelines;
@@ -120,6 +123,11 @@ async fn run_local(
         metrics: Metrics::new(&config),
     });
     let (stop_tx, stop) = watch::channel(false);
+    // The leases outlive the work: they are released only after it stopped.
+    let (release_tx, release) = watch::channel(false);
+    let mut keepers = JoinSet::new();
+    let holder = lease::holder_id();
+    let leases = leases::start(&config, &holder, &shared, &mut keepers, &release)?;
     let mut tasks = JoinSet::new();
     tasks.spawn(endpoint::serve(listener, shared.clone(), stop.clone()));
     for name in config.pipelines.keys() {
@@ -127,6 +135,7 @@ async fn run_local(
             config.clone(),
             name.clone(),
             shared.clone(),
+            leases.pipeline(name),
             stop.clone(),
         ));
     }
@@ -151,11 +160,12 @@ async fn run_local(
             shared.clone(),
             store.clone(),
         );
-        tasks.spawn_local(task.run(stop.clone()));
+        tasks.spawn_local(task.run(leases.schedule(&s.name), stop.clone()));
     }
     tracing::info!(
         event = "agent_started",
         listen = %bound,
+        holder = %holder,
         pipelines = config.pipelines.len(),
         schedules = config.schedules.len(),
         state_file = %store.path().display(),
@@ -167,13 +177,14 @@ async fn run_local(
         _ = join_all(&mut tasks) => {}
     }
     let limit = config.agent.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
     tracing::info!(
         event = "agent_stopping",
         timeout_s = limit.as_secs(),
         "finishing pipeline batches and abandoning running jobs"
     );
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(limit, join_all(&mut tasks))
+    if tokio::time::timeout_at(deadline, join_all(&mut tasks))
         .await
         .is_err()
     {
@@ -183,6 +194,19 @@ async fn run_local(
             "tasks still running at the shutdown timeout are cancelled"
         );
         tasks.shutdown().await;
+    }
+    // The work has stopped: release its leases so a standby takes over at once.
+    let _ = release_tx.send(true);
+    if tokio::time::timeout_at(deadline, join_all(&mut keepers))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            event = "agent_stop_timeout",
+            tasks = keepers.len(),
+            "leases not released by the shutdown timeout expire by themselves"
+        );
+        keepers.shutdown().await;
     }
     tracing::info!(event = "agent_stopped");
     Ok(())

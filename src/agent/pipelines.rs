@@ -9,6 +9,13 @@
 //! log, `/status` and `invsync_pipeline_restarts_total` meanwhile. One pipeline's failure never
 //! touches another's task.
 //!
+//! A pipeline runs only while this agent holds its lease (see `leases`): it waits on standby,
+//! and when the lease is acquired it ends the previous holder's sessions
+//! ([`lease::take_over_pipeline`]) and streams with the lease's fence, so a batch from an older
+//! term can never commit after this one started. When the lease is lost the run is dropped at
+//! once, which is before the lease can have expired (the keeper's renew deadline is shorter
+//! than the lease), and the pipeline goes back to standby.
+//!
 //! Lag in seconds is the status command's figure: 0 when the target holds everything the
 //! source has, else now minus the commit time of the last transaction the target applied.
 
@@ -19,11 +26,13 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::watch;
 
+use super::lease::{self, LeaseStatus};
 use super::metrics::Metrics;
 use super::status::PipelineState;
 use super::Shared;
 use crate::config::Config;
-use crate::sync::{self, Observer};
+use crate::pg::Fence;
+use crate::sync::{self, Observer, SyncError};
 
 /// The first wait before restarting a failed pipeline; it doubles with each failure...
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -74,32 +83,57 @@ impl Observer for Watcher<'_> {
     }
 }
 
-/// Runs `pipeline` until `stop`, restarting it after failures.
+/// How one term of running the pipeline under its lease ended.
+enum Term {
+    /// The shutdown: the pipeline committed its batch and stopped.
+    Stopped,
+    /// The lease was lost (or its keeper ended): the run was dropped at once.
+    LeaseLost,
+    Failed(SyncError),
+}
+
+/// Runs `pipeline` until `stop`, while this agent holds its lease (`lease`), restarting it
+/// after failures.
 pub async fn supervise(
     config: Arc<Config>,
     pipeline: String,
     shared: Arc<Shared>,
+    mut lease: watch::Receiver<LeaseStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let started = std::time::Instant::now();
-        let watcher = Watcher {
-            pipeline: &pipeline,
-            shared: &shared,
-            streaming: AtomicBool::new(false),
+        shared
+            .board
+            .pipeline(&pipeline, |p| p.state = PipelineState::Standby);
+        let fence = tokio::select! {
+            f = lease::until_held(&mut lease) => f,
+            _ = stop.changed() => None,
         };
-        let result = sync::run_observed(&config, &pipeline, stop.clone(), None, &watcher).await;
-        watcher.streaming(false);
-        let error = match result {
-            Ok(()) => {
+        let Some(fence) = fence else {
+            shared
+                .board
+                .pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
+            return;
+        };
+        shared
+            .board
+            .pipeline(&pipeline, |p| p.state = PipelineState::Starting);
+        let started = std::time::Instant::now();
+        let term = run_term(&config, &pipeline, &shared, &fence, &mut lease, &stop).await;
+        let error = match term {
+            Term::Stopped => {
                 shared
                     .board
                     .pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
                 tracing::info!(event = "pipeline_stopped", pipeline = %pipeline);
                 return;
             }
-            Err(e) => e,
+            Term::LeaseLost => {
+                stepped_down(&pipeline, &fence);
+                continue;
+            }
+            Term::Failed(e) => e,
         };
         if started.elapsed() > HEALTHY_RUN {
             backoff = FIRST_BACKOFF;
@@ -124,6 +158,10 @@ pub async fn supervise(
         );
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            _ = lease::until_lost(&mut lease) => {
+                stepped_down(&pipeline, &fence);
+                continue;
+            }
             _ = stop.changed() => {
                 shared.board.pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
                 return;
@@ -132,6 +170,53 @@ pub async fn supervise(
         backoff = (backoff * 2).min(MAX_BACKOFF);
         tracing::info!(event = "pipeline_restarting", pipeline = %pipeline);
     }
+}
+
+fn stepped_down(pipeline: &str, fence: &Fence) {
+    tracing::warn!(
+        event = "pipeline_stepped_down",
+        pipeline,
+        epoch = fence.epoch,
+        "the pipeline's lease is no longer held: stopped at once; standing by"
+    );
+}
+
+/// Runs the pipeline once under `fence`: first ends what an earlier holder left open, then
+/// streams until the shutdown (a clean stop), a failure, or the loss of the lease, on which the
+/// run is dropped without waiting for its batch (the fence refuses what it might still commit).
+async fn run_term(
+    config: &Config,
+    pipeline: &str,
+    shared: &Shared,
+    fence: &Fence,
+    lease: &mut watch::Receiver<LeaseStatus>,
+    stop: &watch::Receiver<bool>,
+) -> Term {
+    let watcher = Watcher {
+        pipeline,
+        shared,
+        streaming: AtomicBool::new(false),
+    };
+    let work = async {
+        match lease::take_over_pipeline(config, pipeline).await {
+            Ok(_) => {}
+            Err(e) if e.is_transient() => {
+                // The sync run below meets the same outage and is retried with backoff.
+                tracing::warn!(pipeline, error = %e, "cannot end the previous holder's sessions")
+            }
+            Err(e) => return Term::Failed(SyncError::Config(e.to_string())),
+        }
+        match sync::run_observed(config, pipeline, stop.clone(), Some(fence), &watcher).await {
+            Ok(()) => Term::Stopped,
+            Err(e) => Term::Failed(e),
+        }
+    };
+    let term = tokio::select! {
+        t = work => t,
+        _ = lease::until_lost(lease) => Term::LeaseLost,
+    };
+    watcher.streaming(false);
+    term
 }
 
 /// Reads every pipeline's slot and targets each [`POLL`] until `stop`.

@@ -7,6 +7,11 @@
 //! - A failed run is tried again after a backoff (doubling from [`FIRST_RETRY`] up to
 //!   [`MAX_RETRY`]) unless the next run falls due first; a retry is a run like any other for
 //!   the metrics, and the peak calendar is asked again before it starts.
+//! - A run starts only while this agent holds the schedule's lease; on a standby the run is
+//!   skipped (counted with reason `standby`), as the holder runs it. A running job is dropped
+//!   as soon as the lease is lost; the fence it carries refuses what it might still write.
+//!   At start the first tick waits (up to `renew_deadline`) until the lease's holder is known,
+//!   so a missed run due at start is not skipped only because the keeper has not asked yet.
 //! - At shutdown a running job is abandoned (dropped): every job is safe to stop at any point
 //!   (a backup's snapshot is written last, a prune's deletions are of unreferenced data), and
 //!   its next run starts over.
@@ -21,12 +26,14 @@ use tokio::sync::watch;
 
 use super::calendar::Calendar;
 use super::jobs::{self, JobReport};
+use super::lease::{self, LeaseStatus};
 use super::metrics::{BackupLabels, Metrics, RunLabels, SkipLabels};
 use super::schedule::{self, Decision, Event, ScheduleState, SkipReason};
 use super::state::StateStore;
 use super::status::{Deferral, RunRecord, RunResult};
 use super::{AgentError, Shared};
 use crate::config::{Config, ScheduleConfig};
+use crate::pg::Fence;
 
 /// The first wait before trying a failed job again; it doubles with each failure...
 pub const FIRST_RETRY: Duration = Duration::from_secs(2);
@@ -93,13 +100,31 @@ impl Scheduler {
         &self.state.schedule().name
     }
 
-    /// Runs the schedule until `stop`.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Runs the schedule until `stop`, starting its job only while this agent holds the
+    /// schedule's lease (`lease`).
+    pub async fn run(
+        mut self,
+        mut lease: watch::Receiver<LeaseStatus>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        // The first tick may start a missed run: first learn who holds the lease (this agent
+        // or another), unless its database does not answer within the renew deadline.
+        let known = lease.wait_for(|s| s.held || s.holder.is_some());
+        let bound = self.config.agent.lease.renew_deadline;
+        tokio::select! {
+            _ = tokio::time::timeout(bound, known) => {}
+            _ = stop.changed() => return,
+        }
         let mut job: Option<(Running, DateTime<Utc>)> = None;
         loop {
             let now = Utc::now();
             for event in self.state.tick(now, &self.calendar) {
                 if let Event::Start { due, catch_up } = event {
+                    let Some(fence) = lease.borrow().fence() else {
+                        self.state.finished();
+                        self.standby(due);
+                        continue;
+                    };
                     tracing::info!(
                         event = "job_started",
                         schedule = self.name(),
@@ -108,15 +133,19 @@ impl Scheduler {
                         catch_up,
                     );
                     self.retry = None;
-                    job = Some((self.start(now), now));
+                    job = Some((self.start(now, fence), now));
                 } else {
                     self.note(event);
                 }
             }
             if job.is_none() && self.retry.is_some_and(|t| t <= now) {
                 self.retry = None;
-                match schedule::decide(self.state.schedule(), &self.calendar, now) {
-                    Decision::Run | Decision::RunInWindow { .. } => {
+                let fence = lease.borrow().fence();
+                match (
+                    schedule::decide(self.state.schedule(), &self.calendar, now),
+                    fence,
+                ) {
+                    (Decision::Run | Decision::RunInWindow { .. }, Some(fence)) => {
                         tracing::info!(
                             event = "job_started",
                             schedule = self.name(),
@@ -124,8 +153,13 @@ impl Scheduler {
                             retry = self.failures,
                         );
                         self.state.start_retry(now);
-                        job = Some((self.start(now), now));
+                        job = Some((self.start(now, fence), now));
                     }
+                    (_, None) => tracing::info!(
+                        event = "job_retry_dropped",
+                        schedule = self.name(),
+                        "another agent holds the schedule's lease; it runs the job"
+                    ),
                     _ => tracing::info!(
                         event = "job_retry_dropped",
                         schedule = self.name(),
@@ -151,6 +185,16 @@ impl Scheduler {
                     }
                     return;
                 }
+                _ = lease::until_lost(&mut lease), if job.is_some() => {
+                    job = None;
+                    self.state.finished();
+                    self.set_running(false);
+                    tracing::warn!(
+                        event = "job_abandoned",
+                        schedule = self.name(),
+                        "the schedule's lease is no longer held: the running job is stopped; its fence refuses what it might still write"
+                    );
+                }
                 result = finish(&mut job), if job.is_some() => {
                     let started = job.take().map(|(_, s)| s).unwrap_or(now);
                     self.finished(started, result);
@@ -160,7 +204,27 @@ impl Scheduler {
         }
     }
 
-    fn start(&self, now: DateTime<Utc>) -> Running {
+    /// Counts a run not started because another agent holds the schedule's lease.
+    fn standby(&self, due: DateTime<Utc>) {
+        self.shared
+            .metrics
+            .job_skipped
+            .get_or_create(&SkipLabels {
+                schedule: self.name().to_string(),
+                reason: "standby".to_string(),
+            })
+            .inc();
+        tracing::info!(
+            event = "job_skipped",
+            schedule = self.name(),
+            due = %due,
+            reason = "standby",
+            count = 1,
+            detail = "another agent holds the schedule's lease",
+        );
+    }
+
+    fn start(&self, now: DateTime<Utc>, fence: Fence) -> Running {
         self.set_running(true);
         self.shared
             .metrics
@@ -169,7 +233,9 @@ impl Scheduler {
             .set(now.timestamp_millis() as f64 / 1000.0);
         let config = self.config.clone();
         let job = self.state.schedule().job.clone();
-        Box::pin(async move { jobs::run(&config, &job).await })
+        // Epoch 0: a lease with nowhere to live (see `leases`), nothing to fence.
+        let fence = (fence.epoch > 0).then_some(fence);
+        Box::pin(async move { jobs::run(&config, &job, fence.as_ref()).await })
     }
 
     fn set_running(&self, running: bool) {

@@ -23,6 +23,23 @@ pub struct AgentStatus {
     pub schedules: Vec<ScheduleView>,
     /// The blackout windows open now.
     pub windows_active: Vec<String>,
+    /// Every lease of this agent's work and who holds it, as its keeper last saw.
+    pub leases: Vec<LeaseView>,
+}
+
+/// One lease as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseView {
+    /// `pipeline/NAME` or `schedule/NAME`.
+    pub lease: String,
+    /// The database holding the lease row.
+    pub database: String,
+    /// True while this agent holds the lease (and runs its work).
+    pub held: bool,
+    /// This agent's epoch while it holds the lease, else the holder's last seen (0: none).
+    pub epoch: i64,
+    /// The other agent holding it, as last seen.
+    pub holder: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -34,6 +51,9 @@ pub enum PipelineState {
     Streaming,
     /// Failed; restarts at `retry_at`.
     Retrying,
+    /// Another agent holds the pipeline's lease (or none could be acquired yet): this agent
+    /// stands by, ready to take over.
+    Standby,
     /// Stopped by the shutdown.
     Stopped,
 }
@@ -180,6 +200,7 @@ impl Board {
             pipelines,
             schedules,
             windows_active: Vec::new(),
+            leases: Vec::new(),
         }))
     }
 
@@ -206,11 +227,26 @@ impl Board {
         self.lock().windows_active = windows;
     }
 
-    /// `Ok` when every pipeline streams and every target is up; else each reason.
+    /// Shows `lease` as its keeper sees it now.
+    pub fn set_lease(&self, lease: LeaseView) {
+        let leases = &mut self.lock().leases;
+        match leases.iter_mut().find(|l| l.lease == lease.lease) {
+            Some(l) => *l = lease,
+            None => leases.push(lease),
+        }
+    }
+
+    /// `Ok` when every pipeline this agent runs streams and its targets are up; else each
+    /// reason. A pipeline on standby (another agent holds its lease) counts as ready: the
+    /// agent is healthy, just standing by.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let status = self.lock();
         let mut reasons = Vec::new();
-        for p in &status.pipelines {
+        for p in status
+            .pipelines
+            .iter()
+            .filter(|p| p.state != PipelineState::Standby)
+        {
             if p.state != PipelineState::Streaming {
                 let why = p
                     .last_error
