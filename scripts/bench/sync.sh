@@ -294,7 +294,7 @@ TOML
   sleep "$AGENT_IDLE_S"
   c1=$(sed 's/.*) //' "/proc/$apid/stat" | awk '{print $12 + $13}')
   AGENT_IDLE_RSS=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$apid/status")
-  AGENT_IDLE_CPU=$(echo "scale=2; ($c1 - $c0) * 100 / $hz / $AGENT_IDLE_S" | bc)
+  AGENT_IDLE_CPU=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v s="$AGENT_IDLE_S" 'BEGIN { printf "%.2f", (b - a) * 100 / hz / s }')
   kill -TERM "$apid"
   wait "$apid" || true
   AGENT_IDLE_BACKUPS=$("$INVSYNC" --config "$acfg" snapshots --repo agentbench --json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))')
