@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_common::*;
-use support::{free_port, invsync, send_signal, wait_until, PgCluster};
+use support::{einvoice_gen, free_port, invsync, send_signal, wait_until, PgCluster};
 
 const LEASE: [(&str, &str); 1] = [("lease", "pipeline/p")];
 const PT: [(&str, &str); 2] = [("pipeline", "p"), ("target", "b")];
@@ -32,7 +32,7 @@ impl Site {
     fn start() -> Site {
         let src = PgCluster::start();
         let dst = PgCluster::start();
-        gen(&[
+        einvoice_gen(&[
             "fill",
             "--url",
             &src.url("einvoice"),
@@ -128,20 +128,6 @@ renew_deadline = 4
         ]);
         assert_eq!(code, 0, "verify db: {out}{err}");
     }
-}
-
-fn gen(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_einvoice-gen"))
-        .args(args)
-        .env_remove("EINVOICE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 struct Agent {

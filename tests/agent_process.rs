@@ -12,26 +12,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agent_common::*;
-use support::{free_port, invsync, send_signal, wait_until, PgCluster};
+use support::{einvoice_gen, free_port, invsync, send_signal, wait_until, PgCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_replicates_runs_jobs_reports_and_stops_cleanly() {
     let src = PgCluster::start();
     let dst = PgCluster::start();
-    let gen = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_einvoice-gen"))
-            .args(args)
-            .env_remove("EINVOICE_URL")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    gen(&[
+    einvoice_gen(&[
         "fill",
         "--url",
         &src.url("einvoice"),

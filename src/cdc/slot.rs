@@ -196,10 +196,28 @@ pub async fn create(
         .await
         .map_err(|e| replication_error(conn, e))?;
     let mode = if export { "export" } else { "nothing" };
+    let (consistent_point, snapshot) = create_on(
+        &mut session,
+        conn,
+        &format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT '{mode}')"),
+    )
+    .await?;
+    Ok(CreatedSlot {
+        session,
+        consistent_point,
+        snapshot: if export { snapshot } else { None },
+    })
+}
+
+/// Runs `command` (a `CREATE_REPLICATION_SLOT`) on `session` and returns the slot's consistent
+/// point and, if one was exported, its snapshot name.
+async fn create_on(
+    session: &mut ReplicationClient,
+    conn: &ConnInfo,
+    command: &str,
+) -> Result<(Lsn, Option<String>), CdcError> {
     let rows = session
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT '{mode}')"
-        ))
+        .simple_query(command)
         .await
         .map_err(|e| replication_error(conn, e))?;
     let text = |col: usize| -> Option<String> {
@@ -213,11 +231,7 @@ pub async fn create(
             "{conn}: CREATE_REPLICATION_SLOT returned no consistent point"
         ))
     })?;
-    Ok(CreatedSlot {
-        session,
-        consistent_point,
-        snapshot: if export { text(2) } else { None },
-    })
+    Ok((consistent_point, text(2)))
 }
 
 /// Opens the replication stream of `slot` from `start`, reporting `confirmed` as flushed until
@@ -296,22 +310,15 @@ pub async fn create_temporary(
     let mut session = ReplicationClient::connect_gated(cfg)
         .await
         .map_err(|e| replication_error(conn, e))?;
-    let rows = session
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
-        ))
-        .await
-        .map_err(|e| replication_error(conn, e))?;
-    let text = |col: usize| -> Option<String> {
-        rows.first()
-            .and_then(|r| r.get(col))
-            .and_then(|v| v.as_ref())
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-    };
-    let (Some(consistent_point), Some(snapshot)) = (text(1).and_then(|s| s.parse().ok()), text(2))
-    else {
+    let (consistent_point, snapshot) = create_on(
+        &mut session,
+        conn,
+        &format!("CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"),
+    )
+    .await?;
+    let Some(snapshot) = snapshot else {
         return Err(CdcError::Protocol(format!(
-            "{conn}: CREATE_REPLICATION_SLOT returned no consistent point or snapshot"
+            "{conn}: CREATE_REPLICATION_SLOT returned no snapshot"
         )));
     };
     Ok(TemporarySlot {

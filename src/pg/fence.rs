@@ -1,7 +1,7 @@
 //! A fencing token: the epoch of the lease under which a writer works.
 //!
-//! An agent runs a pipeline or a job only while it holds that work's lease (see
-//! `crate::agent::lease`); each change of holder raises the lease's epoch. The places where a
+//! An agent runs a pipeline or a job only while it holds that work's lease (kept by the agent,
+//! above every area that checks a fence); each change of holder raises the lease's epoch. The places where a
 //! write becomes durable (a pipeline batch's commit on a target, a snapshot's manifest in a
 //! repository) remember the highest epoch that has written there and refuse a lower one, so a
 //! holder that was paused or cut off, and wakes after a newer holder started, cannot write.

@@ -446,6 +446,21 @@ pub fn invsync(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs the `einvoice-gen` binary with `args` to the end; panics with its stderr if it fails.
+pub fn einvoice_gen(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_einvoice-gen"))
+        .args(args)
+        .env_remove("EINVOICE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run einvoice-gen");
+    assert!(
+        out.status.success(),
+        "einvoice-gen {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
