@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use invsync::pg::ConnInfo;
+use support::config_file::ConfigFile;
 use support::{ClusterOptions, PgCluster};
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -316,19 +317,12 @@ async fn passwords_work_and_never_show_in_any_form() {
     };
 
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("invsync.toml");
-    let toml_string = |s: &str| toml::Value::String(s.to_string()).to_string();
-    std::fs::write(
-        &config,
-        format!(
-            "[databases.src]\nurl = {}\n[databases.kv]\nurl = {}\n[databases.dst]\nurl = {}\n\
-             [pipelines.p]\nsource = \"src\"\ntargets = [\"dst\"]\ntables = [\"public.t\"]\n",
-            toml_string(&userinfo),
-            toml_string(&key_value),
-            toml_string(&in_query),
-        ),
-    )
-    .unwrap();
+    let config = ConfigFile::new()
+        .database("src", &userinfo)
+        .database("kv", &key_value)
+        .database("dst", &in_query)
+        .pipeline("p", "src", &["dst"], &["public.t"])
+        .write(&dir.path().join("invsync.toml"));
     let config = config.to_str().unwrap();
     for args in [
         &["config", "check"][..],

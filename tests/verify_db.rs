@@ -11,6 +11,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
+use support::config_file::ConfigFile;
 use support::{invsync, wait_until, PgCluster};
 
 /// Runs `verify db --json` between two clusters with extra args; returns (exit code, report).
@@ -95,19 +96,11 @@ fn pipeline_config(
     name: &str,
     tables: &[&str],
 ) -> String {
-    let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
-    let path = dir.join("invsync.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[databases.maindc]\nurl = \"{}\"\n[databases.cloud]\nurl = \"{}\"\n\
-             [pipelines.{name}]\nsource = \"maindc\"\ntargets = [\"cloud\"]\ntables = [{}]\n",
-            src.url("einvoice"),
-            dst.url("einvoice"),
-            tables.join(", ")
-        ),
-    )
-    .unwrap();
+    let path = ConfigFile::new()
+        .database("maindc", &src.url("einvoice"))
+        .database("cloud", &dst.url("einvoice"))
+        .pipeline(name, "maindc", &["cloud"], tables)
+        .write(&dir.join("invsync.toml"));
     path.to_str().unwrap().to_string()
 }
 

@@ -8,6 +8,7 @@ use age::secrecy::ExposeSecret;
 use invsync::backup::session::DatabaseSource;
 use invsync::config::{RepositoryConfig, TablePattern};
 
+use crate::support::config_file::ConfigFile;
 use crate::support::{invsync, PgCluster};
 
 /// A fresh age identity written to `dir/name.key`; returns (path, recipient).
@@ -50,14 +51,11 @@ pub fn write_config(
     url: &str,
     repo_keys: &str,
 ) -> PathBuf {
-    let mut s = String::new();
+    let mut file = ConfigFile::new();
     for (n, u) in dbs {
-        s.push_str(&format!("[databases.{n}]\nurl = \"{u}\"\n\n"));
+        file = file.database(n, u);
     }
-    s.push_str(&format!("[repositories.r]\nurl = \"{url}\"\n{repo_keys}\n"));
-    let path = dir.join(name);
-    std::fs::write(&path, s).unwrap();
-    path
+    file.repository("r", url, repo_keys).write(&dir.join(name))
 }
 
 /// A fresh identity `owner` in `dir` and `dir/owner.toml` for a repository at `url` that it

@@ -6,6 +6,7 @@
 //! Clusters are copied from one `initdb` made per test process, so starting one is cheap.
 #![allow(dead_code)]
 
+pub mod config_file;
 pub mod rich_schema;
 
 use std::net::{TcpListener, TcpStream};

@@ -9,37 +9,26 @@ use invsync::config::Config;
 use invsync::pg::Fence;
 use tokio::sync::watch;
 
+use crate::support::config_file::ConfigFile;
 use crate::support::{invsync, wait_until, PgCluster};
 
 /// A pipeline for [`write_config`]: (name, source, targets, tables).
 pub type PipelineSpec<'a> = (&'a str, &'a str, &'a [&'a str], &'a [&'a str]);
 
-/// Writes `invsync.toml` into `dir` and returns its path.
+/// Writes `invsync.toml` into `dir` with these databases and pipelines; returns its path.
 pub fn write_config(
     dir: &Path,
     databases: &[(&str, String)],
     pipelines: &[PipelineSpec],
 ) -> PathBuf {
-    let mut text = String::new();
+    let mut file = ConfigFile::new();
     for (name, url) in databases {
-        text.push_str(&format!("[databases.{name}]\nurl = \"{url}\"\n\n"));
+        file = file.database(name, url);
     }
     for (name, source, targets, tables) in pipelines {
-        let quote = |v: &[&str]| {
-            v.iter()
-                .map(|s| format!("\"{s}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        text.push_str(&format!(
-            "[pipelines.{name}]\nsource = \"{source}\"\ntargets = [{}]\ntables = [{}]\n\n",
-            quote(targets),
-            quote(tables)
-        ));
+        file = file.pipeline(name, source, targets, tables);
     }
-    let path = dir.join("invsync.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    file.write(&dir.join("invsync.toml"))
 }
 
 /// Writes a configuration with pipeline `p` from `src` (database `a`) to `dst` (database `b`)
