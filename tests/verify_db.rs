@@ -220,6 +220,56 @@ fn finds_every_difference_and_repair_sql_fixes_them() {
         "{out}"
     );
     assert!(out.contains("1 different (1 rows)"), "{out}");
+
+    // A changed value of megabytes is cut in the human report (length and hash shown, two
+    // values differing only at the end told apart) and whole in --json.
+    apply(
+        &dst,
+        "INSERT INTO invoice (invoice_number, seller) VALUES ('AB00000002', '1')",
+    );
+    both(
+        &src,
+        &dst,
+        "UPDATE invoice SET note = repeat('x', 3000000) WHERE invoice_number = 'AB00000003'",
+    );
+    dst.psql(
+        "einvoice",
+        "UPDATE invoice SET note = repeat('x', 2999999) || 'y' WHERE invoice_number = 'AB00000003'",
+    );
+    let where_ = "invoice_number = 'AB00000003'";
+    let (code, out, _) = invsync(&[
+        "verify",
+        "db",
+        "--source",
+        &src.url("einvoice"),
+        "--target",
+        &dst.url("einvoice"),
+        "--where",
+        where_,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("AB00000003"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.len() < 600, "{}", &line[..600.min(line.len())]);
+    let hash = |v: &str| blake3::hash(v.as_bytes()).to_hex()[..12].to_string();
+    let before = "x".repeat(3_000_000);
+    let after = format!("{}y", "x".repeat(2_999_999));
+    assert!(
+        line.contains(&format!("(3000000 bytes, blake3 {})", hash(&before)))
+            && line.contains(&format!("(3000000 bytes, blake3 {})", hash(&after))),
+        "{line}"
+    );
+    let (_, report) = verify(&src, &dst, &["--where", where_]);
+    let t = table(&report, "public.invoice");
+    assert_eq!(
+        t["differences"][0]["changes"][0]["target"]
+            .as_str()
+            .map(str::len),
+        Some(3_000_000),
+        "{t}"
+    );
 }
 
 #[test]

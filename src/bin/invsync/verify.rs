@@ -289,9 +289,26 @@ fn print_rows(t: &TableReport, rows: &[verify::Difference], total: u64, prefix: 
     }
 }
 
+/// Longest value a human report shows whole; a longer one (a value of megabytes would fill
+/// the terminal) is cut, with its length and a hash so two long values that differ late are
+/// still told apart. `--json` keeps every value whole.
+const SHOWN_MAX: usize = 200;
+
 /// A value as SQL would show it: quoted text, or NULL.
 fn shown(v: &Option<String>) -> String {
     match v {
+        Some(s) if s.len() > SHOWN_MAX => {
+            let mut cut = SHOWN_MAX / 2;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            format!(
+                "{}... ({} bytes, blake3 {})",
+                invsync::pg::quote_literal(&s[..cut]),
+                s.len(),
+                &blake3::hash(s.as_bytes()).to_hex()[..12]
+            )
+        }
         Some(s) => invsync::pg::quote_literal(s),
         None => "NULL".into(),
     }
