@@ -21,11 +21,13 @@ const SCHEMA: &str = "CREATE ROLE app LOGIN;
     CREATE TABLE invoice (id bigserial PRIMARY KEY, writer int NOT NULL, n bigint NOT NULL,
                           note text, UNIQUE (writer, n));
     CREATE TABLE item (id bigserial PRIMARY KEY, invoice_id bigint NOT NULL, amount bigint);
+    CREATE TABLE carrier (id bigserial PRIMARY KEY, code text NOT NULL);
     GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
     GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;";
 
 /// Two clusters with the schema and role on both, 300 invoices on `a`, pipeline `p` set up from
-/// `a` to `b` and its reverse `p_back` configured (not set up).
+/// `a` to `b` and its reverse `p_back` configured (not set up), and `carriers` from `b` to `a`
+/// (the other way, over another table) set up.
 fn set_up() -> (PgCluster, PgCluster, tempfile::TempDir, std::path::PathBuf) {
     let a = PgCluster::start();
     let b = PgCluster::start();
@@ -41,7 +43,11 @@ fn set_up() -> (PgCluster, PgCluster, tempfile::TempDir, std::path::PathBuf) {
     let cfg = write_config(
         dir.path(),
         &[("a", a.url("einvoice")), ("b", b.url("einvoice"))],
-        &[("p", "a", &["b"], tables), ("p_back", "b", &["a"], tables)],
+        &[
+            ("p", "a", &["b"], tables),
+            ("p_back", "b", &["a"], tables),
+            ("carriers", "b", &["a"], &["public.carrier"]),
+        ],
     );
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -54,8 +60,10 @@ fn set_up() -> (PgCluster, PgCluster, tempfile::TempDir, std::path::PathBuf) {
             "[pipelines.p_back]\napplication_roles = [\"app\"]\n",
         );
     std::fs::write(&cfg, text).unwrap();
-    let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", "p"]);
-    assert_eq!(code, 0, "{err}");
+    for p in ["p", "carriers"] {
+        let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", p]);
+        assert_eq!(code, 0, "{err}");
+    }
     (a, b, dir, cfg)
 }
 
@@ -307,6 +315,15 @@ async fn switchover_under_load_and_back_loses_no_write() {
     );
     assert!(stage(&a, "p").is_none() && app_may_write(&a).await);
 
+    // Carriers registered in the cloud stream the other way all along.
+    let carriers = Running::start(&config, "carriers");
+    let register = |n: usize| {
+        b.psql(
+            "einvoice",
+            &format!("INSERT INTO carrier (code) SELECT '/C' || g FROM generate_series(1, {n}) g"),
+        )
+    };
+    register(10);
     let writes = Load::start(&a);
     let run = Running::start(&config, "p");
     writes.wait_writes(100).await;
@@ -346,6 +363,7 @@ async fn switchover_under_load_and_back_loses_no_write() {
     assert!(!slot_exists(&a, "p") && slot_exists(&b, "p_back"));
     assert_eq!(stage(&a, "p").as_deref(), Some("done"));
 
+    register(20);
     // The application moves to b; b streams back to a.
     writes.point_at(&b);
     let run = Running::start(&config, "p_back");
@@ -358,6 +376,7 @@ async fn switchover_under_load_and_back_loses_no_write() {
     let r = report(&out, &err);
     assert_eq!(r["outcome"], "completed", "{r}");
     eprintln!("write pause b -> a: {} ms", r["write_pause_ms"]);
+    register(40);
     assert!(app_may_write(&a).await && !app_may_write(&b).await);
     writes.point_at(&a);
     let run = Running::start(&config, "p");
@@ -367,6 +386,21 @@ async fn switchover_under_load_and_back_loses_no_write() {
     wait_same(&a, &b, "SELECT count(*), sum(amount) FROM item").await;
     run.stop().await;
     check_nothing_lost(&a, &b, cfg_s, "p", &acked, collisions);
+    // The carriers went on streaming through both switchovers, each applied once.
+    wait_same(&b, &a, "SELECT count(*), sum(id) FROM carrier").await;
+    carriers.stop().await;
+    assert_eq!(number(&a, "SELECT count(*) FROM carrier"), 70);
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg_s,
+        "verify",
+        "db",
+        "--pipeline",
+        "carriers",
+        "--settle",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
 }
 
 /// Starts a switchover that halts once `stage` is recorded on `on`, and kills it there with

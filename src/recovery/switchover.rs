@@ -990,7 +990,10 @@ impl Switch<'_> {
         if let Some(s) = report.sequences_behind.first() {
             return Err(RecoveryError::Config(format!(
                 "sequence {} on {} is behind {}'s; fix: {}",
-                s.sequence, self.plan.new_primary, self.plan.old_primary, s.fix
+                s.sequence,
+                self.plan.new_primary,
+                self.plan.old_primary,
+                s.fix.trim_end_matches(';')
             )));
         }
         Ok(())
