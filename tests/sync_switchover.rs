@@ -1,8 +1,9 @@
 //! Switchover between real clusters with a load writing through the application role that the
 //! switchover pauses: over to the target and back again (both directions exercised, every table
-//! identical, the write pause reported, sequences never behind the keys), and `kill -9` of
-//! `invsync` at two recorded steps, after which a rerun finishes or `--rollback` undoes it, with
-//! no acknowledged write lost either way.
+//! identical, the write pause reported, sequences never behind the keys, a pipeline the other
+//! way streaming on), and `kill -9` of `invsync` at three recorded steps (paused, reverse set up,
+//! committed), after which a rerun finishes or `--rollback` undoes it, with no acknowledged
+//! write lost either way.
 
 mod support;
 mod sync_common;
@@ -475,9 +476,30 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
 
     let run = Running::start(&config, "p_back");
     writes.wait_writes(100).await;
-    let (acked, _, collisions) = writes.stop().await;
-    wait_same(&b, &a, "SELECT count(*), sum(n) FROM invoice").await;
-    wait_same(&b, &a, "SELECT count(*), sum(amount) FROM item").await;
     run.stop().await;
-    check_nothing_lost(&b, &a, cfg_s, "p_back", &acked, collisions);
+
+    // Killed past the point of no return: it cannot be rolled back, and a rerun finishes it.
+    kill_at(cfg_s, "p_back", &b, "committed").await;
+    let (code, _, err) = switchover(cfg_s, &["p_back", "--rollback"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot be rolled back"), "{err}");
+    let (code, out, err) = switchover(cfg_s, &["p_back", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let r = report(&out, &err);
+    assert_eq!(
+        (r["outcome"].as_str(), r["resumed_from"].as_str()),
+        (Some("completed"), Some("committed")),
+        "{r}"
+    );
+    assert!(app_may_write(&a).await && !app_may_write(&b).await);
+    assert!(!slot_exists(&b, "p_back") && slot_exists(&a, "p"));
+
+    writes.point_at(&a);
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    let (acked, _, collisions) = writes.stop().await;
+    wait_same(&a, &b, "SELECT count(*), sum(n) FROM invoice").await;
+    wait_same(&a, &b, "SELECT count(*), sum(amount) FROM item").await;
+    run.stop().await;
+    check_nothing_lost(&a, &b, cfg_s, "p", &acked, collisions);
 }
