@@ -217,6 +217,7 @@ fn stage(c: &PgCluster, pipeline: &str) -> Option<String> {
         c,
         &format!("SELECT stage FROM invsync.switchover WHERE pipeline = '{pipeline}'"),
     )
+    .filter(|s| !s.is_empty())
 }
 
 /// Whether role `app` may write on `c` (a new session, as the application would open).
@@ -328,6 +329,14 @@ async fn switchover_under_load_and_back_loses_no_write() {
     let writes = Load::start(&a);
     let run = Running::start(&config, "p");
     writes.wait_writes(100).await;
+    // While `sync run` streams the pipeline, the switchover refuses and changes nothing.
+    let (code, _, err) = switchover(cfg_s, &["p"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("is in use") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(stage(&a, "p").is_none() && app_may_write(&a).await);
     run.stop().await;
     writes.wait_writes(100).await;
 
@@ -434,6 +443,26 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
     let cfg_s = cfg.to_str().unwrap();
     let config = load(&cfg);
     let writes = Load::start(&a);
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    run.stop().await;
+
+    // A failing step rolls back and says why: b holds a row a does not.
+    b.psql(
+        "einvoice",
+        "INSERT INTO invoice (id, writer, n) VALUES (-1, 9, 1)",
+    );
+    let (code, _, err) = switchover(cfg_s, &["p"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "rolled back at step `verify`: a and b differ (public.invoice: 1 differing row(s))"
+        ),
+        "{err}"
+    );
+    assert_eq!(stage(&a, "p").as_deref(), Some("rolled_back"));
+    assert!(app_may_write(&a).await && !slot_exists(&b, "p_back") && slot_exists(&a, "p"));
+    b.psql("einvoice", "DELETE FROM invoice WHERE id = -1");
     let run = Running::start(&config, "p");
     writes.wait_writes(100).await;
     run.stop().await;
