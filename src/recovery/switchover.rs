@@ -524,7 +524,15 @@ pub async fn switchover(
             s.report.resumed_from = Some(r.stage);
             r
         }
-        None => s.begin().await?,
+        None => match s.begin().await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(st) = s.stream.take() {
+                    let _ = st.stop().await;
+                }
+                return Err(e);
+            }
+        },
     };
     s.forward(record).await?;
     Ok(s.report)
