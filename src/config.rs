@@ -162,6 +162,9 @@ pub struct PipelineConfig {
     pub sequences: Vec<crate::pg::TableName>,
     /// How often `sync run` brings the sequences to the targets (`sequence_interval`).
     pub sequence_interval: std::time::Duration,
+    /// The roles the application writes the pipeline's tables with on its source, which a
+    /// switchover makes read-only there (`application_roles`).
+    pub application_roles: Vec<String>,
 }
 
 /// How often `sync run` brings sequences to the targets unless `sequence_interval` says.
@@ -243,6 +246,8 @@ struct RawPipeline {
     #[serde(default)]
     sequences: Vec<Spanned<String>>,
     sequence_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    application_roles: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -399,6 +404,18 @@ impl Config {
                     }
                 },
             };
+            let mut application_roles: Vec<String> = Vec::new();
+            for r in &p.application_roles {
+                let role = r.get_ref();
+                if role.is_empty() || application_roles.contains(role) {
+                    return Err(cx.invalid(
+                        &format!("pipelines.{name}.application_roles"),
+                        r,
+                        format!("`{role}` is empty or listed twice; list each role the application writes with once"),
+                    ));
+                }
+                application_roles.push(role.clone());
+            }
             pipelines.insert(
                 name.clone(),
                 PipelineConfig {
@@ -409,6 +426,7 @@ impl Config {
                     missing_rows,
                     sequences,
                     sequence_interval,
+                    application_roles,
                 },
             );
         }

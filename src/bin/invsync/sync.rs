@@ -9,6 +9,7 @@ use invsync::config::Config;
 use std::sync::Mutex;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use invsync::recovery::switchover::{self, Outcome, Stage, SwitchoverOptions};
 use invsync::sync::{self, CopyProgress, SetupOptions, SetupOutcome};
 
 #[derive(Subcommand)]
@@ -43,6 +44,38 @@ pub enum SyncCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Make the pipeline's target the primary: pause writes on the source, drain, copy
+    /// sequences, verify, and set up the configured reverse pipeline with no copy
+    ///
+    /// The application roles (`application_roles` of the pipeline) are made read-only on the
+    /// source and their sessions ended; each step is recorded on the source, so a rerun after a
+    /// crash finishes the switchover (or, before its commit point, `--rollback` undoes it).
+    /// Any failing step before the commit point rolls back and says why.
+    Switchover(SwitchoverArgs),
+}
+
+#[derive(Args)]
+pub struct SwitchoverArgs {
+    /// Pipeline name, as in [pipelines.NAME]
+    pipeline: String,
+    /// The target that becomes the primary (default: the pipeline's only target)
+    #[arg(long)]
+    to: Option<String>,
+    /// How long the target may take to catch up, before the pause and during it
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Print the plan and change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Undo a switchover that stopped before its commit point
+    #[arg(long, conflicts_with = "dry_run")]
+    rollback: bool,
+    /// Stop making progress once this stage is recorded, until killed (for crash tests)
+    #[arg(long, hide = true, value_parser = Stage::parse)]
+    halt_after: Option<Stage>,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -160,7 +193,88 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        SyncCommand::Switchover(a) => run_switchover(&config, a).await,
     }
+}
+
+async fn run_switchover(config: &Config, a: SwitchoverArgs) -> anyhow::Result<ExitCode> {
+    if a.dry_run {
+        let plan = switchover::plan(config, &a.pipeline, a.to.as_deref(), a.timeout)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&plan).context("rendering JSON")?
+            );
+        } else {
+            println!(
+                "switchover of {} from {} to {}, then {} streams back (tables {}; roles paused: {}):",
+                plan.pipeline,
+                plan.old_primary,
+                plan.new_primary,
+                plan.reverse,
+                plan.tables.join(", "),
+                plan.roles.join(", ")
+            );
+            for (i, step) in plan.steps.iter().enumerate() {
+                match step.records {
+                    Some(stage) => println!("  {}. {} [records `{stage}`]", i + 1, step.action),
+                    None => println!("  {}. {}", i + 1, step.action),
+                }
+            }
+            println!("nothing was changed (--dry-run)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let opts = SwitchoverOptions {
+        to: a.to,
+        timeout: a.timeout,
+        rollback: a.rollback,
+        halt_after: a.halt_after,
+    };
+    let r = switchover::switchover(config, &a.pipeline, &opts).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).context("rendering JSON")?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(stage) = r.resumed_from {
+        println!(
+            "found a switchover of {} recorded at stage `{stage}`",
+            r.plan.pipeline
+        );
+    }
+    for s in &r.steps {
+        println!("  {:<10} {:>8} ms", s.step, s.millis);
+    }
+    match r.outcome {
+        Outcome::RolledBack => println!(
+            "switchover of {} rolled back: {} is the primary again and its application roles may write; start `invsync sync run {}`",
+            r.plan.pipeline, r.plan.old_primary, r.plan.pipeline
+        ),
+        Outcome::Completed => {
+            println!(
+                "switchover of {} done: {} is the primary; {} sequence(s) moved, {} row(s) verified; writes paused {}",
+                r.plan.pipeline,
+                r.plan.new_primary,
+                r.sequences_moved,
+                r.rows_verified,
+                r.write_pause_ms
+                    .map(|ms| format!("{ms} ms"))
+                    .unwrap_or_else(|| "?".into())
+            );
+            println!(
+                "point the application at {}, and start `invsync sync run {}` (it streams from {})",
+                r.plan.new_primary,
+                r.plan.reverse,
+                r.reverse_start
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "its slot".into())
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One progress bar per table of the initial copy, on stderr (hidden when it is no terminal).

@@ -1,0 +1,534 @@
+//! Switchover between real clusters with a load writing through the application role that the
+//! switchover pauses: over to the target and back again (both directions exercised, every table
+//! identical, the write pause reported, sequences never behind the keys, a pipeline the other
+//! way streaming on), and `kill -9` of `invsync` at three recorded steps (paused, reverse set up,
+//! committed), after which a rerun finishes or `--rollback` undoes it, with no acknowledged
+//! write lost either way.
+
+mod support;
+mod sync_common;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use invsync::pg::ConnInfo;
+use support::{invsync, PgCluster};
+use sync_common::*;
+
+const SCHEMA: &str = "CREATE ROLE app LOGIN;
+    CREATE TABLE invoice (id bigserial PRIMARY KEY, writer int NOT NULL, n bigint NOT NULL,
+                          note text, UNIQUE (writer, n));
+    CREATE TABLE item (id bigserial PRIMARY KEY, invoice_id bigint NOT NULL, amount bigint);
+    CREATE TABLE carrier (id bigserial PRIMARY KEY, code text NOT NULL);
+    GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
+    GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;";
+
+/// Two clusters with the schema and role on both, 300 invoices on `a`, pipeline `p` set up from
+/// `a` to `b` and its reverse `p_back` configured (not set up), and `carriers` from `b` to `a`
+/// (the other way, over another table) set up.
+fn set_up() -> (PgCluster, PgCluster, tempfile::TempDir, std::path::PathBuf) {
+    let a = PgCluster::start();
+    let b = PgCluster::start();
+    a.psql("einvoice", SCHEMA);
+    b.psql("einvoice", SCHEMA);
+    a.psql(
+        "einvoice",
+        "INSERT INTO invoice (writer, n, note) SELECT 0, g, 'before' FROM generate_series(1, 300) g;
+         INSERT INTO item (invoice_id, amount) SELECT id, id * 10 FROM invoice;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let tables: &[&str] = &["public.invoice", "public.item"];
+    let cfg = write_config(
+        dir.path(),
+        &[("a", a.url("einvoice")), ("b", b.url("einvoice"))],
+        &[
+            ("p", "a", &["b"], tables),
+            ("p_back", "b", &["a"], tables),
+            ("carriers", "b", &["a"], &["public.carrier"]),
+        ],
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "[pipelines.p]\n",
+            "[pipelines.p]\napplication_roles = [\"app\"]\n",
+        )
+        .replace(
+            "[pipelines.p_back]\n",
+            "[pipelines.p_back]\napplication_roles = [\"app\"]\n",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    for p in ["p", "carriers"] {
+        let (code, _, err) = invsync(&["--config", cfg.to_str().unwrap(), "sync", "setup", p]);
+        assert_eq!(code, 0, "{err}");
+    }
+    (a, b, dir, cfg)
+}
+
+/// The application: one writer inserting invoices (each with an item) through role `app` into
+/// whichever database it is told is the primary, retrying a write until it is acknowledged.
+struct Load {
+    primary: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    /// Writes refused or cut off (read-only, session ended): the pause as the application saw it.
+    refused: Arc<AtomicU64>,
+    /// Inserts that hit another row's primary key: a sequence behind the keys.
+    collisions: Arc<AtomicU64>,
+    acked: Arc<Mutex<BTreeSet<i64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(primary: &PgCluster) -> Load {
+        let url = Arc::new(Mutex::new(primary.url_as("app", "einvoice")));
+        let stop = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let collisions = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let (u, s, r, col, k) = (
+            url.clone(),
+            stop.clone(),
+            refused.clone(),
+            collisions.clone(),
+            acked.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let mut client: Option<(String, tokio_postgres::Client)> = None;
+            let mut n: i64 = 1;
+            while !s.load(Ordering::SeqCst) {
+                let want = u.lock().unwrap().clone();
+                if client
+                    .as_ref()
+                    .is_none_or(|(at, c)| *at != want || c.is_closed())
+                {
+                    match ConnInfo::parse(&want).unwrap().connect().await {
+                        Ok(c) => client = Some((want, c)),
+                        Err(_) => {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            // Pacing of the retry, not synchronisation.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    }
+                }
+                let c = &client.as_ref().unwrap().1;
+                let res = c
+                    .execute(
+                        "WITH i AS (INSERT INTO invoice (writer, n, note) VALUES (1, $1, 'load') \
+                         RETURNING id) INSERT INTO item (invoice_id, amount) SELECT id, $1 FROM i",
+                        &[&n],
+                    )
+                    .await;
+                match res {
+                    Ok(_) => {
+                        k.lock().unwrap().insert(n);
+                        n += 1;
+                    }
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        let exists = c
+                            .query_one(
+                                "SELECT EXISTS (SELECT 1 FROM invoice WHERE writer = 1 AND n = $1)",
+                                &[&n],
+                            )
+                            .await
+                            .map(|r| r.get::<_, bool>(0))
+                            .unwrap_or(false);
+                        if exists {
+                            // Committed before the session was cut off: acknowledged now.
+                            k.lock().unwrap().insert(n);
+                            n += 1;
+                        } else {
+                            // Another row's id: the sequence is behind the keys. The
+                            // next try draws a later id.
+                            col.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(_) => {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        });
+        Load {
+            primary: url,
+            stop,
+            refused,
+            collisions,
+            acked,
+            task,
+        }
+    }
+
+    fn point_at(&self, primary: &PgCluster) {
+        *self.primary.lock().unwrap() = primary.url_as("app", "einvoice");
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until `more` further writes are acknowledged.
+    async fn wait_writes(&self, more: usize) {
+        let goal = self.acked() + more;
+        wait_for("the load to write", || self.acked() >= goal).await;
+    }
+
+    async fn stop(self) -> (BTreeSet<i64>, u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        (
+            acked,
+            self.refused.load(Ordering::SeqCst),
+            self.collisions.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Runs `invsync --config CFG sync switchover ARGS` off the runtime's threads (the load goes on).
+async fn switchover(cfg: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<String> = ["--config", cfg, "sync", "switchover"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    all.extend(args.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        invsync(&refs)
+    })
+    .await
+    .unwrap()
+}
+
+fn report(out: &str, err: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"))
+}
+
+/// The switchover stage recorded on `c` for `pipeline`, if any.
+fn stage(c: &PgCluster, pipeline: &str) -> Option<String> {
+    try_dump(
+        c,
+        &format!("SELECT stage FROM invsync.switchover WHERE pipeline = '{pipeline}'"),
+    )
+    .filter(|s| !s.is_empty())
+}
+
+/// Whether role `app` may write on `c` (a new session, as the application would open).
+async fn app_may_write(c: &PgCluster) -> bool {
+    let client = ConnInfo::parse(&c.url_as("app", "einvoice"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    match client
+        .execute("UPDATE invoice SET note = note WHERE false", &[])
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            assert_eq!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+                "{e}"
+            );
+            false
+        }
+    }
+}
+
+fn slot_exists(c: &PgCluster, pipeline: &str) -> bool {
+    dump(
+        c,
+        &format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+            invsync::cdc::names::slot(pipeline)
+        ),
+    ) == "1"
+}
+
+fn number(c: &PgCluster, query: &str) -> i64 {
+    dump(c, query).parse().unwrap()
+}
+
+/// Every acknowledged write is on both clusters, they verify identical through `pipeline` (from
+/// `primary` to `replica`), no insert hit another row's key, and the primary's sequences are at
+/// or past their keys (a replica's move forward every `sequence_interval`, and at switchover).
+fn check_nothing_lost(
+    primary: &PgCluster,
+    replica: &PgCluster,
+    cfg: &str,
+    pipeline: &str,
+    acked: &BTreeSet<i64>,
+    collisions: u64,
+) {
+    for c in [primary, replica] {
+        let present: BTreeSet<i64> = dump(c, "SELECT n FROM invoice WHERE writer = 1 ORDER BY n")
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        let lost: Vec<_> = acked.difference(&present).collect();
+        assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+        assert_eq!(
+            number(
+                c,
+                "SELECT count(*) FROM invoice i JOIN item t ON t.invoice_id = i.id"
+            ),
+            number(c, "SELECT count(*) FROM invoice")
+        );
+    }
+    for (seq, table) in [("invoice_id_seq", "invoice"), ("item_id_seq", "item")] {
+        let last = number(primary, &format!("SELECT last_value FROM {seq}"));
+        let max = number(primary, &format!("SELECT max(id) FROM {table}"));
+        assert!(last >= max, "{seq} at {last} behind max(id) {max}");
+    }
+    assert_eq!(collisions, 0, "inserts collided with existing keys");
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg,
+        "verify",
+        "db",
+        "--pipeline",
+        pipeline,
+        "--settle",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_load_and_back_loses_no_write() {
+    let (a, b, _dir, cfg) = set_up();
+    let cfg_s = cfg.to_str().unwrap();
+    let config = load(&cfg);
+
+    // The plan changes nothing.
+    let (code, out, err) = invsync(&["--config", cfg_s, "sync", "switchover", "p", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("set up p_back from b to a without a copy"),
+        "{out}"
+    );
+    assert!(stage(&a, "p").is_none() && app_may_write(&a).await);
+
+    // Carriers registered in the cloud stream the other way all along.
+    let carriers = Running::start(&config, "carriers");
+    let register = |n: usize| {
+        b.psql(
+            "einvoice",
+            &format!("INSERT INTO carrier (code) SELECT '/C' || g FROM generate_series(1, {n}) g"),
+        )
+    };
+    register(10);
+    let writes = Load::start(&a);
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    // While `sync run` streams the pipeline, the switchover refuses and changes nothing.
+    let (code, _, err) = switchover(cfg_s, &["p"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("is in use") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(stage(&a, "p").is_none() && app_may_write(&a).await);
+    run.stop().await;
+    writes.wait_writes(100).await;
+
+    // Over to b while the application writes to a.
+    let (code, out, err) = switchover(cfg_s, &["p", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let r = report(&out, &err);
+    assert_eq!(r["outcome"], "completed", "{r}");
+    let pause = r["write_pause_ms"].as_u64().unwrap();
+    assert!(pause > 0, "{r}");
+    eprintln!("write pause a -> b: {pause} ms; steps {}", r["steps"]);
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "catch_up",
+            "pause",
+            "drain",
+            "sequences",
+            "verify",
+            "reverse",
+            "retire",
+            "release"
+        ]
+    );
+    // The application was held off a, and still is: a is now fed by b.
+    assert!(writes.refused.load(Ordering::SeqCst) > 0);
+    assert!(!app_may_write(&a).await && app_may_write(&b).await);
+    assert!(!slot_exists(&a, "p") && slot_exists(&b, "p_back"));
+    assert_eq!(stage(&a, "p").as_deref(), Some("done"));
+
+    register(20);
+    // The application moves to b; b streams back to a.
+    writes.point_at(&b);
+    let run = Running::start(&config, "p_back");
+    writes.wait_writes(100).await;
+    run.stop().await;
+
+    // And back to a.
+    let (code, out, err) = switchover(cfg_s, &["p_back", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let r = report(&out, &err);
+    assert_eq!(r["outcome"], "completed", "{r}");
+    eprintln!("write pause b -> a: {} ms", r["write_pause_ms"]);
+    register(40);
+    assert!(app_may_write(&a).await && !app_may_write(&b).await);
+    writes.point_at(&a);
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    let (acked, _, collisions) = writes.stop().await;
+    wait_same(&a, &b, "SELECT count(*), sum(n) FROM invoice").await;
+    wait_same(&a, &b, "SELECT count(*), sum(amount) FROM item").await;
+    run.stop().await;
+    check_nothing_lost(&a, &b, cfg_s, "p", &acked, collisions);
+    // The carriers went on streaming through both switchovers, each applied once.
+    wait_same(&b, &a, "SELECT count(*), sum(id) FROM carrier").await;
+    carriers.stop().await;
+    assert_eq!(number(&a, "SELECT count(*) FROM carrier"), 70);
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg_s,
+        "verify",
+        "db",
+        "--pipeline",
+        "carriers",
+        "--settle",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+/// Starts a switchover that halts once `stage` is recorded on `on`, and kills it there with
+/// SIGKILL.
+async fn kill_at(cfg: &str, pipeline: &str, on: &PgCluster, stage_name: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_invsync"))
+        .args(["--config", cfg, "sync", "switchover", pipeline])
+        .args(["--halt-after", stage_name])
+        .env_remove("INVSYNC_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&format!("stage {stage_name}"), || {
+        stage(on, pipeline).as_deref() == Some(stage_name) || child.try_wait().unwrap().is_some()
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "switchover exited before {stage_name}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
+    let (a, b, _dir, cfg) = set_up();
+    let cfg_s = cfg.to_str().unwrap();
+    let config = load(&cfg);
+    let writes = Load::start(&a);
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    run.stop().await;
+
+    // A failing step rolls back and says why: b holds a row a does not.
+    b.psql(
+        "einvoice",
+        "INSERT INTO invoice (id, writer, n) VALUES (-1, 9, 1)",
+    );
+    let (code, _, err) = switchover(cfg_s, &["p"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "rolled back at step `verify`: a and b differ (public.invoice: 1 differing row(s))"
+        ),
+        "{err}"
+    );
+    assert_eq!(stage(&a, "p").as_deref(), Some("rolled_back"));
+    assert!(app_may_write(&a).await && !slot_exists(&b, "p_back") && slot_exists(&a, "p"));
+    b.psql("einvoice", "DELETE FROM invoice WHERE id = -1");
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    run.stop().await;
+
+    // Killed with the application paused: a stays paused (no write can land where b would not
+    // see it), and the next run finishes from the record.
+    kill_at(cfg_s, "p", &a, "paused").await;
+    assert!(!app_may_write(&a).await);
+    let (code, out, err) = switchover(cfg_s, &["p", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let r = report(&out, &err);
+    assert_eq!(
+        (r["outcome"].as_str(), r["resumed_from"].as_str()),
+        (Some("completed"), Some("paused")),
+        "{r}"
+    );
+    assert!(r["write_pause_ms"].as_u64().unwrap() > 0);
+    assert!(app_may_write(&b).await && !slot_exists(&a, "p"));
+
+    writes.point_at(&b);
+    let run = Running::start(&config, "p_back");
+    writes.wait_writes(100).await;
+    run.stop().await;
+
+    // Killed after the reverse pipeline (p, b's way back to a) was set up, before the commit:
+    // --rollback undoes it, and b is the primary again.
+    kill_at(cfg_s, "p_back", &b, "reverse_set_up").await;
+    assert!(slot_exists(&a, "p") && !app_may_write(&b).await);
+    let (code, out, err) = switchover(cfg_s, &["p_back", "--rollback", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let r = report(&out, &err);
+    assert_eq!(r["outcome"], "rolled_back", "{r}");
+    assert_eq!(stage(&b, "p_back").as_deref(), Some("rolled_back"));
+    assert!(!slot_exists(&a, "p") && slot_exists(&b, "p_back"));
+    assert!(app_may_write(&b).await && !app_may_write(&a).await);
+    // A second rollback finds nothing to undo.
+    let (code, _, err) = switchover(cfg_s, &["p_back", "--rollback"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to roll back"), "{err}");
+
+    let run = Running::start(&config, "p_back");
+    writes.wait_writes(100).await;
+    run.stop().await;
+
+    // Killed past the point of no return: it cannot be rolled back, and a rerun finishes it.
+    kill_at(cfg_s, "p_back", &b, "committed").await;
+    let (code, _, err) = switchover(cfg_s, &["p_back", "--rollback"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot be rolled back"), "{err}");
+    let (code, out, err) = switchover(cfg_s, &["p_back", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let r = report(&out, &err);
+    assert_eq!(
+        (r["outcome"].as_str(), r["resumed_from"].as_str()),
+        (Some("completed"), Some("committed")),
+        "{r}"
+    );
+    assert!(app_may_write(&a).await && !app_may_write(&b).await);
+    assert!(!slot_exists(&b, "p_back") && slot_exists(&a, "p"));
+
+    writes.point_at(&a);
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    let (acked, _, collisions) = writes.stop().await;
+    wait_same(&a, &b, "SELECT count(*), sum(n) FROM invoice").await;
+    wait_same(&a, &b, "SELECT count(*), sum(amount) FROM item").await;
+    run.stop().await;
+    check_nothing_lost(&a, &b, cfg_s, "p", &acked, collisions);
+}
