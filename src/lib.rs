@@ -8,6 +8,7 @@ pub mod cdc;
 pub mod check;
 pub mod config;
 pub mod pg;
+pub mod recovery;
 pub mod sync;
 pub mod verify;
 pub mod workload;

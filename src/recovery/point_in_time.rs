@@ -1,0 +1,636 @@
+//! Point-in-time restore: a database as it was at a chosen moment, from a snapshot and the
+//! change archive that carries it forward.
+//!
+//! # Target semantics
+//!
+//! The archive holds whole transactions in commit order, each with its commit end LSN (the WAL
+//! position just past its commit record, what `pg_current_wal_lsn()` shows once it is
+//! flushed) and its commit time.
+//! - `--until TIME`: the transactions in commit order up to the first one that committed after
+//!   `TIME` are in; that one and everything after it are out. With `--exclusive`, a
+//!   transaction that committed exactly at `TIME` is out too.
+//! - `--until-lsn LSN`: the transactions whose commit ends at or before `LSN` are in; with
+//!   `--exclusive`, those ending before it.
+//! - `--until latest`: everything archived in the newest unbroken stretch of the archive.
+//!
+//! # Plan, then write
+//!
+//! A database's segments form chains (see [`archive`]); each chain with a snapshot whose cut
+//! it covers gives a *window*: from the oldest such snapshot (its cut LSN and its time) to the
+//! chain's end (its LSN and its last commit time). The target must lie in one window, or the
+//! restore fails naming every window; a gap thus ends a window, and a target before the gap
+//! restores from that earlier window. The newest snapshot of the window at or before the target
+//! is chosen, and the transactions it does not hold are read: those its cut did not see (by the
+//! cut's xid snapshot, so a commit racing the cut is replayed exactly when the snapshot lacks
+//! it; snapshots written before that was recorded fall back to "commit ends after the cut").
+//! A snapshot that already holds a transaction after the target cannot be used and the next
+//! older one is tried. Only then is anything written: the snapshot's tables are restored
+//! ([`restore_db`], which refuses a non-empty target before writing) and the transactions are
+//! replayed through sync's apply engine ([`Replay`]), which leaves no replication origin or
+//! progress row behind. Last, each restored table's owned sequences move forward to at least
+//! the largest value of their column, so they end at or past their values as of the target.
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::Serialize;
+
+use super::RecoveryError;
+use crate::backup::archive::{self, ArchivedTransaction, Point, SegmentManifest};
+use crate::backup::repository::Repository;
+use crate::backup::restore::{restore_db, RestoreDbOptions, RestoredTable};
+use crate::backup::snapshot::{self, Snapshot};
+use crate::cdc::sink::ChangeSink;
+use crate::pg::{quote_literal, ConnInfo, Lsn, PgError, TableName};
+use crate::sync::replay::{Replay, ReplayStats};
+
+/// The moment to restore to (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "at", rename_all = "snake_case")]
+pub enum RecoveryTarget {
+    Latest,
+    Time(DateTime<Utc>),
+    Lsn(Lsn),
+}
+
+impl std::fmt::Display for RecoveryTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecoveryTarget::Latest => f.write_str("the latest archived point"),
+            RecoveryTarget::Time(t) => write!(f, "time {}", t.to_rfc3339()),
+            RecoveryTarget::Lsn(l) => write!(f, "LSN {l}"),
+        }
+    }
+}
+
+impl RecoveryTarget {
+    /// Parses `--until`: `latest`, an RFC 3339 time (`2026-12-07T03:00:00+08:00`), or
+    /// `YYYY-MM-DD HH:MM:SS[.ffffff]` read as UTC.
+    pub fn parse_until(text: &str) -> Result<RecoveryTarget, RecoveryError> {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("latest") {
+            return Ok(RecoveryTarget::Latest);
+        }
+        if let Ok(time) = DateTime::parse_from_rfc3339(t) {
+            return Ok(RecoveryTarget::Time(time.with_timezone(&Utc)));
+        }
+        for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+            if let Ok(naive) = NaiveDateTime::parse_from_str(t, format) {
+                return Ok(RecoveryTarget::Time(naive.and_utc()));
+            }
+        }
+        Err(RecoveryError::Invalid(format!(
+            "--until {text:?} is not a time: give `latest`, an RFC 3339 time such as 2026-12-07T03:00:00+08:00, or `2026-12-07 03:00:00` (UTC)"
+        )))
+    }
+
+    /// Parses `--until-lsn` (`16/B374D848`).
+    pub fn parse_lsn(text: &str) -> Result<RecoveryTarget, RecoveryError> {
+        text.trim().parse().map(RecoveryTarget::Lsn).map_err(|_| {
+            RecoveryError::Invalid(format!(
+                "--until-lsn {text:?} is not an LSN: give it as PostgreSQL prints one, e.g. 0/16B3748"
+            ))
+        })
+    }
+}
+
+/// A stretch of time that can be restored to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Window {
+    /// The oldest snapshot the stretch covers.
+    pub start: Point,
+    /// The end of the archive's chain: its LSN and its last commit time.
+    pub end: Point,
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let time = |p: &Point| p.time.map_or("-".to_string(), |t| t.to_rfc3339());
+        write!(
+            f,
+            "from LSN {} ({}) to LSN {} ({})",
+            self.start.lsn,
+            time(&self.start),
+            self.end.lsn,
+            time(&self.end)
+        )
+    }
+}
+
+/// Where replay stops, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Lsn(Lsn),
+    Time(DateTime<Utc>),
+}
+
+impl Stop {
+    fn beyond(&self, t: &ArchivedTransaction) -> bool {
+        match self {
+            Stop::Lsn(l) => t.end_lsn > *l,
+            Stop::Time(at) => t.commit_time > *at,
+        }
+    }
+}
+
+/// What the archive and the snapshots say about a target: the window holding it, where replay
+/// stops, and the snapshots to start from, newest first.
+#[derive(Debug)]
+struct Plan<'a> {
+    window: Window,
+    chain: Vec<&'a SegmentManifest>,
+    stop: Stop,
+    candidates: Vec<&'a (String, Snapshot)>,
+}
+
+/// One chain of segments with the snapshots whose cut it covers (oldest first).
+struct Stretch<'a> {
+    window: Window,
+    chain: Vec<&'a SegmentManifest>,
+    covered: Vec<&'a (String, Snapshot)>,
+}
+
+/// The windows of `db`: one per chain of segments that covers a snapshot's cut, oldest first.
+fn windows<'a>(
+    segments: &'a [SegmentManifest],
+    snapshots: &'a [(String, Snapshot)],
+    db: &str,
+) -> Vec<Stretch<'a>> {
+    let mut out = Vec::new();
+    for chain in archive::chains(segments) {
+        let start = chain[0].start;
+        let end = chain.iter().map(|m| m.end).max().unwrap_or(start);
+        let mut covered: Vec<&(String, Snapshot)> = snapshots
+            .iter()
+            .filter(|(_, s)| s.source.as_deref() == Some(db))
+            .filter(|(_, s)| s.lsn.is_some_and(|l| l >= start && l <= end))
+            .collect();
+        covered.sort_by_key(|(_, s)| (s.lsn, s.time));
+        let Some((id, first)) = covered.first().copied() else {
+            continue;
+        };
+        let window = Window {
+            start: Point {
+                lsn: first.lsn.unwrap_or_default(),
+                time: Some(first.time),
+                snapshot: Some(id.clone()),
+            },
+            end: Point {
+                lsn: end,
+                time: chain.iter().filter_map(|m| m.last_commit).max(),
+                snapshot: None,
+            },
+        };
+        out.push(Stretch {
+            window,
+            chain,
+            covered,
+        });
+    }
+    out
+}
+
+fn plan<'a>(
+    segments: &'a [SegmentManifest],
+    snapshots: &'a [(String, Snapshot)],
+    db: &str,
+    target: RecoveryTarget,
+    exclusive: bool,
+) -> Result<Plan<'a>, RecoveryError> {
+    let all = windows(segments, snapshots, db);
+    let outside = || RecoveryError::OutsideWindow {
+        target: format!("{target}{}", if exclusive { " (exclusive)" } else { "" }),
+        db: db.to_string(),
+        windows: if all.is_empty() {
+            "there is none (no snapshot taken while the archive ran: take a backup)".into()
+        } else {
+            all.iter()
+                .map(|s| s.window.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+    };
+    let chosen = match target {
+        RecoveryTarget::Latest => all.last().map(|st| {
+            let candidates = st.covered.iter().rev().copied().collect();
+            (st, Stop::Lsn(st.window.end.lsn), candidates)
+        }),
+        RecoveryTarget::Lsn(l) => {
+            let bound = if exclusive {
+                Lsn(l.0.saturating_sub(1))
+            } else {
+                l
+            };
+            all.iter()
+                .find(|st| st.window.start.lsn <= bound && bound <= st.window.end.lsn)
+                .map(|st| {
+                    let candidates = st
+                        .covered
+                        .iter()
+                        .rev()
+                        .filter(|(_, snap)| snap.lsn.is_some_and(|cut| cut <= bound))
+                        .copied()
+                        .collect();
+                    (st, Stop::Lsn(bound), candidates)
+                })
+        }
+        RecoveryTarget::Time(t) => {
+            let bound = if exclusive {
+                t - chrono::Duration::microseconds(1)
+            } else {
+                t
+            };
+            all.iter()
+                .find(|st| {
+                    st.window.start.time.is_some_and(|s| s <= bound)
+                        && st.window.end.time.is_some_and(|e| bound <= e)
+                })
+                .map(|st| {
+                    let candidates = st
+                        .covered
+                        .iter()
+                        .rev()
+                        .filter(|(_, snap)| snap.time <= bound)
+                        .copied()
+                        .collect();
+                    (st, Stop::Time(bound), candidates)
+                })
+        }
+    };
+    let (stretch, stop, candidates) = chosen.ok_or_else(outside)?;
+    Ok(Plan {
+        window: stretch.window.clone(),
+        chain: stretch.chain.clone(),
+        stop,
+        candidates,
+    })
+}
+
+/// Whether `snap` already holds `t` (see the module documentation).
+fn holds(snap: &Snapshot, t: &ArchivedTransaction) -> bool {
+    match snap.cut.as_ref().and_then(|c| c.sees(t.xid)) {
+        Some(seen) => seen,
+        None => snap.lsn.is_some_and(|cut| t.end_lsn <= cut),
+    }
+}
+
+/// The transactions to replay onto `snap`, in commit order, or `None` when `snap` already
+/// holds a transaction past the stop (a commit racing its cut was after the target).
+async fn to_replay(
+    repo: &Repository,
+    chain: &[&SegmentManifest],
+    snap: &Snapshot,
+    stop: Stop,
+) -> Result<Option<Vec<ArchivedTransaction>>, RecoveryError> {
+    let cut = snap.lsn.unwrap_or_default();
+    let mut out = Vec::new();
+    let mut upto = Lsn(0);
+    let mut stopped = false;
+    for m in chain {
+        if m.end <= cut {
+            continue;
+        }
+        // Past the stop, only the commits racing the cut matter, and they lie just after it.
+        let past = match stop {
+            Stop::Lsn(l) => m.start > l,
+            Stop::Time(at) => m.first_commit.is_some_and(|f| f > at),
+        };
+        if stopped && past {
+            break;
+        }
+        for t in archive::read_segment(repo, m).await? {
+            if t.end_lsn <= upto {
+                continue;
+            }
+            upto = t.end_lsn;
+            if holds(snap, &t) {
+                if stop.beyond(&t) {
+                    return Ok(None);
+                }
+                continue;
+            }
+            if stopped || stop.beyond(&t) {
+                stopped = true;
+                continue;
+            }
+            out.push(t);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Options of [`restore_point_in_time`].
+pub struct PointInTimeOptions {
+    /// The archived database (as snapshots name it, or its configured name); may be left out
+    /// when the repository archives one database.
+    pub source: Option<String>,
+    pub target: RecoveryTarget,
+    /// Leave out what commits exactly at the target.
+    pub exclusive: bool,
+    /// How the snapshot is restored (tables, replace, owners).
+    pub restore: RestoreDbOptions,
+}
+
+/// What a point-in-time restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PointInTimeReport {
+    pub db: String,
+    pub target: RecoveryTarget,
+    pub exclusive: bool,
+    /// The window the target lies in.
+    pub window: Window,
+    pub snapshot: String,
+    /// The snapshot's cut.
+    pub snapshot_lsn: Lsn,
+    pub tables: Vec<RestoredTable>,
+    pub replay: ReplayStats,
+    /// Sequences moved forward to their column's largest value.
+    pub sequences_moved: u64,
+    /// The point the database now stands at: the last replayed commit, or the snapshot's cut.
+    pub restored_to: Point,
+}
+
+/// The archived database `wanted` names (exactly, or by the configured name before ` (`).
+fn pick_db(
+    repo: &Repository,
+    segments: &[SegmentManifest],
+    wanted: Option<&str>,
+) -> Result<String, RecoveryError> {
+    let mut dbs: Vec<&str> = segments.iter().map(|m| m.db.as_str()).collect();
+    dbs.sort();
+    dbs.dedup();
+    if dbs.is_empty() {
+        return Err(RecoveryError::NoArchive {
+            repo: repo.name.clone(),
+            of: String::new(),
+        });
+    }
+    let found: Vec<&str> = match wanted {
+        None => dbs.clone(),
+        Some(w) => dbs
+            .iter()
+            .copied()
+            .filter(|d| *d == w || d.starts_with(&format!("{w} (")))
+            .collect(),
+    };
+    match (found.as_slice(), wanted) {
+        ([one], _) => Ok(one.to_string()),
+        ([], Some(w)) => Err(RecoveryError::NoArchive {
+            repo: repo.name.clone(),
+            of: format!(" of {w} (it archives {})", dbs.join(", ")),
+        }),
+        _ => Err(RecoveryError::Invalid(format!(
+            "repository {} archives several databases ({}); name one with --source",
+            repo.name,
+            found.join(", ")
+        ))),
+    }
+}
+
+/// Restores the archived database into `conn` as it was at `opts.target`: see the module
+/// documentation. `stop` ends the snapshot restore as a failure (a signal).
+pub async fn restore_point_in_time(
+    repo: &Repository,
+    conn: &ConnInfo,
+    opts: &PointInTimeOptions,
+    stop: impl Future<Output = String>,
+) -> Result<PointInTimeReport, RecoveryError> {
+    repo.master("point-in-time restore")?;
+    let all_segments: Vec<SegmentManifest> = archive::list_segments(repo)
+        .await?
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    let db = pick_db(repo, &all_segments, opts.source.as_deref())?;
+    let segments: Vec<SegmentManifest> = all_segments.into_iter().filter(|m| m.db == db).collect();
+    let snapshots = snapshot::list(repo).await?;
+    let plan = plan(&segments, &snapshots, &db, opts.target, opts.exclusive)?;
+    for (id, snap) in &plan.candidates {
+        let Some(snap_system) = snap.cut.as_ref().map(|c| &c.system) else {
+            continue;
+        };
+        if let Some(archive) = plan
+            .chain
+            .iter()
+            .filter_map(|m| m.system.as_ref())
+            .find(|s| *s != snap_system)
+        {
+            return Err(RecoveryError::ForeignArchive {
+                db: db.clone(),
+                archive: archive.clone(),
+                snapshot: snapshot::short(id).to_string(),
+                snapshot_system: snap_system.clone(),
+            });
+        }
+    }
+    let mut chosen = None;
+    for candidate in &plan.candidates {
+        if let Some(txns) = to_replay(repo, &plan.chain, &candidate.1, plan.stop).await? {
+            chosen = Some((*candidate, txns));
+            break;
+        }
+        tracing::info!(
+            snapshot = snapshot::short(&candidate.0),
+            "the snapshot already holds a transaction after the target; trying an older one"
+        );
+    }
+    let Some(((id, snap), txns)) = chosen else {
+        return Err(RecoveryError::OutsideWindow {
+            target: opts.target.to_string(),
+            db,
+            windows: format!(
+                "{} (no snapshot at or before the target holds only transactions up to it)",
+                plan.window
+            ),
+        });
+    };
+
+    let tables = restore_db(repo, snap, conn, &opts.restore, stop).await?;
+    let restored: HashSet<TableName> = snap
+        .tables
+        .iter()
+        .map(|t| t.schema.name.clone())
+        .filter(|n| {
+            opts.restore.tables.is_empty() || opts.restore.tables.iter().any(|p| p.matches(n))
+        })
+        .collect();
+    let filter = (!opts.restore.tables.is_empty()).then(|| restored.clone());
+    let mut replay = Replay::start(&db, conn.clone(), filter).await?;
+    for t in &txns {
+        let txn = t
+            .transaction()
+            .map_err(|reason| crate::backup::BackupError::Corrupt {
+                object: format!("{}: archived transaction {}", repo.name, t.xid),
+                reason,
+            })?;
+        replay.transaction(txn).await?;
+        if replay.wants_flush() {
+            replay.flush().await?;
+        }
+    }
+    let stats = replay.finish().await?;
+    let mut names: Vec<TableName> = restored.into_iter().collect();
+    names.sort_by_key(|n| n.to_string());
+    let sequences_moved = advance_sequences(conn, &names).await?;
+    let restored_to = match (stats.last_end, stats.last_commit) {
+        (Some(lsn), time) => Point {
+            lsn,
+            time,
+            snapshot: None,
+        },
+        (None, _) => Point {
+            lsn: snap.lsn.unwrap_or_default(),
+            time: Some(snap.time),
+            snapshot: Some(id.clone()),
+        },
+    };
+    Ok(PointInTimeReport {
+        db,
+        target: opts.target,
+        exclusive: opts.exclusive,
+        window: plan.window,
+        snapshot: id.clone(),
+        snapshot_lsn: snap.lsn.unwrap_or_default(),
+        tables,
+        replay: stats,
+        sequences_moved,
+        restored_to,
+    })
+}
+
+/// Moves each sequence the `tables` own forward to its column's largest value where it is
+/// behind (a sequence only moves forward); returns how many moved.
+async fn advance_sequences(conn: &ConnInfo, tables: &[TableName]) -> Result<u64, RecoveryError> {
+    let client = conn.connect().await?;
+    let owned = crate::pg::sequences::owned(&client, conn, tables).await?;
+    let mut moved = 0;
+    for s in owned {
+        let seq = quote_literal(&s.sequence.quoted());
+        let sql = format!(
+            "SELECT setval({seq}, m) FROM (SELECT max({col})::bigint AS m FROM {table}) x \
+             WHERE m IS NOT NULL AND COALESCE(pg_sequence_last_value({seq}::regclass), m - 1) < m",
+            col = crate::pg::quote_ident(&s.column),
+            table = s.table.quoted(),
+        );
+        let rows = client.query(&sql, &[]).await.map_err(|e| {
+            PgError::query(format!("moving sequence {} forward", s.sequence), conn, e)
+        })?;
+        moved += rows.len() as u64;
+    }
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(slot: &str, start: u64, end: u64, last: i64) -> SegmentManifest {
+        SegmentManifest {
+            version: 1,
+            db: "src".into(),
+            slot: slot.into(),
+            system: None,
+            start: Lsn(start),
+            end: Lsn(end),
+            first_commit: DateTime::from_timestamp(last - 5, 0),
+            last_commit: DateTime::from_timestamp(last, 0),
+            transactions: 1,
+            bytes: 1,
+            data: format!("{slot}{start}"),
+            written: Utc::now(),
+        }
+    }
+
+    fn snap(lsn: u64, time: i64) -> (String, Snapshot) {
+        let s = Snapshot {
+            version: 1,
+            session: "s".into(),
+            time: DateTime::from_timestamp(time, 0).unwrap(),
+            host: "h".into(),
+            tags: Vec::new(),
+            source: Some("src".into()),
+            lsn: Some(Lsn(lsn)),
+            cut: None,
+            tables: Vec::new(),
+            trees: Vec::new(),
+            stats: Default::default(),
+            id_key: None,
+        };
+        (format!("snap{lsn}"), s)
+    }
+
+    fn at(secs: i64) -> RecoveryTarget {
+        RecoveryTarget::Time(DateTime::from_timestamp(secs, 0).unwrap())
+    }
+
+    #[test]
+    fn the_target_picks_the_newest_snapshot_before_it_in_its_window() {
+        // Window 1: 100..300 (snapshots at 150, 250); a missing segment; window 2: 400..500.
+        let segs = [
+            seg("a", 100, 200, 1000),
+            seg("a", 200, 300, 1100),
+            seg("a", 400, 500, 1300),
+        ];
+        let snaps = [snap(150, 990), snap(250, 1050), snap(450, 1250)];
+        let p = plan(&segs, &snaps, "src", RecoveryTarget::Lsn(Lsn(260)), false).unwrap();
+        assert_eq!(p.candidates[0].0, "snap250");
+        assert_eq!(p.window.end.lsn, Lsn(300));
+        let p = plan(&segs, &snaps, "src", RecoveryTarget::Lsn(Lsn(250)), true).unwrap();
+        assert_eq!(
+            p.candidates[0].0, "snap150",
+            "exclusive: a cut at the target is after it"
+        );
+        let p = plan(&segs, &snaps, "src", at(1060), false).unwrap();
+        assert_eq!(p.candidates[0].0, "snap250");
+        assert_eq!(
+            p.stop,
+            Stop::Time(DateTime::from_timestamp(1060, 0).unwrap())
+        );
+        let p = plan(&segs, &snaps, "src", RecoveryTarget::Latest, false).unwrap();
+        assert_eq!(p.candidates[0].0, "snap450");
+        assert_eq!(p.stop, Stop::Lsn(Lsn(500)));
+    }
+
+    #[test]
+    fn targets_outside_every_window_fail_naming_the_windows() {
+        let segs = [
+            seg("a", 100, 200, 1000),
+            seg("a", 200, 300, 1100),
+            seg("a", 400, 500, 1300),
+        ];
+        let snaps = [snap(150, 990), snap(450, 1250)];
+        for target in [
+            RecoveryTarget::Lsn(Lsn(120)), // before the first snapshot
+            RecoveryTarget::Lsn(Lsn(350)), // in the gap
+            RecoveryTarget::Lsn(Lsn(501)), // after the last commit
+            at(980),
+            at(1200),
+            at(1301),
+        ] {
+            let e = plan(&segs, &snaps, "src", target, false).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("from LSN 0/96") && text.contains("from LSN 0/1C2"),
+                "{target}: {text}"
+            );
+        }
+        assert!(plan(&segs, &snaps, "other", RecoveryTarget::Latest, false).is_err());
+    }
+
+    #[test]
+    fn until_parses_times_and_refuses_the_rest() {
+        assert_eq!(
+            RecoveryTarget::parse_until("latest").unwrap(),
+            RecoveryTarget::Latest
+        );
+        let t = RecoveryTarget::parse_until("2026-12-07T11:00:00+08:00").unwrap();
+        assert_eq!(
+            t,
+            RecoveryTarget::parse_until("2026-12-07 03:00:00").unwrap()
+        );
+        assert!(RecoveryTarget::parse_until("yesterday").is_err());
+        assert!(RecoveryTarget::parse_lsn("0/16B3748").is_ok());
+        assert!(RecoveryTarget::parse_lsn("16B3748").is_err());
+    }
+}
