@@ -9,10 +9,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backup_util::{owner_config, repo_config, run};
-use invsync::backup::archive;
+use backup_util::{identity, owner_config, repo_config, run, write_config};
 use invsync::backup::repository::Repository;
-use support::{finish, send_signal, PgCluster};
+use invsync::backup::{archive, snapshot};
+use support::{finish, send_signal, PgCluster, S3Server};
 
 const TABLES: [(&str, &str); 3] = [("inv", "id"), ("item", "inv_id, line"), ("big", "id")];
 
@@ -218,6 +218,18 @@ async fn a_restore_to_a_moment_holds_exactly_the_transactions_committed_by_then(
         archive::read_transactions(&repo, &archive::list_segments(&repo).await.unwrap()[0].1.db)
             .await
             .unwrap();
+    // Segments record the database system, as snapshots' cuts do.
+    let snaps = snapshot::list(&repo).await.unwrap();
+    let system = snaps[0]
+        .1
+        .cut
+        .as_ref()
+        .expect("cut recorded")
+        .system
+        .clone();
+    for (_, m) in archive::list_segments(&repo).await.unwrap() {
+        assert_eq!(m.system.as_deref(), Some(system.as_str()), "{m:?}");
+    }
     let x = txns
         .iter()
         .find(|t| t.xid.to_string() == xid.trim())
@@ -310,4 +322,73 @@ async fn a_restore_to_a_moment_holds_exactly_the_transactions_committed_by_then(
     assert_eq!(state(&pg, "r10"), s1, "restored before the gap");
     let e = refused(&pg, &cfg, "r11", &["--until", &p1.0]);
     assert!(e.contains("outside the recoverable window"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_in_time_restore_reads_an_s3_repository() {
+    let s3 = S3Server::start();
+    let pg = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = identity(dir.path(), "k");
+    let cfg = write_config(
+        dir.path(),
+        "c.toml",
+        &[("src", pg.url("einvoice"))],
+        &s3.url("pitr"),
+        &format!(
+            "recipients = [\"{recipient}\"]\nidentity_file = \"{}\"\noptions = {}",
+            key.display(),
+            s3.options_toml()
+        ),
+    );
+    backup_util::ok(&cfg, &["repo", "init"]);
+    pg.psql(
+        "einvoice",
+        "CREATE TABLE inv (id serial PRIMARY KEY, no text NOT NULL, amount numeric(12,2));
+         CREATE TABLE item (inv_id int, line int, qty int, PRIMARY KEY (inv_id, line));
+         CREATE TABLE big (id int PRIMARY KEY, payload text);
+         INSERT INTO inv (no, amount) SELECT 'AB' || lpad(g::text, 8, '0'), g FROM generate_series(1, 20) g;",
+    );
+    let arch = archiver(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql("einvoice", "SELECT count(*) FROM pg_replication_slots") != "1" {
+        assert!(Instant::now() < deadline, "the archiver made no slot");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    backup_util::ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
+    pg.psql(
+        "einvoice",
+        "UPDATE inv SET amount = 0 WHERE id < 5; DELETE FROM inv WHERE id = 9",
+    );
+    pg.psql(
+        "einvoice",
+        "INSERT INTO item SELECT i, 1, i FROM generate_series(1, 20) i",
+    );
+    let then = point(&pg);
+    let before = state(&pg, "einvoice");
+    pg.psql("einvoice", "TRUNCATE inv, item");
+    let after = point(&pg);
+    wait_archived(&cfg, &after.1);
+    send_signal(&arch, "INT");
+    let (code, err) = finish(arch).await;
+    assert_eq!(code, 0, "archive run: {err}");
+
+    restored(&pg, &cfg, "r1", &["--until", &then.0]);
+    assert_eq!(state(&pg, "r1"), before);
+    restored(
+        &pg,
+        &cfg,
+        "r2",
+        &["--until", "latest", "--tables", "public.inv"],
+    );
+    assert_eq!(
+        pg.psql("r2", "SELECT count(*) FROM inv"),
+        "0",
+        "the TRUNCATE replayed"
+    );
+    assert_eq!(
+        pg.psql("r2", "SELECT to_regclass('public.item') IS NULL"),
+        "t",
+        "--tables"
+    );
 }

@@ -267,6 +267,30 @@ fn plan<'a>(
     })
 }
 
+/// Fails when a segment of the plan's chain comes from another database system than one of
+/// its snapshots (where both recorded theirs).
+fn same_system(db: &str, plan: &Plan<'_>) -> Result<(), RecoveryError> {
+    for (id, snap) in &plan.candidates {
+        let Some(snap_system) = snap.cut.as_ref().map(|c| &c.system) else {
+            continue;
+        };
+        if let Some(archive) = plan
+            .chain
+            .iter()
+            .filter_map(|m| m.system.as_ref())
+            .find(|s| *s != snap_system)
+        {
+            return Err(RecoveryError::ForeignArchive {
+                db: db.to_string(),
+                archive: archive.clone(),
+                snapshot: snapshot::short(id).to_string(),
+                snapshot_system: snap_system.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether `snap` already holds `t` (see the module documentation).
 fn holds(snap: &Snapshot, t: &ArchivedTransaction) -> bool {
     match snap.cut.as_ref().and_then(|c| c.sees(t.xid)) {
@@ -406,24 +430,7 @@ pub async fn restore_point_in_time(
     let segments: Vec<SegmentManifest> = all_segments.into_iter().filter(|m| m.db == db).collect();
     let snapshots = snapshot::list(repo).await?;
     let plan = plan(&segments, &snapshots, &db, opts.target, opts.exclusive)?;
-    for (id, snap) in &plan.candidates {
-        let Some(snap_system) = snap.cut.as_ref().map(|c| &c.system) else {
-            continue;
-        };
-        if let Some(archive) = plan
-            .chain
-            .iter()
-            .filter_map(|m| m.system.as_ref())
-            .find(|s| *s != snap_system)
-        {
-            return Err(RecoveryError::ForeignArchive {
-                db: db.clone(),
-                archive: archive.clone(),
-                snapshot: snapshot::short(id).to_string(),
-                snapshot_system: snap_system.clone(),
-            });
-        }
-    }
+    same_system(&db, &plan)?;
     let mut chosen = None;
     for candidate in &plan.candidates {
         if let Some(txns) = to_replay(repo, &plan.chain, &candidate.1, plan.stop).await? {
@@ -524,6 +531,7 @@ async fn advance_sequences(conn: &ConnInfo, tables: &[TableName]) -> Result<u64,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backup::segment::CutPoint;
 
     fn seg(slot: &str, start: u64, end: u64, last: i64) -> SegmentManifest {
         SegmentManifest {
@@ -616,6 +624,26 @@ mod tests {
             );
         }
         assert!(plan(&segs, &snaps, "other", RecoveryTarget::Latest, false).is_err());
+    }
+
+    #[test]
+    fn an_archive_of_another_database_system_is_refused() {
+        let mut segs = [seg("a", 100, 200, 1000), seg("a", 200, 300, 1100)];
+        let mut snaps = [snap(150, 990)];
+        snaps[0].1.cut = Some(CutPoint {
+            system: "7001".into(),
+            timeline: 1,
+            xmin: 1,
+            xmax: 2,
+            xip: None,
+        });
+        segs[1].system = Some("7001".into());
+        let p = plan(&segs, &snaps, "src", RecoveryTarget::Latest, false).unwrap();
+        assert!(same_system("src", &p).is_ok());
+        segs[0].system = Some("7002".into());
+        let p = plan(&segs, &snaps, "src", RecoveryTarget::Latest, false).unwrap();
+        let e = same_system("src", &p).unwrap_err().to_string();
+        assert!(e.contains("7002") && e.contains("7001"), "{e}");
     }
 
     #[test]
