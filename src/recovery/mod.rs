@@ -31,6 +31,13 @@ pub enum RecoveryError {
         /// Every window, `from .. to` with LSNs and times.
         windows: String,
     },
+    #[error("replaying the change archive into {target} after restoring snapshot {snapshot}: {source}; the database holds the snapshot and only part of the archive: fix the cause and restore again with --replace")]
+    Replay {
+        target: String,
+        snapshot: String,
+        #[source]
+        source: Box<SyncError>,
+    },
     #[error("the change archive of {db} comes from database system {archive}, but snapshot {snapshot} from system {snapshot_system}: they are different databases (a server rebuilt at the same address?); archive the database the snapshots come from, nothing was restored")]
     ForeignArchive {
         db: String,

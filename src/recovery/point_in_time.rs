@@ -463,20 +463,16 @@ pub async fn restore_point_in_time(
         })
         .collect();
     let filter = (!opts.restore.tables.is_empty()).then(|| restored.clone());
-    let mut replay = Replay::start(&db, conn.clone(), filter).await?;
-    for t in &txns {
-        let txn = t
-            .transaction()
-            .map_err(|reason| crate::backup::BackupError::Corrupt {
-                object: format!("{}: archived transaction {}", repo.name, t.xid),
-                reason,
-            })?;
-        replay.transaction(txn).await?;
-        if replay.wants_flush() {
-            replay.flush().await?;
-        }
-    }
-    let stats = replay.finish().await?;
+    let stats = replay(repo, &db, conn, filter, &txns)
+        .await
+        .map_err(|e| match e {
+            RecoveryError::Sync(source) => RecoveryError::Replay {
+                target: conn.to_string(),
+                snapshot: snapshot::short(id).to_string(),
+                source: Box::new(source),
+            },
+            other => other,
+        })?;
     let mut names: Vec<TableName> = restored.into_iter().collect();
     names.sort_by_key(|n| n.to_string());
     let sequences_moved = advance_sequences(conn, &names).await?;
@@ -504,6 +500,30 @@ pub async fn restore_point_in_time(
         sequences_moved,
         restored_to,
     })
+}
+
+/// Feeds `txns` to a [`Replay`] into `conn`.
+async fn replay(
+    repo: &Repository,
+    db: &str,
+    conn: &ConnInfo,
+    filter: Option<HashSet<TableName>>,
+    txns: &[ArchivedTransaction],
+) -> Result<ReplayStats, RecoveryError> {
+    let mut replay = Replay::start(db, conn.clone(), filter).await?;
+    for t in txns {
+        let txn = t
+            .transaction()
+            .map_err(|reason| crate::backup::BackupError::Corrupt {
+                object: format!("{}: archived transaction {}", repo.name, t.xid),
+                reason,
+            })?;
+        replay.transaction(txn).await?;
+        if replay.wants_flush() {
+            replay.flush().await?;
+        }
+    }
+    Ok(replay.finish().await?)
 }
 
 /// Moves each sequence the `tables` own forward to its column's largest value where it is
