@@ -299,49 +299,95 @@ fn holds(snap: &Snapshot, t: &ArchivedTransaction) -> bool {
     }
 }
 
-/// The transactions to replay onto `snap`, in commit order, or `None` when `snap` already
-/// holds a transaction past the stop (a commit racing its cut was after the target).
-async fn to_replay(
+/// Which archived transactions a replay onto a snapshot takes, judged one by one in commit
+/// order. The archive is read twice with the same judgement: once to check that the snapshot
+/// can be used ([`usable`]), once to replay ([`replay`]), so memory stays bounded by a segment.
+struct Selection<'s> {
+    snap: &'s Snapshot,
+    stop: Stop,
+    /// The end of the last transaction judged (segments may overlap).
+    upto: Lsn,
+    /// A transaction past the stop was met: nothing later is replayed.
+    stopped: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Replay,
+    Skip,
+    /// The snapshot already holds a transaction past the stop (a commit racing its cut was
+    /// after the target).
+    Unusable,
+}
+
+impl<'s> Selection<'s> {
+    fn new(snap: &'s Snapshot, stop: Stop) -> Self {
+        Selection {
+            snap,
+            stop,
+            upto: Lsn(0),
+            stopped: false,
+        }
+    }
+
+    /// Whether segment `m` needs reading: `None` when no later one does either.
+    fn reads(&self, m: &SegmentManifest) -> Option<bool> {
+        if m.end <= self.snap.lsn.unwrap_or_default() {
+            return Some(false);
+        }
+        // Past the stop, only the commits racing the cut matter, and they lie just after it.
+        let past = match self.stop {
+            Stop::Lsn(l) => m.start > l,
+            Stop::Time(at) => m.first_commit.is_some_and(|f| f > at),
+        };
+        (!(self.stopped && past)).then_some(true)
+    }
+
+    fn judge(&mut self, t: &ArchivedTransaction) -> Verdict {
+        if t.end_lsn <= self.upto {
+            return Verdict::Skip;
+        }
+        self.upto = t.end_lsn;
+        if holds(self.snap, t) {
+            return if self.stop.beyond(t) {
+                Verdict::Unusable
+            } else {
+                Verdict::Skip
+            };
+        }
+        if self.stopped || self.stop.beyond(t) {
+            self.stopped = true;
+            return Verdict::Skip;
+        }
+        Verdict::Replay
+    }
+}
+
+/// How many transactions a replay onto `snap` takes, or `None` when `snap` cannot be used
+/// ([`Verdict::Unusable`]).
+async fn usable(
     repo: &Repository,
     chain: &[&SegmentManifest],
     snap: &Snapshot,
     stop: Stop,
-) -> Result<Option<Vec<ArchivedTransaction>>, RecoveryError> {
-    let cut = snap.lsn.unwrap_or_default();
-    let mut out = Vec::new();
-    let mut upto = Lsn(0);
-    let mut stopped = false;
+) -> Result<Option<u64>, RecoveryError> {
+    let mut sel = Selection::new(snap, stop);
+    let mut n = 0;
     for m in chain {
-        if m.end <= cut {
-            continue;
-        }
-        // Past the stop, only the commits racing the cut matter, and they lie just after it.
-        let past = match stop {
-            Stop::Lsn(l) => m.start > l,
-            Stop::Time(at) => m.first_commit.is_some_and(|f| f > at),
-        };
-        if stopped && past {
-            break;
+        match sel.reads(m) {
+            None => break,
+            Some(false) => continue,
+            Some(true) => {}
         }
         for t in archive::read_segment(repo, m).await? {
-            if t.end_lsn <= upto {
-                continue;
+            match sel.judge(&t) {
+                Verdict::Replay => n += 1,
+                Verdict::Skip => {}
+                Verdict::Unusable => return Ok(None),
             }
-            upto = t.end_lsn;
-            if holds(snap, &t) {
-                if stop.beyond(&t) {
-                    return Ok(None);
-                }
-                continue;
-            }
-            if stopped || stop.beyond(&t) {
-                stopped = true;
-                continue;
-            }
-            out.push(t);
         }
     }
-    Ok(Some(out))
+    Ok(Some(n))
 }
 
 /// Options of [`restore_point_in_time`].
@@ -433,8 +479,8 @@ pub async fn restore_point_in_time(
     same_system(&db, &plan)?;
     let mut chosen = None;
     for candidate in &plan.candidates {
-        if let Some(txns) = to_replay(repo, &plan.chain, &candidate.1, plan.stop).await? {
-            chosen = Some((*candidate, txns));
+        if let Some(n) = usable(repo, &plan.chain, &candidate.1, plan.stop).await? {
+            chosen = Some((*candidate, n));
             break;
         }
         tracing::info!(
@@ -442,7 +488,7 @@ pub async fn restore_point_in_time(
             "the snapshot already holds a transaction after the target; trying an older one"
         );
     }
-    let Some(((id, snap), txns)) = chosen else {
+    let Some(((id, snap), count)) = chosen else {
         return Err(RecoveryError::OutsideWindow {
             target: opts.target.to_string(),
             db,
@@ -463,16 +509,28 @@ pub async fn restore_point_in_time(
         })
         .collect();
     let filter = (!opts.restore.tables.is_empty()).then(|| restored.clone());
-    let stats = replay(repo, &db, conn, filter, &txns)
-        .await
-        .map_err(|e| match e {
-            RecoveryError::Sync(source) => RecoveryError::Replay {
-                target: conn.to_string(),
-                snapshot: snapshot::short(id).to_string(),
-                source: Box::new(source),
-            },
-            other => other,
-        })?;
+    tracing::info!(
+        snapshot = snapshot::short(id),
+        transactions = count,
+        "restoring the snapshot, then replaying the archive"
+    );
+    let stats = replay(
+        repo,
+        &db,
+        conn,
+        filter,
+        &plan.chain,
+        Selection::new(snap, plan.stop),
+    )
+    .await
+    .map_err(|e| match e {
+        RecoveryError::Sync(source) => RecoveryError::Replay {
+            target: conn.to_string(),
+            snapshot: snapshot::short(id).to_string(),
+            source: Box::new(source),
+        },
+        other => other,
+    })?;
     let mut names: Vec<TableName> = restored.into_iter().collect();
     names.sort_by_key(|n| n.to_string());
     let sequences_moved = advance_sequences(conn, &names).await?;
@@ -502,25 +560,36 @@ pub async fn restore_point_in_time(
     })
 }
 
-/// Feeds `txns` to a [`Replay`] into `conn`.
+/// Replays the transactions `sel` takes from `chain` into `conn`.
 async fn replay(
     repo: &Repository,
     db: &str,
     conn: &ConnInfo,
     filter: Option<HashSet<TableName>>,
-    txns: &[ArchivedTransaction],
+    chain: &[&SegmentManifest],
+    mut sel: Selection<'_>,
 ) -> Result<ReplayStats, RecoveryError> {
     let mut replay = Replay::start(db, conn.clone(), filter).await?;
-    for t in txns {
-        let txn = t
-            .transaction()
-            .map_err(|reason| crate::backup::BackupError::Corrupt {
-                object: format!("{}: archived transaction {}", repo.name, t.xid),
-                reason,
-            })?;
-        replay.transaction(txn).await?;
-        if replay.wants_flush() {
-            replay.flush().await?;
+    for m in chain {
+        match sel.reads(m) {
+            None => break,
+            Some(false) => continue,
+            Some(true) => {}
+        }
+        for t in archive::read_segment(repo, m).await? {
+            if sel.judge(&t) != Verdict::Replay {
+                continue;
+            }
+            let txn = t
+                .transaction()
+                .map_err(|reason| crate::backup::BackupError::Corrupt {
+                    object: format!("{}: archived transaction {}", repo.name, t.xid),
+                    reason,
+                })?;
+            replay.transaction(txn).await?;
+            if replay.wants_flush() {
+                replay.flush().await?;
+            }
         }
     }
     Ok(replay.finish().await?)
@@ -644,6 +713,55 @@ mod tests {
             );
         }
         assert!(plan(&segs, &snaps, "other", RecoveryTarget::Latest, false).is_err());
+    }
+
+    fn txn(xid: u32, end: u64) -> ArchivedTransaction {
+        ArchivedTransaction {
+            xid,
+            commit_lsn: Lsn(end - 1),
+            end_lsn: Lsn(end),
+            commit_time: DateTime::from_timestamp(end as i64, 0).unwrap(),
+            messages: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_replay_takes_exactly_what_the_snapshot_lacks_up_to_the_stop() {
+        // Cut at LSN 150; xids below 20 ended, 12 still in progress (it commits later but
+        // ends before the cut's LSN was read), 21 committed in time to be seen though its
+        // commit ends after that LSN.
+        let (_, mut s) = snap(150, 1000);
+        s.cut = Some(CutPoint {
+            system: "7".into(),
+            timeline: 1,
+            xmin: 12,
+            xmax: 22,
+            xip: Some(vec![12]),
+        });
+        let stream = [
+            txn(10, 120),
+            txn(12, 140),
+            txn(21, 160),
+            txn(22, 170),
+            txn(23, 180),
+        ];
+        let judged = |s: &Snapshot, stop: Stop| {
+            let mut sel = Selection::new(s, stop);
+            stream.iter().map(|t| sel.judge(t)).collect::<Vec<_>>()
+        };
+        let verdicts = |stop: Stop| judged(&s, stop);
+        use Verdict::{Replay as R, Skip as S, Unusable as U};
+        assert_eq!(verdicts(Stop::Lsn(Lsn(175))), [S, R, S, R, S]);
+        assert_eq!(verdicts(Stop::Lsn(Lsn(200))), [S, R, S, R, R]);
+        // Once a transaction is past the stop, nothing later is taken (commit order).
+        let t = |secs| Stop::Time(DateTime::from_timestamp(secs, 0).unwrap());
+        assert_eq!(verdicts(t(175)), [S, R, S, R, S]);
+        // The snapshot holds 21, which ends after the stop: it cannot serve this target.
+        assert_eq!(verdicts(Stop::Lsn(Lsn(155)))[2], U);
+        // Without the cut's in-progress list, the cut's LSN decides.
+        let mut old = s.clone();
+        old.cut = None;
+        assert_eq!(judged(&old, Stop::Lsn(Lsn(200))), [S, S, R, R, R]);
     }
 
     #[test]
