@@ -99,6 +99,10 @@ pub struct SegmentManifest {
     pub db: String,
     /// The slot's name: its identity (see the module documentation).
     pub slot: String,
+    /// The source's `pg_control_system().system_identifier` (as a snapshot's cut records it),
+    /// when the archiving role may read it; absent in segments written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     /// Transactions whose commit ends in `(start, end]`.
     pub start: Lsn,
     pub end: Lsn,
@@ -124,6 +128,22 @@ pub struct ArchivedTransaction {
 }
 
 impl ArchivedTransaction {
+    /// The transaction as the stream delivered it (raw messages), to feed a [`ChangeSink`].
+    pub fn transaction(&self) -> Result<Transaction, String> {
+        let messages = self
+            .messages
+            .iter()
+            .map(|m| hex::decode(m).map(Bytes::from).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        Ok(Transaction {
+            xid: self.xid,
+            commit_lsn: self.commit_lsn,
+            end_lsn: self.end_lsn,
+            commit_time: self.commit_time.timestamp_micros() - PG_EPOCH_MICROS,
+            messages,
+        })
+    }
+
     /// The messages, decoded.
     pub fn decode(&self) -> Result<Vec<Message>, String> {
         self.messages
@@ -163,10 +183,11 @@ pub struct ArchiveSummary {
     pub end: Lsn,
 }
 
+/// PostgreSQL counts time from 2000-01-01 UTC.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
 fn pg_time(micros: i64) -> DateTime<Utc> {
-    // PostgreSQL counts from 2000-01-01.
-    const PG_EPOCH: i64 = 946_684_800_000_000;
-    DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH)).unwrap_or_default()
+    DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH_MICROS)).unwrap_or_default()
 }
 
 /// The archive's sink: buffers transactions into the open segment and stores it by the rule.
@@ -175,6 +196,7 @@ struct SegmentWriter<'a> {
     lock: &'a Lock,
     db: String,
     slot: String,
+    system: Option<String>,
     rule: ClosingRule,
     start: Lsn,
     end: Lsn,
@@ -278,6 +300,7 @@ impl ChangeSink for SegmentWriter<'_> {
             version: 1,
             db: self.db.clone(),
             slot: self.slot.clone(),
+            system: self.system.clone(),
             start: self.start,
             end: self.end,
             first_commit: txns.first().map(|t| t.commit_time),
@@ -548,6 +571,19 @@ pub fn forgettable<'a>(
         .collect()
 }
 
+/// The source's system identifier, `None` when this role may not read it.
+async fn system_identifier(client: &tokio_postgres::Client) -> Option<String> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') \
+             THEN (SELECT system_identifier::text FROM pg_control_system()) END",
+            &[],
+        )
+        .await
+        .ok()?;
+    row.get(0)
+}
+
 /// The slot this repository archives `db` through, if one exists: (name, confirmed position).
 async fn find_slot(
     client: &tokio_postgres::Client,
@@ -630,6 +666,7 @@ pub async fn run(
             lock: &lock,
             db: db.clone(),
             slot: slot_name.clone(),
+            system: system_identifier(&client).await,
             rule: opts.closing,
             start,
             end: start,
@@ -673,6 +710,7 @@ mod tests {
             version: 1,
             db: "src".into(),
             slot: slot.into(),
+            system: None,
             start: Lsn(start),
             end: Lsn(end),
             first_commit: None,

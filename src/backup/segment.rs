@@ -76,6 +76,23 @@ pub struct CutPoint {
     /// The cut snapshot's xmin and xmax (`pg_current_snapshot()`), as full 64-bit xids.
     pub xmin: u64,
     pub xmax: u64,
+    /// The xids in progress at the cut (`pg_snapshot_xip`): with `xmax`, which committed
+    /// transactions the cut sees ([`CutPoint::sees`]). `None` in snapshots written before it
+    /// was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xip: Option<Vec<u64>>,
+}
+
+impl CutPoint {
+    /// Whether the cut sees the committed transaction `xid` (32-bit, as the change stream
+    /// sends it); `None` when the cut's in-progress list was not recorded.
+    pub fn sees(&self, xid: u32) -> Option<bool> {
+        let xip = self.xip.as_ref()?;
+        // The full xid is the one within 2^31 of xmax (xids are compared modulo 2^32).
+        let diff = xid.wrapping_sub(self.xmax as u32) as i32 as i64;
+        let full = (self.xmax as i64 + diff) as u64;
+        Some(full < self.xmax && !xip.contains(&full))
+    }
 }
 
 /// One table's data as key-range segments.
@@ -146,7 +163,8 @@ pub async fn cut_point(client: &Client, conn: &ConnInfo) -> Result<Option<CutPoi
             "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
                CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint()) \
                  ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
-               pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text \
+               pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text, \
+               ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x) \
              FROM pg_current_snapshot() s",
             &[],
         )
@@ -162,6 +180,16 @@ pub async fn cut_point(client: &Client, conn: &ConnInfo) -> Result<Option<CutPoi
         timeline: row.get::<_, i32>(1) as u32,
         xmin: xid(2)?,
         xmax: xid(3)?,
+        xip: Some(
+            row.get::<_, Vec<String>>(4)
+                .iter()
+                .map(|x| {
+                    x.parse::<u64>().map_err(|e| {
+                        BackupError::Invalid(format!("the server reported a bad xid: {e}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
     }))
 }
 
@@ -587,7 +615,29 @@ mod tests {
             timeline,
             xmin,
             xmax,
+            xip: None,
         }
+    }
+
+    #[test]
+    fn a_cut_sees_what_committed_before_it() {
+        let mut c = cut(1, 100, 105);
+        assert_eq!(
+            c.sees(99),
+            None,
+            "without the in-progress list nobody can tell"
+        );
+        c.xip = Some(vec![100, 103]);
+        assert_eq!(c.sees(99), Some(true));
+        assert_eq!(c.sees(101), Some(true));
+        assert_eq!(c.sees(103), Some(false));
+        assert_eq!(c.sees(105), Some(false));
+        // Across the 32-bit wrap: xmax in epoch 1.
+        let mut w = cut(1, (1 << 32) + 2, (1 << 32) + 5);
+        w.xip = Some(Vec::new());
+        assert_eq!(w.sees(u32::MAX), Some(true));
+        assert_eq!(w.sees(4), Some(true));
+        assert_eq!(w.sees(5), Some(false));
     }
 
     #[test]

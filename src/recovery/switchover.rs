@@ -162,40 +162,40 @@ pub fn plan(
     to: Option<&str>,
     timeout: Duration,
 ) -> Result<Plan, RecoveryError> {
-    let p = config.pipeline(pipeline).map_err(RecoveryError::Config)?;
+    let p = config.pipeline(pipeline).map_err(RecoveryError::Invalid)?;
     let new_primary = match to {
         Some(t) if p.targets.iter().any(|x| x == t) => t.to_string(),
         Some(t) => {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "`{t}` is not a target of pipeline {pipeline} (its targets: {}); pass one of them to --to",
                 p.targets.join(", ")
             )))
         }
         None if p.targets.len() == 1 => p.targets[0].clone(),
         None => {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "pipeline {pipeline} has several targets ({}); say which becomes the primary with --to",
                 p.targets.join(", ")
             )))
         }
     };
     if p.targets.len() > 1 {
-        return Err(RecoveryError::Config(format!(
+        return Err(RecoveryError::Invalid(format!(
             "pipeline {pipeline} also feeds {}; after a switchover to {new_primary} nothing would feed them: give each other target its own pipeline, then switch over",
             p.targets.iter().filter(|t| **t != new_primary).cloned().collect::<Vec<_>>().join(", ")
         )));
     }
     let old_primary = p.source.clone();
     if p.application_roles.is_empty() {
-        return Err(RecoveryError::Config(format!(
+        return Err(RecoveryError::Invalid(format!(
             "pipeline {pipeline} lists no application_roles: a switchover makes the roles the application writes with read-only on {old_primary}; add application_roles = [\"ROLE\", ...] to [pipelines.{pipeline}]"
         )));
     }
     for db in [&old_primary, &new_primary] {
-        let conn = &config.database(db).map_err(RecoveryError::Config)?.conn;
+        let conn = &config.database(db).map_err(RecoveryError::Invalid)?.conn;
         if let Some(user) = login(conn) {
             if p.application_roles.iter().any(|r| r == user) {
-                return Err(RecoveryError::Config(format!(
+                return Err(RecoveryError::Invalid(format!(
                     "pipelines.{pipeline}.application_roles lists `{user}`, the role invsync connects to {db} as; a switchover would pause itself: connect invsync with a role of its own"
                 )));
             }
@@ -221,7 +221,7 @@ pub fn plan(
                     .join(", ")
             };
             let tables: Vec<String> = p.tables.iter().map(|t| t.to_string()).collect();
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "no pipeline from {new_primary} back to {old_primary} over the tables of {pipeline} is configured; a switchover sets it up: add to {}: [pipelines.{pipeline}_reverse] source = \"{new_primary}\" targets = [\"{old_primary}\"] tables = [{}] application_roles = [{}]",
                 config.path.display(),
                 list(&tables),
@@ -229,7 +229,7 @@ pub fn plan(
             )));
         }
         several => {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "pipelines {} all run from {new_primary} back to {old_primary} over the tables of {pipeline}; keep one",
                 several.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
             )))
@@ -393,7 +393,7 @@ async fn load_record(
         .map_err(q(conn, "reading the switchover record"))?;
     let Some(r) = row else { return Ok(None) };
     let stage = Stage::parse(&r.get::<_, String>(0)).map_err(|m| {
-        RecoveryError::Config(format!(
+        RecoveryError::Invalid(format!(
             "invsync.switchover on {conn} holds an unknown stage for {pipeline}: {m}"
         ))
     })?;
@@ -428,7 +428,7 @@ impl Streaming {
         let _ = self.stop.send(true);
         match self.task.await {
             Ok(r) => Ok(r?),
-            Err(e) => Err(RecoveryError::Config(format!(
+            Err(e) => Err(RecoveryError::Invalid(format!(
                 "the pipeline's stream ended abnormally: {e}"
             ))),
         }
@@ -458,12 +458,12 @@ pub async fn switchover(
     let plan = plan(config, pipeline, opts.to.as_deref(), opts.timeout)?;
     let a_conn = config
         .database(&plan.old_primary)
-        .map_err(RecoveryError::Config)?
+        .map_err(RecoveryError::Invalid)?
         .conn
         .clone();
     let b_conn = config
         .database(&plan.new_primary)
-        .map_err(RecoveryError::Config)?
+        .map_err(RecoveryError::Invalid)?
         .conn
         .clone();
     let a = a_conn.connect().await?;
@@ -494,7 +494,7 @@ pub async fn switchover(
     let record = record.filter(|r| r.stage.in_progress());
     if let Some(r) = &record {
         if r.new_primary != s.plan.new_primary {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "a switchover of {pipeline} to {} is recorded at stage `{}`; finish it (`invsync sync switchover {pipeline} --to {}`) or roll it back (--rollback) first",
                 r.new_primary, r.stage, r.new_primary
             )));
@@ -502,13 +502,13 @@ pub async fn switchover(
     }
     if opts.rollback {
         let Some(r) = record else {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "no switchover of {pipeline} is in progress on {}; nothing to roll back",
                 s.plan.old_primary
             )));
         };
         if r.stage >= Stage::Committed {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "the switchover of {pipeline} is committed (stage `{}`); it cannot be rolled back: run `invsync sync switchover {pipeline}` to finish it, then switch back with `invsync sync switchover {}`",
                 r.stage, s.plan.reverse
             )));
@@ -570,7 +570,7 @@ impl Switch<'_> {
         let pipeline = self.plan.pipeline.clone();
         let slot_name = names::slot(&pipeline);
         let Some(state) = slot::state(&self.a, &self.a_conn, &slot_name).await? else {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "pipeline {pipeline} is not set up on {} (no slot {slot_name}); there is nothing to switch over",
                 self.plan.old_primary
             )));
@@ -578,7 +578,7 @@ impl Switch<'_> {
         match progress::load(&self.b, &self.b_conn, &pipeline).await? {
             Some(p) if p.state == progress::State::Streaming => {}
             _ => {
-                return Err(RecoveryError::Config(format!(
+                return Err(RecoveryError::Invalid(format!(
                     "pipeline {pipeline} is not streaming to {} (its setup has not finished); run `invsync sync setup {pipeline}` first",
                     self.plan.new_primary
                 )))
@@ -589,7 +589,7 @@ impl Switch<'_> {
             .await?
             .is_some()
         {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "pipeline {} is already set up on {} (slot {reverse_slot}); both directions cannot stream the same tables: tear it down with `invsync sync teardown {} --yes`",
                 self.plan.reverse, self.plan.new_primary, self.plan.reverse
             )));
@@ -604,7 +604,7 @@ impl Switch<'_> {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    return Err(RecoveryError::Config(format!(
+                    return Err(RecoveryError::Invalid(format!(
                         "slot {slot_name} on {} is in use: `invsync sync run {pipeline}` (or an agent) streams it; stop it: the switchover streams the pipeline itself",
                         self.plan.old_primary
                     )));
@@ -622,12 +622,12 @@ impl Switch<'_> {
             .await
             .map_err(q(&self.a_conn, "reading the WAL position"))?
             .get(0);
-        let now: Lsn = now.parse().map_err(RecoveryError::Config)?;
+        let now: Lsn = now.parse().map_err(RecoveryError::Invalid)?;
         if let Err(e) = self.wait_confirmed(now).await {
             if let Some(st) = self.stream.take() {
                 let _ = st.stop().await;
             }
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "switchover of {pipeline} did not start, nothing was changed: {e}"
             )));
         }
@@ -677,7 +677,7 @@ impl Switch<'_> {
             match rows.iter().find(|r| r.get::<_, String>(0) == *role) {
                 Some(r) => out.push(r.get(1)),
                 None => {
-                    return Err(RecoveryError::Config(format!(
+                    return Err(RecoveryError::Invalid(format!(
                         "role `{role}` (pipelines.{}.application_roles) does not exist on {}; fix the list",
                         self.plan.pipeline, self.plan.old_primary
                     )))
@@ -700,7 +700,7 @@ impl Switch<'_> {
             .map(|r| r.get(0))
             .collect();
         if let Some(missing) = self.plan.roles.iter().find(|r| !found.contains(r)) {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "role `{missing}` (pipelines.{}.application_roles) does not exist on {}, which would become the primary; create it there first",
                 self.plan.pipeline, self.plan.new_primary
             )));
@@ -777,7 +777,7 @@ impl Switch<'_> {
         }
         let pipeline = self.plan.pipeline.clone();
         let after = |e: RecoveryError| {
-            RecoveryError::Config(format!(
+            RecoveryError::Invalid(format!(
                 "the switchover of {pipeline} is committed but could not finish: {e}; fix the cause and run `invsync sync switchover {pipeline}` again to finish it"
             ))
         };
@@ -845,7 +845,7 @@ impl Switch<'_> {
             let lsn = record.pause_lsn.ok_or_else(|| {
                 (
                     "drain",
-                    RecoveryError::Config("the record has no pause LSN".into()),
+                    RecoveryError::Invalid("the record has no pause LSN".into()),
                 )
             })?;
             if self.stream.is_none() {
@@ -853,7 +853,7 @@ impl Switch<'_> {
             }
             self.wait_confirmed(lsn)
                 .await
-                .map_err(|m| ("drain", RecoveryError::Config(m)))?;
+                .map_err(|m| ("drain", RecoveryError::Invalid(m)))?;
             if let Some(st) = self.stream.take() {
                 st.stop().await.map_err(|e| ("drain", e))?;
             }
@@ -940,14 +940,14 @@ impl Switch<'_> {
             .await
             .map_err(q(&self.a_conn, "reading the WAL position"))?
             .get(0);
-        lsn.parse().map_err(RecoveryError::Config)
+        lsn.parse().map_err(RecoveryError::Invalid)
     }
 
     async fn copy_sequences(&self) -> Result<usize, RecoveryError> {
         let p = self
             .config
             .pipeline(&self.plan.pipeline)
-            .map_err(RecoveryError::Config)?;
+            .map_err(RecoveryError::Invalid)?;
         let tables = resolve_tables(&self.a, &self.a_conn, &p.tables).await?;
         let seqs = sync::sequences::of_tables(&self.a, &self.a_conn, &tables, &p.sequences).await?;
         Ok(sync::sequences::bring(&self.a, &self.a_conn, &self.b, &self.b_conn, &seqs).await?)
@@ -957,7 +957,7 @@ impl Switch<'_> {
         let p = self
             .config
             .pipeline(&self.plan.pipeline)
-            .map_err(RecoveryError::Config)?;
+            .map_err(RecoveryError::Invalid)?;
         let opts = DbVerifyOptions {
             source: Endpoint {
                 name: self.plan.old_primary.clone(),
@@ -987,7 +987,7 @@ impl Switch<'_> {
             })
             .collect();
         if !bad.is_empty() {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "{} and {} differ ({}); `invsync verify db --pipeline {}` lists the rows",
                 self.plan.old_primary,
                 self.plan.new_primary,
@@ -996,7 +996,7 @@ impl Switch<'_> {
             )));
         }
         if let Some(s) = report.sequences_behind.first() {
-            return Err(RecoveryError::Config(format!(
+            return Err(RecoveryError::Invalid(format!(
                 "sequence {} on {} is behind {}'s; fix: {}",
                 s.sequence,
                 self.plan.new_primary,

@@ -432,11 +432,49 @@ fn key_literals(rel: &StreamRelation, row: &[Value]) -> Result<String, SyncError
     Ok(out)
 }
 
+/// How a target's session records what it applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bookkeeping {
+    /// A pipeline's target: the session carries the pipeline's replication origin, and each
+    /// batch records its last source commit in the progress table before `COMMIT` (the resume
+    /// point).
+    Pipeline,
+    /// A one-off replay (point-in-time restore): no origin and no progress record, so the
+    /// database looks to a later `sync setup` like any other; the caller knows what it fed.
+    Unrecorded,
+}
+
+/// Where the definition of a column the stream sends and a target lacks comes from.
+#[derive(Clone, Copy)]
+pub enum ColumnSource<'a> {
+    /// The live source's catalog: the column is added as the source declares it.
+    Database {
+        client: &'a Client,
+        conn: &'a ConnInfo,
+    },
+    /// Only the stream's Relation message (an archived stream): the column is added with the
+    /// type it names, when that is a built-in type (same oid on every server).
+    Stream { label: &'a str },
+}
+
+impl std::fmt::Display for ColumnSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ColumnSource::Database { conn, .. } => write!(f, "{conn}"),
+            ColumnSource::Stream { label } => f.write_str(label),
+        }
+    }
+}
+
+/// Oids below this are built into every PostgreSQL server (`FirstNormalObjectId`).
+const FIRST_NORMAL_OID: u32 = 16384;
+
 /// One target of a pipeline and its open batch.
 pub struct Target {
     pub name: String,
     pub conn: ConnInfo,
     pipeline: String,
+    bookkeeping: Bookkeeping,
     /// The lease under which this run applies: every batch checks and raises the target's
     /// recorded epoch before it commits (see [`progress::fence`]).
     fence: Option<Fence>,
@@ -550,6 +588,7 @@ impl Target {
             name: name.to_string(),
             conn,
             pipeline: pipeline.to_string(),
+            bookkeeping: Bookkeeping::Pipeline,
             fence,
             client: None,
             writer: None,
@@ -569,6 +608,20 @@ impl Target {
             retry_at: Instant::now(),
             backoff: Duration::from_millis(500),
         }
+    }
+
+    /// A target that records neither origin nor progress ([`Bookkeeping::Unrecorded`]), named
+    /// `label` in messages; updates and deletes that find no row are counted
+    /// ([`Target::missing_rows_seen`]).
+    pub fn unrecorded(label: &str, conn: ConnInfo, answered: Arc<Notify>) -> Self {
+        let mut t = Target::new(label, label, conn, answered, None, MissingRows::Warn);
+        t.bookkeeping = Bookkeeping::Unrecorded;
+        t
+    }
+
+    /// Rows that updates and deletes did not find in this session.
+    pub fn missing_rows_seen(&self) -> u64 {
+        self.writer.as_ref().map_or(0, Writer::missing)
     }
 
     pub fn is_up(&self) -> bool {
@@ -606,6 +659,37 @@ impl Target {
         {
             tracing::debug!(target = %self.name, "session_replication_role not set: {}", crate::pg::describe(&e));
         }
+        let applied = match self.bookkeeping {
+            Bookkeeping::Pipeline => self.take_origin(&client).await?,
+            Bookkeeping::Unrecorded => Lsn(0),
+        };
+        self.applied = applied;
+        self.durable = applied;
+        self.committing.clear();
+        self.unflushed.clear();
+        self.known = true;
+        self.checked.clear();
+        self.reorderable.clear();
+        self.missing_reported = 0;
+        self.prepared.clear();
+        self.batch = Batch::default();
+        let client = Arc::new(client);
+        self.writer = Some(Writer::start(
+            client.clone(),
+            self.conn.clone(),
+            match self.bookkeeping {
+                Bookkeeping::Pipeline => format!("applying changes of pipeline {}", self.pipeline),
+                Bookkeeping::Unrecorded => format!("replaying changes of {}", self.pipeline),
+            },
+            self.answered.clone(),
+        ));
+        self.client = Some(client);
+        self.backoff = Duration::from_millis(500);
+        Ok(())
+    }
+
+    /// Takes the pipeline's replication origin for the session and reads the applied LSN.
+    async fn take_origin(&self, client: &Client) -> Result<Lsn, SyncError> {
         let origin = names::origin(&self.pipeline, &self.name);
         // Named after its origin (at most 63 bytes, so never truncated), so that an agent
         // taking the pipeline over can find and end the session of a holder that lost it.
@@ -615,8 +699,8 @@ impl Target {
                 crate::pg::quote_literal(&origin)
             ))
             .await
-            .map_err(q("naming the apply session"))?;
-        progress::ensure_origin(&client, &self.conn, &origin).await?;
+            .map_err(|e| PgError::query("naming the apply session", &self.conn, e))?;
+        progress::ensure_origin(client, &self.conn, &origin).await?;
         if let Err(e) = client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await
@@ -632,34 +716,15 @@ impl Target {
                 },
             );
         }
-        let p = progress::load(&client, &self.conn, &self.pipeline)
+        let p = progress::load(client, &self.conn, &self.pipeline)
             .await?
             .filter(|p| p.state == progress::State::Streaming)
             .ok_or_else(|| SyncError::NotSetUp {
                 pipeline: self.pipeline.clone(),
                 target: self.conn.to_string(),
             })?;
-        progress::upgrade(&client, &self.conn).await?;
-        self.applied = p.applied;
-        self.durable = p.applied;
-        self.committing.clear();
-        self.unflushed.clear();
-        self.known = true;
-        self.checked.clear();
-        self.reorderable.clear();
-        self.missing_reported = 0;
-        self.prepared.clear();
-        self.batch = Batch::default();
-        let client = Arc::new(client);
-        self.writer = Some(Writer::start(
-            client.clone(),
-            self.conn.clone(),
-            format!("applying changes of pipeline {}", self.pipeline),
-            self.answered.clone(),
-        ));
-        self.client = Some(client);
-        self.backoff = Duration::from_millis(500);
-        Ok(())
+        progress::upgrade(client, &self.conn).await?;
+        Ok(p.applied)
     }
 
     /// Marks the target down after `error`; its open batch is lost (rolled back by the server)
@@ -977,8 +1042,7 @@ impl Target {
     pub async fn check_drift(
         &mut self,
         rel: &StreamRelation,
-        source: &Client,
-        source_conn: &ConnInfo,
+        source: ColumnSource<'_>,
     ) -> Result<(), SyncError> {
         if self.checked.get(&rel.rel.id) == Some(&rel.generation) {
             return Ok(());
@@ -1020,27 +1084,7 @@ impl Target {
             .map(|c| c.name.as_str())
             .collect();
         if !missing.is_empty() {
-            let src = TableModel::load(source, source_conn, &table).await?;
-            let mut ddl = Vec::new();
-            for name in &missing {
-                match src.table().columns.iter().find(|c| c.name == *name) {
-                    Some(c) => ddl.push(c.add_sql(&table)),
-                    None => {
-                        return Err(SyncError::SchemaDrift {
-                            table: table.to_string(),
-                            target: self.conn.to_string(),
-                            ddl: format!(
-                                "ALTER TABLE {} ADD COLUMN {} <type>",
-                                table.quoted(),
-                                quote_ident(name)
-                            ),
-                            reason: format!(
-                                "the source sends column {name}, which is no longer in its catalog"
-                            ),
-                        })
-                    }
-                }
-            }
+            let ddl = self.added_columns(rel, &missing, source).await?;
             let ddl = ddl.join(";\n");
             self.batch.sql.push_str(&ddl);
             self.batch.sql.push_str(";\n");
@@ -1061,6 +1105,82 @@ impl Target {
         }
         self.checked.insert(rel.rel.id, rel.generation);
         Ok(())
+    }
+
+    /// The DDL that adds `missing` (columns of `rel` the target lacks), as `source` defines them.
+    async fn added_columns(
+        &self,
+        rel: &StreamRelation,
+        missing: &[&str],
+        source: ColumnSource<'_>,
+    ) -> Result<Vec<String>, SyncError> {
+        let table = rel.table();
+        let drift = |reason: String, ddl: String| SyncError::SchemaDrift {
+            table: table.to_string(),
+            target: self.conn.to_string(),
+            ddl,
+            reason,
+        };
+        let placeholder = |name: &str| {
+            format!(
+                "ALTER TABLE {} ADD COLUMN {} <type>",
+                table.quoted(),
+                quote_ident(name)
+            )
+        };
+        let mut ddl = Vec::new();
+        match source {
+            ColumnSource::Database { client, conn } => {
+                let src = TableModel::load(client, conn, &table).await?;
+                for name in missing {
+                    match src.table().columns.iter().find(|c| c.name == *name) {
+                        Some(c) => ddl.push(c.add_sql(&table)),
+                        None => {
+                            return Err(drift(
+                                format!(
+                                "the source sends column {name}, which is no longer in its catalog"
+                            ),
+                                placeholder(name),
+                            ))
+                        }
+                    }
+                }
+            }
+            ColumnSource::Stream { label } => {
+                let client = self.client.as_ref().ok_or_else(|| gone(&self.conn))?;
+                for name in missing {
+                    let Some(c) = rel.rel.columns.iter().find(|c| c.name == *name) else {
+                        continue;
+                    };
+                    if c.type_oid >= FIRST_NORMAL_OID {
+                        return Err(drift(
+                            format!("{label} sends column {name} of a user-defined type (oid {}), which cannot be named from the stream alone", c.type_oid),
+                            placeholder(name),
+                        ));
+                    }
+                    let type_name: String = client
+                        .query_one(
+                            "SELECT format_type($1::oid, $2)",
+                            &[&c.type_oid, &c.type_modifier],
+                        )
+                        .await
+                        .map_err(|e| {
+                            PgError::query(
+                                format!("naming the type of column {name} of {table}"),
+                                &self.conn,
+                                e,
+                            )
+                        })?
+                        .get(0);
+                    ddl.push(format!(
+                        "ALTER TABLE {} ADD COLUMN {} {type_name}",
+                        table.quoted(),
+                        quote_ident(name)
+                    ));
+                }
+            }
+        }
+        Ok(ddl)
     }
 
     /// Adds one row change to the batch: to the window of net changes where the table allows,
@@ -1395,7 +1515,9 @@ impl Target {
                 let (sql, check) = progress::fence(&self.conn, &self.name, &self.pipeline, fence);
                 writer.execute_checked(sql, check).await?;
             }
-            writer.tally(record, check).await?;
+            if self.bookkeeping == Bookkeeping::Pipeline {
+                writer.tally(record, check).await?;
+            }
             let positions = writer
                 .query(format!(
                     "{commit} SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"

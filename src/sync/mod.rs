@@ -19,6 +19,7 @@ pub mod copy;
 mod net;
 pub mod pipeline;
 pub mod progress;
+pub mod replay;
 pub mod schema;
 pub mod sequences;
 pub mod status;

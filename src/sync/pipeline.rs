@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Notify};
 
-use super::apply::{pg_time, Change, StreamRelation, Target};
+use super::apply::{pg_time, Change, ColumnSource, StreamRelation, Target};
 use super::copy::{self, CopyProgress, CopyStats, TableCopy};
 use super::{progress, schema, sequences, SyncError};
 use crate::cdc::decoder::{self, Message};
@@ -39,7 +39,7 @@ use crate::pg::{resolve_tables, ConnInfo, Fence, Lsn, PgError, TableInfo};
 
 /// A batch is committed, even while a target still works on an earlier one, once it holds this
 /// many changes...
-const BATCH_ROWS: usize = 20_000;
+pub(super) const BATCH_ROWS: usize = 20_000;
 /// ...or has been open this long.
 const BATCH_TIME: Duration = Duration::from_millis(150);
 /// How often a target with only unflushed commits is asked how far its WAL is flushed (its WAL
@@ -438,16 +438,20 @@ pub async fn run_observed(
     }
 }
 
-struct Txn {
+pub(super) struct Txn {
     /// Applied elsewhere and carrying an origin: dropped.
-    skip: bool,
+    pub(super) skip: bool,
     /// Indexes of the targets applying it.
-    targets: Vec<usize>,
+    pub(super) targets: Vec<usize>,
 }
 
 /// Handles a target's error: a transient one takes the target down (the others go on), any
 /// other stops the pipeline. Fails too when no target is left.
-fn target_failed(targets: &mut [Target], i: usize, e: SyncError) -> Result<(), SyncError> {
+pub(super) fn target_failed(
+    targets: &mut [Target],
+    i: usize,
+    e: SyncError,
+) -> Result<(), SyncError> {
     if !e.is_transient() {
         return Err(e);
     }
@@ -710,7 +714,8 @@ async fn session(
                             target: source_conn.to_string(),
                             error,
                         })?;
-                        apply_message(message, &mut txn, &mut relations, targets, &source, source_conn).await?;
+                        let columns = ColumnSource::Database { client: &source, conn: source_conn };
+                        apply_message(message, &mut txn, &mut relations, targets, columns).await?;
                     }
                     E::KeepAlive { wal_end, .. } => {
                         if txn.is_none() && !targets.iter().any(Target::pending) {
@@ -759,14 +764,16 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn apply_message<'r>(
+/// Hands one decoded message of the open transaction `txn` to its targets (shared with the
+/// archive's [`replay`](super::replay)).
+pub(super) async fn apply_message<'r>(
     message: Message,
     txn: &mut Option<Txn>,
     relations: &'r mut HashMap<u32, StreamRelation>,
     targets: &mut [Target],
-    source: &tokio_postgres::Client,
-    source_conn: &ConnInfo,
+    source: ColumnSource<'_>,
 ) -> Result<(), SyncError> {
+    let source_conn = source;
     let outside = || {
         SyncError::Protocol(format!(
             "{source_conn}: a change arrived outside a transaction"
@@ -822,7 +829,7 @@ async fn apply_message<'r>(
                     change.clone()
                 };
                 let Some(change) = taken else { continue };
-                let r = match targets[i].check_drift(rel, source, source_conn).await {
+                let r = match targets[i].check_drift(rel, source).await {
                     Ok(()) => targets[i].change(rel, change).await,
                     Err(e) => Err(e),
                 };
