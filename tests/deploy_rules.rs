@@ -73,6 +73,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         "InvsyncBackupStale",
         "InvsyncLeaseNoHolder",
         "InvsyncSlotRetainsTooMuchWal",
+        "InvsyncTargetCutLoose",
         "InvsyncJobFailing",
         "InvsyncVerifyFoundDifferences",
         "InvsyncAgentDown",
