@@ -129,7 +129,7 @@ fn finish_load(load: Child) {
 }
 
 /// Writes the configuration: databases `a` (source), `b`, `c`; pipeline `p` from `a` to
-/// `targets` over `tables`, with `extra` lines in its section.
+/// `targets` over `tables`, with `extra` lines in its section (the file's last).
 fn configure(
     dir: &Path,
     clusters: [&PgCluster; 3],
@@ -137,26 +137,13 @@ fn configure(
     tables: &[&str],
     extra: &str,
 ) -> PathBuf {
-    let quote = |v: &[&str]| {
-        v.iter()
-            .map(|s| format!("\"{s}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut text = String::new();
-    for (name, c) in ["a", "b", "c"].iter().zip(clusters) {
-        text.push_str(&format!(
-            "[databases.{name}]\nurl = \"{}\"\n\n",
-            c.url("einvoice")
-        ));
-    }
-    text.push_str(&format!(
-        "[pipelines.p]\nsource = \"a\"\ntargets = [{}]\ntables = [{}]\n{extra}\n",
-        quote(targets),
-        quote(tables)
-    ));
-    let path = dir.join("invsync.toml");
-    std::fs::write(&path, text).unwrap();
+    let databases: Vec<(&str, String)> = ["a", "b", "c"]
+        .into_iter()
+        .zip(clusters.map(|c| c.url("einvoice")))
+        .collect();
+    let path = write_config(dir, &databases, &[("p", "a", targets, tables)]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{}\n{extra}\n", text.trim_end())).unwrap();
     path
 }
 

@@ -144,6 +144,16 @@ pub async fn install(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> 
     Ok(())
 }
 
+/// Whether the bookkeeping table `relation` exists (a target never set up, or set up by an
+/// older version, lacks it).
+async fn exists(client: &Client, conn: &ConnInfo, relation: &str) -> Result<bool, SyncError> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&relation])
+        .await
+        .map_err(q(conn, &format!("looking for {relation}")))?
+        .get::<_, bool>(0))
+}
+
 /// The pipeline's row, or `None` when it was never set up on this target (or the schema is
 /// missing).
 pub async fn load(
@@ -151,12 +161,7 @@ pub async fn load(
     conn: &ConnInfo,
     pipeline: &str,
 ) -> Result<Option<TargetProgress>, SyncError> {
-    let exists = client
-        .query_one("SELECT to_regclass('invsync.pipeline') IS NOT NULL", &[])
-        .await
-        .map_err(q(conn, "looking for the invsync schema"))?
-        .get::<_, bool>(0);
-    if !exists {
+    if !exists(client, conn, "invsync.pipeline").await? {
         return Ok(None);
     }
     let row = client
@@ -371,12 +376,7 @@ pub async fn remove_tables(
 
 /// The targets of `pipeline` recorded on this target as cut loose.
 pub async fn cuts(client: &Client, conn: &ConnInfo, pipeline: &str) -> Result<Vec<Cut>, SyncError> {
-    let exists = client
-        .query_one("SELECT to_regclass('invsync.target_cut') IS NOT NULL", &[])
-        .await
-        .map_err(q(conn, "looking for invsync.target_cut"))?
-        .get::<_, bool>(0);
-    if !exists {
+    if !exists(client, conn, "invsync.target_cut").await? {
         return Ok(Vec::new());
     }
     let rows = client
