@@ -268,8 +268,22 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
     ticks_exact(&b, "tick_new", ticks - joined_at);
     assert_eq!(dump(&b, "SELECT n FROM tick_new"), ticks.to_string());
 
-    // A second target joins (while the pipeline is stopped), then streams beside the first.
+    // A second target joins while the pipeline is stopped: with it running, setup says so and
+    // changes nothing.
+    let run = Running::start(&load(&cfg), "p");
     configure(dir.path(), [&src, &b, &c], &["b", "c"], &all, "");
+    wait_for("the slot to be active", || {
+        dump(&src, "SELECT bool_or(active) FROM pg_replication_slots") == "t"
+    })
+    .await;
+    let (code, _, err) = cli(&cfg, &["sync", "setup", "p"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stop `invsync sync run p`"), "{err}");
+    assert_eq!(
+        dump(&c, "SELECT to_regclass('public.invoice') IS NULL"),
+        "t"
+    );
+    run.stop().await;
     let (code, _, err) = cli(&cfg, &["sync", "setup", "p", "--no-copy"]);
     assert_ne!(code, 0, "a joining target needs its copy");
     assert!(err.contains("--no-copy"), "{err}");
@@ -300,11 +314,14 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
         .collect();
     configure(dir.path(), [&src, &b, &c], &["b", "c"], &kept, "");
     let run = Running::start(&load(&cfg), "p");
-    let out = setup(&cfg, &[]);
-    assert!(
-        out.contains("tables left: public.tick_new (rows kept on the targets)"),
+    let out: serde_json::Value = serde_json::from_str(&setup(&cfg, &["--json"])).unwrap();
+    assert_eq!(out["outcome"], "changed", "{out}");
+    assert_eq!(
+        out["removed_tables"],
+        serde_json::json!(["public.tick_new"]),
         "{out}"
     );
+    assert_eq!(out["dropped"], false, "{out}");
     let before = dump(&b, "SELECT n FROM tick_new");
     let ticker = Ticker::start(&src).await;
     ticker.at_least(50).await;
