@@ -109,11 +109,15 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("tables joined: public.extra"), "{out}");
     assert_eq!(dump(&dst, "SELECT id FROM extra ORDER BY id"), "1\n2");
-    let (code, out, err) = invsync(&["--config", cfg_s, "sync", "setup", "dc_to_cloud"]);
+    let (code, out, err) = invsync(&["--config", cfg_s, "sync", "setup", "dc_to_cloud", "--drop"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("tables left: public.extra (rows kept on the targets)"),
+        out.contains("tables left: public.extra (dropped on the targets)"),
         "{out}"
+    );
+    assert_eq!(
+        dump(&dst, "SELECT to_regclass('public.extra') IS NULL"),
+        "t"
     );
 
     let config = load(&cfg);
