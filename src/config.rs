@@ -165,6 +165,11 @@ pub struct PipelineConfig {
     /// The roles the application writes the pipeline's tables with on its source, which a
     /// switchover makes read-only there (`application_roles`).
     pub application_roles: Vec<String>,
+    /// How much WAL a target that is down may hold on the source before it is cut loose
+    /// (`max_retained_wal`, bytes).
+    pub max_retained_wal: Option<u64>,
+    /// How long a target may be down before it is cut loose (`max_target_downtime`).
+    pub max_target_downtime: Option<std::time::Duration>,
 }
 
 /// How often `sync run` brings sequences to the targets unless `sequence_interval` says.
@@ -248,6 +253,8 @@ struct RawPipeline {
     sequence_interval: Option<Spanned<String>>,
     #[serde(default)]
     application_roles: Vec<Spanned<String>>,
+    max_retained_wal: Option<Spanned<String>>,
+    max_target_downtime: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -416,6 +423,28 @@ impl Config {
                 }
                 application_roles.push(role.clone());
             }
+            let max_retained_wal = match &p.max_retained_wal {
+                None => None,
+                Some(v) => Some(parse_wal_size(v.get_ref()).map_err(|m| {
+                    cx.invalid(&format!("pipelines.{name}.max_retained_wal"), v, m)
+                })?),
+            };
+            let max_target_downtime = match &p.max_target_downtime {
+                None => None,
+                Some(v) => match humantime::parse_duration(v.get_ref()) {
+                    Ok(d) if !d.is_zero() => Some(d),
+                    _ => {
+                        return Err(cx.invalid(
+                            &format!("pipelines.{name}.max_target_downtime"),
+                            v,
+                            format!(
+                                "`{}` is not a duration; write e.g. \"30m\" or \"6h\"",
+                                v.get_ref()
+                            ),
+                        ))
+                    }
+                },
+            };
             pipelines.insert(
                 name.clone(),
                 PipelineConfig {
@@ -427,6 +456,8 @@ impl Config {
                     sequences,
                     sequence_interval,
                     application_roles,
+                    max_retained_wal,
+                    max_target_downtime,
                 },
             );
         }
@@ -719,6 +750,31 @@ impl Context<'_> {
     }
 }
 
+/// A WAL size as PostgreSQL writes it (`max_slot_wal_keep_size`): a whole number with `kB`,
+/// `MB`, `GB` or `TB`, or bytes without a unit.
+fn parse_wal_size(value: &str) -> Result<u64, String> {
+    let v = value.trim();
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let unit: u64 = match v[digits..].trim() {
+        "" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => 0,
+    };
+    match v[..digits]
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+    {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "`{value}` is not a WAL size; write e.g. \"512MB\" or \"4GB\""
+        )),
+    }
+}
+
 fn line_at(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())]
         .bytes()
@@ -884,6 +940,37 @@ recipients = ["age194c3vs4hy6cygqtz0j5lhtpj7hy9xra3jq7vfkczykr30ys6fzqsywtajt"]
             "{e}"
         );
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn cut_loose_limits_read_postgres_sizes_and_durations() {
+        let with = |line: &str| {
+            GOOD.replace(
+                "tables = [\"public.invoice\", \"audit.*\"]",
+                &format!("tables = [\"public.invoice\", \"audit.*\"]\n{line}"),
+            )
+        };
+        let p = &parse(GOOD).unwrap().pipelines["p"];
+        assert_eq!((p.max_retained_wal, p.max_target_downtime), (None, None));
+        let size = |v: &str| {
+            parse(&with(&format!("max_retained_wal = \"{v}\"")))
+                .map(|c| c.pipelines["p"].max_retained_wal)
+        };
+        assert_eq!(size("512MB").unwrap(), Some(512 << 20));
+        assert_eq!(size("4GB").unwrap(), Some(4 << 30));
+        assert_eq!(size("65536").unwrap(), Some(65536));
+        let e = size("4 gigs").unwrap_err().to_string();
+        assert!(
+            e.starts_with("t.toml:10: pipelines.p.max_retained_wal: `4 gigs` is not a WAL size"),
+            "{e}"
+        );
+        assert!(size("0MB").is_err());
+        let c = parse(&with("max_target_downtime = \"6h\"")).unwrap();
+        assert_eq!(
+            c.pipelines["p"].max_target_downtime,
+            Some(std::time::Duration::from_secs(6 * 3600))
+        );
+        assert!(parse(&with("max_target_downtime = \"soon\"")).is_err());
     }
 
     #[test]

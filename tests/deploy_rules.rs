@@ -19,6 +19,9 @@ const EXPORTED: &[&str] = &[
     "invsync_pipeline_slot_retained_wal_bytes",      // pipeline
     "invsync_pipeline_applied_transactions_total",   // pipeline, target
     "invsync_pipeline_restarts_total",               // pipeline
+    "invsync_pipeline_missing_rows",                 // pipeline, target
+    "invsync_pipeline_target_cut_loose",             // pipeline, target
+    "invsync_pipeline_tables",                       // pipeline, target, phase
     "invsync_job_runs_total",                        // schedule, job, result
     "invsync_job_skipped_total",                     // schedule, reason
     "invsync_job_deferred_total",                    // schedule
@@ -70,6 +73,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         "InvsyncBackupStale",
         "InvsyncLeaseNoHolder",
         "InvsyncSlotRetainsTooMuchWal",
+        "InvsyncTargetCutLoose",
         "InvsyncJobFailing",
         "InvsyncVerifyFoundDifferences",
         "InvsyncAgentDown",

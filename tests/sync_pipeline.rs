@@ -83,8 +83,11 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
     let (code, out, _) = invsync(&["--config", cfg_s, "sync", "setup", "dc_to_cloud"]);
     assert_eq!(code, 0);
     assert!(out.contains("already set up"), "{out}");
-    // ...but a changed table list is not silently ignored.
-    src.psql("einvoice", "CREATE TABLE extra (id int PRIMARY KEY)");
+    // ...and a changed table list is applied: the new table joins, then leaves again.
+    src.psql(
+        "einvoice",
+        "CREATE TABLE extra (id int PRIMARY KEY); INSERT INTO extra VALUES (1), (2)",
+    );
     let dir2 = tempfile::tempdir().unwrap();
     let cfg2 = write_config(
         dir2.path(),
@@ -96,17 +99,25 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
             &["public.account", "public.item", "public.extra"],
         )],
     );
-    let (code, _, err) = invsync(&[
+    let (code, out, err) = invsync(&[
         "--config",
         cfg2.to_str().unwrap(),
         "sync",
         "setup",
         "dc_to_cloud",
     ]);
-    assert_ne!(code, 0);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("tables joined: public.extra"), "{out}");
+    assert_eq!(dump(&dst, "SELECT id FROM extra ORDER BY id"), "1\n2");
+    let (code, out, err) = invsync(&["--config", cfg_s, "sync", "setup", "dc_to_cloud", "--drop"]);
+    assert_eq!(code, 0, "{err}");
     assert!(
-        err.contains("public.extra") && err.contains("teardown"),
-        "{err}"
+        out.contains("tables left: public.extra (dropped on the targets)"),
+        "{out}"
+    );
+    assert_eq!(
+        dump(&dst, "SELECT to_regclass('public.extra') IS NULL"),
+        "t"
     );
 
     let config = load(&cfg);
@@ -498,7 +509,7 @@ async fn wrong_input_is_refused_with_the_fix() {
     fails(&["run", "ok"], &["invsync_ok", "in use by another process"]);
     running.stop().await;
 
-    // Adding a target to a set-up pipeline is refused, and the slot the first target needs stays.
+    // A target added to a set-up pipeline is copied, and the slot the first target needs stays.
     dst.psql("postgres", "CREATE DATABASE einvoice2");
     let dir2 = tempfile::tempdir().unwrap();
     let cfg2 = write_config(
@@ -510,9 +521,13 @@ async fn wrong_input_is_refused_with_the_fix() {
         ],
         &[("ok", "a", &["b", "b2"], &["public.keyed"])],
     );
-    let (code, _, err) = invsync(&["--config", cfg2.to_str().unwrap(), "sync", "setup", "ok"]);
-    assert_ne!(code, 0);
-    assert!(err.contains("adding a target"), "{err}");
+    let (code, out, err) = invsync(&["--config", cfg2.to_str().unwrap(), "sync", "setup", "ok"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("targets copied: b2"), "{out}");
+    assert_eq!(
+        dst.psql("einvoice2", "SELECT count(*) FROM keyed"),
+        src.psql("einvoice", "SELECT count(*) FROM keyed")
+    );
     assert_eq!(
         src.psql(
             "einvoice",

@@ -28,6 +28,17 @@ pub struct TargetLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TablePhaseLabels {
+    pub pipeline: String,
+    pub target: String,
+    /// `copying`, `catching_up` or `streaming`.
+    pub phase: String,
+}
+
+/// The phases a pipeline's table goes through on a target, as metric label values.
+pub const TABLE_PHASES: [&str; 3] = ["copying", "catching_up", "streaming"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScheduleLabels {
     pub schedule: String,
 }
@@ -82,6 +93,9 @@ pub struct Metrics {
     pub slot_retained_wal_bytes: Family<PipelineLabels, Gauge>,
     pub applied_transactions: Family<TargetLabels, Counter>,
     pub pipeline_restarts: Family<PipelineLabels, Counter>,
+    pub missing_rows: Family<TargetLabels, Gauge>,
+    pub target_cut_loose: Family<TargetLabels, Gauge>,
+    pub tables: Family<TablePhaseLabels, Gauge>,
     pub job_runs: Family<RunLabels, Counter>,
     pub job_skipped: Family<SkipLabels, Counter>,
     pub job_deferred: Family<ScheduleLabels, Counter>,
@@ -121,6 +135,9 @@ impl Metrics {
             slot_retained_wal_bytes: Family::default(),
             applied_transactions: Family::default(),
             pipeline_restarts: Family::default(),
+            missing_rows: Family::default(),
+            target_cut_loose: Family::default(),
+            tables: Family::default(),
             job_runs: Family::default(),
             job_skipped: Family::default(),
             job_deferred: Family::default(),
@@ -146,6 +163,9 @@ impl Metrics {
             slot_retained_wal_bytes,
             applied_transactions,
             pipeline_restarts,
+            missing_rows,
+            target_cut_loose,
+            tables,
             job_runs,
             job_skipped,
             job_deferred,
@@ -196,6 +216,21 @@ impl Metrics {
             "pipeline_restarts",
             "Times the pipeline failed and was started again",
             pipeline_restarts.clone(),
+        );
+        r.register(
+            "pipeline_missing_rows",
+            "Updates and deletes whose row was not on the target, since the pipeline was set up there (as its bookkeeping records them)",
+            missing_rows.clone(),
+        );
+        r.register(
+            "pipeline_target_cut_loose",
+            "1 when the target was cut loose for holding too much WAL (max_retained_wal, max_target_downtime): it misses changes and needs a new copy",
+            target_cut_loose.clone(),
+        );
+        r.register(
+            "pipeline_tables",
+            "The pipeline's tables on the target, by phase (copying, catching_up, streaming)",
+            tables.clone(),
         );
         r.register(
             "job_runs",
@@ -286,6 +321,11 @@ impl Metrics {
                 let _ = lag_bytes.get_or_create(&tl);
                 let _ = lag_seconds.get_or_create(&tl);
                 let _ = applied_transactions.get_or_create(&tl);
+                let _ = missing_rows.get_or_create(&tl);
+                let _ = target_cut_loose.get_or_create(&tl);
+                for phase in TABLE_PHASES {
+                    let _ = tables.get_or_create(&Metrics::table_phase(name, t, phase));
+                }
             }
         }
         for s in &config.schedules {
@@ -345,6 +385,14 @@ impl Metrics {
         TargetLabels {
             pipeline: pipeline.to_string(),
             target: target.to_string(),
+        }
+    }
+
+    pub fn table_phase(pipeline: &str, target: &str, phase: &str) -> TablePhaseLabels {
+        TablePhaseLabels {
+            pipeline: pipeline.to_string(),
+            target: target.to_string(),
+            phase: phase.to_string(),
         }
     }
 

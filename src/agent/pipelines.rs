@@ -27,7 +27,7 @@ use chrono::Utc;
 use tokio::sync::watch;
 
 use super::lease::{self, LeaseStatus};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, TABLE_PHASES};
 use super::status::PipelineState;
 use super::Shared;
 use crate::config::Config;
@@ -262,6 +262,22 @@ fn record(shared: &Shared, p: &sync::PipelineStatus) {
         }
         if let Some(s) = t.lag_seconds {
             m.lag_seconds.get_or_create(&labels).set(s);
+        }
+        m.target_cut_loose
+            .get_or_create(&labels)
+            .set(t.cut_loose.is_some().into());
+        if t.error.is_none() || t.cut_loose.is_some() {
+            m.missing_rows.get_or_create(&labels).set(t.missing_rows);
+            for phase in TABLE_PHASES {
+                let n = t
+                    .tables
+                    .iter()
+                    .filter(|table| table.phase.replace(' ', "_") == phase)
+                    .count();
+                m.tables
+                    .get_or_create(&Metrics::table_phase(&p.pipeline, &t.target, phase))
+                    .set(n as i64);
+            }
         }
     }
     let applied = |target: &str| {

@@ -1014,15 +1014,15 @@ impl Switch<'_> {
             create: false,
             copy: false,
             jobs: 1,
+            drop: false,
         };
         match sync::setup(self.config, &self.plan.reverse, &opts, &NoCopyProgress).await? {
             SetupOutcome::SetUp {
                 consistent_point, ..
             } => Ok(consistent_point),
-            SetupOutcome::AlreadySetUp {
-                slot: slot_name, ..
-            } => {
+            SetupOutcome::AlreadySetUp { .. } | SetupOutcome::Changed { .. } => {
                 // Only after a crash between its setup and the record: read where it starts.
+                let slot_name = names::slot(&self.plan.reverse);
                 let st = slot::state(&self.b, &self.b_conn, &slot_name).await?;
                 Ok(st.and_then(|s| s.confirmed_flush).unwrap_or_default())
             }

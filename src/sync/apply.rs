@@ -513,6 +513,11 @@ pub struct Target {
     /// When to try reconnecting after the target went away.
     pub retry_at: Instant,
     backoff: Duration,
+    /// Since when the target is down (`None` while up).
+    pub down_since: Option<Instant>,
+    /// Cut loose for holding too much WAL: no longer streamed, nor waited for, until it is
+    /// copied again.
+    pub cut_loose: bool,
 }
 
 #[derive(Default)]
@@ -607,6 +612,8 @@ impl Target {
             prepared: HashMap::new(),
             retry_at: Instant::now(),
             backoff: Duration::from_millis(500),
+            down_since: None,
+            cut_loose: false,
         }
     }
 
@@ -626,6 +633,11 @@ impl Target {
 
     pub fn is_up(&self) -> bool {
         self.client.is_some()
+    }
+
+    /// The pipeline this target belongs to.
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
     }
 
     /// Connects, prepares the apply session (formats, origin) and reads the applied LSN.
@@ -685,6 +697,7 @@ impl Target {
         ));
         self.client = Some(client);
         self.backoff = Duration::from_millis(500);
+        self.down_since = None;
         Ok(())
     }
 
@@ -732,6 +745,7 @@ impl Target {
     pub fn went_away(&mut self, error: &SyncError) {
         tracing::warn!(target = %self.name, "target went away: {error}; retrying in {:?}", self.backoff);
         self.disconnect();
+        self.down_since.get_or_insert_with(Instant::now);
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
     }

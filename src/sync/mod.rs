@@ -12,10 +12,16 @@
 //!   included) are dropped, so pipelines in opposite directions do not echo ([`crate::cdc::decoder`]);
 //! - the initial copy reads the snapshot the slot exported, so streaming starts exactly where
 //!   the copy ends ([`copy`]);
-//! - a target's sequences only move forward, to at or past the source's ([`sequences`]).
+//! - a target's sequences only move forward, to at or past the source's ([`sequences`]);
+//! - a table that joins a streaming pipeline takes the stream's changes from exactly the
+//!   position its copy was read at ([`join`]);
+//! - a target down longer than the pipeline's limits is cut loose: it no longer holds WAL on
+//!   the source, and it is marked as needing a new copy rather than silently missing changes
+//!   ([`pipeline`]).
 
 pub mod apply;
 pub mod copy;
+pub mod join;
 mod net;
 pub mod pipeline;
 pub mod progress;
@@ -79,6 +85,14 @@ pub enum SyncError {
     },
     #[error(transparent)]
     MissingRow(Box<MissingRow>),
+    /// A change to a table joining the pipeline is due on a target before the table's copy
+    /// there has finished: `run` waits for the copy and streams again.
+    #[error("a change to {table} is due on {target} while `invsync sync setup {pipeline}` still copies it there; if no setup is running, run it again to finish the copy")]
+    AwaitingCopy {
+        pipeline: String,
+        table: crate::pg::TableName,
+        target: String,
+    },
     #[error("{0}")]
     Protocol(String),
 }

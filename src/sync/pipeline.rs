@@ -31,11 +31,12 @@ use tokio::sync::{watch, Notify};
 
 use super::apply::{pg_time, Change, ColumnSource, StreamRelation, Target};
 use super::copy::{self, CopyProgress, CopyStats, TableCopy};
-use super::{progress, schema, sequences, SyncError};
+use super::progress::TableJoin;
+use super::{join, progress, schema, sequences, SyncError};
 use crate::cdc::decoder::{self, Message};
 use crate::cdc::{names, publication, slot, CdcError};
 use crate::config::{Config, PipelineConfig};
-use crate::pg::{resolve_tables, ConnInfo, Fence, Lsn, PgError, TableInfo};
+use crate::pg::{resolve_tables, ConnInfo, Fence, Lsn, PgError, TableInfo, TableName};
 
 /// A batch is committed, even while a target still works on an earlier one, once it holds this
 /// many changes...
@@ -58,6 +59,9 @@ pub struct SetupOptions {
     pub copy: bool,
     /// Concurrent copy sessions.
     pub jobs: usize,
+    /// Drop the tables that leave the pipeline on its targets (and a removed target's tables
+    /// there); without, their rows stay.
+    pub drop: bool,
 }
 
 impl Default for SetupOptions {
@@ -66,6 +70,7 @@ impl Default for SetupOptions {
             create: true,
             copy: true,
             jobs: 4,
+            drop: false,
         }
     }
 }
@@ -86,6 +91,12 @@ pub enum SetupOutcome {
         copied: Vec<CopyStats>,
         /// Whether an interrupted setup was found and redone.
         resumed: bool,
+    },
+    /// The pipeline streams already: tables or targets joined or left it.
+    Changed {
+        pipeline: String,
+        #[serde(flatten)]
+        changes: join::Changes,
     },
 }
 
@@ -139,56 +150,32 @@ pub async fn setup(
         targets.push((name, conn, client, state));
     }
     let existing_slot = slot::state(&source, &source_conn, &slot_name).await?;
-    let all_streaming = targets
+    let any_streaming = targets
         .iter()
-        .all(|(_, _, _, s)| matches!(s, Some(s) if s.state == progress::State::Streaming));
-    if existing_slot.is_some() && all_streaming {
-        let published = publication::tables(&source, &source_conn, &pub_name)
-            .await?
-            .unwrap_or_default();
-        let added: Vec<String> = table_names
-            .iter()
-            .filter(|t| !published.contains(t))
-            .map(|t| t.to_string())
+        .any(|(_, _, _, s)| matches!(s, Some(s) if s.state == progress::State::Streaming));
+    if let (Some(existing), true) = (&existing_slot, any_streaming) {
+        // Set up and streaming: tables and targets join or leave without a new slot.
+        let mut joining: Vec<join::SetupTarget> = targets
+            .into_iter()
+            .map(|(name, conn, client, state)| join::SetupTarget {
+                name,
+                conn,
+                client,
+                state,
+            })
             .collect();
-        let removed: Vec<String> = published
-            .iter()
-            .filter(|t| !table_names.contains(t))
-            .map(|t| t.to_string())
-            .collect();
-        if !added.is_empty() || !removed.is_empty() {
-            return Err(SyncError::Config(format!(
-                "pipeline {pipeline} is set up with other tables (added in the configuration: {}; removed: {}); \
-                 changing the tables of a set-up pipeline is not supported: run `invsync sync teardown {pipeline} --yes` \
-                 and set it up again (the copy needs empty target tables)",
-                if added.is_empty() { "none".into() } else { added.join(", ") },
-                if removed.is_empty() { "none".into() } else { removed.join(", ") },
-            )));
-        }
-        return Ok(SetupOutcome::AlreadySetUp {
-            pipeline: pipeline.to_string(),
-            slot: slot_name,
-        });
-    }
-    let streaming: Vec<&str> = targets
-        .iter()
-        .filter(|(_, _, _, s)| matches!(s, Some(s) if s.state == progress::State::Streaming))
-        .map(|(n, _, _, _)| n.as_str())
-        .collect();
-    if existing_slot.is_some() && !streaming.is_empty() {
-        // Redoing setup would drop the slot the streaming targets depend on.
-        let others: Vec<&str> = targets
-            .iter()
-            .map(|(n, _, _, _)| n.as_str())
-            .filter(|n| !streaming.contains(n))
-            .collect();
-        return Err(SyncError::Config(format!(
-            "pipeline {pipeline} streams to {} but is not set up on {}; adding a target to a set-up pipeline \
-             is not supported: run `invsync sync teardown {pipeline} --yes` and set it up again, or give the new \
-             target its own pipeline",
-            streaming.join(", "),
-            others.join(", ")
-        )));
+        return join::change(
+            config,
+            p,
+            &source,
+            &source_conn,
+            &tables,
+            &mut joining,
+            existing.active_pid,
+            opts,
+            progress,
+        )
+        .await;
     }
     let resumed = existing_slot.is_some() || targets.iter().any(|(_, _, _, s)| s.is_some());
     if existing_slot.is_some() {
@@ -406,6 +393,21 @@ pub async fn run_observed(
                 );
                 continue;
             }
+            Err(SyncError::AwaitingCopy { table, target, .. }) => {
+                // The open batches roll back; the stream starts again from what each target
+                // committed, once the table's copy is done.
+                for t in &mut targets {
+                    t.disconnect();
+                }
+                tracing::info!(pipeline, %target, "a change to {table} is due while its copy runs: waiting for the copy");
+                let Some(t) = targets.iter().find(|t| t.name == target) else {
+                    continue;
+                };
+                if !copy_done(t, &table, &mut stop).await {
+                    return Ok(());
+                }
+                continue;
+            }
             Err(e) if e.is_transient() => {
                 for t in &mut targets {
                     t.disconnect();
@@ -439,6 +441,9 @@ pub async fn run_observed(
 }
 
 pub(super) struct Txn {
+    /// Where the source transaction commits (a joining table's changes apply from its ready
+    /// position on).
+    pub(super) commit: Lsn,
     /// Applied elsewhere and carrying an origin: dropped.
     pub(super) skip: bool,
     /// Indexes of the targets applying it.
@@ -467,6 +472,7 @@ pub(super) fn target_failed(
 fn confirm_point(targets: &[Target], position: Lsn, floor: Lsn) -> Lsn {
     targets
         .iter()
+        .filter(|t| !t.cut_loose)
         .map(|t| {
             if !t.known {
                 floor
@@ -537,7 +543,7 @@ async fn session(
     }
     let mut last_error = None;
     for t in targets.iter_mut() {
-        if !t.is_up() {
+        if !t.is_up() && !t.cut_loose {
             match t.connect().await {
                 Ok(()) => {}
                 Err(e) if e.is_transient() => {
@@ -548,10 +554,21 @@ async fn session(
             }
         }
     }
+    mark_cut(pipeline, targets).await;
     if !targets.iter().any(Target::is_up) {
         return Err(
             last_error.unwrap_or_else(|| SyncError::Config("the pipeline has no targets".into()))
         );
+    }
+    let mut joins = Vec::new();
+    for i in 0..targets.len() {
+        joins.push(HashMap::new());
+        if targets[i].is_up() {
+            match read_joins(&targets[i], pipeline).await {
+                Ok(j) => joins[i] = j,
+                Err(e) => target_failed(targets, i, e)?,
+            }
+        }
     }
     let floor = slot_state.confirmed_flush.unwrap_or_default();
     let start = targets
@@ -585,6 +602,7 @@ async fn session(
     let mut confirmed = ack;
     let mut flush_checked = Instant::now();
     let mut sequences_at = Instant::now();
+    let mut joins_at = Instant::now() + JOINS_RELOAD;
 
     loop {
         let flush_at = batch_started.map(|s| s + BATCH_TIME);
@@ -594,7 +612,7 @@ async fn session(
             .then(|| flush_checked + FLUSH_CHECK);
         let retry_at = targets
             .iter()
-            .filter(|t| !t.is_up())
+            .filter(|t| !t.is_up() && !t.cut_loose)
             .map(|t| t.retry_at)
             .min();
         let mut progressed = false;
@@ -641,13 +659,24 @@ async fn session(
                 }
                 sequences_at = Instant::now() + p.sequence_interval;
             }
+            _ = sleep_until(Some(joins_at)), if txn.is_none() && !stopping => {
+                reload_joins(targets, &mut joins, pipeline).await?;
+                joins_at = Instant::now() + JOINS_RELOAD;
+            }
             _ = sleep_until(retry_at), if txn.is_none() && retry_at.is_some() && !stopping => {
                 for i in 0..targets.len() {
-                    if targets[i].is_up() || targets[i].retry_at > Instant::now() {
+                    if targets[i].is_up() || targets[i].cut_loose || targets[i].retry_at > Instant::now() {
                         continue;
                     }
                     match targets[i].connect().await {
                         Ok(()) => {
+                            match read_joins(&targets[i], pipeline).await {
+                                Ok(j) => joins[i] = j,
+                                Err(e) => {
+                                    target_failed(targets, i, e)?;
+                                    continue;
+                                }
+                            }
                             tracing::info!(pipeline, target = %targets[i].name, "target is back at {}", targets[i].durable);
                             if targets[i].applied < position {
                                 flush_all(targets, false).await?;
@@ -680,6 +709,7 @@ async fn session(
                     E::Begin { final_lsn, .. } => {
                         let commit_lsn = Lsn(final_lsn.0);
                         txn = Some(Txn {
+                            commit: commit_lsn,
                             skip: false,
                             targets: (0..targets.len()).filter(|&i| targets[i].wants(commit_lsn)).collect(),
                         });
@@ -714,8 +744,12 @@ async fn session(
                             target: source_conn.to_string(),
                             error,
                         })?;
+                        if matches!(message, Message::Relation(_)) {
+                            // A table may have joined: its first change follows.
+                            reload_joins(targets, &mut joins, pipeline).await?;
+                        }
                         let columns = ColumnSource::Database { client: &source, conn: source_conn };
-                        apply_message(message, &mut txn, &mut relations, targets, columns).await?;
+                        apply_message(message, &mut txn, &mut relations, targets, &joins, columns).await?;
                     }
                     E::KeepAlive { wal_end, .. } => {
                         if txn.is_none() && !targets.iter().any(Target::pending) {
@@ -728,6 +762,9 @@ async fn session(
             }
         }
         if progressed {
+            if let Some((i, reason)) = over_limit(p, targets, position, floor) {
+                cut_loose(pipeline, targets, i, floor, reason).await;
+            }
             let c = confirm_point(targets, position, floor);
             if c > confirmed {
                 stream.update_applied_lsn(pgwire_replication::Lsn(c.0));
@@ -757,6 +794,171 @@ async fn session(
     }
 }
 
+/// How often a session reads the targets' table lists again (besides when a relation is
+/// described, which a joining table's first change follows).
+const JOINS_RELOAD: Duration = Duration::from_secs(2);
+
+/// The table list of `target`, read on a connection of its own (the target's session may be
+/// inside a batch).
+async fn read_joins(
+    target: &Target,
+    pipeline: &str,
+) -> Result<HashMap<TableName, TableJoin>, SyncError> {
+    let client = target.conn.connect().await?;
+    progress::table_joins(&client, &target.conn, pipeline).await
+}
+
+/// Reads every up target's table list again.
+async fn reload_joins(
+    targets: &mut [Target],
+    joins: &mut [HashMap<TableName, TableJoin>],
+    pipeline: &str,
+) -> Result<(), SyncError> {
+    for i in 0..targets.len() {
+        if targets[i].is_up() {
+            match read_joins(&targets[i], pipeline).await {
+                Ok(j) => joins[i] = j,
+                Err(e) => target_failed(targets, i, e)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn awaiting(targets: &[Target], i: usize, table: TableName) -> SyncError {
+    SyncError::AwaitingCopy {
+        pipeline: targets[i].pipeline().to_string(),
+        table,
+        target: targets[i].name.clone(),
+    }
+}
+
+/// Waits until `table`'s copy into `target` is done (or the table left the pipeline); false
+/// when `stop` came first.
+async fn copy_done(target: &Target, table: &TableName, stop: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        if let Ok(j) = read_joins(target, target.pipeline()).await {
+            if j.get(table).is_none_or(|j| !j.copying) {
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return false,
+        }
+    }
+}
+
+/// The first target (down, not cut loose yet) that holds more WAL, or has been down longer,
+/// than the pipeline allows, and why.
+fn over_limit(
+    p: &PipelineConfig,
+    targets: &[Target],
+    position: Lsn,
+    floor: Lsn,
+) -> Option<(usize, String)> {
+    targets.iter().enumerate().find_map(|(i, t)| {
+        if t.is_up() || t.cut_loose {
+            return None;
+        }
+        let held_from = if t.known { t.durable } else { floor };
+        let held = position.0.saturating_sub(held_from.0);
+        if let Some(limit) = p.max_retained_wal.filter(|&l| held > l) {
+            return Some((
+                i,
+                format!("it holds {held} bytes of WAL on the source, over max_retained_wal ({limit} bytes)"),
+            ));
+        }
+        let down = t.down_since.map(|d| d.elapsed()).unwrap_or_default();
+        p.max_target_downtime.filter(|&l| down > l).map(|l| {
+            (
+                i,
+                format!(
+                    "it has been down for {}, over max_target_downtime ({})",
+                    humantime::format_duration(Duration::from_secs(down.as_secs())),
+                    humantime::format_duration(l)
+                ),
+            )
+        })
+    })
+}
+
+/// Cuts target `i` loose: records it on the targets that are up (the cut one is not
+/// reachable), so that no later run streams it again before it is copied anew, and stops
+/// holding the slot for it. Without a target to record it on, it is not cut.
+async fn cut_loose(pipeline: &str, targets: &mut [Target], i: usize, floor: Lsn, reason: String) {
+    let cut = progress::Cut {
+        target: targets[i].name.clone(),
+        lsn: if targets[i].known {
+            targets[i].durable
+        } else {
+            floor
+        },
+        at: Utc::now(),
+        reason,
+    };
+    let mut recorded = false;
+    for t in targets.iter().filter(|t| t.is_up()) {
+        let written = async {
+            let client = t.conn.connect().await?;
+            progress::record_cut(&client, &t.conn, pipeline, &cut).await
+        }
+        .await;
+        match written {
+            Ok(()) => recorded = true,
+            Err(e) => {
+                tracing::warn!(pipeline, target = %t.name, "cannot record that {} is cut loose: {e}", cut.target)
+            }
+        }
+    }
+    if !recorded {
+        return;
+    }
+    targets[i].cut_loose = true;
+    tracing::error!(
+        pipeline,
+        target = %cut.target,
+        event = "target_cut_loose",
+        "target {} CUT LOOSE: {}; the slot no longer keeps WAL for it and it misses changes from {} on: it needs a new copy:          with the pipeline stopped, run `invsync sync setup {pipeline}`",
+        cut.target,
+        cut.reason,
+        cut.lsn
+    );
+}
+
+/// Marks the targets that an up target records as cut loose (and takes them down), and
+/// clears the mark of those no longer recorded (copied again by setup).
+async fn mark_cut(pipeline: &str, targets: &mut [Target]) {
+    let mut cut = Vec::new();
+    let mut read = false;
+    for t in targets.iter().filter(|t| t.is_up()) {
+        let listed = async {
+            let client = t.conn.connect().await?;
+            progress::cuts(&client, &t.conn, pipeline).await
+        }
+        .await;
+        match listed {
+            Ok(c) => {
+                read = true;
+                cut.extend(c.into_iter().map(|c| c.target));
+            }
+            Err(e) => {
+                tracing::warn!(pipeline, target = %t.name, "cannot read the targets cut loose: {e}")
+            }
+        }
+    }
+    if !read {
+        return;
+    }
+    for t in targets.iter_mut() {
+        t.cut_loose = cut.contains(&t.name);
+        if t.cut_loose {
+            t.disconnect();
+            tracing::error!(pipeline, target = %t.name, event = "target_cut_loose", "target {} was cut loose and needs a new copy: with the pipeline stopped, run `invsync sync setup {pipeline}`", t.name);
+        }
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -771,6 +973,7 @@ pub(super) async fn apply_message<'r>(
     txn: &mut Option<Txn>,
     relations: &'r mut HashMap<u32, StreamRelation>,
     targets: &mut [Target],
+    joins: &[HashMap<TableName, TableJoin>],
     source: ColumnSource<'_>,
 ) -> Result<(), SyncError> {
     let source_conn = source;
@@ -816,10 +1019,19 @@ pub(super) async fn apply_message<'r>(
                 Message::Delete { old, .. } => Change::Delete(old),
                 _ => return Ok(()),
             };
+            let table = rel.table();
+            let mut applying = Vec::new();
+            for &i in &t.targets {
+                match join::turn(&joins[i], &table, t.commit) {
+                    join::Turn::Apply => applying.push(i),
+                    join::Turn::Skip => {}
+                    join::Turn::Wait => return Err(awaiting(targets, i, table)),
+                }
+            }
             // The last target that is up takes the decoded rows, the others a copy.
-            let last = t.targets.iter().rposition(|&i| targets[i].is_up());
+            let last = applying.iter().rposition(|&i| targets[i].is_up());
             let mut change = Some(change);
-            for (n, &i) in t.targets.iter().enumerate() {
+            for (n, &i) in applying.iter().enumerate() {
                 if !targets[i].is_up() {
                     continue;
                 }
@@ -851,8 +1063,16 @@ pub(super) async fn apply_message<'r>(
                 .map(|&id| relation(relations, id))
                 .collect::<Result<_, _>>()?;
             for i in t.targets.clone() {
-                if targets[i].is_up() {
-                    if let Err(e) = targets[i].truncate(&refs, options).await {
+                let mut mine = Vec::new();
+                for r in &refs {
+                    match join::turn(&joins[i], &r.table(), t.commit) {
+                        join::Turn::Apply => mine.push(*r),
+                        join::Turn::Skip => {}
+                        join::Turn::Wait => return Err(awaiting(targets, i, r.table())),
+                    }
+                }
+                if targets[i].is_up() && !mine.is_empty() {
+                    if let Err(e) = targets[i].truncate(&mine, options).await {
                         target_failed(targets, i, e)?;
                     }
                 }

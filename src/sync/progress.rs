@@ -1,5 +1,8 @@
 //! Bookkeeping on each target, in the `invsync` schema: per pipeline its state (copying or
-//! streaming) and the source commit LSN applied so far, and per table its phase.
+//! streaming) and the source commit LSN applied so far, and per table its phase and the
+//! position at which it joined the stream (see [`super::join`]); and the targets of the
+//! pipeline that were cut loose for holding too much WAL (kept on the other targets, since the
+//! cut one was unreachable).
 //!
 //! The applied LSN is the end LSN of the last source commit whose changes the target holds. It
 //! is written by [`record`] inside the same target transaction as those changes, so it can never
@@ -43,16 +46,33 @@ CREATE TABLE IF NOT EXISTS invsync.pipeline_table (
     PRIMARY KEY (pipeline, table_schema, table_name)
 );
 ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint;
-ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS missing_rows bigint NOT NULL DEFAULT 0;";
+ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS missing_rows bigint NOT NULL DEFAULT 0;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'invsync.pipeline_table'::regclass
+        AND attname = 'ready_lsn' AND NOT attisdropped) THEN
+        ALTER TABLE invsync.pipeline_table ADD COLUMN ready_lsn pg_lsn;
+    END IF; END $$;
+CREATE TABLE IF NOT EXISTS invsync.target_cut (
+    pipeline text NOT NULL,
+    target text NOT NULL,
+    cut_lsn pg_lsn NOT NULL,
+    cut_at timestamptz NOT NULL DEFAULT now(),
+    reason text NOT NULL,
+    PRIMARY KEY (pipeline, target)
+);";
 
 /// Adds the columns newer versions keep (`fence_epoch`, `missing_rows`) to a pipeline table
-/// created by an older version, without taking the table's lock when they are there already.
+/// created by an older version, without taking the table's lock when they are there already,
+/// and the table of targets cut loose.
 const ADD_COLUMNS: &str = "DO $$ BEGIN \
     IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'invsync.pipeline'::regclass \
         AND attname IN ('fence_epoch', 'missing_rows') AND NOT attisdropped) < 2 THEN \
         ALTER TABLE invsync.pipeline ADD COLUMN IF NOT EXISTS fence_epoch bigint, \
             ADD COLUMN IF NOT EXISTS missing_rows bigint NOT NULL DEFAULT 0; \
-    END IF; END $$";
+    END IF; END $$; \
+    CREATE TABLE IF NOT EXISTS invsync.target_cut (pipeline text NOT NULL, target text NOT NULL, \
+        cut_lsn pg_lsn NOT NULL, cut_at timestamptz NOT NULL DEFAULT now(), reason text NOT NULL, \
+        PRIMARY KEY (pipeline, target))";
 
 /// Where a pipeline stands on one target.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -68,6 +88,8 @@ pub enum State {
 #[derive(Debug, Clone)]
 pub struct TargetProgress {
     pub state: State,
+    /// The source database's name in the configuration that set the pipeline up.
+    pub source: String,
     /// End LSN of the last applied source commit.
     pub applied: Lsn,
     pub applied_commit_time: Option<DateTime<Utc>>,
@@ -80,8 +102,32 @@ pub struct TargetProgress {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TablePhase {
     pub table: String,
+    /// `copying`, `catching up` or `streaming`.
     pub phase: String,
     pub rows_copied: i64,
+    /// For a table added to a streaming pipeline: the stream position its copy was read at;
+    /// its changes committed before it are in the copy, later ones are applied.
+    pub ready_lsn: Option<Lsn>,
+}
+
+/// How a table takes part in the stream on one target (see [`super::join`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableJoin {
+    /// The table's copy has not finished on this target.
+    pub copying: bool,
+    /// Changes committed before this position are in the table's copy (`None`: the table was
+    /// copied with the pipeline's first setup, at the slot's own start).
+    pub ready: Option<Lsn>,
+}
+
+/// A target cut loose for holding too much WAL: it misses changes and needs a new copy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Cut {
+    pub target: String,
+    /// What the target held when it was cut.
+    pub lsn: Lsn,
+    pub at: DateTime<Utc>,
+    pub reason: String,
 }
 
 fn q<'a>(conn: &'a ConnInfo, what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + 'a {
@@ -98,6 +144,16 @@ pub async fn install(client: &Client, conn: &ConnInfo) -> Result<(), SyncError> 
     Ok(())
 }
 
+/// Whether the bookkeeping table `relation` exists (a target never set up, or set up by an
+/// older version, lacks it).
+async fn exists(client: &Client, conn: &ConnInfo, relation: &str) -> Result<bool, SyncError> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&relation])
+        .await
+        .map_err(q(conn, &format!("looking for {relation}")))?
+        .get::<_, bool>(0))
+}
+
 /// The pipeline's row, or `None` when it was never set up on this target (or the schema is
 /// missing).
 pub async fn load(
@@ -105,12 +161,7 @@ pub async fn load(
     conn: &ConnInfo,
     pipeline: &str,
 ) -> Result<Option<TargetProgress>, SyncError> {
-    let exists = client
-        .query_one("SELECT to_regclass('invsync.pipeline') IS NOT NULL", &[])
-        .await
-        .map_err(q(conn, "looking for the invsync schema"))?
-        .get::<_, bool>(0);
-    if !exists {
+    if !exists(client, conn, "invsync.pipeline").await? {
         return Ok(None);
     }
     let row = client
@@ -118,7 +169,7 @@ pub async fn load(
             // Through jsonb, so that a table without `missing_rows` (an older version's, read
             // by `status`, which changes nothing) reads as 0.
             "SELECT state, COALESCE(applied_lsn, '0/0')::text, applied_commit_time, \
-             COALESCE((to_jsonb(p) ->> 'missing_rows')::bigint, 0) \
+             COALESCE((to_jsonb(p) ->> 'missing_rows')::bigint, 0), source \
              FROM invsync.pipeline p WHERE pipeline = $1",
             &[&pipeline],
         )
@@ -133,6 +184,7 @@ pub async fn load(
         applied: r.get::<_, String>(1).parse().unwrap_or_default(),
         applied_commit_time: r.get(2),
         missing_rows: r.get(3),
+        source: r.get(4),
     }))
 }
 
@@ -196,6 +248,200 @@ pub async fn copying_tables(
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect())
+}
+
+/// The pipeline's tables on this target and how each joins the stream; empty when the target
+/// keeps no table list (then every streamed table is applied).
+pub async fn table_joins(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+) -> Result<std::collections::HashMap<TableName, TableJoin>, SyncError> {
+    // Through jsonb, so that a table list without `ready_lsn` (an older version's) reads.
+    let rows = client
+        .query(
+            "SELECT table_schema, table_name, phase, to_jsonb(t) ->> 'ready_lsn' \
+             FROM invsync.pipeline_table t WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .map_err(q(conn, "reading the pipeline's tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                TableJoin {
+                    copying: r.get::<_, String>(2) == "copying",
+                    ready: r.get::<_, Option<String>>(3).and_then(|l| l.parse().ok()),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Lists `tables` as being copied into this target for the streaming pipeline (their join
+/// position not known yet), replacing what an interrupted copy recorded.
+pub async fn add_tables(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    tables: &[TableName],
+) -> Result<(), SyncError> {
+    for t in tables {
+        client
+            .execute(
+                "INSERT INTO invsync.pipeline_table (pipeline, table_schema, table_name, phase) \
+                 VALUES ($1, $2, $3, 'copying') ON CONFLICT (pipeline, table_schema, table_name) \
+                 DO UPDATE SET phase = 'copying', rows_copied = 0, ready_lsn = NULL",
+                &[&pipeline, &t.schema, &t.name],
+            )
+            .await
+            .map_err(q(conn, "recording a table joining the pipeline"))?;
+    }
+    Ok(())
+}
+
+/// Records where the copy of `tables` is read (still copying): the stream applies their
+/// changes committed from `lsn` on, once the copy is done.
+pub async fn set_ready(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    tables: &[TableName],
+    lsn: Lsn,
+) -> Result<(), SyncError> {
+    set_tables(
+        client,
+        conn,
+        pipeline,
+        tables,
+        &format!("ready_lsn = '{lsn}'"),
+    )
+    .await
+}
+
+/// Records that the copy of `tables` is complete: the stream takes them over.
+pub async fn tables_copied(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    tables: &[TableName],
+) -> Result<(), SyncError> {
+    set_tables(client, conn, pipeline, tables, "phase = 'streaming'").await
+}
+
+async fn set_tables(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    tables: &[TableName],
+    set: &str,
+) -> Result<(), SyncError> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) = tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .unzip();
+    client
+        .execute(
+            &format!(
+                "UPDATE invsync.pipeline_table SET {set} WHERE pipeline = $1 \
+                 AND (table_schema, table_name) IN (SELECT * FROM unnest($2::text[], $3::text[]))"
+            ),
+            &[&pipeline, &schemas, &names],
+        )
+        .await
+        .map_err(q(conn, "recording the phase of joining tables"))?;
+    Ok(())
+}
+
+/// Takes `tables` off the pipeline's list on this target (their rows stay).
+pub async fn remove_tables(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    tables: &[TableName],
+) -> Result<(), SyncError> {
+    for t in tables {
+        client
+            .execute(
+                "DELETE FROM invsync.pipeline_table WHERE pipeline = $1 AND table_schema = $2 AND table_name = $3",
+                &[&pipeline, &t.schema, &t.name],
+            )
+            .await
+            .map_err(q(conn, "removing a table from the pipeline"))?;
+    }
+    Ok(())
+}
+
+/// The targets of `pipeline` recorded on this target as cut loose.
+pub async fn cuts(client: &Client, conn: &ConnInfo, pipeline: &str) -> Result<Vec<Cut>, SyncError> {
+    if !exists(client, conn, "invsync.target_cut").await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT target, cut_lsn::text, cut_at, reason FROM invsync.target_cut WHERE pipeline = $1 ORDER BY target",
+            &[&pipeline],
+        )
+        .await
+        .map_err(q(conn, "reading the targets cut loose"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Cut {
+            target: r.get(0),
+            lsn: r.get::<_, String>(1).parse().unwrap_or_default(),
+            at: r.get(2),
+            reason: r.get(3),
+        })
+        .collect())
+}
+
+/// Records on this target that `cut.target` was cut loose.
+pub async fn record_cut(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    cut: &Cut,
+) -> Result<(), SyncError> {
+    client
+        .batch_execute(ADD_COLUMNS)
+        .await
+        .map_err(q(conn, "creating invsync.target_cut"))?;
+    client
+        .execute(
+            "INSERT INTO invsync.target_cut (pipeline, target, cut_lsn, cut_at, reason) \
+             VALUES ($1, $2, $3::text::pg_lsn, $4, $5) ON CONFLICT (pipeline, target) DO NOTHING",
+            &[
+                &pipeline,
+                &cut.target,
+                &cut.lsn.to_string(),
+                &cut.at,
+                &cut.reason,
+            ],
+        )
+        .await
+        .map_err(q(conn, "recording a target cut loose"))?;
+    Ok(())
+}
+
+/// Forgets that `target` was cut loose (it was copied again, or left the pipeline).
+pub async fn clear_cut(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    target: &str,
+) -> Result<(), SyncError> {
+    if !cuts(client, conn, pipeline).await?.is_empty() {
+        client
+            .execute(
+                "DELETE FROM invsync.target_cut WHERE pipeline = $1 AND target = $2",
+                &[&pipeline, &target],
+            )
+            .await
+            .map_err(q(conn, "forgetting a target cut loose"))?;
+    }
+    Ok(())
 }
 
 /// Adds `rows` copied into `table`, in the transaction that copied them.
@@ -322,8 +568,8 @@ pub async fn tables(
 ) -> Result<Vec<TablePhase>, SyncError> {
     let rows = client
         .query(
-            "SELECT table_schema || '.' || table_name, phase, rows_copied FROM invsync.pipeline_table \
-             WHERE pipeline = $1 ORDER BY 1",
+            "SELECT table_schema || '.' || table_name, phase, rows_copied, to_jsonb(t) ->> 'ready_lsn' \
+             FROM invsync.pipeline_table t WHERE pipeline = $1 ORDER BY 1",
             &[&pipeline],
         )
         .await
@@ -334,6 +580,7 @@ pub async fn tables(
             table: r.get(0),
             phase: r.get(1),
             rows_copied: r.get(2),
+            ready_lsn: r.get::<_, Option<String>>(3).and_then(|l| l.parse().ok()),
         })
         .collect())
 }
@@ -348,6 +595,15 @@ pub async fn forget(client: &Client, conn: &ConnInfo, pipeline: &str) -> Result<
             )
             .await
             .map_err(q(conn, "removing the pipeline's bookkeeping"))?;
+        if !cuts(client, conn, pipeline).await?.is_empty() {
+            client
+                .execute(
+                    "DELETE FROM invsync.target_cut WHERE pipeline = $1",
+                    &[&pipeline],
+                )
+                .await
+                .map_err(q(conn, "removing the pipeline's bookkeeping"))?;
+        }
     }
     Ok(())
 }

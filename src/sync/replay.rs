@@ -93,6 +93,7 @@ impl ChangeSink for Replay {
 
     async fn transaction(&mut self, txn: Transaction) -> Result<(), SyncError> {
         let mut open = Some(Txn {
+            commit: txn.commit_lsn,
             skip: false,
             targets: vec![0],
         });
@@ -136,6 +137,8 @@ impl ChangeSink for Replay {
                 &mut open,
                 &mut self.relations,
                 std::slice::from_mut(&mut self.target),
+                // Every change is applied: no table of a replay joins late.
+                &[HashMap::new()],
                 source,
             )
             .await?;

@@ -48,6 +48,9 @@ pub struct TargetStatus {
     /// The pipeline's sequences on the source and on this target.
     pub sequences: Vec<SequenceStatus>,
     pub tables: Vec<progress::TablePhase>,
+    /// Set when the target was cut loose for holding too much WAL: it misses changes and
+    /// needs a new copy (`error` says so too).
+    pub cut_loose: Option<progress::Cut>,
     pub error: Option<String>,
 }
 
@@ -110,6 +113,7 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
         }
     }
     let mut targets = Vec::new();
+    let mut cuts: Vec<progress::Cut> = Vec::new();
     for t in &p.targets {
         let conn = &config.database(t).map_err(SyncError::Config)?.conn;
         let mut ts = TargetStatus {
@@ -121,10 +125,12 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
             missing_rows: 0,
             sequences: Vec::new(),
             tables: Vec::new(),
+            cut_loose: None,
             error: None,
         };
         let result: Result<(), SyncError> = async {
             let client = conn.connect().await?;
+            cuts.extend(progress::cuts(&client, conn, pipeline).await?);
             let Some(pr) = progress::load(&client, conn, pipeline).await? else {
                 ts.error = Some(format!("not set up; run `invsync sync setup {pipeline}`"));
                 return Ok(());
@@ -144,8 +150,13 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
                             ((Utc::now() - t).num_milliseconds().max(0) as f64) / 1000.0
                         }
                     });
-                    if lag > CATCHING_UP_BYTES {
-                        for t in &mut tables {
+                    for t in &mut tables {
+                        // Behind the stream, or not yet at the position a joining table's
+                        // copy was read at.
+                        let before_join = t.ready_lsn.is_some_and(|r| {
+                            pr.applied.max(s.confirmed_flush.unwrap_or_default()) < r
+                        });
+                        if t.phase == "streaming" && (lag > CATCHING_UP_BYTES || before_join) {
                             t.phase = "catching up".into();
                         }
                     }
@@ -172,6 +183,17 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
             ts.error = Some(e.to_string());
         }
         targets.push(ts);
+    }
+    for ts in &mut targets {
+        if let Some(c) = cuts.iter().find(|c| c.target == ts.target) {
+            ts.error = Some(format!(
+                "CUT LOOSE at {} ({}): {}; it misses changes and needs a new copy: with the pipeline stopped, run `invsync sync setup {pipeline}`",
+                c.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                c.lsn,
+                c.reason
+            ));
+            ts.cut_loose = Some(c.clone());
+        }
     }
     Ok(PipelineStatus {
         pipeline: pipeline.to_string(),

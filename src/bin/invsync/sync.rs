@@ -18,7 +18,10 @@ pub enum SyncCommand {
     ///
     /// Refuses tables without a primary key or replica identity. The copy reads the snapshot the
     /// slot exported, so `sync run` continues exactly where it ends. Re-running a complete setup
-    /// changes nothing; an interrupted one is redone from the start.
+    /// changes nothing; an interrupted one is redone from the start. On a pipeline that streams,
+    /// tables and targets added to the configuration are copied and join the stream where their
+    /// copy was read (a running `sync run` keeps streaming; a new target needs it stopped), and
+    /// those removed leave it.
     Setup(SetupArgs),
     /// Stream changes from the source to every target until SIGINT or SIGTERM
     ///
@@ -91,6 +94,10 @@ pub struct SetupArgs {
     /// Concurrent copy sessions
     #[arg(long, default_value_t = 4)]
     jobs: usize,
+    /// Drop the tables that left the configuration on the targets (and a removed target's
+    /// tables); without, their rows stay
+    #[arg(long)]
+    drop: bool,
     /// Print the result as JSON
     #[arg(long)]
     json: bool,
@@ -103,6 +110,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
                 create: !a.no_create,
                 copy: !a.no_copy,
                 jobs: a.jobs,
+                drop: a.drop,
             };
             let outcome = sync::setup(&config, &a.pipeline, &opts, &CopyBars::new()).await?;
             if a.json {
@@ -132,6 +140,32 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
                         println!(
                             "pipeline {pipeline} set up: slot {slot} streams from {consistent_point}; start it with `invsync sync run {pipeline}`"
                         );
+                    }
+                    SetupOutcome::Changed { pipeline, changes } => {
+                        let list = |v: &[String]| v.join(", ");
+                        for c in &changes.copied {
+                            println!("copied {} -> {}: {} rows", c.table, c.target, c.rows);
+                        }
+                        if !changes.added_tables.is_empty() {
+                            println!("tables joined: {}", list(&changes.added_tables));
+                        }
+                        if !changes.removed_tables.is_empty() {
+                            println!(
+                                "tables left: {} ({} on the targets)",
+                                list(&changes.removed_tables),
+                                if changes.dropped { "dropped" } else { "rows kept" }
+                            );
+                        }
+                        if !changes.added_targets.is_empty() {
+                            println!("targets copied: {}", list(&changes.added_targets));
+                        }
+                        if !changes.removed_targets.is_empty() {
+                            println!("targets left: {}", list(&changes.removed_targets));
+                        }
+                        match changes.join_point {
+                            Some(at) => println!("pipeline {pipeline} changed; the copies join the stream at {at}"),
+                            None => println!("pipeline {pipeline} changed"),
+                        }
                     }
                 }
             }
