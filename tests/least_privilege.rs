@@ -70,6 +70,52 @@ fn pipeline_config(dir: &Path, src: &PgCluster, dst: &PgCluster) -> std::path::P
     )
 }
 
+/// Pipeline `p` of `tables` as the source's and the target's roles, set up with the copy
+/// spread over several sessions; returns its configuration file.
+fn set_up_in_parallel(
+    dir: &Path,
+    src: &PgCluster,
+    dst: &PgCluster,
+    tables: &[&str],
+) -> std::path::PathBuf {
+    let cfg = sync_common::write_config(
+        dir,
+        &[
+            ("maindc", src.url_as("replicator", "einvoice")),
+            ("cloud", dst.url_as("applier", "einvoice")),
+        ],
+        &[("p", "maindc", &["cloud"], tables)],
+    );
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "sync",
+        "setup",
+        "p",
+        "--jobs",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    cfg
+}
+
+/// `verify db` of `tables`, reading the source as its role and the target as the apply's:
+/// every table identical.
+fn verify_as_pipeline_roles(src: &PgCluster, dst: &PgCluster, tables: &str) {
+    let (code, out, err) = invsync(&[
+        "verify",
+        "db",
+        "--source",
+        &src.url_as("replicator", "einvoice"),
+        "--target",
+        &dst.url_as("applier", "einvoice"),
+        "--tables",
+        tables,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "verify db: {out}{err}");
+}
+
 /// `config check --json`: exit code and the grants it says are missing, per database.
 fn missing_grants(cfg: &Path) -> (i32, Vec<String>, String) {
     let (code, out, err) = invsync(&[
@@ -232,18 +278,7 @@ async fn pipeline_verify_backup_and_restore_run_without_superuser() {
     run.stop().await;
 
     // verify db reads both sides as the same roles.
-    let (code, out, err) = invsync(&[
-        "verify",
-        "db",
-        "--source",
-        &src.url_as("replicator", "einvoice"),
-        "--target",
-        &dst.url_as("applier", "einvoice"),
-        "--tables",
-        "public.*",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "verify db: {out}{err}");
+    verify_as_pipeline_roles(&src, &dst, "public.*");
 
     // A backup read by the source's role, restored by a role that may only create in the
     // database it restores into (as a managed database's administrator gives it).
@@ -321,30 +356,8 @@ async fn a_target_s_own_foreign_keys_are_respected_by_the_copy() {
          ALTER TABLE public.invoice OWNER TO applier; ALTER TABLE public.item OWNER TO applier",
     );
     let dir = tempfile::tempdir().unwrap();
-    // Items first in the configuration, and copied by several sessions.
-    let cfg = sync_common::write_config(
-        dir.path(),
-        &[
-            ("maindc", src.url_as("replicator", "einvoice")),
-            ("cloud", dst.url_as("applier", "einvoice")),
-        ],
-        &[(
-            "p",
-            "maindc",
-            &["cloud"],
-            &["public.item", "public.invoice"],
-        )],
-    );
-    let (code, out, err) = invsync(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "sync",
-        "setup",
-        "p",
-        "--jobs",
-        "4",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    // Items first in the configuration.
+    let cfg = set_up_in_parallel(dir.path(), &src, &dst, &["public.item", "public.invoice"]);
     sync_common::wait_same(&src, &dst, ROWS).await;
     sync_common::wait_same(
         &src,
@@ -469,24 +482,7 @@ async fn pgbench_with_foreign_keys_streams_into_a_target_with_its_own_triggers()
         "public.pgbench_branches",
     ];
     let dir = tempfile::tempdir().unwrap();
-    let cfg = sync_common::write_config(
-        dir.path(),
-        &[
-            ("maindc", src.url_as("replicator", "einvoice")),
-            ("cloud", dst.url_as("applier", "einvoice")),
-        ],
-        &[("p", "maindc", &["cloud"], &tables)],
-    );
-    let (code, out, err) = invsync(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "sync",
-        "setup",
-        "p",
-        "--jobs",
-        "4",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    let cfg = set_up_in_parallel(dir.path(), &src, &dst, &tables);
     // The copy inserted and updated nothing through the trigger.
     assert_eq!(
         dst.psql("einvoice", "SELECT count(*) FROM public.balance_audit"),
@@ -530,18 +526,11 @@ async fn pgbench_with_foreign_keys_streams_into_a_target_with_its_own_triggers()
     )
     .await;
     run.stop().await;
-    let (code, out, err) = invsync(&[
-        "verify",
-        "db",
-        "--source",
-        &src.url_as("replicator", "einvoice"),
-        "--target",
-        &dst.url_as("applier", "einvoice"),
-        "--tables",
+    verify_as_pipeline_roles(
+        &src,
+        &dst,
         "public.pgbench_accounts,public.pgbench_tellers,public.pgbench_branches",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "verify db: {out}{err}");
+    );
     // The history, keyless, compared whole.
     assert_eq!(
         sync_common::dump(&src, HISTORY),

@@ -827,19 +827,14 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
     dst.psql("postgres", "CREATE DATABASE managed OWNER restorer");
     let empty = user_objects(&dst, "managed");
     let restorer = invsync::pg::ConnInfo::parse(&dst.url_as("restorer", "managed")).unwrap();
-    let err = restore::restore_db(
-        &repo,
-        &snap,
-        &restorer,
-        &restore_opts(AccessOptions {
-            no_owner: true,
-            no_acl: true,
-        }),
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let managed = restore_opts(AccessOptions {
+        no_owner: true,
+        no_acl: true,
+    });
+    let err = restore::restore_db(&repo, &snap, &restorer, &managed, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("CREATE EXTENSION IF NOT EXISTS \"moddatetime\" SCHEMA \"public\""),
         "{err}"
@@ -851,18 +846,9 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
     );
     // Once installed, the same restore completes and the trigger calls the extension.
     dst.psql("managed", "CREATE EXTENSION moddatetime");
-    restore::restore_db(
-        &repo,
-        &snap,
-        &restorer,
-        &restore_opts(AccessOptions {
-            no_owner: true,
-            no_acl: true,
-        }),
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
+    restore::restore_db(&repo, &snap, &restorer, &managed, std::future::pending())
+        .await
+        .unwrap();
     assert_eq!(
         dst.psql(
             "managed",

@@ -99,62 +99,88 @@ const OBJECTS_SQL: &str = "WITH objs(classid, objid, pre) AS ( \
 const MEMBER_SQL: &str = "EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = d.refclassid \
       AND x.objid = d.refobjid AND x.refclassid = 'pg_extension'::regclass AND x.deptype = 'e')";
 
-/// User-defined functions (not extension members) that the objects call, with whether one
-/// of the callers is created before the tables: `(oid, before_tables)`.
-pub(crate) async fn called(
-    client: &Client,
-    conn: &ConnInfo,
-    table: &TableName,
-    relations: &[u32],
-    types: &[u32],
-    functions: &[u32],
-) -> Result<Vec<(u32, bool)>, PgError> {
-    let rows = client
-        .query(
-            &format!(
-                "{OBJECTS_SQL} SELECT d.refobjid, bool_or(o.pre) FROM objs o \
-                 JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid \
-                 WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid >= 16384 \
-                   AND d.deptype = 'n' AND NOT {MEMBER_SQL} \
-                 GROUP BY d.refobjid ORDER BY d.refobjid"
-            ),
-            &[&relations, &types, &functions],
-        )
-        .await
-        .map_err(|e| PgError::query(format!("reading the functions {table} calls"), conn, e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+/// What a model is made of so far, by oid: its relations, the types it saved or met, and the
+/// functions it saved. What these depend on is read through `pg_depend`.
+#[derive(Default)]
+pub(crate) struct Found {
+    pub relations: Vec<u32>,
+    pub types: Vec<u32>,
+    pub functions: Vec<u32>,
 }
 
-/// The extensions whose members the objects use.
-pub(crate) async fn extensions(
-    client: &Client,
-    conn: &ConnInfo,
-    table: &TableName,
-    relations: &[u32],
-    types: &[u32],
-    functions: &[u32],
-) -> Result<Vec<ExtensionDef>, PgError> {
-    let rows = client
-        .query(
-            &format!(
-                "{OBJECTS_SQL} SELECT DISTINCT e.extname::text, n.nspname::text FROM objs o \
+impl Found {
+    /// Runs `select` (reading `objs o`) over the objects; `what` names it in errors.
+    async fn query(
+        &self,
+        client: &Client,
+        conn: &ConnInfo,
+        what: String,
+        select: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, PgError> {
+        client
+            .query(
+                &format!("{OBJECTS_SQL} {select}"),
+                &[&self.relations, &self.types, &self.functions],
+            )
+            .await
+            .map_err(|e| PgError::query(what, conn, e))
+    }
+
+    /// User-defined functions (not extension members) that the objects call and that are not
+    /// saved yet, with whether one of the callers is created before the tables:
+    /// `(oid, before_tables)`.
+    pub async fn new_functions(
+        &self,
+        client: &Client,
+        conn: &ConnInfo,
+        table: &TableName,
+    ) -> Result<Vec<(u32, bool)>, PgError> {
+        let rows = self
+            .query(
+                client,
+                conn,
+                format!("reading the functions {table} calls"),
+                &format!(
+                    "SELECT d.refobjid, bool_or(o.pre) FROM objs o \
+                     JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid \
+                     WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid >= 16384 \
+                       AND d.deptype = 'n' AND NOT {MEMBER_SQL} \
+                       AND d.refobjid <> ALL($3::oid[]) \
+                     GROUP BY d.refobjid ORDER BY d.refobjid"
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The extensions whose members the objects use.
+    pub async fn extensions(
+        &self,
+        client: &Client,
+        conn: &ConnInfo,
+        table: &TableName,
+    ) -> Result<Vec<ExtensionDef>, PgError> {
+        let rows = self
+            .query(
+                client,
+                conn,
+                format!("reading the extensions {table} uses"),
+                "SELECT DISTINCT e.extname::text, n.nspname::text FROM objs o \
                  JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid \
                  JOIN pg_depend x ON x.classid = d.refclassid AND x.objid = d.refobjid \
                    AND x.refclassid = 'pg_extension'::regclass AND x.deptype = 'e' \
                  JOIN pg_extension e ON e.oid = x.refobjid \
-                 JOIN pg_namespace n ON n.oid = e.extnamespace ORDER BY 1"
-            ),
-            &[&relations, &types, &functions],
-        )
-        .await
-        .map_err(|e| PgError::query(format!("reading the extensions {table} uses"), conn, e))?;
-    Ok(rows
-        .iter()
-        .map(|r| ExtensionDef {
-            name: r.get(0),
-            schema: r.get(1),
-        })
-        .collect())
+                 JOIN pg_namespace n ON n.oid = e.extnamespace ORDER BY 1",
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ExtensionDef {
+                name: r.get(0),
+                schema: r.get(1),
+            })
+            .collect())
+    }
 }
 
 /// Function `oid` and the oids of the user-defined types in its signature (array types

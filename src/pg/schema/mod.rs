@@ -135,14 +135,14 @@ impl TableModel {
             extensions: Vec::new(),
             schemas: Vec::new(),
         };
-        let mut seen_types = Vec::new();
-        let mut relation_oids = Vec::new();
+        // What the model is made of so far, by oid (types met, saved or not).
+        let mut found = function::Found::default();
         for r in rows {
             let oid: u32 = r.get(0);
             let name = TableName::new(r.get::<_, String>(1), r.get::<_, String>(2));
             let mut rel = table::load(client, conn, &name, oid).await?;
             for c in &rel.columns {
-                types::load_into(client, conn, c.type_oid, &mut model.types, &mut seen_types)
+                types::load_into(client, conn, c.type_oid, &mut model.types, &mut found.types)
                     .await?;
             }
             rel.constraints = constraint::load_constraints(client, conn, &name, oid).await?;
@@ -157,46 +157,25 @@ impl TableModel {
                 }
             }
             model.relations.push(rel);
-            relation_oids.push(oid);
+            found.relations.push(oid);
         }
         // Functions lead to the types in their signatures, and domains to the functions
         // their checks call: read until nothing new turns up.
-        let mut function_oids: Vec<u32> = Vec::new();
         loop {
-            let called = function::called(
-                client,
-                conn,
-                table,
-                &relation_oids,
-                &seen_types,
-                &function_oids,
-            )
-            .await?;
-            let new: Vec<(u32, bool)> = called
-                .into_iter()
-                .filter(|(oid, _)| !function_oids.contains(oid))
-                .collect();
+            let new = found.new_functions(client, conn, table).await?;
             if new.is_empty() {
                 break;
             }
             for (oid, before_tables) in new {
                 let (f, type_oids) = function::load(client, conn, oid, before_tables).await?;
                 for t in type_oids {
-                    types::load_into(client, conn, t, &mut model.types, &mut seen_types).await?;
+                    types::load_into(client, conn, t, &mut model.types, &mut found.types).await?;
                 }
-                function_oids.push(oid);
+                found.functions.push(oid);
                 model.functions.push(f);
             }
         }
-        model.extensions = function::extensions(
-            client,
-            conn,
-            table,
-            &relation_oids,
-            &seen_types,
-            &function_oids,
-        )
-        .await?;
+        model.extensions = found.extensions(client, conn, table).await?;
         let mut names: Vec<String> = model
             .relations
             .iter()
