@@ -834,6 +834,37 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
         backup_util::fingerprint(&dst, "einvoice", "public.buyer", "id")
     );
 
+    // A restore that does not complete drops the extension, schema, types and functions it
+    // created before its load (here: an empty table of the same name stays locked).
+    dst.psql("postgres", "CREATE DATABASE held");
+    dst.psql("held", "CREATE TABLE public.buyer (id int)");
+    let created = "SELECT (SELECT count(*) FROM pg_extension) || ' ' || \
+        (SELECT count(*) FROM pg_proc WHERE pronamespace::regnamespace::text = 'util') || ' ' || \
+        (SELECT count(*) FROM pg_namespace WHERE nspname = 'util') || ' ' || \
+        (SELECT count(*) FROM pg_type WHERE typname IN ('mood', 'ban'))";
+    assert_eq!(dst.psql("held", created), "1 0 0 0");
+    let holder = dst.client("held").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE public.buyer IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let err = restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("held"),
+        &RestoreDbOptions {
+            lock_wait: std::time::Duration::from_secs(1),
+            ..restore_opts(AccessOptions::default())
+        },
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stayed locked"), "{err}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(dst.psql("held", created), "1 0 0 0");
+
     // A role that may not create an untrusted extension the tables use is refused before
     // anything is written, with the statement that installs it.
     src.psql(
