@@ -865,6 +865,27 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(dst.psql("held", created), "1 0 0 0");
 
+    // A language is an extension too: a database without plpgsql gets it back for the
+    // trigger's function.
+    dst.psql("postgres", "CREATE DATABASE nolanguage");
+    dst.psql("nolanguage", "DROP EXTENSION plpgsql");
+    restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("nolanguage"),
+        &restore_opts(AccessOptions::default()),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        dst.psql(
+            "nolanguage",
+            "SELECT string_agg(extname, ',' ORDER BY extname) FROM pg_extension"
+        ),
+        "citext,plpgsql"
+    );
+
     // A role that may not create an untrusted extension the tables use is refused before
     // anything is written, with the statement that installs it.
     src.psql(
@@ -878,7 +899,7 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
     let snap = backup_tables(&repo, &src, &["public.stamped"]).await;
     dst.psql("postgres", "CREATE ROLE restorer LOGIN");
     dst.psql("postgres", "CREATE DATABASE managed OWNER restorer");
-    let empty = user_objects(&dst, "managed");
+    let empty_managed = user_objects(&dst, "managed");
     let restorer = invsync::pg::ConnInfo::parse(&dst.url_as("restorer", "managed")).unwrap();
     let managed = restore_opts(AccessOptions {
         no_owner: true,
@@ -892,7 +913,7 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
         err.contains("CREATE EXTENSION IF NOT EXISTS \"moddatetime\" SCHEMA \"public\""),
         "{err}"
     );
-    assert_eq!(user_objects(&dst, "managed"), empty);
+    assert_eq!(user_objects(&dst, "managed"), empty_managed);
     assert_eq!(
         dst.psql("managed", "SELECT count(*) FROM pg_extension"),
         "1"

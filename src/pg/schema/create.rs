@@ -4,8 +4,10 @@
 //!
 //! An extension the target lacks is created when the role may (a trusted extension, by a
 //! role with CREATE on the database); otherwise nothing is written and the error names the
-//! `CREATE EXTENSION` to run. A function in a language the target lacks is refused the same
-//! way, before anything is written.
+//! `CREATE EXTENSION` to run. A procedural language installed by an extension is one of the
+//! model's extensions; one that is not (or a manifest that predates saved extensions) is
+//! checked by name, and a function in a language the target lacks is refused the same way,
+//! before anything is written.
 //!
 //! What was created is also recorded, in the same transaction, in the comment of a schema the
 //! caller names (a restore's staging schema), as names only: whoever finds that schema left
@@ -375,7 +377,16 @@ mod tests {
     fn a_record_is_read_back_as_names_and_nothing_else_is() {
         let created = Created {
             objects: vec![
+                CreatedObject::Function(
+                    TableName::new("util", "ok"),
+                    vec![
+                        "public.\"Mood\"[]".into(),
+                        "character varying".into(),
+                        "text); DROP TABLE t; --".into(),
+                    ],
+                ),
                 CreatedObject::Type(TableName::new("sales", "mood")),
+                CreatedObject::Extension("citext".into()),
                 CreatedObject::Schema("sales".into()),
             ],
         };
@@ -391,7 +402,11 @@ mod tests {
                 .map(CreatedObject::drop_sql)
                 .collect::<Vec<_>>(),
             vec![
+                // Argument types as PostgreSQL writes them, anything else quoted as a name.
+                "DROP FUNCTION IF EXISTS \"util\".\"ok\"(public.\"Mood\"[], character varying, \
+                 \"text); DROP TABLE t; --\")",
                 "DROP TYPE IF EXISTS \"sales\".\"mood\"",
+                "DROP EXTENSION IF EXISTS \"citext\"",
                 "DROP SCHEMA IF EXISTS \"sales\""
             ]
         );
