@@ -240,7 +240,11 @@ impl Dependents {
             .collect();
         let mut functions = Vec::new();
         for oid in &function_oids {
-            functions.push(function::load(client, conn, *oid, false).await?.0);
+            // An aggregate is left alone: dropping the tables then fails naming it, and
+            // nothing changes.
+            if let Some((f, _)) = function::load(client, conn, *oid, false).await? {
+                functions.push(f);
+            }
         }
         let mut policies = Vec::new();
         for r in client

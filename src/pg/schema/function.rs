@@ -184,13 +184,13 @@ impl Found {
 }
 
 /// Function `oid` and the oids of the user-defined types in its signature (array types
-/// as their elements).
+/// as their elements); `None` for an aggregate, which is not saved (with a warning).
 pub(crate) async fn load(
     client: &Client,
     conn: &ConnInfo,
     oid: u32,
     before_tables: bool,
-) -> Result<(FunctionDef, Vec<u32>), PgError> {
+) -> Result<Option<(FunctionDef, Vec<u32>)>, PgError> {
     let q = |e| PgError::query(format!("reading function {oid}"), conn, e);
     let r = client
         .query_one(
@@ -213,10 +213,11 @@ pub(crate) async fn load(
         .map_err(q)?;
     let signature: String = r.get(0);
     if r.get::<_, String>(1) == "a" {
-        return Err(PgError::Invalid(format!(
-            "aggregate {signature} is used by a saved table and cannot be saved with it; \
-             create it on the target by hand"
-        )));
+        tracing::warn!(
+            "aggregate {signature} is used by a saved table but is not saved with it; \
+             create it on the target by hand before restoring"
+        );
+        return Ok(None);
     }
     let definition: String = client
         .query_one("SELECT pg_get_functiondef($1)", &[&oid])
@@ -235,7 +236,7 @@ pub(crate) async fn load(
         .iter()
         .map(|t| TableName::new(t.get::<_, String>(0), t.get::<_, String>(1)))
         .collect();
-    Ok((
+    Ok(Some((
         FunctionDef {
             signature,
             definition,
@@ -250,7 +251,7 @@ pub(crate) async fn load(
             before_tables,
         },
         type_oids,
-    ))
+    )))
 }
 
 /// Signatures of the user-defined functions that type `oid`'s checks and default call (a

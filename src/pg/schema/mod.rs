@@ -167,11 +167,14 @@ impl TableModel {
                 break;
             }
             for (oid, before_tables) in new {
-                let (f, type_oids) = function::load(client, conn, oid, before_tables).await?;
+                found.functions.push(oid);
+                let Some((f, type_oids)) = function::load(client, conn, oid, before_tables).await?
+                else {
+                    continue;
+                };
                 for t in type_oids {
                     types::load_into(client, conn, t, &mut model.types, &mut found.types).await?;
                 }
-                found.functions.push(oid);
                 model.functions.push(f);
             }
         }
