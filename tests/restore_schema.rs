@@ -752,6 +752,11 @@ const OBJECTS: &str = r#"
     ALTER STATISTICS public.buyer_place SET STATISTICS 500;
     ALTER TABLE public.buyer ENABLE ROW LEVEL SECURITY;
     CREATE POLICY buyer_visible ON public.buyer FOR SELECT USING (util.may_see(mood));
+    CREATE EXTENSION moddatetime;
+    CREATE TABLE public.stamped (id int PRIMARY KEY, updated_at timestamptz);
+    CREATE TRIGGER stamped_touch BEFORE UPDATE ON public.stamped
+        FOR EACH ROW EXECUTE FUNCTION moddatetime(updated_at);
+    INSERT INTO public.stamped VALUES (1, now());
     INSERT INTO public.buyer (id, email, ban, mood, city, zip)
         SELECT g, 'Buyer' || g || '@Example.tw', lpad(g::text, 8, '0'),
                (ARRAY['sad', 'ok', 'happy'])[g % 3 + 1]::public.mood,
@@ -778,6 +783,7 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
         &[
             "CREATE EXTENSION IF NOT EXISTS citext",
             "email public.citext NOT NULL",
+            "EXECUTE FUNCTION public.moddatetime('updated_at')",
             "CONSTRAINT ban_valid CHECK (util.is_ban(VALUE))",
             "COMMENT ON FUNCTION util.is_ban(text)",
             "CREATE FUNCTION util.weight(public.mood)",
@@ -816,7 +822,7 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
     // Sync's setup creates the same table on an empty target from the same model: the
     // extension, the functions the domain, default, generated column, check and index call
     // (not the trigger's, rule's or policy's: a replica gets none of those), and the rows.
-    let _pipeline = sync_common::set_up_pipeline(&src, &dst, &["public.buyer"]);
+    let _pipeline = sync_common::set_up_pipeline(&src, &dst, &["public.buyer", "public.stamped"]);
     let synced = schema_dump(&dst, "einvoice");
     for kind in [
         "CREATE EXTENSION IF NOT EXISTS citext",
@@ -829,6 +835,8 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
         assert!(synced.contains(kind), "{kind} not in:\n{synced}");
     }
     assert!(!synced.contains("util.log_buyer"), "{synced}");
+    // Nor the extension only a trigger calls.
+    assert!(!synced.contains("moddatetime"), "{synced}");
     assert_eq!(
         backup_util::fingerprint(&src, "einvoice", "public.buyer", "id"),
         backup_util::fingerprint(&dst, "einvoice", "public.buyer", "id")
@@ -883,19 +891,11 @@ async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them(
             "nolanguage",
             "SELECT string_agg(extname, ',' ORDER BY extname) FROM pg_extension"
         ),
-        "citext,plpgsql"
+        "citext,moddatetime,plpgsql"
     );
 
     // A role that may not create an untrusted extension the tables use is refused before
     // anything is written, with the statement that installs it.
-    src.psql(
-        "einvoice",
-        "CREATE EXTENSION moddatetime; \
-         CREATE TABLE public.stamped (id int PRIMARY KEY, updated_at timestamptz); \
-         CREATE TRIGGER stamped_touch BEFORE UPDATE ON public.stamped \
-             FOR EACH ROW EXECUTE FUNCTION moddatetime(updated_at); \
-         INSERT INTO public.stamped VALUES (1, now())",
-    );
     let snap = backup_tables(&repo, &src, &["public.stamped"]).await;
     dst.psql("postgres", "CREATE ROLE restorer LOGIN");
     dst.psql("postgres", "CREATE DATABASE managed OWNER restorer");

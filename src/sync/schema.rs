@@ -102,7 +102,7 @@ async fn create_table(
     conn: &ConnInfo,
     model: &TableModel,
 ) -> Result<(), SyncError> {
-    let plan = Plan::new(vec![model], ACCESS);
+    let plan = Plan::new(vec![model], ACCESS).tables_only();
     let created = create_prerequisites(target, conn, &plan, None).await?;
     let statements: Vec<String> = [
         plan.create_tables(0, Placement::Final),

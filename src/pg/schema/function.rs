@@ -62,6 +62,10 @@ impl FunctionDef {
 pub struct ExtensionDef {
     pub name: String,
     pub schema: String,
+    /// Used by what is created before the tables (a column's type, a check, an index, a
+    /// function those call), not only by triggers, rules or policies.
+    #[serde(default)]
+    pub before_tables: bool,
 }
 
 impl ExtensionDef {
@@ -75,8 +79,9 @@ impl ExtensionDef {
     }
 }
 
-/// The objects a set of relations (`$1`) and saved types (`$2`) and functions (`$3`) are
-/// made of, as `(classid, objid, before_tables)`: what their `pg_depend` rows start from.
+/// The objects a set of relations (`$1`) and saved types (`$2`) and functions (`$3`, of
+/// which `$4` are created before the tables) are made of, as `(classid, objid,
+/// before_tables)`: what their `pg_depend` rows start from.
 const OBJECTS_SQL: &str = "WITH objs(classid, objid, pre) AS ( \
       SELECT 'pg_class'::regclass::oid, o, true FROM unnest($1::oid[]) o \
       UNION ALL SELECT 'pg_attrdef'::regclass::oid, oid, true FROM pg_attrdef WHERE adrelid = ANY($1) \
@@ -86,7 +91,7 @@ const OBJECTS_SQL: &str = "WITH objs(classid, objid, pre) AS ( \
       UNION ALL SELECT 'pg_type'::regclass::oid, o, true FROM unnest($2::oid[]) o \
       UNION ALL SELECT 'pg_class'::regclass::oid, c.oid, true FROM pg_type t \
         JOIN pg_class c ON c.oid = t.typrelid AND c.relkind = 'c' WHERE t.oid = ANY($2) \
-      UNION ALL SELECT 'pg_proc'::regclass::oid, o, true FROM unnest($3::oid[]) o \
+      UNION ALL SELECT 'pg_proc'::regclass::oid, o, o = ANY($4::oid[]) FROM unnest($3::oid[]) o \
       UNION ALL SELECT 'pg_policy'::regclass::oid, oid, false FROM pg_policy WHERE polrelid = ANY($1) \
       UNION ALL SELECT 'pg_rewrite'::regclass::oid, oid, false FROM pg_rewrite \
         WHERE ev_class = ANY($1) AND rulename <> '_RETURN' \
@@ -106,6 +111,8 @@ pub(crate) struct Found {
     pub relations: Vec<u32>,
     pub types: Vec<u32>,
     pub functions: Vec<u32>,
+    /// Those of `functions` created before the tables.
+    pub functions_before_tables: Vec<u32>,
 }
 
 impl Found {
@@ -120,7 +127,12 @@ impl Found {
         client
             .query(
                 &format!("{OBJECTS_SQL} {select}"),
-                &[&self.relations, &self.types, &self.functions],
+                &[
+                    &self.relations,
+                    &self.types,
+                    &self.functions,
+                    &self.functions_before_tables,
+                ],
             )
             .await
             .map_err(|e| PgError::query(what, conn, e))
@@ -153,7 +165,8 @@ impl Found {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// The extensions whose members the objects use.
+    /// The extensions whose members the objects use, each marked when something created
+    /// before the tables (a column's type, a check, an index, such a function) uses it.
     pub async fn extensions(
         &self,
         client: &Client,
@@ -165,12 +178,12 @@ impl Found {
                 client,
                 conn,
                 format!("reading the extensions {table} uses"),
-                "SELECT DISTINCT e.extname::text, n.nspname::text FROM objs o \
+                "SELECT e.extname::text, n.nspname::text, bool_or(o.pre) FROM objs o \
                  JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid \
                  JOIN pg_depend x ON x.classid = d.refclassid AND x.objid = d.refobjid \
                    AND x.refclassid = 'pg_extension'::regclass AND x.deptype = 'e' \
                  JOIN pg_extension e ON e.oid = x.refobjid \
-                 JOIN pg_namespace n ON n.oid = e.extnamespace ORDER BY 1",
+                 JOIN pg_namespace n ON n.oid = e.extnamespace GROUP BY 1, 2 ORDER BY 1",
             )
             .await?;
         Ok(rows
@@ -178,6 +191,7 @@ impl Found {
             .map(|r| ExtensionDef {
                 name: r.get(0),
                 schema: r.get(1),
+                before_tables: r.get(2),
             })
             .collect())
     }

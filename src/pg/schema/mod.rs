@@ -168,6 +168,9 @@ impl TableModel {
             }
             for (oid, before_tables) in new {
                 found.functions.push(oid);
+                if before_tables {
+                    found.functions_before_tables.push(oid);
+                }
                 let Some((f, type_oids)) = function::load(client, conn, oid, before_tables).await?
                 else {
                     continue;

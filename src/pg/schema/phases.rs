@@ -64,11 +64,26 @@ pub enum Prerequisite<'m> {
 pub struct Plan<'m> {
     models: Vec<&'m TableModel>,
     opts: AccessOptions,
+    /// Only the tables will be created (a replica's), not their triggers, rules, policies
+    /// and statistics: what only those need is not required.
+    tables_only: bool,
 }
 
 impl<'m> Plan<'m> {
     pub fn new(models: Vec<&'m TableModel>, opts: AccessOptions) -> Plan<'m> {
-        Plan { models, opts }
+        Plan {
+            models,
+            opts,
+            tables_only: false,
+        }
+    }
+
+    /// A plan whose caller creates the tables (with their constraints, indexes, defaults and
+    /// types) and nothing that comes after: [`Plan::extensions`] and [`Plan::functions`] then
+    /// leave out what only triggers, rules and policies need.
+    pub fn tables_only(mut self) -> Plan<'m> {
+        self.tables_only = true;
+        self
     }
 
     /// The models, in the order given to [`Plan::new`]; `m` in the other methods indexes them.
@@ -201,24 +216,28 @@ impl<'m> Plan<'m> {
         out.into_iter().collect()
     }
 
-    /// The extensions the tables use, once each.
+    /// The extensions the tables use, once each (with [`Plan::tables_only`], those that
+    /// what is created before the tables uses).
     pub fn extensions(&self) -> Vec<&'m ExtensionDef> {
         let mut out: Vec<&ExtensionDef> = self
             .models
             .iter()
             .flat_map(|m| m.extensions.iter())
+            .filter(|e| e.before_tables || !self.tables_only)
             .collect();
-        out.sort();
-        out.dedup();
+        out.sort_by(|a, b| (&a.name, &a.schema).cmp(&(&b.name, &b.schema)));
+        out.dedup_by(|a, b| a.name == b.name && a.schema == b.schema);
         out
     }
 
-    /// The functions of every model, once each (by signature).
+    /// The functions of every model, once each by signature (with [`Plan::tables_only`],
+    /// those created before the tables).
     pub fn functions(&self) -> Vec<&'m FunctionDef> {
         let mut seen = HashSet::new();
         self.models
             .iter()
             .flat_map(|m| m.functions.iter())
+            .filter(|f| f.before_tables || !self.tables_only)
             .filter(|f| seen.insert(&f.signature))
             .collect()
     }
@@ -884,10 +903,18 @@ mod tests {
                 true,
             ),
         ];
-        m.extensions = vec![ExtensionDef {
-            name: "citext".into(),
-            schema: "ext".into(),
-        }];
+        m.extensions = vec![
+            ExtensionDef {
+                name: "citext".into(),
+                schema: "ext".into(),
+                before_tables: true,
+            },
+            ExtensionDef {
+                name: "moddatetime".into(),
+                schema: "ext".into(),
+                before_tables: false,
+            },
+        ];
         let plan = Plan::new(vec![&m, &m], AccessOptions::default());
         let order: Vec<String> = plan
             .prerequisites()
@@ -908,7 +935,18 @@ mod tests {
         );
         // Every function once, after the tables; extensions once; their schemas created.
         assert_eq!(plan.function_statements().len(), 4);
-        assert_eq!(plan.extensions().len(), 1);
+        assert_eq!(plan.extensions().len(), 2);
+        // A replica's tables need neither the trigger's function nor its extension.
+        let replica = Plan::new(vec![&m], AccessOptions::default()).tables_only();
+        assert_eq!(replica.functions().len(), 3);
+        assert_eq!(
+            replica
+                .extensions()
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["citext"]
+        );
         assert_eq!(plan.schemas(), vec!["ext", "public", "sales", "util"]);
     }
 
