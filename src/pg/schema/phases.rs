@@ -8,8 +8,8 @@
 //! 3. [`Plan::build_statements`]: constraints backed by indexes, checks, indexes (the costly
 //!    part after the data, one model at a time, so models can be built in parallel);
 //! 4. once every table has its final name: [`Plan::function_statements`], then each model's
-//!    [`Plan::finish_statements`] (sequences, defaults, identity, triggers, row-level
-//!    security, policies, comments, owners, privileges), then
+//!    [`Plan::finish_statements`] (sequences, defaults, identity, triggers, rules, row-level
+//!    security, policies, extended statistics, comments, owners, privileges), then
 //!    [`Plan::foreign_key_statements`], which also validate the loaded rows.
 
 use std::collections::{BTreeSet, HashSet};
@@ -446,8 +446,8 @@ impl<'m> Plan<'m> {
     }
 
     /// What completes model `m` once its relations have their final names: its
-    /// [`Plan::column_statements`], then replica identity, clustering, triggers, row-level
-    /// security, policies, comments, owners and privileges.
+    /// [`Plan::column_statements`], then replica identity, clustering, triggers, rules,
+    /// row-level security, policies, extended statistics, comments, owners and privileges.
     pub fn finish_statements(&self, m: usize) -> Vec<String> {
         let mut out = self.column_statements(m);
         for rel in &self.models[m].relations {
