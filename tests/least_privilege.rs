@@ -70,6 +70,52 @@ fn pipeline_config(dir: &Path, src: &PgCluster, dst: &PgCluster) -> std::path::P
     )
 }
 
+/// Pipeline `p` of `tables` as the source's and the target's roles, set up with the copy
+/// spread over several sessions; returns its configuration file.
+fn set_up_in_parallel(
+    dir: &Path,
+    src: &PgCluster,
+    dst: &PgCluster,
+    tables: &[&str],
+) -> std::path::PathBuf {
+    let cfg = sync_common::write_config(
+        dir,
+        &[
+            ("maindc", src.url_as("replicator", "einvoice")),
+            ("cloud", dst.url_as("applier", "einvoice")),
+        ],
+        &[("p", "maindc", &["cloud"], tables)],
+    );
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "sync",
+        "setup",
+        "p",
+        "--jobs",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    cfg
+}
+
+/// `verify db` of `tables`, reading the source as its role and the target as the apply's:
+/// every table identical.
+fn verify_as_pipeline_roles(src: &PgCluster, dst: &PgCluster, tables: &str) {
+    let (code, out, err) = invsync(&[
+        "verify",
+        "db",
+        "--source",
+        &src.url_as("replicator", "einvoice"),
+        "--target",
+        &dst.url_as("applier", "einvoice"),
+        "--tables",
+        tables,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "verify db: {out}{err}");
+}
+
 /// `config check --json`: exit code and the grants it says are missing, per database.
 fn missing_grants(cfg: &Path) -> (i32, Vec<String>, String) {
     let (code, out, err) = invsync(&[
@@ -232,18 +278,7 @@ async fn pipeline_verify_backup_and_restore_run_without_superuser() {
     run.stop().await;
 
     // verify db reads both sides as the same roles.
-    let (code, out, err) = invsync(&[
-        "verify",
-        "db",
-        "--source",
-        &src.url_as("replicator", "einvoice"),
-        "--target",
-        &dst.url_as("applier", "einvoice"),
-        "--tables",
-        "public.*",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "verify db: {out}{err}");
+    verify_as_pipeline_roles(&src, &dst, "public.*");
 
     // A backup read by the source's role, restored by a role that may only create in the
     // database it restores into (as a managed database's administrator gives it).
@@ -321,30 +356,8 @@ async fn a_target_s_own_foreign_keys_are_respected_by_the_copy() {
          ALTER TABLE public.invoice OWNER TO applier; ALTER TABLE public.item OWNER TO applier",
     );
     let dir = tempfile::tempdir().unwrap();
-    // Items first in the configuration, and copied by several sessions.
-    let cfg = sync_common::write_config(
-        dir.path(),
-        &[
-            ("maindc", src.url_as("replicator", "einvoice")),
-            ("cloud", dst.url_as("applier", "einvoice")),
-        ],
-        &[(
-            "p",
-            "maindc",
-            &["cloud"],
-            &["public.item", "public.invoice"],
-        )],
-    );
-    let (code, out, err) = invsync(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "sync",
-        "setup",
-        "p",
-        "--jobs",
-        "4",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    // Items first in the configuration.
+    let cfg = set_up_in_parallel(dir.path(), &src, &dst, &["public.item", "public.invoice"]);
     sync_common::wait_same(&src, &dst, ROWS).await;
     sync_common::wait_same(
         &src,
@@ -391,5 +404,147 @@ async fn a_target_s_own_foreign_keys_are_respected_by_the_copy() {
     assert!(
         err.contains("cycle") && err.contains("public.invoice") && err.contains("public.item"),
         "{err}"
+    );
+}
+
+/// Runs `pgbench` (PostgreSQL's own client) against `db` of `pg` as its superuser.
+fn pgbench(pg: &PgCluster, db: &str, args: &[&str]) {
+    let out = std::process::Command::new(support::rich_schema::pg_bindir().join("pgbench"))
+        .args(args)
+        .arg(pg.url(db))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An audit trigger on pgbench's accounts: one row per update, with the role that made it.
+const AUDIT: &str = "CREATE TABLE public.balance_audit (aid int NOT NULL, old_balance int, \
+      new_balance int, by_role text NOT NULL); \
+    CREATE FUNCTION public.audit_balance() RETURNS trigger LANGUAGE plpgsql AS $$ \
+      BEGIN INSERT INTO public.balance_audit \
+        VALUES (NEW.aid, OLD.abalance, NEW.abalance, current_user); RETURN NEW; END $$; \
+    CREATE TRIGGER accounts_audit AFTER UPDATE ON public.pgbench_accounts \
+      FOR EACH ROW EXECUTE FUNCTION public.audit_balance()";
+
+/// pgbench's history has no key: its rows in one order.
+const HISTORY: &str = "SELECT count(*) || ':' || coalesce(md5(string_agg(h::text, '|' \
+    ORDER BY tid, bid, aid, delta, mtime)), '') FROM public.pgbench_history h";
+
+/// pgbench's schema with `--foreign-keys` on both sides, under pgbench's own load, into a
+/// target whose role is not a superuser and whose tables carry the target's own audit
+/// trigger. Without `session_replication_role = replica` the target's foreign keys and
+/// triggers fire during the copy and the apply, as the README says: the copy loads parents
+/// first, the apply writes change by change in source order, and the target's audit trigger
+/// writes as many rows as the same trigger on the source did. `verify db` finds the tables
+/// identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_with_foreign_keys_streams_into_a_target_with_its_own_triggers() {
+    let src = PgCluster::start();
+    src.psql("einvoice", SOURCE_ROLE);
+    pgbench(&src, "einvoice", &["-i", "--foreign-keys", "-s", "1", "-q"]);
+    src.psql(
+        "einvoice",
+        "ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL; \
+         ALTER TABLE public.pgbench_branches OWNER TO replicator; \
+         ALTER TABLE public.pgbench_tellers OWNER TO replicator; \
+         ALTER TABLE public.pgbench_accounts OWNER TO replicator; \
+         ALTER TABLE public.pgbench_history OWNER TO replicator",
+    );
+    let dst = PgCluster::start();
+    dst.psql("einvoice", TARGET_ROLE);
+    // The target's tables: pgbench's, empty, with keys and foreign keys, owned by the
+    // target's role, which audits every change to an account balance. The source audits its
+    // own the same way (its audit table is not replicated), to count what the target's must.
+    pgbench(&dst, "einvoice", &["-i", "--foreign-keys", "-I", "dtpf"]);
+    src.psql("einvoice", AUDIT);
+    dst.psql(
+        "einvoice",
+        &format!(
+            "{AUDIT}; ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL; \
+             ALTER FUNCTION public.audit_balance() OWNER TO applier; \
+             ALTER TABLE public.balance_audit OWNER TO applier; \
+             ALTER TABLE public.pgbench_branches OWNER TO applier; \
+             ALTER TABLE public.pgbench_tellers OWNER TO applier; \
+             ALTER TABLE public.pgbench_accounts OWNER TO applier; \
+             ALTER TABLE public.pgbench_history OWNER TO applier"
+        ),
+    );
+    let tables = [
+        "public.pgbench_history",
+        "public.pgbench_accounts",
+        "public.pgbench_tellers",
+        "public.pgbench_branches",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = set_up_in_parallel(dir.path(), &src, &dst, &tables);
+    // The copy inserted and updated nothing through the trigger.
+    assert_eq!(
+        dst.psql("einvoice", "SELECT count(*) FROM public.balance_audit"),
+        "0"
+    );
+    let run = sync_common::Running::start(&sync_common::load(&cfg), "p");
+    // pgbench's TPC-B-like transaction beside one that updates one of five hot accounts
+    // twice, so that the apply sees several updates of one row close together: each must
+    // reach the trigger.
+    let hot = dir.path().join("hot.sql");
+    std::fs::write(
+        &hot,
+        "\\set aid random(1, 5)\n\\set delta random(1, 5000)\nBEGIN;\n\
+         UPDATE pgbench_accounts SET abalance = abalance - :delta WHERE aid = :aid;\n\
+         UPDATE pgbench_accounts SET abalance = abalance + 2 * :delta WHERE aid = :aid;\n\
+         END;\n",
+    )
+    .unwrap();
+    pgbench(
+        &src,
+        "einvoice",
+        &[
+            "-b",
+            "tpcb-like",
+            "-f",
+            hot.to_str().unwrap(),
+            "-c",
+            "2",
+            "-j",
+            "2",
+            "-T",
+            "5",
+            "-n",
+        ],
+    );
+    sync_common::wait_same(&src, &dst, HISTORY).await;
+    sync_common::wait_same(
+        &src,
+        &dst,
+        "SELECT sum(abalance) || ':' || count(*) FROM public.pgbench_accounts",
+    )
+    .await;
+    run.stop().await;
+    verify_as_pipeline_roles(
+        &src,
+        &dst,
+        "public.pgbench_accounts,public.pgbench_tellers,public.pgbench_branches",
+    );
+    // The history, keyless, compared whole.
+    assert_eq!(
+        sync_common::dump(&src, HISTORY),
+        sync_common::dump(&dst, HISTORY)
+    );
+    // As many audit rows as the source's trigger wrote, by the apply's role: the target's
+    // trigger fired for each change, none folded away.
+    let updates = src.psql("einvoice", "SELECT count(*) FROM public.balance_audit");
+    assert!(updates.parse::<u64>().unwrap() > 100, "{updates}");
+    assert_eq!(
+        dst.psql(
+            "einvoice",
+            "SELECT count(*) || ' ' || string_agg(DISTINCT by_role, ',') FROM public.balance_audit"
+        ),
+        format!("{updates} applier")
     );
 }

@@ -381,7 +381,9 @@ const INVOICES: &str = "CREATE SCHEMA sales; \
 
 /// What an application builds on those tables in the live database: another table's foreign
 /// key into them, views (one on another, one with a check option), an `INSTEAD OF` trigger, a
-/// materialized view with an index, comments and grants.
+/// materialized view with an index, comments and grants, a function taking an invoice row,
+/// and another table's policies that read the invoices or call that function, and its rule
+/// that reads them.
 const DEPENDENTS: &str = r#"
     CREATE TABLE public.payment (id int PRIMARY KEY, invoice_id int NOT NULL, paid numeric(12,2));
     ALTER TABLE public.payment ADD CONSTRAINT payment_invoice_fkey FOREIGN KEY (invoice_id)
@@ -406,21 +408,25 @@ const DEPENDENTS: &str = r#"
     CREATE UNIQUE INDEX seller_totals_seller ON public.seller_totals (seller);
     COMMENT ON MATERIALIZED VIEW public.seller_totals IS 'for the dashboard';
     GRANT SELECT ON public.seller_totals TO app_reader;
+    CREATE FUNCTION public.invoice_label(sales.invoice) RETURNS text LANGUAGE sql STABLE
+        AS $$ SELECT $1.seller || ':' || $1.id $$;
+    COMMENT ON FUNCTION public.invoice_label(sales.invoice) IS 'how an invoice is named';
+    REVOKE EXECUTE ON FUNCTION public.invoice_label(sales.invoice) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION public.invoice_label(sales.invoice) TO app_reader;
+    ALTER TABLE public.payment ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY payment_issued ON public.payment FOR SELECT TO app_reader
+        USING (invoice_id IN (SELECT id FROM sales.invoice));
+    CREATE POLICY payment_named ON public.payment FOR SELECT TO app_reader
+        USING (public.invoice_label(ROW(invoice_id, 'x', 0)::sales.invoice) IS NOT NULL);
+    CREATE RULE payment_of_an_invoice AS ON UPDATE TO public.payment
+        WHERE NOT EXISTS (SELECT 1 FROM sales.invoice i WHERE i.id = NEW.invoice_id)
+        DO INSTEAD NOTHING;
+    COMMENT ON RULE payment_of_an_invoice ON public.payment IS 'no payment without its invoice';
 "#;
 
-/// `pg_dump --schema-only` of the objects [`DEPENDENTS`] creates.
+/// `pg_dump --schema-only` of the objects [`DEPENDENTS`] creates: all of schema `public`.
 fn dependents_dump(pg: &PgCluster, db: &str) -> String {
-    let mut args = Vec::new();
-    for t in [
-        "public.payment",
-        "public.invoice_totals",
-        "public.big_invoices",
-        "public.many_items",
-        "public.seller_totals",
-    ] {
-        args.extend(["-t", t]);
-    }
-    schema_dump_with(pg, db, &args)
+    schema_dump_with(pg, db, &["-n", "public"])
 }
 
 /// Row counts and checksums of every table and view of the live database.
@@ -480,6 +486,13 @@ async fn replace_keeps_what_is_built_on_the_tables_or_changes_nothing() {
         "GRANT SELECT ON TABLE public.seller_totals TO app_reader",
         "FOREIGN KEY (invoice_id) REFERENCES sales.invoice(id) ON DELETE CASCADE DEFERRABLE",
         "COMMENT ON CONSTRAINT payment_invoice_fkey",
+        "CREATE FUNCTION public.invoice_label(sales.invoice)",
+        "COMMENT ON FUNCTION public.invoice_label(sales.invoice)",
+        "GRANT ALL ON FUNCTION public.invoice_label(sales.invoice) TO app_reader",
+        "CREATE POLICY payment_issued ON public.payment",
+        "CREATE POLICY payment_named ON public.payment",
+        "CREATE RULE payment_of_an_invoice AS",
+        "COMMENT ON RULE payment_of_an_invoice",
     ] {
         assert!(dependents.contains(kind), "{kind} not in:\n{dependents}");
     }
@@ -693,5 +706,228 @@ async fn types_a_restore_created_go_when_it_does_not_complete() {
     assert_eq!(
         sorted(&user_objects(&dst, "restored")),
         sorted(&format!("{before}, plain, plain, _plain, plain_pkey"))
+    );
+}
+
+/// What tables carry besides columns and constraints: functions that a domain's check, a
+/// default, a generated column, a check, an index, a trigger and a policy call (one taking an
+/// enum), rules, extended statistics, and an extension's type (`citext`). Restored, they
+/// dump as the source's; set up by sync, the table gets what a replica needs of them.
+const OBJECTS: &str = r#"
+    CREATE EXTENSION citext;
+    CREATE SCHEMA util;
+    CREATE TYPE public.mood AS ENUM ('sad', 'ok', 'happy');
+    CREATE FUNCTION util.is_ban(text) RETURNS boolean LANGUAGE sql IMMUTABLE
+        AS $$ SELECT $1 ~ '^[0-9]{8}$' $$;
+    COMMENT ON FUNCTION util.is_ban(text) IS 'a business id has 8 digits';
+    CREATE DOMAIN public.ban AS text CONSTRAINT ban_valid CHECK (util.is_ban(VALUE));
+    CREATE FUNCTION util.weight(public.mood) RETURNS integer LANGUAGE sql IMMUTABLE
+        AS $$ SELECT CASE $1 WHEN 'sad' THEN 0 WHEN 'ok' THEN 1 ELSE 2 END $$;
+    CREATE FUNCTION util.next_number() RETURNS text LANGUAGE sql
+        AS $$ SELECT 'AB' || lpad((floor(random() * 1e8))::bigint::text, 8, '0') $$;
+    CREATE FUNCTION util.may_see(public.mood) RETURNS boolean LANGUAGE sql STABLE
+        AS $$ SELECT $1 <> 'sad' $$;
+    CREATE TABLE public.buyer (
+        id bigint PRIMARY KEY,
+        email citext NOT NULL UNIQUE,
+        ban public.ban,
+        mood public.mood NOT NULL DEFAULT 'ok',
+        number text NOT NULL DEFAULT util.next_number(),
+        weight integer GENERATED ALWAYS AS (util.weight(mood)) STORED,
+        city text,
+        zip text,
+        CONSTRAINT buyer_weight_check CHECK (util.weight(mood) >= 0)
+    );
+    CREATE INDEX buyer_weight_idx ON public.buyer (util.weight(mood));
+    CREATE TABLE public.buyer_log (id bigserial PRIMARY KEY, buyer_id bigint, op text);
+    CREATE FUNCTION util.log_buyer() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN INSERT INTO public.buyer_log (buyer_id, op) VALUES (NEW.id, TG_OP); RETURN NEW; END $$;
+    CREATE TRIGGER buyer_log AFTER INSERT OR UPDATE ON public.buyer
+        FOR EACH ROW EXECUTE FUNCTION util.log_buyer();
+    CREATE RULE buyer_keep AS ON DELETE TO public.buyer DO INSTEAD NOTHING;
+    COMMENT ON RULE buyer_keep ON public.buyer IS 'buyers are never deleted';
+    CREATE RULE buyer_log_frozen AS ON UPDATE TO public.buyer_log DO INSTEAD NOTHING;
+    ALTER TABLE public.buyer_log DISABLE RULE buyer_log_frozen;
+    CREATE STATISTICS public.buyer_place (dependencies, ndistinct) ON city, zip FROM public.buyer;
+    ALTER STATISTICS public.buyer_place SET STATISTICS 500;
+    ALTER TABLE public.buyer ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY buyer_visible ON public.buyer FOR SELECT USING (util.may_see(mood));
+    CREATE EXTENSION moddatetime;
+    CREATE TABLE public.stamped (id int PRIMARY KEY, updated_at timestamptz);
+    CREATE TRIGGER stamped_touch BEFORE UPDATE ON public.stamped
+        FOR EACH ROW EXECUTE FUNCTION moddatetime(updated_at);
+    INSERT INTO public.stamped VALUES (1, now());
+    INSERT INTO public.buyer (id, email, ban, mood, city, zip)
+        SELECT g, 'Buyer' || g || '@Example.tw', lpad(g::text, 8, '0'),
+               (ARRAY['sad', 'ok', 'happy'])[g % 3 + 1]::public.mood,
+               'city ' || g % 10, 'zip ' || g % 10
+        FROM generate_series(1, 500) g;
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_rules_statistics_and_extensions_restore_as_pg_dump_sees_them() {
+    let src = PgCluster::start();
+    src.psql("einvoice", OBJECTS);
+    let dst = PgCluster::start();
+    dst.psql("postgres", "CREATE DATABASE restored");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path()).await;
+    let snap = backup_tables(&repo, &src, &["public.*"]).await;
+
+    // The restore creates the extension (it is not installed on the target), the functions
+    // the types and columns need before the tables, and everything else after the load.
+    restore_whole(&repo, &snap, &dst).await;
+    assert_same_dump(
+        &schema_dump(&src, "einvoice"),
+        &schema_dump(&dst, "restored"),
+        &[
+            "CREATE EXTENSION IF NOT EXISTS citext",
+            "email public.citext NOT NULL",
+            "EXECUTE FUNCTION public.moddatetime('updated_at')",
+            "CONSTRAINT ban_valid CHECK (util.is_ban(VALUE))",
+            "COMMENT ON FUNCTION util.is_ban(text)",
+            "CREATE FUNCTION util.weight(public.mood)",
+            "DEFAULT util.next_number()",
+            "GENERATED ALWAYS AS (util.weight(mood)) STORED",
+            "CHECK ((util.weight(mood) >= 0))",
+            "USING btree (util.weight(mood))",
+            "EXECUTE FUNCTION util.log_buyer()",
+            "CREATE RULE buyer_keep AS",
+            "COMMENT ON RULE buyer_keep ON public.buyer",
+            "DISABLE RULE buyer_log_frozen",
+            "CREATE STATISTICS public.buyer_place",
+            "ALTER STATISTICS public.buyer_place SET STATISTICS 500",
+            "USING (util.may_see(mood))",
+        ],
+    );
+    for (table, order) in [("public.buyer", "id"), ("public.buyer_log", "id")] {
+        assert_eq!(
+            backup_util::fingerprint(&src, "einvoice", table, order),
+            backup_util::fingerprint(&dst, "restored", table, order),
+            "{table}"
+        );
+    }
+    // The restored objects work: the default, domain check, trigger and rule fire.
+    assert_eq!(
+        dst.psql(
+            "restored",
+            "INSERT INTO public.buyer (id, email) VALUES (501, 'new@example.tw'); \
+             DELETE FROM public.buyer WHERE id = 501; \
+             SELECT count(*) || ' ' || (SELECT count(*) FROM public.buyer_log WHERE buyer_id = 501) \
+             FROM public.buyer WHERE id = 501 AND number ~ '^AB[0-9]{8}$'"
+        ),
+        "1 1"
+    );
+
+    // Sync's setup creates the same table on an empty target from the same model: the
+    // extension, the functions the domain, default, generated column, check and index call
+    // (not the trigger's, rule's or policy's: a replica gets none of those), and the rows.
+    let _pipeline = sync_common::set_up_pipeline(&src, &dst, &["public.buyer", "public.stamped"]);
+    let synced = schema_dump(&dst, "einvoice");
+    for kind in [
+        "CREATE EXTENSION IF NOT EXISTS citext",
+        "CONSTRAINT ban_valid CHECK (util.is_ban(VALUE))",
+        "DEFAULT util.next_number()",
+        "GENERATED ALWAYS AS (util.weight(mood)) STORED",
+        "CHECK ((util.weight(mood) >= 0))",
+        "USING btree (util.weight(mood))",
+    ] {
+        assert!(synced.contains(kind), "{kind} not in:\n{synced}");
+    }
+    assert!(!synced.contains("util.log_buyer"), "{synced}");
+    // Nor the extension only a trigger calls.
+    assert!(!synced.contains("moddatetime"), "{synced}");
+    assert_eq!(
+        backup_util::fingerprint(&src, "einvoice", "public.buyer", "id"),
+        backup_util::fingerprint(&dst, "einvoice", "public.buyer", "id")
+    );
+
+    // A restore that does not complete drops the extension, schema, types and functions it
+    // created before its load (here: an empty table of the same name stays locked).
+    dst.psql("postgres", "CREATE DATABASE held");
+    dst.psql("held", "CREATE TABLE public.buyer (id int)");
+    let created = "SELECT (SELECT count(*) FROM pg_extension) || ' ' || \
+        (SELECT count(*) FROM pg_proc WHERE pronamespace::regnamespace::text = 'util') || ' ' || \
+        (SELECT count(*) FROM pg_namespace WHERE nspname = 'util') || ' ' || \
+        (SELECT count(*) FROM pg_type WHERE typname IN ('mood', 'ban'))";
+    assert_eq!(dst.psql("held", created), "1 0 0 0");
+    let holder = dst.client("held").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE public.buyer IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let err = restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("held"),
+        &RestoreDbOptions {
+            lock_wait: std::time::Duration::from_secs(1),
+            ..restore_opts(AccessOptions::default())
+        },
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stayed locked"), "{err}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(dst.psql("held", created), "1 0 0 0");
+
+    // A language is an extension too: a database without plpgsql gets it back for the
+    // trigger's function.
+    dst.psql("postgres", "CREATE DATABASE nolanguage");
+    dst.psql("nolanguage", "DROP EXTENSION plpgsql");
+    restore::restore_db(
+        &repo,
+        &snap,
+        &dst.conn("nolanguage"),
+        &restore_opts(AccessOptions::default()),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        dst.psql(
+            "nolanguage",
+            "SELECT string_agg(extname, ',' ORDER BY extname) FROM pg_extension"
+        ),
+        "citext,moddatetime,plpgsql"
+    );
+
+    // A role that may not create an untrusted extension the tables use is refused before
+    // anything is written, with the statement that installs it.
+    let snap = backup_tables(&repo, &src, &["public.stamped"]).await;
+    dst.psql("postgres", "CREATE ROLE restorer LOGIN");
+    dst.psql("postgres", "CREATE DATABASE managed OWNER restorer");
+    let empty_managed = user_objects(&dst, "managed");
+    let restorer = invsync::pg::ConnInfo::parse(&dst.url_as("restorer", "managed")).unwrap();
+    let managed = restore_opts(AccessOptions {
+        no_owner: true,
+        no_acl: true,
+    });
+    let err = restore::restore_db(&repo, &snap, &restorer, &managed, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("CREATE EXTENSION IF NOT EXISTS \"moddatetime\" SCHEMA \"public\""),
+        "{err}"
+    );
+    assert_eq!(user_objects(&dst, "managed"), empty_managed);
+    assert_eq!(
+        dst.psql("managed", "SELECT count(*) FROM pg_extension"),
+        "1"
+    );
+    // Once installed, the same restore completes and the trigger calls the extension.
+    dst.psql("managed", "CREATE EXTENSION moddatetime");
+    restore::restore_db(&repo, &snap, &restorer, &managed, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(
+        dst.psql(
+            "managed",
+            "UPDATE public.stamped SET updated_at = 'epoch' WHERE id = 1 RETURNING updated_at > 'epoch'"
+        ),
+        "t"
     );
 }

@@ -298,6 +298,8 @@ impl TableSchema {
                 row_security: false,
                 force_row_security: false,
                 policies: Vec::new(),
+                rules: Vec::new(),
+                statistics: Vec::new(),
                 replica_identity: ReplicaIdentityDef::Default,
                 access: Access::default(),
                 comment: None,
@@ -305,6 +307,7 @@ impl TableSchema {
             types: Vec::new(),
             sequences,
             functions: Vec::new(),
+            extensions: Vec::new(),
             schemas: Vec::new(),
         })
     }

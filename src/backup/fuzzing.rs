@@ -143,6 +143,7 @@ pub fn snapshot_body(data: &[u8]) -> bool {
                 let _ = (plan.create_tables(0, at), plan.copy_in_sql(0, at));
                 let _ = (plan.build_statements(0, at), plan.finish_statements(0));
                 let _ = (plan.function_statements(), plan.foreign_key_statements());
+                let _ = (plan.prerequisites(), plan.extensions());
             }
         }
         ok |= safe;

@@ -818,8 +818,9 @@ impl Swap<'_> {
             }
             Ok::<(), BackupError>(())
         };
-        // Views on the tables and other tables' foreign keys into them would stop the drops:
-        // they are taken down here and put back once the new tables are complete.
+        // Views on the tables, other tables' foreign keys, policies and rules on them, and
+        // functions of their row types would stop the drops: they are taken down here and
+        // put back once the new tables are complete.
         let replaced: Vec<TableName> = plan
             .models()
             .iter()
@@ -833,7 +834,9 @@ impl Swap<'_> {
         )
         .await?;
         run(
-            "taking down the views and foreign keys that depend on the tables to replace".into(),
+            "taking down the views, foreign keys, policies, rules and functions that depend on the \
+             tables to replace"
+                .into(),
             dependents.drop_statements(),
         )
         .await?;
@@ -869,6 +872,11 @@ impl Swap<'_> {
             }
             run(format!("table {}", t.schema.name), statements).await?;
         }
+        run(
+            "functions that take the row type of a restored table".into(),
+            dependents.function_statements(),
+        )
+        .await?;
         run("functions".into(), plan.function_statements()).await?;
         for (i, t) in tables.iter().enumerate() {
             run(
@@ -900,6 +908,11 @@ impl Swap<'_> {
             )
             .await?;
         }
+        run(
+            "policies and rules that read the restored tables".into(),
+            dependents.policy_and_rule_statements(),
+        )
+        .await?;
         client
             .batch_execute(&format!("DROP SCHEMA {}", quote_ident(staging)))
             .await

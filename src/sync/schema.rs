@@ -3,12 +3,13 @@
 //! existing tables can take every column the source sends.
 //!
 //! A created table is a replica's table, not a promoted copy. It gets what keeps rows and reads
-//! on the target as on the source: schemas, user-defined types (enum, domain, composite, range),
-//! the table with its partitions and their bounds, column types, collations, NOT NULL,
-//! generated columns, defaults, identity, sequences with their positions, primary key,
-//! unique, check and exclusion constraints, every index, and the replica identity. It gets no
-//! foreign keys, triggers or trigger functions, row-level security or policies, comments,
-//! owners or grants: changes arrive checked by the source, and on a target without superuser
+//! on the target as on the source: schemas, the extensions whose members it uses,
+//! user-defined types (enum, domain, composite, range) and the functions that they, defaults,
+//! generated columns, checks and indexes call, the table with its partitions and their bounds,
+//! column types, collations, NOT NULL, generated columns, defaults, identity, sequences with
+//! their positions, primary key, unique, check and exclusion constraints, every index, and the
+//! replica identity. It gets no foreign keys, triggers or trigger functions, rules, extended
+//! statistics, row-level security or policies, comments, owners or grants: changes arrive checked by the source, and on a target without superuser
 //! (where `session_replication_role = replica` is unavailable) foreign keys and triggers
 //! would fire during the parallel copy and stop apply from folding changes (see
 //! `apply::REORDERABLE`); row-level security would hide rows from apply; roles differ between
@@ -101,7 +102,7 @@ async fn create_table(
     conn: &ConnInfo,
     model: &TableModel,
 ) -> Result<(), SyncError> {
-    let plan = Plan::new(vec![model], ACCESS);
+    let plan = Plan::new(vec![model], ACCESS).tables_only();
     let created = create_prerequisites(target, conn, &plan, None).await?;
     let statements: Vec<String> = [
         plan.create_tables(0, Placement::Final),

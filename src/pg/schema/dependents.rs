@@ -1,6 +1,8 @@
 //! What other objects of a database hold on to tables that are about to be dropped and
 //! created again (a restore with `--replace`): the views and materialized views built on them
-//! (directly or through other views) and the foreign keys of other tables that reference them.
+//! (directly or through other views), the foreign keys of other tables that reference them,
+//! the functions that take or return their row type, and the policies and rules of other
+//! tables that read them (a policy also when it calls such a function).
 //!
 //! [`Dependents::load`] reads them from the catalogs in the caller's transaction, with every
 //! name schema-qualified; [`Dependents::drop_statements`] removes them so the tables can go,
@@ -13,12 +15,19 @@
 //! `security_invoker`), triggers, rules, comments (its own and its columns'), owner and
 //! privileges; for a materialized view also its indexes and whether it held data (it is
 //! filled again from the new rows). Kept for a foreign key: its definition (actions,
-//! deferrability, `NOT VALID`), comment, and the table it belongs to. Column privileges of
-//! views are not kept.
+//! deferrability, `NOT VALID`), comment, and the table it belongs to. Kept for a function:
+//! its definition, comment, owner and privileges; for a policy: all of it but its comment;
+//! for a rule: its definition, whether it fires, and its comment.
+//! Column privileges of views are not kept. Anything else that holds on to such a function
+//! (a column default of another table, say) makes its drop fail, naming it, and the restore
+//! changes nothing.
 
 use tokio_postgres::Client;
 
 use super::acl::{self, Access, AccessOptions};
+use super::function::{self, FunctionDef};
+use super::policy::{self, Policy};
+use super::trigger::Rule;
 use crate::pg::{quote_ident, quote_literal, ConnInfo, PgError, TableName};
 
 /// A view or materialized view that depends on the tables, as it was read.
@@ -77,7 +86,42 @@ impl ForeignKeyDef {
 pub struct Dependents {
     pub views: Vec<ViewDef>,
     pub foreign_keys: Vec<ForeignKeyDef>,
+    /// Functions taking or returning a replaced table's row type (or an array of it).
+    pub functions: Vec<FunctionDef>,
+    /// Policies of other tables that read a replaced table or call one of `functions`.
+    pub policies: Vec<(TableName, Policy)>,
+    /// Rules of other tables that read or write a replaced table.
+    pub rules: Vec<(TableName, Rule)>,
 }
+
+/// Rules of tables other than the roots (views' are kept with the views) that name a root.
+const RULES_SQL: &str = "SELECT DISTINCT n.nspname::text, c.relname::text, r.rulename::text, \
+    rtrim(pg_get_ruledef(r.oid), ';'), r.ev_enabled::text, obj_description(r.oid, 'pg_rewrite') \
+  FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class \
+  JOIN pg_namespace n ON n.oid = c.relnamespace \
+  WHERE c.relkind IN ('r', 'p') AND r.ev_class <> ALL($1::oid[]) AND EXISTS (SELECT 1 \
+    FROM pg_depend d WHERE d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+      AND d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY($1::oid[])) \
+  ORDER BY 1, 2, 3";
+
+/// Functions whose signature names a root's row type or its array type (not extension
+/// members).
+const ROW_TYPE_FUNCTIONS_SQL: &str = "SELECT DISTINCT d.objid FROM pg_depend d \
+  JOIN pg_class c ON d.refobjid IN (c.reltype, (SELECT typarray FROM pg_type WHERE oid = c.reltype)) \
+  WHERE d.classid = 'pg_proc'::regclass AND d.refclassid = 'pg_type'::regclass \
+    AND d.deptype = 'n' AND c.oid = ANY($1::oid[]) \
+    AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_proc'::regclass \
+      AND x.objid = d.objid AND x.deptype = 'e') ORDER BY 1";
+
+/// Policies of other tables that read the roots (`$1`) or call the functions (`$2`).
+const POLICIES_SQL: &str = "SELECT DISTINCT n.nspname::text, c.relname::text, p.polname::text \
+  FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid \
+  JOIN pg_namespace n ON n.oid = c.relnamespace \
+  WHERE p.polrelid <> ALL($1::oid[]) AND EXISTS (SELECT 1 FROM pg_depend d \
+    WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid \
+      AND ((d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY($1::oid[])) \
+        OR (d.refclassid = 'pg_proc'::regclass AND d.refobjid = ANY($2::oid[])))) \
+  ORDER BY 1, 2, 3";
 
 /// Views on the roots, and views on those, each with the length of its longest path from a
 /// root: creating in increasing depth puts every view after the ones it reads.
@@ -185,20 +229,80 @@ impl Dependents {
                 comment: r.get(4),
             })
             .collect();
+        let function_oids: Vec<u32> = client
+            .query(ROW_TYPE_FUNCTIONS_SQL, &[&roots])
+            .await
+            .map_err(q(
+                "reading the functions that take the row types of the tables to replace",
+            ))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut functions = Vec::new();
+        for oid in &function_oids {
+            // An aggregate is left alone: dropping the tables then fails naming it, and
+            // nothing changes.
+            if let Some((f, _)) = function::load(client, conn, *oid, false).await? {
+                functions.push(f);
+            }
+        }
+        let mut policies = Vec::new();
+        for r in client
+            .query(POLICIES_SQL, &[&roots, &function_oids])
+            .await
+            .map_err(q("reading the policies that read the tables to replace"))?
+        {
+            let table = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+            let name: String = r.get(2);
+            for p in policy::load_named(client, conn, &table, Some(&name)).await? {
+                policies.push((table.clone(), p));
+            }
+        }
+        let rules = client
+            .query(RULES_SQL, &[&roots])
+            .await
+            .map_err(q("reading the rules that read the tables to replace"))?
+            .iter()
+            .map(|r| {
+                (
+                    TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                    Rule {
+                        name: r.get(2),
+                        definition: r.get(3),
+                        enabled: r.get(4),
+                        comment: r.get(5),
+                    },
+                )
+            })
+            .collect();
         Ok(Dependents {
             views,
             foreign_keys,
+            functions,
+            policies,
+            rules,
         })
     }
 
-    /// Drops the views (those built on others first) and the foreign keys.
+    /// Drops the policies and rules, the views (those built on others first), the foreign
+    /// keys, then the functions.
     pub fn drop_statements(&self) -> Vec<String> {
         let mut out: Vec<String> = self
-            .views
+            .policies
             .iter()
-            .rev()
-            .map(|v| format!("DROP {} {}", v.kind(), v.name.quoted()))
+            .map(|(t, p)| format!("DROP POLICY {} ON {}", quote_ident(&p.name), t.quoted()))
             .collect();
+        out.extend(
+            self.rules
+                .iter()
+                .map(|(t, r)| format!("DROP RULE {} ON {}", quote_ident(&r.name), t.quoted())),
+        );
+        out.extend(
+            self.views
+                .iter()
+                .rev()
+                .map(|v| format!("DROP {} {}", v.kind(), v.name.quoted())),
+        );
         out.extend(self.foreign_keys.iter().map(|k| {
             format!(
                 "ALTER TABLE {} DROP CONSTRAINT {}",
@@ -206,6 +310,42 @@ impl Dependents {
                 quote_ident(&k.name)
             )
         }));
+        out.extend(
+            self.functions
+                .iter()
+                .map(|f| format!("DROP FUNCTION {}", f.signature)),
+        );
+        out
+    }
+
+    /// Creates the functions again as they were (with owners and privileges, as for views),
+    /// once the new tables exist: before anything of the restore that may call them.
+    pub fn function_statements(&self) -> Vec<String> {
+        self.functions
+            .iter()
+            .flat_map(|f| f.create_statements(AccessOptions::default()))
+            .collect()
+    }
+
+    /// Creates the policies and rules again, once the new tables and the functions exist.
+    pub fn policy_and_rule_statements(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .policies
+            .iter()
+            .map(|(t, p)| p.create_sql(&t.quoted()))
+            .collect();
+        for (t, r) in &self.rules {
+            let table = t.quoted();
+            out.push(r.definition.clone());
+            out.extend(r.state_sql(&table));
+            if let Some(c) = &r.comment {
+                out.push(format!(
+                    "COMMENT ON RULE {} ON {table} IS {}",
+                    quote_ident(&r.name),
+                    quote_literal(c)
+                ));
+            }
+        }
         out
     }
 
@@ -309,6 +449,9 @@ mod tests {
                 definition: "FOREIGN KEY (i) REFERENCES public.t(id)".into(),
                 comment: None,
             }],
+            functions: Vec::new(),
+            policies: Vec::new(),
+            rules: Vec::new(),
         };
         assert_eq!(
             d.drop_statements(),

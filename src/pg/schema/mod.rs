@@ -3,33 +3,36 @@
 //!
 //! A [`TableModel`] is one table as a user names it (a partitioned table with all its
 //! partitions, or a plain table) together with what it needs to exist: the user-defined types
-//! its columns use, the sequences its columns own or call, the functions its triggers call,
-//! and the schemas all of these live in (with owners, privileges and comments, given to a
+//! its columns use, the sequences its columns own or call, the functions its defaults,
+//! checks, indexes, domains, triggers, rules and policies call, the extensions it uses
+//! members of, and the schemas all of these live in (with owners, privileges and comments, given to a
 //! schema only where a restore creates it). It is read in whatever transaction the caller holds, so a backup reads it at its
 //! cut. Definitions are kept as PostgreSQL itself writes them (`format_type`,
 //! `pg_get_constraintdef`, `pg_get_indexdef`, `pg_get_triggerdef`, `pg_get_functiondef`,
 //! `pg_get_expr`, `pg_get_partkeydef`), read with only `pg_catalog` on the search path so that
 //! every name in them is schema-qualified and means the same on another database.
 //!
-//! [`Plan`] turns several models into DDL in pg_dump's phases: pre-data (schemas, types;
-//! tables), the data, post-data (constraints and indexes, then sequences, defaults and
-//! identity, functions, foreign keys, triggers, row-level security and policies, comments,
-//! owners and privileges). Foreign keys are added only between tables of the plan; one to a
+//! [`Plan`] turns several models into DDL in pg_dump's phases: pre-data (extensions, schemas,
+//! types and the functions they, defaults and checks call; tables), the data, post-data
+//! (constraints and indexes, then sequences, defaults and identity, functions, foreign keys,
+//! triggers, rules, row-level security and policies, extended statistics, comments, owners
+//! and privileges). Foreign keys are added only between tables of the plan; one to a
 //! table outside it is reported by [`Plan::skipped_foreign_keys`]. [`Dependents`] are the
 //! other side: what a database built on tables that a plan is about to replace.
 //!
 //! Not modelled (recreate them by hand): column statistics targets and storage modes,
-//! publications, rules, extended statistics, comments on policies, functions that defaults
-//! or checks call (they must exist on the target), and extension-owned types and functions
-//! (install the extension on the target).
+//! publications, comments on policies, functions that saved functions call only from their
+//! bodies (PostgreSQL does not record those), and aggregates.
 
 pub mod acl;
 pub mod constraint;
 mod create;
 pub mod dependents;
+pub mod function;
 mod phases;
 pub mod policy;
 pub mod sequence;
+pub mod statistics;
 pub mod table;
 pub mod trigger;
 pub mod types;
@@ -37,7 +40,7 @@ pub mod types;
 pub use acl::{Access, AccessOptions};
 pub use create::{create_prerequisites, missing_roles, Created};
 pub use dependents::Dependents;
-pub use phases::{Placement, Plan, SkippedForeignKey};
+pub use phases::{Placement, Plan, Prerequisite, SkippedForeignKey};
 pub use table::{ColumnDef, TableDef};
 
 use std::future::Future;
@@ -55,7 +58,11 @@ pub struct TableModel {
     /// User-defined types, each after the types it is built from.
     pub types: Vec<types::TypeDef>,
     pub sequences: Vec<sequence::SequenceDef>,
-    pub functions: Vec<trigger::FunctionDef>,
+    pub functions: Vec<function::FunctionDef>,
+    /// Extensions whose types, functions or operator classes the tables use (none in
+    /// manifests written before they were saved).
+    #[serde(default)]
+    pub extensions: Vec<function::ExtensionDef>,
     /// The schemas all of these live in (none in manifests written before schemas were
     /// saved: a restore then creates them owned by the restoring role, with default privileges).
     #[serde(default)]
@@ -125,26 +132,24 @@ impl TableModel {
             types: Vec::new(),
             sequences: Vec::new(),
             functions: Vec::new(),
+            extensions: Vec::new(),
             schemas: Vec::new(),
         };
-        let mut seen_types = Vec::new();
+        // What the model is made of so far, by oid (types met, saved or not).
+        let mut found = function::Found::default();
         for r in rows {
             let oid: u32 = r.get(0);
             let name = TableName::new(r.get::<_, String>(1), r.get::<_, String>(2));
             let mut rel = table::load(client, conn, &name, oid).await?;
             for c in &rel.columns {
-                types::load_into(client, conn, c.type_oid, &mut model.types, &mut seen_types)
+                types::load_into(client, conn, c.type_oid, &mut model.types, &mut found.types)
                     .await?;
             }
             rel.constraints = constraint::load_constraints(client, conn, &name, oid).await?;
             rel.indexes = constraint::load_indexes(client, conn, &name, oid).await?;
-            let (triggers, functions) = trigger::load(client, conn, &name, oid).await?;
-            rel.triggers = triggers;
-            for f in functions {
-                if !model.functions.iter().any(|g| g.signature == f.signature) {
-                    model.functions.push(f);
-                }
-            }
+            rel.triggers = trigger::load(client, conn, &name, oid).await?;
+            rel.rules = trigger::load_rules(client, conn, &name, oid).await?;
+            rel.statistics = statistics::load(client, conn, &name, oid).await?;
             rel.policies = policy::load(client, conn, &name).await?;
             for s in sequence::load(client, conn, &name, oid).await? {
                 if !model.sequences.iter().any(|t| t.name == s.name) {
@@ -152,13 +157,45 @@ impl TableModel {
                 }
             }
             model.relations.push(rel);
+            found.relations.push(oid);
         }
+        // Functions lead to the types in their signatures, and domains to the functions
+        // their checks call: read until nothing new turns up.
+        loop {
+            let new = found.new_functions(client, conn, table).await?;
+            if new.is_empty() {
+                break;
+            }
+            for (oid, before_tables) in new {
+                found.functions.push(oid);
+                if before_tables {
+                    found.functions_before_tables.push(oid);
+                }
+                let Some((f, type_oids)) = function::load(client, conn, oid, before_tables).await?
+                else {
+                    continue;
+                };
+                for t in type_oids {
+                    types::load_into(client, conn, t, &mut model.types, &mut found.types).await?;
+                }
+                model.functions.push(f);
+            }
+        }
+        model.extensions = found.extensions(client, conn, table).await?;
         let mut names: Vec<String> = model
             .relations
             .iter()
             .map(|r| r.name.schema.clone())
             .chain(model.types.iter().flat_map(types::TypeDef::schemas))
             .chain(model.sequences.iter().map(|s| s.name.schema.clone()))
+            .chain(model.functions.iter().map(|f| f.schema.clone()))
+            .chain(model.extensions.iter().map(|e| e.schema.clone()))
+            .chain(
+                model
+                    .relations
+                    .iter()
+                    .flat_map(|r| r.statistics.iter().map(|s| s.name.schema.clone())),
+            )
             .collect();
         names.sort();
         names.dedup();

@@ -2,13 +2,14 @@
 //! loaded somewhere first (a staging schema) and moved into place at the end.
 //!
 //! The order of calls is the order of the phases:
-//! 1. [`Plan::schemas`] and [`Plan::types`]: what the tables' columns need to exist;
+//! 1. [`Plan::extensions`], [`Plan::schemas`] and [`Plan::prerequisites`] (types, and the
+//!    functions that types, defaults, checks and indexes call): what the tables need to exist;
 //! 2. [`Plan::create_tables`] at a [`Placement`], then the data ([`Plan::copy_in_sql`]);
 //! 3. [`Plan::build_statements`]: constraints backed by indexes, checks, indexes (the costly
 //!    part after the data, one model at a time, so models can be built in parallel);
 //! 4. once every table has its final name: [`Plan::function_statements`], then each model's
-//!    [`Plan::finish_statements`] (sequences, defaults, identity, triggers, row-level
-//!    security, policies, comments, owners, privileges), then
+//!    [`Plan::finish_statements`] (sequences, defaults, identity, triggers, rules, row-level
+//!    security, policies, extended statistics, comments, owners, privileges), then
 //!    [`Plan::foreign_key_statements`], which also validate the loaded rows.
 
 use std::collections::{BTreeSet, HashSet};
@@ -16,6 +17,7 @@ use std::fmt;
 
 use super::acl::AccessOptions;
 use super::constraint::ConstraintKind;
+use super::function::{ExtensionDef, FunctionDef};
 use super::sequence;
 use super::table::{ReplicaIdentityDef, TableDef};
 use super::types::TypeDef;
@@ -51,15 +53,37 @@ impl fmt::Display for SkippedForeignKey {
     }
 }
 
+/// A type or function created before the tables, in [`Plan::prerequisites`]' order.
+#[derive(Debug, Clone, Copy)]
+pub enum Prerequisite<'m> {
+    Type(&'m TypeDef),
+    Function(&'m FunctionDef),
+}
+
 /// The DDL of several models created together.
 pub struct Plan<'m> {
     models: Vec<&'m TableModel>,
     opts: AccessOptions,
+    /// Only the tables will be created (a replica's), not their triggers, rules, policies
+    /// and statistics: what only those need is not required.
+    tables_only: bool,
 }
 
 impl<'m> Plan<'m> {
     pub fn new(models: Vec<&'m TableModel>, opts: AccessOptions) -> Plan<'m> {
-        Plan { models, opts }
+        Plan {
+            models,
+            opts,
+            tables_only: false,
+        }
+    }
+
+    /// A plan whose caller creates the tables (with their constraints, indexes, defaults and
+    /// types) and nothing that comes after: [`Plan::extensions`] and [`Plan::functions`] then
+    /// leave out what only triggers, rules and policies need.
+    pub fn tables_only(mut self) -> Plan<'m> {
+        self.tables_only = true;
+        self
     }
 
     /// The models, in the order given to [`Plan::new`]; `m` in the other methods indexes them.
@@ -111,6 +135,9 @@ impl<'m> Plan<'m> {
             out.extend(m.types.iter().flat_map(|t| t.access.roles(self.opts)));
             out.extend(m.sequences.iter().flat_map(|s| s.access.roles(self.opts)));
             out.extend(m.functions.iter().flat_map(|f| f.access.roles(self.opts)));
+            for r in &m.relations {
+                out.extend(r.statistics.iter().flat_map(|s| s.access.roles(self.opts)));
+            }
         }
         out
     }
@@ -171,15 +198,116 @@ impl<'m> Plan<'m> {
         out
     }
 
-    /// Schemas the tables, types and sequences live in, by name.
+    /// Schemas the tables, types, sequences, functions, statistics and extensions live in,
+    /// by name.
     pub fn schemas(&self) -> Vec<String> {
         let mut out = BTreeSet::new();
         for m in &self.models {
             out.extend(m.relations.iter().map(|r| r.name.schema.clone()));
             out.extend(m.types.iter().flat_map(TypeDef::schemas));
             out.extend(m.sequences.iter().map(|s| s.name.schema.clone()));
+            out.extend(m.functions.iter().map(|f| f.schema.clone()));
+            out.extend(m.extensions.iter().map(|e| e.schema.clone()));
+            for r in &m.relations {
+                out.extend(r.statistics.iter().map(|s| s.name.schema.clone()));
+            }
         }
+        out.remove("");
         out.into_iter().collect()
+    }
+
+    /// The extensions the tables use, once each (with [`Plan::tables_only`], those that
+    /// what is created before the tables uses).
+    pub fn extensions(&self) -> Vec<&'m ExtensionDef> {
+        let mut out: Vec<&ExtensionDef> = self
+            .models
+            .iter()
+            .flat_map(|m| m.extensions.iter())
+            .filter(|e| e.before_tables || !self.tables_only)
+            .collect();
+        out.sort_by(|a, b| (&a.name, &a.schema).cmp(&(&b.name, &b.schema)));
+        out.dedup_by(|a, b| a.name == b.name && a.schema == b.schema);
+        out
+    }
+
+    /// The functions of every model, once each by signature (with [`Plan::tables_only`],
+    /// those created before the tables).
+    pub fn functions(&self) -> Vec<&'m FunctionDef> {
+        let mut seen = HashSet::new();
+        self.models
+            .iter()
+            .flat_map(|m| m.functions.iter())
+            .filter(|f| f.before_tables || !self.tables_only)
+            .filter(|f| seen.insert(&f.signature))
+            .collect()
+    }
+
+    /// True when function `f` takes or returns the row type of one of the plan's tables:
+    /// it can only be created once they exist.
+    fn uses_row_type(&self, f: &FunctionDef) -> bool {
+        f.uses_types.iter().any(|t| self.restores(t))
+    }
+
+    /// The types, and the functions created before the tables, each after what it needs: a
+    /// type after the functions its checks call, a function after the types of its
+    /// signature; otherwise in [`Plan::types`] order.
+    pub fn prerequisites(&self) -> Vec<Prerequisite<'m>> {
+        let types = self.types();
+        let functions: Vec<&FunctionDef> = self
+            .functions()
+            .into_iter()
+            .filter(|f| f.before_tables && !self.uses_row_type(f))
+            .collect();
+        struct Order<'a, 'm> {
+            types: &'a [&'m TypeDef],
+            functions: &'a [&'m FunctionDef],
+            done_types: HashSet<&'m TableName>,
+            done_functions: HashSet<&'m str>,
+            out: Vec<Prerequisite<'m>>,
+        }
+        impl<'m> Order<'_, 'm> {
+            fn add_type(&mut self, t: &'m TypeDef) {
+                if !self.done_types.insert(&t.name) {
+                    return;
+                }
+                for sig in &t.calls {
+                    if let Some(f) = self.functions.iter().find(|f| &f.signature == sig) {
+                        self.add_function(f);
+                    }
+                }
+                self.out.push(Prerequisite::Type(t));
+            }
+            fn add_function(&mut self, f: &'m FunctionDef) {
+                if !self.done_functions.insert(&f.signature) {
+                    return;
+                }
+                for name in &f.uses_types {
+                    if let Some(t) = self.types.iter().find(|t| &t.name == name) {
+                        self.add_type(t);
+                    }
+                }
+                self.out.push(Prerequisite::Function(f));
+            }
+        }
+        let mut order = Order {
+            types: &types,
+            functions: &functions,
+            done_types: HashSet::new(),
+            done_functions: HashSet::new(),
+            out: Vec::new(),
+        };
+        for t in &types {
+            order.add_type(t);
+        }
+        for f in &functions {
+            order.add_function(f);
+        }
+        order.out
+    }
+
+    /// The statements that create function `f` with its comment, owner and privileges.
+    pub fn function_create_statements(&self, f: &FunctionDef) -> Vec<String> {
+        f.create_statements(self.opts)
     }
 
     /// The user-defined types the tables need, each after those it is built from, once each.
@@ -307,30 +435,19 @@ impl<'m> Plan<'m> {
         out
     }
 
-    /// The trigger functions of every model, before the triggers that call them.
+    /// The functions of every model (`CREATE OR REPLACE`: those created before the tables
+    /// are written again, as the source has them), before the triggers, rules and policies
+    /// that call them.
     pub fn function_statements(&self) -> Vec<String> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for f in self.models.iter().flat_map(|m| m.functions.iter()) {
-            if !seen.insert(&f.signature) {
-                continue;
-            }
-            out.push(f.definition.clone());
-            if let Some(c) = &f.comment {
-                out.push(format!(
-                    "COMMENT ON FUNCTION {} IS {}",
-                    f.signature,
-                    quote_literal(c)
-                ));
-            }
-            out.extend(f.access.statements("FUNCTION", &f.signature, self.opts));
-        }
-        out
+        self.functions()
+            .into_iter()
+            .flat_map(|f| self.function_create_statements(f))
+            .collect()
     }
 
     /// What completes model `m` once its relations have their final names: its
-    /// [`Plan::column_statements`], then replica identity, clustering, triggers, row-level
-    /// security, policies, comments, owners and privileges.
+    /// [`Plan::column_statements`], then replica identity, clustering, triggers, rules,
+    /// row-level security, policies, extended statistics, comments, owners and privileges.
     pub fn finish_statements(&self, m: usize) -> Vec<String> {
         let mut out = self.column_statements(m);
         for rel in &self.models[m].relations {
@@ -402,6 +519,10 @@ impl<'m> Plan<'m> {
             out.push(t.definition.clone());
             out.extend(t.state_sql(&table));
         }
+        for r in &rel.rules {
+            out.push(r.definition.clone());
+            out.extend(r.state_sql(&table));
+        }
         if rel.row_security {
             out.push(format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"));
         }
@@ -409,6 +530,9 @@ impl<'m> Plan<'m> {
             out.push(format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"));
         }
         out.extend(rel.policies.iter().map(|p| p.create_sql(&table)));
+        for s in &rel.statistics {
+            out.extend(s.create_statements(self.opts));
+        }
         let comment =
             |on: String, text: &str| format!("COMMENT ON {on} IS {}", quote_literal(text));
         if let Some(c) = &rel.comment {
@@ -450,6 +574,14 @@ impl<'m> Plan<'m> {
             if let Some(c) = &t.comment {
                 out.push(comment(
                     format!("TRIGGER {} ON {table}", quote_ident(&t.name)),
+                    c,
+                ));
+            }
+        }
+        for r in &rel.rules {
+            if let Some(c) = &r.comment {
+                out.push(comment(
+                    format!("RULE {} ON {table}", quote_ident(&r.name)),
                     c,
                 ));
             }
@@ -550,6 +682,8 @@ mod tests {
             row_security: false,
             force_row_security: false,
             policies: Vec::new(),
+            rules: Vec::new(),
+            statistics: Vec::new(),
             replica_identity: ReplicaIdentityDef::Default,
             access: Access {
                 owner: Some("app".into()),
@@ -622,6 +756,7 @@ mod tests {
             types: Vec::new(),
             sequences: Vec::new(),
             functions: Vec::new(),
+            extensions: Vec::new(),
             schemas: Vec::new(),
         }
     }
@@ -677,6 +812,7 @@ mod tests {
             types: Vec::new(),
             sequences: Vec::new(),
             functions: Vec::new(),
+            extensions: Vec::new(),
             schemas: Vec::new(),
         };
         let both = Plan::new(vec![&m, &s], AccessOptions::default());
@@ -721,5 +857,131 @@ mod tests {
             no_owner.required_roles().into_iter().collect::<Vec<_>>(),
             vec!["auditor"]
         );
+    }
+
+    fn function(signature: &str, uses: &[TableName], before_tables: bool) -> FunctionDef {
+        FunctionDef {
+            signature: signature.into(),
+            definition: format!("CREATE OR REPLACE FUNCTION {signature} ..."),
+            access: Access::default(),
+            comment: None,
+            schema: "util".into(),
+            language: "sql".into(),
+            uses_types: uses.to_vec(),
+            before_tables,
+        }
+    }
+
+    fn enum_type(name: &str, calls: &[&str]) -> TypeDef {
+        TypeDef {
+            name: TableName::new("public", name),
+            kind: super::super::types::TypeKind::Enum { labels: Vec::new() },
+            access: Access::default(),
+            comment: None,
+            calls: calls.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn functions_come_between_the_types_they_take_and_the_types_that_call_them() {
+        let mut m = invoice();
+        let mood = TableName::new("public", "mood");
+        // A domain (here any type) whose check calls a function taking the enum before it,
+        // listed before the enum: the enum, the function, then the domain.
+        m.types = vec![
+            enum_type("checked", &["util.ok(public.mood)"]),
+            enum_type("mood", &[]),
+        ];
+        m.functions = vec![
+            function("util.touch()", &[], false),
+            function("util.ok(public.mood)", std::slice::from_ref(&mood), true),
+            function("util.next()", &[], true),
+            // Takes a restored table's row: only once the tables exist.
+            function(
+                "util.label(sales.invoice)",
+                &[TableName::new("sales", "invoice")],
+                true,
+            ),
+        ];
+        m.extensions = vec![
+            ExtensionDef {
+                name: "citext".into(),
+                schema: "ext".into(),
+                before_tables: true,
+            },
+            ExtensionDef {
+                name: "moddatetime".into(),
+                schema: "ext".into(),
+                before_tables: false,
+            },
+        ];
+        let plan = Plan::new(vec![&m, &m], AccessOptions::default());
+        let order: Vec<String> = plan
+            .prerequisites()
+            .iter()
+            .map(|p| match p {
+                Prerequisite::Type(t) => t.name.to_string(),
+                Prerequisite::Function(f) => f.signature.clone(),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                "public.mood",
+                "util.ok(public.mood)",
+                "public.checked",
+                "util.next()"
+            ]
+        );
+        // Every function once, after the tables; extensions once; their schemas created.
+        assert_eq!(plan.function_statements().len(), 4);
+        assert_eq!(plan.extensions().len(), 2);
+        // A replica's tables need neither the trigger's function nor its extension.
+        let replica = Plan::new(vec![&m], AccessOptions::default()).tables_only();
+        assert_eq!(replica.functions().len(), 3);
+        assert_eq!(
+            replica
+                .extensions()
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["citext"]
+        );
+        assert_eq!(plan.schemas(), vec!["ext", "public", "sales", "util"]);
+    }
+
+    #[test]
+    fn rules_and_statistics_follow_the_triggers() {
+        let mut m = invoice();
+        m.relations[0].rules.push(super::super::trigger::Rule {
+            name: "keep".into(),
+            definition: "CREATE RULE keep AS ON DELETE TO sales.invoice DO INSTEAD NOTHING".into(),
+            enabled: "D".into(),
+            comment: Some("kept".into()),
+        });
+        m.relations[0]
+            .statistics
+            .push(super::super::statistics::StatisticsDef {
+                name: TableName::new("sales", "invoice_stats"),
+                definition: "CREATE STATISTICS sales.invoice_stats ON id, day FROM sales.invoice"
+                    .into(),
+                target: Some(500),
+                access: Access {
+                    owner: Some("stats_owner".into()),
+                    acl: None,
+                },
+                comment: None,
+            });
+        let plan = Plan::new(vec![&m], AccessOptions::default());
+        let finish = plan.finish_statements(0);
+        let at = |s: &str| finish.iter().position(|f| f.starts_with(s)).unwrap();
+        assert!(at("CREATE RULE keep") < at("ALTER TABLE \"sales\".\"invoice\" DISABLE RULE"));
+        assert!(finish
+            .contains(&"COMMENT ON RULE \"keep\" ON \"sales\".\"invoice\" IS 'kept'".to_string()));
+        assert!(
+            at("CREATE STATISTICS")
+                < at("ALTER STATISTICS \"sales\".\"invoice_stats\" SET STATISTICS 500")
+        );
+        assert!(plan.required_roles().contains("stats_owner"));
     }
 }

@@ -56,16 +56,28 @@ impl Policy {
     }
 }
 
+/// The policies of `table`.
 pub(crate) async fn load(
     client: &Client,
     conn: &ConnInfo,
     table: &TableName,
 ) -> Result<Vec<Policy>, PgError> {
+    load_named(client, conn, table, None).await
+}
+
+/// The policies of `table`, or only the one called `name`.
+pub(crate) async fn load_named(
+    client: &Client,
+    conn: &ConnInfo,
+    table: &TableName,
+    name: Option<&str>,
+) -> Result<Vec<Policy>, PgError> {
     Ok(client
         .query(
             "SELECT policyname::text, permissive = 'PERMISSIVE', cmd, roles::text[], qual, with_check \
-             FROM pg_policies WHERE schemaname = $1 AND tablename = $2 ORDER BY policyname",
-            &[&table.schema, &table.name],
+             FROM pg_policies WHERE schemaname = $1 AND tablename = $2 \
+               AND ($3::text IS NULL OR policyname = $3) ORDER BY policyname",
+            &[&table.schema, &table.name, &name],
         )
         .await
         .map_err(|e| PgError::query(format!("reading the policies of {table}"), conn, e))?

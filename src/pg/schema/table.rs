@@ -7,7 +7,8 @@ use tokio_postgres::Client;
 use super::acl::{self, Access};
 use super::constraint::{Constraint, Index};
 use super::policy::Policy;
-use super::trigger::Trigger;
+use super::statistics::StatisticsDef;
+use super::trigger::{Rule, Trigger};
 use crate::pg::{quote_ident, ConnInfo, PgError, TableName};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +100,12 @@ pub struct TableDef {
     pub row_security: bool,
     pub force_row_security: bool,
     pub policies: Vec<Policy>,
+    /// Rules (none in manifests written before rules were saved).
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Extended statistics (none in manifests written before they were saved).
+    #[serde(default)]
+    pub statistics: Vec<StatisticsDef>,
     pub replica_identity: ReplicaIdentityDef,
     pub access: Access,
     pub comment: Option<String>,
@@ -251,6 +258,8 @@ pub(crate) async fn load(
         row_security: r.get(6),
         force_row_security: r.get(7),
         policies: Vec::new(),
+        rules: Vec::new(),
+        statistics: Vec::new(),
         replica_identity,
         access: Access {
             owner: Some(r.get(10)),

@@ -1,14 +1,11 @@
-//! Triggers of a relation and the functions they call.
+//! Triggers and rules of a relation (the functions triggers call are in [`super::function`]).
 //!
 //! A trigger defined on a partitioned table has a clone on each partition that PostgreSQL
-//! creates by itself; only the parent's is saved. Functions are saved as `pg_get_functiondef`
-//! writes them (`CREATE OR REPLACE FUNCTION`), so a restore replaces a function of the same
-//! signature on the target with the source's, inside the restore's transaction.
+//! creates by itself; only the parent's is saved.
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use super::acl::{self, Access};
 use crate::pg::{ConnInfo, PgError, TableName};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,12 +22,7 @@ impl Trigger {
     /// `ALTER TABLE ... DISABLE/ENABLE REPLICA/ENABLE ALWAYS TRIGGER` when it does not fire
     /// normally.
     pub fn state_sql(&self, table: &str) -> Option<String> {
-        let how = match self.enabled.as_str() {
-            "D" => "DISABLE",
-            "R" => "ENABLE REPLICA",
-            "A" => "ENABLE ALWAYS",
-            _ => return None,
-        };
+        let how = enabled_keyword(&self.enabled)?;
         Some(format!(
             "ALTER TABLE {table} {how} TRIGGER {}",
             crate::pg::quote_ident(&self.name)
@@ -38,64 +30,89 @@ impl Trigger {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FunctionDef {
-    /// `schema.name(argument types)`, as `regprocedure` writes it.
-    pub signature: String,
-    pub definition: String,
-    pub access: Access,
-    pub comment: Option<String>,
-}
-
-/// The triggers of relation `oid`, and the user-defined functions they call.
+/// The triggers of relation `oid`.
 pub(crate) async fn load(
     client: &Client,
     conn: &ConnInfo,
     table: &TableName,
     oid: u32,
-) -> Result<(Vec<Trigger>, Vec<FunctionDef>), PgError> {
+) -> Result<Vec<Trigger>, PgError> {
     let q = |e| PgError::query(format!("reading the triggers of {table}"), conn, e);
     let rows = client
         .query(
-            &format!(
-                "SELECT t.tgname::text, pg_get_triggerdef(t.oid), t.tgenabled::text, \
-                   obj_description(t.oid, 'pg_trigger'), \
-                   CASE WHEN p.oid >= 16384 AND NOT EXISTS (SELECT 1 FROM pg_depend d \
-                     WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e') \
-                   THEN p.oid::regprocedure::text END, \
-                   pg_get_functiondef(p.oid), pg_get_userbyid(p.proowner)::text, {}, \
-                   obj_description(p.oid, 'pg_proc') \
-                 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
-                 WHERE t.tgrelid = $1 AND NOT t.tgisinternal AND t.tgparentid = 0 \
-                 ORDER BY t.tgname",
-                acl::select("p.proacl")
-            ),
+            "SELECT t.tgname::text, pg_get_triggerdef(t.oid), t.tgenabled::text, \
+               obj_description(t.oid, 'pg_trigger') \
+             FROM pg_trigger t WHERE t.tgrelid = $1 AND NOT t.tgisinternal AND t.tgparentid = 0 \
+             ORDER BY t.tgname",
             &[&oid],
         )
         .await
         .map_err(q)?;
-    let mut triggers = Vec::new();
-    let mut functions: Vec<FunctionDef> = Vec::new();
-    for r in rows {
-        triggers.push(Trigger {
+    Ok(rows
+        .iter()
+        .map(|r| Trigger {
             name: r.get(0),
             definition: r.get(1),
             enabled: r.get(2),
             comment: r.get(3),
-        });
-        if let Some(signature) = r.get::<_, Option<String>>(4) {
-            if !functions.iter().any(|f| f.signature == signature) {
-                functions.push(FunctionDef {
-                    signature,
-                    definition: r.get(5),
-                    access: Access {
-                        owner: Some(r.get(6)),
-                        acl: acl::parse(r.get(7)),
-                    },
-                    comment: r.get(8),
-                });
-            }
-        }
+        })
+        .collect())
+}
+
+/// A rule on a relation (not a view's `_RETURN`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub name: String,
+    /// As `pg_get_ruledef` writes it, without the final `;`.
+    pub definition: String,
+    /// `pg_rewrite.ev_enabled`, as for triggers.
+    pub enabled: String,
+    pub comment: Option<String>,
+}
+
+impl Rule {
+    /// `ALTER TABLE ... DISABLE/ENABLE REPLICA/ENABLE ALWAYS RULE` when it does not fire
+    /// normally.
+    pub fn state_sql(&self, table: &str) -> Option<String> {
+        let how = enabled_keyword(&self.enabled)?;
+        Some(format!(
+            "ALTER TABLE {table} {how} RULE {}",
+            crate::pg::quote_ident(&self.name)
+        ))
     }
-    Ok((triggers, functions))
+}
+
+fn enabled_keyword(enabled: &str) -> Option<&'static str> {
+    match enabled {
+        "D" => Some("DISABLE"),
+        "R" => Some("ENABLE REPLICA"),
+        "A" => Some("ENABLE ALWAYS"),
+        _ => None,
+    }
+}
+
+/// The rules of relation `oid`.
+pub(crate) async fn load_rules(
+    client: &Client,
+    conn: &ConnInfo,
+    table: &TableName,
+    oid: u32,
+) -> Result<Vec<Rule>, PgError> {
+    Ok(client
+        .query(
+            "SELECT rulename::text, rtrim(pg_get_ruledef(oid), ';'), ev_enabled::text, \
+               obj_description(oid, 'pg_rewrite') \
+             FROM pg_rewrite WHERE ev_class = $1 AND rulename <> '_RETURN' ORDER BY rulename",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| PgError::query(format!("reading the rules of {table}"), conn, e))?
+        .iter()
+        .map(|r| Rule {
+            name: r.get(0),
+            definition: r.get(1),
+            enabled: r.get(2),
+            comment: r.get(3),
+        })
+        .collect())
 }

@@ -16,6 +16,10 @@ pub struct TypeDef {
     pub kind: TypeKind,
     pub access: Access,
     pub comment: Option<String>,
+    /// Signatures of the user-defined functions its checks and default call, or that build
+    /// it: created before it (none in manifests written before they were saved).
+    #[serde(default)]
+    pub calls: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +120,8 @@ impl TypeDef {
 }
 
 /// Appends to `out` the user-defined type `oid` and everything it is built from, dependencies
-/// first; built-in types and types already in `out` are skipped.
+/// first; built-in types, types already in `out`, types of extensions (the model saves the
+/// extension) and row types of tables (their tables are restored, or must exist) are skipped.
 pub(crate) async fn load_into(
     client: &Client,
     conn: &ConnInfo,
@@ -143,7 +148,8 @@ pub(crate) async fn load_into(
                      t.typrelid, t.typdefault, pg_get_userbyid(t.typowner)::text, {}, \
                      obj_description(t.oid, 'pg_type'), \
                      EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass \
-                             AND d.objid = t.oid AND d.deptype = 'e') \
+                             AND d.objid = t.oid AND d.deptype = 'e'), \
+                     coalesce((SELECT c.relkind <> 'c' FROM pg_class c WHERE c.oid = t.typrelid), false) \
                      FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = $1",
                     acl::select("t.typacl")
                 ),
@@ -154,8 +160,9 @@ pub(crate) async fn load_into(
         let kind: String = row.get(2);
         let elem: u32 = row.get(3);
         let from_extension: bool = row.get(12);
-        if from_extension {
-            // The extension creates it; restoring it is the extension's job.
+        let row_type: bool = row.get(13);
+        if from_extension || row_type {
+            // The extension creates it, or its table does.
             seen.push(oid);
             continue;
         }
@@ -254,6 +261,7 @@ pub(crate) async fn load_into(
                 acl: acl::parse(row.get(10)),
             },
             comment: row.get(11),
+            calls: super::function::called_by_type(client, conn, oid).await?,
         });
     }
     Ok(())
@@ -273,6 +281,7 @@ mod tests {
                 acl: None,
             },
             comment: None,
+            calls: Vec::new(),
         };
         let opts = AccessOptions {
             no_owner: true,
