@@ -70,7 +70,9 @@ fn snapshots_by_due(cfg: &Path) -> BTreeMap<String, BTreeMap<i64, usize>> {
     for s in list {
         let time: chrono::DateTime<chrono::Utc> = s["time"].as_str().unwrap().parse().unwrap();
         let due = time.timestamp().div_euclid(EVERY) * EVERY;
-        *by.entry(s["source"].as_str().unwrap().to_string())
+        // `NAME (URL)`: by the configured name.
+        let db = s["source"].as_str().unwrap().split(' ').next().unwrap();
+        *by.entry(db.to_string())
             .or_default()
             .entry(due)
             .or_default() += 1;

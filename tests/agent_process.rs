@@ -163,11 +163,24 @@ db = "a"
     assert_eq!(s["pipelines"][0]["targets"][0]["up"], true, "{s}");
 
     // The change archive streams and stores segments; its lag and recovery point are known.
+    // (And a backup has succeeded since the first scrape, taken when the agent became ready.)
     let al = [("archive", "arc")];
+    let backups = |s: &Scrape| {
+        s.get(
+            "invsync_job_runs_total",
+            &[
+                ("schedule", "backup-a"),
+                ("job", "backup"),
+                ("result", "success"),
+            ],
+        )
+    };
     wait_until(Duration::from_secs(60), "the archive's figures", || async {
-        let names = Scrape::take(port).await.names();
+        let now = Scrape::take(port).await;
+        let names = now.names();
         names.contains("invsync_archive_lag_bytes")
             && names.contains("invsync_archive_recovery_point_age_seconds")
+            && backups(&now) > backups(&first)
     })
     .await;
     let later = Scrape::take(port).await;
