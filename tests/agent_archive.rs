@@ -1,7 +1,8 @@
 //! The agent's change archive and a real Prometheus server: `invsync agent` runs a pipeline and
 //! an `[archives.NAME]` entry while `einvoice-gen load` writes; Prometheus (Debian's
 //! `prometheus` binary, on loopback, scraping every second) stores the agent's series, and its
-//! HTTP query API returns the pipeline's lag and the archive's lag and recovery point age.
+//! HTTP query API returns the pipeline's lag and the archive's lag and recovery point age. The
+//! agent's pollers reuse their sessions: polls open no new session on the source.
 //! After SIGTERM the archive's open segment is stored: `archive status` shows an unbroken
 //! window ending at the source's position after the load.
 
@@ -197,6 +198,33 @@ shutdown_timeout = 20
         )
         .await;
     }
+    // The agent's pollers (the pipeline's status every 2 s, the archive's WAL position) and its
+    // lease keepers keep their sessions: four polls open no new session on the source.
+    let sessions = || -> i64 {
+        src.psql(
+            "einvoice",
+            "SELECT sessions FROM pg_stat_database WHERE datname = 'einvoice'",
+        )
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let polled = || async { status(port).await["pipelines"][0]["polled"].to_string() };
+    let before = sessions();
+    for _ in 0..4 {
+        let last = polled().await;
+        wait_until(Duration::from_secs(30), "the next poll", || async {
+            polled().await != last
+        })
+        .await;
+    }
+    let opened = sessions() - before;
+    // The two readings' own sessions may be counted.
+    assert!(
+        opened <= 2,
+        "{opened} sessions opened on the source over four polls"
+    );
+
     // A stored segment every second: the recovery point is never far behind.
     let age = Scrape::take(port)
         .await
