@@ -69,10 +69,11 @@ ensure_rust_tools() {
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 }
 
-# promtool (Debian's `prometheus` package), to check and unit-test the alert rules in
-# deploy/prometheus. Only the tool is wanted: the package's service is not started here.
+# Debian's `prometheus` package: promtool, to check and unit-test the alert rules in
+# deploy/prometheus (tests/deploy_rules.rs), and the server binary, which tests/agent_archive.rs
+# runs on loopback to scrape a live agent. The package's own service is not started here.
 ensure_prometheus() {
-  if ! command -v promtool >/dev/null 2>&1; then
+  if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
     apt_install --no-install-recommends prometheus
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
       systemctl disable --now prometheus >/dev/null 2>&1 || true

@@ -24,8 +24,8 @@ mod agent;
 /// that know them as configuration.
 pub use crate::pg::TablePattern;
 pub use agent::{
-    AgentConfig, BlackoutConfig, BlackoutWhen, DuringBlackout, JobSpec, KeepPolicy, LeaseTiming,
-    MissedRuns, ScheduleConfig, TimeOfDay, DEFAULT_TIME_ZONE,
+    AgentConfig, ArchiveConfig, BlackoutConfig, BlackoutWhen, DuringBlackout, JobSpec, KeepPolicy,
+    LeaseTiming, MissedRuns, ScheduleConfig, TimeOfDay, DEFAULT_TIME_ZONE,
 };
 
 /// The environment variable that names the config file when `--config` is not given.
@@ -95,6 +95,8 @@ pub struct Config {
     pub schedules: Vec<ScheduleConfig>,
     /// `[[blackouts]]`: the peak calendar, in the order of the file.
     pub blackouts: Vec<BlackoutConfig>,
+    /// `[archives.NAME]`: change archives the agent keeps running.
+    pub archives: BTreeMap<String, ArchiveConfig>,
 }
 
 /// A `${NAME}` in a value whose variable is not set when the configuration is loaded.
@@ -233,6 +235,8 @@ struct RawConfig {
     schedules: Vec<agent::RawSchedule>,
     #[serde(default)]
     blackouts: Vec<agent::RawBlackout>,
+    #[serde(default)]
+    archives: BTreeMap<String, agent::RawArchive>,
 }
 
 #[derive(Deserialize)]
@@ -537,6 +541,7 @@ impl Config {
         };
         let schedules = cx.schedules(raw.schedules, agent.time_zone, &names)?;
         let blackouts = cx.blackouts(raw.blackouts, agent.time_zone, &names)?;
+        let archives = cx.archives(raw.archives, &names)?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -546,6 +551,7 @@ impl Config {
             agent,
             schedules,
             blackouts,
+            archives,
         })
     }
 

@@ -1,7 +1,7 @@
 //! Leases and fencing against real clusters: two holders racing for one lease, expiry and
 //! take-over with a new epoch, the keeper's hand-over on a clean stop and on a crash, a stale
-//! holder's pipeline batch and backup refused by the fence, and a new holder ending the old
-//! holder's walsender and apply session.
+//! holder's pipeline batch, backup, forget and prune refused by the fence, and a new holder
+//! ending the old holder's walsender and apply session.
 
 mod backup_util;
 mod support;
@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use invsync::agent::lease::{self, holder_id, Acquired, LeasePlace, LeaseStatus, LeaseStore};
 use invsync::backup::repository::Repository;
+use invsync::backup::retention::{self, Policy};
 use invsync::backup::session::{self, BackupOptions, Quiet};
-use invsync::backup::{fence, snapshot, BackupError};
+use invsync::backup::{fence, prune, snapshot, BackupError};
 use invsync::config::LeaseTiming;
 use invsync::pg::Fence;
 use invsync::sync::SyncError;
@@ -136,6 +137,7 @@ fn keeper(
         held: false,
         epoch: 0,
         holder: None,
+        known: false,
     });
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(lease::keep(
@@ -364,6 +366,78 @@ async fn a_backup_with_an_older_epoch_publishes_no_snapshot() {
         fence::newest(&repo, "schedule/nightly").await.unwrap(),
         Some(3)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_or_prune_with_an_older_epoch_deletes_nothing() {
+    let pg = PgCluster::start();
+    backup_util::make_tables(&pg, "einvoice", 2000);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = backup_util::identity(dir.path(), "k");
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let repo = Repository::init(&backup_util::repo_config(&url, &key, &recipient))
+        .await
+        .unwrap();
+    let unfenced = |tables| BackupOptions {
+        database: Some(backup_util::tables_of(&pg, tables)),
+        config_dirs: vec![],
+        tags: vec![],
+        fence: None,
+    };
+    // Two snapshots of different tables: once the first is forgotten, its packs are unneeded.
+    for tables in ["public.items", "public.tags"] {
+        session::backup(&repo, &unfenced(tables), &Quiet)
+            .await
+            .unwrap();
+    }
+    let packs = || async { repo.list("data").await.unwrap().len() };
+    let (packs_before, snapshots) = (packs().await, || async {
+        snapshot::list(&repo).await.unwrap().len()
+    });
+    assert_eq!(snapshots().await, 2);
+
+    let lease = |epoch| Fence {
+        lease: "schedule/retention".into(),
+        epoch,
+    };
+    fence::raise(&repo, &lease(3)).await.unwrap();
+    let keep_one = Policy {
+        keep_last: Some(1),
+        ..Default::default()
+    };
+    let fenced = |e: &BackupError| {
+        matches!(
+            e,
+            BackupError::Fenced {
+                epoch: 2,
+                newer: 3,
+                ..
+            }
+        )
+    };
+
+    // A stale holder's forget (and the prune after it) deletes nothing.
+    let err = retention::forget_and_prune(&repo, &keep_one, false, true, Some(&lease(2)))
+        .await
+        .unwrap_err();
+    assert!(fenced(&err), "{err}");
+    assert_eq!(snapshots().await, 2, "no snapshot forgotten");
+
+    // A stale holder's prune deletes nothing, though there is something to delete.
+    retention::forget(&repo, &keep_one, false).await.unwrap();
+    assert_eq!(snapshots().await, 1);
+    let err = prune::prune_fenced(&repo, false, Some(&lease(2)))
+        .await
+        .unwrap_err();
+    assert!(fenced(&err), "{err}");
+    assert_eq!(packs().await, packs_before, "no pack deleted");
+
+    // The newest holder prunes.
+    let report = prune::prune_fenced(&repo, false, Some(&lease(3)))
+        .await
+        .unwrap();
+    assert!(report.packs_deleted > 0, "{report:?}");
+    assert_eq!(packs().await, packs_before - report.packs_deleted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! The agent as operators run it: the real `invsync agent` process against real clusters. It
 //! replicates while `einvoice-gen load` writes, runs its scheduled backup and verify (and
-//! retries a backup into an unreachable repository without disturbing the pipeline), serves
+//! retries a backup into an unreachable repository without disturbing the pipeline), keeps a
+//! change archive streaming, serves
 //! `/status`, `/readyz` and Prometheus `/metrics`, and stops cleanly on SIGTERM with nothing
 //! lost. Bad start-up input is one line and a non-zero exit.
 
@@ -50,6 +51,11 @@ identity_file = "{key}"
 url = "file://{gone}"
 recipients = ["{recipient}"]
 identity_file = "{key}"
+
+[archives.arc]
+db = "a"
+repo = "r"
+segment_seconds = 1
 
 [agent]
 listen = "127.0.0.1:{port}"
@@ -156,7 +162,31 @@ db = "a"
     assert_eq!(s["pipelines"][0]["state"], "streaming", "{s}");
     assert_eq!(s["pipelines"][0]["targets"][0]["up"], true, "{s}");
 
+    // The change archive streams and stores segments; its lag and recovery point are known.
+    // (And a backup has succeeded since the first scrape, taken when the agent became ready.)
+    let al = [("archive", "arc")];
+    let backups = |s: &Scrape| {
+        s.get(
+            "invsync_job_runs_total",
+            &[
+                ("schedule", "backup-a"),
+                ("job", "backup"),
+                ("result", "success"),
+            ],
+        )
+    };
+    wait_until(Duration::from_secs(60), "the archive's figures", || async {
+        let now = Scrape::take(port).await;
+        let names = now.names();
+        names.contains("invsync_archive_lag_bytes")
+            && names.contains("invsync_archive_recovery_point_age_seconds")
+            && backups(&now) > backups(&first)
+    })
+    .await;
     let later = Scrape::take(port).await;
+    assert_eq!(later.get("invsync_archive_up", &al), 1.0);
+    assert!(later.get("invsync_archive_segments_total", &al) >= 1.0);
+    assert!(later.get("invsync_archive_lag_bytes", &al) >= 0.0);
     let p = [("pipeline", "p")];
     let pt = [("pipeline", "p"), ("target", "b")];
     assert_eq!(

@@ -36,6 +36,12 @@ const EXPORTED: &[&str] = &[
     "invsync_blackout_active",                       // window
     "invsync_lease_held",                            // lease
     "invsync_lease_epoch",                           // lease
+    "invsync_archive_up",                            // archive
+    "invsync_archive_restarts_total",                // archive
+    "invsync_archive_segments_total",                // archive
+    "invsync_archive_transactions_total",            // archive
+    "invsync_archive_lag_bytes",                     // archive
+    "invsync_archive_recovery_point_age_seconds",    // archive
 ];
 
 fn deploy(path: &str) -> PathBuf {
@@ -105,6 +111,7 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         "invsync_job_runs_total",
         "invsync_verify_differences",
         "invsync_lease_held",
+        "invsync_archive_recovery_point_age_seconds",
     ] {
         assert!(watched.contains(metric), "no alert on {metric}");
     }

@@ -66,8 +66,9 @@ impl JobReport {
 }
 
 /// Runs `job` to its end, under the fence of its schedule's lease when there is one: a
-/// backup first raises the repository's fence to this epoch, then writes its snapshot only if
-/// no newer epoch started meanwhile.
+/// backup, forget or prune first raises the repository's fence to this epoch; a backup then
+/// writes its snapshot, a forget or prune deletes, only if no newer epoch started meanwhile.
+/// Verify jobs write nothing and need no fence.
 pub async fn run(
     config: &Config,
     job: &JobSpec,
@@ -152,13 +153,19 @@ pub async fn run(
                 keep_weekly: keep.keep_weekly,
                 keep_monthly: keep.keep_monthly,
             };
+            if let Some(f) = fence {
+                backup_fence::raise(&repository, f).await?;
+            }
             JobReport::Forget(
-                retention::forget_and_prune(&repository, &policy, false, *prune).await?,
+                retention::forget_and_prune(&repository, &policy, false, *prune, fence).await?,
             )
         }
         JobSpec::Prune { repo } => {
             let repository = open(repo).await?;
-            JobReport::Prune(prune::prune(&repository, false).await?)
+            if let Some(f) = fence {
+                backup_fence::raise(&repository, f).await?;
+            }
+            JobReport::Prune(prune::prune_fenced(&repository, false, fence).await?)
         }
     })
 }

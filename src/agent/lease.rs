@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use crate::cdc::names;
+use crate::cdc::{self, names};
 use crate::config::{Config, LeaseTiming, ScheduleConfig};
 use crate::pg::{ConnInfo, Fence, PgError};
 
@@ -86,6 +86,15 @@ pub struct LeasePlace {
 pub fn pipeline_lease(config: &Config, pipeline: &str) -> Result<LeasePlace, LeaseError> {
     let p = config.pipeline(pipeline).map_err(LeaseError::Config)?;
     place(config, format!("pipeline/{pipeline}"), Some(&p.source))
+}
+
+/// The lease of `archive`: in `[agent] lease_db`, else in the archived database.
+pub fn archive_lease(config: &Config, archive: &str) -> Result<LeasePlace, LeaseError> {
+    let a = config
+        .archives
+        .get(archive)
+        .ok_or_else(|| LeaseError::Config(format!("no archive named `{archive}`")))?;
+    place(config, format!("archive/{archive}"), Some(&a.db))
 }
 
 /// The lease of `schedule`: in `[agent] lease_db`, else in the first database the job reads
@@ -435,6 +444,9 @@ pub struct LeaseStatus {
     pub epoch: i64,
     /// Who holds it, when another agent does (as last seen).
     pub holder: Option<String>,
+    /// The lease's database has answered this keeper at least once, so `held` and `holder`
+    /// say what the database holds rather than the keeper's starting guess.
+    pub known: bool,
 }
 
 impl LeaseStatus {
@@ -473,12 +485,13 @@ pub async fn keep(
         client: None,
     };
     let (name, duration) = (place.name.as_str(), timing.duration);
+    let mut known = false;
     loop {
         let now = Instant::now();
         if machine.expire(now) {
             tracing::warn!(lease = %place.name, database = %place.database, "lease lost: not renewed within the deadline; stopping its work");
         }
-        publish(&place, &machine, now, &status);
+        publish(&place, &machine, now, known, &status);
         if *stop.borrow() {
             break;
         }
@@ -504,6 +517,7 @@ pub async fn keep(
                         tracing::warn!(lease = %place.name, database = %place.database, "cannot acquire the lease: {e}")
                     }
                 }
+                known |= answer.is_ok();
                 machine.acquired(sent, Instant::now(), answer.as_ref().ok());
             }
             Step::Renew { epoch } => {
@@ -523,6 +537,7 @@ pub async fn keep(
                         tracing::warn!(lease = %place.name, database = %place.database, epoch, "cannot renew the lease: {e}")
                     }
                 }
+                known |= answer.is_ok();
                 machine.renewed(epoch, sent, Instant::now(), answer.ok());
             }
         }
@@ -594,6 +609,7 @@ fn publish(
     place: &LeasePlace,
     machine: &Holder,
     now: Instant,
+    known: bool,
     status: &watch::Sender<LeaseStatus>,
 ) {
     let next = match (machine.held(now), machine.state()) {
@@ -602,18 +618,21 @@ fn publish(
             held: true,
             epoch,
             holder: None,
+            known,
         },
         (None, HolderState::Standby { seen, .. }) => LeaseStatus {
             lease: place.name.clone(),
             held: false,
             epoch: seen.as_ref().map_or(0, |s| s.1),
             holder: seen.as_ref().map(|s| s.0.clone()),
+            known,
         },
         (None, HolderState::Holding { epoch, .. }) => LeaseStatus {
             lease: place.name.clone(),
             held: false,
             epoch: *epoch,
             holder: None,
+            known,
         },
     };
     status.send_if_modified(|s| {
@@ -698,15 +717,7 @@ pub async fn take_over_pipeline(config: &Config, pipeline: &str) -> Result<TakeO
     let source = conn(&p.source)?;
     let client = source.connect().await?;
     let slot = names::slot(pipeline);
-    let walsender: Option<i32> = client
-        .query_opt(
-            "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots \
-             WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| PgError::query("ending the old walsender of the slot", &source, e))?
-        .map(|r| r.get(0));
+    let walsender = cdc::slot::end_walsender(&client, &source, &slot).await?;
     if let Some(pid) = walsender {
         tracing::info!(pipeline, slot, pid, "ended the previous holder's walsender");
     }

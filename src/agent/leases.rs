@@ -1,4 +1,4 @@
-//! The agent's leases: one keeper ([`lease::keep`]) per pipeline and per schedule, each in
+//! The agent's leases: one keeper ([`lease::keep`]) per pipeline, schedule and archive, each in
 //! the database its work lives in, and what each keeper sees mirrored into
 //! `invsync_lease_held{lease}`, `invsync_lease_epoch{lease}` and `/status`.
 //!
@@ -26,6 +26,7 @@ use crate::config::Config;
 pub struct Leases {
     pub pipelines: Vec<(String, watch::Receiver<LeaseStatus>)>,
     pub schedules: Vec<(String, watch::Receiver<LeaseStatus>)>,
+    pub archives: Vec<(String, watch::Receiver<LeaseStatus>)>,
 }
 
 impl Leases {
@@ -38,6 +39,11 @@ impl Leases {
     pub fn schedule(&self, name: &str) -> watch::Receiver<LeaseStatus> {
         find(&self.schedules, name)
     }
+
+    /// The lease of `archive`'s work.
+    pub fn archive(&self, name: &str) -> watch::Receiver<LeaseStatus> {
+        find(&self.archives, name)
+    }
 }
 
 fn find(
@@ -47,7 +53,7 @@ fn find(
     all.iter()
         .find(|(n, _)| n == name)
         .map(|(_, rx)| rx.clone())
-        .expect("a keeper is started for every pipeline and schedule of the configuration")
+        .expect("a keeper is started for every pipeline, schedule and archive of the configuration")
 }
 
 /// Starts a keeper for every pipeline and schedule of `config` on `tasks`, as `holder`,
@@ -66,7 +72,10 @@ pub fn start(
             held: false,
             epoch: 0,
             holder: None,
+            known: false,
         });
+        // Shown before any task runs, so `/readyz` never answers before the lease is listed.
+        show(shared, &rx.borrow(), &place.database);
         tasks.spawn(mirror(rx.clone(), place.database.clone(), shared.clone()));
         tasks.spawn(lease::keep(
             place,
@@ -94,9 +103,15 @@ pub fn start(
         };
         schedules.push((s.name.clone(), rx));
     }
+    let mut archives = Vec::new();
+    for name in config.archives.keys() {
+        let place = lease::archive_lease(config, name).map_err(config_error)?;
+        archives.push((name.clone(), keep(place, tasks)));
+    }
     Ok(Leases {
         pipelines,
         schedules,
+        archives,
     })
 }
 
@@ -116,6 +131,7 @@ fn unleased(
         held: true,
         epoch: 0,
         holder: None,
+        known: true,
     });
     let mut stop = stop.clone();
     // The status stays held until the leases are released.
@@ -130,26 +146,31 @@ fn unleased(
 async fn mirror(mut status: watch::Receiver<LeaseStatus>, database: String, shared: Arc<Shared>) {
     loop {
         let now = status.borrow_and_update().clone();
-        let labels = Metrics::lease(&now.lease);
-        shared
-            .metrics
-            .lease_held
-            .get_or_create(&labels)
-            .set(now.held.into());
-        shared
-            .metrics
-            .lease_epoch
-            .get_or_create(&labels)
-            .set(now.epoch);
-        shared.board.set_lease(LeaseView {
-            lease: now.lease,
-            database: database.clone(),
-            held: now.held,
-            epoch: now.epoch,
-            holder: now.holder,
-        });
+        show(&shared, &now, &database);
         if status.changed().await.is_err() {
             return;
         }
     }
+}
+
+fn show(shared: &Shared, now: &LeaseStatus, database: &str) {
+    let labels = Metrics::lease(&now.lease);
+    shared
+        .metrics
+        .lease_held
+        .get_or_create(&labels)
+        .set(now.held.into());
+    shared
+        .metrics
+        .lease_epoch
+        .get_or_create(&labels)
+        .set(now.epoch);
+    shared.board.set_lease(LeaseView {
+        lease: now.lease.clone(),
+        database: database.to_string(),
+        held: now.held,
+        epoch: now.epoch,
+        holder: now.holder.clone(),
+        known: now.known,
+    });
 }

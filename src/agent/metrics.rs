@@ -71,7 +71,7 @@ pub struct WindowLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaseLabels {
-    /// `pipeline/NAME` or `schedule/NAME`.
+    /// `pipeline/NAME`, `schedule/NAME` or `archive/NAME`.
     pub lease: String,
 }
 
@@ -110,6 +110,7 @@ pub struct Metrics {
     pub blackout_active: Family<WindowLabels, Gauge>,
     pub lease_held: Family<LeaseLabels, Gauge>,
     pub lease_epoch: Family<LeaseLabels, Gauge>,
+    pub archive: ArchiveMetrics,
 }
 
 impl Metrics {
@@ -152,6 +153,7 @@ impl Metrics {
             blackout_active: Family::default(),
             lease_held: Family::default(),
             lease_epoch: Family::default(),
+            archive: ArchiveMetrics::default(),
             registry: Registry::default(),
         };
         let Metrics {
@@ -180,6 +182,7 @@ impl Metrics {
             blackout_active,
             lease_held,
             lease_epoch,
+            archive: _,
         } = &m;
         let r = &mut registry;
         r.register(
@@ -363,7 +366,12 @@ impl Metrics {
                 window: w.name.clone(),
             });
         }
-        Metrics { registry, ..m }
+        let archive = ArchiveMetrics::new(&mut registry, config, lease_held, lease_epoch);
+        Metrics {
+            registry,
+            archive,
+            ..m
+        }
     }
 
     /// The text exposition format (`text/plain; version=0.0.4` with `# EOF`, as
@@ -405,6 +413,85 @@ impl Metrics {
     pub fn pipeline(pipeline: &str) -> PipelineLabels {
         PipelineLabels {
             pipeline: pipeline.to_string(),
+        }
+    }
+}
+
+// The change archives' series (see `archives`).
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ArchiveLabels {
+    pub archive: String,
+}
+
+/// The series of `[archives.NAME]`. `lag_bytes` and `recovery_point_age` exist only on the
+/// agent running the archive (absent on a standby, so an alert needs no lease filter).
+#[derive(Default)]
+pub struct ArchiveMetrics {
+    pub up: Family<ArchiveLabels, Gauge>,
+    pub restarts: Family<ArchiveLabels, Counter>,
+    pub segments: Family<ArchiveLabels, Counter>,
+    pub transactions: Family<ArchiveLabels, Counter>,
+    pub lag_bytes: Family<ArchiveLabels, Gauge>,
+    pub recovery_point_age: Family<ArchiveLabels, Seconds>,
+}
+
+impl ArchiveMetrics {
+    fn new(
+        r: &mut Registry,
+        config: &Config,
+        lease_held: &Family<LeaseLabels, Gauge>,
+        lease_epoch: &Family<LeaseLabels, Gauge>,
+    ) -> ArchiveMetrics {
+        let m = ArchiveMetrics::default();
+        r.register(
+            "archive_up",
+            "1 while the change archive streams from its slot",
+            m.up.clone(),
+        );
+        r.register(
+            "archive_restarts",
+            "Times the change archive failed and was started again",
+            m.restarts.clone(),
+        );
+        r.register(
+            "archive_segments",
+            "Archive segments stored by this agent",
+            m.segments.clone(),
+        );
+        r.register(
+            "archive_transactions",
+            "Source transactions archived by this agent",
+            m.transactions.clone(),
+        );
+        r.register(
+            "archive_lag_bytes",
+            "WAL the archived database wrote past the end of the newest stored segment",
+            m.lag_bytes.clone(),
+        );
+        r.register(
+            "archive_recovery_point_age_seconds",
+            "Time since the archive last held everything the database wrote: what a point-in-time restore would lose now",
+            m.recovery_point_age.clone(),
+        );
+        for name in config.archives.keys() {
+            let ll = Metrics::lease(&format!("archive/{name}"));
+            let _ = lease_held.get_or_create(&ll);
+            let _ = lease_epoch.get_or_create(&ll);
+            let al = Metrics::archive(name);
+            let _ = m.up.get_or_create(&al);
+            let _ = m.restarts.get_or_create(&al);
+            let _ = m.segments.get_or_create(&al);
+            let _ = m.transactions.get_or_create(&al);
+        }
+        m
+    }
+}
+
+impl Metrics {
+    pub fn archive(archive: &str) -> ArchiveLabels {
+        ArchiveLabels {
+            archive: archive.to_string(),
         }
     }
 }

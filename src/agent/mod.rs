@@ -10,7 +10,11 @@
 //! - [`plan`]: the report of `invsync agent --check`, the next runs of every schedule.
 //!
 //! Around it, the process ([`run`]):
-//! - [`pipelines`]: each pipeline's task, restarted with backoff, and the poller of lag;
+//! - [`supervisor`]: the loop that runs a pipeline or an archive under its lease and restarts
+//!   it with backoff;
+//! - [`pipelines`]: each pipeline's task and the poller of lag;
+//! - [`archives`]: each change archive's task, run like a pipeline, and the poller of its lag
+//!   and recovery point;
 //! - [`scheduler`]: each schedule's task, which runs its [`jobs`] and retries failed ones;
 //! - [`state`]: each schedule's last run, kept across restarts;
 //! - [`status`], [`metrics`] and [`endpoint`]: what `/status`, `/readyz` and `/metrics` show.
@@ -21,11 +25,13 @@
 //! configuration. Pipelines and jobs run only while their lease is held, with its fence.
 //!
 //! Every task is owned by [`run`]'s `JoinSet` and watches one shutdown channel; after the
-//! signal, pipelines commit their batches with their progress, jobs are abandoned, then the
+//! signal, pipelines commit their batches with their progress, running jobs get the rest of
+//! the bound to finish (and are abandoned after it), then the
 //! leases are released (their keepers live in a second `JoinSet` with their own signal), and
 //! `run` returns within `[agent] shutdown_timeout` whatever a task does. Every instant is a
 //! `DateTime<Utc>`; wall-clock times exist only in the configuration and in rendered reports.
 
+pub mod archives;
 pub mod calendar;
 pub mod endpoint;
 pub mod jobs;
@@ -39,6 +45,7 @@ pub mod schedule;
 pub mod scheduler;
 pub mod state;
 pub mod status;
+pub mod supervisor;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -146,6 +153,23 @@ async fn run_local(
             stop.clone(),
         ));
     }
+    for name in config.archives.keys() {
+        tasks.spawn_local(archives::supervise(
+            config.clone(),
+            name.clone(),
+            shared.clone(),
+            leases.archive(name),
+            stop.clone(),
+        ));
+    }
+    if !config.archives.is_empty() {
+        tasks.spawn(archives::poll(
+            config.clone(),
+            shared.clone(),
+            pipelines::POLL,
+            stop.clone(),
+        ));
+    }
     tasks.spawn(scheduler::watch_windows(
         calendar.clone(),
         shared.clone(),
@@ -168,6 +192,7 @@ async fn run_local(
         holder = %holder,
         pipelines = config.pipelines.len(),
         schedules = config.schedules.len(),
+        archives = config.archives.len(),
         state_file = %store.path().display(),
     );
 
@@ -181,7 +206,7 @@ async fn run_local(
     tracing::info!(
         event = "agent_stopping",
         timeout_s = limit.as_secs(),
-        "finishing pipeline batches and abandoning running jobs"
+        "finishing pipeline batches; running jobs may finish within the bound"
     );
     let _ = stop_tx.send(true);
     if tokio::time::timeout_at(deadline, join_all(&mut tasks))

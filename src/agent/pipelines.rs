@@ -1,7 +1,9 @@
 //! The agent's pipelines: each runs `sync::run_observed` (the code of `invsync sync run`) in a
-//! task that restarts it with capped exponential backoff when it fails, and one poller reads
-//! every pipeline's slot and targets (`sync::status`, the code of `invsync sync status`) for
-//! lag, retained WAL and reachability.
+//! task that restarts it with capped exponential backoff when it fails (the loop of
+//! `supervisor`, shared with the change archives), and one poller reads
+//! every pipeline's slot and targets (`sync::status_in`, the code of `invsync sync status`) for
+//! lag, retained WAL and reachability, through one session per database kept open between
+//! polls.
 //!
 //! `sync::run` already reconnects after transient failures on its own; what reaches this
 //! supervisor is a failure a person may have to fix (a schema drift, a missing slot). It is
@@ -29,17 +31,12 @@ use tokio::sync::watch;
 use super::lease::{self, LeaseStatus};
 use super::metrics::{Metrics, TABLE_PHASES};
 use super::status::PipelineState;
+use super::supervisor::{self, Term, Work};
 use super::Shared;
 use crate::config::Config;
-use crate::pg::Fence;
+use crate::pg::{Fence, Sessions};
 use crate::sync::{self, Observer, SyncError};
 
-/// The first wait before restarting a failed pipeline; it doubles with each failure...
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// ...up to this.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// A pipeline that ran this long before failing starts its backoff over.
-const HEALTHY_RUN: Duration = Duration::from_secs(120);
 /// How often the slots and targets are read.
 pub const POLL: Duration = Duration::from_secs(2);
 
@@ -83,13 +80,93 @@ impl Observer for Watcher<'_> {
     }
 }
 
-/// How one term of running the pipeline under its lease ended.
-enum Term {
-    /// The shutdown: the pipeline committed its batch and stopped.
-    Stopped,
-    /// The lease was lost (or its keeper ended): the run was dropped at once.
-    LeaseLost,
-    Failed(SyncError),
+/// One pipeline as the restart loop (`supervisor`) runs it.
+struct Pipeline {
+    config: Arc<Config>,
+    name: String,
+    shared: Arc<Shared>,
+}
+
+impl Work for Pipeline {
+    type Error = SyncError;
+
+    fn set_state(&self, state: PipelineState) {
+        self.shared.board.pipeline(&self.name, |p| p.state = state);
+    }
+
+    /// Ends the previous holder's sessions, then streams with the lease's fence, so a batch
+    /// from an older term can never commit after this one started.
+    async fn term(
+        &self,
+        fence: &Fence,
+        lease: &mut watch::Receiver<LeaseStatus>,
+        stop: &watch::Receiver<bool>,
+    ) -> Term<SyncError> {
+        let (config, pipeline) = (&*self.config, self.name.as_str());
+        let watcher = Watcher {
+            pipeline,
+            shared: &self.shared,
+            streaming: AtomicBool::new(false),
+        };
+        let work = async {
+            match lease::take_over_pipeline(config, pipeline).await {
+                Ok(_) => {}
+                Err(e) if e.is_transient() => {
+                    // The sync run below meets the same outage and is retried with backoff.
+                    tracing::warn!(pipeline, error = %e, "cannot end the previous holder's sessions")
+                }
+                Err(e) => return Term::Failed(SyncError::Config(e.to_string())),
+            }
+            match sync::run_observed(config, pipeline, stop.clone(), Some(fence), &watcher).await {
+                Ok(()) => Term::Stopped,
+                Err(e) => Term::Failed(e),
+            }
+        };
+        let term = tokio::select! {
+            t = work => t,
+            _ = lease::until_lost(lease) => Term::LeaseLost,
+        };
+        watcher.streaming(false);
+        term
+    }
+
+    fn failed(&self, error: &SyncError, backoff: Duration) {
+        let retry_at = supervisor::retry_at(backoff);
+        self.shared
+            .metrics
+            .pipeline_restarts
+            .get_or_create(&Metrics::pipeline(&self.name))
+            .inc();
+        self.shared.board.pipeline(&self.name, |p| {
+            p.state = PipelineState::Retrying;
+            p.restarts += 1;
+            p.last_error = Some(error.to_string());
+            p.retry_at = Some(retry_at);
+        });
+        tracing::error!(
+            event = "pipeline_failed",
+            pipeline = %self.name,
+            error = %error,
+            retry_in_ms = backoff.as_millis() as u64,
+        );
+    }
+
+    fn restarting(&self) {
+        tracing::info!(event = "pipeline_restarting", pipeline = %self.name);
+    }
+
+    fn stopped(&self) {
+        tracing::info!(event = "pipeline_stopped", pipeline = %self.name);
+    }
+
+    fn stepped_down(&self, fence: &Fence) {
+        tracing::warn!(
+            event = "pipeline_stepped_down",
+            pipeline = %self.name,
+            epoch = fence.epoch,
+            "the pipeline's lease is no longer held: stopped at once; standing by"
+        );
+    }
 }
 
 /// Runs `pipeline` until `stop`, while this agent holds its lease (`lease`), restarting it
@@ -98,133 +175,25 @@ pub async fn supervise(
     config: Arc<Config>,
     pipeline: String,
     shared: Arc<Shared>,
-    mut lease: watch::Receiver<LeaseStatus>,
-    mut stop: watch::Receiver<bool>,
+    lease: watch::Receiver<LeaseStatus>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        shared
-            .board
-            .pipeline(&pipeline, |p| p.state = PipelineState::Standby);
-        let fence = tokio::select! {
-            f = lease::until_held(&mut lease) => f,
-            _ = stop.changed() => None,
-        };
-        let Some(fence) = fence else {
-            shared
-                .board
-                .pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
-            return;
-        };
-        shared
-            .board
-            .pipeline(&pipeline, |p| p.state = PipelineState::Starting);
-        let started = std::time::Instant::now();
-        let term = run_term(&config, &pipeline, &shared, &fence, &mut lease, &stop).await;
-        let error = match term {
-            Term::Stopped => {
-                shared
-                    .board
-                    .pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
-                tracing::info!(event = "pipeline_stopped", pipeline = %pipeline);
-                return;
-            }
-            Term::LeaseLost => {
-                stepped_down(&pipeline, &fence);
-                continue;
-            }
-            Term::Failed(e) => e,
-        };
-        if started.elapsed() > HEALTHY_RUN {
-            backoff = FIRST_BACKOFF;
-        }
-        let retry_at = Utc::now() + backoff;
-        shared
-            .metrics
-            .pipeline_restarts
-            .get_or_create(&Metrics::pipeline(&pipeline))
-            .inc();
-        shared.board.pipeline(&pipeline, |p| {
-            p.state = PipelineState::Retrying;
-            p.restarts += 1;
-            p.last_error = Some(error.to_string());
-            p.retry_at = Some(retry_at);
-        });
-        tracing::error!(
-            event = "pipeline_failed",
-            pipeline = %pipeline,
-            error = %error,
-            retry_in_ms = backoff.as_millis() as u64,
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = lease::until_lost(&mut lease) => {
-                stepped_down(&pipeline, &fence);
-                continue;
-            }
-            _ = stop.changed() => {
-                shared.board.pipeline(&pipeline, |p| p.state = PipelineState::Stopped);
-                return;
-            }
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-        tracing::info!(event = "pipeline_restarting", pipeline = %pipeline);
-    }
-}
-
-fn stepped_down(pipeline: &str, fence: &Fence) {
-    tracing::warn!(
-        event = "pipeline_stepped_down",
-        pipeline,
-        epoch = fence.epoch,
-        "the pipeline's lease is no longer held: stopped at once; standing by"
-    );
-}
-
-/// Runs the pipeline once under `fence`: first ends what an earlier holder left open, then
-/// streams until the shutdown (a clean stop), a failure, or the loss of the lease, on which the
-/// run is dropped without waiting for its batch (the fence refuses what it might still commit).
-async fn run_term(
-    config: &Config,
-    pipeline: &str,
-    shared: &Shared,
-    fence: &Fence,
-    lease: &mut watch::Receiver<LeaseStatus>,
-    stop: &watch::Receiver<bool>,
-) -> Term {
-    let watcher = Watcher {
-        pipeline,
+    let work = Pipeline {
+        config,
+        name: pipeline,
         shared,
-        streaming: AtomicBool::new(false),
     };
-    let work = async {
-        match lease::take_over_pipeline(config, pipeline).await {
-            Ok(_) => {}
-            Err(e) if e.is_transient() => {
-                // The sync run below meets the same outage and is retried with backoff.
-                tracing::warn!(pipeline, error = %e, "cannot end the previous holder's sessions")
-            }
-            Err(e) => return Term::Failed(SyncError::Config(e.to_string())),
-        }
-        match sync::run_observed(config, pipeline, stop.clone(), Some(fence), &watcher).await {
-            Ok(()) => Term::Stopped,
-            Err(e) => Term::Failed(e),
-        }
-    };
-    let term = tokio::select! {
-        t = work => t,
-        _ = lease::until_lost(lease) => Term::LeaseLost,
-    };
-    watcher.streaming(false);
-    term
+    supervisor::supervise(work, lease, stop).await
 }
 
-/// Reads every pipeline's slot and targets each [`POLL`] until `stop`.
+/// Reads every pipeline's slot and targets each [`POLL`] until `stop`, through sessions kept
+/// open from one poll to the next (one per database, made again after a failed read).
 pub async fn poll(config: Arc<Config>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut sessions = Sessions::new();
     loop {
         for name in config.pipelines.keys() {
             let read = tokio::select! {
-                r = sync::status(&config, Some(name)) => r,
+                r = sync::status_in(&config, Some(name), &mut sessions) => r,
                 _ = stop.changed() => return,
             };
             match read {

@@ -128,7 +128,7 @@ pub struct Counters {
 }
 
 /// A run waiting for its windows to close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeferredRun {
     pub due: DateTime<Utc>,
     pub until: DateTime<Utc>,
@@ -180,6 +180,14 @@ impl ScheduleState {
             running_since: None,
             counters: Counters::default(),
         }
+    }
+
+    /// Keeps waiting for a run deferred before the agent restarted (as the state file recorded
+    /// it): it is offered when its windows close, as if the agent had not stopped, and the
+    /// calendar is asked again then.
+    pub fn with_deferred(mut self, run: Option<DeferredRun>) -> ScheduleState {
+        self.deferred = run;
+        self
     }
 
     pub fn schedule(&self) -> &ScheduleConfig {
@@ -664,6 +672,44 @@ mod tests {
                 until: utc("2026-01-26T16:00:00Z"),
                 windows: vec!["prize-draw".into()]
             }]
+        );
+    }
+
+    #[test]
+    fn a_deferred_run_kept_across_a_restart_runs_at_the_window_end() {
+        let cal = prize_draw();
+        let mut s = schedule("0 30 2 * * *", TAIPEI);
+        // So that only the kept deferral can make a run at the window's end.
+        s.missed = MissedRuns::Skip;
+        let mut before = ScheduleState::resume(s.clone(), None, utc("2026-01-23T00:00:00Z"));
+        drive(&mut before, &cal, utc("2026-01-24T00:00:00Z"));
+        let kept = before.deferred();
+        assert_eq!(
+            kept,
+            Some(DeferredRun {
+                due: utc("2026-01-23T18:30:00Z"),
+                until: utc("2026-01-26T16:00:00Z"),
+            })
+        );
+        // Down from 24 January, restarted inside the window on the 25th.
+        let mut after =
+            ScheduleState::resume(s, Some(before.handled_until()), utc("2026-01-25T00:00:00Z"))
+                .with_deferred(kept);
+        let events = drive(&mut after, &cal, utc("2026-01-26T17:00:00Z"));
+        let starts: Vec<_> = events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Start { .. }))
+            .collect();
+        assert_eq!(
+            starts,
+            vec![&(
+                utc("2026-01-26T16:00:00Z"),
+                Event::Start {
+                    due: utc("2026-01-23T18:30:00Z"),
+                    catch_up: false
+                }
+            )],
+            "{events:?}"
         );
     }
 

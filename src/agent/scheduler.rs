@@ -12,9 +12,13 @@
 //!   as soon as the lease is lost; the fence it carries refuses what it might still write.
 //!   At start the first tick waits (up to `renew_deadline`) until the lease's holder is known,
 //!   so a missed run due at start is not skipped only because the keeper has not asked yet.
-//! - At shutdown a running job is abandoned (dropped): every job is safe to stop at any point
-//!   (a backup's snapshot is written last, a prune's deletions are of unreferenced data), and
-//!   its next run starts over.
+//! - At shutdown a running job is given the rest of `[agent] shutdown_timeout` (less
+//!   [`RELEASE_RESERVE`], kept for releasing the leases) to finish, and its result is recorded
+//!   as any other; one still running then is abandoned (dropped): every job is safe to stop at
+//!   any point (a backup's snapshot is written last, a prune's deletions are of unreferenced
+//!   data), and its next run starts over.
+//! - A run deferred by a blackout window is kept in the state file with the schedule's
+//!   `handled_until`, so an agent restarted inside the window still runs it when it closes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +43,9 @@ use crate::pg::Fence;
 pub const FIRST_RETRY: Duration = Duration::from_secs(2);
 /// ...up to this.
 pub const MAX_RETRY: Duration = Duration::from_secs(300);
+/// The part of the shutdown bound a running job does not get: the leases are released after
+/// the work stopped, within the same bound.
+pub const RELEASE_RESERVE: Duration = Duration::from_secs(2);
 
 /// A running job. Not `Send`: the repository's keys and verify's callbacks live on one
 /// thread, so schedules run as local tasks (see `agent::run`).
@@ -82,7 +89,8 @@ impl Scheduler {
                 .get_or_create(&Metrics::schedule(&schedule.name))
                 .set(t.timestamp_millis() as f64 / 1000.0);
         }
-        let state = ScheduleState::resume(schedule, record.handled_until, Utc::now());
+        let state = ScheduleState::resume(schedule, record.handled_until, Utc::now())
+            .with_deferred(record.deferred);
         Scheduler {
             config,
             calendar,
@@ -92,7 +100,7 @@ impl Scheduler {
             retry: None,
             backoff: FIRST_RETRY,
             failures: 0,
-            deferred_by: Vec::new(),
+            deferred_by: record.deferred_by,
         }
     }
 
@@ -109,7 +117,7 @@ impl Scheduler {
     ) {
         // The first tick may start a missed run: first learn who holds the lease (this agent
         // or another), unless its database does not answer within the renew deadline.
-        let known = lease.wait_for(|s| s.held || s.holder.is_some());
+        let known = lease.wait_for(|s| s.known);
         let bound = self.config.agent.lease.renew_deadline;
         tokio::select! {
             _ = tokio::time::timeout(bound, known) => {}
@@ -175,13 +183,8 @@ impl Scheduler {
                 .min();
             tokio::select! {
                 _ = stop.changed() => {
-                    if job.is_some() {
-                        tracing::warn!(
-                            event = "job_abandoned",
-                            schedule = self.name(),
-                            "shutting down: the running job is stopped; its next run starts over"
-                        );
-                        self.set_running(false);
+                    if let Some((running, started)) = job.take() {
+                        self.finish_at_shutdown(running, started, &mut lease).await;
                     }
                     return;
                 }
@@ -202,6 +205,43 @@ impl Scheduler {
                 _ = sleep_until(wake) => {}
             }
         }
+    }
+
+    /// Lets the job running at shutdown finish within the bound (see the module
+    /// documentation), recording its result; abandons it after, or when the lease is lost.
+    async fn finish_at_shutdown(
+        &mut self,
+        running: Running,
+        started: DateTime<Utc>,
+        lease: &mut watch::Receiver<LeaseStatus>,
+    ) {
+        let bound = self
+            .config
+            .agent
+            .shutdown_timeout
+            .saturating_sub(RELEASE_RESERVE);
+        tracing::info!(
+            event = "job_finishing",
+            schedule = self.name(),
+            bound_s = bound.as_secs_f64(),
+            "shutting down: the running job may finish within the shutdown bound"
+        );
+        let why = tokio::select! {
+            result = running => {
+                self.finished(started, result);
+                return;
+            }
+            _ = lease::until_lost(lease) => "the schedule's lease is no longer held",
+            _ = tokio::time::sleep(bound) => "the job did not finish within the shutdown bound",
+        };
+        self.state.finished();
+        self.set_running(false);
+        tracing::warn!(
+            event = "job_abandoned",
+            schedule = self.name(),
+            reason = why,
+            "shutting down: the running job is stopped; its next run starts over"
+        );
     }
 
     /// Counts a run not started because another agent holds the schedule's lease.
@@ -428,14 +468,23 @@ impl Scheduler {
         }
     }
 
-    /// Writes `handled_until` when it moved.
+    /// Writes `handled_until` and the deferred run when they changed.
     fn record_handled(&self) {
         let handled = self.state.handled_until();
+        let deferred = self.state.deferred();
         let name = self.name();
-        if self.store.get(name).handled_until == Some(handled) {
+        let recorded = self.store.get(name);
+        if recorded.handled_until == Some(handled) && recorded.deferred == deferred {
             return;
         }
-        if let Err(e) = self.store.update(name, |r| r.handled_until = Some(handled)) {
+        let windows = deferred
+            .map(|_| self.deferred_by.clone())
+            .unwrap_or_default();
+        if let Err(e) = self.store.update(name, |r| {
+            r.handled_until = Some(handled);
+            r.deferred = deferred;
+            r.deferred_by = windows;
+        }) {
             tracing::error!(event = "state_not_saved", schedule = name, error = %e);
         }
     }

@@ -4,8 +4,10 @@
 //! temporary file and renaming it over the old one, so a crash leaves the old or the new file,
 //! never half of one.
 //!
-//! A restarted agent counts the runs due after `handled_until` as missed (see `schedule`). A
-//! job abandoned at shutdown counts as dealt with: its next run starts over.
+//! A restarted agent counts the runs due after `handled_until` as missed (see `schedule`), and
+//! keeps waiting for a run a blackout window deferred (`deferred`), which runs when the window
+//! closes even if the agent restarted inside it. A job abandoned at shutdown counts as dealt
+//! with: its next run starts over.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +16,7 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::schedule::DeferredRun;
 use super::status::RunRecord;
 use super::AgentError;
 use crate::config::Config;
@@ -27,6 +30,11 @@ pub struct ScheduleRecord {
     pub handled_until: Option<DateTime<Utc>>,
     pub last_run: Option<RunRecord>,
     pub last_success: Option<DateTime<Utc>>,
+    /// A run waiting for blackout windows to close, and the windows that deferred it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<DeferredRun>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred_by: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

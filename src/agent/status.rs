@@ -21,6 +21,8 @@ pub struct AgentStatus {
     pub time_zone: String,
     pub pipelines: Vec<PipelineView>,
     pub schedules: Vec<ScheduleView>,
+    /// The change archives (`[archives.NAME]`).
+    pub archives: Vec<ArchiveView>,
     /// The blackout windows open now.
     pub windows_active: Vec<String>,
     /// Every lease of this agent's work and who holds it, as its keeper last saw.
@@ -40,6 +42,8 @@ pub struct LeaseView {
     pub epoch: i64,
     /// The other agent holding it, as last seen.
     pub holder: Option<String>,
+    /// Its database has answered at least once since the agent started.
+    pub known: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -84,6 +88,30 @@ pub struct TargetView {
     pub applied_transactions: u64,
     /// Why it is not up.
     pub error: Option<String>,
+}
+
+/// One change archive as `/status` shows it (see `archives`). Its state is a pipeline's:
+/// standby, starting, streaming, retrying or stopped.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiveView {
+    pub name: String,
+    pub db: String,
+    pub repo: String,
+    pub state: PipelineState,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+    pub retry_at: Option<DateTime<Utc>>,
+    /// The archive's slot, once streaming.
+    pub slot: Option<String>,
+    /// The end of the newest stored segment (or where the run resumed).
+    pub archived_lsn: Option<Lsn>,
+    /// Segments stored by this agent since it started.
+    pub segments: u64,
+    /// WAL written on the database past `archived_lsn`, at the last poll.
+    pub lag_bytes: Option<i64>,
+    /// Everything the database wrote up to this instant is archived.
+    pub recovery_point: Option<DateTime<Utc>>,
+    pub recovery_point_age_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,6 +227,7 @@ impl Board {
             time_zone: config.agent.time_zone.name().to_string(),
             pipelines,
             schedules,
+            archives: super::archives::views(config),
             windows_active: Vec::new(),
             leases: Vec::new(),
         }))
@@ -223,6 +252,22 @@ impl Board {
         }
     }
 
+    /// Changes the view of archive `name`.
+    pub fn archive(&self, name: &str, change: impl FnOnce(&mut ArchiveView)) {
+        if let Some(a) = self.lock().archives.iter_mut().find(|a| a.name == name) {
+            change(a);
+        }
+    }
+
+    /// A copy of the view of archive `name`.
+    pub fn archive_view(&self, name: &str) -> Option<ArchiveView> {
+        self.lock()
+            .archives
+            .iter()
+            .find(|a| a.name == name)
+            .cloned()
+    }
+
     pub fn set_windows_active(&self, windows: Vec<String>) {
         self.lock().windows_active = windows;
     }
@@ -236,12 +281,19 @@ impl Board {
         }
     }
 
-    /// `Ok` when every pipeline this agent runs streams and its targets are up; else each
-    /// reason. A pipeline on standby (another agent holds its lease) counts as ready: the
+    /// `Ok` when the database of every lease has answered once (so the agent knows which work
+    /// is its own), every pipeline this agent runs streams with its targets up, and every
+    /// archive it runs streams; else each reason. A pipeline on standby (another agent holds its lease) counts as ready: the
     /// agent is healthy, just standing by.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let status = self.lock();
         let mut reasons = Vec::new();
+        for l in status.leases.iter().filter(|l| !l.known) {
+            reasons.push(format!(
+                "lease {} is not known yet: database {} has not answered",
+                l.lease, l.database
+            ));
+        }
         for p in status
             .pipelines
             .iter()
@@ -270,6 +322,18 @@ impl Board {
                     t.error.as_deref().unwrap_or("unknown")
                 ));
             }
+        }
+        for a in status
+            .archives
+            .iter()
+            .filter(|a| !matches!(a.state, PipelineState::Standby | PipelineState::Streaming))
+        {
+            let why = a
+                .last_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            reasons.push(format!("archive {} is not streaming{why}", a.name));
         }
         if reasons.is_empty() {
             Ok(())

@@ -173,6 +173,23 @@ pub struct ArchiveOptions {
     pub closing: ClosingRule,
 }
 
+/// What an archive run tells its caller while it runs (the agent makes metrics and `/status`
+/// of it). Called on the run's task between transactions: it must return at once.
+pub trait ArchiveObserver: Sync {
+    /// The stream from slot `slot` is open; everything up to `start` is archived already.
+    fn streaming(&self, slot: &str, start: Lsn);
+    /// A segment is stored (data, then manifest); the slot is confirmed up to its end next.
+    fn stored(&self, segment: &SegmentManifest);
+}
+
+/// Tells nothing (`invsync archive run` prints its summary at the end).
+pub struct Unobserved;
+
+impl ArchiveObserver for Unobserved {
+    fn streaming(&self, _: &str, _: Lsn) {}
+    fn stored(&self, _: &SegmentManifest) {}
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ArchiveSummary {
@@ -194,6 +211,7 @@ fn pg_time(micros: i64) -> DateTime<Utc> {
 struct SegmentWriter<'a> {
     repo: &'a Repository,
     lock: &'a Lock,
+    observer: &'a dyn ArchiveObserver,
     db: String,
     slot: String,
     system: Option<String>,
@@ -318,13 +336,11 @@ impl ChangeSink for SegmentWriter<'_> {
                 &SegmentData { transactions: txns },
             )
             .await?;
+        let manifest = SegmentManifest { data, ..manifest };
         self.repo
-            .write_object(
-                KIND_SEGMENT,
-                SEGMENTS_DIR,
-                &SegmentManifest { data, ..manifest },
-            )
+            .write_object(KIND_SEGMENT, SEGMENTS_DIR, &manifest)
             .await?;
+        self.observer.stored(&manifest);
         if manifest.transactions > 0 {
             // Stored, not yet confirmed: a restart must not store these transactions again.
             failpoint("archive-after-segment");
@@ -612,6 +628,22 @@ async fn find_slot(
     }))
 }
 
+/// Ends the walsender an earlier holder of this archive (a paused or cut-off agent) may still
+/// stream from the archive's slot, as a new holder of its lease does before [`run_observed`].
+/// Returns its process id, if one was active. Nothing to end when the slot does not exist yet.
+pub async fn take_over(
+    repo: &Repository,
+    opts: &ArchiveOptions,
+) -> Result<Option<i32>, BackupError> {
+    let conn = &opts.conn;
+    let prefix = names::archive(&repo.config.id, &source_label(&opts.label, conn));
+    let client = conn.connect().await?;
+    match find_slot(&client, conn, &prefix).await? {
+        Some((slot, _)) => Ok(slot::end_walsender(&client, conn, &slot).await?),
+        None => Ok(None),
+    }
+}
+
 /// Archives `opts.conn`'s change stream into `repo` until `stop` turns true (the open segment
 /// is stored first) or the stream fails. Creates the archive's publication and slot on first
 /// use. Holds an archive lock, so prune keeps what it is writing.
@@ -619,6 +651,16 @@ pub async fn run(
     repo: &Repository,
     opts: &ArchiveOptions,
     stop: &mut watch::Receiver<bool>,
+) -> Result<ArchiveSummary, BackupError> {
+    run_observed(repo, opts, stop, &Unobserved).await
+}
+
+/// [`run`], telling `observer` where the archive stands as it goes.
+pub async fn run_observed(
+    repo: &Repository,
+    opts: &ArchiveOptions,
+    stop: &mut watch::Receiver<bool>,
+    observer: &dyn ArchiveObserver,
 ) -> Result<ArchiveSummary, BackupError> {
     repo.master("archiving")?;
     let conn = &opts.conn;
@@ -661,9 +703,11 @@ pub async fn run(
         }
         let stream = slot::stream(conn, &slot_name, &prefix, start, confirmed).await?;
         tracing::info!(%db, slot = %slot_name, %start, "archiving");
+        observer.streaming(&slot_name, start);
         let mut writer = SegmentWriter {
             repo,
             lock: &lock,
+            observer,
             db: db.clone(),
             slot: slot_name.clone(),
             system: system_identifier(&client).await,

@@ -15,6 +15,12 @@
 //! deletes only unindexed packs older than the oldest running job's start (minus a margin for
 //! clock skew between hosts and the store): leftovers of backups that died. Everything else
 //! waits for a prune with no job beside it.
+//!
+//! Under an agent's lease ([`prune_fenced`]), prune checks the repository's fence (see
+//! `fence`) before each step that deletes (archive segments, the index rewrite, packs), so a
+//! holder paused past its lease deletes nothing once a newer holder has started. The lock alone
+//! would not do: a holder paused past [`STALE_AFTER`](super::lock::STALE_AFTER) loses its lock to the
+//! next prune, and its own deletions decided on an older listing would then run beside it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -27,7 +33,8 @@ use super::lock::{Lock, LockKind};
 use super::pack::{pack_path, PackEntry};
 use super::repository::Repository;
 use super::snapshot;
-use super::{archive, failpoint, BackupError};
+use super::{archive, failpoint, fence, BackupError};
+use crate::pg::Fence;
 
 /// Allowance for clocks of backup hosts and the store disagreeing.
 const CLOCK_MARGIN_MINUTES: i64 = 10;
@@ -51,14 +58,37 @@ pub struct PruneReport {
 }
 
 pub async fn prune(repo: &Repository, dry_run: bool) -> Result<PruneReport, BackupError> {
+    prune_fenced(repo, dry_run, None).await
+}
+
+/// [`prune`] under a lease's `fence`: fails with [`BackupError::Fenced`] before any deletion
+/// once a newer epoch of the lease is recorded in the repository.
+pub async fn prune_fenced(
+    repo: &Repository,
+    dry_run: bool,
+    fence: Option<&Fence>,
+) -> Result<PruneReport, BackupError> {
     repo.master("prune")?;
     let lock = Lock::acquire(repo, LockKind::Prune).await?;
-    let result = run(repo, &lock, dry_run).await;
+    let result = run(repo, &lock, dry_run, fence).await;
     lock.release(repo).await;
     result
 }
 
-async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneReport, BackupError> {
+/// Fails if `fence` was overtaken; called right before each deleting step.
+async fn still_fenced(repo: &Repository, fence: Option<&Fence>) -> Result<(), BackupError> {
+    match fence {
+        Some(f) => fence::check(repo, f).await,
+        None => Ok(()),
+    }
+}
+
+async fn run(
+    repo: &Repository,
+    lock: &Lock,
+    dry_run: bool,
+    fence: Option<&Fence>,
+) -> Result<PruneReport, BackupError> {
     let mut report = PruneReport {
         dry_run,
         ..Default::default()
@@ -89,7 +119,7 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
     let snaps = snapshot::list(repo).await?;
     report.snapshots = snaps.len();
     let referenced: HashSet<BlobId> = snaps.iter().flat_map(|(_, s)| s.blobs().copied()).collect();
-    archive_prune(repo, &snaps, &mut report, oldest_job, lock).await?;
+    archive_prune(repo, &snaps, &mut report, oldest_job, lock, fence).await?;
     drop(snaps);
 
     // The index, whole: an unreadable index object stops prune, since its packs would look
@@ -142,6 +172,7 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
     let doomed: HashSet<&str> = delete.iter().map(|(id, _)| id.as_str()).collect();
     let rewrite = oldest_backup.is_none()
         && (index_names.len() > 1 || indexed.keys().any(|id| doomed.contains(id.as_str())));
+    still_fenced(repo, fence).await?;
     if rewrite {
         // Group surviving packs by id key (write-only sessions have their own).
         let mut groups: HashMap<Option<String>, Vec<PackEntry>> = HashMap::new();
@@ -177,6 +208,9 @@ async fn run(repo: &Repository, lock: &Lock, dry_run: bool) -> Result<PruneRepor
         report.index_objects_replaced = index_names.len();
     }
     failpoint("prune-before-packs");
+    if rewrite {
+        still_fenced(repo, fence).await?;
+    }
     for (id, _) in &delete {
         repo.delete(&pack_path(id)).await?;
     }
@@ -193,6 +227,7 @@ async fn archive_prune(
     report: &mut PruneReport,
     oldest_job: Option<chrono::DateTime<chrono::Utc>>,
     lock: &Lock,
+    fence: Option<&Fence>,
 ) -> Result<(), BackupError> {
     if lock.others.iter().any(|o| o.kind == LockKind::Read) {
         return Ok(());
@@ -203,6 +238,7 @@ async fn archive_prune(
     if report.dry_run {
         return Ok(());
     }
+    still_fenced(repo, fence).await?;
     for (name, m) in &doomed {
         repo.delete(&format!("{}/{name}", archive::SEGMENTS_DIR))
             .await?;

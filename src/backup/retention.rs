@@ -13,7 +13,8 @@ use serde::Serialize;
 use super::prune::{self, PruneReport};
 use super::repository::Repository;
 use super::snapshot;
-use super::BackupError;
+use super::{fence, BackupError};
+use crate::pg::Fence;
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -105,6 +106,17 @@ pub async fn forget(
     policy: &Policy,
     dry_run: bool,
 ) -> Result<Vec<Decision>, BackupError> {
+    forget_fenced(repo, policy, dry_run, None).await
+}
+
+/// [`forget`] under a lease's `fence`: deletes nothing once a newer epoch of the lease is
+/// recorded in the repository (checked after the decisions, right before the deletions).
+pub async fn forget_fenced(
+    repo: &Repository,
+    policy: &Policy,
+    dry_run: bool,
+    fence: Option<&Fence>,
+) -> Result<Vec<Decision>, BackupError> {
     if policy.is_empty() {
         return Err(BackupError::Invalid(
             "no --keep-* option given; refusing to forget every snapshot".into(),
@@ -114,6 +126,9 @@ pub async fn forget(
     let pairs: Vec<(String, DateTime<Utc>)> =
         snaps.iter().map(|(id, s)| (id.clone(), s.time)).collect();
     let decisions = apply(policy, &pairs);
+    if let (false, Some(f)) = (dry_run, fence) {
+        fence::check(repo, f).await?;
+    }
     if !dry_run {
         for d in decisions.iter().filter(|d| !d.keep) {
             repo.delete(&format!("snapshots/{}", d.id)).await?;
@@ -131,16 +146,18 @@ pub struct ForgetReport {
     pub snapshots: Vec<Decision>,
 }
 
-/// [`forget`], then, when `then_prune` is set and this is no dry run, [`prune::prune`].
+/// [`forget`], then, when `then_prune` is set and this is no dry run, [`prune::prune`]; both
+/// under `fence` when given (see [`forget_fenced`], [`prune::prune_fenced`]).
 pub async fn forget_and_prune(
     repo: &Repository,
     policy: &Policy,
     dry_run: bool,
     then_prune: bool,
+    fence: Option<&Fence>,
 ) -> Result<ForgetReport, BackupError> {
-    let snapshots = forget(repo, policy, dry_run).await?;
+    let snapshots = forget_fenced(repo, policy, dry_run, fence).await?;
     let prune = if then_prune && !dry_run {
-        Some(prune::prune(repo, false).await?)
+        Some(prune::prune_fenced(repo, false, fence).await?)
     } else {
         None
     };

@@ -82,6 +82,26 @@ pub async fn state(
     }))
 }
 
+/// Ends the walsender streaming from `slot` for another session (`pg_terminate_backend` of the
+/// slot's `active_pid`), rather than waiting for `wal_sender_timeout`: what a new holder of the
+/// slot's work does to a paused or cut-off old holder. Returns its process id, if one was
+/// active. The role needs to be a member of the walsender's role or of `pg_signal_backend`.
+pub async fn end_walsender(
+    client: &Client,
+    conn: &ConnInfo,
+    slot: &str,
+) -> Result<Option<i32>, PgError> {
+    Ok(client
+        .query_opt(
+            "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| PgError::query("ending the old walsender of the slot", conn, e))?
+        .map(|r| r.get(0)))
+}
+
 /// Drops the slot if it exists. Refuses while a process streams from it.
 pub async fn drop(client: &Client, conn: &ConnInfo, slot: &str) -> Result<bool, CdcError> {
     match state(client, conn, slot).await? {

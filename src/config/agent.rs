@@ -1,4 +1,5 @@
-//! The agent's sections of the configuration: `[agent]`, `[[schedules]]` and `[[blackouts]]`.
+//! The agent's sections of the configuration: `[agent]`, `[[schedules]]`, `[[blackouts]]` and
+//! `[archives.NAME]`.
 //!
 //! Everything here is validated when the file is loaded, with the same file:line: key errors as
 //! the rest of the configuration: a cron expression that does not parse, an unknown time zone, a
@@ -101,6 +102,22 @@ pub struct ScheduleConfig {
     pub databases: Vec<String>,
     pub missed: MissedRuns,
     pub during_blackout: DuringBlackout,
+}
+
+/// `[archives.NAME]`: a change archive the agent keeps running (`invsync archive run`), under
+/// its lease, restarted with backoff like a pipeline.
+#[derive(Debug, Clone)]
+pub struct ArchiveConfig {
+    pub name: String,
+    /// The database whose change stream is archived.
+    pub db: String,
+    pub repo: String,
+    /// Empty: the tables of the pipelines that read from or write to `db`, as `archive run`.
+    pub tables: Vec<TablePattern>,
+    /// A segment is stored after this long (`segment_seconds`, default 60)...
+    pub segment_age: Duration,
+    /// ...or once it holds this many bytes (`segment_mib`, default 64 MiB).
+    pub segment_bytes: usize,
 }
 
 /// What a scheduled job does, with its options as the command line names them.
@@ -292,6 +309,16 @@ pub(super) struct RawSchedule {
     keep_weekly: Option<Spanned<usize>>,
     keep_monthly: Option<Spanned<usize>>,
     prune: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawArchive {
+    db: Spanned<String>,
+    repo: Option<Spanned<String>>,
+    tables: Option<Spanned<Vec<Spanned<String>>>>,
+    segment_seconds: Option<Spanned<u64>>,
+    segment_mib: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -601,7 +628,7 @@ impl Context<'_> {
                 })
                 .collect()
         };
-        let repo = || self.repository(s, at, names);
+        let repo = || self.repository(s.repo.as_ref(), &at("repo"), (&at("job"), &s.job), names);
 
         Ok(match kind {
             "backup" => {
@@ -726,37 +753,78 @@ impl Context<'_> {
         })
     }
 
-    /// The job's `repo`, or the only repository when it names none, as the command line does.
+    /// The `repo` given (at key `key`), or the only repository when none is, as the command
+    /// line does; without one, the error points at `needs` (the key and value that need it).
     fn repository(
         &self,
-        s: &RawSchedule,
-        at: &dyn Fn(&str) -> String,
+        repo: Option<&Spanned<String>>,
+        key: &str,
+        needs: (&str, &Spanned<String>),
         names: &Names,
     ) -> Result<String, ConfigError> {
-        match &s.repo {
-            Some(r) => self.named(
-                &at("repo"),
-                r,
-                ("repository", "repositories"),
-                names.repositories,
-            ),
+        match repo {
+            Some(r) => self.named(key, r, ("repository", "repositories"), names.repositories),
             None => {
                 let mut all = names.repositories.keys();
                 match (all.next(), all.next()) {
                     (Some(only), None) => Ok(only.clone()),
                     (None, _) => Err(self.invalid(
-                        &at("job"),
-                        &s.job,
-                        "this job needs a repository; add a [repositories.NAME] section".into(),
+                        needs.0,
+                        needs.1,
+                        "this needs a repository; add a [repositories.NAME] section".into(),
                     )),
                     _ => Err(self.invalid(
-                        &at("job"),
-                        &s.job,
+                        needs.0,
+                        needs.1,
                         "several repositories are configured; choose one with `repo`".into(),
                     )),
                 }
             }
         }
+    }
+
+    /// `[archives.NAME]`: each archive's database, repository, tables and segment rule.
+    pub(super) fn archives(
+        &self,
+        raw: BTreeMap<String, RawArchive>,
+        names: &Names,
+    ) -> Result<BTreeMap<String, ArchiveConfig>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (name, a) in raw {
+            let at = |field: &str| format!("archives.{name}.{field}");
+            let db = self.named(&at("db"), &a.db, DATABASE, names.databases)?;
+            let repo = self.repository(a.repo.as_ref(), &at("repo"), (&at("db"), &a.db), names)?;
+            let mut tables = Vec::new();
+            for t in a.tables.iter().flat_map(|l| l.get_ref()) {
+                tables.push(
+                    TablePattern::parse(t.get_ref())
+                        .map_err(|m| self.invalid(&at("tables"), t, m))?,
+                );
+            }
+            let bounded = |key: &str, v: &Option<Spanned<u64>>, default: u64, max: u64| match v {
+                None => Ok(default),
+                Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+                Some(v) => Err(self.invalid(
+                    &at(key),
+                    v,
+                    format!("{} is out of range; use 1 to {max}", v.get_ref()),
+                )),
+            };
+            let segment_seconds = bounded("segment_seconds", &a.segment_seconds, 60, 86_400)?;
+            let segment_mib = bounded("segment_mib", &a.segment_mib, 64, 2048)?;
+            out.insert(
+                name.clone(),
+                ArchiveConfig {
+                    name,
+                    db,
+                    repo,
+                    tables,
+                    segment_age: Duration::from_secs(segment_seconds),
+                    segment_bytes: (segment_mib as usize) << 20,
+                },
+            );
+        }
+        Ok(out)
     }
 
     pub(super) fn blackouts(
@@ -1112,6 +1180,41 @@ url = "file:///tmp/repo"
         );
         let e = job("job = \"prune\"\nmissed = \"later\"\n");
         assert!(e.contains("use \"run-once\" or \"skip\""), "{e}");
+    }
+
+    #[test]
+    fn archives_defaults_and_errors() {
+        let c = parse("[archives.dc]\ndb = \"maindc\"\n").unwrap();
+        let a = &c.archives["dc"];
+        assert_eq!((a.db.as_str(), a.repo.as_str()), ("maindc", "offsite"));
+        assert_eq!(a.segment_age, Duration::from_secs(60));
+        assert_eq!(a.segment_bytes, 64 << 20);
+        assert!(a.tables.is_empty());
+        let c = parse(
+            "[archives.dc]\ndb = \"maindc\"\ntables = [\"public.invoice\"]\nsegment_seconds = 5\nsegment_mib = 1\n",
+        )
+        .unwrap();
+        let a = &c.archives["dc"];
+        assert_eq!(a.segment_age, Duration::from_secs(5));
+        assert_eq!(a.segment_bytes, 1 << 20);
+        assert_eq!(a.tables.len(), 1);
+        let e = parse("[archives.dc]\ndb = \"nope\"\n").unwrap_err();
+        assert!(
+            e.contains("archives.dc.db: no database named `nope`"),
+            "{e}"
+        );
+        let e = parse("[archives.dc]\ndb = \"maindc\"\nrepo = \"gone\"\n").unwrap_err();
+        assert!(
+            e.contains("archives.dc.repo: no repository named `gone`"),
+            "{e}"
+        );
+        let e = parse("[archives.dc]\ndb = \"maindc\"\nsegment_seconds = 0\n").unwrap_err();
+        assert!(
+            e.contains("archives.dc.segment_seconds: 0 is out of range; use 1 to 86400"),
+            "{e}"
+        );
+        let e = parse("[archives.dc]\ndb = \"maindc\"\ncron = \"x\"\n").unwrap_err();
+        assert!(e.contains("cron"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! LSNs, identifier quoting, the catalog queries that describe a table, and the one model of
 //! a table with what it depends on ([`schema`]), which backup saves and restore recreates, and
 //! the session settings that fix how values are written as text ([`settings`]), and the fencing
-//! token that sync and backup check before a write becomes durable ([`Fence`]).
+//! token that sync and backup check before a write becomes durable ([`Fence`]), and clients kept
+//! open for callers that read the same databases repeatedly ([`Sessions`]).
 //!
 //! A [`ConnInfo`] never shows its password: its `Display` and `Debug` print `***` in its place,
 //! and errors built from it use that form.
@@ -17,6 +18,7 @@ mod pattern;
 pub mod privilege;
 pub mod schema;
 pub mod sequences;
+mod sessions;
 pub mod settings;
 
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};
@@ -24,6 +26,7 @@ pub use conn::{ConnInfo, SslMode};
 pub use fence::Fence;
 pub use lsn::Lsn;
 pub use pattern::TablePattern;
+pub use sessions::Sessions;
 
 use std::fmt;
 

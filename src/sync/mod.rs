@@ -35,7 +35,7 @@ pub use copy::{CopyProgress, NoCopyProgress};
 pub use pipeline::{
     run, run_observed, setup, teardown, Observer, SetupOptions, SetupOutcome, TeardownReport,
 };
-pub use status::{status, PipelineStatus};
+pub use status::{status, status_in, PipelineStatus};
 
 use crate::cdc::CdcError;
 use crate::pg::PgError;

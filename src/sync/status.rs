@@ -1,12 +1,14 @@
 //! `invsync sync status`: where each pipeline stands, read from the source's slot and the
 //! targets' `invsync` bookkeeping. Read-only; an unreachable database is reported, not fatal.
+//! [`status_in`] reads through sessions the caller keeps open (the agent polls every few
+//! seconds); a session that failed a read is dropped and made again on the next one.
 
 use chrono::Utc;
 
 use super::{progress, sequences, SyncError};
 use crate::cdc::{names, slot};
 use crate::config::{Config, MissingRows};
-use crate::pg::{resolve_tables, Lsn};
+use crate::pg::{resolve_tables, Lsn, Sessions};
 
 /// Lag above this many bytes shows a table as catching up rather than streaming.
 const CATCHING_UP_BYTES: i64 = 16 * 1024 * 1024;
@@ -68,49 +70,58 @@ pub async fn status(
     config: &Config,
     pipeline: Option<&str>,
 ) -> Result<Vec<PipelineStatus>, SyncError> {
+    status_in(config, pipeline, &mut Sessions::new()).await
+}
+
+/// [`status`], reading through `sessions` (kept open by the caller between calls).
+pub async fn status_in(
+    config: &Config,
+    pipeline: Option<&str>,
+    sessions: &mut Sessions,
+) -> Result<Vec<PipelineStatus>, SyncError> {
     let wanted: Vec<String> = match pipeline {
         Some(p) => vec![config.pipeline(p).map_err(SyncError::Config)?.name.clone()],
         None => config.pipelines.keys().cloned().collect(),
     };
     let mut out = Vec::new();
     for name in wanted {
-        out.push(one(config, &name).await?);
+        out.push(one(config, &name, sessions).await?);
     }
     Ok(out)
 }
 
-async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncError> {
+async fn one(
+    config: &Config,
+    pipeline: &str,
+    sessions: &mut Sessions,
+) -> Result<PipelineStatus, SyncError> {
     let p = config.pipeline(pipeline).map_err(SyncError::Config)?;
     let source_conn = &config.database(&p.source).map_err(SyncError::Config)?.conn;
     let slot_name = names::slot(pipeline);
-    let source = source_conn.connect().await;
-    let (slot_state, mut source_error) = match &source {
-        Ok(client) => match slot::state(client, source_conn, &slot_name).await {
-            Ok(Some(s)) => (Some(s), None),
-            Ok(None) => (
-                None,
-                Some(format!(
-                    "slot {slot_name} does not exist; run `invsync sync setup {pipeline}`"
-                )),
-            ),
-            Err(e) => (None, Some(e.to_string())),
-        },
-        Err(e) => (None, Some(e.to_string())),
-    };
+    let mut slot_state = None;
+    let mut source_error = None;
     // The pipeline's sequences and their source values (none when the source cannot be read).
     let mut seqs = Vec::new();
     let mut source_values = Vec::new();
-    if let Ok(client) = &source {
-        let read: Result<(), SyncError> = async {
-            let tables = resolve_tables(client, source_conn, &p.tables).await?;
-            seqs = sequences::of_tables(client, source_conn, &tables, &p.sequences).await?;
-            source_values = sequences::last_values(client, source_conn, &seqs, true).await?;
-            Ok(())
+    let read: Result<(), SyncError> = async {
+        let client = sessions.client(&p.source, source_conn).await?;
+        match slot::state(client, source_conn, &slot_name).await? {
+            Some(s) => slot_state = Some(s),
+            None => {
+                source_error = Some(format!(
+                    "slot {slot_name} does not exist; run `invsync sync setup {pipeline}`"
+                ))
+            }
         }
-        .await;
-        if let Err(e) = read {
-            source_error.get_or_insert(e.to_string());
-        }
+        let tables = resolve_tables(client, source_conn, &p.tables).await?;
+        seqs = sequences::of_tables(client, source_conn, &tables, &p.sequences).await?;
+        source_values = sequences::last_values(client, source_conn, &seqs, true).await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = read {
+        sessions.forget(&p.source);
+        source_error.get_or_insert(e.to_string());
     }
     let mut targets = Vec::new();
     let mut cuts: Vec<progress::Cut> = Vec::new();
@@ -129,13 +140,13 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
             error: None,
         };
         let result: Result<(), SyncError> = async {
-            let client = conn.connect().await?;
-            cuts.extend(progress::cuts(&client, conn, pipeline).await?);
-            let Some(pr) = progress::load(&client, conn, pipeline).await? else {
+            let client = sessions.client(t, conn).await?;
+            cuts.extend(progress::cuts(client, conn, pipeline).await?);
+            let Some(pr) = progress::load(client, conn, pipeline).await? else {
                 ts.error = Some(format!("not set up; run `invsync sync setup {pipeline}`"));
                 return Ok(());
             };
-            let mut tables = progress::tables(&client, conn, pipeline).await?;
+            let mut tables = progress::tables(client, conn, pipeline).await?;
             if pr.state == progress::State::Streaming {
                 ts.applied_lsn = Some(pr.applied);
                 if let Some(s) = &slot_state {
@@ -163,7 +174,7 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
                 }
             }
             ts.missing_rows = pr.missing_rows;
-            let target_values = sequences::last_values(&client, conn, &seqs, true).await?;
+            let target_values = sequences::last_values(client, conn, &seqs, true).await?;
             ts.sequences = seqs
                 .iter()
                 .zip(&source_values)
@@ -180,6 +191,7 @@ async fn one(config: &Config, pipeline: &str) -> Result<PipelineStatus, SyncErro
         }
         .await;
         if let Err(e) = result {
+            sessions.forget(t);
             ts.error = Some(e.to_string());
         }
         targets.push(ts);

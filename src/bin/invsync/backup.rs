@@ -486,7 +486,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 keep_monthly: args.keep_monthly,
             };
             let report =
-                retention::forget_and_prune(&repo, &policy, args.dry_run, args.prune).await?;
+                retention::forget_and_prune(&repo, &policy, args.dry_run, args.prune, None).await?;
             if args.json {
                 json(&report)?;
             } else {
