@@ -3,6 +3,7 @@
 
 mod support;
 
+use support::config_file::ConfigFile;
 use support::{invsync, ClusterOptions, PgCluster, S3Server};
 
 fn write_config(dir: &std::path::Path, text: &str) -> String {
@@ -198,6 +199,40 @@ fn init_writes_example_once() {
     assert_eq!(code, 1);
     assert!(err.contains("refusing to overwrite"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "# mine");
+}
+
+/// A reader that goes away (`invsync ... | head -1`) neither panics a command nor changes its
+/// exit status, and the command's work is done.
+#[test]
+fn output_into_a_closed_pipe_is_dropped_and_the_exit_status_kept() {
+    let run = |args: &[&str]| {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_invsync"))
+            .args(args)
+            .env_remove("INVSYNC_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{err}");
+        (out.status.code(), err)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.toml");
+    let (code, err) = run(&["init", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .contains("[pipelines.invoices_to_cloud]"));
+    // A check that finds a problem still says so by its status.
+    let config = ConfigFile::new()
+        .database("gone", "postgres://nobody@127.0.0.1:1/none")
+        .write(&dir.path().join("gone.toml"));
+    let (code, err) = run(&["--config", config.to_str().unwrap(), "config", "check"]);
+    assert_eq!(code, Some(1), "{err}");
 }
 
 /// Tables named in PostgreSQL's quoted form (spaces, quotes and `.` inside names), in a

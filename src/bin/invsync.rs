@@ -9,6 +9,10 @@ use clap::{Args, Parser, Subcommand};
 
 use invsync::config::{self, Config};
 
+#[path = "invsync/output.rs"]
+#[macro_use]
+mod output;
+
 #[path = "invsync/agent.rs"]
 mod agent;
 #[path = "invsync/archive.rs"]
@@ -123,10 +127,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    match output::check() {
+        Ok(()) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -180,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init { path } => {
             config::write_example(&path)?;
-            println!(
+            outln!(
                 "wrote {}; edit the databases, pipelines and repositories, then run `invsync config check`",
                 path.display()
             );
@@ -195,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(cli.config.as_deref())?;
             let report = invsync::check::check(&config).await;
             if flags.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&report).context("rendering JSON")?
                 );
@@ -212,7 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn print_check(report: &invsync::check::CheckReport) {
-    println!("config {}: syntax ok", report.config);
+    outln!("config {}: syntax ok", report.config);
     for db in &report.databases {
         let mark = if db.problems.is_empty() { "ok " } else { "BAD" };
         let mut facts = Vec::new();
@@ -225,17 +236,17 @@ fn print_check(report: &invsync::check::CheckReport) {
         if let Some(r) = db.can_replicate {
             facts.push(if r { "may replicate" } else { "no REPLICATION" }.to_string());
         }
-        println!(
+        outln!(
             "{mark} database {} ({}) {}",
             db.name,
             db.url,
             facts.join(", ")
         );
         for p in &db.problems {
-            println!("    problem: {p}");
+            outln!("    problem: {p}");
         }
         for n in &db.notes {
-            println!("    note: {n}");
+            outln!("    note: {n}");
         }
     }
     for r in &report.repositories {
@@ -245,13 +256,13 @@ fn print_check(report: &invsync::check::CheckReport) {
         } else {
             "unreachable"
         };
-        println!("{mark} repository {} ({}) {state}", r.name, r.url);
+        outln!("{mark} repository {} ({}) {state}", r.name, r.url);
         for p in &r.problems {
-            println!("    problem: {p}");
+            outln!("    problem: {p}");
         }
     }
     if report.ok() {
-        println!("all checks passed");
+        outln!("all checks passed");
     } else {
         let n: usize = report
             .databases
@@ -263,6 +274,6 @@ fn print_check(report: &invsync::check::CheckReport) {
                 .iter()
                 .map(|r| r.problems.len())
                 .sum::<usize>();
-        println!("{n} problem(s) found");
+        outln!("{n} problem(s) found");
     }
 }

@@ -57,7 +57,7 @@ fn check(config: Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let plan = plan::plan(&config, from, args.count.into());
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&plan).context("rendering JSON")?
         );
@@ -72,7 +72,7 @@ fn time(t: &DateTime<FixedOffset>) -> String {
 }
 
 fn print_plan(plan: &Plan) {
-    println!(
+    outln!(
         "config {}: {} schedule(s), {} blackout window(s) valid; from {} ({})",
         plan.config,
         plan.schedules.len(),
@@ -86,7 +86,7 @@ fn print_plan(plan: &Plan) {
         } else {
             s.databases.join(", ")
         };
-        println!(
+        outln!(
             "\nschedule {}: {} ({on}), cron \"{}\" in {}, missed: {}, during blackout: {}",
             s.name,
             s.job,
@@ -96,7 +96,7 @@ fn print_plan(plan: &Plan) {
             serde_plain(&s.during_blackout)
         );
         if s.runs.is_empty() {
-            println!("  no future runs");
+            outln!("  no future runs");
         }
         for r in &s.runs {
             let windows = r.windows.join(", ");
@@ -106,7 +106,7 @@ fn print_plan(plan: &Plan) {
                 (Action::RunInWindow, _) => format!("run, ignoring {windows}"),
                 _ => "run".to_string(),
             };
-            println!("  {}  {what}", time(&r.at));
+            outln!("  {}  {what}", time(&r.at));
         }
     }
     for w in &plan.blackouts {
@@ -114,12 +114,12 @@ fn print_plan(plan: &Plan) {
             None => "every database".to_string(),
             Some(list) => list.join(", "),
         };
-        println!("\nblackout {} ({covers}) in {}", w.name, w.time_zone);
+        outln!("\nblackout {} ({covers}) in {}", w.name, w.time_zone);
         if w.next.is_empty() {
-            println!("  no future openings");
+            outln!("  no future openings");
         }
         for o in &w.next {
-            println!("  {} to {}", time(&o.start), time(&o.end));
+            outln!("  {} to {}", time(&o.start), time(&o.end));
         }
     }
 }

@@ -90,7 +90,7 @@ pub async fn run(command: ArchiveCommand, config: Option<&Path>) -> anyhow::Resu
             if args.json {
                 json(&summary)?;
             } else {
-                println!(
+                outln!(
                     "archived {} transaction(s) in {} segment(s) through slot {}, from {} to {}",
                     summary.transactions,
                     summary.segments,
@@ -119,24 +119,27 @@ pub async fn run(command: ArchiveCommand, config: Option<&Path>) -> anyhow::Resu
                     format!("{} ({time})", p.lsn)
                 };
                 for d in &dbs {
-                    println!(
+                    outln!(
                         "{}: {} segment(s), {} transaction(s), slot {}",
-                        d.db, d.segments, d.transactions, d.slot
+                        d.db,
+                        d.segments,
+                        d.transactions,
+                        d.slot
                     );
                     match &d.earliest {
-                        Some(e) => println!(
+                        Some(e) => outln!(
                             "    recoverable from {} (snapshot {}) to {}",
                             point(e),
                             e.snapshot.as_deref().map(|s| &s[..s.len().min(8)]).unwrap_or("-"),
                             point(&d.latest)
                         ),
-                        None => println!(
+                        None => outln!(
                             "    archived up to {}, but no snapshot is covered yet: take a backup while the archive runs",
                             point(&d.latest)
                         ),
                     }
                     for g in &d.gaps {
-                        println!("    gap after {}: {}", g.after, g.reason);
+                        outln!("    gap after {}: {}", g.after, g.reason);
                     }
                 }
             }

@@ -263,7 +263,7 @@ fn database(config: &Config, arg: &str) -> anyhow::Result<(String, ConnInfo)> {
 }
 
 pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(v).context("rendering JSON")?
     );
@@ -309,7 +309,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 .repository(name.repo.as_deref())
                 .map_err(|e| anyhow!(e))?;
             let repo = Repository::init(cfg).await?;
-            println!("created repository {} (id {})", repo.name, repo.config.id);
+            outln!("created repository {} (id {})", repo.name, repo.config.id);
         }
         BackupCommand::Key(KeyCommand::Add(args)) => {
             let repo = open(&config, &args.repo).await?;
@@ -321,7 +321,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 None => None,
             };
             let kf = repo.add_key(args.recipient.as_deref(), pass).await?;
-            println!("added key {} to {}", kf.id, repo.name);
+            outln!("added key {} to {}", kf.id, repo.name);
         }
         BackupCommand::Key(KeyCommand::List(args)) => {
             let repo = open(&config, &args.repo).await?;
@@ -332,14 +332,14 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             } else {
                 for k in &keys {
                     let who = k.recipient.clone().unwrap_or_else(|| "passphrase".into());
-                    println!("{}  {}  {}", k.id, k.created.format("%Y-%m-%d %H:%M"), who);
+                    outln!("{}  {}  {}", k.id, k.created.format("%Y-%m-%d %H:%M"), who);
                 }
             }
         }
         BackupCommand::Key(KeyCommand::Remove(args)) => {
             let repo = open(&config, &args.repo).await?;
             let kf = repo.remove_key(&args.id).await?;
-            println!("removed key {} from {}", kf.id, repo.name);
+            outln!("removed key {} from {}", kf.id, repo.name);
         }
         BackupCommand::Backup(args) => {
             let repo = open(&config, &args.repo).await?;
@@ -368,7 +368,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             if args.json {
                 json(&s)?;
             } else {
-                println!(
+                outln!(
                     "snapshot {} saved: {} table(s), {} row(s), {} file(s); table segments: {} reused unread, {} read; {} read, {} new, {} stored, in {:.1}s",
                     snapshot::short(&s.snapshot),
                     s.tables,
@@ -394,7 +394,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 json(&rows)?;
             } else {
                 for (id, s) in &snaps {
-                    println!(
+                    outln!(
                         "{}  {}  {}  tags [{}]  lsn {}  {} read, {} stored",
                         snapshot::short(id),
                         s.time.format("%Y-%m-%d %H:%M:%S"),
@@ -405,13 +405,13 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                         human_bytes(s.stats.bytes_stored)
                     );
                     for t in &s.tables {
-                        println!("    table {} {} rows", t.schema.name, t.rows);
+                        outln!("    table {} {} rows", t.schema.name, t.rows);
                     }
                     for t in &s.trees {
-                        println!("    config {} ({} entries)", t.root, t.entries.len());
+                        outln!("    config {} ({} entries)", t.root, t.entries.len());
                     }
                 }
-                println!("{} snapshot(s)", snaps.len());
+                outln!("{} snapshot(s)", snaps.len());
             }
         }
         BackupCommand::Restore(args) => {
@@ -451,9 +451,9 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                     json(&done)?;
                 } else {
                     for t in &done {
-                        println!("restored {} ({} rows)", t.table, t.rows);
+                        outln!("restored {} ({} rows)", t.table, t.rows);
                     }
-                    println!(
+                    outln!(
                         "restored {} table(s) from snapshot {}",
                         done.len(),
                         snapshot::short(&id)
@@ -464,7 +464,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                 if args.json {
                     json(&s)?;
                 } else {
-                    println!(
+                    outln!(
                         "restored {} file(s), {} dir(s), {} symlink(s), {} into {} from snapshot {}",
                         s.files,
                         s.dirs,
@@ -496,7 +496,7 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                         (false, true) => "would forget".into(),
                         (false, false) => "forgot".into(),
                     };
-                    println!(
+                    outln!(
                         "{}  {}  {verb}",
                         snapshot::short(&d.id),
                         d.time.format("%Y-%m-%d %H:%M:%S")
@@ -576,9 +576,9 @@ async fn point_in_time(
         json(&report)?;
     } else {
         for t in &report.tables {
-            println!("restored {} ({} rows)", t.table, t.rows);
+            outln!("restored {} ({} rows)", t.table, t.rows);
         }
-        println!(
+        outln!(
             "restored snapshot {} (cut {}) of {}, then replayed {} transaction(s), {} change(s); {} sequence(s) moved forward",
             snapshot::short(&report.snapshot),
             report.snapshot_lsn,
@@ -587,7 +587,7 @@ async fn point_in_time(
             report.replay.changes,
             report.sequences_moved
         );
-        println!(
+        outln!(
             "the database stands at LSN {}{} (target: {}{}; window {})",
             report.restored_to.lsn,
             report
@@ -600,7 +600,7 @@ async fn point_in_time(
             report.window
         );
         if report.replay.missing_rows > 0 {
-            println!(
+            outln!(
                 "warning: {} update(s)/delete(s) found no row; run `invsync verify db` against the source",
                 report.replay.missing_rows
             );
@@ -625,7 +625,7 @@ pub fn first_signal(caught: Arc<AtomicU8>) -> anyhow::Result<impl Future<Output 
 
 fn print_prune(p: &prune::PruneReport) {
     let verb = if p.dry_run { "would delete" } else { "deleted" };
-    println!(
+    outln!(
         "{verb} {} of {} pack(s) ({}); {} snapshot(s) kept",
         p.packs_deleted,
         p.packs,
@@ -633,7 +633,7 @@ fn print_prune(p: &prune::PruneReport) {
         p.snapshots
     );
     if p.running_backups + p.running_readers > 0 {
-        println!(
+        outln!(
             "{} backup(s) and {} restore(s) or check(s) running: {} unreferenced pack(s) kept for now; prune again later",
             p.running_backups, p.running_readers, p.packs_deferred
         );
@@ -673,7 +673,7 @@ pub async fn verify_repo(args: VerifyRepoArgs, config: Option<&Path>) -> anyhow:
     if args.json {
         json(&report)?;
     } else {
-        println!(
+        outln!(
             "repository {}: {} snapshot(s), {} index object(s), {} pack(s){}",
             report.repository,
             report.snapshots,
@@ -693,15 +693,15 @@ pub async fn verify_repo(args: VerifyRepoArgs, config: Option<&Path>) -> anyhow:
                 Severity::Error => "ERROR",
                 Severity::Warning => "warning",
             };
-            println!("{sev} {:?} {}: {}", f.kind, f.object, f.message);
+            outln!("{sev} {:?} {}: {}", f.kind, f.object, f.message);
             for a in &f.affects {
-                println!("    affects {a}");
+                outln!("    affects {a}");
             }
         }
         if report.has_errors() {
-            println!("damaged: some data cannot be restored");
+            outln!("damaged: some data cannot be restored");
         } else {
-            println!("no errors found");
+            outln!("no errors found");
         }
     }
     Ok(if report.has_errors() {

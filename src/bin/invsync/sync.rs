@@ -114,21 +114,21 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
             };
             let outcome = sync::setup(&config, &a.pipeline, &opts, &CopyBars::new()).await?;
             if a.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&outcome).context("rendering JSON")?
                 );
             } else {
                 match &outcome {
-                    SetupOutcome::AlreadySetUp { pipeline, slot } => println!(
+                    SetupOutcome::AlreadySetUp { pipeline, slot } => outln!(
                         "pipeline {pipeline} is already set up (slot {slot}); nothing changed. Start it with `invsync sync run {pipeline}`"
                     ),
                     SetupOutcome::SetUp { pipeline, slot, consistent_point, copied, resumed, .. } => {
                         if *resumed {
-                            println!("found an interrupted setup of {pipeline}; started over");
+                            outln!("found an interrupted setup of {pipeline}; started over");
                         }
                         for c in copied {
-                            println!(
+                            outln!(
                                 "copied {} -> {}: {} rows, {} bytes ({})",
                                 c.table,
                                 c.target,
@@ -137,34 +137,34 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
                                 if c.binary { "binary" } else { "text" }
                             );
                         }
-                        println!(
+                        outln!(
                             "pipeline {pipeline} set up: slot {slot} streams from {consistent_point}; start it with `invsync sync run {pipeline}`"
                         );
                     }
                     SetupOutcome::Changed { pipeline, changes } => {
                         let list = |v: &[String]| v.join(", ");
                         for c in &changes.copied {
-                            println!("copied {} -> {}: {} rows", c.table, c.target, c.rows);
+                            outln!("copied {} -> {}: {} rows", c.table, c.target, c.rows);
                         }
                         if !changes.added_tables.is_empty() {
-                            println!("tables joined: {}", list(&changes.added_tables));
+                            outln!("tables joined: {}", list(&changes.added_tables));
                         }
                         if !changes.removed_tables.is_empty() {
-                            println!(
+                            outln!(
                                 "tables left: {} ({} on the targets)",
                                 list(&changes.removed_tables),
                                 if changes.dropped { "dropped" } else { "rows kept" }
                             );
                         }
                         if !changes.added_targets.is_empty() {
-                            println!("targets copied: {}", list(&changes.added_targets));
+                            outln!("targets copied: {}", list(&changes.added_targets));
                         }
                         if !changes.removed_targets.is_empty() {
-                            println!("targets left: {}", list(&changes.removed_targets));
+                            outln!("targets left: {}", list(&changes.removed_targets));
                         }
                         match changes.join_point {
-                            Some(at) => println!("pipeline {pipeline} changed; the copies join the stream at {at}"),
-                            None => println!("pipeline {pipeline} changed"),
+                            Some(at) => outln!("pipeline {pipeline} changed; the copies join the stream at {at}"),
+                            None => outln!("pipeline {pipeline} changed"),
                         }
                     }
                 }
@@ -185,7 +185,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
         SyncCommand::Status { pipeline, json } => {
             let all = sync::status(&config, pipeline.as_deref()).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&all).context("rendering JSON")?
                 );
@@ -206,7 +206,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
         SyncCommand::Teardown { pipeline, yes } => {
             config.pipeline(&pipeline).map_err(anyhow::Error::msg)?;
             if !yes {
-                println!(
+                outln!(
                     "would drop slot {} and publication {} on the source, and the bookkeeping of {pipeline} on its targets (their data stays); run again with --yes",
                     invsync::cdc::names::slot(&pipeline),
                     invsync::cdc::names::publication(&pipeline)
@@ -214,7 +214,7 @@ pub async fn run(config: Config, cmd: SyncCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             let r = sync::teardown(&config, &pipeline).await?;
-            println!(
+            outln!(
                 "pipeline {} torn down: slot {}, publication {} dropped; bookkeeping removed on {}",
                 r.pipeline,
                 if r.slot_dropped {
@@ -235,12 +235,12 @@ async fn run_switchover(config: &Config, a: SwitchoverArgs) -> anyhow::Result<Ex
     if a.dry_run {
         let plan = switchover::plan(config, &a.pipeline, a.to.as_deref(), a.timeout)?;
         if a.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&plan).context("rendering JSON")?
             );
         } else {
-            println!(
+            outln!(
                 "switchover of {} from {} to {}, then {} streams back (tables {}; roles paused: {}):",
                 plan.pipeline,
                 plan.old_primary,
@@ -251,11 +251,11 @@ async fn run_switchover(config: &Config, a: SwitchoverArgs) -> anyhow::Result<Ex
             );
             for (i, step) in plan.steps.iter().enumerate() {
                 match step.records {
-                    Some(stage) => println!("  {}. {} [records `{stage}`]", i + 1, step.action),
-                    None => println!("  {}. {}", i + 1, step.action),
+                    Some(stage) => outln!("  {}. {} [records `{stage}`]", i + 1, step.action),
+                    None => outln!("  {}. {}", i + 1, step.action),
                 }
             }
-            println!("nothing was changed (--dry-run)");
+            outln!("nothing was changed (--dry-run)");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -267,28 +267,28 @@ async fn run_switchover(config: &Config, a: SwitchoverArgs) -> anyhow::Result<Ex
     };
     let r = switchover::switchover(config, &a.pipeline, &opts).await?;
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&r).context("rendering JSON")?
         );
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(stage) = r.resumed_from {
-        println!(
+        outln!(
             "found a switchover of {} recorded at stage `{stage}`",
             r.plan.pipeline
         );
     }
     for s in &r.steps {
-        println!("  {:<10} {:>8} ms", s.step, s.millis);
+        outln!("  {:<10} {:>8} ms", s.step, s.millis);
     }
     match r.outcome {
-        Outcome::RolledBack => println!(
+        Outcome::RolledBack => outln!(
             "switchover of {} rolled back: {} is the primary again and its application roles may write; start `invsync sync run {}`",
             r.plan.pipeline, r.plan.old_primary, r.plan.pipeline
         ),
         Outcome::Completed => {
-            println!(
+            outln!(
                 "switchover of {} done: {} is the primary; {} sequence(s) moved, {} row(s) verified; writes paused {}",
                 r.plan.pipeline,
                 r.plan.new_primary,
@@ -298,7 +298,7 @@ async fn run_switchover(config: &Config, a: SwitchoverArgs) -> anyhow::Result<Ex
                     .map(|ms| format!("{ms} ms"))
                     .unwrap_or_else(|| "?".into())
             );
-            println!(
+            outln!(
                 "point the application at {}, and start `invsync sync run {}` (it streams from {})",
                 r.plan.new_primary,
                 r.plan.reverse,
@@ -368,12 +368,14 @@ fn bytes(n: i64) -> String {
 }
 
 fn print_status(p: &sync::PipelineStatus) {
-    print!(
+    out!(
         "pipeline {} (source {}, slot {})",
-        p.pipeline, p.source, p.slot
+        p.pipeline,
+        p.source,
+        p.slot
     );
     match &p.slot_state {
-        Some(s) => println!(
+        Some(s) => outln!(
             ": {}, confirmed {}, retains {} of WAL",
             match s.active_pid {
                 Some(pid) => format!("streaming (pid {pid})"),
@@ -384,15 +386,15 @@ fn print_status(p: &sync::PipelineStatus) {
                 .unwrap_or_else(|| "-".into()),
             bytes(s.retained_bytes)
         ),
-        None => println!(),
+        None => outln!(),
     }
     if let Some(e) = &p.source_error {
-        println!("  problem: {e}");
+        outln!("  problem: {e}");
     }
     for t in &p.targets {
         match (&t.state, &t.error) {
-            (_, Some(e)) => println!("  target {}: {e}", t.target),
-            (Some(state), None) => println!(
+            (_, Some(e)) => outln!("  target {}: {e}", t.target),
+            (Some(state), None) => outln!(
                 "  target {}: {}, applied {}, lag {} / {:.1} s, {} missing rows ({})",
                 t.target,
                 serde_json::to_value(state)
@@ -410,17 +412,19 @@ fn print_status(p: &sync::PipelineStatus) {
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default(),
             ),
-            (None, None) => println!("  target {}: unknown", t.target),
+            (None, None) => outln!("  target {}: unknown", t.target),
         }
         for table in &t.tables {
-            println!(
+            outln!(
                 "    {:40} {:12} {} rows copied",
-                table.table, table.phase, table.rows_copied
+                table.table,
+                table.phase,
+                table.rows_copied
             );
         }
         let value = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
         for s in &t.sequences {
-            println!(
+            outln!(
                 "    sequence {:31} source {} target {}",
                 s.sequence,
                 value(s.source_value),

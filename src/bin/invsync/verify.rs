@@ -113,7 +113,7 @@ async fn db(args: DbArgs, config_flag: Option<&Path>) -> anyhow::Result<ExitCode
     let report = verify::verify_db(&opts, &bar).await?;
     bar.0.finish_and_clear();
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).context("rendering JSON")?
         );
@@ -171,14 +171,15 @@ fn print_report(report: &DbReport) {
         match t.status {
             TableStatus::Identical => {
                 counts[0] += 1;
-                println!(
+                outln!(
                     "ok    {}{on}: identical ({} rows, {secs:.1} s)",
-                    t.table, t.source_rows
+                    t.table,
+                    t.source_rows
                 );
             }
             TableStatus::Different => {
                 counts[1] += 1;
-                println!(
+                outln!(
                     "DIFF  {}{on}: {} rows differ: {} missing, {} extra, {} changed \
                      ({} source rows, {} target rows, {secs:.1} s)",
                     t.table,
@@ -193,14 +194,14 @@ fn print_report(report: &DbReport) {
             }
             TableStatus::Undecided => {
                 counts[3] += 1;
-                println!(
+                outln!(
                     "UNDEC {}{on}: no difference proven ({} source rows, {} target rows, {secs:.1} s)",
                     t.table, t.source_rows, t.target_rows
                 );
             }
             TableStatus::Error => {
                 counts[2] += 1;
-                println!(
+                outln!(
                     "ERROR {}{on}: {}",
                     t.table,
                     t.error.as_deref().unwrap_or("could not be verified")
@@ -208,14 +209,14 @@ fn print_report(report: &DbReport) {
             }
         }
         if t.undecided > 0 && t.exact {
-            println!(
+            outln!(
                 "      {} rows undecided: the source's change stream does not show all their \
                  values (unchanged TOAST values, generated columns); last seen:",
                 t.undecided
             );
             print_rows(t, &t.undecided_rows, t.undecided, "undecided, ");
         } else if t.undecided > 0 {
-            println!(
+            outln!(
                 "      {} rows undecided: the source kept changing them until the settle window \
                  ended (re-run, or raise --settle); last seen:",
                 t.undecided
@@ -223,18 +224,18 @@ fn print_report(report: &DbReport) {
             print_rows(t, &t.undecided_rows, t.undecided, "undecided, ");
         }
         if t.in_flight > 0 && t.exact {
-            println!(
+            outln!(
                 "      ({} rows only lagged: the source's changes up to the target's position make them equal)",
                 t.in_flight
             );
         } else if t.in_flight > 0 {
-            println!(
+            outln!(
                 "      ({} rows were in flight and matched on re-check)",
                 t.in_flight
             );
         }
     }
-    println!(
+    outln!(
         "{} tables identical, {} different ({} rows), {} with only undecided rows ({} rows undecided \
          in all), {} could not be verified",
         counts[0],
@@ -246,7 +247,7 @@ fn print_report(report: &DbReport) {
     );
     let value = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
     for b in &report.sequences_behind {
-        println!(
+        outln!(
             "SEQUENCE {} on {}: at {}, behind the source's {} (largest {} there: {}); run on the target: {}",
             b.sequence,
             b.target,
@@ -258,7 +259,7 @@ fn print_report(report: &DbReport) {
         );
     }
     if let Some(path) = &report.repair_sql {
-        println!("repair SQL written to {path}");
+        outln!("repair SQL written to {path}");
     }
 }
 
@@ -279,10 +280,10 @@ fn print_rows(t: &TableReport, rows: &[verify::Difference], total: u64, prefix: 
         if !changes.is_empty() {
             line.push_str(&format!("  {}", changes.join("; ")));
         }
-        println!("{line}");
+        outln!("{line}");
     }
     if total > rows.len() as u64 {
-        println!(
+        outln!(
             "      ... and {} more (raise --max-listed to list them)",
             total - rows.len() as u64
         );
