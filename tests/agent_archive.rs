@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use agent_common::*;
 use invsync::pg::Lsn;
+use support::config_file::ConfigFile;
 use support::{einvoice_gen, free_port, invsync, send_signal, wait_until, PgCluster};
 
 /// A Prometheus server scraping one agent every second, its data in a temporary directory;
@@ -105,23 +106,17 @@ async fn the_agent_archives_and_prometheus_scrapes_its_lag_series() {
     let dir = tempfile::tempdir().unwrap();
     let (key, recipient) = backup_util::identity(dir.path(), "owner");
     let port = free_port();
-    let cfg = dir.path().join("invsync.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[databases.a]
-url = "{src}"
-[databases.b]
-url = "{dst}"
-[pipelines.p]
-source = "a"
-targets = ["b"]
-tables = ["public.*"]
-[repositories.r]
-url = "file://{repo}"
-recipients = ["{recipient}"]
-identity_file = "{key}"
-
+    let cfg = ConfigFile::new()
+        .database("a", &src.url("einvoice"))
+        .database("b", &dst.url("einvoice"))
+        .pipeline("p", "a", &["b"], &["public.*"])
+        .repository(
+            "r",
+            &format!("file://{}", dir.path().join("repo").display()),
+            &backup_util::owner_keys(&recipient, &key),
+        )
+        .toml(&format!(
+            r#"
 [archives.arc]
 db = "a"
 segment_seconds = 1
@@ -129,14 +124,9 @@ segment_seconds = 1
 [agent]
 listen = "127.0.0.1:{port}"
 shutdown_timeout = 20
-"#,
-            src = src.url("einvoice"),
-            dst = dst.url("einvoice"),
-            repo = dir.path().join("repo").display(),
-            key = key.display(),
-        ),
-    )
-    .unwrap();
+"#
+        ))
+        .write(&dir.path().join("invsync.toml"));
     let c = cfg.to_str().unwrap();
     let (code, _, err) = invsync(&["--config", c, "repo", "init", "--repo", "r"]);
     assert_eq!(code, 0, "{err}");

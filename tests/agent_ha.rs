@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_common::*;
+use support::config_file::ConfigFile;
 use support::{einvoice_gen, free_port, invsync, send_signal, wait_until, PgCluster};
 
 const LEASE: [(&str, &str); 1] = [("lease", "pipeline/p")];
@@ -42,31 +43,23 @@ impl Site {
             "5",
         ]);
         let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            r#"[databases.a]
-url = "{src}"
-[databases.b]
-url = "{dst}"
-[pipelines.p]
-source = "a"
-targets = ["b"]
-tables = ["public.*"]
-
+        let text = ConfigFile::new()
+            .database("a", &src.url("einvoice"))
+            .database("b", &dst.url("einvoice"))
+            .pipeline("p", "a", &["b"], &["public.*"])
+            .toml(
+                r#"
 [agent]
 shutdown_timeout = 20
 lease_duration = 6
 renew_interval = 1
 renew_deadline = 4
 "#,
-            src = src.url("einvoice"),
-            dst = dst.url("einvoice"),
-        );
+            );
         let configs = ["one", "two"].map(|name| {
             let d = dir.path().join(name);
             std::fs::create_dir(&d).unwrap();
-            let cfg = d.join("invsync.toml");
-            std::fs::write(&cfg, &text).unwrap();
-            cfg
+            text.write(&d.join("invsync.toml"))
         });
         let (code, _, err) = invsync(&[
             "--config",

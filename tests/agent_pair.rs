@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use agent_common::*;
+use support::config_file::ConfigFile;
 use support::{einvoice_gen, free_port, invsync, send_signal, wait_until, PgCluster};
 
 /// Every how many seconds the two backup schedules fall due.
@@ -101,22 +102,18 @@ async fn two_agents_run_each_job_once_and_keep_working_when_one_database_stops()
     );
     let dir = tempfile::tempdir().unwrap();
     let (key, recipient) = backup_util::identity(dir.path(), "owner");
-    let text = format!(
-        r#"[databases.a]
-url = "{a}"
-[databases.b]
-url = "{b}"
-[databases.c]
-url = "{c}"
-[pipelines.p]
-source = "a"
-targets = ["b"]
-tables = ["public.*"]
-[repositories.r]
-url = "file://{repo}"
-recipients = ["{recipient}"]
-identity_file = "{key}"
-
+    let text = ConfigFile::new()
+        .database("a", &a.url("einvoice"))
+        .database("b", &b.url("einvoice"))
+        .database("c", &c.url("einvoice"))
+        .pipeline("p", "a", &["b"], &["public.*"])
+        .repository(
+            "r",
+            &format!("file://{}", dir.path().join("repo").display()),
+            &backup_util::owner_keys(&recipient, &key),
+        )
+        .toml(&format!(
+            r#"
 [agent]
 shutdown_timeout = 20
 lease_duration = 6
@@ -135,19 +132,13 @@ cron = "*/{EVERY} * * * * *"
 job = "backup"
 db = "c"
 tables = ["public.ledger"]
-"#,
-        a = a.url("einvoice"),
-        b = b.url("einvoice"),
-        c = c.url("einvoice"),
-        repo = dir.path().join("repo").display(),
-        key = key.display(),
-    );
+"#
+        ));
     // One configuration in two directories: each agent keeps its own state file.
     let cfgs = ["one", "two"].map(|n| {
         let d = dir.path().join(n);
         std::fs::create_dir(&d).unwrap();
-        std::fs::write(d.join("invsync.toml"), &text).unwrap();
-        d.join("invsync.toml")
+        text.write(&d.join("invsync.toml"))
     });
     let c0 = cfgs[0].to_str().unwrap();
     for args in [
@@ -316,15 +307,11 @@ async fn readyz_waits_for_the_lease_database_and_a_job_at_shutdown_finishes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let cfg = dir.path().join("invsync.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[databases.a]
-url = "{a}"
-[databases.b]
-url = "{b}"
-
+    let cfg = ConfigFile::new()
+        .database("a", &a.url("einvoice"))
+        .database("b", &b.url("einvoice"))
+        .toml(&format!(
+            r#"
 [agent]
 listen = "127.0.0.1:{port}"
 shutdown_timeout = 30
@@ -336,12 +323,9 @@ cron = "*/2 * * * * *"
 job = "verify"
 source = "a"
 target = "b"
-"#,
-            a = a.url("einvoice"),
-            b = b.url("einvoice"),
-        ),
-    )
-    .unwrap();
+"#
+        ))
+        .write(&dir.path().join("invsync.toml"));
     let log = dir.path().join("agent.log");
     let agent_log = || std::fs::read_to_string(&log).unwrap();
 

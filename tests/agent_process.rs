@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agent_common::*;
+use support::config_file::ConfigFile;
 use support::{einvoice_gen, free_port, invsync, send_signal, wait_until, PgCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,27 +32,23 @@ async fn agent_replicates_runs_jobs_reports_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let (key, recipient) = backup_util::identity(dir.path(), "owner");
     let port = free_port();
-    let cfg = dir.path().join("invsync.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[databases.a]
-url = "{src}"
-[databases.b]
-url = "{dst}"
-[pipelines.p]
-source = "a"
-targets = ["b"]
-tables = ["public.*"]
-[repositories.r]
-url = "file://{repo}"
-recipients = ["{recipient}"]
-identity_file = "{key}"
-[repositories.gone]
-url = "file://{gone}"
-recipients = ["{recipient}"]
-identity_file = "{key}"
-
+    let keys = backup_util::owner_keys(&recipient, &key);
+    let cfg = ConfigFile::new()
+        .database("a", &src.url("einvoice"))
+        .database("b", &dst.url("einvoice"))
+        .pipeline("p", "a", &["b"], &["public.*"])
+        .repository(
+            "r",
+            &format!("file://{}", dir.path().join("repo").display()),
+            &keys,
+        )
+        .repository(
+            "gone",
+            &format!("file://{}", dir.path().join("no/such/repo").display()),
+            &keys,
+        )
+        .toml(&format!(
+            r#"
 [archives.arc]
 db = "a"
 repo = "r"
@@ -93,15 +90,9 @@ cron = "*/3 * * * * *"
 job = "backup"
 repo = "gone"
 db = "a"
-"#,
-            src = src.url("einvoice"),
-            dst = dst.url("einvoice"),
-            repo = dir.path().join("repo").display(),
-            gone = dir.path().join("no/such/repo").display(),
-            key = key.display(),
-        ),
-    )
-    .unwrap();
+"#
+        ))
+        .write(&dir.path().join("invsync.toml"));
     let c = cfg.to_str().unwrap();
     let (code, _, err) = invsync(&["--config", c, "repo", "init", "--repo", "r"]);
     assert_eq!(code, 0, "{err}");

@@ -4,25 +4,21 @@
 
 mod support;
 
+use support::config_file::ConfigFile;
 use support::invsync;
 
 /// A configuration with two databases, a pipeline and a repository, then `agent`.
 fn config(dir: &std::path::Path, agent: &str) -> String {
-    let text = format!(
-        r#"[databases.maindc]
-url = "postgres://invsync:hunter2@127.0.0.1:5432/einvoice"
-[databases.cloud_a]
-url = "postgres://invsync@127.0.0.1:5433/einvoice"
-[pipelines.p]
-source = "maindc"
-targets = ["cloud_a"]
-tables = ["public.invoice"]
-[repositories.offsite]
-url = "file:///var/backups/invsync"
-{agent}"#
-    );
-    let path = dir.join("invsync.toml");
-    std::fs::write(&path, text).unwrap();
+    let path = ConfigFile::new()
+        .database(
+            "maindc",
+            "postgres://invsync:hunter2@127.0.0.1:5432/einvoice",
+        )
+        .database("cloud_a", "postgres://invsync@127.0.0.1:5433/einvoice")
+        .pipeline("p", "maindc", &["cloud_a"], &["public.invoice"])
+        .repository("offsite", "file:///var/backups/invsync", "")
+        .toml(agent)
+        .write(&dir.join("invsync.toml"));
     path.to_str().unwrap().to_string()
 }
 
@@ -263,68 +259,68 @@ fn each_mistake_is_one_clear_line() {
         (
             "cron = \"0 30 2 * * *\"",
             "cron = \"30 2 * *\"",
-            ":17: schedules[0].cron: `30 2 * *` is not a cron expression; write six fields",
+            ":19: schedules[0].cron: `30 2 * *` is not a cron expression; write six fields",
         ),
         (
             "time_zone = \"Asia/Taipei\"",
             "time_zone = \"Asia/Taipie\"",
-            ":13: agent.time_zone: unknown time zone `Asia/Taipie`",
+            ":15: agent.time_zone: unknown time zone `Asia/Taipie`",
         ),
         (
             "\"America/New_York\"",
             "\"Mars/Olympus\"",
-            ":41: schedules[3].time_zone: unknown time zone `Mars/Olympus`",
+            ":43: schedules[3].time_zone: unknown time zone `Mars/Olympus`",
         ),
         (
             "end_day = 16",
             "end_day = 15",
-            ":59: blackouts[1].end_time: the window ends at or before it starts",
+            ":61: blackouts[1].end_time: the window ends at or before it starts",
         ),
         (
             after_hours,
             &format!("{dated}{after_hours}"),
-            ":56: blackouts[1].end: the window ends (2026-04-01 22:00) at or before it starts",
+            ":58: blackouts[1].end: the window ends (2026-04-01 22:00) at or before it starts",
         ),
         (
             "repo = \"offsite\"",
             "repo = \"offiste\"",
-            ":19: schedules[0].repo: no repository named `offiste`",
+            ":21: schedules[0].repo: no repository named `offiste`",
         ),
         (
             "db = \"maindc\"",
             "db = \"maindk\"",
-            ":20: schedules[0].db: no database named `maindk`",
+            ":22: schedules[0].db: no database named `maindk`",
         ),
         (
             "pipeline = \"p\"",
             "pipeline = \"q\"",
-            ":26: schedules[1].pipeline: no pipeline named `q`",
+            ":28: schedules[1].pipeline: no pipeline named `q`",
         ),
         (
             "databases = [\"maindc\"]",
             "databases = [\"main\"]",
-            ":51: blackouts[0].databases: no database named `main`",
+            ":53: blackouts[0].databases: no database named `main`",
         ),
         // Options that do not belong to the job, and choices that do not exist.
         (
             "keep_daily = 7",
             "keep_daily = 7\ndb = \"maindc\"",
-            ":44: schedules[3].db: a forget job takes no `db`",
+            ":46: schedules[3].db: a forget job takes no `db`",
         ),
         (
             "job = \"backup\"",
             "job = \"bakup\"",
-            ":18: schedules[0].job: unknown job `bakup`",
+            ":20: schedules[0].job: unknown job `bakup`",
         ),
         (
             "during_blackout = \"skip\"",
             "during_blackout = \"later\"",
-            ":27: schedules[1].during_blackout: `later` is not a choice",
+            ":29: schedules[1].during_blackout: `later` is not a choice",
         ),
         (
             "months = \"odd\"",
             "months = [13]",
-            ":48: blackouts[0].months: 13 is not a month",
+            ":50: blackouts[0].months: 13 is not a month",
         ),
     ];
     for (from, to, want) in cases {

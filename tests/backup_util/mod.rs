@@ -42,6 +42,16 @@ pub fn tables_of(pg: &PgCluster, pattern: &str) -> DatabaseSource {
     }
 }
 
+/// The key lines of a repository that `recipient` writes and the identity in `key` reads.
+pub fn owner_keys(recipient: &str, key: &Path) -> String {
+    let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
+    format!(
+        "recipients = [{}]\nidentity_file = {}",
+        quoted(recipient),
+        quoted(&key.display().to_string())
+    )
+}
+
 /// Writes a config with one database `src` (and optionally `dst`) and repository `r`.
 /// `repo_keys` is the TOML body of the repository after its `url` line.
 pub fn write_config(
@@ -62,16 +72,7 @@ pub fn write_config(
 /// reads and writes; returns the config and the owner's recipient.
 pub fn owner_config(dir: &Path, dbs: &[(&str, String)], url: &str) -> (PathBuf, String) {
     let (key, recipient) = identity(dir, "owner");
-    let cfg = write_config(
-        dir,
-        "owner.toml",
-        dbs,
-        url,
-        &format!(
-            "recipients = [\"{recipient}\"]\nidentity_file = \"{}\"",
-            key.display()
-        ),
-    );
+    let cfg = write_config(dir, "owner.toml", dbs, url, &owner_keys(&recipient, &key));
     (cfg, recipient)
 }
 
@@ -104,10 +105,7 @@ pub fn restore_setup(pg: &PgCluster, dir: &Path) -> PathBuf {
         "invsync.toml",
         &[("src", pg.url("einvoice")), ("dst", pg.url("restored"))],
         &format!("file://{}", dir.join("repo").display()),
-        &format!(
-            "recipients = [\"{recipient}\"]\nidentity_file = \"{}\"",
-            key.display()
-        ),
+        &owner_keys(&recipient, &key),
     );
     ok(&cfg, &["repo", "init"]);
     cfg

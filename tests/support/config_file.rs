@@ -50,7 +50,11 @@ impl ConfigFile {
     /// `[repositories.NAME]` at `url`; `keys` is the rest of its body (recipients,
     /// identity_file, passphrase, options), as TOML lines.
     pub fn repository(mut self, name: &str, url: &str, keys: &str) -> ConfigFile {
-        self.text += &format!("[repositories.{name}]\nurl = {}\n{keys}\n", quoted(url));
+        self.text += &format!("[repositories.{name}]\nurl = {}\n", quoted(url));
+        if !keys.is_empty() {
+            self.text += keys;
+            self.text += "\n";
+        }
         self
     }
 
