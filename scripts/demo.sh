@@ -187,6 +187,32 @@ find "$DEMO_DIR/restored" | sort
 section "verify the repository: every reference resolves and 100% of the data reads back"
 "$INVSYNC" --config "$CONFIG" verify repo --repo offsite --read-data
 
+section "archive: the data center's change stream into the repository, beside the backups"
+"$INVSYNC" --config "$CONFIG" archive run maindc --repo offsite --segment-seconds 2 \
+  >"$DEMO_DIR/archive.log" 2>&1 &
+ARCHIVE_PID=$!
+until [ "$(psql -X -Atc "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'invsync_archive_%'" "$MAINDC_URL")" = 1 ]; do
+  sleep 0.2
+done
+echo "archive run started (pid $ARCHIVE_PID, log $DEMO_DIR/archive.log); a snapshot for it to carry forward:"
+"$INVSYNC" --config "$CONFIG" backup --repo offsite --db maindc --tag demo
+"$EINVOICE_GEN" load --url "$MAINDC_URL" --rate 500 --duration 3 >/dev/null
+AT_T=$(psql -X -Atc "SELECT count(*) FROM public.invoice" "$MAINDC_URL")
+T=$(date -u '+%Y-%m-%d %H:%M:%S.%6N')
+sleep 1
+echo "at $T UTC the data center held $AT_T invoices; more changes follow"
+"$EINVOICE_GEN" load --url "$MAINDC_URL" --rate 500 --duration 3 >/dev/null
+sleep 3
+kill -TERM "$ARCHIVE_PID"
+wait "$ARCHIVE_PID" && echo "archive run stopped on SIGTERM (its open segment stored)"
+"$INVSYNC" --config "$CONFIG" archive status --repo offsite
+
+section "point-in-time restore: the standby as the data center was at $T UTC"
+"$INVSYNC" --config "$CONFIG" restore --repo offsite --to-db standby --replace --until "$T"
+echo "invoices: standby $(psql -X -Atc "SELECT count(*) FROM public.invoice" "$STANDBY_URL") (the data center held $AT_T at $T; it holds $(psql -X -Atc "SELECT count(*) FROM public.invoice" "$MAINDC_URL") now)"
+# The demo's archive is done: its slot would otherwise keep the data center's WAL.
+psql -X -q -Atc "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'invsync_archive_%'" "$MAINDC_URL" >/dev/null
+
 section "agent: the pipeline and two schedules in one process, around a blackout window"
 # The agent runs the pipeline itself: the `sync run` above steps aside while it runs.
 stop_sync
