@@ -277,7 +277,8 @@ async fn archived_to(
 }
 
 /// Runs a drill (see the module documentation) and appends its report to the history.
-/// `config` resolves nothing here; the caller resolved the endpoints.
+/// `stop` ends the snapshot restore as a failure (a signal). Bad input (no archive, a
+/// non-empty standby without `replace`) fails before anything is written.
 pub async fn drill(
     repo: &Repository,
     opts: &DrillOptions,
