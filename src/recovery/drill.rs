@@ -39,9 +39,10 @@ use super::RecoveryError;
 use crate::backup::archive::{self, Point, SegmentManifest};
 use crate::backup::repository::Repository;
 use crate::backup::restore::RestoreDbOptions;
+use crate::backup::session::source_label;
 use crate::backup::BackupError;
 use crate::cdc::decoder::{Message, Value};
-use crate::config::TablePattern;
+use crate::config::{Config, TablePattern};
 use crate::pg::{ConnInfo, Lsn, PgError};
 use crate::verify::db::{verify_db, DbVerifyOptions, Endpoint, NoProgress, TableStatus};
 
@@ -221,6 +222,17 @@ impl Touched {
             }
         }
     }
+}
+
+/// The live source `name` (a configured database or a URL) and the label its archive and
+/// snapshots carry.
+pub fn source(config: Option<&Config>, name: &str) -> Result<(Endpoint, String), RecoveryError> {
+    let endpoint = Endpoint::resolve(config, name)?;
+    let label = match config.map(|c| c.database(name)) {
+        Some(Ok(d)) => source_label(name, &d.conn),
+        _ => name.to_string(),
+    };
+    Ok((endpoint, label))
 }
 
 /// The source's WAL position and clock.

@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 
 use invsync::backup::restore::RestoreDbOptions;
-use invsync::backup::{archive, session, BackupError};
+use invsync::backup::{archive, BackupError};
 use invsync::config::TablePattern;
 use invsync::pg::schema::AccessOptions;
 use invsync::recovery::drill::{self, DrillOptions, DrillReport};
@@ -98,11 +98,7 @@ pub async fn run(args: DrillArgs, config: Option<&Path>) -> anyhow::Result<ExitC
     let repo = open(&config, &args.repo).await?;
     let (source, archived) = match &args.source {
         Some(s) => {
-            let e = Endpoint::resolve(Some(&config), s)?;
-            let label = match config.database(s) {
-                Ok(d) => session::source_label(s, &d.conn),
-                Err(_) => s.clone(),
-            };
+            let (e, label) = drill::source(Some(&config), s)?;
             (e, Some(label))
         }
         None => {
