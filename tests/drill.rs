@@ -1,7 +1,9 @@
 //! `invsync drill`: a standby restored from the change archive while the source is under load,
 //! verified against the live source, with RPO and RTO measured; a restored row removed on
-//! purpose fails the drill and is named; the drill history detects an edited or removed entry.
+//! purpose fails the drill and is named; the drill history detects an edited or removed entry;
+//! the agent runs scheduled drills.
 
+mod agent_common;
 mod backup_util;
 mod support;
 
@@ -236,5 +238,88 @@ async fn a_drill_under_load_passes_a_removed_row_fails_it_and_the_history_is_sea
     assert!(
         text.contains("missing") || text.contains("predecessor"),
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runs_scheduled_drills_into_a_dedicated_standby() {
+    let pg = PgCluster::start();
+    support::einvoice_gen(&["fill", "--url", &pg.url("einvoice"), "--invoices", "300"]);
+    pg.psql("postgres", "CREATE DATABASE standby");
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = backup_util::identity(dir.path(), "owner");
+    let cfg = dir.path().join("invsync.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[databases.src]
+url = "{src}"
+[databases.standby]
+url = "{standby}"
+[repositories.r]
+url = "file://{repo}"
+recipients = ["{recipient}"]
+identity_file = "{key}"
+
+[archives.arc]
+db = "src"
+tables = ["public.*"]
+segment_seconds = 1
+
+[agent]
+listen = "127.0.0.1:{port}"
+shutdown_timeout = 20
+
+[[schedules]]
+name = "drill"
+cron = "*/5 * * * * *"
+job = "drill"
+source = "src"
+target = "standby"
+"#,
+            src = pg.url("einvoice"),
+            standby = pg.url("standby"),
+            repo = dir.path().join("repo").display(),
+            key = key.display(),
+            port = support::free_port(),
+        ),
+    )
+    .unwrap();
+    backup_util::ok(&cfg, &["repo", "init"]);
+    let log = dir.path().join("agent.log");
+    let mut agent = agent_common::start_agent(&cfg, &log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql("einvoice", "SELECT count(*) FROM pg_replication_slots") != "1" {
+        assert!(Instant::now() < deadline, "the agent made no archive slot");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    backup_util::ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
+    // Two passing drills: the second replaces the standby's tables the first restored.
+    support::wait_until(
+        Duration::from_secs(120),
+        "two scheduled drills pass",
+        || async {
+            let (_, out, _) = run(&cfg, &["drill", "history", "--json"]);
+            serde_json::from_str::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|h| {
+                    h["entries"].as_array().map(|e| {
+                        e.iter()
+                            .filter(|e| e[1]["report"]["passed"] == true)
+                            .count()
+                    })
+                })
+                .is_some_and(|n| n >= 2)
+        },
+    )
+    .await;
+    send_signal(&agent, "TERM");
+    let (code, _) = agent_common::exit_within(&mut agent, Duration::from_secs(25)).await;
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(&log).unwrap());
+    let (code, text) = history(&cfg);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        pg.psql("standby", "SELECT count(*) FROM invoice"),
+        pg.psql("einvoice", "SELECT count(*) FROM invoice")
     );
 }
