@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backup_util::{owner_config, run};
+use backup_util::{owner_config, run, wait_archived};
 use support::{finish, send_signal, PgCluster};
 
 const SEGMENT_SECONDS: f64 = 2.0;
@@ -26,27 +26,6 @@ fn archiver(cfg: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run invsync archive run")
-}
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.trim().split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-/// Waits until the archive's newest segment ends at or past `at`.
-fn wait_archived(cfg: &Path, at: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, out, _) = run(cfg, &["archive", "status", "--json"]);
-        let end = serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| v[0]["latest"]["lsn"].as_str().map(lsn));
-        if end.is_some_and(|e| e >= lsn(at)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{at} not archived within 60 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Objects in the standby's schemas other than the system's.
