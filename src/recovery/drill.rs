@@ -378,17 +378,13 @@ pub async fn drill(
 
     let mut findings = Vec::new();
     for t in &checked.tables {
-        let reason = match (t.status, &touched) {
-            (TableStatus::Error, _) => Some(t.error.clone().unwrap_or_default()),
-            _ => None,
-        };
-        if let Some(reason) = reason {
+        if t.status == TableStatus::Error {
             findings.push(Finding {
                 table: t.table.clone(),
                 key: None,
                 kind: "error".into(),
                 explained: false,
-                detail: reason,
+                detail: t.error.clone().unwrap_or_default(),
             });
             continue;
         }
@@ -625,7 +621,7 @@ pub fn markdown(r: &DrillReport) -> String {
     let verdict = if r.passed { "PASSED" } else { "FAILED" };
     s.push_str(&format!("# DR drill {verdict}\n\n"));
     s.push_str(&format!(
-        "- Started {} , finished {}\n- Repository `{}`, archived database `{}`\n- Source `{}`, standby `{}`\n- Target: `{}`\n\n",
+        "- Started {}, finished {}\n- Repository `{}`, archived database `{}`\n- Source `{}`, standby `{}`\n- Target: `{}`\n\n",
         r.started.to_rfc3339(),
         r.finished.to_rfc3339(),
         r.repository,
