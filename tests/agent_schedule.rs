@@ -71,6 +71,13 @@ start_day = 15
 start_time = "22:00"
 end_day = 16
 end_time = "06:00"
+
+[[schedules]]
+name = "daily-drill"
+cron = "0 0 5 * * *"
+job = "drill"
+source = "maindc"
+target = "cloud_a"
 "#;
 
 #[test]
@@ -204,6 +211,20 @@ fn good_config_prints_the_next_runs() {
             row("2026-04-12T04:00:00-04:00", "run", "", ""),
         ]
     );
+    // A drill reads its source and writes its standby: a heavy job the peak calendar defers.
+    assert_eq!(
+        runs("daily-drill")[0],
+        row(
+            "2026-03-13T05:00:00+08:00",
+            "defer",
+            "2026-03-16T06:00:00+08:00",
+            "tax-deadline,after-hours"
+        )
+    );
+    assert_eq!(
+        schedule("daily-drill")["databases"],
+        serde_json::json!(["maindc", "cloud_a"])
+    );
     let window = &plan["blackouts"][0];
     assert_eq!(window["name"], "tax-deadline");
     assert_eq!(window["next"][0]["start"], "2026-03-13T00:00:00+08:00");
@@ -256,6 +277,11 @@ fn each_mistake_is_one_clear_line() {
     let after_hours = "[[blackouts]]\nname = \"after-hours\"";
     // (text in GOOD, replaced by, what the error line holds after the file name)
     let cases: &[(&str, &str, &str)] = &[
+        (
+            "job = \"drill\"\nsource = \"maindc\"\ntarget = \"cloud_a\"",
+            "job = \"drill\"\nsource = \"maindc\"",
+            "a drill job needs `source` (the archived database) and `target`",
+        ),
         (
             "cron = \"0 30 2 * * *\"",
             "cron = \"30 2 * *\"",

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backup_util::{identity, owner_config, repo_config, run, write_config};
+use backup_util::{identity, lsn, owner_config, repo_config, run, wait_archived, write_config};
 use invsync::backup::repository::Repository;
 use invsync::backup::{archive, snapshot};
 use support::{finish, send_signal, PgCluster, S3Server};
@@ -62,30 +62,6 @@ fn archiver(cfg: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run invsync archive run")
-}
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.trim().split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-/// Waits until the archive's newest segment ends at or past `at`.
-fn wait_archived(cfg: &Path, at: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, out, _) = run(cfg, &["archive", "status", "--json"]);
-        let end = serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| v[0]["latest"]["lsn"].as_str().map(lsn));
-        if end.is_some_and(|e| e >= lsn(at)) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{at} not archived within 60 s: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// `restore --until...` into a fresh database `name`; returns (exit code, stdout, stderr).

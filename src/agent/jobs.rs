@@ -1,9 +1,11 @@
 //! Scheduled jobs: a `[[schedules]]` job spec run through the same library calls as the
-//! command line (`invsync backup`, `verify db`, `verify repo`, `forget`, `prune`), each
+//! command line (`invsync backup`, `verify db`, `verify repo`, `forget`, `prune`, `drill`), each
 //! returning its typed report.
 //!
 //! A job that runs to its end but finds something wrong (rows that differ, a damaged
 //! repository) is a failed run, as its command's non-zero exit would be.
+
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -12,14 +14,24 @@ use crate::backup::check::{self as repo_check, RepoCheckOptions, RepoReport};
 use crate::backup::fence as backup_fence;
 use crate::backup::prune::{self, PruneReport};
 use crate::backup::repository::Repository;
+use crate::backup::restore::RestoreDbOptions;
 use crate::backup::retention::{self, ForgetReport, Policy};
 use crate::backup::session::{self, BackupOptions, BackupSummary, DatabaseSource, Quiet};
 use crate::config::{Config, JobSpec};
+use crate::pg::schema::AccessOptions;
 use crate::pg::Fence;
+use crate::recovery::drill::{self, DrillOptions, DrillReport};
+use crate::recovery::point_in_time::RecoveryTarget;
+use crate::verify::db::Endpoint;
 use crate::verify::{self, DbReport, DbVerifyOptions};
 
 /// Tables a scheduled backup reads at once (as `invsync backup`'s default `--jobs`).
 const BACKUP_JOBS: usize = 2;
+
+/// How long a scheduled drill waits for the standby's tables' locks, and for the archive to
+/// reach the source's position after verifying (as `invsync drill`'s defaults).
+const DRILL_LOCK_WAIT: Duration = Duration::from_secs(60);
+const DRILL_ARCHIVE_WAIT: Duration = Duration::from_secs(180);
 
 /// What a job did, in the shape `--json` of its command prints, tagged with the job's kind.
 #[derive(Debug, Serialize)]
@@ -36,6 +48,7 @@ pub enum JobReport {
     VerifyRepo(RepoReport),
     Forget(ForgetReport),
     Prune(PruneReport),
+    Drill(Box<DrillReport>),
 }
 
 impl JobReport {
@@ -59,6 +72,10 @@ impl JobReport {
                 "repository {} is damaged: {} finding(s)",
                 r.repository,
                 r.findings.len()
+            )),
+            JobReport::Drill(r) if !r.passed => Some(format!(
+                "the drill into {} failed: {} finding(s) not explained by the source's later changes",
+                r.standby, r.verify.unexplained
             )),
             _ => None,
         }
@@ -166,6 +183,32 @@ pub async fn run(
                 backup_fence::raise(&repository, f).await?;
             }
             JobReport::Prune(prune::prune_fenced(&repository, false, fence).await?)
+        }
+        JobSpec::Drill {
+            repo,
+            source,
+            target,
+            tables,
+        } => {
+            let repository = open(repo).await?;
+            let (source, label) = drill::source(Some(config), source)?;
+            let opts = DrillOptions {
+                source,
+                archived: Some(label),
+                standby: Endpoint::resolve(Some(config), target)?,
+                target: RecoveryTarget::Latest,
+                restore: RestoreDbOptions {
+                    tables: tables.clone(),
+                    replace: true,
+                    access: AccessOptions::default(),
+                    lock_wait: DRILL_LOCK_WAIT,
+                },
+                no_restore: false,
+                archive_wait: DRILL_ARCHIVE_WAIT,
+            };
+            JobReport::Drill(Box::new(
+                drill::drill(&repository, &opts, std::future::pending()).await?,
+            ))
         }
     })
 }

@@ -78,6 +78,8 @@ pub enum AgentError {
     Verify(#[from] VerifyError),
     #[error(transparent)]
     Sync(#[from] SyncError),
+    #[error(transparent)]
+    Recovery(#[from] crate::recovery::RecoveryError),
 }
 
 /// What every task of the agent reports into.

@@ -28,7 +28,7 @@ pub struct Plan {
 #[derive(Debug, Serialize)]
 pub struct SchedulePlan {
     pub name: String,
-    /// backup, verify, forget or prune.
+    /// backup, verify, forget, prune or drill.
     pub job: &'static str,
     pub cron: String,
     pub time_zone: String,

@@ -19,6 +19,8 @@ mod agent;
 mod archive;
 #[path = "invsync/backup.rs"]
 mod backup;
+#[path = "invsync/drill.rs"]
+mod drill;
 #[path = "invsync/sync.rs"]
 mod sync;
 #[path = "invsync/verify.rs"]
@@ -72,6 +74,12 @@ enum Command {
     /// The change archive: a database's committed transactions as segments in a repository
     #[command(subcommand)]
     Archive(archive::ArchiveCommand),
+    /// A disaster-recovery drill: restore the latest recoverable point into a standby, verify
+    /// it against the live source, measure RPO and RTO, and append the report to the
+    /// repository's tamper-evident drill history (`drill history` lists and checks it)
+    ///
+    /// Exits 0 when the drill passes, 1 when it fails (findings are named).
+    Drill(drill::DrillArgs),
     /// Prove that copies hold exactly the source's data and that repositories are whole
     #[command(subcommand)]
     Verify(verify::VerifyCommand),
@@ -199,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Backup(command) => backup::run(command, cli.config.as_deref()).await,
         Command::Archive(command) => archive::run(command, cli.config.as_deref()).await,
+        Command::Drill(args) => drill::run(args, cli.config.as_deref()).await,
         Command::Verify(command) => verify::run(command, cli.config.as_deref()).await,
         Command::Sync(cmd) => sync::run(load_config(cli.config.as_deref())?, cmd).await,
         Command::Agent(args) => agent::run(load_config(cli.config.as_deref())?, args).await,

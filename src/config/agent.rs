@@ -158,6 +158,15 @@ pub enum JobSpec {
     },
     /// `invsync prune`.
     Prune { repo: String },
+    /// `invsync drill --replace`: the latest recoverable point of `source` restored into the
+    /// dedicated standby `target` and verified against `source`.
+    Drill {
+        repo: String,
+        source: String,
+        target: String,
+        /// Empty: every table of the snapshot.
+        tables: Vec<TablePattern>,
+    },
 }
 
 impl JobSpec {
@@ -170,6 +179,7 @@ impl JobSpec {
             | JobSpec::VerifyRepository { .. } => "verify",
             JobSpec::Forget { .. } => "forget",
             JobSpec::Prune { .. } => "prune",
+            JobSpec::Drill { .. } => "drill",
         }
     }
 }
@@ -577,11 +587,12 @@ impl Context<'_> {
                 "prune",
             ],
             "prune" => &["repo"],
+            "drill" => &["repo", "source", "target", "tables"],
             other => {
                 return Err(self.invalid(
                     &at("job"),
                     &s.job,
-                    format!("unknown job `{other}`; use backup, verify, forget or prune"),
+                    format!("unknown job `{other}`; use backup, verify, forget, prune or drill"),
                 ))
             }
         };
@@ -665,6 +676,26 @@ impl Context<'_> {
                         .as_ref()
                         .map(|t| t.get_ref().clone())
                         .unwrap_or_default(),
+                };
+                (job, databases)
+            }
+            "drill" => {
+                let (Some(source), Some(target)) = (&s.source, &s.target) else {
+                    return Err(self.invalid(
+                        &at("job"),
+                        &s.job,
+                        "a drill job needs `source` (the archived database) and `target` (a \
+                         dedicated standby: the drill drops and recreates its tables)"
+                            .into(),
+                    ));
+                };
+                let (source, target) = (database("source", source)?, database("target", target)?);
+                let databases = vec![source.clone(), target.clone()];
+                let job = JobSpec::Drill {
+                    repo: repo()?,
+                    source,
+                    target,
+                    tables: tables()?,
                 };
                 (job, databases)
             }

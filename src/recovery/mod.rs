@@ -6,6 +6,7 @@
 //! Invariant: every check that can refuse a request (its input, the recoverable window, the
 //! archive's origin, the reverse pipeline) runs before anything is written.
 
+pub mod drill;
 pub mod point_in_time;
 pub mod switchover;
 

@@ -422,7 +422,7 @@ pub struct PointInTimeReport {
 }
 
 /// The archived database `wanted` names (exactly, or by the configured name before ` (`).
-fn pick_db(
+pub(super) fn pick_db(
     repo: &Repository,
     segments: &[SegmentManifest],
     wanted: Option<&str>,

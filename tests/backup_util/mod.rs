@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use age::secrecy::ExposeSecret;
 use invsync::backup::session::DatabaseSource;
@@ -273,4 +274,29 @@ pub async fn queued_on(pg: &PgCluster, db: &str, table: &str) {
         || async { watch.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) > 0 },
     )
     .await;
+}
+
+/// An LSN as PostgreSQL prints it (`16/B374D848`), as a number.
+pub fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Waits until the archive's newest segment ends at or past `at`.
+pub fn wait_archived(cfg: &Path, at: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out, _) = run(cfg, &["archive", "status", "--json"]);
+        let end = serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v[0]["latest"]["lsn"].as_str().map(lsn));
+        if end.is_some_and(|e| e >= lsn(at)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{at} not archived within 60 s: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
