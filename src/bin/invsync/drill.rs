@@ -161,7 +161,7 @@ pub async fn run(args: DrillArgs, config: Option<&Path>) -> anyhow::Result<ExitC
     if args.json {
         json(&report)?;
     } else {
-        print!("{}", drill::markdown(&report));
+        out!("{}", drill::markdown(&report));
     }
     Ok(if report.passed {
         ExitCode::SUCCESS
@@ -194,7 +194,7 @@ async fn history(
     } else {
         for (name, e) in &h.entries {
             let r = &e.report;
-            println!(
+            outln!(
                 "#{} {} {} {} RPO {} / {} bytes, RTO {:.1} s, {} finding(s) ({})",
                 e.seq,
                 &name[..12.min(name.len())],
@@ -208,9 +208,9 @@ async fn history(
             );
         }
         for b in &h.broken {
-            println!("broken: {b}");
+            outln!("broken: {b}");
         }
-        println!(
+        outln!(
             "{} drill(s); chain {}",
             h.entries.len(),
             if h.broken.is_empty() {
