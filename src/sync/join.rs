@@ -30,6 +30,18 @@ use crate::cdc::{names, publication, slot};
 use crate::config::{Config, PipelineConfig};
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
 
+/// Where a target stands in a running pipeline that did not start with it streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joining {
+    /// Streams (or is retried when it goes away) as usual.
+    No,
+    /// Listed in the configuration but not set up yet: neither streamed nor waited for.
+    Listed,
+    /// Setup is copying it: the slot is held where the session started (see
+    /// [`progress::record_hold`]) until the copy is done and the target streams from its end.
+    Copying,
+}
+
 /// What a streamed change to one table does on one target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Turn {
@@ -171,14 +183,6 @@ pub async fn change(
         }
         other => other,
     };
-    if let (false, Some(pid)) = (changes.added_targets.is_empty(), slot_active) {
-        return Err(SyncError::Config(format!(
-            "pipeline {pipeline} is streaming (slot {} is in use by process {pid}); {} must be copied while the slot holds still: \
-             stop `invsync sync run {pipeline}` (or the agent), run setup again, then start it; tables already streaming are not copied again",
-            names::slot(pipeline),
-            changes.added_targets.join(", ")
-        )));
-    }
     let joining = !changes.added_tables.is_empty() || !changes.added_targets.is_empty();
     if !opts.copy && joining {
         return Err(SyncError::Config(format!(
@@ -239,6 +243,13 @@ pub async fn change(
         }
     }
 
+    if slot_active.is_some() && !changes.added_targets.is_empty() {
+        // The running pipeline must not confirm its slot past the copy's snapshot before the
+        // target streams: it records where it holds the slot, and the snapshot comes after.
+        for t in targets.iter().filter(|t| !streams(t)) {
+            await_hold(t, pipeline, &config.path).await?;
+        }
+    }
     if !copies.is_empty() {
         let snapshot =
             slot::create_temporary(source_conn, &names::slot(pipeline), &pub_name).await?;
@@ -363,6 +374,38 @@ async fn slot_released(
             return Ok(pid);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// How long setup waits for a running pipeline to hold its slot for a joining target (it
+/// reads its configuration and its targets every 2 s).
+const HOLD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits until the running pipeline records on `t` where it holds the slot for its copy.
+async fn await_hold(
+    t: &SetupTarget<'_>,
+    pipeline: &str,
+    config_path: &std::path::Path,
+) -> Result<(), SyncError> {
+    let deadline = std::time::Instant::now() + HOLD_WAIT;
+    loop {
+        if let Some(at) = progress::load(&t.client, t.conn, pipeline)
+            .await?
+            .as_ref()
+            .and_then(progress::held)
+        {
+            tracing::info!(pipeline, target = %t.name, "the running pipeline holds its slot at {at}: copying");
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(SyncError::Config(format!(
+                "pipeline {pipeline} is streaming but did not take target {} in within {HOLD_WAIT:?}: the running `invsync sync run {pipeline}` \
+                 (or agent) reads its targets from {}; run it with this configuration (or stop it), then run setup again",
+                t.name,
+                config_path.display()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
