@@ -1,7 +1,9 @@
 //! Pipelines that change while they stream, between real clusters with `einvoice-gen load`
 //! running: a table joins a streaming pipeline (copied from a snapshot, then streamed from
-//! exactly that snapshot's position), a second target joins, a table leaves, and a target that
-//! is down past the pipeline's retained-WAL limit is cut loose and later copied back.
+//! exactly that snapshot's position), a second target joins while the pipeline streams (the
+//! first target's lag measured before and during its copy), a table leaves, a target leaves the
+//! configuration of the running pipeline and stops receiving changes, and a target that is down
+//! past the pipeline's retained-WAL limit is cut loose and later copied back while streaming.
 //!
 //! Exact counters: `tick_old` (streaming from the start) and `tick_new` (joining live) each
 //! hold one row whose `n` the test raises by one per source transaction. On every target an

@@ -10,10 +10,26 @@
 //! twice. Tables already streaming are never copied again.
 //!
 //! A target added to the configuration (or one cut loose for holding too much WAL) is copied
-//! whole in such a snapshot and starts from its position; since only the process that holds
-//! the slot can keep it from being confirmed past that position, this is done while the slot
-//! is idle (the pipeline is stopped), and the next `sync run` streams it from there while the
-//! other targets skip what they hold.
+//! whole in such a snapshot and streams from its position; the other targets keep streaming
+//! meanwhile. The design is the per-target start position (not a catch-up stream beside the
+//! main one): the copy's changes are all in the slot's stream, provided the slot is not
+//! confirmed past the snapshot before the target streams. So:
+//! 1. setup lists the target as copying (its tables created or emptied);
+//! 2. the running pipeline, which reads its configuration and its targets every 2 s (and when
+//!    a session takes the slot), sees the copy begin ([`Joining::Copying`]), stops confirming
+//!    the slot further, and records that on the target ([`progress::record_hold`]); setup,
+//!    when it finds the slot in use after recording the copy, waits for it (a slot not in use
+//!    holds still, and a session that takes it later sees the copy from its start);
+//! 3. setup takes the snapshot (at or after the held position: it is the source's current
+//!    one), copies, and records the target as streaming from the snapshot's position;
+//! 4. the pipeline sees it and starts a new session from the oldest target position: the
+//!    joining target applies the transactions committed after its copy's position, the others
+//!    skip what they hold (only the WAL written during the copy is read again, not applied).
+//!
+//! Exactly once: what committed before the snapshot is in the copy, what committed after is
+//! streamed (the slot still holds it), and every target skips what it holds. While a target
+//! is being copied the slot keeps the WAL written meanwhile; a setup that dies midway leaves
+//! the hold until setup is run again or the target leaves the configuration.
 //!
 //! A table or target removed from the configuration leaves the publication and the targets'
 //! bookkeeping; its rows on the targets stay unless setup is told `--drop`.
@@ -176,13 +192,6 @@ pub async fn change(
             slot: names::slot(pipeline),
         });
     }
-    let slot_active = match slot_active {
-        // A pipeline just stopped leaves its walsender for a moment.
-        Some(_) if !changes.added_targets.is_empty() => {
-            slot_released(source, source_conn, pipeline).await?
-        }
-        other => other,
-    };
     let joining = !changes.added_tables.is_empty() || !changes.added_targets.is_empty();
     if !opts.copy && joining {
         return Err(SyncError::Config(format!(
@@ -243,9 +252,15 @@ pub async fn change(
         }
     }
 
-    if slot_active.is_some() && !changes.added_targets.is_empty() {
-        // The running pipeline must not confirm its slot past the copy's snapshot before the
-        // target streams: it records where it holds the slot, and the snapshot comes after.
+    // The running pipeline must not confirm its slot past the copy's snapshot before the
+    // target streams: it records where it holds the slot, and the snapshot comes after. Read
+    // now, after the copy is recorded as begun: a session that takes the slot later sees it
+    // and holds for it from its start.
+    let in_use = slot::state(source, source_conn, &names::slot(pipeline))
+        .await?
+        .and_then(|s| s.active_pid)
+        .is_some();
+    if in_use && !changes.added_targets.is_empty() {
         for t in targets.iter().filter(|t| !streams(t)) {
             await_hold(t, pipeline, &config.path).await?;
         }
@@ -356,25 +371,6 @@ async fn prepare_table(
         target_name: t.name.to_string(),
         target_conn: t.conn.clone(),
     })
-}
-
-/// Waits up to a few seconds for the pipeline's slot to be free; the pid still holding it, if
-/// any.
-async fn slot_released(
-    source: &Client,
-    conn: &ConnInfo,
-    pipeline: &str,
-) -> Result<Option<i32>, SyncError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let pid = slot::state(source, conn, &names::slot(pipeline))
-            .await?
-            .and_then(|s| s.active_pid);
-        if pid.is_none() || std::time::Instant::now() > deadline {
-            return Ok(pid);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
 }
 
 /// How long setup waits for a running pipeline to hold its slot for a joining target (it

@@ -583,7 +583,8 @@ async fn session(
         if !t.is_up() && !t.cut_loose && t.joining == join::Joining::No {
             match t.connect().await {
                 Ok(()) => {}
-                Err(SyncError::NotSetUp { .. }) if targets_len > 1 => {
+                Err(e @ SyncError::NotSetUp { .. }) if targets_len > 1 => {
+                    last_error = Some(e);
                     // Not set up yet, or being copied by setup: it joins once copied.
                     t.joining = match joining_row(t).await {
                         Ok(Some(row)) if row.state == progress::State::Copying => {
@@ -650,6 +651,11 @@ async fn session(
         "streaming"
     );
     observer.streaming(true);
+    // With the slot now ours, a copy setup began (when it saw the slot free) is held for.
+    if follow_copies(pipeline, targets, floor).await {
+        stream.stop();
+        return Ok(SessionEnd::Restart);
+    }
 
     let mut relations: HashMap<u32, StreamRelation> = HashMap::new();
     let mut txn: Option<Txn> = None;
@@ -944,6 +950,15 @@ async fn membership(
             Err(e) => tracing::debug!(pipeline, "configuration not reloaded: {e}"),
         }
     }
+    follow_copies(pipeline, targets, floor)
+        .await
+        .then_some(SessionEnd::Restart)
+}
+
+/// Follows setup's copies of targets that do not stream: one whose copy began (listed, or cut
+/// loose) is held for from now on ([`join::Joining::Copying`]); one whose copy is done streams
+/// from its position, which takes a new session (true).
+async fn follow_copies(pipeline: &str, targets: &mut [Target], floor: Lsn) -> bool {
     let mut cuts: Option<Vec<String>> = None;
     for t in targets.iter().filter(|t| t.is_up()) {
         let listed = async {
@@ -970,28 +985,27 @@ async fn membership(
         let streams = row
             .as_ref()
             .is_some_and(|r| r.state == progress::State::Streaming);
-        match t.joining {
-            join::Joining::Copying => {
-                if streams && cuts.as_ref().is_some_and(|c| !c.contains(&t.name)) {
-                    tracing::info!(pipeline, target = %t.name, "target copied: streaming it from its copy's position");
-                    t.joining = join::Joining::No;
-                    t.cut_loose = false;
-                    restart = true;
-                } else if copying {
-                    if let Err(e) = hold_for(t, floor).await {
-                        tracing::warn!(pipeline, target = %t.name, "{e}");
-                    }
-                }
-            }
-            _ if copying => {
+        if streams
+            && t.joining != join::Joining::No
+            && cuts.as_ref().is_some_and(|c| !c.contains(&t.name))
+        {
+            tracing::info!(pipeline, target = %t.name, "target copied: streaming it from its copy's position");
+            t.joining = join::Joining::No;
+            t.cut_loose = false;
+            restart = true;
+        } else if copying {
+            if t.joining != join::Joining::Copying {
                 tracing::info!(pipeline, target = %t.name, "setup is copying the target: holding the slot for it");
-                t.joining = join::Joining::Copying;
-                restart = true;
             }
-            _ => {}
+            // From now on this session confirms nothing further (see `confirm_point`): the
+            // copy's snapshot, taken after the hold is recorded, is past what it confirmed.
+            t.joining = join::Joining::Copying;
+            if let Err(e) = hold_for(t, floor).await {
+                tracing::warn!(pipeline, target = %t.name, "{e}");
+            }
         }
     }
-    restart.then_some(SessionEnd::Restart)
+    restart
 }
 
 /// Waits until `table`'s copy into `target` is done (or the table left the pipeline); false
