@@ -19,6 +19,9 @@
 //! - Every `sequence_interval` (and when a session starts), the sequences move forward on the
 //!   targets to the source's values ([`sequences`]), queued on each target's writer between
 //!   the changes, so apply does not wait for them.
+//! - Every 2 s the run reads its configuration file again: a target added there is streamed
+//!   once setup has copied it (the slot held while it is copied, see [`join`]), one removed
+//!   stops receiving changes (its batch committed first); neither needs a restart.
 //! - A source or stream failure reconnects with backoff and says so in the log; errors a person
 //!   must fix (schema, permissions, configuration) stop the pipeline.
 
