@@ -1,7 +1,9 @@
 //! Pipelines that change while they stream, between real clusters with `einvoice-gen load`
 //! running: a table joins a streaming pipeline (copied from a snapshot, then streamed from
-//! exactly that snapshot's position), a second target joins, a table leaves, and a target that
-//! is down past the pipeline's retained-WAL limit is cut loose and later copied back.
+//! exactly that snapshot's position), a second target joins while the pipeline streams (the
+//! first target's lag measured before and during its copy), a table leaves, a target leaves the
+//! configuration of the running pipeline and stops receiving changes, and a target that is down
+//! past the pipeline's retained-WAL limit is cut loose and later copied back while streaming.
 //!
 //! Exact counters: `tick_old` (streaming from the start) and `tick_new` (joining live) each
 //! hold one row whose `n` the test raises by one per source transaction. On every target an
@@ -199,6 +201,53 @@ fn ticks_exact(target: &PgCluster, tab: &str, updates: i64) {
     );
 }
 
+/// The tick value a target's copy of `tab` held: its `n` less the updates applied since.
+fn joined_at(target: &PgCluster, tab: &str) -> i64 {
+    dump(target, &format!("SELECT n FROM {tab}"))
+        .parse::<i64>()
+        .unwrap()
+        - dump(
+            target,
+            &format!("SELECT COALESCE(max(updates), 0) FROM tick_applied WHERE tab = '{tab}'"),
+        )
+        .parse::<i64>()
+        .unwrap()
+}
+
+/// Samples how many ticks `target` is behind the source, until stopped; returns the most.
+struct Lag {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<i64>,
+}
+
+impl Lag {
+    async fn start(src: &PgCluster, target: &PgCluster) -> Lag {
+        let (s, t) = (
+            src.client("einvoice").await,
+            target.client("einvoice").await,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut most = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                let n = |r: tokio_postgres::Row| r.get::<_, i64>(0);
+                let at_source = n(s.query_one("SELECT n FROM tick_old", &[]).await.unwrap());
+                let at_target = n(t.query_one("SELECT n FROM tick_old", &[]).await.unwrap());
+                most = most.max(at_source - at_target);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            most
+        });
+        Lag { stop, task }
+    }
+
+    async fn stop(self) -> i64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 fn sum_query(table: &str) -> String {
     format!("SELECT count(*), sum(hashtext(t::text)) FROM {table} t")
 }
@@ -254,46 +303,47 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
     verify(&cfg, "b", &all);
     ticks_exact(&b, "tick_old", ticks);
     // tick_new joined at its copy's position: it saw only the updates after it, each once.
-    let joined_at: i64 = dump(&b, "SELECT n FROM tick_new").parse::<i64>().unwrap()
-        - dump(
-            &b,
-            "SELECT COALESCE(max(updates), 0) FROM tick_applied WHERE tab = 'tick_new'",
-        )
-        .parse::<i64>()
-        .unwrap();
+    let tick_new_at = joined_at(&b, "tick_new");
     assert!(
-        joined_at > 0 && joined_at < ticks,
-        "joined at {joined_at} of {ticks}"
+        tick_new_at > 0 && tick_new_at < ticks,
+        "joined at {tick_new_at} of {ticks}"
     );
-    ticks_exact(&b, "tick_new", ticks - joined_at);
+    ticks_exact(&b, "tick_new", ticks - tick_new_at);
     assert_eq!(dump(&b, "SELECT n FROM tick_new"), ticks.to_string());
 
-    // A second target joins while the pipeline is stopped: with it running, setup says so and
-    // changes nothing.
+    // A second target joins while the pipeline streams under load: it is copied from its own
+    // snapshot, then streamed from that snapshot's position, and b is not held back meanwhile.
     let run = Running::start(&load(&cfg), "p");
+    let ticker = Ticker::start(&src).await;
+    let load_b = start_load(&src, 12, 8, 400);
+    let normal = Lag::start(&src, &b).await;
+    ticker.at_least(300).await;
+    let normal = normal.stop().await;
     configure(dir.path(), [&src, &b, &c], &["b", "c"], &all, "");
-    wait_for("the slot to be active", || {
-        dump(&src, "SELECT bool_or(active) FROM pg_replication_slots") == "t"
-    })
-    .await;
-    let (code, _, err) = cli(&cfg, &["sync", "setup", "p"]);
-    assert_ne!(code, 0);
-    assert!(err.contains("stop `invsync sync run p`"), "{err}");
+    let (code, _, err) = cli(&cfg, &["sync", "setup", "p", "--no-copy"]);
+    assert_ne!(code, 0, "a joining target needs its copy");
+    assert!(err.contains("--no-copy"), "{err}");
     assert_eq!(
         dump(&c, "SELECT to_regclass('public.invoice') IS NULL"),
         "t"
     );
-    run.stop().await;
-    let (code, _, err) = cli(&cfg, &["sync", "setup", "p", "--no-copy"]);
-    assert_ne!(code, 0, "a joining target needs its copy");
-    assert!(err.contains("--no-copy"), "{err}");
-    let out = setup(&cfg, &[]);
+    let during = Lag::start(&src, &b).await;
+    let setup_cfg = cfg.clone();
+    let out = tokio::task::spawn_blocking(move || setup(&setup_cfg, &[]))
+        .await
+        .unwrap();
     assert!(out.contains("targets copied: c"), "{out}");
-    let copied_at = dump(&c, "SELECT n FROM tick_old").parse::<i64>().unwrap();
-    let run = Running::start(&load(&cfg), "p");
-    let ticker = Ticker::start(&src).await;
-    let load_b = start_load(&src, 4, 8, 400);
-    ticker.at_least(150).await;
+    let now: i64 = dump(&src, "SELECT n FROM tick_old").parse().unwrap();
+    wait_for("c to stream", || {
+        dump(&c, "SELECT n FROM tick_old").parse::<i64>().unwrap() >= now
+    })
+    .await;
+    let during = during.stop().await;
+    eprintln!("lag of b in ticks: {normal} before, {during} while c joined");
+    assert!(
+        during <= 2 * normal + 50,
+        "b fell behind while c joined: {during} ticks, normally at most {normal}"
+    );
     finish_load(load_b);
     let more = ticker.stop().await;
     for t in [&b, &c] {
@@ -304,7 +354,13 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
     verify(&cfg, "b", &all);
     verify(&cfg, "c", &all);
     ticks_exact(&b, "tick_old", ticks + more);
-    ticks_exact(&c, "tick_old", ticks + more - copied_at);
+    let c_joined_at = joined_at(&c, "tick_old");
+    assert!(
+        c_joined_at > ticks && c_joined_at < ticks + more,
+        "c joined at {c_joined_at} of {}",
+        ticks + more
+    );
+    ticks_exact(&c, "tick_old", ticks + more - c_joined_at);
 
     // A table leaves: its changes stop reaching the targets, the others keep streaming.
     let kept: Vec<&str> = all
@@ -343,6 +399,35 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
         "SELECT count(*) FROM pg_publication_tables WHERE tablename = 'tick_new'",
     );
     assert_eq!(published, "0");
+
+    // A target leaves the configuration while the pipeline streams: the running pipeline stops
+    // streaming to it without a restart, and b goes on.
+    let run = Running::start(&load(&cfg), "p");
+    let ticker = Ticker::start(&src).await;
+    ticker.at_least(30).await;
+    let now: i64 = dump(&src, "SELECT n FROM tick_old").parse().unwrap();
+    wait_for("c to stream", || {
+        dump(&c, "SELECT n FROM tick_old").parse::<i64>().unwrap() >= now
+    })
+    .await;
+    configure(dir.path(), [&src, &b, &c], &["b"], &kept, "");
+    let session = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}'",
+        invsync::cdc::names::origin("p", "c")
+    );
+    wait_for("the running pipeline to let c go", || {
+        dump(&c, &session) == "0"
+    })
+    .await;
+    let left_at = dump(&c, "SELECT n FROM tick_old");
+    ticker.at_least(200).await;
+    let last = ticker.stop().await;
+    wait_same(&src, &b, "SELECT n FROM tick_old").await;
+    assert_eq!(dump(&c, "SELECT n FROM tick_old"), left_at, "c left");
+    run.stop().await;
+    ticks_exact(&b, "tick_old", ticks + more + ticked + last);
+    let out: serde_json::Value = serde_json::from_str(&setup(&cfg, &["--json"])).unwrap();
+    assert_eq!(out["removed_targets"], serde_json::json!(["c"]), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,16 +517,20 @@ async fn a_target_down_past_the_wal_limit_is_cut_loose_and_copied_back() {
         dump(&src, "SELECT n FROM tick_old")
     );
 
-    // Setup copies it again (with the pipeline stopped); then it streams and ends identical.
-    let out = setup(&cfg, &[]);
-    assert!(out.contains("targets copied: c"), "{out}");
-    assert!(status(&cfg)["targets"][1]["cut_loose"].is_null());
-    let copied_at = dump(&c, "SELECT n FROM tick_old").parse::<i64>().unwrap();
+    // Setup copies it again while the pipeline streams under load; then it streams and ends
+    // identical.
     c.psql("einvoice", "TRUNCATE tick_anomaly, tick_applied");
     let run = Running::start(&load(&cfg), "p");
     let ticker = Ticker::start(&src).await;
-    let load_b = start_load(&src, 3, 4, 400);
+    let load_b = start_load(&src, 6, 4, 400);
     ticker.at_least(50).await;
+    let setup_cfg = cfg.clone();
+    let out = tokio::task::spawn_blocking(move || setup(&setup_cfg, &[]))
+        .await
+        .unwrap();
+    assert!(out.contains("targets copied: c"), "{out}");
+    assert!(status(&cfg)["targets"][1]["cut_loose"].is_null());
+    ticker.at_least(150).await;
     finish_load(load_b);
     let t3 = ticker.stop().await;
     for t in [&b, &c] {
@@ -452,6 +541,11 @@ async fn a_target_down_past_the_wal_limit_is_cut_loose_and_copied_back() {
     verify(&cfg, "b", &tables);
     verify(&cfg, "c", &tables);
     ticks_exact(&b, "tick_old", ticks + t2 + t3);
+    let copied_at = joined_at(&c, "tick_old");
+    assert!(
+        copied_at > ticks + t2 && copied_at < ticks + t2 + t3,
+        "c copied at {copied_at}"
+    );
     ticks_exact(&c, "tick_old", ticks + t2 + t3 - copied_at);
 }
 

@@ -518,6 +518,8 @@ pub struct Target {
     /// Cut loose for holding too much WAL: no longer streamed, nor waited for, until it is
     /// copied again.
     pub cut_loose: bool,
+    /// Where a target added while the pipeline runs stands (see [`join`](super::join)).
+    pub joining: super::join::Joining,
 }
 
 #[derive(Default)]
@@ -614,6 +616,7 @@ impl Target {
             backoff: Duration::from_millis(500),
             down_since: None,
             cut_loose: false,
+            joining: super::join::Joining::No,
         }
     }
 

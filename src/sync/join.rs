@@ -10,10 +10,26 @@
 //! twice. Tables already streaming are never copied again.
 //!
 //! A target added to the configuration (or one cut loose for holding too much WAL) is copied
-//! whole in such a snapshot and starts from its position; since only the process that holds
-//! the slot can keep it from being confirmed past that position, this is done while the slot
-//! is idle (the pipeline is stopped), and the next `sync run` streams it from there while the
-//! other targets skip what they hold.
+//! whole in such a snapshot and streams from its position; the other targets keep streaming
+//! meanwhile. The design is the per-target start position (not a catch-up stream beside the
+//! main one): the copy's changes are all in the slot's stream, provided the slot is not
+//! confirmed past the snapshot before the target streams. So:
+//! 1. setup lists the target as copying (its tables created or emptied);
+//! 2. the running pipeline, which reads its configuration and its targets every 2 s (and when
+//!    a session takes the slot), sees the copy begin ([`Joining::Copying`]), stops confirming
+//!    the slot further, and records that on the target ([`progress::record_hold`]); setup,
+//!    when it finds the slot in use after recording the copy, waits for it (a slot not in use
+//!    holds still, and a session that takes it later sees the copy from its start);
+//! 3. setup takes the snapshot (at or after the held position: it is the source's current
+//!    one), copies, and records the target as streaming from the snapshot's position;
+//! 4. the pipeline sees it and starts a new session from the oldest target position: the
+//!    joining target applies the transactions committed after its copy's position, the others
+//!    skip what they hold (only the WAL written during the copy is read again, not applied).
+//!
+//! Exactly once: what committed before the snapshot is in the copy, what committed after is
+//! streamed (the slot still holds it), and every target skips what it holds. While a target
+//! is being copied the slot keeps the WAL written meanwhile; a setup that dies midway leaves
+//! the hold until setup is run again or the target leaves the configuration.
 //!
 //! A table or target removed from the configuration leaves the publication and the targets'
 //! bookkeeping; its rows on the targets stay unless setup is told `--drop`.
@@ -29,6 +45,18 @@ use super::{schema, sequences, SyncError};
 use crate::cdc::{names, publication, slot};
 use crate::config::{Config, PipelineConfig};
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
+
+/// Where a target stands in a running pipeline that did not start with it streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joining {
+    /// Streams (or is retried when it goes away) as usual.
+    No,
+    /// Listed in the configuration but not set up yet: neither streamed nor waited for.
+    Listed,
+    /// Setup is copying it: the slot is held where the session started (see
+    /// [`progress::record_hold`]) until the copy is done and the target streams from its end.
+    Copying,
+}
 
 /// What a streamed change to one table does on one target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,21 +192,6 @@ pub async fn change(
             slot: names::slot(pipeline),
         });
     }
-    let slot_active = match slot_active {
-        // A pipeline just stopped leaves its walsender for a moment.
-        Some(_) if !changes.added_targets.is_empty() => {
-            slot_released(source, source_conn, pipeline).await?
-        }
-        other => other,
-    };
-    if let (false, Some(pid)) = (changes.added_targets.is_empty(), slot_active) {
-        return Err(SyncError::Config(format!(
-            "pipeline {pipeline} is streaming (slot {} is in use by process {pid}); {} must be copied while the slot holds still: \
-             stop `invsync sync run {pipeline}` (or the agent), run setup again, then start it; tables already streaming are not copied again",
-            names::slot(pipeline),
-            changes.added_targets.join(", ")
-        )));
-    }
     let joining = !changes.added_tables.is_empty() || !changes.added_targets.is_empty();
     if !opts.copy && joining {
         return Err(SyncError::Config(format!(
@@ -239,6 +252,19 @@ pub async fn change(
         }
     }
 
+    // The running pipeline must not confirm its slot past the copy's snapshot before the
+    // target streams: it records where it holds the slot, and the snapshot comes after. Read
+    // now, after the copy is recorded as begun: a session that takes the slot later sees it
+    // and holds for it from its start.
+    let in_use = slot::state(source, source_conn, &names::slot(pipeline))
+        .await?
+        .and_then(|s| s.active_pid)
+        .is_some();
+    if in_use && !changes.added_targets.is_empty() {
+        for t in targets.iter().filter(|t| !streams(t)) {
+            await_hold(t, pipeline, &config.path).await?;
+        }
+    }
     if !copies.is_empty() {
         let snapshot =
             slot::create_temporary(source_conn, &names::slot(pipeline), &pub_name).await?;
@@ -347,22 +373,35 @@ async fn prepare_table(
     })
 }
 
-/// Waits up to a few seconds for the pipeline's slot to be free; the pid still holding it, if
-/// any.
-async fn slot_released(
-    source: &Client,
-    conn: &ConnInfo,
+/// How long setup waits for a running pipeline to hold its slot for a joining target (it
+/// reads its configuration and its targets every 2 s).
+const HOLD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits until the running pipeline records on `t` where it holds the slot for its copy.
+async fn await_hold(
+    t: &SetupTarget<'_>,
     pipeline: &str,
-) -> Result<Option<i32>, SyncError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    config_path: &std::path::Path,
+) -> Result<(), SyncError> {
+    let deadline = std::time::Instant::now() + HOLD_WAIT;
     loop {
-        let pid = slot::state(source, conn, &names::slot(pipeline))
+        if let Some(at) = progress::load(&t.client, t.conn, pipeline)
             .await?
-            .and_then(|s| s.active_pid);
-        if pid.is_none() || std::time::Instant::now() > deadline {
-            return Ok(pid);
+            .as_ref()
+            .and_then(progress::held)
+        {
+            tracing::info!(pipeline, target = %t.name, "the running pipeline holds its slot at {at}: copying");
+            return Ok(());
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if std::time::Instant::now() > deadline {
+            return Err(SyncError::Config(format!(
+                "pipeline {pipeline} is streaming but did not take target {} in within {HOLD_WAIT:?}: the running `invsync sync run {pipeline}` \
+                 (or agent) reads its targets from {}; run it with this configuration (or stop it), then run setup again",
+                t.name,
+                config_path.display()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

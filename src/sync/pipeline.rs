@@ -19,10 +19,14 @@
 //! - Every `sequence_interval` (and when a session starts), the sequences move forward on the
 //!   targets to the source's values ([`sequences`]), queued on each target's writer between
 //!   the changes, so apply does not wait for them.
+//! - Every 2 s the run reads its configuration file again: a target added there is streamed
+//!   once setup has copied it (the slot held while it is copied, see [`join`]), one removed
+//!   stops receiving changes (its batch committed first); neither needs a restart.
 //! - A source or stream failure reconnects with backoff and says so in the log; errors a person
 //!   must fix (schema, permissions, configuration) stop the pipeline.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -312,8 +316,11 @@ pub async fn teardown(config: &Config, pipeline: &str) -> Result<TeardownReport,
 enum SessionEnd {
     /// Stop was requested and everything is committed.
     Stopped,
-    /// A target came back behind the stream: start again from its position.
+    /// A target came back behind the stream, or a joining target's copy began or ended:
+    /// start again from the targets' positions.
     Restart,
+    /// The configuration lists other targets now: these.
+    Members(Vec<(String, ConnInfo)>),
 }
 
 /// What a running pipeline tells whoever watches it (the agent's metrics and `/status`).
@@ -376,6 +383,7 @@ pub async fn run_observed(
         let started = Instant::now();
         let ended = session(
             p,
+            &config.path,
             &source_conn,
             &mut targets,
             &answered,
@@ -386,6 +394,32 @@ pub async fn run_observed(
         observer.streaming(false);
         match ended {
             Ok(SessionEnd::Stopped) => return Ok(()),
+            Ok(SessionEnd::Members(listed)) => {
+                targets.retain_mut(|t| {
+                    let kept = listed.iter().any(|(name, _)| *name == t.name);
+                    if !kept {
+                        tracing::info!(pipeline, target = %t.name, "target left the configuration: no longer streamed");
+                        t.disconnect();
+                    }
+                    kept
+                });
+                for (name, conn) in &listed {
+                    if targets.iter().all(|t| t.name != *name) {
+                        tracing::info!(pipeline, target = %name, "target joined the configuration: streamed once `invsync sync setup {pipeline}` has copied it");
+                        let mut t = Target::new(
+                            pipeline,
+                            name,
+                            conn.clone(),
+                            answered.clone(),
+                            fence.cloned(),
+                            p.missing_rows,
+                        );
+                        t.joining = join::Joining::Listed;
+                        targets.push(t);
+                    }
+                }
+                continue;
+            }
             Ok(SessionEnd::Restart) => {
                 tracing::info!(
                     pipeline,
@@ -472,9 +506,12 @@ pub(super) fn target_failed(
 fn confirm_point(targets: &[Target], position: Lsn, floor: Lsn) -> Lsn {
     targets
         .iter()
-        .filter(|t| !t.cut_loose)
+        .filter(|t| {
+            t.joining == join::Joining::Copying
+                || !(t.cut_loose || t.joining == join::Joining::Listed)
+        })
         .map(|t| {
-            if !t.known {
+            if !t.known || t.joining == join::Joining::Copying {
                 floor
             } else if t.is_up() && !t.pending() {
                 t.durable.max(position)
@@ -513,8 +550,10 @@ async fn flush_all(targets: &mut [Target], durably: bool) -> Result<(), SyncErro
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     p: &PipelineConfig,
+    config_path: &Path,
     source_conn: &ConnInfo,
     targets: &mut [Target],
     answered: &Notify,
@@ -542,10 +581,22 @@ async fn session(
         .into());
     }
     let mut last_error = None;
+    let targets_len = targets.len();
     for t in targets.iter_mut() {
-        if !t.is_up() && !t.cut_loose {
+        if !t.is_up() && !t.cut_loose && t.joining == join::Joining::No {
             match t.connect().await {
                 Ok(()) => {}
+                Err(e @ SyncError::NotSetUp { .. }) if targets_len > 1 => {
+                    last_error = Some(e);
+                    // Not set up yet, or being copied by setup: it joins once copied.
+                    t.joining = match joining_row(t).await {
+                        Ok(Some(row)) if row.state == progress::State::Copying => {
+                            join::Joining::Copying
+                        }
+                        _ => join::Joining::Listed,
+                    };
+                    tracing::info!(pipeline, target = %t.name, "target is not set up yet: streamed once `invsync sync setup {pipeline}` has copied it");
+                }
                 Err(e) if e.is_transient() => {
                     t.went_away(&e);
                     last_error = Some(e);
@@ -571,6 +622,16 @@ async fn session(
         }
     }
     let floor = slot_state.confirmed_flush.unwrap_or_default();
+    // The slot stays at `floor` in this session for targets being copied: their copies'
+    // snapshots are taken after this is recorded.
+    for t in targets
+        .iter()
+        .filter(|t| t.joining == join::Joining::Copying)
+    {
+        if let Err(e) = hold_for(t, floor).await {
+            tracing::warn!(pipeline, target = %t.name, "{e}");
+        }
+    }
     let start = targets
         .iter()
         .filter(|t| t.is_up())
@@ -593,6 +654,11 @@ async fn session(
         "streaming"
     );
     observer.streaming(true);
+    // With the slot now ours, a copy setup began (when it saw the slot free) is held for.
+    if follow_copies(pipeline, targets, floor).await {
+        stream.stop();
+        return Ok(SessionEnd::Restart);
+    }
 
     let mut relations: HashMap<u32, StreamRelation> = HashMap::new();
     let mut txn: Option<Txn> = None;
@@ -612,7 +678,7 @@ async fn session(
             .then(|| flush_checked + FLUSH_CHECK);
         let retry_at = targets
             .iter()
-            .filter(|t| !t.is_up() && !t.cut_loose)
+            .filter(|t| !t.is_up() && !t.cut_loose && t.joining == join::Joining::No)
             .map(|t| t.retry_at)
             .min();
         let mut progressed = false;
@@ -661,11 +727,16 @@ async fn session(
             }
             _ = sleep_until(Some(joins_at)), if txn.is_none() && !stopping => {
                 reload_joins(targets, &mut joins, pipeline).await?;
+                if let Some(end) = membership(p, config_path, targets, floor).await {
+                    flush_all(targets, false).await?;
+                    stream.stop();
+                    return Ok(end);
+                }
                 joins_at = Instant::now() + JOINS_RELOAD;
             }
             _ = sleep_until(retry_at), if txn.is_none() && retry_at.is_some() && !stopping => {
                 for i in 0..targets.len() {
-                    if targets[i].is_up() || targets[i].cut_loose || targets[i].retry_at > Instant::now() {
+                    if targets[i].is_up() || targets[i].cut_loose || targets[i].joining != join::Joining::No || targets[i].retry_at > Instant::now() {
                         continue;
                     }
                     match targets[i].connect().await {
@@ -833,6 +904,113 @@ fn awaiting(targets: &[Target], i: usize, table: TableName) -> SyncError {
     }
 }
 
+/// The pipeline's row on `target`, read on a connection of its own.
+async fn joining_row(target: &Target) -> Result<Option<progress::TargetProgress>, SyncError> {
+    let client = target.conn.connect().await?;
+    progress::load(&client, &target.conn, target.pipeline()).await
+}
+
+/// Records on `target`, whose copy has begun, that this session holds the slot at `floor`.
+async fn hold_for(target: &Target, floor: Lsn) -> Result<(), SyncError> {
+    let client = target.conn.connect().await?;
+    if progress::record_hold(&client, &target.conn, target.pipeline(), floor).await? {
+        tracing::info!(pipeline = target.pipeline(), target = %target.name, "holding the slot at {floor} while setup copies the target");
+    }
+    Ok(())
+}
+
+/// What changed in the pipeline's targets since the session started, if that needs a new
+/// session: the configuration at `config_path` lists other targets ([`SessionEnd::Members`]),
+/// or setup began or finished copying a joining or cut-loose target ([`SessionEnd::Restart`]:
+/// the next session holds the slot for it, or streams it from its copy's position). A target
+/// that cannot be read is looked at again next time.
+async fn membership(
+    p: &PipelineConfig,
+    config_path: &Path,
+    targets: &mut [Target],
+    floor: Lsn,
+) -> Option<SessionEnd> {
+    let pipeline = p.name.as_str();
+    if config_path.exists() {
+        match Config::load(config_path) {
+            Ok(c) => {
+                if let Ok(np) = c.pipeline(pipeline) {
+                    let listed: Vec<(String, ConnInfo)> = np
+                        .targets
+                        .iter()
+                        .filter_map(|t| Some((t.clone(), c.database(t).ok()?.conn.clone())))
+                        .collect();
+                    let same = listed.len() == np.targets.len()
+                        && listed.len() == targets.len()
+                        && listed
+                            .iter()
+                            .all(|(n, _)| targets.iter().any(|t| t.name == *n));
+                    if !same && !listed.is_empty() && listed.len() == np.targets.len() {
+                        return Some(SessionEnd::Members(listed));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(pipeline, "configuration not reloaded: {e}"),
+        }
+    }
+    follow_copies(pipeline, targets, floor)
+        .await
+        .then_some(SessionEnd::Restart)
+}
+
+/// Follows setup's copies of targets that do not stream: one whose copy began (listed, or cut
+/// loose) is held for from now on ([`join::Joining::Copying`]); one whose copy is done streams
+/// from its position, which takes a new session (true).
+async fn follow_copies(pipeline: &str, targets: &mut [Target], floor: Lsn) -> bool {
+    let mut cuts: Option<Vec<String>> = None;
+    for t in targets.iter().filter(|t| t.is_up()) {
+        let listed = async {
+            let client = t.conn.connect().await?;
+            progress::cuts(&client, &t.conn, pipeline).await
+        }
+        .await;
+        if let Ok(c) = listed {
+            cuts = Some(c.into_iter().map(|c| c.target).collect());
+            break;
+        }
+    }
+    let mut restart = false;
+    for t in targets.iter_mut() {
+        if t.is_up() || !(t.cut_loose || t.joining != join::Joining::No) {
+            continue;
+        }
+        let Ok(row) = joining_row(t).await else {
+            continue;
+        };
+        let copying = row
+            .as_ref()
+            .is_some_and(|r| r.state == progress::State::Copying);
+        let streams = row
+            .as_ref()
+            .is_some_and(|r| r.state == progress::State::Streaming);
+        if streams
+            && t.joining != join::Joining::No
+            && cuts.as_ref().is_some_and(|c| !c.contains(&t.name))
+        {
+            tracing::info!(pipeline, target = %t.name, "target copied: streaming it from its copy's position");
+            t.joining = join::Joining::No;
+            t.cut_loose = false;
+            restart = true;
+        } else if copying {
+            if t.joining != join::Joining::Copying {
+                tracing::info!(pipeline, target = %t.name, "setup is copying the target: holding the slot for it");
+            }
+            // From now on this session confirms nothing further (see `confirm_point`): the
+            // copy's snapshot, taken after the hold is recorded, is past what it confirmed.
+            t.joining = join::Joining::Copying;
+            if let Err(e) = hold_for(t, floor).await {
+                tracing::warn!(pipeline, target = %t.name, "{e}");
+            }
+        }
+    }
+    restart
+}
+
 /// Waits until `table`'s copy into `target` is done (or the table left the pipeline); false
 /// when `stop` came first.
 async fn copy_done(target: &Target, table: &TableName, stop: &mut watch::Receiver<bool>) -> bool {
@@ -858,7 +1036,7 @@ fn over_limit(
     floor: Lsn,
 ) -> Option<(usize, String)> {
     targets.iter().enumerate().find_map(|(i, t)| {
-        if t.is_up() || t.cut_loose {
+        if t.is_up() || t.cut_loose || t.joining != join::Joining::No {
             return None;
         }
         let held_from = if t.known { t.durable } else { floor };

@@ -463,6 +463,37 @@ pub async fn table_copied(
     Ok(())
 }
 
+/// Records, on a target whose copy has begun, the position a running pipeline holds its slot at
+/// until the copy is done: nothing after it is confirmed, so the copy's snapshot (taken after
+/// this is recorded) can stream from its own position. While the target is copying, its
+/// `applied_lsn` holds this position (it has applied nothing yet). Kept when already recorded; true when
+/// recorded now.
+pub async fn record_hold(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+    at: Lsn,
+) -> Result<bool, SyncError> {
+    let n = client
+        .execute(
+            "UPDATE invsync.pipeline SET applied_lsn = $2::text::pg_lsn, updated_at = now() \
+             WHERE pipeline = $1 AND state = 'copying' AND applied_lsn IS NULL",
+            &[&pipeline, &at.to_string()],
+        )
+        .await
+        .map_err(q(
+            conn,
+            "recording where the running pipeline holds its slot",
+        ))?;
+    Ok(n > 0)
+}
+
+/// The position a running pipeline holds its slot at for this target's copy
+/// ([`record_hold`]), if one is recorded.
+pub fn held(row: &TargetProgress) -> Option<Lsn> {
+    (row.state == State::Copying && row.applied > Lsn(0)).then_some(row.applied)
+}
+
 /// Ends the copy: every table is complete and changes stream from `lsn` on.
 pub async fn finish_copy(
     client: &Client,
