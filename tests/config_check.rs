@@ -201,6 +201,29 @@ fn init_writes_example_once() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "# mine");
 }
 
+/// Two pipelines whose names would give one replication origin (`a_b` to `c`, `a` to `b_c`)
+/// are refused before anything connects or is created.
+#[test]
+fn pipelines_sharing_an_origin_name_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let unreachable = "postgres://nobody@127.0.0.1:1/none";
+    let config = ConfigFile::new()
+        .database("a", unreachable)
+        .database("c", unreachable)
+        .database("b_c", unreachable)
+        .pipeline("a_b", "a", &["c"], &["public.t"])
+        .pipeline("a", "c", &["b_c"], &["public.t"])
+        .write(&dir.path().join("invsync.toml"));
+    let (code, out, err) = invsync(&["--config", config.to_str().unwrap(), "sync", "setup", "a"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("would share the replication origin `invsync_a_b_c`")
+            && err.contains("rename one"),
+        "{err}"
+    );
+}
+
 /// A reader that goes away (`invsync ... | head -1`) neither panics a command nor changes its
 /// exit status, and the command's work is done.
 #[test]

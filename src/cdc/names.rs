@@ -73,6 +73,30 @@ pub fn all_origins(pipeline: &str, target: &str) -> Vec<String> {
     all
 }
 
+/// A pipeline's name and one of its targets' names.
+pub type PipelineTarget<'a> = (&'a str, &'a str);
+
+/// Two (pipeline, target) pairs whose replication origins would have the same name, and that
+/// name: `a_b` to `c` and `a` to `b_c` both derive `invsync_a_b_c`. Their apply sessions would
+/// then share one origin (and block or fence each other), so such a configuration is refused.
+pub fn origin_clash<'a>(
+    pairs: impl IntoIterator<Item = PipelineTarget<'a>>,
+) -> Option<(PipelineTarget<'a>, PipelineTarget<'a>, String)> {
+    let mut seen: std::collections::HashMap<String, (&str, &str)> = Default::default();
+    for pair in pairs {
+        for name in all_origins(pair.0, pair.1) {
+            match seen.get(&name) {
+                Some(&other) if other != pair => return Some((other, pair, name)),
+                Some(_) => {}
+                None => {
+                    seen.insert(name, pair);
+                }
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +113,15 @@ mod tests {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
         assert_ne!(origin("p", "a"), origin("p", "b"));
+    }
+
+    #[test]
+    fn origins_that_would_share_a_name_are_found() {
+        assert_eq!(origin_clash([("p", "a"), ("p", "b"), ("q", "a")]), None);
+        let (first, second, name) = origin_clash([("a_b", "c"), ("x", "y"), ("a", "b_c")]).unwrap();
+        assert_eq!((first, second), (("a_b", "c"), ("a", "b_c")));
+        assert_eq!(name, "invsync_a_b_c");
+        // A copy session's origin counts too.
+        assert!(origin_clash([("p", "t_copy0"), ("p", "t")]).is_some());
     }
 }

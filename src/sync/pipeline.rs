@@ -109,6 +109,16 @@ type Resolved<'a> = (&'a PipelineConfig, ConnInfo, Vec<(String, ConnInfo)>);
 
 fn lookup<'a>(config: &'a Config, pipeline: &str) -> Result<Resolved<'a>, SyncError> {
     let p = config.pipeline(pipeline).map_err(SyncError::Config)?;
+    let pairs = config
+        .pipelines
+        .iter()
+        .flat_map(|(name, q)| q.targets.iter().map(move |t| (name.as_str(), t.as_str())));
+    if let Some(((p1, t1), (p2, t2), origin)) = names::origin_clash(pairs) {
+        return Err(SyncError::Config(format!(
+            "pipeline `{p1}` (target `{t1}`) and pipeline `{p2}` (target `{t2}`) would share the \
+             replication origin `{origin}` on their target; rename one of them in the configuration"
+        )));
+    }
     let source = config
         .database(&p.source)
         .map_err(SyncError::Config)?
