@@ -59,7 +59,7 @@ use crate::cdc::decoder::{self, Message};
 use crate::cdc::sink::{self, ChangeSink, Transaction};
 use crate::cdc::{names, publication, slot, CdcError};
 use crate::config::TablePattern;
-use crate::pg::{resolve_tables, ConnInfo, Lsn, TableInfo};
+use crate::pg::{pg_time, resolve_tables, ConnInfo, Lsn, TableInfo, PG_EPOCH_MICROS};
 
 pub const KIND_SEGMENT: u8 = b'A';
 pub const KIND_SEGMENT_DATA: u8 = b'a';
@@ -200,13 +200,6 @@ pub struct ArchiveSummary {
     pub end: Lsn,
 }
 
-/// PostgreSQL counts time from 2000-01-01 UTC.
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
-fn pg_time(micros: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH_MICROS)).unwrap_or_default()
-}
-
 /// The archive's sink: buffers transactions into the open segment and stores it by the rule.
 struct SegmentWriter<'a> {
     repo: &'a Repository,
@@ -287,7 +280,7 @@ impl ChangeSink for SegmentWriter<'_> {
             xid: txn.xid,
             commit_lsn: txn.commit_lsn,
             end_lsn: txn.end_lsn,
-            commit_time: pg_time(txn.commit_time),
+            commit_time: pg_time(txn.commit_time).unwrap_or_default(),
             messages,
         });
         self.end = txn.end_lsn;

@@ -1,7 +1,16 @@
-//! Log sequence numbers, written `X/Y` by PostgreSQL.
+//! Positions and times as the replication protocol gives them: log sequence numbers, written
+//! `X/Y` by PostgreSQL, and commit times in microseconds since PostgreSQL's epoch.
 
 use std::fmt;
 use std::str::FromStr;
+
+/// PostgreSQL counts time from 2000-01-01 UTC; this is that moment in Unix microseconds.
+pub const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// A time the protocol sends (microseconds since 2000-01-01 UTC); `None` when out of range.
+pub fn pg_time(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_micros(micros.checked_add(PG_EPOCH_MICROS)?)
+}
 
 /// A WAL position. Ordered; `Lsn(0)` stands for "nothing yet".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

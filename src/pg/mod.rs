@@ -24,7 +24,7 @@ pub mod settings;
 pub use catalog::{resolve_tables, Column, ReplicaIdentity, TableInfo};
 pub use conn::{ConnInfo, SslMode};
 pub use fence::Fence;
-pub use lsn::Lsn;
+pub use lsn::{pg_time, Lsn, PG_EPOCH_MICROS};
 pub use pattern::TablePattern;
 pub use sessions::Sessions;
 

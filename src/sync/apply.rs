@@ -574,11 +574,6 @@ enum GroupKind {
     Update(Vec<bool>),
 }
 
-/// Microseconds since 2000-01-01 (PostgreSQL's epoch) as a time.
-pub fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(micros.checked_add(946_684_800_000_000)?)
-}
-
 impl Target {
     /// A target of `pipeline`, not connected yet; its writer signals `answered` whenever a
     /// batch's commit is back. With a `fence`, no batch commits once a newer epoch wrote the

@@ -33,14 +33,14 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Notify};
 
-use super::apply::{pg_time, Change, ColumnSource, StreamRelation, Target};
+use super::apply::{Change, ColumnSource, StreamRelation, Target};
 use super::copy::{self, CopyProgress, CopyStats, TableCopy};
 use super::progress::TableJoin;
 use super::{join, progress, schema, sequences, SyncError};
 use crate::cdc::decoder::{self, Message};
 use crate::cdc::{names, publication, slot, CdcError};
 use crate::config::{Config, PipelineConfig};
-use crate::pg::{resolve_tables, ConnInfo, Fence, Lsn, PgError, TableInfo, TableName};
+use crate::pg::{pg_time, resolve_tables, ConnInfo, Fence, Lsn, PgError, TableInfo, TableName};
 
 /// A batch is committed, even while a target still works on an earlier one, once it holds this
 /// many changes...

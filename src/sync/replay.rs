@@ -20,13 +20,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
-use super::apply::{pg_time, ColumnSource, StreamRelation, Target};
+use super::apply::{ColumnSource, StreamRelation, Target};
 use super::pipeline::{apply_message, Txn, BATCH_ROWS};
 use super::SyncError;
 use crate::cdc::decoder::{self, Message};
 use crate::cdc::sink::{ChangeSink, Transaction};
 use crate::cdc::CdcError;
-use crate::pg::{ConnInfo, Lsn, TableName};
+use crate::pg::{pg_time, ConnInfo, Lsn, TableName};
 
 /// What a replay applied.
 #[derive(Debug, Clone, Default, serde::Serialize)]
