@@ -45,23 +45,24 @@ fn point(pg: &PgCluster) -> (String, String) {
     (t.to_string(), l.to_string())
 }
 
-fn archiver(cfg: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_invsync"))
+/// `archive run` closing a segment every `seconds` (or 1 MiB), once its slot exists.
+fn archiver(pg: &PgCluster, cfg: &Path, seconds: u32) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_invsync"))
         .args(["--config", cfg.to_str().unwrap(), "archive", "run", "src"])
-        .args([
-            "--tables",
-            "public.*",
-            "--segment-seconds",
-            "1",
-            "--segment-mib",
-            "1",
-        ])
+        .args(["--tables", "public.*", "--segment-mib", "1"])
+        .args(["--segment-seconds", &seconds.to_string()])
         .env_remove("INVSYNC_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run invsync archive run")
+        .expect("run invsync archive run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql("einvoice", "SELECT count(*) FROM pg_replication_slots") != "1" {
+        assert!(Instant::now() < deadline, "the archiver made no slot");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
 }
 
 /// `restore --until...` into a fresh database `name`; returns (exit code, stdout, stderr).
@@ -115,12 +116,7 @@ async fn a_restore_to_a_moment_holds_exactly_the_transactions_committed_by_then(
     let e = refused(&pg, &cfg, "r_badtime", &["--until", "yesterday noon"]);
     assert!(e.contains("is not a time"), "{e}");
 
-    let arch = archiver(&cfg);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pg.psql("einvoice", "SELECT count(*) FROM pg_replication_slots") != "1" {
-        assert!(Instant::now() < deadline, "the archiver made no slot");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let arch = archiver(&pg, &cfg, 1);
     let early = point(&pg);
     backup_util::ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
 
@@ -300,6 +296,46 @@ async fn a_restore_to_a_moment_holds_exactly_the_transactions_committed_by_then(
     assert!(e.contains("outside the recoverable window"), "{e}");
 }
 
+/// A segment describes each table once, in the first of its transactions that touches it: when
+/// the snapshot already holds that transaction, the replay still needs its description for the
+/// table's later transactions in the same segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_cut_inside_a_segment_replays_the_rest_of_it() {
+    let pg = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    let (cfg, _) = owner_config(dir.path(), &[("src", pg.url("einvoice"))], &url);
+    backup_util::ok(&cfg, &["repo", "init"]);
+    pg.psql(
+        "einvoice",
+        "CREATE TABLE inv (id serial PRIMARY KEY, no text NOT NULL, amount numeric(12,2));
+         CREATE TABLE item (inv_id int, line int, qty int, PRIMARY KEY (inv_id, line));",
+    );
+    // One segment for the whole test: it closes when the archive stops.
+    let arch = archiver(&pg, &cfg, 3600);
+    pg.psql(
+        "einvoice",
+        "INSERT INTO inv (no, amount) SELECT 'AB' || g, g FROM generate_series(1, 20) g;
+         INSERT INTO item SELECT i, 1, i FROM generate_series(1, 20) i;",
+    );
+    backup_util::ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
+    pg.psql(
+        "einvoice",
+        "UPDATE inv SET amount = amount + 1 WHERE id % 2 = 0;
+         DELETE FROM item WHERE inv_id > 15;
+         INSERT INTO inv (no, amount) VALUES ('CD1', 1);",
+    );
+    let expected = state(&pg, "einvoice");
+    send_signal(&arch, "TERM");
+    let (code, err) = finish(arch).await;
+    assert_eq!(code, 0, "archive run: {err}");
+
+    let out = restored(&pg, &cfg, "r1", &["--until", "latest", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["replay"]["transactions"], 1, "{out}");
+    assert_eq!(state(&pg, "r1"), expected, "restored to the end");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_point_in_time_restore_reads_an_s3_repository() {
     let s3 = S3Server::start();
@@ -325,12 +361,7 @@ async fn a_point_in_time_restore_reads_an_s3_repository() {
          CREATE TABLE big (id int PRIMARY KEY, payload text);
          INSERT INTO inv (no, amount) SELECT 'AB' || lpad(g::text, 8, '0'), g FROM generate_series(1, 20) g;",
     );
-    let arch = archiver(&cfg);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pg.psql("einvoice", "SELECT count(*) FROM pg_replication_slots") != "1" {
-        assert!(Instant::now() < deadline, "the archiver made no slot");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let arch = archiver(&pg, &cfg, 1);
     backup_util::ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
     pg.psql(
         "einvoice",

@@ -154,6 +154,19 @@ impl ArchivedTransaction {
             })
             .collect()
     }
+
+    /// The table descriptions (raw `pgoutput` Relation messages) this transaction carries. A
+    /// segment carries a table's description once, in the first of its transactions that
+    /// touches the table: a reader that leaves a transaction out still needs these for the
+    /// transactions after it.
+    pub fn descriptions(&self) -> Result<Vec<Bytes>, String> {
+        self.messages
+            .iter()
+            // A Relation message starts with the byte 'R'.
+            .filter(|m| m.starts_with("52"))
+            .map(|m| hex::decode(m).map(Bytes::from).map_err(|e| e.to_string()))
+            .collect()
+    }
 }
 
 /// The body of an `archive/data/` object.

@@ -577,16 +577,18 @@ async fn replay(
             Some(true) => {}
         }
         for t in archive::read_segment(repo, m).await? {
+            let corrupt = |reason| crate::backup::BackupError::Corrupt {
+                object: format!("{}: archived transaction {}", repo.name, t.xid),
+                reason,
+            };
             if sel.judge(&t) != Verdict::Replay {
+                // A later transaction of the segment may need the tables it describes.
+                replay.describe(t.descriptions().map_err(corrupt)?).await?;
                 continue;
             }
-            let txn = t
-                .transaction()
-                .map_err(|reason| crate::backup::BackupError::Corrupt {
-                    object: format!("{}: archived transaction {}", repo.name, t.xid),
-                    reason,
-                })?;
-            replay.transaction(txn).await?;
+            replay
+                .transaction(t.transaction().map_err(corrupt)?)
+                .await?;
             if replay.wants_flush() {
                 replay.flush().await?;
             }

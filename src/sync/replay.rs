@@ -17,6 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
@@ -76,6 +77,30 @@ impl Replay {
         self.stats.missing_rows = self.target.missing_rows_seen();
         self.target.disconnect();
         Ok(self.stats)
+    }
+
+    /// Takes in the table descriptions (raw Relation messages) of a transaction the replay
+    /// leaves out because the database already holds it: a later transaction may rely on a
+    /// description its source carried only once.
+    pub async fn describe(&mut self, descriptions: Vec<Bytes>) -> Result<(), SyncError> {
+        for raw in descriptions {
+            let message = decoder::decode(&raw).map_err(|error| CdcError::Decode {
+                target: self.label.clone(),
+                error,
+            })?;
+            if matches!(message, Message::Relation(_)) {
+                apply_message(
+                    message,
+                    &mut None,
+                    &mut self.relations,
+                    std::slice::from_mut(&mut self.target),
+                    &[HashMap::new()],
+                    ColumnSource::Stream { label: &self.label },
+                )
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     fn wanted(&self, id: u32) -> bool {
