@@ -55,11 +55,18 @@
 #   psql_src SQL / psql_dst SQL           runs SQL on SRC / DST, prints unaligned tuples
 #   settle                                CHECKPOINT on SRC and DST, then sync(1)
 #   rotate N WORD...                      prints the words rotated left by N (round N's order)
+#   change_table URL                      creates public.bench_change, the table the change
+#                                         backlogs below write (the sync and recovery sections)
+#   change_prefill URL BASE N             the N/2 rows (ids below BASE) a backlog of N changes
+#                                         from BASE updates and deletes
+#   change_backlog URL BASE N             N changes in transactions of 100: 60 inserts of new
+#                                         rows, 30 updates and 10 deletes of prefilled rows, each
+#                                         row touched once; then a marker row with id -BASE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-BENCH_DIR="$PWD/.bench"
+BENCH_DIR="${BENCH_DIR:-$PWD/.bench}"
 INVOICES="${INVOICES:-1000000}"
 BENCH_SEED="${BENCH_SEED:-1}"
 BENCH_RUNS="${BENCH_RUNS:-3}"
@@ -126,6 +133,36 @@ rotate() {
   done
 }
 
+change_table() {
+  psql -X -qtA -v ON_ERROR_STOP=1 "$1" -c "CREATE TABLE IF NOT EXISTS public.bench_change (id bigint PRIMARY KEY,
+    invoice_number text, amount numeric(12,2), note text, changed_at timestamptz DEFAULT now())" >/dev/null
+}
+
+change_prefill() {
+  psql -X -qtA -v ON_ERROR_STOP=1 "$1" -c "INSERT INTO public.bench_change (id, invoice_number, amount, note)
+    SELECT $2 - g, 'AB' || lpad(g::text, 8, '0'), g * 0.5, 'old' FROM generate_series(1, $(($3 / 2))) g" >/dev/null
+}
+
+change_backlog() {
+  local base=$2 n=$3
+  psql -X -qtA -v ON_ERROR_STOP=1 "$1" -c "
+    DO \$\$
+    DECLARE b bigint;
+    BEGIN
+      FOR k IN 0 .. ($n / 100) - 1 LOOP
+        b := $base + k * 60;
+        INSERT INTO public.bench_change (id, invoice_number, amount, note)
+          SELECT b + g, 'AB' || lpad((b + g)::text, 8, '0'), g * 1.25, 'new' FROM generate_series(1, 60) g;
+        UPDATE public.bench_change SET amount = amount + 1, note = 'upd'
+          WHERE id > $base - (k + 1) * 30 AND id <= $base - k * 30;
+        DELETE FROM public.bench_change
+          WHERE id > $base - $((n * 3 / 10)) - (k + 1) * 10 AND id <= $base - $((n * 3 / 10)) - k * 10;
+        COMMIT;
+      END LOOP;
+      INSERT INTO public.bench_change (id, note) VALUES (-$base, 'marker');
+    END \$\$" >/dev/null
+}
+
 echo "== install what is missing, build release binaries"
 ensure_postgres
 ensure_rust_tools
@@ -152,7 +189,8 @@ DST_PORT=$(cluster_start "$BENCH_DIR/dst" "${CONF[@]}")
 SRC_URL="postgres://postgres@127.0.0.1:$SRC_PORT/einvoice?sslmode=disable"
 DST_URL="postgres://postgres@127.0.0.1:$DST_PORT/einvoice?sslmode=disable"
 export SRC_URL DST_URL SRC_PORT DST_PORT BENCH_DIR INVSYNC EINVOICE_GEN INVOICES BENCH_SEED BENCH_RUNS
-export -f section timeit median report_row report_value psql_src psql_dst settle rotate
+export -f section timeit median report_row report_value psql_src psql_dst settle rotate \
+  change_table change_prefill change_backlog
 export REPORT
 
 section "einvoice-gen fill: $INVOICES invoices into SRC (no peer)"

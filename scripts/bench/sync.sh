@@ -35,7 +35,7 @@ sync_main() {
     echo "sync: filling the source with $INVOICES invoices"
     "$EINVOICE_GEN" fill --url "$src" --invoices "$INVOICES" >/dev/null
   fi
-  sync_q "$src" "CREATE TABLE IF NOT EXISTS public.bench_change (id bigint PRIMARY KEY, invoice_number text, amount numeric(12,2), note text, changed_at timestamptz DEFAULT now())"
+  change_table "$src"
   local tables
   tables=$(sync_q "$src" "SELECT string_agg(format('%I.%I', schemaname, tablename), ' ') FROM pg_tables WHERE schemaname = 'public'")
   local table_list
@@ -141,30 +141,7 @@ TOML
   done
 
   # ---- catch-up: both consumers stopped while the same changes are written, then started
-  sync_backlog() { # $1 = base id: $backlog changes in transactions of 100: 60 inserts of new rows,
-    # 30 updates and 10 deletes of rows that existed before (see sync_prefill), each touched once
-    local base=$1
-    sync_q "$src" "
-      DO \$\$
-      DECLARE b bigint;
-      BEGIN
-        FOR k IN 0 .. ($backlog / 100) - 1 LOOP
-          b := $base + k * 60;
-          INSERT INTO public.bench_change (id, invoice_number, amount, note)
-            SELECT b + g, 'AB' || lpad((b + g)::text, 8, '0'), g * 1.25, 'new' FROM generate_series(1, 60) g;
-          UPDATE public.bench_change SET amount = amount + 1, note = 'upd'
-            WHERE id > $base - (k + 1) * 30 AND id <= $base - k * 30;
-          DELETE FROM public.bench_change
-            WHERE id > $base - $((backlog * 3 / 10)) - (k + 1) * 10 AND id <= $base - $((backlog * 3 / 10)) - k * 10;
-          COMMIT;
-        END LOOP;
-        INSERT INTO public.bench_change (id, note) VALUES (-$base, 'marker');
-      END \$\$" >/dev/null
-  }
-  sync_prefill() { # $1 = base id: the rows the backlog updates and deletes, ids below the base
-    sync_q "$src" "INSERT INTO public.bench_change (id, invoice_number, amount, note)
-      SELECT $1 - g, 'AB' || lpad(g::text, 8, '0'), g * 0.5, 'old' FROM generate_series(1, $((backlog / 2))) g" >/dev/null
-  }
+  sync_backlog() { change_backlog "$src" "$1" "$backlog"; } # $1 = base id (see bench.sh)
   sync_big_transaction() { # $1 = base id: one transaction inserting $big rows
     local base=$1
     sync_q "$src" "
@@ -193,7 +170,7 @@ TOML
     sync_q "$src" "TRUNCATE public.bench_change" >/dev/null
     sync_reset_target
     base=$((base + 100000000))
-    sync_prefill "$base"
+    change_prefill "$src" "$base" "$backlog"
     CATCH_RSS=
     if [ "$kind" != native ]; then
       "$INVSYNC" --config "$cfg" sync teardown bench --yes >/dev/null 2>&1 || true
