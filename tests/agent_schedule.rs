@@ -78,6 +78,10 @@ cron = "0 0 5 * * *"
 job = "drill"
 source = "maindc"
 target = "cloud_a"
+
+[archives.wal]
+db = "maindc"
+segment_seconds = 30
 "#;
 
 #[test]
@@ -98,6 +102,16 @@ fn good_config_prints_the_next_runs() {
     assert_eq!(code, 0, "{out}{err}");
     let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(plan["from"], "2026-03-12T12:00:00+08:00");
+    // What runs whatever the calendar says.
+    assert_eq!(
+        plan["pipelines"],
+        serde_json::json!([{"name": "p", "source": "maindc", "targets": ["cloud_a"]}])
+    );
+    assert_eq!(
+        plan["archives"],
+        serde_json::json!([{"name": "wal", "db": "maindc", "repo": "offsite", "tables": [],
+            "segment_seconds": 30, "segment_mib": 64}])
+    );
     let schedule = |name: &str| {
         plan["schedules"]
             .as_array()
@@ -251,6 +265,11 @@ fn good_config_prints_the_next_runs() {
     );
     assert!(
         out.contains("  2026-03-13 03:00:00 +08:00  skip (tax-deadline)\n"),
+        "{out}"
+    );
+    assert!(out.contains("  pipeline p: maindc -> cloud_a\n"), "{out}");
+    assert!(
+        out.contains("  archive wal: maindc into offsite (the tables of maindc's pipelines), a segment every 30 s or 64 MiB\n"),
         "{out}"
     );
     assert!(!out.contains("hunter2") && !err.contains("hunter2"));

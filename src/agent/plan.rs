@@ -1,5 +1,6 @@
-//! The plan `invsync agent --check` prints: each schedule's next runs from an instant, with what
-//! the peak calendar makes of each, and each blackout window's next openings.
+//! The plan `invsync agent --check` prints: what the agent keeps running (pipelines and change
+//! archives, which no window pauses), each schedule's next runs from an instant, with what the
+//! peak calendar makes of each, and each blackout window's next openings.
 //!
 //! Each run is shown as if it were the only one: when a window defers two runs, both show the
 //! window's end, and the agent runs the job there once (see `schedule`). Times are rendered on
@@ -21,8 +22,30 @@ pub struct Plan {
     /// The instant the runs are counted from, on the agent's zone.
     pub from: DateTime<FixedOffset>,
     pub time_zone: String,
+    /// Streamed all the time: blackout windows do not pause them.
+    pub pipelines: Vec<PipelinePlan>,
+    /// Run all the time, like the pipelines.
+    pub archives: Vec<ArchivePlan>,
     pub schedules: Vec<SchedulePlan>,
     pub blackouts: Vec<WindowPlan>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PipelinePlan {
+    pub name: String,
+    pub source: String,
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArchivePlan {
+    pub name: String,
+    pub db: String,
+    pub repo: String,
+    /// Empty: the tables of the pipelines that read from or write to `db`.
+    pub tables: Vec<String>,
+    pub segment_seconds: u64,
+    pub segment_mib: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +162,27 @@ pub fn plan(config: &Config, from: DateTime<Utc>, count: usize) -> Plan {
         config: config.path.display().to_string(),
         from: on(config.agent.time_zone, from),
         time_zone: config.agent.time_zone.name().to_string(),
+        pipelines: config
+            .pipelines
+            .values()
+            .map(|p| PipelinePlan {
+                name: p.name.clone(),
+                source: p.source.clone(),
+                targets: p.targets.clone(),
+            })
+            .collect(),
+        archives: config
+            .archives
+            .values()
+            .map(|a| ArchivePlan {
+                name: a.name.clone(),
+                db: a.db.clone(),
+                repo: a.repo.clone(),
+                tables: a.tables.iter().map(ToString::to_string).collect(),
+                segment_seconds: a.segment_age.as_secs(),
+                segment_mib: (a.segment_bytes >> 20) as u64,
+            })
+            .collect(),
         schedules,
         blackouts,
     }

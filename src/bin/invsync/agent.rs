@@ -73,13 +73,41 @@ fn time(t: &DateTime<FixedOffset>) -> String {
 
 fn print_plan(plan: &Plan) {
     outln!(
-        "config {}: {} schedule(s), {} blackout window(s) valid; from {} ({})",
+        "config {}: {} pipeline(s), {} archive(s), {} schedule(s), {} blackout window(s) valid; from {} ({})",
         plan.config,
+        plan.pipelines.len(),
+        plan.archives.len(),
         plan.schedules.len(),
         plan.blackouts.len(),
         time(&plan.from),
         plan.time_zone
     );
+    if !plan.pipelines.is_empty() || !plan.archives.is_empty() {
+        outln!("\nrunning all the time (no window pauses them):");
+    }
+    for p in &plan.pipelines {
+        outln!(
+            "  pipeline {}: {} -> {}",
+            p.name,
+            p.source,
+            p.targets.join(", ")
+        );
+    }
+    for a in &plan.archives {
+        let tables = if a.tables.is_empty() {
+            format!("the tables of {}'s pipelines", a.db)
+        } else {
+            a.tables.join(", ")
+        };
+        outln!(
+            "  archive {}: {} into {} ({tables}), a segment every {} s or {} MiB",
+            a.name,
+            a.db,
+            a.repo,
+            a.segment_seconds,
+            a.segment_mib
+        );
+    }
     for s in &plan.schedules {
         let on = if s.databases.is_empty() {
             "no database".to_string()
