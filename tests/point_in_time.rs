@@ -311,6 +311,8 @@ async fn a_snapshot_cut_inside_a_segment_replays_the_rest_of_it() {
         "CREATE TABLE inv (id serial PRIMARY KEY, no text NOT NULL, amount numeric(12,2));
          CREATE TABLE item (inv_id int, line int, qty int, PRIMARY KEY (inv_id, line));",
     );
+    // Before the archive: no restore from this snapshot can go forward.
+    backup_util::ok(&cfg, &["backup", "--db", "src", "--tables", "public.*"]);
     // One segment for the whole test: it closes when the archive stops.
     let arch = archiver(&pg, &cfg, 3600);
     pg.psql(
@@ -334,6 +336,20 @@ async fn a_snapshot_cut_inside_a_segment_replays_the_rest_of_it() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["replay"]["transactions"], 1, "{out}");
     assert_eq!(state(&pg, "r1"), expected, "restored to the end");
+
+    // `snapshots --json` tells how far each snapshot reaches with the archive.
+    let (code, out, err) = run(&cfg, &["snapshots", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let snaps: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut snaps = snaps.as_array().unwrap().clone();
+    snaps.sort_by_key(|s| s["time"].as_str().unwrap().to_string());
+    assert!(snaps[0].get("recoverable_to").is_none(), "{out}");
+    let reach = &snaps[1]["recoverable_to"];
+    assert_eq!(reach["time"], v["restored_to"]["time"], "{out}");
+    assert!(
+        lsn(reach["lsn"].as_str().unwrap()) >= lsn(v["restored_to"]["lsn"].as_str().unwrap()),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

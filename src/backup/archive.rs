@@ -519,6 +519,37 @@ fn gap_between(before: &[&SegmentManifest], after: &[&SegmentManifest]) -> Gap {
     }
 }
 
+/// Where a chain ends: its highest end LSN, and the newest commit it holds.
+fn chain_end(chain: &[&SegmentManifest]) -> Point {
+    let (lsn, end_time) = chain
+        .iter()
+        .map(|m| (m.end, m.last_commit))
+        .max_by_key(|(e, _)| *e)
+        .unwrap_or_default();
+    Point {
+        lsn,
+        time: chain
+            .iter()
+            .filter_map(|m| m.last_commit)
+            .max()
+            .or(end_time),
+        snapshot: None,
+    }
+}
+
+/// How far forward the archive carries a restore of `snap`: the end of the unbroken chain of
+/// its database's segments that covers its cut; `None` without one (a snapshot without a cut,
+/// before the archive started, or in a gap).
+pub fn reach(segments: &[SegmentManifest], snap: &Snapshot) -> Option<Point> {
+    let (db, cut) = (snap.source.as_deref()?, snap.lsn?);
+    let mine: Vec<SegmentManifest> = segments.iter().filter(|m| m.db == db).cloned().collect();
+    chains(&mine)
+        .iter()
+        .map(|c| (c[0].start, chain_end(c)))
+        .find(|(start, end)| *start <= cut && cut <= end.lsn)
+        .map(|(_, end)| end)
+}
+
 /// The archive status of every database with segments, given the repository's snapshots
 /// (id, manifest).
 pub fn status(segments: &[SegmentManifest], snapshots: &[(String, Snapshot)]) -> Vec<DbArchive> {
@@ -535,12 +566,8 @@ pub fn status(segments: &[SegmentManifest], snapshots: &[(String, Snapshot)]) ->
             .collect();
         let Some(last) = chains.last() else { continue };
         let start = last[0].start;
-        let (end, end_time) = last
-            .iter()
-            .map(|m| (m.end, m.last_commit))
-            .max_by_key(|(e, _)| *e)
-            .unwrap_or_default();
-        let latest_time = last.iter().filter_map(|m| m.last_commit).max().or(end_time);
+        let latest = chain_end(last);
+        let end = latest.lsn;
         let earliest = snapshots
             .iter()
             .filter(|(_, s)| s.source.as_deref() == Some(db))
@@ -558,11 +585,7 @@ pub fn status(segments: &[SegmentManifest], snapshots: &[(String, Snapshot)]) ->
             transactions: segs.iter().map(|m| m.transactions).sum(),
             slot: last[0].slot.clone(),
             earliest,
-            latest: Point {
-                lsn: end,
-                time: latest_time,
-                snapshot: None,
-            },
+            latest,
             gaps,
         });
     }

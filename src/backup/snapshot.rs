@@ -57,6 +57,10 @@ pub struct SnapshotSummary {
     pub tables: Vec<TableSummary>,
     pub tags: Vec<String>,
     pub time: DateTime<Utc>,
+    /// With a change archive: the newest point a restore from this snapshot can reach
+    /// (`restore --until` up to it); absent when no unbroken archive covers its cut.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recoverable_to: Option<super::archive::Point>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,6 +91,7 @@ impl SnapshotSummary {
                 .collect(),
             tags: s.tags.clone(),
             time: s.time,
+            recoverable_to: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use invsync::backup::restore::{self, RestoreDbOptions};
 use invsync::backup::retention::{self, Policy};
 use invsync::backup::session::{self, BackupOptions, DatabaseSource, Progress};
 use invsync::backup::snapshot::SnapshotSummary;
-use invsync::backup::{prune, snapshot, BackupError};
+use invsync::backup::{archive, prune, snapshot, BackupError};
 use invsync::config::{Config, TablePattern};
 use invsync::pg::schema::AccessOptions;
 use invsync::pg::ConnInfo;
@@ -387,9 +387,17 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
             let repo = open(&config, &args.repo).await?;
             let snaps = snapshot::list(&repo).await?;
             if args.json {
+                let segments: Vec<_> = archive::list_segments(&repo)
+                    .await?
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .collect();
                 let rows: Vec<SnapshotSummary> = snaps
                     .iter()
-                    .map(|(id, s)| SnapshotSummary::new(id, s))
+                    .map(|(id, s)| SnapshotSummary {
+                        recoverable_to: archive::reach(&segments, s),
+                        ..SnapshotSummary::new(id, s)
+                    })
                     .collect();
                 json(&rows)?;
             } else {
