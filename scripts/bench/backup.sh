@@ -93,7 +93,7 @@ restic_stream() {
 borg_stream() {
   local t
   for t in $(tables_of "$4"); do
-    borg create --compression "$5" --content-from-command --stdin-name "$t.copy" \
+    BORG_BASE_DIR="$1.home" borg create --compression "$5" --content-from-command --stdin-name "$t.copy" \
       "$1::$2-$t" -- psql -X -qtA -v ON_ERROR_STOP=1 "$3" -c "$(cat "$4/$t.sql")" || return 1
   done
 }
@@ -117,7 +117,10 @@ new_repo() {
   case $1 in
   invsync) inv repo init --repo "$(basename "$2" -invsync)" >/dev/null ;;
   restic*) restic init --repo "$2" >/dev/null 2>&1 ;;
-  borg*) borg init --encryption=repokey "$2" >/dev/null 2>&1 ;;
+  borg*)
+    rm -rf "$2.home"
+    BORG_BASE_DIR="$2.home" borg init --encryption=repokey "$2" >/dev/null 2>&1
+    ;;
   esac
 }
 # Timings per side, as "time rss" lines in $B/t/<phase>.<side>.
@@ -162,7 +165,7 @@ first_round() {
     borg_files)
       new_repo borg "$B/$phase-borg_files"
       settle
-      timeit "$phase-borg_files" borg create "$B/$phase-borg_files::first" "$B/$phase-files"
+      timeit "$phase-borg_files" env BORG_BASE_DIR="$B/$phase-borg_files.home" borg create "$B/$phase-borg_files::first" "$B/$phase-files"
       ;;
     esac
     record "$phase" "$side"
@@ -252,14 +255,20 @@ rm -rf "$B/inv-files" "$B"/inv-*_files
 
 # ---- second backups: three runs of each side, each from a copy of the same first backup ----
 SIDES2="invsync restic borg borgz"
-for side in $SIDES2; do cp -a "$B/inv-$side" "$B/base-$side"; done
+# A repository's copy takes its tool's client state with it (borg keeps, in REPO.home, a
+# security record and a cache that must match the repository, or it refuses or resyncs).
+copy_repo() { # FROM TO
+  rm -rf "$2" "$2.home"
+  cp -a "$1" "$2"
+  if [ -e "$1.home" ]; then cp -a "$1.home" "$2.home"; fi
+}
+for side in $SIDES2; do copy_repo "$B/inv-$side" "$B/base-$side"; done
 second() {
   local label=$1 n=$2 round side ai ar ab abz segs
   rm -f "$B"/t/second*
   for round in $(seq 0 $((BENCH_RUNS - 1))); do
     for side in $(rotate "$round" $SIDES2); do
-      rm -rf "$B/inv-$side"
-      cp -a "$B/base-$side" "$B/inv-$side"
+      copy_repo "$B/base-$side" "$B/inv-$side"
       settle
       case $side in
       invsync)
@@ -293,8 +302,7 @@ second() {
   report_value "second backup ($label), invsync table segments" "$segs"
   # The next change is backed up on top of this one, as a third backup.
   for side in $SIDES2; do
-    rm -rf "$B/base-$side"
-    mv "$B/inv-$side" "$B/base-$side"
+    copy_repo "$B/inv-$side" "$B/base-$side"
   done
 }
 N=$(bdb "SELECT greatest(count(*) / 100, 1) FROM invoice")
@@ -307,7 +315,6 @@ second "1% updated + 1% added at the end" 1
 # 1% of invoices updated, spread evenly over the key order.
 bdb "UPDATE invoice SET updated_at = updated_at + interval '1 second' WHERE abs(hashtext(invoice_number)) % 100 = 0" >/dev/null
 second "1% updated evenly" 2
-mv "$B/base-invsync" "$B/inv-invsync"
 rm -rf "$B"/base-*
 
 # ---- restore into an empty DST database, to usable: three runs each, each round in another order ----
