@@ -409,7 +409,7 @@ async fn a_target_s_own_foreign_keys_are_respected_by_the_copy() {
 
 /// Runs `pgbench` (PostgreSQL's own client) against `db` of `pg` as its superuser.
 fn pgbench(pg: &PgCluster, db: &str, args: &[&str]) {
-    let out = std::process::Command::new(support::rich_schema::pg_bindir().join("pgbench"))
+    let out = std::process::Command::new(support::pg_bin("pgbench"))
         .args(args)
         .arg(pg.url(db))
         .stdin(std::process::Stdio::null())

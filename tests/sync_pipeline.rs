@@ -209,6 +209,35 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
     // Teardown drops slot and publication, keeps target data.
     let (code, _, _) = invsync(&["--config", cfg_s, "sync", "teardown", "dc_to_cloud"]);
     assert_ne!(code, 0, "teardown without --yes must not drop anything");
+    // A walsender still holding the slot for a moment (as one does after `sync run` or the
+    // agent exits) is waited for rather than refused: here a pg_recvlogical lets go after 1 s.
+    let mut holder = std::process::Command::new(support::pg_bin("pg_recvlogical"))
+        .args([
+            "-d",
+            &src.url("einvoice"),
+            "--slot",
+            "invsync_dc_to_cloud",
+            "--start",
+        ])
+        .args(["-f", "/dev/null", "-o", "proto_version=1"])
+        .args(["-o", "publication_names=invsync_dc_to_cloud"])
+        .spawn()
+        .unwrap();
+    let slot_active =
+        "SELECT active FROM pg_replication_slots WHERE slot_name = 'invsync_dc_to_cloud'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while src.psql("einvoice", slot_active) != "t" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_recvlogical did not take the slot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+    });
     let (code, out, err) = invsync(&[
         "--config",
         cfg_s,
@@ -218,6 +247,7 @@ async fn copies_then_streams_whole_transactions_in_commit_order() {
         "--yes",
     ]);
     assert_eq!(code, 0, "{out}{err}");
+    release.join().unwrap();
     assert_eq!(
         src.psql("einvoice", "SELECT count(*) FROM pg_replication_slots"),
         "0"

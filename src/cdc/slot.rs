@@ -7,6 +7,8 @@
 //! as the SQL connections. Both sides of a pipeline pin the session settings that shape text
 //! output ([`TEXT_FORM`](crate::pg::settings::TEXT_FORM)), so a value's text form is read back into the same value.
 
+use std::time::{Duration, Instant};
+
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_postgres::Client;
 
@@ -102,24 +104,37 @@ pub async fn end_walsender(
         .map(|r| r.get(0)))
 }
 
-/// Drops the slot if it exists. Refuses while a process streams from it.
+/// How long [`drop`] waits for the slot's walsender to end: a `sync run` or agent that has just
+/// stopped leaves its walsender on the source for a moment after it exits.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Drops the slot if it exists. Refuses while a process streams from it, after waiting up to
+/// [`RELEASE_WAIT`] for it to let go.
 pub async fn drop(client: &Client, conn: &ConnInfo, slot: &str) -> Result<bool, CdcError> {
-    match state(client, conn, slot).await? {
-        None => Ok(false),
-        Some(SlotState {
-            active_pid: Some(pid),
-            ..
-        }) => Err(CdcError::SlotInUse {
-            slot: slot.to_string(),
-            target: conn.to_string(),
-            pid,
-        }),
-        Some(_) => {
-            client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await
-                .map_err(|e| PgError::query(format!("dropping slot {slot}"), conn, e))?;
-            Ok(true)
+    let deadline = Instant::now() + RELEASE_WAIT;
+    loop {
+        match state(client, conn, slot).await? {
+            None => return Ok(false),
+            Some(SlotState {
+                active_pid: Some(pid),
+                ..
+            }) => {
+                if Instant::now() >= deadline {
+                    return Err(CdcError::SlotInUse {
+                        slot: slot.to_string(),
+                        target: conn.to_string(),
+                        pid,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(_) => {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                    .map_err(|e| PgError::query(format!("dropping slot {slot}"), conn, e))?;
+                return Ok(true);
+            }
         }
     }
 }
@@ -266,7 +281,7 @@ pub async fn stream(
     let cfg = replication_config(conn, slot, publication)?
         .with_start_lsn(pgwire_replication::Lsn(start.0))
         .with_ack_lsn(pgwire_replication::Lsn(confirmed.0))
-        .with_status_interval(std::time::Duration::from_millis(500))
+        .with_status_interval(Duration::from_millis(500))
         .with_buffer_size(4096);
     let mut client = ReplicationClient::connect(cfg)
         .await
@@ -325,7 +340,7 @@ pub async fn create_temporary(
     // A logical slot starts from its confirmed position when asked to start at 0/0: the
     // consistent point.
     let cfg = replication_config(conn, &name, publication)?
-        .with_status_interval(std::time::Duration::from_millis(500))
+        .with_status_interval(Duration::from_millis(500))
         .with_buffer_size(4096);
     let mut session = ReplicationClient::connect_gated(cfg)
         .await

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use invsync::pg::ConnInfo;
 
 /// The PostgreSQL binaries: `PG_BINDIR` if set, else `pg_config --bindir`, else PATH.
-fn pg_bin(name: &str) -> PathBuf {
+pub fn pg_bin(name: &str) -> PathBuf {
     static BINDIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     let dir = BINDIR.get_or_init(|| {
         if let Some(d) = std::env::var_os("PG_BINDIR") {

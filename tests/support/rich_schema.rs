@@ -5,7 +5,6 @@
 //! security and policies, comments, owners and grants to two roles), with rows; and the
 //! `pg_dump --schema-only` comparisons that restore and sync tests make of it.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use super::{invsync, PgCluster};
@@ -133,11 +132,6 @@ pub fn rich_schema(pg: &PgCluster, db: &str) {
     );
 }
 
-pub fn pg_bindir() -> PathBuf {
-    let out = Command::new("pg_config").arg("--bindir").output().unwrap();
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 /// `pg_dump --schema-only` of a whole database, without its comment lines (which name the
 /// dump's time and versions only in the header, but stay identical otherwise).
 pub fn schema_dump(pg: &PgCluster, db: &str) -> String {
@@ -146,7 +140,7 @@ pub fn schema_dump(pg: &PgCluster, db: &str) -> String {
 
 /// [`schema_dump`] with more `pg_dump` arguments.
 pub fn schema_dump_with(pg: &PgCluster, db: &str, args: &[&str]) -> String {
-    let out = Command::new(pg_bindir().join("pg_dump"))
+    let out = Command::new(super::pg_bin("pg_dump"))
         .args(["--schema-only", "--restrict-key=invsync", "-d", &pg.url(db)])
         .args(args)
         .output()
