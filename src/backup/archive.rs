@@ -478,8 +478,10 @@ pub struct DbArchive {
 /// Splits one database's segments (any order) into chains: runs of segments that each start
 /// at or before the previous one's end, from the same slot. A segment entirely inside what
 /// came before (a duplicate) joins the chain.
-pub fn chains(segments: &[SegmentManifest]) -> Vec<Vec<&SegmentManifest>> {
-    let mut sorted: Vec<&SegmentManifest> = segments.iter().collect();
+pub fn chains<'a>(
+    segments: impl IntoIterator<Item = &'a SegmentManifest>,
+) -> Vec<Vec<&'a SegmentManifest>> {
+    let mut sorted: Vec<&SegmentManifest> = segments.into_iter().collect();
     sorted.sort_by_key(|a| (a.start, a.end));
     let mut out: Vec<Vec<&SegmentManifest>> = Vec::new();
     let mut end = Lsn(0);
@@ -537,13 +539,28 @@ fn chain_end(chain: &[&SegmentManifest]) -> Point {
     }
 }
 
+/// Each database's segments split into [`chains`].
+pub type DbChains<'a> = BTreeMap<&'a str, Vec<Vec<&'a SegmentManifest>>>;
+
+/// The [`chains`] of every database with segments.
+pub fn chains_by_db(segments: &[SegmentManifest]) -> DbChains<'_> {
+    let mut by_db: BTreeMap<&str, Vec<&SegmentManifest>> = BTreeMap::new();
+    for m in segments {
+        by_db.entry(m.db.as_str()).or_default().push(m);
+    }
+    by_db
+        .into_iter()
+        .map(|(db, segs)| (db, chains(segs)))
+        .collect()
+}
+
 /// How far forward the archive carries a restore of `snap`: the end of the unbroken chain of
 /// its database's segments that covers its cut; `None` without one (a snapshot without a cut,
 /// before the archive started, or in a gap).
-pub fn reach(segments: &[SegmentManifest], snap: &Snapshot) -> Option<Point> {
+pub fn reach(chains: &DbChains, snap: &Snapshot) -> Option<Point> {
     let (db, cut) = (snap.source.as_deref()?, snap.lsn?);
-    let mine: Vec<SegmentManifest> = segments.iter().filter(|m| m.db == db).cloned().collect();
-    chains(&mine)
+    chains
+        .get(db)?
         .iter()
         .map(|c| (c[0].start, chain_end(c)))
         .find(|(start, end)| *start <= cut && cut <= end.lsn)
@@ -553,13 +570,8 @@ pub fn reach(segments: &[SegmentManifest], snap: &Snapshot) -> Option<Point> {
 /// The archive status of every database with segments, given the repository's snapshots
 /// (id, manifest).
 pub fn status(segments: &[SegmentManifest], snapshots: &[(String, Snapshot)]) -> Vec<DbArchive> {
-    let mut by_db: BTreeMap<&str, Vec<SegmentManifest>> = BTreeMap::new();
-    for m in segments {
-        by_db.entry(m.db.as_str()).or_default().push(m.clone());
-    }
     let mut out = Vec::new();
-    for (db, segs) in by_db {
-        let chains = chains(&segs);
+    for (db, chains) in chains_by_db(segments) {
         let gaps = chains
             .windows(2)
             .map(|w| gap_between(&w[0], &w[1]))
@@ -581,8 +593,8 @@ pub fn status(segments: &[SegmentManifest], snapshots: &[(String, Snapshot)]) ->
             });
         out.push(DbArchive {
             db: db.to_string(),
-            segments: segs.len(),
-            transactions: segs.iter().map(|m| m.transactions).sum(),
+            segments: chains.iter().map(Vec::len).sum(),
+            transactions: chains.iter().flatten().map(|m| m.transactions).sum(),
             slot: last[0].slot.clone(),
             earliest,
             latest,

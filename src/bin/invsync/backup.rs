@@ -392,10 +392,11 @@ pub async fn run(command: BackupCommand, config: Option<&Path>) -> anyhow::Resul
                     .into_iter()
                     .map(|(_, m)| m)
                     .collect();
+                let chains = archive::chains_by_db(&segments);
                 let rows: Vec<SnapshotSummary> = snaps
                     .iter()
                     .map(|(id, s)| SnapshotSummary {
-                        recoverable_to: archive::reach(&segments, s),
+                        recoverable_to: archive::reach(&chains, s),
                         ..SnapshotSummary::new(id, s)
                     })
                     .collect();
