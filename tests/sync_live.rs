@@ -313,7 +313,7 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
 
     // A second target joins while the pipeline streams under load: it is copied from its own
     // snapshot, then streamed from that snapshot's position, and b is not held back meanwhile.
-    let run = Running::start(&load(&cfg), "p");
+    let mut run = Running::start(&load(&cfg), "p");
     let ticker = Ticker::start(&src).await;
     let load_b = start_load(&src, 12, 8, 400);
     let normal = Lag::start(&src, &b).await;
@@ -334,7 +334,7 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
         .unwrap();
     assert!(out.contains("targets copied: c"), "{out}");
     let now: i64 = dump(&src, "SELECT n FROM tick_old").parse().unwrap();
-    wait_for("c to stream", || {
+    run.wait_for("c to stream", || {
         dump(&c, "SELECT n FROM tick_old").parse::<i64>().unwrap() >= now
     })
     .await;
@@ -402,11 +402,11 @@ async fn a_table_and_a_target_join_a_streaming_pipeline_and_a_table_leaves() {
 
     // A target leaves the configuration while the pipeline streams: the running pipeline stops
     // streaming to it without a restart, and b goes on.
-    let run = Running::start(&load(&cfg), "p");
+    let mut run = Running::start(&load(&cfg), "p");
     let ticker = Ticker::start(&src).await;
     ticker.at_least(30).await;
     let now: i64 = dump(&src, "SELECT n FROM tick_old").parse().unwrap();
-    wait_for("c to stream", || {
+    run.wait_for("c to stream", || {
         dump(&c, "SELECT n FROM tick_old").parse::<i64>().unwrap() >= now
     })
     .await;
@@ -454,11 +454,11 @@ async fn a_target_down_past_the_wal_limit_is_cut_loose_and_copied_back() {
     );
     setup(&cfg, &[]);
 
-    let run = Running::start(&load(&cfg), "p");
+    let mut run = Running::start(&load(&cfg), "p");
     let ticker = Ticker::start(&src).await;
     ticker.at_least(20).await;
     let now: i64 = dump(&src, "SELECT n FROM tick_old").parse().unwrap();
-    wait_for("c to stream", || {
+    run.wait_for("c to stream", || {
         dump(&c, "SELECT n FROM tick_old").parse::<i64>().unwrap() >= now
     })
     .await;

@@ -25,6 +25,7 @@ pub mod join;
 mod net;
 pub mod pipeline;
 pub mod progress;
+mod reconnect;
 pub mod replay;
 pub mod schema;
 pub mod sequences;

@@ -36,6 +36,7 @@ use tokio::sync::{watch, Notify};
 use super::apply::{Change, ColumnSource, StreamRelation, Target};
 use super::copy::{self, CopyProgress, CopyStats, TableCopy};
 use super::progress::TableJoin;
+use super::reconnect::{Next, Reconnect};
 use super::{join, progress, schema, sequences, SyncError};
 use crate::cdc::decoder::{self, Message};
 use crate::cdc::{names, publication, slot, CdcError};
@@ -50,9 +51,6 @@ const BATCH_TIME: Duration = Duration::from_millis(150);
 /// How often a target with only unflushed commits is asked how far its WAL is flushed (its WAL
 /// writer flushes asynchronous commits every `wal_writer_delay`, 200 ms by default).
 const FLUSH_CHECK: Duration = Duration::from_millis(200);
-/// How long `run` waits for a slot still held by a process that died (its walsender has not
-/// noticed yet) before reporting it as in use.
-const SLOT_BUSY_GRACE: Duration = Duration::from_secs(5);
 
 /// Options of `invsync sync setup`.
 #[derive(Debug, Clone)]
@@ -384,8 +382,7 @@ pub async fn run_observed(
             )
         })
         .collect();
-    let mut backoff = Duration::from_millis(500);
-    let mut slot_busy_since: Option<Instant> = None;
+    let mut reconnect = Reconnect::new();
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -405,6 +402,7 @@ pub async fn run_observed(
         match ended {
             Ok(SessionEnd::Stopped) => return Ok(()),
             Ok(SessionEnd::Members(listed)) => {
+                reconnect.ended();
                 targets.retain_mut(|t| {
                     let kept = listed.iter().any(|(name, _)| *name == t.name);
                     if !kept {
@@ -431,6 +429,7 @@ pub async fn run_observed(
                 continue;
             }
             Ok(SessionEnd::Restart) => {
+                reconnect.ended();
                 tracing::info!(
                     pipeline,
                     "a target is back: restarting the stream from its position"
@@ -450,29 +449,27 @@ pub async fn run_observed(
                 if !copy_done(t, &table, &mut stop).await {
                     return Ok(());
                 }
+                reconnect.ended();
                 continue;
             }
             Err(e) if e.is_transient() => {
                 for t in &mut targets {
                     t.disconnect();
                 }
-                if let SyncError::Cdc(CdcError::SlotInUse { .. }) = e {
-                    let since = *slot_busy_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > SLOT_BUSY_GRACE {
-                        return Err(e);
-                    }
+                let next = if let SyncError::Cdc(CdcError::SlotInUse { .. }) = e {
+                    reconnect.slot_busy(Instant::now())
                 } else {
-                    slot_busy_since = None;
-                }
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(500);
-                }
-                tracing::warn!(pipeline, "{e}; reconnecting in {backoff:?}");
+                    reconnect.failed(started.elapsed())
+                };
+                let wait = match next {
+                    Next::GiveUp => return Err(e),
+                    Next::After(wait) => wait,
+                };
+                tracing::warn!(pipeline, "{e}; reconnecting in {wait:?}");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(e) => {
                 for t in &mut targets {

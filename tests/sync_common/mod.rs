@@ -83,6 +83,17 @@ impl Running {
             .expect("run task")
     }
 
+    /// Waits (as [`wait_for`]) until `f` holds; fails with the pipeline's own error if it
+    /// ends first.
+    pub async fn wait_for(&mut self, what: &str, mut f: impl FnMut() -> bool) {
+        let task = &self.task;
+        wait_for(what, || task.is_finished() || f()).await;
+        if self.task.is_finished() {
+            let ended = (&mut self.task).await;
+            panic!("the pipeline ended while waiting for {what}: {ended:?}");
+        }
+    }
+
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let r = tokio::time::timeout(Duration::from_secs(30), self.task)
@@ -160,4 +171,26 @@ pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         async move { r }
     })
     .await
+}
+
+/// Whether a new session of role `app` on `pg` may write `table` (false: read-only, as a
+/// switchover leaves the old primary).
+pub async fn app_may_write(pg: &PgCluster, table: &str) -> bool {
+    let app = invsync::pg::ConnInfo::parse(&pg.url_as("app", "einvoice"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let probe = format!("UPDATE {table} SET id = id WHERE false");
+    match app.execute(probe.as_str(), &[]).await {
+        Ok(_) => true,
+        Err(e) => {
+            assert_eq!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+                "{e}"
+            );
+            false
+        }
+    }
 }
