@@ -2,7 +2,7 @@
 //!
 //! Connects to every database (server version, `wal_level`, whether the role may replicate,
 //! which pipeline tables are missing, and every privilege the configured role lacks for the
-//! part it plays, with the `GRANT` that gives it: see `pg::privilege`) and every repository
+//! part it plays, a switchover's included, with the `GRANT` that gives it: see `pg::privilege`) and every repository
 //! (reachable or not). Each problem says what to do; the check passes only when there are
 //! none. What a restore into a database would lack is a note, since any database may become
 //! a restore's target.
@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::backup::store;
 use crate::cdc::names;
-use crate::config::Config;
+use crate::config::{Config, PipelineConfig};
 use crate::pg::privilege::{self, MissingPrivilege, Part};
 use crate::pg::{self, ConnInfo, PgError, TableName, TablePattern};
 
@@ -78,8 +78,35 @@ pub async fn check(config: &Config) -> CheckReport {
             .filter(|p| p.targets.contains(name))
             .flat_map(|p| p.tables.iter())
             .collect();
+        // The application roles a switchover pauses here (as a source) or lets write (as a
+        // target).
+        let roles = |here: &dyn Fn(&PipelineConfig) -> bool| {
+            let mut roles: Vec<String> = config
+                .pipelines
+                .values()
+                .filter(|p| here(p))
+                .flat_map(|p| p.application_roles.iter().cloned())
+                .collect();
+            roles.sort();
+            roles.dedup();
+            roles
+        };
+        let switchover = Switchover {
+            paused: roles(&|p| &p.source == name),
+            released: roles(&|p| p.targets.contains(name)),
+        };
         databases.push(match db {
-            Ok(db) => check_database(name, &db.conn, &sourced, &publications, &targeted).await,
+            Ok(db) => {
+                check_database(
+                    name,
+                    &db.conn,
+                    &sourced,
+                    &publications,
+                    &targeted,
+                    &switchover,
+                )
+                .await
+            }
             Err(unset) => DatabaseCheck::unusable(
                 name,
                 unset.needed_for(format!("checking database `{name}`")),
@@ -150,12 +177,20 @@ impl DatabaseCheck {
     }
 }
 
+/// The application roles of the pipelines a database is an end of, which a switchover pauses
+/// (where the database is the source) or lets write (where it is a target).
+struct Switchover {
+    paused: Vec<String>,
+    released: Vec<String>,
+}
+
 async fn check_database(
     name: &str,
     conn: &ConnInfo,
     sourced: &[&TablePattern],
     publications: &[String],
     targeted: &[&TablePattern],
+    switchover: &Switchover,
 ) -> DatabaseCheck {
     let mut dc = DatabaseCheck {
         url: conn.to_string(),
@@ -247,6 +282,18 @@ async fn check_database(
     if !targeted.is_empty() {
         parts.push(Part::Target {
             tables: &target_tables,
+        });
+    }
+    if !switchover.paused.is_empty() {
+        parts.push(Part::Switchover {
+            roles: &switchover.paused,
+            pauses: true,
+        });
+    }
+    if !switchover.released.is_empty() {
+        parts.push(Part::Switchover {
+            roles: &switchover.released,
+            pauses: false,
         });
     }
     parts.push(Part::Restore);

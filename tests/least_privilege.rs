@@ -16,16 +16,23 @@ use support::{invsync, PgCluster};
 const SOURCE_ROLE: &str = "CREATE ROLE replicator LOGIN REPLICATION NOSUPERUSER; \
     GRANT CREATE ON DATABASE einvoice TO replicator";
 
+/// The functions a target's role calls to apply with a replication origin (and teardown).
+const ORIGIN_FUNCTIONS: &str = "pg_catalog.pg_replication_origin_oid(text), \
+    pg_catalog.pg_replication_origin_create(text), \
+    pg_catalog.pg_replication_origin_session_setup(text), \
+    pg_catalog.pg_replication_origin_session_reset(), \
+    pg_catalog.pg_replication_origin_drop(text)";
+
 /// The target's role: the database's `invsync` schema, the replication-origin functions, and
 /// `CREATE` on the schema where setup creates the tables.
-const TARGET_ROLE: &str = "CREATE ROLE applier LOGIN NOSUPERUSER; \
-    GRANT CREATE ON DATABASE einvoice TO applier; \
-    GRANT CREATE ON SCHEMA public TO applier; \
-    GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_oid(text), \
-      pg_catalog.pg_replication_origin_create(text), \
-      pg_catalog.pg_replication_origin_session_setup(text), \
-      pg_catalog.pg_replication_origin_session_reset(), \
-      pg_catalog.pg_replication_origin_drop(text) TO applier";
+fn target_role() -> String {
+    format!(
+        "CREATE ROLE applier LOGIN NOSUPERUSER; \
+         GRANT CREATE ON DATABASE einvoice TO applier; \
+         GRANT CREATE ON SCHEMA public TO applier; \
+         GRANT EXECUTE ON FUNCTION {ORIGIN_FUNCTIONS} TO applier"
+    )
+}
 
 /// Invoices and items (with a foreign key and a trigger on the source), owned by the
 /// source's role.
@@ -50,7 +57,7 @@ fn clusters() -> (PgCluster, PgCluster) {
     src.psql("einvoice", SOURCE_ROLE);
     src.psql("einvoice", TABLES);
     let dst = PgCluster::start();
-    dst.psql("einvoice", TARGET_ROLE);
+    dst.psql("einvoice", &target_role());
     (src, dst)
 }
 
@@ -342,6 +349,151 @@ async fn pipeline_verify_backup_and_restore_run_without_superuser() {
     );
 }
 
+/// The role invsync uses on both ends of a pipeline it switches over: the source's and the
+/// target's grants (each end is the source of one direction and the target of the other),
+/// and those that pause and release the application's role and end its sessions.
+fn switching_role() -> String {
+    format!(
+        "CREATE ROLE operator LOGIN REPLICATION CREATEROLE NOSUPERUSER; \
+         GRANT pg_signal_backend TO operator; \
+         GRANT CREATE ON DATABASE einvoice TO operator; \
+         GRANT CREATE ON SCHEMA public TO operator; \
+         GRANT EXECUTE ON FUNCTION {ORIGIN_FUNCTIONS} TO operator; \
+         CREATE ROLE app LOGIN NOSUPERUSER"
+    )
+}
+
+/// A switchover and the way back, run as a role without superuser on both ends. `config
+/// check` names the switchover's own grants when one is missing, and a switchover that lacks
+/// one rolls back and says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_and_back_run_without_superuser() {
+    let (a, b) = (PgCluster::start(), PgCluster::start());
+    for pg in [&a, &b] {
+        pg.psql("einvoice", &switching_role());
+    }
+    a.psql("einvoice", &TABLES.replace("replicator", "operator"));
+    // Without superuser the way back's apply fires A's own triggers: this one would stamp its
+    // own time on the rows B updated, and the switchover back would (rightly) refuse them as
+    // different.
+    a.psql("einvoice", "DROP TRIGGER invoice_touch ON public.invoice");
+    a.psql(
+        "einvoice",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let tables: &[&str] = &["public.invoice", "public.item"];
+    let cfg = support::config_file::ConfigFile::new()
+        .database("a", &a.url_as("operator", "einvoice"))
+        .database("b", &b.url_as("operator", "einvoice"))
+        .pipeline("p", "a", &["b"], tables)
+        .toml("application_roles = [\"app\"]")
+        .pipeline("p_back", "b", &["a"], tables)
+        .toml("application_roles = [\"app\"]")
+        .write(&dir.path().join("invsync.toml"));
+    let cfg_arg = cfg.to_str().unwrap().to_string();
+    // Set up first: B's tables, which the way back reads, are created by the setup.
+    let (code, out, err) = invsync(&["--config", &cfg_arg, "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{out}{err}");
+    b.psql(
+        "einvoice",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
+    );
+    let (code, grants, out) = missing_grants(&cfg);
+    assert_eq!((code, grants), (0, vec![]), "{out}");
+    for (revoke, regrant, expected) in [
+        (
+            "ALTER ROLE operator NOCREATEROLE",
+            "ALTER ROLE operator CREATEROLE",
+            r#"ALTER ROLE "operator" CREATEROLE"#,
+        ),
+        (
+            "REVOKE pg_signal_backend FROM operator",
+            "GRANT pg_signal_backend TO operator",
+            r#"GRANT pg_signal_backend TO "operator""#,
+        ),
+    ] {
+        a.psql("einvoice", revoke);
+        let (code, grants, out) = missing_grants(&cfg);
+        assert_eq!((code, grants), (1, vec![expected.to_string()]), "{out}");
+        a.psql("einvoice", regrant);
+    }
+
+    let switch = |pipeline: &'static str| {
+        let cfg = cfg_arg.clone();
+        tokio::task::spawn_blocking(move || {
+            invsync(&["--config", &cfg, "sync", "switchover", pipeline, "--json"])
+        })
+    };
+    // A session of the application is open on A: ending it needs pg_signal_backend. Without
+    // it the switchover rolls back, and the application still writes on A.
+    let session = invsync::pg::ConnInfo::parse(&a.url_as("app", "einvoice"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    a.psql("einvoice", "REVOKE pg_signal_backend FROM operator");
+    let (code, out, err) = switch("p").await.unwrap();
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("pg_signal_backend"), "{err}");
+    assert!(
+        sync_common::app_may_write(&a, "public.invoice").await,
+        "rolled back: A takes writes again"
+    );
+    session
+        .execute("INSERT INTO public.invoice VALUES (9001, 'kept', 1)", &[])
+        .await
+        .unwrap();
+    a.psql("einvoice", "GRANT pg_signal_backend TO operator");
+
+    let (code, out, err) = switch("p").await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        session.is_closed(),
+        "the application's session on A was ended"
+    );
+    assert!(
+        !sync_common::app_may_write(&a, "public.invoice").await,
+        "A is paused after the switchover"
+    );
+    assert!(
+        sync_common::app_may_write(&b, "public.invoice").await,
+        "B takes the writes"
+    );
+    let app_b = invsync::pg::ConnInfo::parse(&b.url_as("app", "einvoice"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    app_b
+        .batch_execute(
+            "INSERT INTO public.invoice VALUES (9002, 'on b', 2); \
+             UPDATE public.invoice SET amount = amount + 1 WHERE id <= 10",
+        )
+        .await
+        .unwrap();
+    drop(app_b);
+
+    let (code, out, err) = switch("p_back").await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        sync_common::app_may_write(&a, "public.invoice").await,
+        "A takes the writes again"
+    );
+    assert!(
+        !sync_common::app_may_write(&b, "public.invoice").await,
+        "B is paused after the way back"
+    );
+    assert_eq!(
+        a.psql(
+            "einvoice",
+            "SELECT string_agg(seller, ',' ORDER BY id) FROM public.invoice WHERE id > 9000"
+        ),
+        "kept,on b"
+    );
+    assert_eq!(a.psql("einvoice", ROWS), b.psql("einvoice", ROWS));
+}
+
 /// A target whose tables exist with their own foreign key (items to invoices): without
 /// superuser the key fires during the copy, so invoices are copied before their items.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,7 +609,7 @@ async fn pgbench_with_foreign_keys_streams_into_a_target_with_its_own_triggers()
          ALTER TABLE public.pgbench_history OWNER TO replicator",
     );
     let dst = PgCluster::start();
-    dst.psql("einvoice", TARGET_ROLE);
+    dst.psql("einvoice", &target_role());
     // The target's tables: pgbench's, empty, with keys and foreign keys, owned by the
     // target's role, which audits every change to an account balance. The source audits its
     // own the same way (its audit table is not replicated), to count what the target's must.

@@ -15,7 +15,12 @@
 //!   the tables (`SELECT, INSERT, UPDATE, DELETE, TRUNCATE`, `USAGE` on their schemas, past
 //!   row-level security: `BYPASSRLS` or ownership), and creates missing ones (`CREATE` on their
 //!   schema);
-//! - a restore's target: creates its staging schema (`CREATE` on the database).
+//! - a restore's target: creates its staging schema (`CREATE` on the database);
+//! - either end of a pipeline that lists `application_roles` (a switchover's old or new
+//!   primary): sets and resets the roles' `default_transaction_read_only` in the database
+//!   (`CREATEROLE`; from PostgreSQL 16 also `ADMIN OPTION` on each role); on the old primary
+//!   it also ends the roles' sessions (membership of `pg_signal_backend`) and keeps its record
+//!   in the `invsync` schema.
 //!
 //! A superuser lacks nothing; nothing here needs one.
 
@@ -36,6 +41,10 @@ pub enum Part<'a> {
     Target { tables: &'a [TableName] },
     /// The database a restore writes into.
     Restore,
+    /// An end of a switchover of pipelines listing `roles` as their application roles: the
+    /// old primary (`pauses`: makes them read-only, ends their sessions, keeps the record) or
+    /// the new one (lets them write).
+    Switchover { roles: &'a [String], pauses: bool },
 }
 
 impl Part<'_> {
@@ -44,6 +53,7 @@ impl Part<'_> {
             Part::Source { .. } => "a pipeline source",
             Part::Target { .. } => "a pipeline target",
             Part::Restore => "a restore target",
+            Part::Switchover { .. } => "a switchover",
         }
     }
 }
@@ -186,15 +196,7 @@ pub async fn missing(
                     create_on_db.clone(),
                 );
             }
-            let bookkeeping = client
-                .query_one(
-                    "SELECT to_regnamespace('invsync') IS NULL \
-                       OR has_schema_privilege('invsync', 'CREATE, USAGE')",
-                    &[],
-                )
-                .await
-                .map_err(q)?;
-            if !bookkeeping.get::<_, bool>(0) {
+            if !bookkeeping_usable(client).await.map_err(q)? {
                 need(
                     "CREATE and USAGE on schema invsync".into(),
                     "sync setup and run (the pipeline's bookkeeping)",
@@ -277,8 +279,96 @@ pub async fn missing(
                 );
             }
         }
+        Part::Switchover { roles, pauses } => {
+            let facts = client
+                .query_one(
+                    "SELECT rolcreaterole, current_setting('server_version_num')::int >= 160000, \
+                       pg_has_role(current_user, 'pg_signal_backend', 'USAGE') \
+                     FROM pg_roles WHERE rolname = current_user",
+                    &[],
+                )
+                .await
+                .map_err(q)?;
+            let (creates_roles, admin_needed, signals): (bool, bool, bool) =
+                (facts.get(0), facts.get(1), facts.get(2));
+            let needed_for = if *pauses {
+                "sync switchover (making the application roles read-only here)"
+            } else {
+                "sync switchover (letting the application roles write here)"
+            };
+            if !creates_roles {
+                need(
+                    "CREATEROLE".into(),
+                    needed_for,
+                    format!("ALTER ROLE {who} CREATEROLE"),
+                );
+            }
+            let others = client
+                .query(
+                    "SELECT rolname::text, pg_has_role(current_user, oid, 'USAGE WITH ADMIN OPTION'), \
+                       pg_has_role(current_user, oid, 'USAGE') \
+                     FROM pg_roles WHERE rolname = ANY($1) ORDER BY rolname",
+                    &[roles],
+                )
+                .await
+                .map_err(q)?;
+            for r in &others {
+                let (name, admin, usage): (String, bool, bool) = (r.get(0), r.get(1), r.get(2));
+                if admin_needed && !admin {
+                    need(
+                        format!("ADMIN OPTION on role {name}"),
+                        needed_for,
+                        format!(
+                            "GRANT {} TO {who} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE",
+                            quote_ident(&name)
+                        ),
+                    );
+                }
+                // pg_terminate_backend ends a session of a role whose privileges it has.
+                if *pauses && !signals && !usage {
+                    need(
+                        "membership of pg_signal_backend".into(),
+                        "sync switchover (ending the application roles' sessions here)",
+                        format!("GRANT pg_signal_backend TO {who}"),
+                    );
+                }
+            }
+            if *pauses && !bookkeeping_usable(client).await.map_err(q)? {
+                need(
+                    "CREATE and USAGE on schema invsync".into(),
+                    "sync switchover (its record)",
+                    format!("GRANT CREATE, USAGE ON SCHEMA invsync TO {who}"),
+                );
+            } else if *pauses && !create_db {
+                let absent: bool = client
+                    .query_one("SELECT to_regnamespace('invsync') IS NULL", &[])
+                    .await
+                    .map_err(q)?
+                    .get(0);
+                if absent {
+                    need(
+                        format!("CREATE on database {db}"),
+                        "sync switchover (the invsync schema for its record)",
+                        create_on_db,
+                    );
+                }
+            }
+        }
     }
     Ok(out)
+}
+
+/// True when the `invsync` schema is absent (created by whoever needs it) or the role may
+/// create in and use it.
+async fn bookkeeping_usable(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT to_regnamespace('invsync') IS NULL \
+               OR has_schema_privilege('invsync', 'CREATE, USAGE')",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 /// What the connected role may do with one table.
