@@ -735,7 +735,9 @@ async fn session(
             _ = sleep_until(Some(joins_at)), if txn.is_none() && !stopping => {
                 reload_joins(targets, &mut joins, pipeline).await?;
                 if let Some(end) = membership(p, config_path, targets, floor).await {
-                    flush_all(targets, false).await?;
+                    // Every commit back (durably: the next session starts from what each
+                    // target holds, and skips it there).
+                    flush_all(targets, true).await?;
                     stream.stop();
                     return Ok(end);
                 }
@@ -757,7 +759,7 @@ async fn session(
                             }
                             tracing::info!(pipeline, target = %targets[i].name, "target is back at {}", targets[i].durable);
                             if targets[i].applied < position {
-                                flush_all(targets, false).await?;
+                                flush_all(targets, true).await?;
                                 stream.stop();
                                 return Ok(SessionEnd::Restart);
                             }
