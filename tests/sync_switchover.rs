@@ -335,6 +335,7 @@ async fn switchover_under_load_and_back_loses_no_write() {
         steps,
         [
             "catch_up",
+            "verify_before_pause",
             "pause",
             "drain",
             "sequences",
@@ -344,6 +345,14 @@ async fn switchover_under_load_and_back_loses_no_write() {
             "release"
         ]
     );
+    // The tables were compared whole before the pause; inside it, only the rows the
+    // application changed since.
+    let (whole, changed) = (
+        r["rows_verified"].as_u64().unwrap(),
+        r["changed_rows_verified"].as_u64().unwrap(),
+    );
+    assert!(whole >= 600, "{r}");
+    assert!(changed > 0 && changed < whole, "{r}");
     // The application was held off a, and still is: a is now fed by b.
     assert!(writes.refused.load(Ordering::SeqCst) > 0);
     assert!(!app_may_write(&a, "invoice").await && app_may_write(&b, "invoice").await);
@@ -424,12 +433,48 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
     writes.wait_writes(100).await;
     run.stop().await;
 
-    // A failing step rolls back and says why: b holds a row a does not.
+    // A difference found while streaming stops the switchover before anything changes.
     b.psql(
         "einvoice",
         "INSERT INTO invoice (id, writer, n) VALUES (-1, 9, 1)",
     );
     let (code, _, err) = switchover(cfg_s, &["p"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "did not start, nothing was changed: a and b differ (public.invoice: 1 differing row(s))"
+        ),
+        "{err}"
+    );
+    assert_eq!(stage(&a, "p"), None);
+    assert!(
+        app_may_write(&a, "invoice").await && !slot_exists(&b, "p_back") && slot_exists(&a, "p")
+    );
+    b.psql("einvoice", "DELETE FROM invoice WHERE id = -1");
+
+    // A role the switchover does not pause keeps writing a row on a: the verification inside
+    // the pause, which compares the rows changed since the one before it, finds the write b
+    // never got, and the switchover rolls back and says why.
+    let rogue = a.client("einvoice").await;
+    let stop_rogue = Arc::new(AtomicBool::new(false));
+    let rogue_task = {
+        let stop = stop_rogue.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                rogue
+                    .execute(
+                        "UPDATE invoice SET note = clock_timestamp()::text WHERE id = 1",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let (code, _, err) = switchover(cfg_s, &["p"]).await;
+    stop_rogue.store(true, Ordering::SeqCst);
+    rogue_task.await.unwrap();
     assert_eq!(code, 1);
     assert!(
         err.contains(
@@ -441,7 +486,6 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
     assert!(
         app_may_write(&a, "invoice").await && !slot_exists(&b, "p_back") && slot_exists(&a, "p")
     );
-    b.psql("einvoice", "DELETE FROM invoice WHERE id = -1");
     let run = Running::start(&config, "p");
     writes.wait_writes(100).await;
     run.stop().await;

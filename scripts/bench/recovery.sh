@@ -396,9 +396,10 @@ for i in $(seq 1 "$BENCH_RUNS"); do
   wait "$load_pid" || true
   pauses+=("$(json_field "$R/switch.json" "['write_pause_ms']")")
   rows_verified=$(json_field "$R/switch.json" "['rows_verified']")
+  changed_verified=$(json_field "$R/switch.json" "['changed_rows_verified']")
   steps=$(python3 -c "import json, sys; print(', '.join('%s %d' % (s['step'], s['millis']) for s in json.load(open(sys.argv[1]))['steps']))" "$R/switch.json")
 done
-report_value "switchover write pause under load, $rows_verified rows verified" "$(median "${pauses[@]}")" ms
+report_value "switchover write pause under load, $rows_verified rows verified before it, $changed_verified changed rows in it (last run)" "$(median "${pauses[@]}")" ms
 report_value "switchover pauses of the runs (ms)" "${pauses[*]}"
 report_value "switchover steps of the last run (ms)" "$steps"
 sw sync teardown sw_back --yes >/dev/null 2>&1 || true

@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::{decoder, CdcError};
@@ -371,12 +372,25 @@ impl TemporarySlot {
     /// exactly when its commit ends at or before `until`. The exported snapshot is gone once
     /// this starts.
     pub async fn changes_until(
-        mut self,
+        self,
         until: Lsn,
-        each: &mut dyn FnMut(decoder::Message) -> Result<(), CdcError>,
+        each: &mut (dyn FnMut(decoder::Message) -> Result<(), CdcError> + Send),
+    ) -> Result<(), CdcError> {
+        let (_end, end) = watch::channel(Some(until));
+        self.changes_to(end, each).await
+    }
+
+    /// [`changes_until`](Self::changes_until) with the end told later: streams from the start
+    /// while `end` holds `None`, and up to its LSN once it holds one (the sender dropped first
+    /// ends the stream where it is).
+    pub async fn changes_to(
+        mut self,
+        mut end: watch::Receiver<Option<Lsn>>,
+        each: &mut (dyn FnMut(decoder::Message) -> Result<(), CdcError> + Send),
     ) -> Result<(), CdcError> {
         use pgwire_replication::ReplicationEvent as E;
-        if until <= self.consistent_point {
+        let known = *end.borrow();
+        if known.is_some_and(|until| until <= self.consistent_point) {
             self.session.abort();
             return Ok(());
         }
@@ -390,8 +404,23 @@ impl TemporarySlot {
             .await
             .map_err(|e| replication_error(&conn, e))?;
         let mut in_transaction = false;
+        // Everything before this position has been sent.
+        let mut reached = self.consistent_point;
         loop {
-            let event = match self.session.recv().await {
+            let until = *end.borrow_and_update();
+            if until.is_some_and(|until| !in_transaction && reached >= until) {
+                break;
+            }
+            let received = tokio::select! {
+                received = self.session.recv() => received,
+                told = end.changed() => {
+                    if told.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let event = match received {
                 Ok(Some(event)) => event,
                 Ok(None) => {
                     return Err(CdcError::Replication {
@@ -404,13 +433,11 @@ impl TemporarySlot {
             };
             match event {
                 // Commits do not overlap: one that starts before `until` ends at or before it.
-                E::Begin { final_lsn, .. } if Lsn(final_lsn.0) >= until => break,
+                E::Begin { final_lsn, .. } if until.is_some_and(|u| Lsn(final_lsn.0) >= u) => break,
                 E::Begin { .. } => in_transaction = true,
                 E::Commit { end_lsn, .. } => {
                     in_transaction = false;
-                    if Lsn(end_lsn.0) >= until {
-                        break;
-                    }
+                    reached = reached.max(Lsn(end_lsn.0));
                 }
                 E::XLogData { data, .. } => {
                     let message = decoder::decode(&data).map_err(|error| CdcError::Decode {
@@ -419,8 +446,9 @@ impl TemporarySlot {
                     })?;
                     each(message)?;
                 }
-                // Everything before the server's position has been sent.
-                E::KeepAlive { wal_end, .. } if !in_transaction && Lsn(wal_end.0) >= until => break,
+                E::KeepAlive { wal_end, .. } if !in_transaction => {
+                    reached = reached.max(Lsn(wal_end.0));
+                }
                 E::KeepAlive { .. } | E::Message { .. } | E::StoppedAt { .. } => {}
             }
         }

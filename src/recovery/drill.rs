@@ -25,7 +25,7 @@
 //! fails), and each entry names its predecessor. Removing the newest entry alone leaves a
 //! valid shorter chain; compare the count with the drill reports kept elsewhere.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -41,10 +41,11 @@ use crate::backup::repository::Repository;
 use crate::backup::restore::RestoreDbOptions;
 use crate::backup::session::source_label;
 use crate::backup::BackupError;
-use crate::cdc::decoder::{Message, Value};
+use crate::cdc::decoder::Message;
 use crate::config::{Config, TablePattern};
 use crate::pg::{ConnInfo, Lsn, PgError};
 use crate::verify::db::{verify_db, DbVerifyOptions, Endpoint, NoProgress, TableStatus};
+use crate::verify::touched::Touched;
 
 /// The object kind of a drill history entry.
 pub const KIND_DRILL: u8 = b'D';
@@ -151,77 +152,6 @@ pub struct Finding {
     pub kind: String,
     pub explained: bool,
     pub detail: String,
-}
-
-/// The keys the source's changes after the restore point touched, per table.
-#[derive(Debug, Default)]
-struct Touched {
-    keys: HashMap<String, HashSet<Vec<String>>>,
-    truncated: HashSet<String>,
-    /// Tables with a change whose key was not sent as text: any of their rows may have changed.
-    unkeyed: HashSet<String>,
-}
-
-impl Touched {
-    fn explains(&self, table: &str, key: &[String]) -> bool {
-        self.truncated.contains(table)
-            || self.unkeyed.contains(table)
-            || self.keys.get(table).is_some_and(|k| k.contains(key))
-    }
-
-    /// Folds one transaction's decoded messages in. Relation messages precede the changes
-    /// they describe in each archived transaction's segment.
-    fn absorb(
-        &mut self,
-        relations: &mut HashMap<u32, (String, Vec<usize>)>,
-        messages: Vec<Message>,
-    ) {
-        for m in messages {
-            match m {
-                Message::Relation(r) => {
-                    let key = (0..r.columns.len()).filter(|&i| r.columns[i].key).collect();
-                    relations.insert(r.id, (format!("{}.{}", r.schema, r.name), key));
-                }
-                Message::Insert { relation, new } => self.row(relations, relation, &new),
-                Message::Delete { relation, old } => self.row(relations, relation, &old),
-                Message::Update { relation, old, new } => {
-                    if let Some(old) = old {
-                        self.row(relations, relation, &old);
-                    }
-                    self.row(relations, relation, &new);
-                }
-                Message::Truncate { relations: ids, .. } => {
-                    for id in ids {
-                        if let Some((t, _)) = relations.get(&id) {
-                            self.truncated.insert(t.clone());
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn row(&mut self, relations: &HashMap<u32, (String, Vec<usize>)>, id: u32, row: &[Value]) {
-        let Some((table, key)) = relations.get(&id) else {
-            return;
-        };
-        let values: Option<Vec<String>> = key
-            .iter()
-            .map(|&i| match row.get(i) {
-                Some(Value::Text(b)) => std::str::from_utf8(b).ok().map(str::to_string),
-                _ => None,
-            })
-            .collect();
-        match values {
-            Some(k) if !k.is_empty() => {
-                self.keys.entry(table.clone()).or_default().insert(k);
-            }
-            _ => {
-                self.unkeyed.insert(table.clone());
-            }
-        }
-    }
 }
 
 /// The live source `name` (a configured database or a URL) and the label its archive and
@@ -365,6 +295,7 @@ pub async fn drill(
         pipeline: None,
         repair_sql: None,
         max_listed: MAX_LISTED,
+        touched: None,
     };
     let checked = verify_db(&verify, &NoProgress).await?;
     let rto_seconds = clock.elapsed().as_secs_f64();
@@ -378,6 +309,11 @@ pub async fn drill(
 
     let mut findings = Vec::new();
     for t in &checked.tables {
+        // The keys the source touched after the restore point (`None`: any of its rows).
+        let explaining: Option<Option<HashSet<Vec<String>>>> = touched.as_ref().map(|x| {
+            x.keys_in(&t.table, &t.key_columns)
+                .map(|keys| keys.into_iter().collect())
+        });
         if t.status == TableStatus::Error {
             findings.push(Finding {
                 table: t.table.clone(),
@@ -397,9 +333,9 @@ pub async fn drill(
             .iter()
             .map(|d| (d, "undecided", "undecided"));
         for (d, describe, kind) in listed.chain(undecided) {
-            let explained = touched
+            let explained = explaining
                 .as_ref()
-                .is_some_and(|x| x.explains(&t.table, &d.key_values));
+                .is_some_and(|keys| keys.as_ref().is_none_or(|k| k.contains(&d.key_values)));
             let detail = match (&touched, explained) {
                 (_, true) => format!("{describe}: the source changed the row after the restore point"),
                 (None, false) => format!(
@@ -503,7 +439,6 @@ async fn touched_after(
     from: Lsn,
 ) -> Result<Touched, RecoveryError> {
     let mut touched = Touched::default();
-    let mut relations = HashMap::new();
     let mut upto = from;
     for m in chain.iter().filter(|m| m.end > from) {
         for t in archive::read_segment(repo, m).await? {
@@ -512,16 +447,15 @@ async fn touched_after(
                 object: format!("{}: archived transaction {}", repo.name, t.xid),
                 reason,
             })?;
-            if t.end_lsn <= upto {
-                let rels = messages
-                    .into_iter()
-                    .filter(|m| matches!(m, Message::Relation(_)))
-                    .collect();
-                touched.absorb(&mut relations, rels);
-                continue;
+            let skipped = t.end_lsn <= upto;
+            if !skipped {
+                upto = t.end_lsn;
             }
-            upto = t.end_lsn;
-            touched.absorb(&mut relations, messages);
+            for message in messages {
+                if !skipped || matches!(message, Message::Relation(_)) {
+                    touched.absorb(message);
+                }
+            }
         }
     }
     Ok(touched)
@@ -733,19 +667,5 @@ mod tests {
         let mut swapped = whole.clone();
         swapped[2].1.previous = Some("a".into());
         assert_eq!(chain_breaks(&swapped).len(), 1);
-    }
-
-    #[test]
-    fn a_touched_key_or_a_truncated_table_explains_a_difference() {
-        let mut t = Touched::default();
-        t.keys
-            .entry("public.inv".into())
-            .or_default()
-            .insert(vec!["5".into()]);
-        t.truncated.insert("public.gone".into());
-        assert!(t.explains("public.inv", &["5".into()]));
-        assert!(!t.explains("public.inv", &["6".into()]));
-        assert!(!t.explains("public.other", &["5".into()]));
-        assert!(t.explains("public.gone", &["1".into()]));
     }
 }

@@ -10,12 +10,18 @@
 //! rollback. It is a brake, not a wall: a session may `SET default_transaction_read_only = off`
 //! itself, and roles not listed are not paused (the verification catches their writes).
 //!
+//! Before anything changes, the pipeline streams until B has caught up, and the tables are
+//! compared whole while it streams (as `verify db --pipeline`), after a temporary slot on A
+//! has opened the stretch of changes that follows; a difference stops there.
 //! The steps, each recorded on A in `invsync.switchover` once done (the durable record, so a
 //! rerun after `kill -9` knows where to go on, and `--rollback` what to undo):
 //! `started` (record written, roles about to be paused) → `paused` (roles read-only, their
 //! sessions ended, A's WAL position fixed as the pause LSN) → `drained` (the slot is confirmed
 //! past the pause LSN: B durably applied everything A committed) → `sequences_copied` →
-//! `verified` (the tables compare identical, as `verify db`) → `reverse_set_up` (the reverse
+//! `verified` (the rows the stretch shows changed since the comparison, up to A's position
+//! now, compare identical: every other row held still on A, and only the pipeline writes B,
+//! so the comparison before the pause stands for it; a rerun, which lost the stretch with the
+//! process, compares the whole tables) → `reverse_set_up` (the reverse
 //! pipeline's slot made on B at B's current position, no copy: B holds exactly what A holds
 //! and nothing writes B's tables) → `committed` (the point of no return) → `retired` (the old
 //! pipeline's slot, publication and bookkeeping dropped) → `done` (the roles may write on B).
@@ -37,7 +43,9 @@ use crate::cdc::{names, slot};
 use crate::config::{Config, PipelineConfig};
 use crate::pg::{quote_ident, quote_literal, resolve_tables, ConnInfo, Lsn, PgError};
 use crate::sync::{self, progress, NoCopyProgress, SetupOptions, SetupOutcome, SyncError};
-use crate::verify::db::{verify_db, DbVerifyOptions, Endpoint, NoProgress};
+use crate::verify::db::{verify_db, DbVerifyOptions, Endpoint, NoProgress, PIPELINE_SETTLE};
+use crate::verify::touched::{Following, Touched};
+use crate::verify::TableStatus;
 
 /// How long a slot left active by a process that just died may take to be released.
 const SLOT_RELEASE_GRACE: Duration = Duration::from_secs(5);
@@ -244,6 +252,10 @@ pub fn plan(
             action: format!("stream {pipeline} in this process until {new_primary} has caught up with {old_primary} (at most {timeout:?}); nothing is changed yet"),
         },
         PlannedStep {
+            records: None,
+            action: format!("compare the tables of {pipeline} on {old_primary} and {new_primary} while it streams (as verify db --pipeline); a difference stops here, with nothing changed"),
+        },
+        PlannedStep {
             records: Some(Stage::Started),
             action: format!("record the switchover in invsync.switchover on {old_primary}, with the current default_transaction_read_only of {role_list}"),
         },
@@ -261,7 +273,7 @@ pub fn plan(
         },
         PlannedStep {
             records: Some(Stage::Verified),
-            action: format!("compare the tables of {pipeline} on {old_primary} and {new_primary} (as verify db); any difference rolls back"),
+            action: format!("compare again the rows of {pipeline} changed on {old_primary} since that comparison (the whole tables when a rerun goes on from a recorded stage); any difference rolls back"),
         },
         PlannedStep {
             records: Some(Stage::ReverseSetUp),
@@ -335,8 +347,11 @@ pub struct SwitchoverReport {
     /// Where the reverse pipeline streams from on the new primary.
     pub reverse_start: Option<Lsn>,
     pub sequences_moved: usize,
-    /// Rows compared on the old primary by the verification.
+    /// Rows of the old primary compared whole: before the pause, while streaming (inside it
+    /// when a rerun went on from a recorded stage, the stretch since being unknown).
     pub rows_verified: u64,
+    /// Rows changed since that comparison, compared again inside the pause.
+    pub changed_rows_verified: u64,
 }
 
 /// The durable record of a switchover, one row per pipeline in `invsync.switchover` on the
@@ -446,6 +461,10 @@ struct Switch<'a> {
     b: Client,
     report: SwitchoverReport,
     stream: Option<Streaming>,
+    /// The changes since the tables were compared before the pause, read by the verification
+    /// inside it (none when a rerun goes on from a recorded stage: the tables are compared
+    /// whole then).
+    since_verified: Option<Following>,
 }
 
 /// Runs (or resumes, or with `rollback` undoes) the switchover of `pipeline`. See the module
@@ -479,6 +498,7 @@ pub async fn switchover(
         reverse_start: None,
         sequences_moved: 0,
         rows_verified: 0,
+        changed_rows_verified: 0,
     };
     let mut s = Switch {
         config,
@@ -490,6 +510,7 @@ pub async fn switchover(
         b,
         report,
         stream: None,
+        since_verified: None,
     };
     let record = record.filter(|r| r.stage.in_progress());
     if let Some(r) = &record {
@@ -616,13 +637,7 @@ impl Switch<'_> {
         // Catch up before the pause, so the pause lasts only the lag left at its start.
         let t = Instant::now();
         self.stream = Some(Streaming::start(self.config, &pipeline));
-        let now: String = self
-            .a
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(q(&self.a_conn, "reading the WAL position"))?
-            .get(0);
-        let now: Lsn = now.parse().map_err(RecoveryError::Invalid)?;
+        let now = self.a_position().await?;
         if let Err(e) = self.wait_confirmed(now).await {
             if let Some(st) = self.stream.take() {
                 let _ = st.stop().await;
@@ -632,6 +647,17 @@ impl Switch<'_> {
             )));
         }
         self.timed("catch_up", t);
+
+        let t = Instant::now();
+        if let Err(e) = self.verify_while_streaming().await {
+            if let Some(st) = self.stream.take() {
+                let _ = st.stop().await;
+            }
+            return Err(RecoveryError::Invalid(format!(
+                "switchover of {pipeline} did not start, nothing was changed: {e}"
+            )));
+        }
+        self.timed("verify_before_pause", t);
 
         let record = Record {
             stage: Stage::Started,
@@ -910,6 +936,17 @@ impl Switch<'_> {
         Ok(())
     }
 
+    /// A's current WAL position.
+    async fn a_position(&self) -> Result<Lsn, RecoveryError> {
+        let lsn: String = self
+            .a
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(q(&self.a_conn, "reading the WAL position"))?
+            .get(0);
+        lsn.parse().map_err(RecoveryError::Invalid)
+    }
+
     /// Makes the roles read-only on A, ends their sessions, and returns A's WAL position after.
     async fn pause(&self) -> Result<Lsn, RecoveryError> {
         let db = quote_ident(self.a_conn.dbname());
@@ -934,13 +971,7 @@ impl Switch<'_> {
                 .await
                 .map_err(q(&self.a_conn, "ending the application roles' sessions (the role invsync connects as needs pg_signal_backend)"))?;
         }
-        let lsn: String = self
-            .a
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(q(&self.a_conn, "reading the WAL position"))?
-            .get(0);
-        lsn.parse().map_err(RecoveryError::Invalid)
+        self.a_position().await
     }
 
     async fn copy_sequences(&self) -> Result<usize, RecoveryError> {
@@ -953,7 +984,56 @@ impl Switch<'_> {
         Ok(sync::sequences::bring(&self.a, &self.a_conn, &self.b, &self.b_conn, &seqs).await?)
     }
 
+    /// Compares the tables whole while the pipeline streams (as `verify db --pipeline`), after
+    /// opening the stretch of changes the verification inside the pause reads. A row changed
+    /// after the stretch began is compared again inside the pause; every other row held still
+    /// on A since, and only the pipeline writes B, so this comparison of it stands.
+    async fn verify_while_streaming(&mut self) -> Result<(), RecoveryError> {
+        let pipeline = self.plan.pipeline.clone();
+        let since = slot::create_temporary(
+            &self.a_conn,
+            &names::verify_slot(&pipeline),
+            &names::publication(&pipeline),
+        )
+        .await
+        .map_err(SyncError::from)?;
+        // Read in the background from now on, so that the pause reads only the last of it.
+        let since = Touched::follow(since);
+        let (rows, _) = self.compare(Some(pipeline), None).await?;
+        self.report.rows_verified = rows;
+        self.since_verified = Some(since);
+        Ok(())
+    }
+
+    /// Inside the pause, with B drained: compares the rows changed since the comparison before
+    /// the pause, up to A's current position (a write by a role not paused included), or the
+    /// whole tables when that stretch is not known.
     async fn verify(&mut self) -> Result<(), RecoveryError> {
+        let touched = match self.since_verified.take() {
+            Some(since) => {
+                let now = self.a_position().await?;
+                Some(since.until(now).await.map_err(SyncError::from)?)
+            }
+            None => None,
+        };
+        let changed_only = touched.is_some();
+        let (rows, compared) = self.compare(None, touched).await?;
+        if changed_only {
+            self.report.changed_rows_verified = compared;
+        } else {
+            self.report.rows_verified = rows;
+        }
+        Ok(())
+    }
+
+    /// Compares the pipeline's tables on A and B (as `verify db`): while `pipeline` streams
+    /// into B, or with neither side moving; only the `touched` rows when given. Fails naming
+    /// the tables that differ. Returns the rows counted on A and the rows compared.
+    async fn compare(
+        &mut self,
+        pipeline: Option<String>,
+        touched: Option<std::sync::Arc<Touched>>,
+    ) -> Result<(u64, u64), RecoveryError> {
         let p = self
             .config
             .pipeline(&self.plan.pipeline)
@@ -969,18 +1049,29 @@ impl Switch<'_> {
             }],
             tables: p.tables.clone(),
             filter: None,
-            // Neither side moves: A is paused and nothing streams into B.
-            settle: Duration::ZERO,
-            pipeline: None,
+            // Streaming: as `verify db --pipeline`. Paused: A is paused and nothing streams
+            // into B, so each row is read once.
+            settle: if pipeline.is_some() {
+                PIPELINE_SETTLE
+            } else {
+                Duration::ZERO
+            },
+            pipeline,
             repair_sql: None,
             max_listed: 10,
+            touched,
         };
         let report = verify_db(&opts, &NoProgress).await?;
-        self.report.rows_verified = report.tables.iter().map(|t| t.source_rows).sum();
+        // Streaming, a row still moving (undecided) changed after the stretch began: the
+        // verification inside the pause compares it.
+        let streaming = opts.pipeline.is_some();
         let bad: Vec<String> = report
             .tables
             .iter()
-            .filter(|t| t.status != crate::verify::db::TableStatus::Identical)
+            .filter(|t| {
+                t.status != TableStatus::Identical
+                    && !(streaming && t.status == TableStatus::Undecided)
+            })
             .map(|t| match &t.error {
                 Some(e) => format!("{}: {e}", t.table),
                 None => format!("{}: {} differing row(s)", t.table, t.differences_found),
@@ -995,16 +1086,26 @@ impl Switch<'_> {
                 self.plan.pipeline
             )));
         }
-        if let Some(s) = report.sequences_behind.first() {
-            return Err(RecoveryError::Invalid(format!(
-                "sequence {} on {} is behind {}'s; fix: {}",
-                s.sequence,
-                self.plan.new_primary,
-                self.plan.old_primary,
-                s.fix.trim_end_matches(';')
-            )));
+        if !streaming {
+            if let Some(s) = report.sequences_behind.first() {
+                return Err(RecoveryError::Invalid(format!(
+                    "sequence {} on {} is behind {}'s; fix: {}",
+                    s.sequence,
+                    self.plan.new_primary,
+                    self.plan.old_primary,
+                    s.fix.trim_end_matches(';')
+                )));
+            }
         }
-        Ok(())
+        // A table compared by its touched rows counts no rows; one compared whole counts them all.
+        Ok((
+            report.tables.iter().map(|t| t.source_rows).sum(),
+            report
+                .tables
+                .iter()
+                .map(|t| t.source_rows.max(t.rows_compared))
+                .sum(),
+        ))
     }
 
     /// Sets up the reverse pipeline without a copy: its slot starts at B's current position,

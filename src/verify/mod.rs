@@ -14,6 +14,7 @@ mod recheck;
 mod repair;
 mod replay;
 mod side;
+pub mod touched;
 
 pub use db::{
     verify_db, DbReport, DbVerifyOptions, Difference, DifferenceKind, Progress, TableReport,

@@ -280,7 +280,7 @@ async fn run_switchover(config: &Config, a: SwitchoverArgs) -> anyhow::Result<Ex
         );
     }
     for s in &r.steps {
-        outln!("  {:<10} {:>8} ms", s.step, s.millis);
+        outln!("  {:<20} {:>8} ms", s.step, s.millis);
     }
     match r.outcome {
         Outcome::RolledBack => outln!(
@@ -289,11 +289,12 @@ async fn run_switchover(config: &Config, a: SwitchoverArgs) -> anyhow::Result<Ex
         ),
         Outcome::Completed => {
             outln!(
-                "switchover of {} done: {} is the primary; {} sequence(s) moved, {} row(s) verified; writes paused {}",
+                "switchover of {} done: {} is the primary; {} sequence(s) moved, {} row(s) verified, {} changed since then verified again in the pause; writes paused {}",
                 r.plan.pipeline,
                 r.plan.new_primary,
                 r.sequences_moved,
                 r.rows_verified,
+                r.changed_rows_verified,
                 r.write_pause_ms
                     .map(|ms| format!("{ms} ms"))
                     .unwrap_or_else(|| "?".into())
