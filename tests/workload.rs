@@ -412,6 +412,29 @@ fn a_stopped_load_on_several_connections_counts_what_committed() {
     assert_load_matches_tables(&c, &before, &old_max, &r);
 }
 
+/// The application's own role may write the tables but not create any: the load runs as it
+/// once the tables exist.
+#[test]
+fn load_runs_as_a_role_that_may_only_write_the_tables() {
+    let c = PgCluster::start();
+    gen_json(&["fill", "--url", &c.url("einvoice"), "--invoices", "200"]);
+    c.psql(
+        "einvoice",
+        "CREATE ROLE einvoice_app LOGIN NOSUPERUSER; \
+         GRANT USAGE ON SCHEMA public TO einvoice_app; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO einvoice_app; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO einvoice_app",
+    );
+    let before = count(&c, "SELECT count(*) FROM public.invoice");
+    let url = c.url_as("einvoice_app", "einvoice");
+    let r = gen_json(&["load", "--url", &url, "--rate", "200", "--duration", "1"]);
+    assert!(field(&r, "invoices_inserted") > 0, "{r}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM public.invoice"),
+        before + field(&r, "invoices_inserted")
+    );
+}
+
 #[test]
 fn schema_is_idempotent_and_load_starts_on_an_empty_database() {
     let c = PgCluster::start();

@@ -67,8 +67,21 @@ CREATE TABLE IF NOT EXISTS public.carrier (
 COMMENT ON TABLE public.carrier IS 'carrier registrations (載具歸戶), written by citizens in the public cloud; 3J0002 mobile barcode, CQ0001 citizen certificate';
 "#;
 
-/// Creates the tables that are missing. Safe to run again; existing tables are left as they are.
+/// Creates the tables that are missing. Safe to run again; existing tables are left as they are,
+/// and when all exist nothing is run, so a role that may only write them (an application role
+/// without `CREATE` on the schema) can drive the load.
 pub async fn ensure(client: &Client, conn: &ConnInfo) -> Result<(), WorkloadError> {
+    let all_there: bool = client
+        .query_one(
+            "SELECT bool_and(to_regclass('public.' || t) IS NOT NULL) FROM unnest($1::text[]) t",
+            &[&TABLES.to_vec()],
+        )
+        .await
+        .map_err(|e| PgError::query("looking up the e-invoice tables", conn, e))?
+        .get(0);
+    if all_there {
+        return Ok(());
+    }
     // Serialised so that two generators starting at once do not race on CREATE TABLE.
     let ddl = format!("BEGIN; SELECT pg_advisory_xact_lock(7734); {DDL} COMMIT;");
     client
