@@ -366,33 +366,42 @@ impl S3Server {
             port,
             bucket: "invsync-test".into(),
         };
+        // Listening is not yet serving: the first requests may be reset. The bucket is made
+        // once a request is answered.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("moto_server exited: {status}");
+        loop {
+            match server.create_bucket() {
+                Ok(resp) => {
+                    assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
+                    break;
+                }
+                Err(e) => {
+                    if let Ok(Some(status)) = server.child.try_wait() {
+                        panic!("moto_server exited: {status}");
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "moto_server did not answer on {port}: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        server.create_bucket();
         server
     }
 
-    fn create_bucket(&mut self) {
+    /// Asks for the bucket; the server's answer.
+    fn create_bucket(&self) -> std::io::Result<String> {
         use std::io::{Read, Write};
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         write!(
             s,
             "PUT /{} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             self.bucket, self.port
-        )
-        .unwrap();
+        )?;
         let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
+        s.read_to_string(&mut resp)?;
+        Ok(resp)
     }
 
     /// `s3://BUCKET/prefix`
