@@ -309,11 +309,14 @@ pub async fn drill(
 
     let mut findings = Vec::new();
     for t in &checked.tables {
-        // The keys the source touched after the restore point (`None`: any of its rows).
-        let explaining: Option<Option<HashSet<Vec<String>>>> = touched.as_ref().map(|x| {
-            x.keys_in(&t.table, &t.key_columns)
-                .map(|keys| keys.into_iter().collect())
-        });
+        // The keys the source touched after the restore point (`None`: any of its rows), for
+        // a table with rows to explain.
+        let listed = !t.differences.is_empty() || !t.undecided_rows.is_empty();
+        let explaining: Option<Option<HashSet<Vec<String>>>> =
+            touched.as_ref().filter(|_| listed).map(|x| {
+                x.keys_in(&t.table, &t.key_columns)
+                    .map(|keys| keys.into_iter().collect())
+            });
         if t.status == TableStatus::Error {
             findings.push(Finding {
                 table: t.table.clone(),
