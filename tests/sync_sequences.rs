@@ -140,3 +140,82 @@ async fn a_promoted_target_hands_out_ids_the_source_never_used() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{err}"));
     assert_eq!(v["sequences_behind"], serde_json::json!([]), "{out}");
 }
+
+/// A descending sequence moves forward by going down: brought while streaming, never moved back
+/// up when set further down by hand, and named by verify when the target's is above the
+/// source's least key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descending_sequence_moves_down_and_never_back_up() {
+    let src = PgCluster::start();
+    let dst = PgCluster::start();
+    src.psql(
+        "einvoice",
+        "CREATE SEQUENCE refund_id_seq INCREMENT BY -1 START WITH -1 MAXVALUE -1;
+         CREATE TABLE refund (id bigint PRIMARY KEY DEFAULT nextval('refund_id_seq'), note text);
+         ALTER SEQUENCE refund_id_seq OWNED BY refund.id;
+         INSERT INTO refund (note) SELECT 'r' || g FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &[("a", src.url("einvoice")), ("b", dst.url("einvoice"))],
+        &[("p", "a", &["b"], &["public.refund"])],
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}sequence_interval = \"1s\"\n")).unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let (code, _, err) = invsync(&["--config", cfg_s, "sync", "setup", "p"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(last_value(&dst, "refund_id_seq") <= -100);
+
+    let run = Running::start(&load(&cfg), "p");
+    src.psql(
+        "einvoice",
+        "INSERT INTO refund (note) SELECT 'm' || g FROM generate_series(1, 200) g",
+    );
+    wait_same(&src, &dst, "SELECT count(*), min(id) FROM refund").await;
+    wait_for("the descending sequence to be brought down", || {
+        last_value(&dst, "refund_id_seq") <= -300
+    })
+    .await;
+    run.stop().await;
+
+    // Set further down by hand: never moved back up.
+    dst.psql("einvoice", "SELECT setval('refund_id_seq', -1000)");
+    src.psql(
+        "einvoice",
+        "SELECT nextval('refund_id_seq') FROM generate_series(1, 50)",
+    );
+    let run = Running::start(&load(&cfg), "p");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    run.stop().await;
+    assert_eq!(last_value(&dst, "refund_id_seq"), -1000);
+
+    // Promoted: the target's default collides with none of the source's keys.
+    dst.psql(
+        "einvoice",
+        "INSERT INTO refund (note) SELECT 'on target' FROM generate_series(1, 5)",
+    );
+    assert_eq!(dump(&dst, "SELECT count(*) FROM refund"), "305");
+
+    // verify db names a target sequence above the source's least key.
+    dst.psql("einvoice", "SELECT setval('refund_id_seq', -5)");
+    let (code, out, err) = invsync(&[
+        "--config",
+        cfg_s,
+        "verify",
+        "db",
+        "--pipeline",
+        "p",
+        "--settle",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let behind = v["sequences_behind"].as_array().unwrap();
+    assert_eq!(behind.len(), 1, "{behind:?}");
+    assert_eq!(behind[0]["sequence"], "public.refund_id_seq");
+    assert_eq!(behind[0]["source_max_key"], -300);
+    assert_eq!(behind[0]["target_value"], -5);
+}

@@ -495,6 +495,75 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
     writes.wait_writes(100).await;
     run.stop().await;
 
+    // Something other than the pipeline writes a row on b after the comparison before the pause
+    // (here as soon as the comparison's sessions on b have come and gone): the stretch read on
+    // b, which leaves out the pipeline's own apply, names the row to the verification inside
+    // the pause, and the switchover rolls back and says why.
+    let watcher = b.client("einvoice").await;
+    let comparing_on_b = || async {
+        let n: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'invsync verify'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n > 0
+    };
+    let cfg_owned = cfg_s.to_string();
+    let attempt = tokio::spawn(async move { switchover(&cfg_owned, &["p"]).await });
+    while !comparing_on_b().await {
+        assert!(
+            !attempt.is_finished(),
+            "the switchover ended before comparing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while comparing_on_b().await {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    watcher
+        .execute("UPDATE invoice SET note = 'written on b' WHERE id = 2", &[])
+        .await
+        .unwrap();
+    let (code, _, err) = attempt.await.unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "rolled back at step `verify`: a and b differ (public.invoice: 1 differing row(s))"
+        ),
+        "{err}"
+    );
+    assert_eq!(stage(&a, "p").as_deref(), Some("rolled_back"));
+    assert!(app_may_write(&a, "invoice").await && !slot_exists(&b, "p_back"));
+    assert_eq!(
+        dump(
+            &b,
+            "SELECT count(*) FROM pg_publication WHERE pubname LIKE '%switchover%'"
+        ),
+        "0"
+    );
+    // Put b's row back as a has it (the pipeline streams a's later changes to it).
+    let note = dump(
+        &a,
+        "SELECT coalesce(note, '<null>') FROM invoice WHERE id = 2",
+    );
+    b.psql(
+        "einvoice",
+        &format!(
+            "UPDATE invoice SET note = {} WHERE id = 2",
+            if note == "<null>" {
+                "NULL".to_string()
+            } else {
+                format!("'{note}'")
+            }
+        ),
+    );
+    let run = Running::start(&config, "p");
+    writes.wait_writes(100).await;
+    run.stop().await;
+
     // Killed with the application paused: a stays paused (no write can land where b would not
     // see it), and the next run finishes from the record.
     kill_at(cfg_s, "p", &a, "paused").await;

@@ -1154,6 +1154,16 @@ async fn hot_rows_under_pgbench_are_proven_to_lag_and_a_real_difference_is_named
     let still_loading = load.try_wait().unwrap().is_none();
     let _ = load.kill();
     let _ = load.wait();
+    // The source idle: no commit moves the target's recorded position past a new cut, but
+    // the pipeline confirms its slot past the cut, which proves the target holds everything
+    // before it: still exact, within a settle window of 2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = exact_report(bench.verify(2).await.unwrap(), 1);
+    assert_eq!(
+        table(&idle, "public.pgbench_history")["differences_found"],
+        1,
+        "{idle}"
+    );
     support::send_signal(&pipeline, "TERM");
     let (code, err) = support::finish(pipeline).await;
     assert_eq!(code, 0, "{err}");

@@ -42,6 +42,13 @@ pub fn verify_slot(pipeline: &str) -> String {
     derive(&[pipeline, "verify"])
 }
 
+/// The publication on a switchover's new primary through which the switchover of `pipeline`
+/// follows the writes made there by anything but the pipeline, and the prefix of its
+/// temporary slot.
+pub fn switchover_stretch(pipeline: &str) -> String {
+    derive(&[pipeline, "switchover"])
+}
+
 /// The replication origin that `pipeline`'s apply sessions carry on `target`. One per target,
 /// because PostgreSQL lets one session at a time use an origin, and two targets of a pipeline
 /// may live in one cluster. The apply session's `application_name` is the same name.

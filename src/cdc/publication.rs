@@ -32,7 +32,18 @@ pub async fn ensure(
     name: &str,
     tables: &[TableInfo],
 ) -> Result<(), CdcError> {
-    let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+    let names: Vec<TableName> = tables.iter().map(|t| t.name.clone()).collect();
+    ensure_for(client, conn, name, &names).await
+}
+
+/// [`ensure`] for tables known by name only.
+pub async fn ensure_for(
+    client: &Client,
+    conn: &ConnInfo,
+    name: &str,
+    tables: &[TableName],
+) -> Result<(), CdcError> {
+    let list: Vec<String> = tables.iter().map(TableName::quoted).collect();
     let exists = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
         .await

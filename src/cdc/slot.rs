@@ -368,7 +368,8 @@ pub async fn create_temporary(
 impl TemporarySlot {
     /// Streams the transactions committed after the consistent point up to `until` (the end
     /// of a source commit, as a pipeline's target records it), handing each of their decoded
-    /// messages to `each` in commit order, then drops the slot. A transaction is included
+    /// messages (each transaction's opening with its Begin) to `each` in commit order, then
+    /// drops the slot. A transaction is included
     /// exactly when its commit ends at or before `until`. The exported snapshot is gone once
     /// this starts.
     pub async fn changes_until(
@@ -434,7 +435,18 @@ impl TemporarySlot {
             match event {
                 // Commits do not overlap: one that starts before `until` ends at or before it.
                 E::Begin { final_lsn, .. } if until.is_some_and(|u| Lsn(final_lsn.0) >= u) => break,
-                E::Begin { .. } => in_transaction = true,
+                E::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => {
+                    in_transaction = true;
+                    each(decoder::Message::Begin {
+                        final_lsn: final_lsn.0,
+                        commit_time: commit_time_micros,
+                        xid,
+                    })?;
+                }
                 E::Commit { end_lsn, .. } => {
                     in_transaction = false;
                     reached = reached.max(Lsn(end_lsn.0));

@@ -50,20 +50,53 @@ pub async fn owned(
         .collect())
 }
 
-/// Each sequence's last value, in the order given, and whether it exists.
+/// What one sequence holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceValue {
+    pub exists: bool,
+    /// `None`: never used (or missing).
+    pub last: Option<i64>,
+    /// Counts down (a negative increment): "ahead" means smaller.
+    pub descending: bool,
+}
+
+impl SequenceValue {
+    /// True when this sequence has handed out, or may hand out without colliding, every value
+    /// up to `needed` in its direction.
+    pub fn covers(&self, needed: i64) -> bool {
+        self.last.is_some_and(|last| {
+            if self.descending {
+                last <= needed
+            } else {
+                last >= needed
+            }
+        })
+    }
+}
+
+/// Each sequence's last value and direction, in the order given, and whether it exists.
 pub async fn last_values(
     client: &Client,
     conn: &ConnInfo,
     sequences: &[TableName],
-) -> Result<Vec<(bool, Option<i64>)>, PgError> {
+) -> Result<Vec<SequenceValue>, PgError> {
     let quoted: Vec<String> = sequences.iter().map(TableName::quoted).collect();
     let rows = client
         .query(
-            "SELECT to_regclass(s) IS NOT NULL, pg_sequence_last_value(to_regclass(s)) \
-             FROM unnest($1::text[]) WITH ORDINALITY AS u(s, i) ORDER BY i",
+            "SELECT r IS NOT NULL, pg_sequence_last_value(r), \
+                    coalesce((SELECT seqincrement < 0 FROM pg_sequence WHERE seqrelid = r), false) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS u(s, i), LATERAL to_regclass(s) AS r \
+             ORDER BY i",
             &[&quoted],
         )
         .await
         .map_err(|e| PgError::query("reading sequences", conn, e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| SequenceValue {
+            exists: r.get(0),
+            last: r.get(1),
+            descending: r.get(2),
+        })
+        .collect())
 }

@@ -11,17 +11,19 @@
 //! itself, and roles not listed are not paused (the verification catches their writes).
 //!
 //! Before anything changes, the pipeline streams until B has caught up, and the tables are
-//! compared whole while it streams (as `verify db --pipeline`), after a temporary slot on A
-//! has opened the stretch of changes that follows; a difference stops there.
+//! compared whole while it streams (as `verify db --pipeline`), after temporary slots have
+//! opened the stretches of changes that follow: on A, every change to the tables; on B (through
+//! a publication of its own, dropped once the switchover ends), every change to them but the
+//! pipeline's own apply; a difference stops there.
 //! The steps, each recorded on A in `invsync.switchover` once done (the durable record, so a
 //! rerun after `kill -9` knows where to go on, and `--rollback` what to undo):
 //! `started` (record written, roles about to be paused) → `paused` (roles read-only, their
 //! sessions ended, A's WAL position fixed as the pause LSN) → `drained` (the slot is confirmed
 //! past the pause LSN: B durably applied everything A committed) → `sequences_copied` →
-//! `verified` (the rows the stretch shows changed since the comparison, up to A's position
-//! now, compare identical: every other row held still on A, and only the pipeline writes B,
-//! so the comparison before the pause stands for it; a rerun, which lost the stretch with the
-//! process, compares the whole tables) → `reverse_set_up` (the reverse
+//! `verified` (the rows the stretches show changed since the comparison, up to each side's
+//! position now, compare identical: every other row held still on A and was written on B by
+//! the pipeline alone, so the comparison before the pause stands for it; a rerun, which lost
+//! the stretches with the process, compares the whole tables) → `reverse_set_up` (the reverse
 //! pipeline's slot made on B at B's current position, no copy: B holds exactly what A holds
 //! and nothing writes B's tables) → `committed` (the point of no return) → `retired` (the old
 //! pipeline's slot, publication and bookkeeping dropped) → `done` (the roles may write on B).
@@ -39,7 +41,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::RecoveryError;
-use crate::cdc::{names, slot};
+use crate::cdc::{names, publication, slot};
 use crate::config::{Config, PipelineConfig};
 use crate::pg::{quote_ident, quote_literal, resolve_tables, ConnInfo, Lsn, PgError};
 use crate::sync::{self, progress, NoCopyProgress, SetupOptions, SetupOutcome, SyncError};
@@ -464,7 +466,24 @@ struct Switch<'a> {
     /// The changes since the tables were compared before the pause, read by the verification
     /// inside it (none when a rerun goes on from a recorded stage: the tables are compared
     /// whole then).
-    since_verified: Option<Following>,
+    since_verified: Option<Stretches>,
+}
+
+/// The changes to the pipeline's tables since the comparison before the pause: all of A's,
+/// and B's made by anything but the pipeline.
+struct Stretches {
+    on_a: Following,
+    on_b: Following,
+}
+
+/// A database's current WAL position.
+async fn wal_position(client: &Client, conn: &ConnInfo) -> Result<Lsn, RecoveryError> {
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(q(conn, "reading the WAL position"))?
+        .get(0);
+    lsn.parse().map_err(RecoveryError::Invalid)
 }
 
 /// Runs (or resumes, or with `rollback` undoes) the switchover of `pipeline`. See the module
@@ -551,6 +570,7 @@ pub async fn switchover(
                 if let Some(st) = s.stream.take() {
                     let _ = st.stop().await;
                 }
+                s.drop_stretch_on_b().await;
                 return Err(e);
             }
         },
@@ -801,6 +821,7 @@ impl Switch<'_> {
                 });
             }
         }
+        self.drop_stretch_on_b().await;
         let pipeline = self.plan.pipeline.clone();
         let after = |e: RecoveryError| {
             RecoveryError::Invalid(format!(
@@ -938,13 +959,12 @@ impl Switch<'_> {
 
     /// A's current WAL position.
     async fn a_position(&self) -> Result<Lsn, RecoveryError> {
-        let lsn: String = self
-            .a
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(q(&self.a_conn, "reading the WAL position"))?
-            .get(0);
-        lsn.parse().map_err(RecoveryError::Invalid)
+        wal_position(&self.a, &self.a_conn).await
+    }
+
+    /// B's current WAL position.
+    async fn b_position(&self) -> Result<Lsn, RecoveryError> {
+        wal_position(&self.b, &self.b_conn).await
     }
 
     /// Makes the roles read-only on A, ends their sessions, and returns A's WAL position after.
@@ -990,29 +1010,62 @@ impl Switch<'_> {
     /// on A since, and only the pipeline writes B, so this comparison of it stands.
     async fn verify_while_streaming(&mut self) -> Result<(), RecoveryError> {
         let pipeline = self.plan.pipeline.clone();
-        let since = slot::create_temporary(
+        let on_b = self.follow_writes_on_b().await?;
+        let on_a = slot::create_temporary(
             &self.a_conn,
             &names::verify_slot(&pipeline),
             &names::publication(&pipeline),
         )
         .await
         .map_err(SyncError::from)?;
-        // Read in the background from now on, so that the pause reads only the last of it.
-        let since = Touched::follow(since);
+        // Read in the background from now on, so that the pause reads only the last of them.
+        let on_a = Touched::default().follow(on_a);
         let (rows, _) = self.compare(Some(pipeline), None).await?;
         self.report.rows_verified = rows;
-        self.since_verified = Some(since);
+        self.since_verified = Some(Stretches { on_a, on_b });
         Ok(())
     }
 
+    /// Opens the stretch of B's changes to the pipeline's tables that leaves out the
+    /// pipeline's own apply: a publication of B's tables (the reverse pipeline's, resolved on
+    /// B) and a temporary slot on it.
+    async fn follow_writes_on_b(&self) -> Result<Following, RecoveryError> {
+        let name = names::switchover_stretch(&self.plan.pipeline);
+        let reverse = self
+            .config
+            .pipeline(&self.plan.reverse)
+            .map_err(RecoveryError::Invalid)?;
+        let tables = resolve_tables(&self.b, &self.b_conn, &reverse.tables).await?;
+        publication::ensure_for(&self.b, &self.b_conn, &name, &tables)
+            .await
+            .map_err(SyncError::from)?;
+        let slot = slot::create_temporary(&self.b_conn, &name, &name)
+            .await
+            .map_err(SyncError::from)?;
+        let own = names::all_origins(&self.plan.pipeline, &self.plan.new_primary);
+        Ok(Touched::except_origins(own).follow(slot))
+    }
+
+    /// Drops B's publication for the stretch, if there is one (a failure is only logged: the
+    /// publication streams nothing once its slot is gone, and the next switchover drops it).
+    async fn drop_stretch_on_b(&self) {
+        let name = names::switchover_stretch(&self.plan.pipeline);
+        if let Err(e) = publication::drop(&self.b, &self.b_conn, &name).await {
+            tracing::warn!(pipeline = %self.plan.pipeline, "{e}");
+        }
+    }
+
     /// Inside the pause, with B drained: compares the rows changed since the comparison before
-    /// the pause, up to A's current position (a write by a role not paused included), or the
-    /// whole tables when that stretch is not known.
+    /// the pause, up to each side's current position (a write by a role not paused included,
+    /// on A, or by anything but the pipeline, on B), or the whole tables when those stretches
+    /// are not known.
     async fn verify(&mut self) -> Result<(), RecoveryError> {
         let touched = match self.since_verified.take() {
-            Some(since) => {
-                let now = self.a_position().await?;
-                Some(since.until(now).await.map_err(SyncError::from)?)
+            Some(Stretches { on_a, on_b }) => {
+                let (a_now, b_now) = (self.a_position().await?, self.b_position().await?);
+                let on_a = on_a.until(a_now).await.map_err(SyncError::from)?;
+                let on_b = on_b.until(b_now).await.map_err(SyncError::from)?;
+                Some(std::sync::Arc::new(on_a.union(on_b)))
             }
             None => None,
         };
@@ -1148,6 +1201,7 @@ impl Switch<'_> {
     async fn rollback(&mut self, record: &Record, reason: &str) -> Result<(), RecoveryError> {
         let t = Instant::now();
         tracing::warn!(pipeline = %self.plan.pipeline, stage = %record.stage, reason, "rolling the switchover back");
+        self.drop_stretch_on_b().await;
         if record.stage >= Stage::Verified {
             sync::teardown(self.config, &self.plan.reverse).await?;
         }

@@ -5,7 +5,8 @@
 //! already used. `sync setup` brings them once after the initial copy and `sync run` every
 //! `sequence_interval`. Invariants:
 //! - a target's sequence only moves forward: `setval` runs only when the source's value is
-//!   ahead of the target's (an ascending sequence; one set ahead by hand is left alone);
+//!   ahead of the target's in the sequence's direction (up, or down for a negative
+//!   increment; one set ahead by hand is left alone);
 //! - the source's value is `pg_sequence_last_value`, which is WAL-logged up to 32 values ahead
 //!   of what was handed out, so the target ends at or ahead of every id the source used (a gap,
 //!   never a collision);
@@ -50,7 +51,7 @@ pub async fn last_values(
     let missing: Vec<String> = sequences
         .iter()
         .zip(&values)
-        .filter(|(_, (exists, _))| !exists)
+        .filter(|(_, v)| !v.exists)
         .map(|(s, _)| s.to_string())
         .collect();
     if !missing_ok && !missing.is_empty() {
@@ -59,7 +60,7 @@ pub async fn last_values(
             missing.join(", ")
         )));
     }
-    Ok(values.into_iter().map(|(_, v)| v).collect())
+    Ok(values.into_iter().map(|v| v.last).collect())
 }
 
 /// The statement that moves each target sequence forward to its source value (see the module
@@ -76,11 +77,14 @@ pub fn advance_sql(sequences: &[TableName], values: &[Option<i64>]) -> Option<St
     if pairs.is_empty() {
         return None;
     }
-    // A sequence missing on the target (no regclass) is skipped; setval runs only when behind.
+    // A sequence missing on the target (no pg_sequence row) is skipped; setval runs only when
+    // behind in the sequence's direction (a descending one moves forward by going down).
     Some(format!(
-        "SELECT s, setval(to_regclass(s), v) FROM (VALUES {}) AS src(s, v) \
-         WHERE to_regclass(s) IS NOT NULL \
-           AND COALESCE(pg_sequence_last_value(to_regclass(s)), v - 1) < v",
+        "SELECT s, setval(q.seqrelid, v) FROM (VALUES {}) AS src(s, v) \
+         JOIN pg_sequence q ON q.seqrelid = to_regclass(s) \
+         WHERE pg_sequence_last_value(q.seqrelid) IS NULL \
+            OR CASE WHEN q.seqincrement < 0 THEN pg_sequence_last_value(q.seqrelid) > v \
+                    ELSE pg_sequence_last_value(q.seqrelid) < v END",
         pairs.join(", ")
     ))
 }

@@ -232,7 +232,8 @@ pub struct DbReport {
 }
 
 /// A target sequence whose last value is behind the source sequence's, or behind the largest
-/// value its column holds on the source: once that target is promoted, the application's
+/// value its column holds on the source (the least, for a descending sequence): once that
+/// target is promoted, the application's
 /// defaults would hand out keys the source already used.
 #[derive(Debug, Serialize)]
 pub struct SequenceBehind {
@@ -241,6 +242,7 @@ pub struct SequenceBehind {
     /// The column that owns it, `schema.table.column`.
     pub owned_by: String,
     pub source_value: Option<i64>,
+    /// The column's largest value on the source (least, for a descending sequence).
     pub source_max_key: Option<i64>,
     /// `None`: never used, or missing on the target.
     pub target_value: Option<i64>,
@@ -511,13 +513,13 @@ async fn sequences_behind_on(
     let source_values = crate::pg::sequences::last_values(&src, &source.conn, &names).await?;
     let target_values = crate::pg::sequences::last_values(&dst, &target.conn, &names).await?;
     let mut out = Vec::new();
-    for ((o, (_, source_value)), (_, target_value)) in
-        owned.iter().zip(source_values).zip(target_values)
-    {
+    for ((o, at_source), target_value) in owned.iter().zip(source_values).zip(target_values) {
+        // The key furthest along in the sequence's direction (the least for a descending one).
+        let furthest = if at_source.descending { "min" } else { "max" };
         let max_key: Option<i64> = src
             .query_one(
                 &format!(
-                    "SELECT max({})::bigint FROM {}",
+                    "SELECT {furthest}({})::bigint FROM {}",
                     crate::pg::quote_ident(&o.column),
                     o.table.quoted()
                 ),
@@ -526,18 +528,23 @@ async fn sequences_behind_on(
             .await
             .map_err(|e| {
                 PgError::query(
-                    format!("reading the largest {} of {}", o.column, o.table),
+                    format!("reading the furthest {} of {}", o.column, o.table),
                     &source.conn,
                     e,
                 )
             })?
             .get(0);
-        let Some(needed) = source_value.max(max_key) else {
+        let needed = match (at_source.last, max_key) {
+            (Some(a), Some(b)) if at_source.descending => Some(a.min(b)),
+            (a, b) => a.max(b),
+        };
+        let Some(needed) = needed else {
             continue;
         };
-        if target_value.is_some_and(|t| t >= needed) {
+        if target_value.covers(needed) {
             continue;
         }
+        let (source_value, target_value) = (at_source.last, target_value.last);
         out.push(SequenceBehind {
             target: target.name.clone(),
             sequence: o.sequence.to_string(),
@@ -834,6 +841,12 @@ impl Exact {
     /// settle window). `Ok(None)` (no snapshot open) when the target does not get there, or
     /// is not fed by the pipeline; an error when the source cannot be cut (no REPLICATION
     /// role, wal_level not logical).
+    ///
+    /// On a quiet source no commit moves the target's recorded position past the cut, but the
+    /// pipeline confirms its slot past it once every target it streams to holds all the
+    /// commits before it (keepalives move the confirmation when nothing is pending): a
+    /// streaming target at a position before the cut, with the slot confirmed at or past the
+    /// cut, holds exactly the source's state at the cut.
     async fn open_cut(
         &self,
         source: &Side,
@@ -858,9 +871,18 @@ impl Exact {
         let cut = slot.consistent_point;
         source.begin_snapshot_at(&slot.snapshot).await?;
         let deadline = Instant::now() + settle.window;
+        let pipeline_slot = names::slot(&self.pipeline);
         loop {
             match target.applied_position(&self.pipeline).await? {
                 Some(applied) if applied >= cut => break,
+                Some(_)
+                    if source
+                        .slot_confirmed(&pipeline_slot)
+                        .await?
+                        .is_some_and(|c| c >= cut) =>
+                {
+                    break
+                }
                 Some(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -878,11 +900,13 @@ impl Exact {
             }
         }
         target.begin_snapshot().await?;
-        // Read inside the snapshot: the position of exactly the rows it shows.
+        // Read inside the snapshot: the position of exactly the rows it shows (at least the
+        // cut, which the loop above saw it hold).
         let applied = target
             .applied_position(&self.pipeline)
             .await?
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .max(cut);
         Ok(Some(Cut { slot, applied }))
     }
 }

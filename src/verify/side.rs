@@ -175,6 +175,22 @@ impl Side {
             .and_then(|s| Lsn::from_str(&s).ok()))
     }
 
+    /// How far the slot named `slot` has been confirmed by its consumer; None when there is no
+    /// such slot or it was never confirmed.
+    pub async fn slot_confirmed(&self, slot: &str) -> Result<Option<Lsn>, PgError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(self.err("reading the pipeline's slot"))?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|s| Lsn::from_str(&s).ok()))
+    }
+
     /// How far the logical replication slots streaming from this database have been confirmed
     /// (the least of them), i.e. up to where their consumers have durably applied changes.
     /// Slots whose name contains `hint` are preferred; None when no slot is in use.

@@ -7,9 +7,13 @@
 //! text, a key that changed shape mid-stretch) is *whole*: every row of it must be compared. A
 //! change to a relation the stretch never described makes every table whole. Memory holds one
 //! key per touched row, however often it changed.
+//!
+//! A stretch may leave out the transactions of some replication origins (a pipeline's own
+//! apply sessions, when what matters is who *else* wrote): pgoutput names a transaction's
+//! origin right after its Begin, and the changes of such a transaction are not counted (the
+//! relations it describes still are, as later transactions rely on them).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use tokio::sync::watch;
 
@@ -49,10 +53,10 @@ pub struct Following {
 impl Following {
     /// The rows touched by the transactions whose commit ends at or before `until`, once the
     /// stream has reached it.
-    pub async fn until(self, until: Lsn) -> Result<Arc<Touched>, CdcError> {
+    pub async fn until(self, until: Lsn) -> Result<Touched, CdcError> {
         let _ = self.end.send(Some(until));
         match self.task.await {
-            Ok(touched) => Ok(Arc::new(touched?)),
+            Ok(touched) => touched,
             Err(e) => Err(CdcError::Protocol(format!(
                 "reading the changes since the verification stopped: {e}"
             ))),
@@ -68,15 +72,27 @@ pub struct Touched {
     tables: HashMap<String, Rows>,
     /// A change arrived for a relation not described: any table may have changed.
     everything: bool,
+    /// Transactions of these replication origins are left out.
+    ignored_origins: HashSet<String>,
+    /// The current transaction is of an ignored origin.
+    skipping: bool,
 }
 
 impl Touched {
-    /// Starts reading the changes `slot` streams from its consistent point, in the
-    /// background, until [`Following::until`] says where the stretch ends.
-    pub fn follow(slot: TemporarySlot) -> Following {
+    /// Nothing touched yet; the transactions of `ignored_origins` will be left out.
+    pub fn except_origins(ignored_origins: impl IntoIterator<Item = String>) -> Touched {
+        Touched {
+            ignored_origins: ignored_origins.into_iter().collect(),
+            ..Touched::default()
+        }
+    }
+
+    /// Starts reading the changes `slot` streams from its consistent point into `touched`, in
+    /// the background, until [`Following::until`] says where the stretch ends.
+    pub fn follow(self, slot: TemporarySlot) -> Following {
+        let mut touched = self;
         let (end, told) = watch::channel(None);
         let task = tokio::spawn(async move {
-            let mut touched = Touched::default();
             slot.changes_to(told, &mut |message| {
                 touched.absorb(message);
                 Ok(())
@@ -90,7 +106,10 @@ impl Touched {
     /// Takes the next message of the stream.
     pub fn absorb(&mut self, message: Message) {
         match message {
+            Message::Begin { .. } => self.skipping = false,
+            Message::Origin { name, .. } => self.skipping = self.ignored_origins.contains(&name),
             Message::Relation(rel) => self.describe(rel),
+            _ if self.skipping => {}
             Message::Insert { relation, new } => self.touch(relation, &new),
             Message::Delete { relation, old } => self.touch(relation, &old),
             Message::Update { relation, old, new } => {
@@ -158,6 +177,29 @@ impl Touched {
             (_, Rows::Whole) => {}
             _ => *rows = Rows::Whole,
         }
+    }
+
+    /// The rows touched by either stretch (of two databases holding the same tables).
+    pub fn union(mut self, other: Touched) -> Touched {
+        self.everything |= other.everything;
+        for (table, rows) in other.tables {
+            let merged = match (self.tables.remove(&table), rows) {
+                (None, rows) => rows,
+                (
+                    Some(Rows::Keys { names, mut keys }),
+                    Rows::Keys {
+                        names: other_names,
+                        keys: other_keys,
+                    },
+                ) if names == other_names => {
+                    keys.extend(other_keys);
+                    Rows::Keys { names, keys }
+                }
+                _ => Rows::Whole,
+            };
+            self.tables.insert(table, merged);
+        }
+        self
     }
 
     /// The keys of `shape`'s table that were touched, in the shape's key order (the stream's
@@ -275,6 +317,72 @@ mod tests {
         );
         assert_eq!(touched.keys_of(&shape("item")), Some(vec![]));
         assert_eq!(touched.keys_of(&shape("other")), Some(vec![]));
+    }
+
+    #[test]
+    fn transactions_of_ignored_origins_are_left_out_but_their_relations_kept() {
+        let begin = || Message::Begin {
+            final_lsn: 0,
+            commit_time: 0,
+            xid: 1,
+        };
+        let origin = |name: &str| Message::Origin {
+            commit_lsn: 0,
+            name: name.into(),
+        };
+        let insert = |id: &str| Message::Insert {
+            relation: 1,
+            new: vec![t("n"), t(id), t("a")],
+        };
+        let mut touched = Touched::except_origins(["invsync_p_b".to_string()]);
+        // The pipeline's own transaction describes the relation.
+        touched.absorb(begin());
+        touched.absorb(origin("invsync_p_b"));
+        touched.absorb(relation(1, "invoice", &["region", "id"]));
+        touched.absorb(insert("1"));
+        // Another origin's, then one without an origin: both counted.
+        touched.absorb(begin());
+        touched.absorb(origin("someone_else"));
+        touched.absorb(insert("2"));
+        touched.absorb(begin());
+        touched.absorb(insert("3"));
+        let k = |id: &str| vec![id.to_string(), "n".to_string()];
+        assert_eq!(
+            sorted(touched.keys_of(&shape("invoice")).unwrap()),
+            vec![k("2"), k("3")]
+        );
+    }
+
+    #[test]
+    fn a_union_holds_both_stretches_rows_and_a_whole_table_stays_whole() {
+        let insert = |relation, id: &str| Message::Insert {
+            relation,
+            new: vec![t("n"), t(id), t("a")],
+        };
+        let mut a = Touched::default();
+        a.absorb(relation(1, "invoice", &["region", "id"]));
+        a.absorb(relation(2, "item", &["region", "id"]));
+        a.absorb(insert(1, "1"));
+        a.absorb(insert(2, "1"));
+        let mut b = Touched::default();
+        // Another database numbers its relations its own way.
+        b.absorb(relation(7, "invoice", &["region", "id"]));
+        b.absorb(relation(8, "item", &["region", "id"]));
+        b.absorb(relation(9, "carrier", &["region", "id"]));
+        b.absorb(insert(7, "2"));
+        b.absorb(Message::Truncate {
+            options: 0,
+            relations: vec![8],
+        });
+        b.absorb(insert(9, "5"));
+        let both = a.union(b);
+        let k = |id: &str| vec![id.to_string(), "n".to_string()];
+        assert_eq!(
+            sorted(both.keys_of(&shape("invoice")).unwrap()),
+            vec![k("1"), k("2")]
+        );
+        assert_eq!(both.keys_of(&shape("item")), None);
+        assert_eq!(both.keys_of(&shape("carrier")), Some(vec![k("5")]));
     }
 
     #[test]
