@@ -5,6 +5,7 @@
 //! committed), after which a rerun finishes or `--rollback` undoes it, with no acknowledged
 //! write lost either way.
 
+mod agent_common;
 mod support;
 mod sync_common;
 
@@ -306,14 +307,18 @@ async fn switchover_under_load_and_back_loses_no_write() {
     let writes = Load::start(&a);
     let run = Running::start(&config, "p");
     writes.wait_writes(100).await;
-    // While `sync run` streams the pipeline, the switchover refuses and changes nothing.
+    // While `sync run` streams the pipeline (it does not give way, as an agent does), the
+    // switchover refuses and changes nothing: its request ends rolled back.
     let (code, _, err) = switchover(cfg_s, &["p"]).await;
     assert_eq!(code, 1);
     assert!(
-        err.contains("is in use") && err.lines().count() == 1,
+        err.contains("did not start, nothing was changed")
+            && err.contains("still in use")
+            && err.lines().count() == 1,
         "{err}"
     );
-    assert!(stage(&a, "p").is_none() && app_may_write(&a, "invoice").await);
+    assert_eq!(stage(&a, "p").as_deref(), Some("rolled_back"));
+    assert!(app_may_write(&a, "invoice").await);
     run.stop().await;
     writes.wait_writes(100).await;
 
@@ -451,7 +456,7 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
         ),
         "{err}"
     );
-    assert_eq!(stage(&a, "p"), None);
+    assert_eq!(stage(&a, "p").as_deref(), Some("rolled_back"));
     assert!(
         app_may_write(&a, "invoice").await && !slot_exists(&b, "p_back") && slot_exists(&a, "p")
     );
@@ -627,5 +632,101 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
     wait_same(&a, &b, "SELECT count(*), sum(n) FROM invoice").await;
     wait_same(&a, &b, "SELECT count(*), sum(amount) FROM item").await;
     run.stop().await;
+    check_nothing_lost(&a, &b, cfg_s, "p", &acked, collisions);
+}
+
+/// The state of `pipeline` in an agent's `/status`, and what it waits for.
+async fn agent_pipeline(port: u16, pipeline: &str) -> (String, String) {
+    let status = agent_common::status(port).await;
+    let p = status["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == pipeline)
+        .unwrap_or_else(|| panic!("no {pipeline} in {status}"))
+        .clone();
+    (
+        p["state"].as_str().unwrap_or_default().to_string(),
+        p["waiting_for"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// An agent configured with a pipeline and its way back follows switchovers in both
+/// directions while the application writes: it gives way when the switchover is requested
+/// (the switchover no longer finds the slot in use), waits while it runs, then streams the
+/// way back; the old direction waits as "not set up". Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_gives_way_to_a_switchover_and_streams_the_way_back() {
+    let (a, b, dir, cfg) = set_up();
+    let cfg_s = cfg.to_str().unwrap();
+    let port = support::free_port();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let mut agent = agent_common::start_agent(&cfg, &log);
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let writes = Load::start(&a);
+    writes.wait_writes(100).await;
+    support::wait_until(Duration::from_secs(60), "the agent to stream p", || async {
+        agent_common::get(port, "/status").await.is_some()
+            && agent_pipeline(port, "p").await.0 == "streaming"
+    })
+    .await;
+    let (state, why) = agent_pipeline(port, "p_back").await;
+    assert!(
+        state == "waiting" && why.contains("not set up"),
+        "{state}: {why}"
+    );
+
+    let (code, out, err) = switchover(cfg_s, &["p", "--json"]).await;
+    assert_eq!(code, 0, "{err}\n{}", agent_log());
+    assert_eq!(report(&out, &err)["outcome"], "completed");
+    assert!(
+        agent_log().contains("pipeline_giving_way"),
+        "{}",
+        agent_log()
+    );
+
+    // The application moves to b; the agent streams b's writes back to a.
+    writes.point_at(&b);
+    writes.wait_writes(100).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while agent_pipeline(port, "p_back").await.0 != "streaming" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}\n{}",
+            agent_pipeline(port, "p_back").await,
+            agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let on_b = number(&b, "SELECT max(id) FROM invoice");
+    wait_for("a to receive b's writes", || {
+        number(&a, "SELECT coalesce(max(id), 0) FROM invoice") >= on_b
+    })
+    .await;
+    let (state, why) = agent_pipeline(port, "p").await;
+    assert!(
+        state == "waiting" && why.contains("not set up"),
+        "{state}: {why}"
+    );
+    assert_eq!(agent_pipeline(port, "p_back").await.0, "streaming");
+
+    // And back, the agent still running.
+    let (code, _, err) = switchover(cfg_s, &["p_back"]).await;
+    assert_eq!(code, 0, "{err}\n{}", agent_log());
+    writes.point_at(&a);
+    writes.wait_writes(100).await;
+    let (acked, _, collisions) = writes.stop().await;
+    wait_same(&a, &b, "SELECT count(*), sum(n) FROM invoice").await;
+    wait_same(&a, &b, "SELECT count(*), sum(amount) FROM item").await;
+    assert_eq!(agent_pipeline(port, "p").await.0, "streaming");
+    support::send_signal(&agent, "TERM");
+    let (code, _) = agent_common::exit_within(&mut agent, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "{}", agent_log());
     check_nothing_lost(&a, &b, cfg_s, "p", &acked, collisions);
 }

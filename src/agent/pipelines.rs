@@ -18,6 +18,16 @@
 //! once, which is before the lease can have expired (the keeper's renew deadline is shorter
 //! than the lease), and the pipeline goes back to standby.
 //!
+//! A pipeline gives way to a switchover: before each term and every [`POLL`] while it streams,
+//! its source is read for a switchover of it under way (`invsync.switchover`, which
+//! `sync switchover` writes at `requested` before it needs the slot); the run then stops
+//! cleanly (its batches committed) and the pipeline waits, as it does while its slot does not
+//! exist when it is one of a pair that switch over into each other (the way back before a
+//! switchover, the old direction after it), and while a switchover of the other one of the
+//! pair is under way (which sets this one up, and tears it down again if it rolls back). So
+//! an agent configured with a pipeline and its way back follows switchovers in either
+//! direction. A waiting pipeline counts as ready.
+//!
 //! Lag in seconds is the status command's figure: 0 when the target holds everything the
 //! source has, else now minus the commit time of the last transaction the target applied.
 
@@ -27,14 +37,17 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::watch;
+use tokio_postgres::Client;
 
 use super::lease::{self, LeaseStatus};
 use super::metrics::{Metrics, TABLE_PHASES};
 use super::status::PipelineState;
 use super::supervisor::{self, Term, Work};
 use super::Shared;
+use crate::cdc::{names, slot};
 use crate::config::Config;
-use crate::pg::{Fence, Sessions};
+use crate::pg::{ConnInfo, Fence, Sessions};
+use crate::recovery::switchover;
 use crate::sync::{self, Observer, SyncError};
 
 /// How often the slots and targets are read.
@@ -62,6 +75,7 @@ impl Observer for Watcher<'_> {
                 p.state = PipelineState::Streaming;
                 p.last_error = None;
                 p.retry_at = None;
+                p.waiting_for = None;
             } else if p.state == PipelineState::Streaming {
                 p.state = PipelineState::Starting;
             }
@@ -87,6 +101,123 @@ struct Pipeline {
     shared: Arc<Shared>,
 }
 
+impl Pipeline {
+    /// Shows (and logs, once per reason) why the pipeline does not stream.
+    fn waiting(&self, why: &str) {
+        let mut changed = false;
+        self.shared.board.pipeline(&self.name, |p| {
+            p.state = PipelineState::Waiting;
+            changed = p.waiting_for.as_deref() != Some(why);
+            p.waiting_for = Some(why.to_string());
+        });
+        if changed {
+            tracing::info!(event = "pipeline_waiting", pipeline = %self.name, "{why}");
+        }
+    }
+}
+
+/// One database's session kept between reads, made again after a failure.
+struct Session {
+    conn: ConnInfo,
+    client: Option<Client>,
+}
+
+impl Session {
+    fn new(conn: ConnInfo) -> Session {
+        Session { conn, client: None }
+    }
+
+    /// The stage of a switchover of `pipeline` under way on this database; None when there is
+    /// none or the database cannot be read (the run meets that failure itself).
+    async fn switchover(&mut self, pipeline: &str) -> Option<switchover::Stage> {
+        let client = self.open().await?;
+        let stage = switchover::under_way(&client, &self.conn, pipeline)
+            .await
+            .ok()?;
+        self.client = Some(client);
+        stage
+    }
+
+    /// Whether `pipeline`'s slot is missing on this database (None: cannot tell).
+    async fn slot_missing(&mut self, pipeline: &str) -> Option<bool> {
+        let client = self.open().await?;
+        let state = slot::state(&client, &self.conn, &names::slot(pipeline))
+            .await
+            .ok()?;
+        self.client = Some(client);
+        Some(state.is_none())
+    }
+
+    async fn open(&mut self) -> Option<Client> {
+        match self.client.take() {
+            Some(c) if !c.is_closed() => Some(c),
+            _ => self.conn.connect().await.ok(),
+        }
+    }
+}
+
+/// Whether a pipeline may stream now: read on its source (a switchover of it, its slot) and,
+/// when it is the way back of another pipeline, on that one's source (a switchover of that
+/// one sets this one up, and may tear it down again until it commits).
+struct Gate {
+    pipeline: String,
+    source: Session,
+    /// The pipeline this one is the way back of, and its source.
+    forward: Option<(String, Session)>,
+}
+
+impl Gate {
+    fn new(config: &Config, pipeline: &str) -> Result<Gate, String> {
+        let p = config.pipeline(pipeline)?;
+        let source = Session::new(config.database(&p.source)?.conn.clone());
+        let forward = match switchover::way_back_of(config, pipeline) {
+            Some(f) => {
+                let fp = config.pipeline(&f)?;
+                Some((f, Session::new(config.database(&fp.source)?.conn.clone())))
+            }
+            None => None,
+        };
+        Ok(Gate {
+            pipeline: pipeline.to_string(),
+            source,
+            forward,
+        })
+    }
+
+    /// Why the pipeline must not start streaming now (see the module documentation), or None.
+    async fn before_start(&mut self) -> Option<String> {
+        if let Some(why) = self.while_streaming().await {
+            return Some(why);
+        }
+        let Some((forward, session)) = &mut self.forward else {
+            // Not part of a switchover pair: a missing slot is the run's failure to report.
+            return None;
+        };
+        if let Some(stage) = session.switchover(forward).await {
+            return Some(format!(
+                "a switchover of {forward}, whose way back this is, is under way (stage `{stage}`)"
+            ));
+        }
+        let p = &self.pipeline;
+        match self.source.slot_missing(p).await {
+            Some(true) => Some(format!(
+                "{p} is not set up on its source (no slot {}); it streams once `invsync sync setup {p}` or a switchover sets it up",
+                names::slot(p)
+            )),
+            _ => None,
+        }
+    }
+
+    /// Why the pipeline must stop streaming now: a switchover of it under way.
+    async fn while_streaming(&mut self) -> Option<String> {
+        let p = &self.pipeline;
+        let stage = self.source.switchover(p).await?;
+        Some(format!(
+            "a switchover of {p} is under way on its source (stage `{stage}`)"
+        ))
+    }
+}
+
 impl Work for Pipeline {
     type Error = SyncError;
 
@@ -94,8 +225,10 @@ impl Work for Pipeline {
         self.shared.board.pipeline(&self.name, |p| p.state = state);
     }
 
-    /// Ends the previous holder's sessions, then streams with the lease's fence, so a batch
-    /// from an older term can never commit after this one started.
+    /// Waits while the pipeline is not to stream (see the module documentation), ends the
+    /// previous holder's sessions, then streams with the lease's fence, so a batch from an
+    /// older term can never commit after this one started, until a switchover of it is
+    /// requested (then it yields).
     async fn term(
         &self,
         fence: &Fence,
@@ -103,12 +236,24 @@ impl Work for Pipeline {
         stop: &watch::Receiver<bool>,
     ) -> Term<SyncError> {
         let (config, pipeline) = (&*self.config, self.name.as_str());
+        let mut gate = match Gate::new(config, pipeline) {
+            Ok(g) => g,
+            Err(e) => return Term::Failed(SyncError::Config(e)),
+        };
         let watcher = Watcher {
             pipeline,
             shared: &self.shared,
             streaming: AtomicBool::new(false),
         };
         let work = async {
+            let mut stop = stop.clone();
+            while let Some(why) = gate.before_start().await {
+                self.waiting(&why);
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = stop.changed() => return Term::Stopped,
+                }
+            }
             match lease::take_over_pipeline(config, pipeline).await {
                 Ok(_) => {}
                 Err(e) if e.is_transient() => {
@@ -117,7 +262,35 @@ impl Work for Pipeline {
                 }
                 Err(e) => return Term::Failed(SyncError::Config(e.to_string())),
             }
-            match sync::run_observed(config, pipeline, stop.clone(), Some(fence), &watcher).await {
+            // The run stops on the shutdown, or when a switchover of the pipeline is requested.
+            let (end, run_stop) = watch::channel(false);
+            let gave_way = AtomicBool::new(false);
+            let run = sync::run_observed(config, pipeline, run_stop, Some(fence), &watcher);
+            let watch_requests = async {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL) => {}
+                        _ = stop.changed() => break,
+                    }
+                    if let Some(why) = gate.while_streaming().await {
+                        tracing::warn!(
+                            event = "pipeline_giving_way",
+                            pipeline,
+                            "{why}: stopping the stream"
+                        );
+                        gave_way.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                let _ = end.send(true);
+                std::future::pending::<()>().await
+            };
+            let result = tokio::select! {
+                r = run => r,
+                _ = watch_requests => unreachable!("pending"),
+            };
+            match result {
+                Ok(()) if gave_way.load(Ordering::Relaxed) => Term::Yielded,
                 Ok(()) => Term::Stopped,
                 Err(e) => Term::Failed(e),
             }

@@ -58,6 +58,10 @@ pub enum PipelineState {
     /// Another agent holds the pipeline's lease (or none could be acquired yet): this agent
     /// stands by, ready to take over.
     Standby,
+    /// This agent holds the lease but the pipeline is not to stream now: a switchover of it is
+    /// under way, or it is not set up (the way back of a switchover, before one); `waiting_for`
+    /// says which. It streams once that changes.
+    Waiting,
     /// Stopped by the shutdown.
     Stopped,
 }
@@ -70,6 +74,8 @@ pub struct PipelineView {
     pub restarts: u64,
     pub last_error: Option<String>,
     pub retry_at: Option<DateTime<Utc>>,
+    /// While `waiting`: what the pipeline waits for.
+    pub waiting_for: Option<String>,
     /// WAL the slot keeps on the source, at the last poll.
     pub slot_retained_wal_bytes: Option<i64>,
     /// When the source and targets were last polled.
@@ -185,6 +191,7 @@ impl Board {
                 restarts: 0,
                 last_error: None,
                 retry_at: None,
+                waiting_for: None,
                 slot_retained_wal_bytes: None,
                 polled: None,
                 targets: p
@@ -283,8 +290,9 @@ impl Board {
 
     /// `Ok` when the database of every lease has answered once (so the agent knows which work
     /// is its own), every pipeline this agent runs streams with its targets up, and every
-    /// archive it runs streams; else each reason. A pipeline on standby (another agent holds its lease) counts as ready: the
-    /// agent is healthy, just standing by.
+    /// archive it runs streams; else each reason. A pipeline on standby (another agent holds
+    /// its lease) or waiting (a switchover, or its turn in a switchover pair) counts as ready:
+    /// the agent is healthy, just standing by.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let status = self.lock();
         let mut reasons = Vec::new();
@@ -297,7 +305,7 @@ impl Board {
         for p in status
             .pipelines
             .iter()
-            .filter(|p| p.state != PipelineState::Standby)
+            .filter(|p| !matches!(p.state, PipelineState::Standby | PipelineState::Waiting))
         {
             if p.state != PipelineState::Streaming {
                 let why = p

@@ -30,6 +30,9 @@ pub enum Term<E> {
     Stopped,
     /// The lease was lost (or its keeper ended): the work was dropped at once.
     LeaseLost,
+    /// The work gave way on purpose (it stored or committed what it had): it starts its next
+    /// term at once, without backoff, and waits there for its turn.
+    Yielded,
     Failed(E),
 }
 
@@ -95,6 +98,7 @@ pub async fn supervise<W: Work>(
                 work.stepped_down(&fence);
                 continue;
             }
+            Term::Yielded => continue,
             Term::Failed(e) => e,
         };
         if started.elapsed() > HEALTHY_RUN {

@@ -10,6 +10,9 @@
 //! rollback. It is a brake, not a wall: a session may `SET default_transaction_read_only = off`
 //! itself, and roles not listed are not paused (the verification catches their writes).
 //!
+//! First the request is recorded (`requested`, with each role's setting): an agent streaming
+//! the pipeline sees it within seconds and gives way (stops, its batches committed), and waits
+//! until the switchover ends; giving up before `started` ends the request as `rolled_back`.
 //! Before anything changes, the pipeline streams until B has caught up, and the tables are
 //! compared whole while it streams (as `verify db --pipeline`), after temporary slots have
 //! opened the stretches of changes that follow: on A, every change to the tables; on B (through
@@ -49,8 +52,10 @@ use crate::verify::db::{verify_db, DbVerifyOptions, Endpoint, NoProgress, PIPELI
 use crate::verify::touched::{Following, Touched};
 use crate::verify::TableStatus;
 
-/// How long a slot left active by a process that just died may take to be released.
-const SLOT_RELEASE_GRACE: Duration = Duration::from_secs(5);
+/// How long the slot may stay in use once the request is recorded: an agent streaming the
+/// pipeline sees the request within its poll (2 s) and stops (committing its batches); a
+/// process that just died is released by the server within a few seconds.
+const SLOT_RELEASE_GRACE: Duration = Duration::from_secs(10);
 /// How long `pg_terminate_backend` waits for each ended session to be gone.
 const TERMINATE_WAIT_MS: i64 = 10_000;
 const POLL: Duration = Duration::from_millis(100);
@@ -60,6 +65,8 @@ const POLL: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
+    /// Asked for: an agent streaming the pipeline gives way; nothing is changed yet.
+    Requested,
     Started,
     Paused,
     Drained,
@@ -73,7 +80,8 @@ pub enum Stage {
     RolledBack,
 }
 
-const STAGES: [Stage; 10] = [
+const STAGES: [Stage; 11] = [
+    Stage::Requested,
     Stage::Started,
     Stage::Paused,
     Stage::Drained,
@@ -89,6 +97,7 @@ const STAGES: [Stage; 10] = [
 impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::Requested => "requested",
             Stage::Started => "started",
             Stage::Paused => "paused",
             Stage::Drained => "drained",
@@ -115,8 +124,9 @@ impl Stage {
             })
     }
 
-    /// True while a switchover is under way (a rerun resumes it).
-    fn in_progress(self) -> bool {
+    /// True while a switchover is under way (a rerun resumes it, or begins again from
+    /// `requested`).
+    pub fn in_progress(self) -> bool {
         !matches!(self, Stage::Done | Stage::RolledBack)
     }
 }
@@ -250,6 +260,10 @@ pub fn plan(
     let timeout_ms = timeout.as_millis() as u64;
     let steps = vec![
         PlannedStep {
+            records: Some(Stage::Requested),
+            action: format!("record the request in invsync.switchover on {old_primary}, with the current default_transaction_read_only of {role_list}: an agent streaming {pipeline} gives way within seconds"),
+        },
+        PlannedStep {
             records: None,
             action: format!("stream {pipeline} in this process until {new_primary} has caught up with {old_primary} (at most {timeout:?}); nothing is changed yet"),
         },
@@ -259,7 +273,7 @@ pub fn plan(
         },
         PlannedStep {
             records: Some(Stage::Started),
-            action: format!("record the switchover in invsync.switchover on {old_primary}, with the current default_transaction_read_only of {role_list}"),
+            action: "record that the write pause starts".into(),
         },
         PlannedStep {
             records: Some(Stage::Paused),
@@ -467,6 +481,8 @@ struct Switch<'a> {
     /// inside it (none when a rerun goes on from a recorded stage: the tables are compared
     /// whole then).
     since_verified: Option<Stretches>,
+    /// This run recorded the request (so giving up before the pause ends it).
+    requested: bool,
 }
 
 /// The changes to the pipeline's tables since the comparison before the pause: all of A's,
@@ -474,6 +490,47 @@ struct Switch<'a> {
 struct Stretches {
     on_a: Following,
     on_b: Following,
+}
+
+/// The configured pipeline whose switchover would set up `pipeline` as its way back, if any
+/// (read from the configuration only, as [`plan`]).
+pub fn way_back_of(config: &Config, pipeline: &str) -> Option<String> {
+    config
+        .pipelines
+        .keys()
+        .filter(|name| name.as_str() != pipeline)
+        .find(|name| {
+            plan(config, name, None, Duration::from_secs(60)).is_ok_and(|p| p.reverse == pipeline)
+        })
+        .cloned()
+}
+
+/// The stage of a switchover of `pipeline` under way on `client`'s database (the pipeline's
+/// source), read without creating the record: None when none is under way.
+pub async fn under_way(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+) -> Result<Option<Stage>, PgError> {
+    let recorded: bool = client
+        .query_one("SELECT to_regclass('invsync.switchover') IS NOT NULL", &[])
+        .await
+        .map_err(q(conn, "looking for the switchover record"))?
+        .get(0);
+    if !recorded {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT stage FROM invsync.switchover WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .map_err(q(conn, "reading the switchover record"))?;
+    // A stage this version does not know is taken as under way: standing by is the safe side.
+    Ok(row
+        .map(|r| Stage::parse(&r.get::<_, String>(0)).unwrap_or(Stage::Started))
+        .filter(|s| s.in_progress()))
 }
 
 /// A database's current WAL position.
@@ -530,6 +587,7 @@ pub async fn switchover(
         report,
         stream: None,
         since_verified: None,
+        requested: false,
     };
     let record = record.filter(|r| r.stage.in_progress());
     if let Some(r) = &record {
@@ -559,18 +617,23 @@ pub async fn switchover(
         return Ok(s.report);
     }
     let record = match record {
-        Some(r) => {
+        // A request alone changed nothing: it begins again.
+        Some(r) if r.stage > Stage::Requested => {
             tracing::warn!(pipeline, stage = %r.stage, "resuming a switchover recorded on {}", s.plan.old_primary);
             s.report.resumed_from = Some(r.stage);
             r
         }
-        None => match s.begin().await {
+        _ => match s.begin().await {
             Ok(r) => r,
             Err(e) => {
                 if let Some(st) = s.stream.take() {
                     let _ = st.stop().await;
                 }
                 s.drop_stretch_on_b().await;
+                if s.requested {
+                    // Nothing was changed: the request ends, and an agent streams again.
+                    s.set_stage(Stage::RolledBack, Some(&e.to_string())).await?;
+                }
                 return Err(e);
             }
         },
@@ -637,6 +700,26 @@ impl Switch<'_> {
         }
         let previous = self.role_settings().await?;
         self.roles_exist_on_b().await?;
+        let record = Record {
+            stage: Stage::Requested,
+            new_primary: self.plan.new_primary.clone(),
+            roles: self.plan.roles.clone(),
+            previous,
+            pause_lsn: None,
+            reverse_lsn: None,
+        };
+        self.a
+            .execute(
+                "INSERT INTO invsync.switchover (pipeline, new_primary, stage, roles, previous) \
+                 VALUES ($1, $2, 'requested', $3, $4) \
+                 ON CONFLICT (pipeline) DO UPDATE SET new_primary = $2, stage = 'requested', roles = $3, \
+                 previous = $4, paused_at = NULL, pause_lsn = NULL, reverse_lsn = NULL, \
+                 reason = NULL, updated_at = clock_timestamp()",
+                &[&pipeline, &record.new_primary, &record.roles, &record.previous],
+            )
+            .await
+            .map_err(q(&self.a_conn, "writing the switchover record"))?;
+        self.requested = true;
         if state.active_pid.is_some() {
             let deadline = Instant::now() + SLOT_RELEASE_GRACE;
             loop {
@@ -646,7 +729,7 @@ impl Switch<'_> {
                 }
                 if Instant::now() >= deadline {
                     return Err(RecoveryError::Invalid(format!(
-                        "slot {slot_name} on {} is in use: `invsync sync run {pipeline}` (or an agent) streams it; stop it: the switchover streams the pipeline itself",
+                        "switchover of {pipeline} did not start, nothing was changed: slot {slot_name} on {} is still in use {SLOT_RELEASE_GRACE:?} after the request: `invsync sync run {pipeline}` streams it (an agent would have given way); stop it: the switchover streams the pipeline itself",
                         self.plan.old_primary
                     )));
                 }
@@ -679,29 +762,19 @@ impl Switch<'_> {
         }
         self.timed("verify_before_pause", t);
 
-        let record = Record {
-            stage: Stage::Started,
-            new_primary: self.plan.new_primary.clone(),
-            roles: self.plan.roles.clone(),
-            previous,
-            pause_lsn: None,
-            reverse_lsn: None,
-        };
+        // The write pause is measured from here.
         self.a
             .execute(
-                "INSERT INTO invsync.switchover (pipeline, new_primary, stage, roles, previous, paused_at) \
-                 VALUES ($1, $2, 'started', $3, $4, clock_timestamp()) \
-                 ON CONFLICT (pipeline) DO UPDATE SET new_primary = $2, stage = 'started', roles = $3, \
-                 previous = $4, paused_at = clock_timestamp(), pause_lsn = NULL, reverse_lsn = NULL, \
-                 reason = NULL, updated_at = clock_timestamp()",
-                &[&pipeline, &record.new_primary, &record.roles, &record.previous],
+                "UPDATE invsync.switchover SET paused_at = clock_timestamp() WHERE pipeline = $1",
+                &[&pipeline],
             )
             .await
             .map_err(q(&self.a_conn, "writing the switchover record"))?;
-        if self.opts.halt_after == Some(Stage::Started) {
-            self.set_stage(Stage::Started, None).await?;
-        }
-        Ok(record)
+        self.set_stage(Stage::Started, None).await?;
+        Ok(Record {
+            stage: Stage::Started,
+            ..record
+        })
     }
 
     /// Each role's `default_transaction_read_only` in A's database; fails on a missing role.
@@ -1258,10 +1331,10 @@ mod tests {
         );
         assert_eq!(plan.roles, ["app"]);
         let recorded: Vec<Stage> = plan.steps.iter().filter_map(|s| s.records).collect();
-        assert_eq!(recorded, STAGES[..9].to_vec());
+        assert_eq!(recorded, STAGES[..10].to_vec());
         assert!(recorded.windows(2).all(|w| w[0] < w[1]));
-        // Nothing is changed before the record exists.
-        assert_eq!(plan.steps[0].records, None);
+        // The request is recorded before anything else happens.
+        assert_eq!(plan.steps[0].records, Some(Stage::Requested));
         // The same plan whatever the way the target is named.
         assert_eq!(
             plan,
