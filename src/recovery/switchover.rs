@@ -720,6 +720,7 @@ impl Switch<'_> {
             .await
             .map_err(q(&self.a_conn, "writing the switchover record"))?;
         self.requested = true;
+        self.set_stage(Stage::Requested, None).await?;
         if state.active_pid.is_some() {
             let deadline = Instant::now() + SLOT_RELEASE_GRACE;
             loop {
