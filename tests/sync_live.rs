@@ -475,13 +475,7 @@ async fn a_target_down_past_the_wal_limit_is_cut_loose_and_copied_back() {
     wait_same(&src, &b, "SELECT n FROM tick_old").await;
     wait_same(&src, &b, &sum_query("invoice_item")).await;
     wait_for("the slot to be confirmed past the cut target", || {
-        dump(
-            &src,
-            &format!(
-                "SELECT confirmed_flush_lsn > '{cut_lsn}'::pg_lsn + 1024 * 1024 \
-                 FROM pg_replication_slots WHERE slot_type = 'logical' AND NOT temporary"
-            ),
-        ) == "t"
+        confirmed_a_mb_past(&src, &cut_lsn)
     })
     .await;
     // Retained WAL stops growing: once a checkpoint logs the running transactions, the slot's
@@ -517,9 +511,50 @@ async fn a_target_down_past_the_wal_limit_is_cut_loose_and_copied_back() {
         dump(&src, "SELECT n FROM tick_old")
     );
 
+    // A copy that stalls (setup's snapshot waits behind a transaction left open on the source)
+    // while the load writes past max_retained_wal: the running pipeline stops holding the slot
+    // for it, so the source's WAL is released, and setup, once it gets on, fails saying to run
+    // it again (that copy is never marked streaming).
+    c.psql("einvoice", "TRUNCATE tick_anomaly, tick_applied");
+    src.psql("einvoice", "CREATE TABLE stall (x int)");
+    let run = Running::start(&load(&cfg), "p");
+    let blocker = src.client("einvoice").await;
+    blocker
+        .batch_execute("BEGIN; INSERT INTO stall VALUES (1)")
+        .await
+        .unwrap();
+    let before = dump(&src, "SELECT pg_current_wal_lsn()");
+    let setup_cfg = cfg.clone();
+    let stalled = tokio::task::spawn_blocking(move || cli(&setup_cfg, &["sync", "setup", "p"]));
+    let load_s = start_load(&src, 8, 5, 1500);
+    wait_for("the pipeline to release its hold for c's copy", || {
+        try_dump(
+            &c,
+            "SELECT applied_lsn = 'FFFFFFFF/FFFFFFFF' FROM invsync.pipeline WHERE pipeline = 'p'",
+        )
+        .as_deref()
+            == Some("t")
+    })
+    .await;
+    wait_for("the slot to move past the released hold", || {
+        confirmed_a_mb_past(&src, &before)
+    })
+    .await;
+    finish_load(load_s);
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let (code, _, err) = stalled.await.unwrap();
+    assert_ne!(code, 0, "{err}");
+    let error: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert!(
+        error.len() == 1
+            && error[0].contains("stopped holding its slot")
+            && error[0].contains("run `invsync sync setup p` again"),
+        "{err}"
+    );
+    run.stop().await;
+
     // Setup copies it again while the pipeline streams under load; then it streams and ends
     // identical.
-    c.psql("einvoice", "TRUNCATE tick_anomaly, tick_applied");
     let run = Running::start(&load(&cfg), "p");
     let ticker = Ticker::start(&src).await;
     let load_b = start_load(&src, 6, 4, 400);
@@ -547,6 +582,17 @@ async fn a_target_down_past_the_wal_limit_is_cut_loose_and_copied_back() {
         "c copied at {copied_at}"
     );
     ticks_exact(&c, "tick_old", ticks + t2 + t3 - copied_at);
+}
+
+/// The pipeline's slot on `src` is confirmed more than 1 MB past `lsn`.
+fn confirmed_a_mb_past(src: &PgCluster, lsn: &str) -> bool {
+    dump(
+        src,
+        &format!(
+            "SELECT confirmed_flush_lsn > '{lsn}'::pg_lsn + 1024 * 1024 \
+             FROM pg_replication_slots WHERE slot_type = 'logical' AND NOT temporary"
+        ),
+    ) == "t"
 }
 
 async fn wait_until_cut(cfg: &Path) {

@@ -28,8 +28,11 @@
 //!
 //! Exactly once: what committed before the snapshot is in the copy, what committed after is
 //! streamed (the slot still holds it), and every target skips what it holds. While a target
-//! is being copied the slot keeps the WAL written meanwhile; a setup that dies midway leaves
-//! the hold until setup is run again or the target leaves the configuration.
+//! is being copied the slot keeps the WAL written meanwhile, up to the pipeline's
+//! `max_retained_wal`: past it the running pipeline releases the hold on the target's own row
+//! ([`progress::release_hold`]) and setup cannot mark that copy streaming (it fails, saying to
+//! run it again). A setup that dies midway leaves the hold until then, or until setup is run
+//! again or the target leaves the configuration.
 //!
 //! A table or target removed from the configuration leaves the publication and the targets'
 //! bookkeeping; its rows on the targets stay unless setup is told `--drop`.
@@ -385,13 +388,16 @@ async fn await_hold(
 ) -> Result<(), SyncError> {
     let deadline = std::time::Instant::now() + HOLD_WAIT;
     loop {
-        if let Some(at) = progress::load(&t.client, t.conn, pipeline)
-            .await?
-            .as_ref()
-            .and_then(progress::held)
-        {
+        let row = progress::load(&t.client, t.conn, pipeline).await?;
+        if let Some(at) = row.as_ref().and_then(progress::held) {
             tracing::info!(pipeline, target = %t.name, "the running pipeline holds its slot at {at}: copying");
             return Ok(());
+        }
+        if row.as_ref().is_some_and(progress::released) {
+            return Err(SyncError::Config(format!(
+                "the running pipeline {pipeline} stopped holding its slot for the copy of target {} (it kept more WAL than max_retained_wal allows); run `invsync sync setup {pipeline}` again to copy the target anew",
+                t.name
+            )));
         }
         if std::time::Instant::now() > deadline {
             return Err(SyncError::Config(format!(

@@ -597,7 +597,10 @@ async fn session(
                     last_error = Some(e);
                     // Not set up yet, or being copied by setup: it joins once copied.
                     t.joining = match joining_row(t).await {
-                        Ok(Some(row)) if row.state == progress::State::Copying => {
+                        Ok(Some(row))
+                            if row.state == progress::State::Copying
+                                && !progress::released(&row) =>
+                        {
                             join::Joining::Copying
                         }
                         _ => join::Joining::Listed,
@@ -843,7 +846,11 @@ async fn session(
         }
         if progressed {
             if let Some((i, reason)) = over_limit(p, targets, position, floor) {
-                cut_loose(pipeline, targets, i, floor, reason).await;
+                if targets[i].joining == join::Joining::Copying {
+                    release_copy(pipeline, &mut targets[i], reason).await;
+                } else {
+                    cut_loose(pipeline, targets, i, floor, reason).await;
+                }
             }
             let c = confirm_point(targets, position, floor);
             if c > confirmed {
@@ -991,9 +998,10 @@ async fn follow_copies(pipeline: &str, targets: &mut [Target], floor: Lsn) -> bo
         let Ok(row) = joining_row(t).await else {
             continue;
         };
+        // A copy whose hold was released waits for setup to begin it anew.
         let copying = row
             .as_ref()
-            .is_some_and(|r| r.state == progress::State::Copying);
+            .is_some_and(|r| r.state == progress::State::Copying && !progress::released(r));
         let streams = row
             .as_ref()
             .is_some_and(|r| r.state == progress::State::Streaming);
@@ -1045,6 +1053,16 @@ fn over_limit(
     floor: Lsn,
 ) -> Option<(usize, String)> {
     targets.iter().enumerate().find_map(|(i, t)| {
+        if t.joining == join::Joining::Copying {
+            // Held at `floor` for its copy: the WAL limit applies, not the downtime.
+            let held = position.0.saturating_sub(floor.0);
+            return p.max_retained_wal.filter(|&l| held > l).map(|limit| {
+                (
+                    i,
+                    format!("its copy holds {held} bytes of WAL on the source, over max_retained_wal ({limit} bytes)"),
+                )
+            });
+        }
         if t.is_up() || t.cut_loose || t.joining != join::Joining::No {
             return None;
         }
@@ -1068,6 +1086,34 @@ fn over_limit(
             )
         })
     })
+}
+
+/// Stops holding the slot for `target`'s copy, once the copy's own row on it records that (so
+/// setup cannot mark that copy streaming: [`progress::release_hold`]); the target waits, as a
+/// listed one, for setup to copy it anew. When the row cannot be written the hold stays.
+async fn release_copy(pipeline: &str, target: &mut Target, reason: String) {
+    let released = async {
+        let client = target.conn.connect().await?;
+        progress::release_hold(&client, &target.conn, pipeline).await
+    }
+    .await;
+    match released {
+        Ok(true) => {
+            target.joining = join::Joining::Listed;
+            tracing::error!(
+                pipeline,
+                target = %target.name,
+                event = "target_copy_released",
+                "target {}: no longer holding the slot for its copy: {reason}; the copy will not stream: run `invsync sync setup {pipeline}` again",
+                target.name
+            );
+        }
+        // The copy finished first: it streams from its position, which the hold still covers.
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(pipeline, target = %target.name, "cannot release the hold for the copy: {e}")
+        }
+    }
 }
 
 /// Cuts target `i` loose: records it on the targets that are up (the cut one is not

@@ -489,28 +489,76 @@ pub async fn record_hold(
 }
 
 /// The position a running pipeline holds its slot at for this target's copy
-/// ([`record_hold`]), if one is recorded.
+/// ([`record_hold`]), if one is recorded (and not released).
 pub fn held(row: &TargetProgress) -> Option<Lsn> {
-    (row.state == State::Copying && row.applied > Lsn(0)).then_some(row.applied)
+    (row.state == State::Copying && row.applied > Lsn(0) && !released(row)).then_some(row.applied)
 }
 
-/// Ends the copy: every table is complete and changes stream from `lsn` on.
+/// What a released hold records in place of the held position: past every snapshot, so the
+/// copy can never be marked streaming ([`finish_copy`]).
+const RELEASED: Lsn = Lsn(u64::MAX);
+
+/// The running pipeline gave up holding its slot for this target's copy ([`release_hold`]).
+pub fn released(row: &TargetProgress) -> bool {
+    row.state == State::Copying && row.applied == RELEASED
+}
+
+/// Records that the running pipeline no longer holds its slot for this target's copy (it kept
+/// more WAL than the pipeline allows): true when the target was still being copied, so the
+/// copy will not be marked streaming and the slot may move on; false when the copy had
+/// finished first (then it streams, and the hold must stay until the session restarts).
+pub async fn release_hold(
+    client: &Client,
+    conn: &ConnInfo,
+    pipeline: &str,
+) -> Result<bool, SyncError> {
+    let n = client
+        .execute(
+            "UPDATE invsync.pipeline SET applied_lsn = $2::text::pg_lsn, updated_at = now() \
+             WHERE pipeline = $1 AND state = 'copying'",
+            &[&pipeline, &RELEASED.to_string()],
+        )
+        .await
+        .map_err(q(
+            conn,
+            "recording that the slot is no longer held for the copy",
+        ))?;
+    Ok(n > 0)
+}
+
+/// Ends the copy: every table is complete and changes stream from `lsn` on. Fails, changing
+/// nothing, when the running pipeline released its hold for the copy meanwhile
+/// ([`release_hold`]): the slot may have moved past `lsn`.
 pub async fn finish_copy(
     client: &Client,
     conn: &ConnInfo,
     pipeline: &str,
     lsn: Lsn,
 ) -> Result<(), SyncError> {
-    client
-        .batch_execute(&format!(
-            "BEGIN; \
-             UPDATE invsync.pipeline_table SET phase = 'streaming' WHERE pipeline = {p}; \
-             UPDATE invsync.pipeline SET state = 'streaming', applied_lsn = '{lsn}', updated_at = now() \
-             WHERE pipeline = {p}; COMMIT",
-            p = crate::pg::quote_literal(pipeline)
-        ))
+    let fail = || q(conn, "recording the end of the copy");
+    client.batch_execute("BEGIN").await.map_err(fail())?;
+    let finished = client
+        .execute(
+            "UPDATE invsync.pipeline SET state = 'streaming', applied_lsn = $2::text::pg_lsn, updated_at = now() \
+             WHERE pipeline = $1 AND (applied_lsn IS NULL OR applied_lsn <= $2::text::pg_lsn)",
+            &[&pipeline, &lsn.to_string()],
+        )
         .await
-        .map_err(q(conn, "recording the end of the copy"))?;
+        .map_err(fail())?;
+    if finished == 0 {
+        client.batch_execute("ROLLBACK").await.map_err(fail())?;
+        return Err(SyncError::Config(format!(
+            "{conn}: the running pipeline {pipeline} stopped holding its slot for this copy (it kept more WAL than max_retained_wal allows), so the copy cannot stream from where it was taken; run `invsync sync setup {pipeline}` again to copy the target anew, at a quieter time or with a larger max_retained_wal"
+        )));
+    }
+    client
+        .execute(
+            "UPDATE invsync.pipeline_table SET phase = 'streaming' WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .map_err(fail())?;
+    client.batch_execute("COMMIT").await.map_err(fail())?;
     Ok(())
 }
 
