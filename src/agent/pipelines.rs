@@ -127,31 +127,26 @@ impl Session {
         Session { conn, client: None }
     }
 
-    /// The stage of a switchover of `pipeline` under way on this database; None when there is
-    /// none or the database cannot be read (the run meets that failure itself).
-    async fn switchover(&mut self, pipeline: &str) -> Option<switchover::Stage> {
+    /// The stage of a switchover of `pipeline` under way on this database, if any.
+    async fn switchover(&mut self, pipeline: &str) -> Result<Option<switchover::Stage>, SyncError> {
         let client = self.open().await?;
-        let stage = switchover::under_way(&client, &self.conn, pipeline)
-            .await
-            .ok()?;
+        let stage = switchover::under_way(&client, &self.conn, pipeline).await?;
         self.client = Some(client);
-        stage
+        Ok(stage)
     }
 
-    /// Whether `pipeline`'s slot is missing on this database (None: cannot tell).
-    async fn slot_missing(&mut self, pipeline: &str) -> Option<bool> {
+    /// Whether `pipeline`'s slot is missing on this database.
+    async fn slot_missing(&mut self, pipeline: &str) -> Result<bool, SyncError> {
         let client = self.open().await?;
-        let state = slot::state(&client, &self.conn, &names::slot(pipeline))
-            .await
-            .ok()?;
+        let state = slot::state(&client, &self.conn, &names::slot(pipeline)).await?;
         self.client = Some(client);
-        Some(state.is_none())
+        Ok(state.is_none())
     }
 
-    async fn open(&mut self) -> Option<Client> {
+    async fn open(&mut self) -> Result<Client, SyncError> {
         match self.client.take() {
-            Some(c) if !c.is_closed() => Some(c),
-            _ => self.conn.connect().await.ok(),
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => Ok(self.conn.connect().await?),
         }
     }
 }
@@ -185,36 +180,36 @@ impl Gate {
     }
 
     /// Why the pipeline must not start streaming now (see the module documentation), or None.
-    async fn before_start(&mut self) -> Option<String> {
-        if let Some(why) = self.while_streaming().await {
-            return Some(why);
+    /// A failure to read is an error, never a go-ahead: streaming in the middle of a
+    /// switchover would take its slot.
+    async fn before_start(&mut self) -> Result<Option<String>, SyncError> {
+        if let Some(why) = self.while_streaming().await? {
+            return Ok(Some(why));
         }
         let Some((forward, session)) = &mut self.forward else {
             // Not part of a switchover pair: a missing slot is the run's failure to report.
-            return None;
+            return Ok(None);
         };
-        if let Some(stage) = session.switchover(forward).await {
-            return Some(format!(
+        if let Some(stage) = session.switchover(forward).await? {
+            return Ok(Some(format!(
                 "a switchover of {forward}, whose way back this is, is under way (stage `{stage}`)"
-            ));
+            )));
         }
         let p = &self.pipeline;
-        match self.source.slot_missing(p).await {
-            Some(true) => Some(format!(
+        Ok(self.source.slot_missing(p).await?.then(|| {
+            format!(
                 "{p} is not set up on its source (no slot {}); it streams once `invsync sync setup {p}` or a switchover sets it up",
                 names::slot(p)
-            )),
-            _ => None,
-        }
+            )
+        }))
     }
 
     /// Why the pipeline must stop streaming now: a switchover of it under way.
-    async fn while_streaming(&mut self) -> Option<String> {
+    async fn while_streaming(&mut self) -> Result<Option<String>, SyncError> {
         let p = &self.pipeline;
-        let stage = self.source.switchover(p).await?;
-        Some(format!(
-            "a switchover of {p} is under way on its source (stage `{stage}`)"
-        ))
+        Ok(self.source.switchover(p).await?.map(|stage| {
+            format!("a switchover of {p} is under way on its source (stage `{stage}`)")
+        }))
     }
 }
 
@@ -247,7 +242,12 @@ impl Work for Pipeline {
         };
         let work = async {
             let mut stop = stop.clone();
-            while let Some(why) = gate.before_start().await {
+            loop {
+                let why = match gate.before_start().await {
+                    Ok(Some(why)) => why,
+                    Ok(None) => break,
+                    Err(e) => return Term::Failed(e),
+                };
                 self.waiting(&why);
                 tokio::select! {
                     _ = tokio::time::sleep(POLL) => {}
@@ -272,7 +272,8 @@ impl Work for Pipeline {
                         _ = tokio::time::sleep(POLL) => {}
                         _ = stop.changed() => break,
                     }
-                    if let Some(why) = gate.while_streaming().await {
+                    // A failed read is left to the run, which meets the same source.
+                    if let Ok(Some(why)) = gate.while_streaming().await {
                         tracing::warn!(
                             event = "pipeline_giving_way",
                             pipeline,

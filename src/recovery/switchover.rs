@@ -37,6 +37,8 @@
 //! `done`; it is measured with A's clock from the record, so a resumed run reports it whole.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -444,6 +446,19 @@ async fn load_record(
 struct Streaming {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), SyncError>>,
+    /// This run streams from the slot now (another process holding the slot keeps it false),
+    /// so the slot's confirmation is this run's.
+    up: Arc<AtomicBool>,
+}
+
+/// Tells [`Streaming`] when its run streams.
+struct Up(Arc<AtomicBool>);
+
+impl sync::Observer for Up {
+    fn streaming(&self, up: bool) {
+        self.0.store(up, Ordering::SeqCst);
+    }
+    fn applied(&self, _: &str) {}
 }
 
 impl Streaming {
@@ -451,8 +466,12 @@ impl Streaming {
         let (stop, rx) = watch::channel(false);
         let config = config.clone();
         let pipeline = pipeline.to_string();
-        let task = tokio::spawn(async move { sync::run(&config, &pipeline, rx, None).await });
-        Streaming { stop, task }
+        let up = Arc::new(AtomicBool::new(false));
+        let observer = Up(up.clone());
+        let task = tokio::spawn(async move {
+            sync::run_observed(&config, &pipeline, rx, None, &observer).await
+        });
+        Streaming { stop, task, up }
     }
 
     async fn stop(self) -> Result<(), RecoveryError> {
@@ -673,12 +692,15 @@ impl Switch<'_> {
     async fn begin(&mut self) -> Result<Record, RecoveryError> {
         let pipeline = self.plan.pipeline.clone();
         let slot_name = names::slot(&pipeline);
-        let Some(state) = slot::state(&self.a, &self.a_conn, &slot_name).await? else {
+        if slot::state(&self.a, &self.a_conn, &slot_name)
+            .await?
+            .is_none()
+        {
             return Err(RecoveryError::Invalid(format!(
                 "pipeline {pipeline} is not set up on {} (no slot {slot_name}); there is nothing to switch over",
                 self.plan.old_primary
             )));
-        };
+        }
         match progress::load(&self.b, &self.b_conn, &pipeline).await? {
             Some(p) if p.state == progress::State::Streaming => {}
             _ => {
@@ -721,21 +743,20 @@ impl Switch<'_> {
             .map_err(q(&self.a_conn, "writing the switchover record"))?;
         self.requested = true;
         self.set_stage(Stage::Requested, None).await?;
-        if state.active_pid.is_some() {
-            let deadline = Instant::now() + SLOT_RELEASE_GRACE;
-            loop {
-                let st = slot::state(&self.a, &self.a_conn, &slot_name).await?;
-                if st.is_none_or(|s| s.active_pid.is_none()) {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err(RecoveryError::Invalid(format!(
-                        "switchover of {pipeline} did not start, nothing was changed: slot {slot_name} on {} is still in use {SLOT_RELEASE_GRACE:?} after the request: `invsync sync run {pipeline}` streams it (an agent would have given way); stop it: the switchover streams the pipeline itself",
-                        self.plan.old_primary
-                    )));
-                }
-                tokio::time::sleep(POLL).await;
+        // Read again now that the request is recorded. A process that takes the slot later is
+        // caught by the catch-up below, which counts only its own stream's confirmation.
+        let deadline = Instant::now() + SLOT_RELEASE_GRACE;
+        while slot::state(&self.a, &self.a_conn, &slot_name)
+            .await?
+            .is_some_and(|s| s.active_pid.is_some())
+        {
+            if Instant::now() >= deadline {
+                return Err(RecoveryError::Invalid(format!(
+                    "switchover of {pipeline} did not start, nothing was changed: slot {slot_name} on {} is still in use {SLOT_RELEASE_GRACE:?} after the request: `invsync sync run {pipeline}` streams it (an agent would have given way); stop it: the switchover streams the pipeline itself",
+                    self.plan.old_primary
+                )));
             }
+            tokio::time::sleep(POLL).await;
         }
 
         // Catch up before the pause, so the pause lasts only the lag left at its start.
@@ -839,7 +860,12 @@ impl Switch<'_> {
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("slot {slot_name} disappeared"))?;
             let confirmed = st.confirmed_flush.unwrap_or_default();
-            if confirmed >= lsn {
+            // Confirmed by this switchover's own stream, not by a process that took the slot.
+            let ours = self
+                .stream
+                .as_ref()
+                .is_none_or(|s| s.up.load(Ordering::SeqCst));
+            if confirmed >= lsn && ours {
                 return Ok(());
             }
             if self.stream.as_ref().is_some_and(|s| s.task.is_finished()) {
