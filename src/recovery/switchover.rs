@@ -1105,9 +1105,10 @@ impl Switch<'_> {
     }
 
     /// Compares the tables whole while the pipeline streams (as `verify db --pipeline`), after
-    /// opening the stretch of changes the verification inside the pause reads. A row changed
-    /// after the stretch began is compared again inside the pause; every other row held still
-    /// on A since, and only the pipeline writes B, so this comparison of it stands.
+    /// opening the stretches of changes the verification inside the pause reads (A's, and B's
+    /// not made by the pipeline). A row changed after they began is compared again inside the
+    /// pause; every other row held still on A and was written on B by the pipeline alone, so
+    /// this comparison of it stands.
     async fn verify_while_streaming(&mut self) -> Result<(), RecoveryError> {
         let pipeline = self.plan.pipeline.clone();
         let on_b = self.follow_writes_on_b().await?;
@@ -1165,7 +1166,7 @@ impl Switch<'_> {
                 let (a_now, b_now) = (self.a_position().await?, self.b_position().await?);
                 let on_a = on_a.until(a_now).await.map_err(SyncError::from)?;
                 let on_b = on_b.until(b_now).await.map_err(SyncError::from)?;
-                Some(std::sync::Arc::new(on_a.union(on_b)))
+                Some(Arc::new(on_a.union(on_b)))
             }
             None => None,
         };
@@ -1185,7 +1186,7 @@ impl Switch<'_> {
     async fn compare(
         &mut self,
         pipeline: Option<String>,
-        touched: Option<std::sync::Arc<Touched>>,
+        touched: Option<Arc<Touched>>,
     ) -> Result<(u64, u64), RecoveryError> {
         let p = self
             .config
