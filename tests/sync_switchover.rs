@@ -409,6 +409,31 @@ async fn switchover_under_load_and_back_loses_no_write() {
     assert_eq!(code, 0, "{out}\n{err}");
 }
 
+/// [`set_up`], with the application writing to `a` and `p` having streamed its first writes
+/// to `b` (then stopped).
+async fn set_up_writing() -> (
+    PgCluster,
+    PgCluster,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Load,
+) {
+    let (a, b, dir, cfg) = set_up();
+    let writes = Load::start(&a);
+    let run = Running::start(&load(&cfg), "p");
+    writes.wait_writes(100).await;
+    run.stop().await;
+    (a, b, dir, cfg, writes)
+}
+
+/// How many publications a switchover made on `c` (for following writes there) are left.
+fn switchover_publications(c: &PgCluster) -> i64 {
+    number(
+        c,
+        "SELECT count(*) FROM pg_publication WHERE pubname LIKE '%switchover%'",
+    )
+}
+
 /// Starts a switchover that halts once `stage` is recorded on `on`, and kills it there with
 /// SIGKILL. The switchover's log is shown if it does not get there (a switchover on a machine
 /// busy with other clusters can take a while: the wait is long).
@@ -440,13 +465,9 @@ async fn kill_at(cfg: &str, pipeline: &str, on: &PgCluster, stage_name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
-    let (a, b, _dir, cfg) = set_up();
+    let (a, b, _dir, cfg, writes) = set_up_writing().await;
     let cfg_s = cfg.to_str().unwrap();
     let config = load(&cfg);
-    let writes = Load::start(&a);
-    let run = Running::start(&config, "p");
-    writes.wait_writes(100).await;
-    run.stop().await;
 
     // A difference found while streaming stops the switchover before anything changes.
     b.psql(
@@ -547,13 +568,7 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
     );
     assert_eq!(stage(&a, "p").as_deref(), Some("rolled_back"));
     assert!(app_may_write(&a, "invoice").await && !slot_exists(&b, "p_back"));
-    assert_eq!(
-        dump(
-            &b,
-            "SELECT count(*) FROM pg_publication WHERE pubname LIKE '%switchover%'"
-        ),
-        "0"
-    );
+    assert_eq!(switchover_publications(&b), 0);
     // Put b's row back as a has it (the pipeline streams a's later changes to it).
     let note = dump(
         &a,
@@ -645,13 +660,9 @@ async fn a_killed_switchover_is_finished_or_rolled_back_by_the_next_run() {
 /// (`retired`), the next run finishes. No acknowledged write is lost on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_any_other_step_a_switchover_rolls_back_or_finishes() {
-    let (a, b, _dir, cfg) = set_up();
+    let (a, b, _dir, cfg, writes) = set_up_writing().await;
     let cfg_s = cfg.to_str().unwrap();
     let config = load(&cfg);
-    let writes = Load::start(&a);
-    let run = Running::start(&config, "p");
-    writes.wait_writes(100).await;
-    run.stop().await;
     for stage_name in [
         "requested",
         "started",
@@ -674,14 +685,7 @@ async fn killed_at_any_other_step_a_switchover_rolls_back_or_finishes() {
                 && !slot_exists(&b, "p_back"),
             "killed at {stage_name}"
         );
-        assert_eq!(
-            dump(
-                &b,
-                "SELECT count(*) FROM pg_publication WHERE pubname LIKE '%switchover%'"
-            ),
-            "0",
-            "killed at {stage_name}"
-        );
+        assert_eq!(switchover_publications(&b), 0, "killed at {stage_name}");
         let run = Running::start(&config, "p");
         writes.wait_writes(50).await;
         run.stop().await;

@@ -37,7 +37,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::watch;
-use tokio_postgres::Client;
 
 use super::lease::{self, LeaseStatus};
 use super::metrics::{Metrics, TABLE_PHASES};
@@ -116,59 +115,40 @@ impl Pipeline {
     }
 }
 
-/// One database's session kept between reads, made again after a failure.
-struct Session {
+/// A pipeline's database as the gate reads it: its name in the configuration and where it is.
+struct Database {
+    name: String,
     conn: ConnInfo,
-    client: Option<Client>,
 }
 
-impl Session {
-    fn new(conn: ConnInfo) -> Session {
-        Session { conn, client: None }
-    }
-
-    /// The stage of a switchover of `pipeline` under way on this database, if any.
-    async fn switchover(&mut self, pipeline: &str) -> Result<Option<switchover::Stage>, SyncError> {
-        let client = self.open().await?;
-        let stage = switchover::under_way(&client, &self.conn, pipeline).await?;
-        self.client = Some(client);
-        Ok(stage)
-    }
-
-    /// Whether `pipeline`'s slot is missing on this database.
-    async fn slot_missing(&mut self, pipeline: &str) -> Result<bool, SyncError> {
-        let client = self.open().await?;
-        let state = slot::state(&client, &self.conn, &names::slot(pipeline)).await?;
-        self.client = Some(client);
-        Ok(state.is_none())
-    }
-
-    async fn open(&mut self) -> Result<Client, SyncError> {
-        match self.client.take() {
-            Some(c) if !c.is_closed() => Ok(c),
-            _ => Ok(self.conn.connect().await?),
-        }
+impl Database {
+    fn of(config: &Config, name: &str) -> Result<Database, String> {
+        Ok(Database {
+            name: name.to_string(),
+            conn: config.database(name)?.conn.clone(),
+        })
     }
 }
 
 /// Whether a pipeline may stream now: read on its source (a switchover of it, its slot) and,
 /// when it is the way back of another pipeline, on that one's source (a switchover of that
-/// one sets this one up, and may tear it down again until it commits).
+/// one sets this one up, and may tear it down again until it commits). Sessions stay open
+/// between reads.
 struct Gate {
     pipeline: String,
-    source: Session,
+    source: Database,
     /// The pipeline this one is the way back of, and its source.
-    forward: Option<(String, Session)>,
+    forward: Option<(String, Database)>,
+    sessions: Sessions,
 }
 
 impl Gate {
     fn new(config: &Config, pipeline: &str) -> Result<Gate, String> {
-        let p = config.pipeline(pipeline)?;
-        let source = Session::new(config.database(&p.source)?.conn.clone());
+        let source = Database::of(config, &config.pipeline(pipeline)?.source)?;
         let forward = match switchover::way_back_of(config, pipeline) {
             Some(f) => {
-                let fp = config.pipeline(&f)?;
-                Some((f, Session::new(config.database(&fp.source)?.conn.clone())))
+                let db = Database::of(config, &config.pipeline(&f)?.source)?;
+                Some((f, db))
             }
             None => None,
         };
@@ -176,7 +156,22 @@ impl Gate {
             pipeline: pipeline.to_string(),
             source,
             forward,
+            sessions: Sessions::new(),
         })
+    }
+
+    /// The stage of a switchover of `pipeline` under way on `db`, if any.
+    async fn switchover(
+        sessions: &mut Sessions,
+        db: &Database,
+        pipeline: &str,
+    ) -> Result<Option<switchover::Stage>, SyncError> {
+        let client = sessions.client(&db.name, &db.conn).await?;
+        let stage = switchover::under_way(client, &db.conn, pipeline).await;
+        if stage.is_err() {
+            sessions.forget(&db.name);
+        }
+        Ok(stage?)
     }
 
     /// Why the pipeline must not start streaming now (see the module documentation), or None.
@@ -186,20 +181,25 @@ impl Gate {
         if let Some(why) = self.while_streaming().await? {
             return Ok(Some(why));
         }
-        let Some((forward, session)) = &mut self.forward else {
+        let Some((forward, db)) = &self.forward else {
             // Not part of a switchover pair: a missing slot is the run's failure to report.
             return Ok(None);
         };
-        if let Some(stage) = session.switchover(forward).await? {
+        if let Some(stage) = Gate::switchover(&mut self.sessions, db, forward).await? {
             return Ok(Some(format!(
                 "a switchover of {forward}, whose way back this is, is under way (stage `{stage}`)"
             )));
         }
-        let p = &self.pipeline;
-        Ok(self.source.slot_missing(p).await?.then(|| {
+        let (p, db) = (&self.pipeline, &self.source);
+        let client = self.sessions.client(&db.name, &db.conn).await?;
+        let slot_name = names::slot(p);
+        let state = slot::state(client, &db.conn, &slot_name).await;
+        if state.is_err() {
+            self.sessions.forget(&db.name);
+        }
+        Ok(state?.is_none().then(|| {
             format!(
-                "{p} is not set up on its source (no slot {}); it streams once `invsync sync setup {p}` or a switchover sets it up",
-                names::slot(p)
+                "{p} is not set up on its source (no slot {slot_name}); it streams once `invsync sync setup {p}` or a switchover sets it up"
             )
         }))
     }
@@ -207,9 +207,11 @@ impl Gate {
     /// Why the pipeline must stop streaming now: a switchover of it under way.
     async fn while_streaming(&mut self) -> Result<Option<String>, SyncError> {
         let p = &self.pipeline;
-        Ok(self.source.switchover(p).await?.map(|stage| {
-            format!("a switchover of {p} is under way on its source (stage `{stage}`)")
-        }))
+        Ok(Gate::switchover(&mut self.sessions, &self.source, p)
+            .await?
+            .map(|stage| {
+                format!("a switchover of {p} is under way on its source (stage `{stage}`)")
+            }))
     }
 }
 

@@ -681,11 +681,17 @@ impl Switch<'_> {
                 &self.a_conn,
                 format!("recording switchover stage {stage}"),
             ))?;
+        self.halt_if_asked(stage).await;
+        Ok(())
+    }
+
+    /// Halts for good once `stage` is recorded when `--halt-after` names it (for tests that
+    /// kill the process at that stage).
+    async fn halt_if_asked(&self, stage: Stage) {
         if self.opts.halt_after == Some(stage) {
             tracing::warn!(%stage, "halting as asked (--halt-after); kill this process to go on");
             std::future::pending::<()>().await;
         }
-        Ok(())
     }
 
     /// The checks before anything changes, the catch-up before the pause, and the record.
@@ -742,7 +748,7 @@ impl Switch<'_> {
             .await
             .map_err(q(&self.a_conn, "writing the switchover record"))?;
         self.requested = true;
-        self.set_stage(Stage::Requested, None).await?;
+        self.halt_if_asked(Stage::Requested).await;
         // Read again now that the request is recorded. A process that takes the slot later is
         // caught by the catch-up below, which counts only its own stream's confirmation.
         let deadline = Instant::now() + SLOT_RELEASE_GRACE;

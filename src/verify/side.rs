@@ -12,6 +12,7 @@ use futures::TryStreamExt;
 
 use tokio_postgres::Client;
 
+use crate::cdc::CdcError;
 use crate::pg::keyrange::{BucketSet, Key, KeyRange, Shape};
 use crate::pg::settings::set_text_form_sql;
 use crate::pg::{ConnInfo, Lsn, PgError, TableInfo, TableName};
@@ -177,18 +178,10 @@ impl Side {
 
     /// How far the slot named `slot` has been confirmed by its consumer; None when there is no
     /// such slot or it was never confirmed.
-    pub async fn slot_confirmed(&self, slot: &str) -> Result<Option<Lsn>, PgError> {
-        let row = self
-            .client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(self.err("reading the pipeline's slot"))?;
-        Ok(row
-            .and_then(|r| r.get::<_, Option<String>>(0))
-            .and_then(|s| Lsn::from_str(&s).ok()))
+    pub async fn slot_confirmed(&self, slot: &str) -> Result<Option<Lsn>, CdcError> {
+        Ok(crate::cdc::slot::state(&self.client, &self.conn, slot)
+            .await?
+            .and_then(|s| s.confirmed_flush))
     }
 
     /// How far the logical replication slots streaming from this database have been confirmed
